@@ -1,0 +1,101 @@
+"""The adapter's configuration: one dataclass, stored as adapter_config.json beside the weights."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+from lcflow.kv import ModelIdentity
+
+ADAPTER_FORMAT_VERSION = 1
+ADAPTER_MODES = ("lcf", "lcfx", "c2c")
+CONFIG_NAME = "adapter_config.json"
+
+
+class AdapterMismatchError(ValueError):
+    """The adapter was trained for other models than the ones it is being used with."""
+
+
+@dataclass
+class AdapterConfig:
+    """Everything needed to rebuild an adapter and to know which models it belongs to.
+
+    layer_map maps each receiver layer to the sharer layer it reads; retained_layers are the
+    receiver layers the adapter still writes (all of them until pruned).
+    """
+
+    mode: str  # "lcf" (same context, per token), "lcfx" (cross context, pooled slots), "c2c" (baseline)
+    sharer: ModelIdentity
+    receiver: ModelIdentity
+    layer_map: dict[int, int]
+    retained_layers: list[int]
+    bottleneck: int = 128  # b: width of one latent vector
+    slots: int = 32  # m: LCF-X slots per layer
+    hidden_mult: int = 2  # width of the decoder's mixing MLP, in multiples of b
+    receiver_aware: bool = False  # LCF-X: condition pooling queries on a digest of the receiver's context
+    layer_map_strategy: str = "monotonic"
+    dtype: str = "float32"  # dtype the weights are stored in
+    format_version: int = ADAPTER_FORMAT_VERSION
+    training: dict = field(default_factory=dict)  # provenance: task, steps, seed, loss, time
+
+    def __post_init__(self):
+        if self.mode not in ADAPTER_MODES:
+            raise ValueError(f"unknown adapter mode {self.mode!r}; choose one of {ADAPTER_MODES}")
+        if self.bottleneck < 1 or self.slots < 1:
+            raise ValueError("bottleneck and slots must be positive")
+        missing = [t for t in self.retained_layers if t not in self.layer_map]
+        if missing:
+            raise ValueError(f"retained layers {missing} have no entry in the layer map")
+
+    def sharer_layers_needed(self) -> list[int]:
+        """The sharer layers the encoder reads: only those feeding a retained receiver layer."""
+        return sorted({self.layer_map[t] for t in self.retained_layers})
+
+    def check_models(
+        self, sharer: ModelIdentity | None = None, receiver: ModelIdentity | None = None
+    ) -> None:
+        """Refuse models other than the ones this adapter was trained for, naming both."""
+        for role, expected, actual in (
+            ("sharer", self.sharer, sharer),
+            ("receiver", self.receiver, receiver),
+        ):
+            if actual is not None and not expected.same_model(actual):
+                raise AdapterMismatchError(
+                    f"this adapter's {role} is {expected.short()} but the {role} model given is "
+                    f"{actual.short()}; use the adapter trained for this pair or train one with `lcflow train`"
+                )
+
+    def to_dict(self) -> dict:
+        data = asdict(self)
+        data["sharer"] = self.sharer.to_dict()
+        data["receiver"] = self.receiver.to_dict()
+        data["layer_map"] = {str(t): s for t, s in self.layer_map.items()}
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict) -> AdapterConfig:
+        version = data.get("format_version")
+        if version != ADAPTER_FORMAT_VERSION:
+            raise ValueError(
+                f"adapter format version {version} is not supported (this lcflow reads version "
+                f"{ADAPTER_FORMAT_VERSION}); upgrade lcflow or re-save the adapter"
+            )
+        known = {f.name for f in fields(cls)}
+        data = {k: v for k, v in data.items() if k in known}
+        data["sharer"] = ModelIdentity.from_dict(data["sharer"])
+        data["receiver"] = ModelIdentity.from_dict(data["receiver"])
+        data["layer_map"] = {int(t): int(s) for t, s in data["layer_map"].items()}
+        return cls(**data)
+
+    def save(self, directory: str | Path) -> None:
+        Path(directory, CONFIG_NAME).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+    @classmethod
+    def load(cls, directory: str | Path) -> AdapterConfig:
+        path = Path(directory, CONFIG_NAME)
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"{path} not found: an adapter directory holds {CONFIG_NAME} and *.safetensors"
+            )
+        return cls.from_dict(json.loads(path.read_text()))
