@@ -1,0 +1,262 @@
+"""The handoff in-process: a sharer encodes its context, a receiver decodes and generates.
+
+    sharer = Sharer(sharer_model, sharer_tokenizer, adapter.encoder, adapter.config)
+    receiver = Receiver(receiver_model, receiver_tokenizer, adapter.decoder, adapter.config)
+    context = sharer.prefill("Ada lives in Oslo. ...")          # a session can keep this
+    latents = sharer.encode(context, receiver_context=...)    # what travels (LCF-X: fixed size)
+    prepared = receiver.prepare(latents, prompt="Where does Ada live?", ...)
+    answer = receiver.generate(prepared, GenerationSettings(max_new_tokens=16))
+
+Generation is the library's own `generate` continuing from a normal `past_key_values`
+cache: the cache already holds the (fused) prompt, so only the uncached tail is run.
+The same `prepare` path runs with gradients for training (see lcflow.training).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from transformers import DynamicCache, TextStreamer
+
+from lcflow.adapter.config import AdapterConfig
+from lcflow.adapter.lcfx import filler_prefix
+from lcflow.align import align_spans
+from lcflow.kv import CapturedKV, RopeCodec, capture_kv, full_cache, prefill
+from lcflow.prompting import (
+    MESSAGE_PREFIX,
+    TEXT_MESSAGE_INSTRUCTION,
+    context_token_range,
+    filler_token_id,
+    render_input,
+    tokenize_context,
+)
+
+MODES = ("lcf", "lcfx", "text", "none")
+
+
+@dataclass
+class GenerationSettings:
+    max_new_tokens: int = 32
+    temperature: float = 0.0  # 0 = greedy
+    top_p: float = 1.0
+    stop: list[str] = field(default_factory=list)
+    seed: int | None = None
+
+    def generate_kwargs(self, tokenizer) -> dict:
+        kwargs: dict = {"max_new_tokens": self.max_new_tokens, "do_sample": self.temperature > 0}
+        if self.temperature > 0:
+            kwargs.update(temperature=self.temperature, top_p=self.top_p)
+        if self.stop:
+            kwargs.update(stop_strings=list(self.stop), tokenizer=tokenizer)
+        return kwargs
+
+
+@dataclass
+class SharerContext:
+    """A prefilled sharer context: what a sharer session holds between handoffs."""
+
+    text: str
+    input_ids: torch.Tensor  # [1, T]
+    spans: torch.Tensor  # [T, 2] character spans in `text`
+    captured: CapturedKV  # keys without RoPE, every layer
+    prefill_ms: float
+
+
+@dataclass
+class Latents:
+    """What the sharer hands off: one tensor per retained receiver layer."""
+
+    mode: str  # "lcf" or "lcfx"
+    layers: dict[int, torch.Tensor]  # lcf: [1, T, b] per sharer token; lcfx: [1, m, b]
+    token_spans: torch.Tensor | None = None  # lcf: sharer token spans [T, 2] over the context text
+
+    def num_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.layers.values())
+
+
+@dataclass
+class PreparedInput:
+    """A receiver input whose prompt is already in the cache (all but its last token or more)."""
+
+    input_ids: torch.Tensor  # [1, N] the ids generate() sees, cached part included
+    cache: DynamicCache
+    prompt_tokens: int  # tokens of the receiver's own prompt
+    timings_ms: dict[str, float] = field(default_factory=dict)
+
+
+def _ms(start: float) -> float:
+    return (time.perf_counter() - start) * 1000.0
+
+
+class Sharer:
+    """The sharer model plus the adapter's encoder half (None for TEXT-only use)."""
+
+    def __init__(self, model, tokenizer, encoder=None, config: AdapterConfig | None = None):
+        self.model, self.tokenizer, self.encoder, self.config = model, tokenizer, encoder, config
+
+    @torch.no_grad()
+    def prefill(self, text: str) -> SharerContext:
+        """Run the sharer over its context once and keep its KV without RoPE."""
+        start = time.perf_counter()
+        ids, spans = tokenize_context(self.tokenizer, text)
+        cache = prefill(self.model, ids, full_cache())
+        captured = capture_kv(self.model, cache)
+        return SharerContext(text, ids, spans, captured, _ms(start))
+
+    def digest(self, receiver_text: str) -> dict[int, torch.Tensor] | None:
+        """LCF-X receiver-aware pooling: what the receiver already has, seen through the sharer."""
+        if self.config is None or self.config.mode != "lcfx" or not self.config.receiver_aware:
+            return None
+        if not receiver_text:
+            return None
+        return self.encoder.digest(self.prefill(receiver_text).captured)
+
+    def encode_layers(self, context: SharerContext, receiver_text: str = ""):
+        """Yield (receiver layer, latent) one layer at a time, so a transport can send each at once."""
+        if self.encoder is None:
+            raise ValueError("this sharer has no adapter encoder: load an LCF or LCF-X adapter")
+        digest = self.digest(receiver_text)
+        for layer in self.encoder.layers:
+            if self.config.mode == "lcfx":
+                yield layer, self.encoder.encode_layer(context.captured, layer, digest)
+            else:
+                yield layer, self.encoder.encode_layer(context.captured, layer)
+
+    def encode(self, context: SharerContext, receiver_text: str = "") -> Latents:
+        layers = dict(self.encode_layers(context, receiver_text))
+        spans = context.spans if self.config.mode == "lcf" else None
+        return Latents(self.config.mode, layers, spans)
+
+    @torch.no_grad()
+    def write_message(self, context_text: str, question: str, max_new_tokens: int = 256) -> str:
+        """The text baseline: the sharer states the essential background in words."""
+        rendered = render_input(
+            self.tokenizer, TEXT_MESSAGE_INSTRUCTION.format(question=question), [context_text]
+        )
+        return generate_text(
+            self.model, self.tokenizer, rendered.input_ids, None, GenerationSettings(max_new_tokens)
+        )
+
+
+class Receiver:
+    """The receiver model plus the adapter's decoder half (None for TEXT / NONE modes)."""
+
+    def __init__(self, model, tokenizer, decoder=None, config: AdapterConfig | None = None):
+        self.model, self.tokenizer, self.decoder, self.config = model, tokenizer, decoder, config
+        self.rope = RopeCodec(model)
+        self._filler: DynamicCache | None = None
+
+    def prepare_plain(self, prompt: str, contexts: list[str]) -> PreparedInput:
+        """Receiver alone (NONE), skyline, or TEXT (the sharer's message is one of the contexts)."""
+        rendered = render_input(self.tokenizer, prompt, contexts)
+        start = time.perf_counter()
+        cache = prefill(self.model, rendered.input_ids[:, :-1])
+        return PreparedInput(
+            rendered.input_ids, cache, rendered.input_ids.shape[1], {"receiver_prefill": _ms(start)}
+        )
+
+    def prepare_lcf(self, latents: Latents, context: str, prompt: str) -> PreparedInput:
+        """Same context: prefill [context + prompt], then fuse the latents onto the context tokens."""
+        rendered = render_input(self.tokenizer, prompt, [context])
+        start = time.perf_counter()
+        cache = prefill(self.model, rendered.input_ids[:, :-1])
+        prefill_ms = _ms(start)
+        start = time.perf_counter()
+        positions, spans = context_token_range(rendered, context)
+        alignment = align_spans(latents.token_spans, spans)
+        aligned = {t: alignment.apply(z) for t, z in latents.layers.items()}
+        self.decoder.fuse(cache, self.rope, aligned, positions, alignment.covered)
+        timings = {"receiver_prefill": prefill_ms, "decode_kv": _ms(start)}
+        return PreparedInput(rendered.input_ids, cache, rendered.input_ids.shape[1], timings)
+
+    def prepare_lcfx(self, latents: Latents, prompt: str, receiver_context: str = "") -> PreparedInput:
+        """Cross context: m decoded prefix entries, then the receiver's own context and prompt."""
+        start = time.perf_counter()
+        slots = self.config.slots
+        if self._filler is None:  # the neutral base prefix is the same for every request
+            self._filler = filler_prefix(self.model, filler_token_id(self.tokenizer), slots)
+        cache = self.decoder.prefix_cache(self.model, self.rope, self._filler, latents.layers)
+        decode_ms = _ms(start)
+        rendered = render_input(self.tokenizer, prompt, [receiver_context])
+        filler = torch.full((1, slots), filler_token_id(self.tokenizer), dtype=torch.long)
+        input_ids = torch.cat([filler, rendered.input_ids], dim=1)
+        start = time.perf_counter()
+        # With gradients when training: the prompt's KV depends on the prefix it attends to.
+        self.model(
+            input_ids=input_ids[:, slots:-1].to(self.model.device), past_key_values=cache, use_cache=True
+        )
+        timings = {"decode_kv": decode_ms, "receiver_prefill": _ms(start)}
+        return PreparedInput(input_ids, cache, rendered.input_ids.shape[1], timings)
+
+    def prepare(
+        self,
+        mode: str,
+        prompt: str,
+        latents: Latents | None = None,
+        context: str = "",
+        receiver_context: str = "",
+    ) -> PreparedInput:
+        if mode == "lcf":
+            return self.prepare_lcf(latents, context, prompt)
+        if mode == "lcfx":
+            return self.prepare_lcfx(latents, prompt, receiver_context)
+        if mode == "none":
+            return self.prepare_plain(prompt, [receiver_context])
+        raise ValueError(f"unknown mode {mode!r}; use one of {MODES} (text: prepare_plain with the message)")
+
+    def generate(
+        self,
+        prepared: PreparedInput,
+        settings: GenerationSettings | None = None,
+        on_text: Callable[[str], None] | None = None,
+    ) -> str:
+        return generate_text(
+            self.model, self.tokenizer, prepared.input_ids, prepared.cache, settings, on_text
+        )
+
+
+class _CallbackStreamer(TextStreamer):
+    """Hands each finalised piece of text to a callback (skipping the prompt)."""
+
+    def __init__(self, tokenizer, on_text: Callable[[str], None]):
+        super().__init__(tokenizer, skip_prompt=True, skip_special_tokens=True)
+        self.on_text = on_text
+
+    def on_finalized_text(self, text: str, stream_end: bool = False):
+        if text:
+            self.on_text(text)
+
+
+@torch.no_grad()
+def generate_text(
+    model,
+    tokenizer,
+    input_ids: torch.Tensor,
+    cache: DynamicCache | None,
+    settings: GenerationSettings | None = None,
+    on_text: Callable[[str], None] | None = None,
+) -> str:
+    """`model.generate` continuing from `cache` (which holds all but the uncached tail of input_ids)."""
+    settings = settings or GenerationSettings()
+    if settings.seed is not None:
+        torch.manual_seed(settings.seed)
+    if cache is None:
+        cache = DynamicCache(config=model.config)
+    input_ids = input_ids.to(model.device)
+    output = model.generate(
+        input_ids=input_ids,
+        attention_mask=torch.ones_like(input_ids),
+        past_key_values=cache,
+        pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
+        streamer=_CallbackStreamer(tokenizer, on_text) if on_text else None,
+        **settings.generate_kwargs(tokenizer),
+    )
+    return tokenizer.decode(output[0, input_ids.shape[1] :], skip_special_tokens=True)
+
+
+def text_contexts(receiver_context: str, message: str) -> list[str]:
+    """TEXT mode: the receiver reads its own context and the sharer's message."""
+    return [receiver_context, MESSAGE_PREFIX + message]
