@@ -1,0 +1,41 @@
+"""Shared fixtures: tiny random models written to tmp dirs and loaded with from_pretrained."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory):
+    """Returns make(family, vocab_size, num_layers) -> a saved tiny model directory (cached per session)."""
+    from lcflow.tiny import make_tiny_model
+
+    root = tmp_path_factory.mktemp("tiny_models")
+    made: dict = {}
+
+    def make(family: str = "llama", vocab_size: int = 400, num_layers: int = 2):
+        key = (family, vocab_size, num_layers)
+        if key not in made:
+            made[key] = make_tiny_model(
+                root / f"{family}-{vocab_size}-{num_layers}", family, vocab_size, num_layers
+            )
+        return made[key]
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def tiny_pair(tiny_dir):
+    """A sharer (Llama, 3 layers, vocab 300) and a receiver (Gemma3, 2 layers, vocab 400):
+    different families, depths and tokenizers, as in the real demo pair."""
+    from lcflow.tiny import load_tiny
+
+    sharer = load_tiny(tiny_dir("llama", 300, 3))
+    receiver = load_tiny(tiny_dir("gemma3", 400, 2))
+    return sharer, receiver
