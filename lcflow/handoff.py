@@ -257,6 +257,11 @@ def generate_text(
     return tokenizer.decode(output[0, input_ids.shape[1] :], skip_special_tokens=True)
 
 
+def receiver_view(receiver_context: str, prompt: str) -> str:
+    """What the receiver already has (its context and its question): the text LCF-X's digest reads."""
+    return "\n\n".join(part for part in (receiver_context, prompt) if part)
+
+
 def text_contexts(receiver_context: str, message: str) -> list[str]:
     """TEXT mode: the receiver reads its own context and the sharer's message."""
     return [receiver_context, MESSAGE_PREFIX + message]

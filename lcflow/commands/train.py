@@ -1,0 +1,85 @@
+"""`lcflow train`: train an LCF, LCF-X or C2C adapter for a sharer/receiver pair."""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import fields
+
+from lcflow.training import TrainConfig
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "train",
+        help="train an adapter (both LLMs frozen)",
+        description="Train an adapter on a task with both LLMs frozen. Resumes from OUT/checkpoint if present.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    d = TrainConfig(sharer="", receiver="", out="")
+    p.add_argument(
+        "--sharer",
+        required=True,
+        help="sharer model: a name from `lcflow models list`, a local dir or a hub id",
+    )
+    p.add_argument("--receiver", required=True, help="receiver model (same forms as --sharer)")
+    p.add_argument(
+        "--out", required=True, help="adapter directory to write (checkpoints go to OUT/checkpoint)"
+    )
+    p.add_argument(
+        "--mode",
+        choices=["lcf", "lcfx", "c2c"],
+        default=d.mode,
+        help="lcf: same context; lcfx: cross context; c2c: baseline",
+    )
+    p.add_argument(
+        "--task",
+        default=d.task,
+        help="training task (see lcflow.tasks: facts-same, facts-cross, facts-twohop)",
+    )
+    p.add_argument("--steps", type=int, default=d.steps, help="optimizer steps")
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help="samples per optimizer step")
+    p.add_argument("--lr", type=float, default=d.lr, help="AdamW learning rate (10%% warm-up, cosine decay)")
+    p.add_argument(
+        "--gate-lr", type=float, default=d.gate_lr, help="learning rate of the per-layer gate logits"
+    )
+    p.add_argument("--warmup", type=float, default=d.warmup, help="share of steps spent warming up")
+    p.add_argument("--weight-decay", type=float, default=d.weight_decay, help="AdamW weight decay")
+    p.add_argument("--clip", type=float, default=d.clip, help="gradient norm clip")
+    p.add_argument(
+        "--gate-l1", type=float, default=d.gate_l1, help="penalty on open gates (makes layers prunable)"
+    )
+    p.add_argument("--seed", type=int, default=d.seed, help="seed for the data and the initial weights")
+    p.add_argument("--bottleneck", type=int, default=d.bottleneck, help="latent width b")
+    p.add_argument("--slots", type=int, default=d.slots, help="LCF-X slots m per layer")
+    p.add_argument(
+        "--receiver-aware",
+        action=argparse.BooleanOptionalAction,
+        default=d.receiver_aware,
+        help="LCF-X: condition pooling on a digest of the receiver's context",
+    )
+    p.add_argument(
+        "--layer-map",
+        choices=["monotonic", "last_aligned"],
+        default=d.layer_map,
+        help="receiver->sharer layer map",
+    )
+    p.add_argument(
+        "--checkpoint-every", type=int, default=d.checkpoint_every, help="steps between checkpoints"
+    )
+    p.add_argument("--device", default=d.device, help="auto (cuda if present), cpu or cuda")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    names = {f.name for f in fields(TrainConfig)}
+    cfg = TrainConfig(**{k: v for k, v in vars(args).items() if k in names})
+    if cfg.mode == "c2c":
+        from lcflow.c2c_training import train_c2c
+
+        out = train_c2c(cfg)
+    else:
+        from lcflow.training import Trainer
+
+        out = Trainer(cfg).run()
+    print(f"adapter written to {out}")
+    return 0

@@ -1,0 +1,274 @@
+"""Training an adapter: both LLMs frozen, cross-entropy on the answer tokens only.
+
+One step = `batch_size` samples, each run through the same path as inference
+(sharer prefill -> encode -> receiver prepare), then the answer tokens are fed on top of
+the prepared cache and only their logits are computed (`logits_to_keep`): a 262k-vocabulary
+head over every prompt position would cost more than the rest of the step.
+
+AdamW (lr 1e-4, 10% linear warm-up then cosine decay, weight decay 0.01, clip 1.0), as C2C.
+Gate logits learn at `gate_lr` (1e-2): at 1e-4 a gate would move by ~0.03 in 300 steps and no
+layer could ever close, so pruning would have nothing to prune. Seeded and resumable: a
+checkpoint holds the adapter, the optimiser, the scheduler, the step and the loss history.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch.nn import functional as F
+from tqdm import tqdm
+
+from lcflow.adapter import LatentAdapter
+from lcflow.handoff import Receiver, Sharer, receiver_view
+from lcflow.kv import model_identity
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_DIR = "checkpoint"
+STATE_FILE = "trainer_state.pt"
+
+
+@dataclass
+class TrainConfig:
+    sharer: str
+    receiver: str
+    out: str
+    mode: str = "lcfx"  # lcf | lcfx | c2c
+    task: str = "facts-cross"
+    steps: int = 300
+    batch_size: int = 4
+    lr: float = 1e-4
+    gate_lr: float = 1e-2
+    warmup: float = 0.1
+    weight_decay: float = 0.01
+    clip: float = 1.0
+    gate_l1: float = 0.0  # pressure towards closed gates (prunable layers)
+    seed: int = 0
+    bottleneck: int = 128
+    slots: int = 32
+    receiver_aware: bool = True
+    layer_map: str = "monotonic"
+    checkpoint_every: int = 50
+    device: str = "auto"
+
+
+def answer_ids(tokenizer, answer: str) -> torch.Tensor:
+    """The target: the answer's tokens followed by end-of-sequence, so the receiver learns to stop."""
+    ids = tokenizer(answer, add_special_tokens=False).input_ids
+    return torch.tensor(ids + [tokenizer.eos_token_id], dtype=torch.long)
+
+
+def prepare_for_sample(sharer: Sharer, receiver: Receiver, mode: str, sample, prompt: str):
+    """The handoff up to the receiver's cache, with gradients through the adapter."""
+    context = sharer.prefill(sample.sharer_context)
+    if mode == "lcf":
+        latents = sharer.encode(context)
+        return receiver.prepare_lcf(latents, sample.sharer_context, prompt)
+    if mode == "lcfx":
+        latents = sharer.encode(context, receiver_text=receiver_view(sample.receiver_context, prompt))
+        return receiver.prepare_lcfx(latents, prompt, sample.receiver_context)
+    raise ValueError(f"training mode {mode!r} is not handled here")
+
+
+def answer_loss(receiver: Receiver, prepared, target: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy of the answer tokens given the prepared (fused) cache."""
+    model = receiver.model
+    tail = torch.cat([prepared.input_ids[:, -1:], target[None, :-1]], dim=1).to(model.device)
+    out = model(input_ids=tail, past_key_values=prepared.cache, use_cache=True, logits_to_keep=len(target))
+    return F.cross_entropy(out.logits[0].float(), target.to(model.device))
+
+
+def cosine_with_warmup(step: int, total: int, warmup_steps: int) -> float:
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = (step - warmup_steps) / max(1, total - warmup_steps)
+    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def build_optimizer(adapter, cfg: TrainConfig):
+    gates = [p for n, p in adapter.named_parameters() if n.endswith("logit")]
+    rest = [p for n, p in adapter.named_parameters() if not n.endswith("logit")]
+    return torch.optim.AdamW(
+        [
+            {"params": rest, "lr": cfg.lr, "weight_decay": cfg.weight_decay},
+            {"params": gates, "lr": cfg.gate_lr, "weight_decay": 0.0},
+        ]
+    )
+
+
+def save_loss_curve(losses: list[float], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot(range(1, len(losses) + 1), losses, alpha=0.35, label="loss per step")
+    window = max(1, len(losses) // 20)
+    smooth = [
+        sum(losses[max(0, i - window + 1) : i + 1]) / len(losses[max(0, i - window + 1) : i + 1])
+        for i in range(len(losses))
+    ]
+    ax.plot(range(1, len(losses) + 1), smooth, label=f"mean of {window}")
+    ax.set_xlabel("step")
+    ax.set_ylabel("answer cross-entropy")
+    ax.set_title(title, fontsize=9)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+class Trainer:
+    """Holds the two frozen models, the adapter and the optimiser; `run()` trains to cfg.steps."""
+
+    def __init__(self, cfg: TrainConfig, sharer_pair=None, receiver_pair=None):
+        from lcflow.tasks import format_question_prompt, get_task
+
+        self.cfg = cfg
+        self.out = Path(cfg.out)
+        self.format_prompt = format_question_prompt
+        torch.manual_seed(cfg.seed)
+        random.seed(cfg.seed)
+        (ms, ts), (mr, tr) = (
+            sharer_pair or _load(cfg.sharer, cfg.device),
+            receiver_pair or _load(cfg.receiver, cfg.device),
+        )
+        self.adapter = LatentAdapter.for_models(
+            cfg.mode,
+            model_identity(ms, ts, name=cfg.sharer),
+            model_identity(mr, tr, name=cfg.receiver),
+            layer_map_strategy=cfg.layer_map,
+            bottleneck=cfg.bottleneck,
+            slots=cfg.slots,
+            receiver_aware=cfg.receiver_aware,
+        ).to(mr.device)
+        self.sharer = Sharer(ms, ts, self.adapter.encoder, self.adapter.config)
+        self.receiver = Receiver(mr, tr, self.adapter.decoder, self.adapter.config)
+        self.samples = get_task(cfg.task).samples("train", cfg.steps * cfg.batch_size, seed=cfg.seed)
+        self.optimizer = build_optimizer(self.adapter, cfg)
+        warmup_steps = max(1, int(cfg.warmup * cfg.steps))
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: cosine_with_warmup(s, cfg.steps, warmup_steps)
+        )
+        self.step = 0
+        self.losses: list[float] = []
+        self.seconds = 0.0
+
+    # --- one step ----------------------------------------------------------------------------
+
+    def train_step(self) -> float:
+        self.adapter.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        batch = self.samples[self.step * self.cfg.batch_size : (self.step + 1) * self.cfg.batch_size]
+        total = 0.0
+        for sample in batch:
+            prompt = self.format_prompt(sample, include_context=False)
+            prepared = prepare_for_sample(self.sharer, self.receiver, self.cfg.mode, sample, prompt)
+            loss = answer_loss(
+                self.receiver, prepared, answer_ids(self.receiver.tokenizer, sample.answers[0])
+            )
+            if self.cfg.gate_l1 > 0:
+                loss = (
+                    loss
+                    + self.cfg.gate_l1
+                    * torch.stack([self.adapter.decoder.gate(t) for t in self.adapter.decoder.layers]).mean()
+                )
+            (loss / len(batch)).backward()
+            total += loss.item() / len(batch)
+        torch.nn.utils.clip_grad_norm_(self.adapter.parameters(), self.cfg.clip)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.step += 1
+        self.losses.append(total)
+        return total
+
+    def run(self) -> Path:
+        self.resume()
+        bar = tqdm(total=self.cfg.steps, initial=self.step, desc=f"train {self.cfg.mode}", unit="step")
+        while self.step < self.cfg.steps:
+            start = time.perf_counter()
+            loss = self.train_step()
+            elapsed = time.perf_counter() - start
+            self.seconds += elapsed
+            bar.set_postfix(loss=f"{loss:.3f}", s_per_step=f"{elapsed:.2f}")
+            bar.update(1)
+            if self.step % self.cfg.checkpoint_every == 0 or self.step == self.cfg.steps:
+                self.save_checkpoint()
+        bar.close()
+        return self.save_final()
+
+    # --- files -------------------------------------------------------------------------------
+
+    def provenance(self) -> dict:
+        return {
+            **{k: v for k, v in asdict(self.cfg).items() if k not in ("out", "device")},
+            "steps_done": self.step,
+            "train_seconds": round(self.seconds, 1),
+            "seconds_per_step": round(self.seconds / max(1, self.step), 3),
+            "final_loss_mean_last_10": round(sum(self.losses[-10:]) / max(1, len(self.losses[-10:])), 4),
+            "first_loss_mean_first_10": round(sum(self.losses[:10]) / max(1, len(self.losses[:10])), 4),
+        }
+
+    def save_checkpoint(self) -> None:
+        directory = self.out / CHECKPOINT_DIR
+        self.adapter.config.training = self.provenance()
+        self.adapter.save_pretrained(directory, dtype=torch.float32)
+        state = {
+            "step": self.step,
+            "losses": self.losses,
+            "seconds": self.seconds,
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "torch_rng": torch.get_rng_state(),
+            "config": asdict(self.cfg),
+        }
+        tmp = directory / (STATE_FILE + ".tmp")
+        torch.save(state, tmp)
+        tmp.replace(directory / STATE_FILE)  # a checkpoint is either whole or absent
+        save_loss_curve(self.losses, self.out / "loss_curve.png", f"{self.cfg.mode} {self.cfg.task}")
+
+    def resume(self) -> None:
+        path = self.out / CHECKPOINT_DIR / STATE_FILE
+        if not path.is_file():
+            return
+        state = torch.load(path, weights_only=True)  # our own file; weights_only refuses arbitrary objects
+        saved = {
+            k: v
+            for k, v in state["config"].items()
+            if k not in ("steps", "out", "device", "checkpoint_every")
+        }
+        current = {k: v for k, v in asdict(self.cfg).items() if k in saved}
+        if saved != current:
+            raise ValueError(
+                f"{path} was written by a run with other settings ({saved}); "
+                "use another --out directory or the same settings to resume"
+            )
+        loaded = LatentAdapter.from_pretrained(self.out / CHECKPOINT_DIR)
+        self.adapter.load_state_dict(loaded.state_dict())
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["torch_rng"])
+        self.step, self.losses, self.seconds = state["step"], state["losses"], state["seconds"]
+        log.info("resumed from %s at step %d", path, self.step)
+
+    def save_final(self) -> Path:
+        self.adapter.config.training = self.provenance()
+        self.adapter.save_pretrained(self.out, dtype=torch.float32)
+        (self.out / "train_log.json").write_text(
+            json.dumps({"losses": self.losses, **self.provenance()}, indent=1)
+        )
+        return self.out
+
+
+def _load(name: str, device: str):
+    from lcflow.provision import load_model_and_tokenizer
+
+    return load_model_and_tokenizer(name, device=device)
