@@ -1,0 +1,41 @@
+"""The task suite: QA samples for training and evaluating a handoff, and the prompt wording.
+
+    from lcflow.tasks import get_task, format_question_prompt
+    samples = get_task("facts-cross").samples("test", 200, seed=0)
+    prompt = format_question_prompt(samples[0], include_context=False)
+
+Tasks: facts-same, facts-cross, facts-twohop (see lcflow.tasks.facts); your own samples come
+from a JSONL file through load_task_file (see lcflow.tasks.jsonl).
+"""
+
+from __future__ import annotations
+
+from lcflow.tasks.base import SPLITS, QASample, Task
+from lcflow.tasks.facts import CrossContextFacts, SameContextFacts, TwoHopFacts
+from lcflow.tasks.jsonl import load_task_file, save_task_file
+from lcflow.tasks.prompts import ANSWER_INSTRUCTION, format_question_prompt, question_prompt
+
+TASKS = {task.name: task for task in (SameContextFacts, CrossContextFacts, TwoHopFacts)}
+TASK_NAMES = tuple(TASKS)
+
+
+def get_task(name: str, **options) -> Task:
+    """A task by name; options go to its constructor (e.g. facts_per_document=8)."""
+    if name not in TASKS:
+        raise ValueError(f"unknown task {name!r}; known tasks: {', '.join(TASK_NAMES)}")
+    return TASKS[name](**options)
+
+
+__all__ = [
+    "ANSWER_INSTRUCTION",
+    "SPLITS",
+    "TASKS",
+    "TASK_NAMES",
+    "QASample",
+    "Task",
+    "format_question_prompt",
+    "get_task",
+    "load_task_file",
+    "question_prompt",
+    "save_task_file",
+]

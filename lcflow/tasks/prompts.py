@@ -1,0 +1,33 @@
+"""The one wording of a question put to a receiver, used by training, the eval harness and the services.
+
+    question_prompt("Where does Ada Brook live?") ->
+        Question: Where does Ada Brook live?
+        Answer with one or two words.
+        Answer:
+
+With include_context=True the receiver's own document comes first, separated by a blank line:
+the same layout lcflow.prompting.render_text gives for `contexts=[receiver_context]`. The
+handoff paths (LCF, LCF-X, text) pass the prompt WITHOUT context and hand the document to
+lcflow.prompting separately, because they need to know where the document lies in the input.
+"""
+
+from __future__ import annotations
+
+from lcflow.tasks.base import QASample
+
+ANSWER_INSTRUCTION = "Answer with one or two words."
+CONTEXT_SEPARATOR = "\n\n"  # as lcflow.prompting joins context blocks and the prompt
+
+
+def question_prompt(question: str) -> str:
+    """The bare prompt for a question (what services build from a request's question text)."""
+    return f"Question: {question.strip()}\n{ANSWER_INSTRUCTION}\nAnswer:"
+
+
+def format_question_prompt(sample: QASample, include_context: bool = False) -> str:
+    """The receiver's plain-text prompt for a sample; with include_context, its own document first
+    (the "receiver alone" baseline). A sample without a receiver document gets the bare prompt."""
+    prompt = question_prompt(sample.question)
+    if include_context and sample.receiver_context:
+        return sample.receiver_context + CONTEXT_SEPARATOR + prompt
+    return prompt
