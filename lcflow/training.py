@@ -190,6 +190,21 @@ class Trainer:
         self.losses.append(total)
         return total
 
+    @torch.no_grad()
+    def evaluate_loss(self, samples) -> float:
+        """Mean answer cross-entropy over `samples` with the current adapter (no update)."""
+        self.adapter.eval()
+        losses = []
+        for sample in samples:
+            prompt = self.format_prompt(sample, include_context=False)
+            prepared = prepare_for_sample(self.sharer, self.receiver, self.cfg.mode, sample, prompt)
+            losses.append(
+                answer_loss(
+                    self.receiver, prepared, answer_ids(self.receiver.tokenizer, sample.answers[0])
+                ).item()
+            )
+        return sum(losses) / len(losses)
+
     def run(self) -> Path:
         self.resume()
         bar = tqdm(total=self.cfg.steps, initial=self.step, desc=f"train {self.cfg.mode}", unit="step")
