@@ -60,8 +60,12 @@ class TrainConfig:
 
 
 def answer_ids(tokenizer, answer: str) -> torch.Tensor:
-    """The target: the answer's tokens followed by end-of-sequence, so the receiver learns to stop."""
-    ids = tokenizer(answer, add_special_tokens=False).input_ids
+    """The target: the answer's tokens followed by end-of-sequence, so the receiver learns to stop.
+
+    With a chat template the answer opens the assistant's turn; without one it continues the
+    prompt's last line ("Answer:"), where the natural next token carries a leading space."""
+    text = answer if getattr(tokenizer, "chat_template", None) else " " + answer
+    ids = tokenizer(text, add_special_tokens=False).input_ids
     return torch.tensor(ids + [tokenizer.eos_token_id], dtype=torch.long)
 
 
