@@ -1,0 +1,221 @@
+"""One harness, all methods, the same samples.
+
+Methods (what the receiver gets before answering the question):
+
+    receiver     its own context only (same-context tasks: the document)
+    sharer       the sharer model answers alone from its own context (a reference, not a handoff)
+    skyline      every context as text: the upper bound of a perfect handoff
+    text         the sharer writes a message in words (C2C's prompt); the receiver reads it
+    c2c          the C2C baseline fuser (same-context tasks only)
+    lcf          LCF latents fused onto the shared context (same-context tasks only)
+    lcfx         LCF-X slots as a prefix (any task)
+    lcfx-pruned  the same with a pruned adapter
+
+Each sample's stages are timed in-process (milliseconds): sharer prefill, message
+generation (text), encode, receiver prefill (with decoding into KV), time to the first answer
+token, total. Transfer time needs the services: see lcflow.commands.eval --services.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+from tqdm import tqdm
+
+from lcflow.handoff import GenerationSettings, Receiver, Sharer, receiver_view, text_contexts
+from lcflow.metrics import exact_match, extract_answer, mean_with_ci, token_f1
+from lcflow.tasks import QASample, format_question_prompt
+
+METHODS = ("receiver", "sharer", "skyline", "text", "c2c", "lcf", "lcfx", "lcfx-pruned")
+SAME_CONTEXT_ONLY = ("c2c", "lcf")
+WIRE_BYTES_PER_LATENT = 2  # latents travel as bfloat16
+
+
+@dataclass
+class EvalModels:
+    """The loaded pair and whichever adapters the requested methods need (keyed by method)."""
+
+    sharer: tuple  # (model, tokenizer)
+    receiver: tuple
+    adapters: dict = field(
+        default_factory=dict
+    )  # "lcf" / "lcfx" / "lcfx-pruned" -> LatentAdapter, "c2c" -> fuser
+
+
+@dataclass
+class SampleOutcome:
+    method: str
+    sample_id: str
+    prediction: str
+    generated: str
+    em: float
+    f1: float
+    bytes_sent: int
+    timings_ms: dict[str, float]
+
+
+class _Clock:
+    """Stage timer: `clock.stage(name)` closes the previous stage; the first streamed token is noted."""
+
+    def __init__(self):
+        self.start = self.last = time.perf_counter()
+        self.timings: dict[str, float] = {}
+
+    def stage(self, name: str) -> None:
+        now = time.perf_counter()
+        self.timings[name] = self.timings.get(name, 0.0) + (now - self.last) * 1000
+        self.last = now
+
+    def first_token(self, _text: str) -> None:
+        self.timings.setdefault("time_to_first_token", (time.perf_counter() - self.start) * 1000)
+
+    def finish(self) -> dict[str, float]:
+        self.timings["total"] = (time.perf_counter() - self.start) * 1000
+        return self.timings
+
+
+def _contexts(*texts: str) -> list[str]:
+    """Distinct non-empty contexts in order (a same-context task's document appears once)."""
+    out: list[str] = []
+    for text in texts:
+        if text and text not in out:
+            out.append(text)
+    return out
+
+
+def _halves(models: EvalModels, method: str) -> tuple[Sharer, Receiver]:
+    adapter = models.adapters.get(method)
+    encoder = adapter.encoder if adapter is not None else None
+    decoder = adapter.decoder if adapter is not None else None
+    config = adapter.config if adapter is not None else None
+    return Sharer(*models.sharer, encoder, config), Receiver(*models.receiver, decoder, config)
+
+
+@torch.inference_mode()
+def run_sample(
+    method: str, models: EvalModels, sample: QASample, settings: GenerationSettings
+) -> SampleOutcome:
+    """Run one method on one sample, timing each stage."""
+    prompt = format_question_prompt(sample, include_context=False)
+    sharer, receiver = _halves(models, method)
+    clock = _Clock()
+    bytes_sent = 0
+    if method == "sharer":
+        receiver = Receiver(*models.sharer)
+        prepared = receiver.prepare_plain(prompt, [sample.sharer_context])
+    elif method == "receiver":
+        prepared = receiver.prepare_plain(prompt, [sample.receiver_context])
+    elif method == "skyline":
+        prepared = receiver.prepare_plain(prompt, _contexts(sample.sharer_context, sample.receiver_context))
+    elif method == "text":
+        message = sharer.write_message(sample.sharer_context, sample.question)
+        clock.stage("message_generate")
+        bytes_sent = len(message.encode())
+        contexts = text_contexts(
+            sample.receiver_context if not sample.same_context else sample.sharer_context, message
+        )
+        prepared = receiver.prepare_plain(prompt, contexts)
+    elif method == "c2c":
+        from lcflow.adapter.c2c import c2c_prepare
+
+        prepared, bytes_sent = c2c_prepare(
+            models.adapters["c2c"], models.sharer, receiver, sample.sharer_context, prompt
+        )
+    elif method in ("lcf", "lcfx", "lcfx-pruned"):
+        context = sharer.prefill(sample.sharer_context)
+        clock.stage("sharer_prefill")
+        if method == "lcf":
+            latents = sharer.encode(context)
+        else:
+            latents = sharer.encode(context, receiver_text=receiver_view(sample.receiver_context, prompt))
+        clock.stage("encode")
+        bytes_sent = sum(z.numel() for z in latents.layers.values()) * WIRE_BYTES_PER_LATENT
+        if method == "lcf":
+            prepared = receiver.prepare_lcf(latents, sample.sharer_context, prompt)
+        else:
+            prepared = receiver.prepare_lcfx(latents, prompt, sample.receiver_context)
+    else:
+        raise ValueError(f"unknown method {method!r}; choose from {METHODS}")
+    clock.stage("receiver_prefill")
+    generated = receiver.generate(prepared, settings, on_text=clock.first_token)
+    clock.stage("generate")
+    timings = clock.finish()
+    prediction = extract_answer(generated)
+    return SampleOutcome(
+        method=method,
+        sample_id=sample.id,
+        prediction=prediction,
+        generated=generated,
+        em=exact_match(prediction, sample.answers),
+        f1=token_f1(prediction, sample.answers),
+        bytes_sent=bytes_sent,
+        timings_ms=timings,
+    )
+
+
+def applicable(method: str, sample: QASample) -> bool:
+    return sample.same_context or method not in SAME_CONTEXT_ONLY
+
+
+def evaluate(
+    methods: list[str], models: EvalModels, samples: list[QASample], settings: GenerationSettings
+) -> list[SampleOutcome]:
+    """Every method on every sample it applies to (methods interleaved per sample, so drift
+    in machine load hits all methods alike)."""
+    outcomes = []
+    for sample in tqdm(samples, desc="eval", unit="sample"):
+        for method in methods:
+            if applicable(method, sample):
+                outcomes.append(run_sample(method, models, sample, settings))
+    return outcomes
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    index = min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))
+    return ordered[index]
+
+
+def summarize(outcomes: list[SampleOutcome], models: EvalModels | None = None) -> list[dict]:
+    """Per method: EM and F1 with 95% CIs, median and p90 of every stage, bytes, adapter size."""
+    rows = []
+    for method in dict.fromkeys(o.method for o in outcomes):
+        mine = [o for o in outcomes if o.method == method]
+        em, em_lo, em_hi = mean_with_ci([o.em for o in mine])
+        f1, f1_lo, f1_hi = mean_with_ci([o.f1 for o in mine])
+        stages = sorted({s for o in mine for s in o.timings_ms})
+        latency = {
+            s: {
+                "median": statistics.median([o.timings_ms.get(s, 0.0) for o in mine]),
+                "p90": percentile([o.timings_ms.get(s, 0.0) for o in mine], 0.9),
+            }
+            for s in stages
+        }
+        row = {
+            "method": method,
+            "n": len(mine),
+            "em": em,
+            "em_ci": [em_lo, em_hi],
+            "f1": f1,
+            "f1_ci": [f1_lo, f1_hi],
+            "latency_ms": latency,
+            "bytes_sent_median": statistics.median([o.bytes_sent for o in mine]),
+        }
+        adapter = (models.adapters.get(method) if models else None) or None
+        if adapter is not None:
+            params = adapter_parameters(adapter)
+            row["adapter_parameters"] = params
+            row["adapter_mb_bf16"] = params * 2 / 1e6
+        rows.append(row)
+    return rows
+
+
+def adapter_parameters(adapter) -> int:
+    return sum(p.numel() for p in adapter.parameters())
+
+
+def outcome_records(outcomes: list[SampleOutcome]) -> list[dict]:
+    return [asdict(o) for o in outcomes]
