@@ -19,7 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
-from transformers import DynamicCache, TextStreamer
+from transformers import DynamicCache, StoppingCriteria, StoppingCriteriaList, TextStreamer
 
 from lcflow.adapter.config import AdapterConfig
 from lcflow.adapter.lcfx import filler_prefix
@@ -212,9 +212,22 @@ class Receiver:
         prepared: PreparedInput,
         settings: GenerationSettings | None = None,
         on_text: Callable[[str], None] | None = None,
+        should_stop: Callable[[], bool] | None = None,
     ) -> str:
         return generate_text(
-            self.model, self.tokenizer, prepared.input_ids, prepared.cache, settings, on_text
+            self.model, self.tokenizer, prepared.input_ids, prepared.cache, settings, on_text, should_stop
+        )
+
+
+class _StopWhen(StoppingCriteria):
+    """Stops generation when `should_stop()` turns true (a cancelled or timed-out request)."""
+
+    def __init__(self, should_stop: Callable[[], bool]):
+        self.should_stop = should_stop
+
+    def __call__(self, input_ids, scores, **kwargs) -> torch.BoolTensor:
+        return torch.full(
+            (input_ids.shape[0],), self.should_stop(), dtype=torch.bool, device=input_ids.device
         )
 
 
@@ -238,8 +251,11 @@ def generate_text(
     cache: DynamicCache | None,
     settings: GenerationSettings | None = None,
     on_text: Callable[[str], None] | None = None,
+    should_stop: Callable[[], bool] | None = None,
 ) -> str:
-    """`model.generate` continuing from `cache` (which holds all but the uncached tail of input_ids)."""
+    """`model.generate` continuing from `cache` (which holds all but the uncached tail of input_ids).
+
+    on_text receives the answer's text as it is produced; should_stop is polled after every token."""
     settings = settings or GenerationSettings()
     if settings.seed is not None:
         torch.manual_seed(settings.seed)
@@ -252,6 +268,7 @@ def generate_text(
         past_key_values=cache,
         pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
         streamer=_CallbackStreamer(tokenizer, on_text) if on_text else None,
+        stopping_criteria=StoppingCriteriaList([_StopWhen(should_stop)]) if should_stop else None,
         **settings.generate_kwargs(tokenizer),
     )
     return tokenizer.decode(output[0, input_ids.shape[1] :], skip_special_tokens=True)
