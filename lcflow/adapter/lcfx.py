@@ -17,6 +17,7 @@ plain filler prefix, which a model treats like attention-sink tokens.
 
 from __future__ import annotations
 
+import copy
 import math
 
 import torch
@@ -115,18 +116,23 @@ class LCFXDecoder(nn.Module):
     def prefix_cache(
         self, model, rope: RopeCodec, base: DynamicCache, slots: dict[int, torch.Tensor]
     ) -> DynamicCache:
-        """A new cache holding the m prefix entries: base filler KV, plus gated slot KV where retained."""
-        cache = DynamicCache(config=model.config)
-        for layer in range(self.num_layers):
-            keys, values = base.layers[layer].keys, base.layers[layer].values
-            batch = next(iter(slots.values())).shape[0] if slots else 1
-            keys, values = keys.expand(batch, -1, -1, -1), values.expand(batch, -1, -1, -1)
+        """A new cache holding the m prefix entries: base filler KV, plus gated slot KV where retained.
+
+        The base is copied, not rebuilt, so that each layer keeps its own bookkeeping: a
+        sliding-window layer whose window is shorter than m holds only the last entries.
+        """
+        cache = copy.deepcopy(base)
+        batch = next(iter(slots.values())).shape[0] if slots else 1
+        for layer, entry in enumerate(cache.layers):
+            keys = entry.keys.expand(batch, -1, -1, -1)
+            values = entry.values.expand(batch, -1, -1, -1)
             gate = self.gate(layer) if layer in self.layers else None
             if gate is not None and gate.item() > 0.0:
-                update = self.proj[str(layer)](slots[layer].to(keys.dtype))
+                first = entry.get_seq_length() - keys.shape[2]  # > 0 only if the window dropped some
+                update = self.proj[str(layer)](slots[layer][:, first:].to(keys.dtype))
                 dk, dv = split_joint(update, self.num_heads, self.head_dim)
-                pos = torch.arange(keys.shape[2], device=keys.device).expand(batch, -1)
+                pos = torch.arange(first, first + keys.shape[2], device=keys.device).expand(batch, -1)
                 keys = keys + gate * rope.rotate(dk, pos, layer)
                 values = values + gate * dv
-            cache.update(keys, values, layer)
+            entry.keys, entry.values = keys, values
         return cache
