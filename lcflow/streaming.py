@@ -1,0 +1,77 @@
+"""Generation as a stream of text deltas that a gRPC handler can yield, and cancel.
+
+`generate` blocks until the answer is complete; a streaming RPC wants each piece as it comes.
+So generation runs in a worker thread that puts deltas on a queue, and the handler's
+iterator takes them off. Cancelling (client gone, deadline passed, server stopping) sets a
+flag the generation loop polls after every token, so the worker stops within one token and
+the cache it held is freed.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+_DONE = object()
+
+
+@dataclass
+class StreamResult:
+    text: str = ""
+    first_token_at: float | None = None  # time.perf_counter() of the first delta
+    finished_at: float | None = None
+    cancelled: bool = False
+
+
+class GenerationStream:
+    """Runs `generate(on_text, should_stop) -> str` in a thread; iterate to get the deltas."""
+
+    def __init__(self, generate: Callable[[Callable[[str], None], Callable[[], bool]], str]):
+        self._generate = generate
+        self._queue: queue.Queue = queue.Queue()
+        self._cancel = threading.Event()
+        self.result = StreamResult()
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="lcflow-generate", daemon=True)
+
+    def start(self) -> GenerationStream:
+        self._thread.start()
+        return self
+
+    def cancel(self) -> None:
+        self._cancel.set()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancel.is_set()
+
+    def _on_text(self, text: str) -> None:
+        if self.result.first_token_at is None:
+            self.result.first_token_at = time.perf_counter()
+        self._queue.put(text)
+
+    def _run(self) -> None:
+        try:
+            self.result.text = self._generate(self._on_text, self._cancel.is_set)
+        except BaseException as err:  # handed to the consumer, which re-raises it
+            self._error = err
+        finally:
+            self.result.finished_at = time.perf_counter()
+            self.result.cancelled = self._cancel.is_set()
+            self._queue.put(_DONE)
+
+    def __iter__(self) -> Iterator[str]:
+        while True:
+            item = self._queue.get()
+            if item is _DONE:
+                break
+            yield item
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+
+    def join(self, timeout: float | None = None) -> None:
+        self._thread.join(timeout)
