@@ -1,0 +1,46 @@
+"""Moving latents between a sharer and a receiver: the wire format of `Receiver.Receive`.
+
+    from lcflow.transport import LatentPacket, PacketWriter, PacketAssembler, packet_messages, assemble
+
+- wire.py: LatentPacket, PacketWriter (sender), PacketAssembler (receiver), limits and versions.
+- segments.py: one layer's tensors <-> a checked safetensors blob.
+- codec.py: CodecConfig, byte-shuffle, zstd with a hard decompression bound.
+- errors.py: WireError, carrying the gRPC status code to answer with.
+"""
+
+from lcflow.transport.codec import MAX_CHUNK_BYTES, CodecConfig
+from lcflow.transport.errors import WireError
+from lcflow.transport.segments import TensorSpec
+from lcflow.transport.wire import (
+    FORMAT_VERSION,
+    MODE_FROM_PROTO,
+    MODE_TO_PROTO,
+    SUPPORTED_FORMAT_VERSIONS,
+    LatentPacket,
+    PacketAssembler,
+    PacketWriter,
+    Segment,
+    WireLimits,
+    WireStats,
+    assemble,
+    packet_messages,
+)
+
+__all__ = [
+    "FORMAT_VERSION",
+    "MAX_CHUNK_BYTES",
+    "MODE_FROM_PROTO",
+    "MODE_TO_PROTO",
+    "SUPPORTED_FORMAT_VERSIONS",
+    "CodecConfig",
+    "LatentPacket",
+    "PacketAssembler",
+    "PacketWriter",
+    "Segment",
+    "TensorSpec",
+    "WireError",
+    "WireLimits",
+    "WireStats",
+    "assemble",
+    "packet_messages",
+]

@@ -1,0 +1,133 @@
+"""Segment codec: byte-shuffle, zstd with a frame checksum, and decompression with a hard size bound.
+
+Measured on 2 CPU cores (random normal latents [28, 2048, 128], zstd level 1):
+
+    dtype     shuffle  ratio  compress  decompress
+    float16   no       1.09   0.87 GB/s  1.2 GB/s
+    float16   yes      1.18   1.5 GB/s   2.7 GB/s
+    bfloat16  no       1.29   0.93 GB/s  1.2 GB/s
+    bfloat16  yes      1.46   0.58 GB/s  1.9 GB/s
+
+Levels below 1 do not compress these at all (ratio 1.00); level 3 gains nothing and is slower.
+Hence the defaults: level 1, byte-shuffle on. Byte-shuffle itself runs at ~1.5 GB/s
+(shuffle) and ~3.5 GB/s (unshuffle) with one copy per byte plane.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import zstandard
+
+from lcflow.transport.errors import data_loss, invalid
+
+MAX_CHUNK_BYTES = (
+    1 << 20
+)  # gRPC streams best with 256 KiB - 1 MiB messages; the default receive limit is 4 MiB
+CODECS = ("zstd", "none")
+
+
+@dataclass(frozen=True)
+class CodecConfig:
+    """How the sender encodes each segment."""
+
+    name: str = "zstd"  # "zstd" or "none"
+    level: int = 1  # higher levels gain nothing on float latents and are several times slower
+    byte_shuffle: bool = True  # regroup each tensor's bytes by byte plane: bf16 ratio 1.29 -> 1.46
+    chunk_size: int = MAX_CHUNK_BYTES  # largest chunk payload, at most 1 MiB
+
+    def __post_init__(self) -> None:
+        if self.name not in CODECS:
+            raise ValueError(f"unknown codec {self.name!r}: use one of {CODECS}")
+        if not 0 < self.chunk_size <= MAX_CHUNK_BYTES:
+            raise ValueError(f"chunk_size must be in 1..{MAX_CHUNK_BYTES} bytes, got {self.chunk_size}")
+
+    def compress(self, data: bytes | bytearray) -> bytes:
+        if self.name == "none":
+            return bytes(data)
+        # python-zstandard writes no frame checksum unless asked; the content size lets the
+        # receiver refuse an oversized frame before decompressing a byte of it.
+        compressor = zstandard.ZstdCompressor(level=self.level, write_checksum=True, write_content_size=True)
+        return compressor.compress(data)
+
+
+def shuffle_bytes(region: memoryview, itemsize: int) -> None:
+    """In place: [a0 a1 | b0 b1 | ...] -> [a0 b0 ... | a1 b1 ...] (byte planes of each element)."""
+    if itemsize == 1 or len(region) == 0:
+        return
+    elements = np.frombuffer(region, dtype=np.uint8).reshape(-1, itemsize)
+    planes = np.empty((itemsize, elements.shape[0]), dtype=np.uint8)
+    for plane in range(itemsize):  # one strided copy per plane is ~3x faster than elements.T.copy()
+        planes[plane] = elements[:, plane]
+    np.frombuffer(region, dtype=np.uint8)[:] = planes.reshape(-1)
+
+
+def unshuffle_bytes(region: memoryview, itemsize: int) -> None:
+    """In place: the inverse of shuffle_bytes."""
+    if itemsize == 1 or len(region) == 0:
+        return
+    planes = np.frombuffer(region, dtype=np.uint8).reshape(itemsize, -1).copy()
+    elements = np.frombuffer(region, dtype=np.uint8).reshape(-1, itemsize)
+    for plane in range(itemsize):
+        elements[:, plane] = planes[plane]
+
+
+class _BoundedSink:
+    """Collects decompressed bytes; refuses to grow past `limit` (a zstd bomb stops here)."""
+
+    def __init__(self, limit: int, what: str):
+        self.buffer = bytearray()
+        self.limit = limit
+        self.what = what
+
+    def write(self, data: bytes) -> int:
+        if len(self.buffer) + len(data) > self.limit:
+            raise invalid(
+                f"{self.what} decompresses to more than the {self.limit} bytes its header declares; "
+                "the sender's header and payload disagree"
+            )
+        self.buffer += data
+        return len(data)
+
+
+class SegmentDecoder:
+    """Decodes one segment's chunks as they arrive, never holding more than `limit` output bytes."""
+
+    def __init__(self, codec_name: str, limit: int, what: str):
+        self.codec_name = codec_name
+        self.what = what
+        self.sink = _BoundedSink(limit, what)
+        self.started = False
+        # write_size bounds each step of output, so the sink sees (and can refuse) it in small pieces.
+        self.writer = None
+        if codec_name == "zstd":
+            self.writer = zstandard.ZstdDecompressor().stream_writer(self.sink, write_size=1 << 17)
+
+    def feed(self, payload: bytes) -> None:
+        if self.writer is None:
+            self.sink.write(payload)
+            return
+        if not self.started:
+            self._check_frame_header(payload)
+            self.started = True
+        try:
+            self.writer.write(payload)
+        except zstandard.ZstdError as err:
+            raise data_loss(f"{self.what}: corrupt zstd data ({err}); resend the handoff") from err
+
+    def _check_frame_header(self, first_payload: bytes) -> None:
+        try:
+            params = zstandard.get_frame_parameters(first_payload)
+        except zstandard.ZstdError as err:
+            raise data_loss(f"{self.what}: not a zstd frame ({err})") from err
+        if not params.has_checksum:
+            raise invalid(f"{self.what}: zstd frame without a checksum; the format requires frame checksums")
+        if params.content_size != zstandard.CONTENTSIZE_UNKNOWN and params.content_size > self.sink.limit:
+            raise invalid(
+                f"{self.what}: zstd frame declares {params.content_size} bytes, more than the "
+                f"{self.sink.limit} its header allows"
+            )
+
+    def finish(self) -> bytearray:
+        return self.sink.buffer

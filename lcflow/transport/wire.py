@@ -1,0 +1,501 @@
+"""The latent wire format: a LatentPacket <-> a stream of LatentMessage protobufs.
+
+Sender (layers can go out as the encoder produces them):
+
+    writer = PacketWriter(mode="lcf", adapter_id=..., sharer_id=..., receiver_id=...,
+                          layer_specs={t: {"latent": TensorSpec("bfloat16", (1, T, 128))} for t in layers},
+                          shared_specs={"token_spans": TensorSpec("int32", (T, 2))})
+    yield writer.header()
+    yield from writer.shared({"token_spans": spans})
+    for layer, latent in sharer.encode_layers(context):
+        yield from writer.layer(layer, {"latent": latent})
+    yield writer.trailer()
+
+    # or, with everything at hand: yield from packet_messages(packet)
+
+Receiver:
+
+    assembler = PacketAssembler()
+    assembler.on_header(message.header)
+    segment = assembler.on_chunk(message.chunk)   # a Segment once a layer is complete, else None
+    packet = assembler.on_trailer(message.trailer)
+    assembler.on_stream_end()                      # DATA_LOSS if the trailer never came
+
+    # or: packet = assemble(messages)
+
+Every check failure raises WireError with the gRPC status to answer (see errors.py).
+`writer.stats` / `assembler.stats` count chunks, raw and wire bytes and time spent.
+"""
+
+from __future__ import annotations
+
+import time
+import zlib
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+
+import torch
+
+from lcflow.proto_gen.lcflow.v1 import lcflow_pb2 as pb
+from lcflow.transport.codec import CODECS, MAX_CHUNK_BYTES, CodecConfig, SegmentDecoder
+from lcflow.transport.errors import data_loss, invalid, precondition
+from lcflow.transport.segments import (
+    DTYPES,
+    MAX_DIMS,
+    TensorSpec,
+    check_segment,
+    load_segment,
+    max_blob_bytes,
+    segment_bytes,
+    serialise_segment,
+    shuffle_segment,
+    unshuffle_segment,
+)
+
+FORMAT_VERSION = 1
+SUPPORTED_FORMAT_VERSIONS = frozenset({1})
+
+MODE_TO_PROTO = {"lcf": pb.LCF, "lcfx": pb.LCF_X, "text": pb.TEXT, "none": pb.NONE}
+MODE_FROM_PROTO = {value: name for name, value in MODE_TO_PROTO.items()}
+LATENT_MODES = ("lcf", "lcfx")  # the modes that carry a latent payload
+
+
+@dataclass
+class LatentPacket:
+    """Everything a receiver needs from the sharer's latents, independent of the wire."""
+
+    mode: str  # "lcf" or "lcfx"
+    adapter_id: str
+    sharer_id: str
+    receiver_id: str
+    layers: list[int]  # receiver layer indices, in send order
+    tensors_per_layer: dict[int, dict[str, torch.Tensor]]  # e.g. {layer: {"latent": [1, T, b]}}
+    shared_tensors: dict[str, torch.Tensor] = field(
+        default_factory=dict
+    )  # e.g. {"token_spans": int32 [T, 2]}
+    meta: dict[str, str] = field(default_factory=dict)
+
+    def raw_bytes(self) -> int:
+        tensors = [t for per_layer in self.tensors_per_layer.values() for t in per_layer.values()]
+        return sum(t.numel() * t.element_size() for t in [*tensors, *self.shared_tensors.values()])
+
+
+@dataclass(frozen=True)
+class WireLimits:
+    """What a receiver accepts; anything bigger is refused with INVALID_ARGUMENT before it is allocated."""
+
+    max_payload_bytes: int = 512 << 20  # declared raw tensor bytes of one packet
+    max_chunk_bytes: int = MAX_CHUNK_BYTES
+    max_segments: int = 1024
+    max_tensors_per_segment: int = 64
+    max_meta_entries: int = 64
+
+
+@dataclass
+class Segment:
+    """One decoded segment: a receiver layer's tensors (layer is None for the shared tensors)."""
+
+    layer: int | None
+    tensors: dict[str, torch.Tensor]
+
+
+@dataclass
+class WireStats:
+    chunks: int = 0
+    bytes_raw: int = 0  # tensor data bytes, before compression
+    bytes_wire: int = 0  # chunk payload bytes
+    serialise_ms: float = 0.0  # safetensors save / load, with header checks
+    codec_ms: float = 0.0  # shuffle + compress, or decompress + unshuffle
+
+
+def _ms_since(start: float) -> float:
+    return (time.perf_counter() - start) * 1000.0
+
+
+# ----------------------------------------------------------------------------------------------
+# Sender
+# ----------------------------------------------------------------------------------------------
+
+
+class PacketWriter:
+    """Turns a header and per-layer tensors into LatentMessages; segments can be fed as they are ready."""
+
+    def __init__(
+        self,
+        *,
+        mode: str,
+        adapter_id: str,
+        sharer_id: str,
+        receiver_id: str,
+        layer_specs: dict[int, dict[str, TensorSpec]],
+        shared_specs: dict[str, TensorSpec] | None = None,
+        meta: dict[str, str] | None = None,
+        codec: CodecConfig | None = None,
+    ):
+        if mode not in LATENT_MODES:
+            raise ValueError(f"mode {mode!r} carries no latents: use one of {LATENT_MODES}")
+        self.mode, self.adapter_id, self.sharer_id, self.receiver_id = (
+            mode,
+            adapter_id,
+            sharer_id,
+            receiver_id,
+        )
+        self.codec = codec or CodecConfig()
+        self.meta = dict(meta or {})
+        # Segment order: one per layer as given, then the shared tensors (if any).
+        self.segment_keys: list[int | None] = list(layer_specs)
+        self.specs: dict[int | None, dict[str, TensorSpec]] = dict(layer_specs)
+        if shared_specs:
+            self.segment_keys.append(None)
+            self.specs[None] = dict(shared_specs)
+        self.sent: set[int | None] = set()
+        self.sequence = 0
+        self.payload_crc = 0
+        self.stats = WireStats(bytes_raw=sum(segment_bytes(s) for s in self.specs.values()))
+
+    @classmethod
+    def for_packet(cls, packet: LatentPacket, codec: CodecConfig | None = None) -> PacketWriter:
+        layer_specs = {
+            layer: {name: TensorSpec.of(t) for name, t in packet.tensors_per_layer[layer].items()}
+            for layer in packet.layers
+        }
+        shared_specs = {name: TensorSpec.of(t) for name, t in packet.shared_tensors.items()}
+        return cls(
+            mode=packet.mode,
+            adapter_id=packet.adapter_id,
+            sharer_id=packet.sharer_id,
+            receiver_id=packet.receiver_id,
+            layer_specs=layer_specs,
+            shared_specs=shared_specs,
+            meta=packet.meta,
+            codec=codec,
+        )
+
+    def header(self) -> pb.LatentMessage:
+        layers = [key for key in self.segment_keys if key is not None]
+        dtypes = {spec.dtype for key in layers for spec in self.specs[key].values()}
+        segments = [
+            pb.SegmentSpec(
+                layer=key,
+                tensors=[
+                    pb.TensorSpec(name=name, dtype=spec.dtype, shape=list(spec.shape))
+                    for name, spec in self.specs[key].items()
+                ],
+            )
+            for key in self.segment_keys
+        ]
+        header = pb.LatentHeader(
+            format_version=FORMAT_VERSION,
+            adapter_id=self.adapter_id,
+            sharer_id=self.sharer_id,
+            receiver_id=self.receiver_id,
+            mode=MODE_TO_PROTO[self.mode],
+            dtype=dtypes.pop() if len(dtypes) == 1 else "",
+            layers=layers,
+            segments=segments,
+            codec=pb.Codec(
+                name=self.codec.name,
+                level=self.codec.level,
+                byte_shuffle=self.codec.byte_shuffle,
+                chunk_size=self.codec.chunk_size,
+            ),
+            total_raw_bytes=self.stats.bytes_raw,
+            meta=self.meta,
+        )
+        return pb.LatentMessage(header=header)
+
+    def layer(self, layer: int, tensors: dict[str, torch.Tensor]) -> Iterator[pb.LatentMessage]:
+        """The chunks of one receiver layer's segment."""
+        if layer not in self.specs:
+            raise ValueError(f"layer {layer} was not declared in the header (declared: {list(self.specs)})")
+        return self._segment(layer, tensors)
+
+    def shared(self, tensors: dict[str, torch.Tensor]) -> Iterator[pb.LatentMessage]:
+        """The chunks of the shared-tensors segment."""
+        if None not in self.specs:
+            raise ValueError("no shared tensors were declared in the header")
+        return self._segment(None, tensors)
+
+    def _segment(self, key: int | None, tensors: dict[str, torch.Tensor]) -> Iterator[pb.LatentMessage]:
+        if key in self.sent:
+            raise ValueError(
+                f"segment for {'shared tensors' if key is None else f'layer {key}'} already sent"
+            )
+        actual = {name: TensorSpec.of(t) for name, t in tensors.items()}
+        if actual != self.specs[key]:
+            raise ValueError(f"tensors {actual} do not match the declared {self.specs[key]}")
+        self.sent.add(key)
+        index = self.segment_keys.index(key)
+
+        start = time.perf_counter()
+        blob = serialise_segment(tensors)
+        self.stats.serialise_ms += _ms_since(start)
+        start = time.perf_counter()
+        if self.codec.byte_shuffle:
+            shuffle_segment(blob)
+        payload = self.codec.compress(blob)
+        self.stats.codec_ms += _ms_since(start)
+
+        size = self.codec.chunk_size
+        pieces = range(0, max(len(payload), 1), size)
+        for offset in pieces:
+            piece = payload[offset : offset + size]
+            self.payload_crc = zlib.crc32(piece, self.payload_crc)
+            self.stats.chunks += 1
+            self.stats.bytes_wire += len(piece)
+            yield pb.LatentMessage(
+                chunk=pb.LatentChunk(
+                    sequence=self.sequence,
+                    segment=index,
+                    payload=piece,
+                    crc32=zlib.crc32(piece),
+                    last_in_segment=offset + size >= len(payload),
+                )
+            )
+            self.sequence += 1
+
+    def trailer(self) -> pb.LatentMessage:
+        missing = [key for key in self.segment_keys if key not in self.sent]
+        if missing:
+            raise ValueError(f"segments not sent yet: {missing} (None = shared tensors)")
+        return pb.LatentMessage(
+            trailer=pb.LatentTrailer(
+                total_chunks=self.sequence, crc32=self.payload_crc, total_wire_bytes=self.stats.bytes_wire
+            )
+        )
+
+
+def packet_messages(packet: LatentPacket, codec: CodecConfig | None = None) -> Iterator[pb.LatentMessage]:
+    """Header, the shared tensors, each layer in order, trailer: a whole packet as messages."""
+    writer = PacketWriter.for_packet(packet, codec)
+    yield writer.header()
+    if packet.shared_tensors:
+        yield from writer.shared(packet.shared_tensors)
+    for layer in packet.layers:
+        yield from writer.layer(layer, packet.tensors_per_layer[layer])
+    yield writer.trailer()
+
+
+# ----------------------------------------------------------------------------------------------
+# Receiver
+# ----------------------------------------------------------------------------------------------
+
+
+def _segment_name(key: int | None) -> str:
+    return "shared-tensors segment" if key is None else f"segment of layer {key}"
+
+
+class PacketAssembler:
+    """Checks and decodes a latent stream message by message; layers are available as they complete."""
+
+    def __init__(self, limits: WireLimits | None = None):
+        self.limits = limits or WireLimits()
+        self.header: pb.LatentHeader | None = None
+        self.specs: list[dict[str, TensorSpec]] = []
+        self.keys: list[int | None] = []  # segment index -> layer (None = shared)
+        self.done: dict[int, dict[str, torch.Tensor]] = {}  # segment index -> tensors
+        self.open_index: int | None = None  # segment whose chunks are arriving
+        self.decoder: SegmentDecoder | None = None
+        self.next_sequence = 0
+        self.payload_crc = 0
+        self.packet: LatentPacket | None = None
+        self.stats = WireStats()
+
+    # -- header ------------------------------------------------------------------------------
+
+    def on_header(self, header: pb.LatentHeader) -> None:
+        if self.header is not None:
+            raise precondition("a second LatentHeader arrived; one stream carries one packet")
+        if header.format_version not in SUPPORTED_FORMAT_VERSIONS:
+            raise precondition(
+                f"latent format version {header.format_version} is not supported by this receiver "
+                f"(supported: {sorted(SUPPORTED_FORMAT_VERSIONS)}); upgrade the older side"
+            )
+        if MODE_FROM_PROTO.get(header.mode) not in LATENT_MODES:
+            raise invalid(f"header mode {pb.Mode.Name(header.mode)} carries no latents; use LCF or LCF_X")
+        codec = header.codec
+        if codec.name not in CODECS:
+            raise invalid(f"unknown codec {codec.name!r}; this receiver reads {CODECS}")
+        if not 0 < codec.chunk_size <= self.limits.max_chunk_bytes:
+            raise invalid(f"chunk_size {codec.chunk_size} is outside 1..{self.limits.max_chunk_bytes}")
+        if not 0 < len(header.segments) <= self.limits.max_segments:
+            raise invalid(f"{len(header.segments)} segments declared; allowed 1..{self.limits.max_segments}")
+        if len(header.meta) > self.limits.max_meta_entries:
+            raise invalid(f"{len(header.meta)} meta entries; at most {self.limits.max_meta_entries}")
+        self.keys = [segment.layer if segment.HasField("layer") else None for segment in header.segments]
+        layer_keys = [key for key in self.keys if key is not None]
+        if len(set(self.keys)) != len(self.keys):
+            raise invalid("the header declares a layer (or the shared segment) twice")
+        if layer_keys != list(header.layers):
+            raise invalid(
+                f"header.layers {list(header.layers)} disagree with the segments' layers {layer_keys}"
+            )
+        self.specs = [
+            self._segment_specs(segment, key) for segment, key in zip(header.segments, self.keys, strict=True)
+        ]
+        declared = sum(segment_bytes(specs) for specs in self.specs)
+        if declared != header.total_raw_bytes:
+            raise invalid(
+                f"total_raw_bytes {header.total_raw_bytes} != {declared}, the sum of the tensor shapes"
+            )
+        if declared > self.limits.max_payload_bytes:
+            raise invalid(
+                f"payload of {declared} bytes exceeds this receiver's limit of {self.limits.max_payload_bytes}"
+            )
+        self.header = header
+        self.stats.bytes_raw = declared
+
+    def _segment_specs(self, segment: pb.SegmentSpec, key: int | None) -> dict[str, TensorSpec]:
+        what = _segment_name(key)
+        if not 0 < len(segment.tensors) <= self.limits.max_tensors_per_segment:
+            raise invalid(
+                f"{what}: {len(segment.tensors)} tensors; allowed 1..{self.limits.max_tensors_per_segment}"
+            )
+        specs: dict[str, TensorSpec] = {}
+        for tensor in segment.tensors:
+            if not tensor.name or len(tensor.name) > 256 or tensor.name in specs:
+                raise invalid(f"{what}: tensor name {tensor.name!r} is empty, too long or repeated")
+            if tensor.dtype not in DTYPES:
+                raise invalid(
+                    f"{what}: dtype {tensor.dtype!r} of {tensor.name!r} is not one of {sorted(DTYPES)}"
+                )
+            if len(tensor.shape) > MAX_DIMS:
+                raise invalid(f"{what}: {tensor.name!r} has {len(tensor.shape)} dims; at most {MAX_DIMS}")
+            specs[tensor.name] = TensorSpec(tensor.dtype, tuple(tensor.shape))
+        return specs
+
+    # -- chunks ------------------------------------------------------------------------------
+
+    def on_chunk(self, chunk: pb.LatentChunk) -> Segment | None:
+        """Check one chunk and feed it to its segment; returns the Segment when this chunk completed it."""
+        if self.header is None:
+            raise precondition("a LatentChunk arrived before the LatentHeader; send the header first")
+        if self.packet is not None:
+            raise precondition("a LatentChunk arrived after the LatentTrailer")
+        self._check_sequence(chunk)
+        if len(chunk.payload) == 0 or len(chunk.payload) > self.header.codec.chunk_size:
+            raise invalid(
+                f"chunk {chunk.sequence} has {len(chunk.payload)} bytes; allowed 1..{self.header.codec.chunk_size}"
+            )
+        if zlib.crc32(chunk.payload) != chunk.crc32:
+            raise data_loss(f"chunk {chunk.sequence} failed its CRC-32 check: corrupted in transit; resend")
+        self.next_sequence += 1
+        self.payload_crc = zlib.crc32(chunk.payload, self.payload_crc)
+        self.stats.chunks += 1
+        self.stats.bytes_wire += len(chunk.payload)
+
+        self._open_segment(chunk)
+        start = time.perf_counter()
+        self.decoder.feed(chunk.payload)
+        self.stats.codec_ms += _ms_since(start)
+        if chunk.last_in_segment:
+            return self._close_segment()
+        return None
+
+    def _check_sequence(self, chunk: pb.LatentChunk) -> None:
+        if chunk.sequence == self.next_sequence:
+            return
+        if chunk.sequence < self.next_sequence:
+            raise data_loss(
+                f"chunk {chunk.sequence} arrived again or out of order (expected {self.next_sequence})"
+            )
+        raise data_loss(
+            f"chunks {self.next_sequence}..{chunk.sequence - 1} are missing (got {chunk.sequence})"
+        )
+
+    def _open_segment(self, chunk: pb.LatentChunk) -> None:
+        index = chunk.segment
+        if index >= len(self.specs):
+            raise invalid(
+                f"chunk {chunk.sequence} names segment {index}; the header declares {len(self.specs)}"
+            )
+        if self.open_index is not None and index != self.open_index:
+            raise data_loss(
+                f"chunk {chunk.sequence} starts segment {index} while {_segment_name(self.keys[self.open_index])} "
+                "has not had its last chunk"
+            )
+        if self.open_index is None:
+            if index in self.done:
+                raise data_loss(f"{_segment_name(self.keys[index])} arrived twice (chunk {chunk.sequence})")
+            self.open_index = index
+            limit = max_blob_bytes(self.specs[index])
+            self.decoder = SegmentDecoder(self.header.codec.name, limit, _segment_name(self.keys[index]))
+
+    def _close_segment(self) -> Segment:
+        index, key = self.open_index, self.keys[self.open_index]
+        what = _segment_name(key)
+        blob = self.decoder.finish()
+        self.open_index, self.decoder = None, None
+        start = time.perf_counter()
+        header = check_segment(blob, self.specs[index], what)
+        check_ms = _ms_since(start)
+        if self.header.codec.byte_shuffle:
+            start = time.perf_counter()
+            unshuffle_segment(blob, header)
+            self.stats.codec_ms += _ms_since(start)
+        start = time.perf_counter()
+        tensors = load_segment(blob, what)
+        self.stats.serialise_ms += check_ms + _ms_since(start)
+        # check_segment compared the blob's own header; this checks what safetensors actually built.
+        if {name: TensorSpec.of(t) for name, t in tensors.items()} != self.specs[index]:
+            raise invalid(f"{what}: decoded tensors do not match the header's dtypes and shapes")
+        self.done[index] = tensors
+        return Segment(key, tensors)
+
+    # -- end ---------------------------------------------------------------------------------
+
+    def on_trailer(self, trailer: pb.LatentTrailer) -> LatentPacket:
+        if self.header is None:
+            raise precondition("a LatentTrailer arrived before the LatentHeader")
+        if self.packet is not None:
+            raise precondition("a second LatentTrailer arrived")
+        if self.open_index is not None:
+            raise data_loss(
+                f"the stream ended inside the {_segment_name(self.keys[self.open_index])} (truncated)"
+            )
+        if trailer.total_chunks != self.next_sequence:
+            raise data_loss(f"trailer counts {trailer.total_chunks} chunks, {self.next_sequence} arrived")
+        missing = [_segment_name(self.keys[i]) for i in range(len(self.keys)) if i not in self.done]
+        if missing:
+            raise data_loss(f"the stream ended without: {', '.join(missing)}")
+        if trailer.crc32 != self.payload_crc or trailer.total_wire_bytes != self.stats.bytes_wire:
+            raise data_loss("the whole-payload CRC-32 or byte count does not match the trailer; resend")
+        by_key = {self.keys[i]: tensors for i, tensors in self.done.items()}
+        self.packet = LatentPacket(
+            mode=MODE_FROM_PROTO[self.header.mode],
+            adapter_id=self.header.adapter_id,
+            sharer_id=self.header.sharer_id,
+            receiver_id=self.header.receiver_id,
+            layers=list(self.header.layers),
+            tensors_per_layer={layer: by_key[layer] for layer in self.header.layers},
+            shared_tensors=by_key.get(None, {}),
+            meta=dict(self.header.meta),
+        )
+        return self.packet
+
+    def on_stream_end(self) -> LatentPacket:
+        """Call when the stream closes; raises DATA_LOSS unless a valid trailer came."""
+        if self.packet is None:
+            raise data_loss(
+                f"the latent stream ended after {self.stats.chunks} chunks without a trailer (truncated); resend"
+            )
+        return self.packet
+
+    def on_message(self, message: pb.LatentMessage) -> Segment | LatentPacket | None:
+        """Dispatch header / chunk / trailer; a ReceiverRequest is the caller's to handle."""
+        kind = message.WhichOneof("message")
+        if kind == "header":
+            return self.on_header(message.header)
+        if kind == "chunk":
+            return self.on_chunk(message.chunk)
+        if kind == "trailer":
+            return self.on_trailer(message.trailer)
+        raise precondition(f"unexpected {kind or 'empty'} message inside the latent payload")
+
+
+def assemble(messages: Iterable[pb.LatentMessage], limits: WireLimits | None = None) -> LatentPacket:
+    """A whole stream of header, chunks and trailer -> LatentPacket (raises WireError)."""
+    assembler = PacketAssembler(limits)
+    for message in messages:
+        assembler.on_message(message)
+    return assembler.on_stream_end()
