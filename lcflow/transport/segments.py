@@ -57,8 +57,13 @@ def segment_bytes(specs: dict[str, TensorSpec]) -> int:
 
 
 def max_blob_bytes(specs: dict[str, TensorSpec]) -> int:
-    """The most bytes a segment's blob may decompress to: its data plus a bounded header."""
-    return 8 + MAX_SAFETENSORS_HEADER + segment_bytes(specs)
+    """The most bytes a segment's blob may decompress to: its data plus a bounded JSON header.
+
+    One header entry is ~80 bytes plus its name (at most 256): 512 per tensor is ample, and keeps
+    the bound within a few hundred bytes of the declared data.
+    """
+    header_allowance = min(MAX_SAFETENSORS_HEADER, 256 + 512 * len(specs))
+    return 8 + header_allowance + segment_bytes(specs)
 
 
 def serialise_segment(tensors: dict[str, torch.Tensor]) -> bytearray:
