@@ -1,0 +1,110 @@
+"""A small client for the sharer's `Handoff` RPC (what `lcflow handoff` and the demo use).
+
+    client = HandoffClient("127.0.0.1:50051")
+    for event in client.stream(context="...", prompt="...", mode="lcfx"):
+        ...                                       # pb.HandoffEvent: text deltas, then a summary
+    result = client.handoff(context="...", prompt="...", mode="text")   # collected
+
+With a tracer provider, the call runs inside a `client.handoff` span whose context travels to
+the sharer and on to the receiver: one trace from the client to the answer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import grpc
+from opentelemetry.instrumentation.grpc import client_interceptor
+from opentelemetry.instrumentation.grpc.grpcext import intercept_channel
+
+from lcflow.proto_gen.lcflow.v1 import lcflow_pb2 as pb
+from lcflow.proto_gen.lcflow.v1 import lcflow_pb2_grpc as pb_grpc
+
+MODE_NAMES = {"lcf": pb.LCF, "lcfx": pb.LCF_X, "text": pb.TEXT, "none": pb.NONE}
+
+
+@dataclass
+class HandoffResult:
+    answer: str
+    deltas: list[str]
+    summary: pb.HandoffSummary
+
+
+class HandoffClient:
+    def __init__(self, target: str, tracer_provider=None, timeout_s: float | None = 300.0):
+        channel = grpc.insecure_channel(target)
+        self.tracer = tracer_provider.get_tracer("lcflow.client") if tracer_provider else None
+        if tracer_provider is not None:
+            channel = intercept_channel(channel, client_interceptor(tracer_provider=tracer_provider))
+        self.channel = channel
+        self.stub = pb_grpc.SharerStub(channel)
+        self.timeout_s = timeout_s
+
+    def request(
+        self,
+        prompt: str,
+        mode: str = "lcfx",
+        context: str = "",
+        session_id: str = "",
+        receiver_context: str = "",
+        max_new_tokens: int = 32,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        stop: list[str] | None = None,
+        seed: int | None = None,
+        request_id: str = "",
+    ) -> pb.HandoffRequest:
+        if mode not in MODE_NAMES:
+            raise ValueError(f"mode must be one of {list(MODE_NAMES)}, not {mode!r}")
+        generation = pb.GenerationSettings(
+            max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, stop=stop or []
+        )
+        if seed is not None:
+            generation.seed = seed
+        request = pb.HandoffRequest(
+            prompt_text=prompt,
+            receiver_context=receiver_context,
+            mode=MODE_NAMES[mode],
+            generation=generation,
+            request_id=request_id,
+        )
+        if session_id:
+            request.session_id = session_id
+        elif context:
+            request.context_text = context
+        return request
+
+    def stream(self, prompt: str, **options) -> Iterator[pb.HandoffEvent]:
+        request = self.request(prompt, **options)
+        if self.tracer is None:
+            yield from self.stub.Handoff(request, timeout=self.timeout_s)
+            return
+        with self.tracer.start_as_current_span("client.handoff") as span:
+            span.set_attribute("lcflow.mode", options.get("mode", "lcfx"))
+            yield from self.stub.Handoff(request, timeout=self.timeout_s)
+
+    def handoff(self, prompt: str, **options) -> HandoffResult:
+        deltas, summary = [], None
+        for event in self.stream(prompt, **options):
+            if event.HasField("text"):
+                deltas.append(event.text.text)
+            else:
+                summary = event.summary
+        if summary is None:
+            raise RuntimeError("the sharer ended the stream without a summary")
+        return HandoffResult(summary.answer, deltas, summary)
+
+    def open_session(self, context: str, session_id: str = "", ttl_s: int = 0) -> pb.OpenSessionResponse:
+        request = pb.OpenSessionRequest(context_text=context, ttl_seconds=ttl_s)
+        if session_id:
+            request.session_id = session_id
+        return self.stub.OpenSession(request, timeout=self.timeout_s)
+
+    def close_session(self, session_id: str) -> bool:
+        return self.stub.CloseSession(
+            pb.CloseSessionRequest(session_id=session_id), timeout=self.timeout_s
+        ).closed
+
+    def close(self) -> None:
+        self.channel.close()

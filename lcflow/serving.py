@@ -1,0 +1,237 @@
+"""What both services share: errors with gRPC status codes, request checks, the concurrency
+bound, model loading behind the health service, and building and stopping a gRPC server.
+
+The services themselves (services/sharer, services/receiver) hold only their RPC logic.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import signal
+import threading
+from collections.abc import Callable, Iterator
+from concurrent import futures
+from dataclasses import dataclass
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from opentelemetry.instrumentation.grpc import server_interceptor
+
+from lcflow.handoff import GenerationSettings
+from lcflow.proto_gen.lcflow.v1 import lcflow_pb2 as pb
+from lcflow.service_config import ServiceConfig
+from lcflow.transport import WireError
+
+log = logging.getLogger(__name__)
+
+MAX_NEW_TOKENS_LIMIT = 2048
+DEFAULT_MAX_NEW_TOKENS = 64
+
+
+class ServiceError(Exception):
+    """A request that cannot be served, with the gRPC status to answer and a message saying what to do."""
+
+    def __init__(self, code: grpc.StatusCode, details: str):
+        super().__init__(details)
+        self.code, self.details = code, details
+
+
+def invalid(details: str) -> ServiceError:
+    return ServiceError(grpc.StatusCode.INVALID_ARGUMENT, details)
+
+
+@contextlib.contextmanager
+def status_on_error(context: grpc.ServicerContext, what: str) -> Iterator[None]:
+    """Turn our exceptions into the gRPC status they stand for; anything else is INTERNAL."""
+    try:
+        yield
+    except (ServiceError, WireError) as err:
+        log.warning("%s refused: %s %s", what, err.code.name, err.details)
+        context.abort(err.code, err.details)
+    except grpc.RpcError as err:  # a downstream call failed: pass its status on, saying where
+        code = err.code() if hasattr(err, "code") else grpc.StatusCode.UNKNOWN
+        details = err.details() if hasattr(err, "details") else str(err)
+        log.warning("%s: downstream failed: %s %s", what, code, details)
+        context.abort(code, f"receiver: {details}")
+
+
+# --- request checks ---------------------------------------------------------------------------
+
+
+def messages_text(messages: pb.ChatMessages) -> str:
+    """Chat messages as one text block ("role: content" per message), for a context or a prompt."""
+    return "\n".join(f"{m.role}: {m.content}" if m.role else m.content for m in messages.messages)
+
+
+def prompt_of(message) -> str:
+    """The prompt of a HandoffRequest or ReceiverRequest (text, or chat messages joined)."""
+    which = message.WhichOneof("prompt" if isinstance(message, pb.ReceiverRequest) else "receiver_prompt")
+    if which == "prompt_text":
+        return message.prompt_text
+    if which == "prompt_messages":
+        return messages_text(message.prompt_messages)
+    return ""
+
+
+def check_text(name: str, text: str, config: ServiceConfig, required: bool = True) -> str:
+    if required and not text.strip():
+        raise invalid(f"{name} is empty: give the text the model should read")
+    if len(text) > config.max_prompt_chars:
+        raise invalid(
+            f"{name} has {len(text)} characters, more than the limit of {config.max_prompt_chars}; "
+            "shorten it or raise --max-prompt-chars"
+        )
+    return text
+
+
+def check_tokens(name: str, count: int, config: ServiceConfig) -> None:
+    if count > config.max_context_tokens:
+        raise invalid(
+            f"{name} has {count} tokens, more than the limit of {config.max_context_tokens}; "
+            "shorten it or raise --max-context-tokens"
+        )
+
+
+def generation_settings(proto: pb.GenerationSettings) -> GenerationSettings:
+    if proto.max_new_tokens > MAX_NEW_TOKENS_LIMIT:
+        raise invalid(f"max_new_tokens {proto.max_new_tokens} is above the limit of {MAX_NEW_TOKENS_LIMIT}")
+    if proto.temperature < 0:
+        raise invalid(f"temperature must be >= 0 (0 = greedy), not {proto.temperature}")
+    if not 0 <= proto.top_p <= 1:
+        raise invalid(f"top_p must be in (0, 1], not {proto.top_p}")
+    return GenerationSettings(
+        max_new_tokens=proto.max_new_tokens or DEFAULT_MAX_NEW_TOKENS,
+        temperature=proto.temperature,
+        top_p=proto.top_p or 1.0,
+        stop=list(proto.stop),
+        seed=proto.seed if proto.HasField("seed") else None,
+    )
+
+
+def adapter_id(config_dict: dict) -> str:
+    """Both halves of one adapter share its config, so both services compute the same id."""
+    canonical = json.dumps(config_dict, sort_keys=True).encode()
+    return f"{config_dict['mode']}:{hashlib.sha256(canonical).hexdigest()[:16]}"
+
+
+# --- concurrency ------------------------------------------------------------------------------
+
+
+class ConcurrencyLimit:
+    """At most `limit` handoffs at once; the next one is refused at once, not queued."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self._slots = threading.BoundedSemaphore(limit)
+        self.in_flight = 0
+        self._lock = threading.Lock()
+
+    @contextlib.contextmanager
+    def slot(self) -> Iterator[None]:
+        if not self._slots.acquire(blocking=False):
+            raise ServiceError(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"{self.limit} handoffs are already in flight (the limit); retry shortly or raise --max-concurrent",
+            )
+        with self._lock:
+            self.in_flight += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self.in_flight -= 1
+            self._slots.release()
+
+
+# --- server -----------------------------------------------------------------------------------
+
+
+@dataclass
+class RunningServer:
+    server: grpc.Server
+    health: health.HealthServicer
+    port: int
+    service_name: str
+
+    def set_serving(self, serving: bool) -> None:
+        status = (
+            health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+        for name in ("", self.service_name):
+            self.health.set(name, status)
+
+    def stop(self, grace_s: float) -> None:
+        """Refuse new work (health NOT_SERVING, new RPCs rejected) and let in-flight handoffs finish."""
+        self.set_serving(False)
+        self.server.stop(grace_s).wait()
+
+
+def start_server(
+    config: ServiceConfig,
+    service_name: str,
+    add_servicer: Callable[[grpc.Server], None],
+    tracer_provider,
+) -> RunningServer:
+    """A gRPC server with tracing, the health service (NOT_SERVING until told) and optional reflection."""
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=2 * config.max_concurrent + 4, thread_name_prefix=config.role),
+        interceptors=[server_interceptor(tracer_provider=tracer_provider)],
+        options=[("grpc.so_reuseport", 0)],
+    )
+    add_servicer(server)
+    health_servicer = health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    if config.reflection:
+        from grpc_reflection.v1alpha import reflection
+
+        reflection.enable_server_reflection(
+            (service_name, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+        )
+    port = server.add_insecure_port(config.address)
+    if port == 0:
+        raise RuntimeError(f"could not listen on {config.address}: is the port already in use?")
+    server.start()
+    running = RunningServer(server, health_servicer, port, service_name)
+    running.set_serving(False)
+    log.info("%s listening on %s:%d (NOT_SERVING until the model is loaded)", config.role, config.host, port)
+    return running
+
+
+def load_in_background(
+    running: RunningServer, load: Callable[[], None], on_error: Callable[[BaseException], None]
+):
+    """Load the model while the server already answers health checks; SERVING once done."""
+
+    def target():
+        try:
+            load()
+        except BaseException as err:
+            log.exception("loading failed")
+            on_error(err)
+            return
+        running.set_serving(True)
+        log.info("model loaded; SERVING")
+
+    thread = threading.Thread(target=target, name="lcflow-load", daemon=True)
+    thread.start()
+    return thread
+
+
+def exit_on_load_error(err: BaseException) -> None:
+    """A service that cannot load its model can serve nothing: say why and exit non-zero."""
+    log.critical("cannot load the model: %s", err)
+    os._exit(3)
+
+
+def serve_until_signal(running: RunningServer, grace_s: float) -> None:
+    """Block until SIGTERM/SIGINT, then stop gracefully."""
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    stop.wait()
+    log.info("stopping: finishing in-flight handoffs (up to %.0f s)", grace_s)
+    running.stop(grace_s)

@@ -1,0 +1,280 @@
+"""The receiver service: takes a latent stream, decodes it into its KV cache, generates.
+
+One `Receive` call carries one handoff (see proto/lcflow/v1/lcflow.proto):
+
+    ReceiverRequest            the prompt, contexts, mode and generation settings
+    LatentHeader, chunks...    (LCF / LCF_X) the latents, verified chunk by chunk
+    LatentTrailer              totals and the whole-payload checksum
+
+and answers with TextDelta events as the answer is generated, then one HandoffSummary.
+Everything is checked before anything is decoded: a bad stream changes nothing here.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+import grpc
+import torch
+
+from lcflow.adapter import LatentAdapter
+from lcflow.handoff import Latents, PreparedInput, Receiver, text_contexts
+from lcflow.kv import ModelIdentity, model_identity
+from lcflow.proto_gen.lcflow.v1 import lcflow_pb2 as pb
+from lcflow.proto_gen.lcflow.v1 import lcflow_pb2_grpc as pb_grpc
+from lcflow.service_config import ServiceConfig
+from lcflow.serving import (
+    ConcurrencyLimit,
+    ServiceError,
+    adapter_id,
+    check_text,
+    check_tokens,
+    generation_settings,
+    invalid,
+    prompt_of,
+    status_on_error,
+)
+from lcflow.streaming import GenerationStream
+from lcflow.telemetry import current_trace_id
+from lcflow.transport import MODE_FROM_PROTO, PacketAssembler, WireLimits, WireStats
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = "lcflow.v1.Receiver"
+
+
+def identity_id(identity: ModelIdentity) -> str:
+    """How a model is named on the wire: its config and tokenizer hashes (names may differ)."""
+    return f"{identity.name}@{identity.config_hash[:16]}.{identity.tokenizer_hash[:16]}"
+
+
+def same_identity(a: str, b: str) -> bool:
+    return a.rpartition("@")[2] == b.rpartition("@")[2]
+
+
+@dataclass
+class ReceiverEngine:
+    """The receiver model and, when serving latents, the adapter's decoder half."""
+
+    receiver: Receiver
+    identity: ModelIdentity
+    adapter: LatentAdapter | None = None
+    adapter_id: str = ""
+
+    @classmethod
+    def load(cls, config: ServiceConfig) -> ReceiverEngine:
+        from lcflow.provision import load_model_and_tokenizer
+
+        model, tokenizer = load_model_and_tokenizer(config.model, device=config.device, dtype=config.dtype)
+        return cls.from_loaded(model, tokenizer, config.adapter, name=config.model)
+
+    @classmethod
+    def from_loaded(cls, model, tokenizer, adapter_dir: str = "", name: str | None = None) -> ReceiverEngine:
+        identity = model_identity(model, tokenizer, name=name)
+        adapter = None
+        if adapter_dir:
+            adapter = LatentAdapter.from_pretrained(
+                adapter_dir, part="decoder", receiver=identity, device=model.device
+            )
+        decoder = adapter.decoder if adapter else None
+        receiver = Receiver(model, tokenizer, decoder, adapter.config if adapter else None)
+        return cls(receiver, identity, adapter, adapter_id(adapter.config.to_dict()) if adapter else "")
+
+    def require_adapter(self, mode: str) -> None:
+        if self.adapter is None:
+            raise ServiceError(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"this receiver has no adapter, so it cannot decode {mode} latents; start it with --adapter",
+            )
+        if self.adapter.config.mode != mode:
+            raise ServiceError(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"this receiver's adapter is {self.adapter.config.mode}, the request is {mode}",
+            )
+
+
+class ReceiverService(pb_grpc.ReceiverServicer):
+    def __init__(self, config: ServiceConfig, tracer_provider, engine: ReceiverEngine | None = None):
+        self.config = config
+        self.tracer = tracer_provider.get_tracer("lcflow.receiver")
+        self.engine = engine
+        self.limit = ConcurrencyLimit(config.max_concurrent)
+        self.wire_limits = WireLimits()
+
+    def ready(self) -> ReceiverEngine:
+        if self.engine is None:
+            raise ServiceError(
+                grpc.StatusCode.UNAVAILABLE, "the receiver model is still loading; retry shortly"
+            )
+        return self.engine
+
+    def Receive(self, request_iterator, context):
+        with status_on_error(context, "Receive"):
+            engine = self.ready()
+            with self.limit.slot():
+                yield from self._receive(engine, request_iterator, context)
+
+    # --- one handoff --------------------------------------------------------------------------
+
+    def _receive(self, engine: ReceiverEngine, messages, context):
+        started = time.perf_counter()
+        request = self._read_request(messages)
+        mode = MODE_FROM_PROTO[request.mode]
+        prompt = check_text("prompt", prompt_of(request), self.config)
+        receiver_context = check_text(
+            "receiver_context", request.receiver_context, self.config, required=False
+        )
+        settings = generation_settings(request.generation)
+        timings: dict[str, float] = {}
+        latents, stats = None, WireStats()
+        if mode in ("lcf", "lcfx"):
+            engine.require_adapter(mode)
+            if mode == "lcf":
+                check_text("context_text", request.context_text, self.config)
+            latents, stats, timings["transfer"] = self._read_latents(engine, messages, context)
+            timings["unpack"] = stats.serialise_ms + stats.codec_ms
+        elif mode == "text":
+            check_text("text_message", request.text_message, self.config)
+        with torch.inference_mode():
+            prepared = self._prepare(engine, mode, prompt, receiver_context, request, latents)
+        timings.update(prepared.timings_ms)
+        stream = GenerationStream(
+            lambda on_text, should_stop: engine.receiver.generate(prepared, settings, on_text, should_stop)
+        )
+        # The client (or the sharer) gone, or the deadline passed: stop generating and free the cache.
+        context.add_callback(stream.cancel)
+        with self.tracer.start_as_current_span("receiver.generate") as span:
+            with torch.inference_mode():
+                stream.start()
+                for delta in stream:
+                    yield pb.HandoffEvent(text=pb.TextDelta(text=delta))
+            result = stream.result
+            generated = len(engine.receiver.tokenizer(result.text, add_special_tokens=False).input_ids)
+            span.set_attribute("lcflow.tokens.generated", generated)
+        if result.first_token_at is not None:
+            timings["time_to_first_token"] = (result.first_token_at - started) * 1000
+        timings["total"] = (time.perf_counter() - started) * 1000
+        yield pb.HandoffEvent(
+            summary=pb.HandoffSummary(
+                answer=result.text,
+                timings=pb.StageTimings(**timings),
+                bytes_raw=stats.bytes_raw,
+                bytes_wire=stats.bytes_wire,
+                chunks=stats.chunks,
+                trace_id=current_trace_id(),
+                mode=request.mode,
+                tokens=pb.TokenCounts(prompt=prepared.prompt_tokens, generated=generated),
+            )
+        )
+
+    def _read_request(self, messages) -> pb.ReceiverRequest:
+        first = next(messages, None)
+        if first is None or first.WhichOneof("message") != "request":
+            raise invalid("a Receive stream must open with a ReceiverRequest")
+        if MODE_FROM_PROTO.get(first.request.mode) is None:
+            raise invalid("mode is unset: choose LCF, LCF_X, TEXT or NONE")
+        return first.request
+
+    def _read_latents(self, engine: ReceiverEngine, messages, context) -> tuple[Latents, WireStats, float]:
+        """Header, chunks and trailer -> Latents, verifying all of it (WireError on any fault)."""
+        assembler = PacketAssembler(self.wire_limits)
+        first = next(messages, None)
+        if first is None or first.WhichOneof("message") != "header":
+            raise invalid("after the ReceiverRequest, a latent stream must send its LatentHeader")
+        header = first.header
+        with self.tracer.start_as_current_span("receiver.unpack") as span:
+            window_start = time.perf_counter()
+            assembler.on_header(header)
+            self._check_identities(engine, header)
+            packet = None
+            for message in messages:
+                kind = message.WhichOneof("message")
+                if kind == "chunk":
+                    assembler.on_chunk(message.chunk)
+                elif kind == "trailer":
+                    packet = assembler.on_trailer(message.trailer)
+                    break
+                else:
+                    raise invalid(f"unexpected {kind} message inside a latent stream")
+            if packet is None:
+                assembler.on_stream_end()  # raises DATA_LOSS: the stream ended before its trailer
+            window_ms = (time.perf_counter() - window_start) * 1000
+            stats = assembler.stats
+            span.set_attribute("lcflow.bytes.raw", stats.bytes_raw)
+            span.set_attribute("lcflow.bytes.wire", stats.bytes_wire)
+            span.set_attribute("lcflow.compression_ratio", stats.bytes_raw / max(1, stats.bytes_wire))
+            span.set_attribute("lcflow.chunks", stats.chunks)
+            span.set_attribute("lcflow.layers", len(packet.layers))
+        device = engine.receiver.model.device
+        layers = {
+            t: packet.tensors_per_layer[t]["latent"].to(device=device, dtype=torch.float32)
+            for t in packet.layers
+        }
+        spans = packet.shared_tensors.get("token_spans")
+        return Latents(packet.mode, layers, spans), stats, window_ms
+
+    def _check_identities(self, engine: ReceiverEngine, header: pb.LatentHeader) -> None:
+        if header.adapter_id != engine.adapter_id:
+            raise ServiceError(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"the sharer encoded with adapter {header.adapter_id} but this receiver decodes with "
+                f"{engine.adapter_id}; give both services the same adapter directory",
+            )
+        mine = identity_id(engine.identity)
+        if not same_identity(header.receiver_id, mine):
+            raise ServiceError(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"the latents were made for receiver model {header.receiver_id} but this receiver runs {mine}",
+            )
+        expected = f"{engine.adapter.config.sharer.config_hash[:16]}.{engine.adapter.config.sharer.tokenizer_hash[:16]}"
+        if header.sharer_id.rpartition("@")[2] != expected:
+            raise ServiceError(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"the latents come from sharer model {header.sharer_id} but this adapter was trained "
+                f"with {engine.adapter.config.sharer.short()}",
+            )
+
+    def _prepare(self, engine, mode, prompt, receiver_context, request, latents) -> PreparedInput:
+        receiver = engine.receiver
+        tokens = len(receiver.tokenizer(receiver_context + prompt + request.context_text).input_ids)
+        check_tokens("the receiver's input", tokens, self.config)
+        with self.tracer.start_as_current_span("receiver.prefill") as span:
+            if mode == "lcf":
+                prepared = receiver.prepare_lcf(latents, request.context_text, prompt)
+            elif mode == "lcfx":
+                prepared = receiver.prepare_lcfx(latents, prompt, receiver_context)
+            elif mode == "text":
+                prepared = receiver.prepare_plain(
+                    prompt, text_contexts(receiver_context, request.text_message)
+                )
+            else:
+                prepared = receiver.prepare_plain(prompt, [receiver_context])
+            span.set_attribute("lcflow.tokens.prompt", prepared.prompt_tokens)
+            span.set_attribute("lcflow.mode", mode)
+        return prepared
+
+
+def serve(config: ServiceConfig, tracer_provider, engine: ReceiverEngine | None = None, on_load_error=None):
+    """Start the receiver (health NOT_SERVING), load its model in the background (then SERVING).
+
+    Returns (running server, service). `engine` skips loading (tests pass tiny models)."""
+    from lcflow.serving import exit_on_load_error, load_in_background, start_server
+
+    service = ReceiverService(config, tracer_provider, engine)
+    running = start_server(
+        config,
+        SERVICE_NAME,
+        lambda server: pb_grpc.add_ReceiverServicer_to_server(service, server),
+        tracer_provider,
+    )
+    if engine is not None:
+        running.set_serving(True)
+    else:
+
+        def load():
+            service.engine = ReceiverEngine.load(config)
+
+        load_in_background(running, load, on_error=on_load_error or exit_on_load_error)
+    return running, service

@@ -1,0 +1,349 @@
+"""The sharer service: the client-facing `Handoff` RPC, and sessions.
+
+A handoff: check the request; prefill the context (or take a session's); open a `Receive`
+stream to the receiver; send the ReceiverRequest, then the header, then each layer's
+latents as the encoder produces them, then the trailer; relay the receiver's text deltas
+and summary to the client, adding the sharer's own timings. In TEXT mode the sharer
+writes its message in words and sends it through the same path, so the baseline is
+measured in the same system.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass
+
+import grpc
+import torch
+from google.protobuf.timestamp_pb2 import Timestamp
+from opentelemetry import context as otel_context
+from opentelemetry.instrumentation.grpc import client_interceptor
+from opentelemetry.instrumentation.grpc.grpcext import intercept_channel
+
+from lcflow.adapter import LatentAdapter
+from lcflow.handoff import Sharer, SharerContext, receiver_view
+from lcflow.kv import ModelIdentity, model_identity
+from lcflow.proto_gen.lcflow.v1 import lcflow_pb2 as pb
+from lcflow.proto_gen.lcflow.v1 import lcflow_pb2_grpc as pb_grpc
+from lcflow.service_config import ServiceConfig
+from lcflow.serving import (
+    ConcurrencyLimit,
+    ServiceError,
+    adapter_id,
+    check_text,
+    check_tokens,
+    generation_settings,
+    invalid,
+    messages_text,
+    prompt_of,
+    status_on_error,
+)
+from lcflow.sessions import SessionNotFound, SessionStore, SessionTooLarge
+from lcflow.transport import MODE_FROM_PROTO, CodecConfig, PacketWriter, TensorSpec
+from services.receiver.server import identity_id
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = "lcflow.v1.Sharer"
+WIRE_DTYPE = torch.bfloat16  # latents travel as bf16: half of fp32, and zstd packs it better than fp16
+
+
+@dataclass
+class SharerEngine:
+    """The sharer model and, for latent modes, the adapter's encoder half."""
+
+    sharer: Sharer
+    identity: ModelIdentity
+    adapter: LatentAdapter | None = None
+    adapter_id: str = ""
+
+    @classmethod
+    def load(cls, config: ServiceConfig) -> SharerEngine:
+        from lcflow.provision import load_model_and_tokenizer
+
+        model, tokenizer = load_model_and_tokenizer(config.model, device=config.device, dtype=config.dtype)
+        return cls.from_loaded(model, tokenizer, config.adapter, name=config.model)
+
+    @classmethod
+    def from_loaded(cls, model, tokenizer, adapter_dir: str = "", name: str | None = None) -> SharerEngine:
+        identity = model_identity(model, tokenizer, name=name)
+        adapter = None
+        if adapter_dir:
+            adapter = LatentAdapter.from_pretrained(
+                adapter_dir, part="encoder", sharer=identity, device=model.device
+            )
+        sharer = Sharer(
+            model, tokenizer, adapter.encoder if adapter else None, adapter.config if adapter else None
+        )
+        return cls(sharer, identity, adapter, adapter_id(adapter.config.to_dict()) if adapter else "")
+
+    def require_adapter(self, mode: str) -> None:
+        if self.adapter is None or self.adapter.config.mode != mode:
+            have = self.adapter.config.mode if self.adapter else "no adapter"
+            raise ServiceError(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"mode {mode} needs a {mode} adapter but this sharer has {have}; "
+                "start it with --adapter pointing at one, or use TEXT or NONE",
+            )
+
+
+class SharerService(pb_grpc.SharerServicer):
+    def __init__(
+        self,
+        config: ServiceConfig,
+        tracer_provider,
+        engine: SharerEngine | None = None,
+        receiver_channel: grpc.Channel | None = None,
+    ):
+        self.config = config
+        self.tracer = tracer_provider.get_tracer("lcflow.sharer")
+        self.engine = engine
+        self.limit = ConcurrencyLimit(config.max_concurrent)
+        self.sessions = SessionStore(config.session_memory_mb << 20, config.session_ttl_s)
+        self.codec = CodecConfig(level=config.zstd_level)
+        channel = receiver_channel or grpc.insecure_channel(
+            config.receiver, options=[("grpc.lb_policy_name", "round_robin")]
+        )
+        # The interceptor puts this span's W3C trace context into the call's metadata.
+        self.channel = intercept_channel(channel, client_interceptor(tracer_provider=tracer_provider))
+        self.receiver = pb_grpc.ReceiverStub(self.channel)
+
+    def ready(self) -> SharerEngine:
+        if self.engine is None:
+            raise ServiceError(
+                grpc.StatusCode.UNAVAILABLE, "the sharer model is still loading; retry shortly"
+            )
+        return self.engine
+
+    # --- sessions -------------------------------------------------------------------------------
+
+    def OpenSession(self, request, context):
+        with status_on_error(context, "OpenSession"):
+            engine = self.ready()
+            which = request.WhichOneof("context")
+            text = (
+                request.context_text if which == "context_text" else messages_text(request.context_messages)
+            )
+            context_text = check_text("context", text, self.config)
+            with self.limit.slot(), torch.inference_mode():
+                prefilled = self._prefill(engine, context_text)
+            try:
+                session = self.sessions.put(prefilled, request.session_id, float(request.ttl_seconds))
+            except SessionTooLarge as err:
+                raise ServiceError(grpc.StatusCode.RESOURCE_EXHAUSTED, str(err)) from err
+            expires = Timestamp()
+            expires.FromNanoseconds(int(session.expires_at * 1e9))
+            return pb.OpenSessionResponse(
+                session_id=session.session_id, tokens=prefilled.input_ids.shape[1], expires_at=expires
+            )
+
+    def CloseSession(self, request, context):
+        return pb.CloseSessionResponse(closed=self.sessions.close(request.session_id))
+
+    # --- handoff --------------------------------------------------------------------------------
+
+    def Handoff(self, request, context):
+        with status_on_error(context, "Handoff"):
+            engine = self.ready()
+            with self.limit.slot():
+                yield from self._handoff(engine, request, context)
+
+    def _handoff(self, engine: SharerEngine, request: pb.HandoffRequest, context):
+        started = time.perf_counter()
+        mode = MODE_FROM_PROTO.get(request.mode)
+        if mode is None:
+            raise invalid("mode is unset: choose LCF, LCF_X, TEXT or NONE")
+        prompt = check_text("prompt", prompt_of(request), self.config)
+        receiver_context = check_text(
+            "receiver_context", request.receiver_context, self.config, required=False
+        )
+        generation_settings(request.generation)  # refuse bad settings before any work
+        timings: dict[str, float] = {}
+        shared, context_text = None, ""
+        if mode in ("lcf", "lcfx"):
+            engine.require_adapter(mode)
+            with torch.inference_mode():
+                shared = self._context(engine, request)
+            context_text = shared.text
+            timings["sharer_prefill"] = shared.prefill_ms
+        elif mode == "text":  # the message is written from the text; no KV is needed
+            context_text = self._context_text(request)
+        receiver_request = pb.ReceiverRequest(
+            receiver_context=receiver_context,
+            context_text=context_text if mode == "lcf" else "",
+            mode=request.mode,
+            generation=request.generation,
+            request_id=request.request_id,
+        )
+        if request.WhichOneof("receiver_prompt") == "prompt_messages":
+            receiver_request.prompt_messages.CopyFrom(request.prompt_messages)
+        else:
+            receiver_request.prompt_text = prompt
+        if mode == "text":
+            with self.tracer.start_as_current_span("sharer.message") as span, torch.inference_mode():
+                begin = time.perf_counter()
+                receiver_request.text_message = engine.sharer.write_message(context_text, prompt)
+                timings["message_generate"] = (time.perf_counter() - begin) * 1000
+                span.set_attribute("lcflow.message.chars", len(receiver_request.text_message))
+        stream = _LatentStream(
+            self, engine, mode, receiver_request, shared, receiver_view(receiver_context, prompt)
+        )
+        call = self.receiver.Receive(stream.messages(), timeout=context.time_remaining())
+        context.add_callback(call.cancel)  # client gone: cancel downstream too
+        first_token_at = None
+        try:
+            for event in call:
+                if event.HasField("text"):
+                    first_token_at = first_token_at or time.perf_counter()
+                    yield event
+                else:
+                    yield self._final_summary(event.summary, timings, stream, started, first_token_at)
+        except grpc.RpcError:
+            if stream.error is not None:  # our own stream broke: that is the cause, not the receiver
+                raise stream.error from None
+            raise
+
+    def _session(self, session_id: str):
+        try:
+            return self.sessions.get(session_id)
+        except SessionNotFound as err:
+            raise ServiceError(grpc.StatusCode.NOT_FOUND, str(err.args[0])) from err
+
+    def _context_text(self, request: pb.HandoffRequest) -> str:
+        which = request.WhichOneof("sharer_context")
+        if which == "session_id":
+            return self._session(request.session_id).context.text
+        text = (
+            messages_text(request.context_messages) if which == "context_messages" else request.context_text
+        )
+        return check_text("sharer context", text, self.config)
+
+    def _context(self, engine: SharerEngine, request: pb.HandoffRequest) -> SharerContext:
+        """The prefilled context: a session's (no prefill paid again) or a fresh prefill."""
+        if request.WhichOneof("sharer_context") == "session_id":
+            reused = self._session(request.session_id).context
+            return SharerContext(reused.text, reused.input_ids, reused.spans, reused.captured, prefill_ms=0.0)
+        return self._prefill(engine, self._context_text(request))
+
+    def _prefill(self, engine: SharerEngine, text: str) -> SharerContext:
+        with self.tracer.start_as_current_span("sharer.prefill") as span:
+            ids = engine.sharer.tokenizer(text).input_ids
+            check_tokens("the sharer context", len(ids), self.config)
+            prefilled = engine.sharer.prefill(text)
+            span.set_attribute("lcflow.tokens.context", prefilled.input_ids.shape[1])
+            return prefilled
+
+    def _final_summary(self, summary, timings, stream, started, first_token_at) -> pb.HandoffEvent:
+        """The receiver's summary plus the sharer's stages; TTFT and total as the client sees them."""
+        merged = pb.HandoffSummary()
+        merged.CopyFrom(summary)
+        for name, value in {**timings, "encode": stream.encode_ms, "pack": stream.pack_ms}.items():
+            setattr(merged.timings, name, value)
+        # The receiver timed the whole latent window (header to trailer); the part not spent
+        # encoding, packing or unpacking is the network and gRPC's own time.
+        window = summary.timings.transfer
+        merged.timings.transfer = max(
+            0.0, window - stream.encode_ms - stream.pack_ms - summary.timings.unpack
+        )
+        if first_token_at is not None:
+            merged.timings.time_to_first_token = (first_token_at - started) * 1000
+        merged.timings.total = (time.perf_counter() - started) * 1000
+        merged.tokens.context = stream.context_tokens
+        return pb.HandoffEvent(summary=merged)
+
+
+class _LatentStream:
+    """The request side of one Receive call. gRPC pulls these messages from its own thread, so
+    each layer is encoded just before it is sent and the receiver unpacks while we encode."""
+
+    def __init__(self, service: SharerService, engine: SharerEngine, mode, request, shared, receiver_text):
+        self.service, self.engine, self.mode = service, engine, mode
+        self.request, self.shared, self.receiver_text = request, shared, receiver_text
+        self.parent = otel_context.get_current()  # spans made in gRPC's thread belong to this trace
+        self.encode_ms = self.pack_ms = 0.0
+        self.context_tokens = shared.input_ids.shape[1] if shared is not None else 0
+        self.error: BaseException | None = None
+        self.done = threading.Event()
+
+    def messages(self):
+        try:
+            yield pb.LatentMessage(request=self.request)
+            if self.mode in ("lcf", "lcfx"):
+                yield from self._latents()
+        except BaseException as err:  # reported by Handoff; ending the stream makes the receiver stop
+            log.exception("latent stream failed")
+            self.error = err
+        finally:
+            self.done.set()
+
+    def _latents(self):
+        engine, config = self.engine, self.engine.adapter.config
+        tracer = self.service.tracer
+        with tracer.start_as_current_span("sharer.stream", context=self.parent) as span:
+            rows = self.shared.input_ids.shape[1] if self.mode == "lcf" else config.slots
+            spec = {
+                "latent": TensorSpec(str(WIRE_DTYPE).removeprefix("torch."), (1, rows, config.bottleneck))
+            }
+            writer = PacketWriter(
+                mode=self.mode,
+                adapter_id=engine.adapter_id,
+                sharer_id=identity_id(engine.identity),
+                receiver_id=identity_id(config.receiver),
+                layer_specs={t: spec for t in config.retained_layers},
+                shared_specs={"token_spans": TensorSpec.of(self.shared.spans)}
+                if self.mode == "lcf"
+                else None,
+                codec=self.service.codec,
+            )
+            yield writer.header()
+            if self.mode == "lcf":
+                yield from writer.shared({"token_spans": self.shared.spans})
+            layers = engine.sharer.encode_layers(self.shared, self.receiver_text)
+            while True:
+                begin = time.perf_counter()
+                with torch.inference_mode():
+                    item = next(layers, None)
+                    if item is None:
+                        break
+                    layer, latent = item
+                    latent = latent.to(WIRE_DTYPE).cpu().contiguous()
+                self.encode_ms += (time.perf_counter() - begin) * 1000
+                yield from writer.layer(layer, {"latent": latent})
+            trailer = writer.trailer()
+            stats = writer.stats
+            self.pack_ms = stats.serialise_ms + stats.codec_ms
+            span.set_attribute("lcflow.layers", len(config.retained_layers))
+            span.set_attribute("lcflow.tokens.context", self.context_tokens)
+            span.set_attribute("lcflow.bytes.raw", stats.bytes_raw)
+            span.set_attribute("lcflow.bytes.wire", stats.bytes_wire)
+            span.set_attribute("lcflow.compression_ratio", stats.bytes_raw / max(1, stats.bytes_wire))
+            span.set_attribute("lcflow.chunks", stats.chunks)
+            span.set_attribute("lcflow.encode_ms", self.encode_ms)
+            span.set_attribute("lcflow.pack_ms", self.pack_ms)
+        yield trailer  # last: the receiver may answer at once, and our timings must be final by then
+
+
+def serve(config: ServiceConfig, tracer_provider, engine: SharerEngine | None = None, on_load_error=None):
+    """Start the sharer (health NOT_SERVING), load its model in the background (then SERVING).
+
+    Returns (running server, service). `engine` skips loading (tests pass tiny models)."""
+    from lcflow.serving import exit_on_load_error, load_in_background, start_server
+
+    service = SharerService(config, tracer_provider, engine)
+    running = start_server(
+        config,
+        SERVICE_NAME,
+        lambda server: pb_grpc.add_SharerServicer_to_server(service, server),
+        tracer_provider,
+    )
+    if engine is not None:
+        running.set_serving(True)
+    else:
+
+        def load():
+            service.engine = SharerEngine.load(config)
+
+        load_in_background(running, load, on_error=on_load_error or exit_on_load_error)
+    return running, service
