@@ -41,7 +41,9 @@ def check(host: str, port: int, service: str, timeout: float) -> tuple[bool | No
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--host", default="127.0.0.1", help="address to ask (default 127.0.0.1)")
-    parser.add_argument("--port", type=int, default=None, help="port (default: LCFLOW_PORT, else 50051 then 50052)")
+    parser.add_argument(
+        "--port", type=int, default=None, help="port (default: LCFLOW_PORT, else 50051 then 50052)"
+    )
     parser.add_argument("--service", default="", help="health service name ('' = the whole server)")
     parser.add_argument("--timeout", type=float, default=3.0, help="seconds for connecting and for the call")
     args = parser.parse_args(argv)
