@@ -43,6 +43,7 @@ def test_message_shapes_the_services_rely_on():
         "header",
         "chunk",
         "trailer",
+        "chunks",
     ]
     timings = set(pb.StageTimings.DESCRIPTOR.fields_by_name)
     assert {

@@ -21,6 +21,7 @@ from lcflow.transport import (
     WireError,
     WireLimits,
     assemble,
+    coalesce_chunks,
     packet_messages,
 )
 
@@ -134,11 +135,12 @@ def test_layers_are_available_before_the_trailer():
         kind = message.WhichOneof("message")
         if kind == "trailer":
             assert seen == [None, *packet.layers]  # every segment decoded before the trailer arrived
-        result = assembler.on_message(message)
-        if kind == "chunk" and result is not None:
-            seen.append(result.layer)
-            if result.layer is not None:
-                assert torch.equal(result.tensors["latent"], packet.tensors_per_layer[result.layer]["latent"])
+        for segment in assembler.on_message(message):
+            seen.append(segment.layer)
+            if segment.layer is not None:
+                assert torch.equal(
+                    segment.tensors["latent"], packet.tensors_per_layer[segment.layer]["latent"]
+                )
     assert_same(packet, assembler.on_stream_end())
 
 
@@ -330,3 +332,27 @@ def test_safetensors_blob_that_disagrees_with_the_header_is_invalid_argument():
         _raw_segment_stream(blob, TensorSpec("float32", (8,))), grpc.StatusCode.INVALID_ARGUMENT
     )
     assert "F16" in err.details
+
+
+def test_coalesced_chunks_round_trip_within_the_size_bound():
+    packet = make_packet(torch.bfloat16, tokens=128, width=32, layers=tuple(range(10)))
+    single = list(packet_messages(packet))
+    batched = list(coalesce_chunks(single, max_bytes=20_000))
+    kinds = [m.WhichOneof("message") for m in batched]
+    assert "chunks" in kinds and len(batched) < len(single)
+    assert all(
+        sum(len(c.payload) for c in m.chunks.chunks) <= 20_000
+        for m in batched
+        if m.WhichOneof("message") == "chunks"
+    )
+    assert_same(packet, assemble(batched))
+    # Layers still come out one by one, as each batch completes them.
+    assembler = PacketAssembler()
+    completed = [len(assembler.on_message(m)) for m in batched]
+    assert sum(completed) == len(packet.layers) + 1 and max(completed) > 1
+
+
+def test_batch_over_the_chunk_size_is_invalid_argument():
+    messages = list(packet_messages(make_packet(), CodecConfig(chunk_size=4096)))
+    batched = list(coalesce_chunks(messages, max_bytes=MAX_CHUNK_BYTES))
+    expect_error(batched, grpc.StatusCode.INVALID_ARGUMENT)

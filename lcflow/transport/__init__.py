@@ -23,6 +23,7 @@ from lcflow.transport.wire import (
     WireLimits,
     WireStats,
     assemble,
+    coalesce_chunks,
     packet_messages,
 )
 
@@ -42,5 +43,6 @@ __all__ = [
     "WireLimits",
     "WireStats",
     "assemble",
+    "coalesce_chunks",
     "packet_messages",
 ]

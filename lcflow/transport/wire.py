@@ -21,7 +21,11 @@ Receiver:
     packet = assembler.on_trailer(message.trailer)
     assembler.on_stream_end()                      # DATA_LOSS if the trailer never came
 
-    # or: packet = assemble(messages)
+    # or message by message: for segment in assembler.on_message(message): ...
+    # or all at once: packet = assemble(messages)
+
+Many small segments travel faster batched: `coalesce_chunks(messages)` merges consecutive
+chunks into ChunkBatch messages (gRPC costs ~0.25 ms per message on 2 cores).
 
 Every check failure raises WireError with the gRPC status to answer (see errors.py).
 `writer.stats` / `assembler.stats` count chunks, raw and wire bytes and time spent.
@@ -35,6 +39,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
 import torch
+import zstandard
 
 from lcflow.proto_gen.lcflow.v1 import lcflow_pb2 as pb
 from lcflow.transport.codec import CODECS, MAX_CHUNK_BYTES, CodecConfig, SegmentDecoder
@@ -141,6 +146,7 @@ class PacketWriter:
             receiver_id,
         )
         self.codec = codec or CodecConfig()
+        self.compressor = self.codec.compressor()
         self.meta = dict(meta or {})
         # Segment order: one per layer as given, then the shared tensors (if any).
         self.segment_keys: list[int | None] = list(layer_specs)
@@ -233,7 +239,7 @@ class PacketWriter:
         start = time.perf_counter()
         if self.codec.byte_shuffle:
             shuffle_segment(blob)
-        payload = self.codec.compress(blob)
+        payload = self.compressor.compress(blob)
         self.stats.codec_ms += _ms_since(start)
 
         size = self.codec.chunk_size
@@ -276,6 +282,40 @@ def packet_messages(packet: LatentPacket, codec: CodecConfig | None = None) -> I
     yield writer.trailer()
 
 
+def coalesce_chunks(
+    messages: Iterable[pb.LatentMessage], max_bytes: int = MAX_CHUNK_BYTES
+) -> Iterator[pb.LatentMessage]:
+    """Merge runs of consecutive chunk messages into ChunkBatch messages of at most `max_bytes` payload.
+
+    gRPC costs ~0.25 ms per message on 2 cores, so 28 small layer segments go ~5x faster in
+    batches. A batch is held back until it is full or a non-chunk message (or the end) comes:
+    use this when the segments are ready faster than the network takes them (throughput), not
+    when each layer should leave the moment it is encoded (latency).
+    """
+    pending: list[pb.LatentChunk] = []
+    pending_bytes = 0
+
+    def flush() -> Iterator[pb.LatentMessage]:
+        nonlocal pending, pending_bytes
+        if len(pending) == 1:
+            yield pb.LatentMessage(chunk=pending[0])
+        elif pending:
+            yield pb.LatentMessage(chunks=pb.ChunkBatch(chunks=pending))
+        pending, pending_bytes = [], 0
+
+    for message in messages:
+        if message.WhichOneof("message") != "chunk":
+            yield from flush()
+            yield message
+            continue
+        size = len(message.chunk.payload)
+        if pending_bytes + size > max_bytes:
+            yield from flush()
+        pending.append(message.chunk)
+        pending_bytes += size
+    yield from flush()
+
+
 # ----------------------------------------------------------------------------------------------
 # Receiver
 # ----------------------------------------------------------------------------------------------
@@ -296,6 +336,7 @@ class PacketAssembler:
         self.done: dict[int, dict[str, torch.Tensor]] = {}  # segment index -> tensors
         self.open_index: int | None = None  # segment whose chunks are arriving
         self.decoder: SegmentDecoder | None = None
+        self.decompressor = zstandard.ZstdDecompressor()  # one context, reused by every segment
         self.next_sequence = 0
         self.payload_crc = 0
         self.packet: LatentPacket | None = None
@@ -419,7 +460,8 @@ class PacketAssembler:
                 raise data_loss(f"{_segment_name(self.keys[index])} arrived twice (chunk {chunk.sequence})")
             self.open_index = index
             limit = max_blob_bytes(self.specs[index])
-            self.decoder = SegmentDecoder(self.header.codec.name, limit, _segment_name(self.keys[index]))
+            what = _segment_name(self.keys[index])
+            self.decoder = SegmentDecoder(self.header.codec.name, limit, what, self.decompressor)
 
     def _close_segment(self) -> Segment:
         index, key = self.open_index, self.keys[self.open_index]
@@ -481,15 +523,32 @@ class PacketAssembler:
             )
         return self.packet
 
-    def on_message(self, message: pb.LatentMessage) -> Segment | LatentPacket | None:
-        """Dispatch header / chunk / trailer; a ReceiverRequest is the caller's to handle."""
+    def on_batch(self, batch: pb.ChunkBatch) -> list[Segment]:
+        """Several chunks in one message; returns the segments they completed, in order."""
+        size = sum(len(chunk.payload) for chunk in batch.chunks)
+        if self.header is not None and size > self.header.codec.chunk_size:
+            raise invalid(f"a chunk batch carries {size} bytes; at most {self.header.codec.chunk_size}")
+        completed = [self.on_chunk(chunk) for chunk in batch.chunks]
+        return [segment for segment in completed if segment is not None]
+
+    def on_message(self, message: pb.LatentMessage) -> list[Segment]:
+        """Dispatch header / chunk / batch / trailer; returns the segments this message completed.
+
+        After the trailer, the packet is `self.packet` (or `on_stream_end()`'s result).
+        A ReceiverRequest is the caller's to handle before the payload starts.
+        """
         kind = message.WhichOneof("message")
         if kind == "header":
-            return self.on_header(message.header)
+            self.on_header(message.header)
+            return []
         if kind == "chunk":
-            return self.on_chunk(message.chunk)
+            segment = self.on_chunk(message.chunk)
+            return [segment] if segment is not None else []
+        if kind == "chunks":
+            return self.on_batch(message.chunks)
         if kind == "trailer":
-            return self.on_trailer(message.trailer)
+            self.on_trailer(message.trailer)
+            return []
         raise precondition(f"unexpected {kind or 'empty'} message inside the latent payload")
 
 
