@@ -26,6 +26,10 @@ DTYPES: dict[str, tuple[torch.dtype, str]] = {
     "int32": (torch.int32, "I32"),
 }
 DTYPE_NAMES = {torch_dtype: name for name, (torch_dtype, _) in DTYPES.items()}
+ITEMSIZE = {
+    name: torch.empty((), dtype=torch_dtype).element_size() for name, (torch_dtype, _) in DTYPES.items()
+}
+ITEMSIZE_BY_CODE = {code: ITEMSIZE[name] for name, (_, code) in DTYPES.items()}
 MAX_SAFETENSORS_HEADER = 64 << 10  # a few tensors need ~100 bytes each; safetensors itself allows 100 MB
 MAX_DIMS = 8
 
@@ -45,7 +49,7 @@ class TensorSpec:
 
     @property
     def itemsize(self) -> int:
-        return torch.empty((), dtype=DTYPES[self.dtype][0]).element_size()
+        return ITEMSIZE[self.dtype]
 
     @property
     def num_bytes(self) -> int:
@@ -154,12 +158,11 @@ def _check_against_specs(header: dict, specs: dict[str, TensorSpec], blob_len: i
 
 def _data_regions(header: dict) -> list[tuple[int, int, int]]:
     """(start, end, itemsize) in the blob of each tensor's data."""
-    itemsize = {code: torch.empty((), dtype=dt).element_size() for dt, code in DTYPES.values()}
     data_start = header["__data_start__"]
     regions = []
     for name, entry in header.items():
         if name == "__data_start__":
             continue
         start, end = entry["data_offsets"]
-        regions.append((data_start + start, data_start + end, itemsize[entry["dtype"]]))
+        regions.append((data_start + start, data_start + end, ITEMSIZE_BY_CODE[entry["dtype"]]))
     return regions

@@ -1,0 +1,1 @@
+"""Benchmarks behind `lcflow bench <name>`; each module exposes `register(subparsers)` like a command."""

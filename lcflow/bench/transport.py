@@ -1,0 +1,496 @@
+"""`lcflow bench transport`: MB/s of each stage of the latent transport, against raw gRPC loopback.
+
+Payloads have the paper pair's shapes (random values): LCF sends 28 receiver layers of
+[1, T, b=128] latents plus the sharer token spans (int32 [T, 2]); LCF-X sends 28 x [1, 32, 128].
+Stages, each timed on its own (best and median of --repeats; MB/s from the best):
+
+    serialise      safetensors save of each layer                       (sender)
+    compress       byte-shuffle + zstd                                  (sender)
+    grpc_loopback  the prepared chunk messages through Receiver.Receive  (network)
+    decompress     zstd + unshuffle                                     (receiver)
+    deserialise    safetensors header checks + load                     (receiver)
+    raw_grpc       the same number of raw bytes as 1 MiB messages       (baseline)
+    end_to_end     PacketWriter -> coalesce_chunks -> gRPC -> PacketAssembler, pipelined
+    end_to_end_per_layer   the same, each layer's chunks sent at once (no batching)
+
+Both sides use grpc.aio.
+MB/s are always raw tensor megabytes (1e6 bytes) per second, so stages compare directly.
+The server runs in its own process (spawned), as the receiver would, on 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import multiprocessing
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import grpc
+import torch
+import zstandard
+
+from lcflow.proto_gen.lcflow.v1 import lcflow_pb2 as pb
+from lcflow.proto_gen.lcflow.v1 import lcflow_pb2_grpc as pb_grpc
+from lcflow.transport import (
+    CodecConfig,
+    LatentPacket,
+    PacketAssembler,
+    PacketWriter,
+    WireError,
+    coalesce_chunks,
+)
+from lcflow.transport.codec import MAX_CHUNK_BYTES, SegmentDecoder
+from lcflow.transport.segments import (
+    DTYPES,
+    TensorSpec,
+    check_segment,
+    load_segment,
+    max_blob_bytes,
+    serialise_segment,
+    shuffle_segment,
+    unshuffle_segment,
+)
+
+log = logging.getLogger(__name__)
+
+RAW_METHOD = "/lcflow.bench.RawLoopback/Sink"  # stream of raw bytes in, total byte count out
+COUNT_ONLY = "bench-count-only"  # request_id telling the bench receiver to count chunks, not decode
+STAGES = (
+    "serialise",
+    "compress",
+    "grpc_loopback",
+    "decompress",
+    "deserialise",
+    "raw_grpc",
+    "end_to_end",
+    "end_to_end_per_layer",
+)
+
+
+@dataclass
+class TransportBenchConfig:
+    tokens: list[int] = field(default_factory=lambda: [128, 512, 2048])
+    dtypes: list[str] = field(default_factory=lambda: ["float16", "bfloat16"])
+    codec: str = "zstd"  # or "none"
+    level: int = 1
+    byte_shuffle: bool = True
+    repeats: int = 3
+    layers: int = 28
+    width: int = 128  # the adapter bottleneck b
+    lcfx_slots: int = 32  # LCF-X's fixed number of latent slots (0: skip LCF-X)
+
+
+# ---------------------------------------------------------------------------------------------- payloads
+
+
+def make_payload(mode: str, tokens: int, dtype: str, layers: int, width: int) -> LatentPacket:
+    """Random latents of the given shape; `tokens` is T for LCF and the slot count for LCF-X."""
+    generator = torch.Generator().manual_seed(tokens)
+    torch_dtype = DTYPES[dtype][0]
+    per_layer = {
+        layer: {"latent": torch.randn(1, tokens, width, generator=generator).to(torch_dtype)}
+        for layer in range(layers)
+    }
+    shared = {}
+    if mode == "lcf":  # character spans of each sharer token, ~4 characters a token
+        starts = torch.arange(tokens, dtype=torch.int32) * 4
+        shared = {"token_spans": torch.stack([starts, starts + 4], dim=1)}
+    return LatentPacket(
+        mode, "bench-adapter", "bench-sharer", "bench-receiver", list(range(layers)), per_layer, shared
+    )
+
+
+def _segments(packet: LatentPacket) -> list[dict[str, torch.Tensor]]:
+    return [packet.tensors_per_layer[layer] for layer in packet.layers] + (
+        [packet.shared_tensors] if packet.shared_tensors else []
+    )
+
+
+# ---------------------------------------------------------------------------------------------- server
+
+
+class BenchReceiver(pb_grpc.ReceiverServicer):
+    """Receiver.Receive without a model: assembles the packet (or only counts chunks) and reports."""
+
+    async def Receive(self, request_iterator, context):
+        first = await anext(request_iterator)
+        count_only = first.request.request_id == COUNT_ONLY
+        start = time.perf_counter()
+        assembler = PacketAssembler()
+        wire_bytes = chunks = 0
+        try:
+            async for message in request_iterator:
+                if not count_only:
+                    assembler.on_message(message)
+                    continue
+                pieces = (
+                    message.chunks.chunks if message.WhichOneof("message") == "chunks" else [message.chunk]
+                )
+                wire_bytes += sum(len(piece.payload) for piece in pieces)
+                chunks += sum(1 for piece in pieces if piece.payload)
+            if not count_only:
+                assembler.on_stream_end()
+                wire_bytes, chunks = assembler.stats.bytes_wire, assembler.stats.chunks
+        except WireError as err:
+            await context.abort(err.code, err.details)
+        timings = pb.StageTimings(
+            transfer=(time.perf_counter() - start) * 1000,
+            unpack=assembler.stats.codec_ms + assembler.stats.serialise_ms,
+        )
+        summary = pb.HandoffSummary(
+            timings=timings, bytes_raw=assembler.stats.bytes_raw, bytes_wire=wire_bytes, chunks=chunks
+        )
+        yield pb.HandoffEvent(summary=summary)
+
+
+async def _raw_sink(request_iterator, context) -> bytes:
+    total = 0
+    async for message in request_iterator:
+        total += len(message)
+    return total.to_bytes(8, "little")
+
+
+async def _serve(connection) -> None:
+    server = grpc.aio.server()
+    pb_grpc.add_ReceiverServicer_to_server(BenchReceiver(), server)
+    raw = grpc.method_handlers_generic_handler(
+        "lcflow.bench.RawLoopback", {"Sink": grpc.stream_unary_rpc_method_handler(_raw_sink)}
+    )
+    server.add_generic_rpc_handlers([raw])
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    connection.send(port)
+    await asyncio.get_running_loop().run_in_executor(None, connection.recv)  # any message means stop
+    await server.stop(grace=None)
+
+
+def serve(connection) -> None:
+    """Child process: serve the bench receiver and the raw sink (grpc.aio) until told to stop."""
+    torch.set_num_threads(1)
+    asyncio.run(_serve(connection))
+
+
+class LoopbackServer:
+    """Starts `serve` in a spawned process, as a separate receiver would be; gives the target address."""
+
+    def __enter__(self) -> str:
+        context = multiprocessing.get_context("spawn")
+        self.connection, child = context.Pipe()
+        self.process = context.Process(target=serve, args=(child,), daemon=True)
+        self.process.start()
+        if not self.connection.poll(120):
+            raise RuntimeError("the loopback server did not start within 120 s")
+        return f"127.0.0.1:{self.connection.recv()}"
+
+    def __exit__(self, *exc) -> None:
+        self.connection.send("stop")
+        self.process.join(10)
+        if self.process.is_alive():
+            self.process.terminate()
+
+
+# ---------------------------------------------------------------------------------------------- stages
+
+
+def _times_ms(fn: Callable[[], object], repeats: int) -> list[float]:
+    fn()  # warm-up: first calls pay for allocations and lazy initialisation
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1000)
+    return times
+
+
+def _stage(times_ms: list[float], raw_bytes: int, wire_bytes: int | None = None) -> dict:
+    """Best (least disturbed) and median time; MB/s from the best, since other work on a
+    small shared machine only ever adds time."""
+    best = min(times_ms)
+    result = {
+        "ms": round(best, 3),
+        "median_ms": round(statistics.median(times_ms), 3),
+        "mb_s": round(raw_bytes / 1e6 / (best / 1000), 3),
+    }
+    if wire_bytes is not None:
+        result["wire_mb_s"] = round(wire_bytes / 1e6 / (best / 1000), 3)
+    return result
+
+
+def _codec_stages(packet: LatentPacket, codec: CodecConfig, repeats: int) -> tuple[dict, list[list[bytes]]]:
+    """serialise / compress / decompress / deserialise timed on their own; returns each segment's chunks."""
+    segments = _segments(packet)
+    blobs = [serialise_segment(tensors) for tensors in segments]
+    serialise_ms = _times_ms(lambda: [serialise_segment(t) for t in segments], repeats)
+
+    compressor = codec.compressor()
+    decompressor = zstandard.ZstdDecompressor()
+
+    def compress_all() -> list[bytes]:
+        out = []
+        for blob in blobs:
+            copy = bytearray(blob)  # shuffle works in place; the copy is a memcpy, ~10 GB/s
+            if codec.byte_shuffle:
+                shuffle_segment(copy)
+            out.append(compressor.compress(copy))
+        return out
+
+    compressed = compress_all()
+    compress_ms = _times_ms(compress_all, repeats)
+    chunked = [[c[i : i + codec.chunk_size] for i in range(0, len(c), codec.chunk_size)] for c in compressed]
+    specs = [{name: TensorSpec.of(t) for name, t in tensors.items()} for tensors in segments]
+
+    def decompress_all() -> list[tuple[bytearray, dict]]:
+        out = []
+        for chunks, spec in zip(chunked, specs, strict=True):
+            decoder = SegmentDecoder(codec.name, max_blob_bytes(spec), "bench segment", decompressor)
+            for chunk in chunks:
+                decoder.feed(chunk)
+            blob = decoder.finish()
+            header = check_segment(blob, spec, "bench segment")
+            if codec.byte_shuffle:
+                unshuffle_segment(blob, header)
+            out.append((blob, header))
+        return out
+
+    decoded = decompress_all()
+    decompress_ms = _times_ms(decompress_all, repeats)
+    deserialise_ms = _times_ms(lambda: [load_segment(blob, "bench segment") for blob, _ in decoded], repeats)
+    raw = packet.raw_bytes()
+    stages = {
+        "serialise": _stage(serialise_ms, raw),
+        "compress": _stage(compress_ms, raw),
+        "decompress": _stage(decompress_ms, raw),
+        "deserialise": _stage(deserialise_ms, raw),
+    }
+    return stages, chunked
+
+
+def _writer_messages(packet: LatentPacket, codec: CodecConfig) -> Iterator[pb.LatentMessage]:
+    """What a sharer streams: request, header, then each segment packed as it is reached."""
+    yield pb.LatentMessage(request=pb.ReceiverRequest(prompt_text="bench", mode=pb.LCF))
+    writer = PacketWriter.for_packet(packet, codec)
+    yield writer.header()
+    if packet.shared_tensors:
+        yield from writer.shared(packet.shared_tensors)
+    for layer in packet.layers:
+        yield from writer.layer(layer, packet.tensors_per_layer[layer])
+    yield writer.trailer()
+
+
+async def _packed_in_thread(messages: Iterator[pb.LatentMessage]) -> AsyncIterator[pb.LatentMessage]:
+    """Run the packing generator in a worker thread so it overlaps with gRPC sending on the event loop.
+
+    zstd and safetensors release the GIL, so on 2 cores the next layer is compressed while the
+    previous one is on the wire: the way a sharer would pipeline its encoder with the stream.
+    """
+    loop = asyncio.get_running_loop()
+    queue: asyncio.Queue = asyncio.Queue(maxsize=8)
+    done = object()
+
+    def produce() -> None:
+        try:
+            for message in messages:
+                asyncio.run_coroutine_threadsafe(queue.put(message), loop).result()
+        finally:
+            asyncio.run_coroutine_threadsafe(queue.put(done), loop).result()
+
+    producer = loop.run_in_executor(None, produce)
+    while (message := await queue.get()) is not done:
+        yield message
+    await producer  # re-raises anything the packing thread raised
+
+
+async def _times_ms_async(fn: Callable[[], Awaitable[object]], repeats: int) -> list[float]:
+    await fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        await fn()
+        times.append((time.perf_counter() - start) * 1000)
+    return times
+
+
+async def _grpc_stages(target: str, packet: LatentPacket, codec: CodecConfig, repeats: int) -> dict:
+    raw = packet.raw_bytes()
+    prepared = list(coalesce_chunks(_writer_messages(packet, codec), codec.chunk_size))
+    prepared[0].request.request_id = COUNT_ONLY
+    raw_messages = [bytes(MAX_CHUNK_BYTES)] * (raw // MAX_CHUNK_BYTES) + [bytes(raw % MAX_CHUNK_BYTES or 1)]
+
+    async with grpc.aio.insecure_channel(target) as channel:
+        receiver = pb_grpc.ReceiverStub(channel)
+        raw_sink = channel.stream_unary(RAW_METHOD)  # bytes in, bytes out: no (de)serialiser
+
+        async def summary_of(messages: Iterable[pb.LatentMessage] | AsyncIterator) -> pb.HandoffSummary:
+            requests = messages if isinstance(messages, AsyncIterator) else iter(messages)
+            events = [event async for event in receiver.Receive(requests)]
+            return events[-1].summary
+
+        async def send_prepared() -> pb.HandoffSummary:
+            return await summary_of(prepared)
+
+        async def send_raw() -> int:
+            return int.from_bytes(await raw_sink(iter(raw_messages)), "little")
+
+        summaries: list[pb.HandoffSummary] = []
+
+        async def end_to_end() -> None:
+            messages = coalesce_chunks(_writer_messages(packet, codec), codec.chunk_size)
+            summaries.append(await summary_of(_packed_in_thread(messages)))
+
+        async def end_to_end_per_layer() -> None:
+            summaries.append(await summary_of(_packed_in_thread(_writer_messages(packet, codec))))
+
+        wire = (await send_prepared()).bytes_wire
+        assert await send_raw() == sum(len(m) for m in raw_messages), "the raw loopback lost bytes"
+        loopback_ms = await _times_ms_async(send_prepared, repeats)
+        raw_ms = await _times_ms_async(send_raw, repeats)
+        per_layer_ms = await _times_ms_async(end_to_end_per_layer, repeats)
+        summaries.clear()
+        e2e_ms = await _times_ms_async(end_to_end, repeats)
+    assert all(s.bytes_raw == raw for s in summaries), "the receiver did not assemble the whole packet"
+    stages = {
+        "grpc_loopback": _stage(loopback_ms, raw, wire),
+        "raw_grpc": _stage(raw_ms, raw, raw),
+        "end_to_end": _stage(e2e_ms, raw, wire),
+        "end_to_end_per_layer": _stage(per_layer_ms, raw, wire),
+    }
+    stages["end_to_end"]["receiver_unpack_ms"] = round(min(s.timings.unpack for s in summaries), 3)
+    return stages
+
+
+def bench_case(target: str, mode: str, tokens: int, dtype: str, config: TransportBenchConfig) -> dict:
+    codec = CodecConfig(name=config.codec, level=config.level, byte_shuffle=config.byte_shuffle)
+    packet = make_payload(mode, tokens, dtype, config.layers, config.width)
+    codec_stages, chunked = _codec_stages(packet, codec, config.repeats)
+    grpc_stages = asyncio.run(_grpc_stages(target, packet, codec, config.repeats))
+    stages = {**codec_stages, **grpc_stages}
+    raw, wire = packet.raw_bytes(), sum(len(c) for chunks in chunked for c in chunks)
+    return {
+        "mode": mode,
+        "dtype": dtype,
+        "tokens": tokens,
+        "layers": config.layers,
+        "width": config.width,
+        "raw_bytes": raw,
+        "wire_bytes": wire,
+        "ratio": round(raw / wire, 3),
+        "chunks": sum(len(chunks) for chunks in chunked),
+        "stages": {name: stages[name] for name in STAGES},
+        "transport_overhead_ms": stages["end_to_end"]["ms"],
+        "transport_vs_raw_grpc": round(stages["end_to_end"]["mb_s"] / stages["raw_grpc"]["mb_s"], 3),
+    }
+
+
+def machine_info() -> dict:
+    import zstandard
+
+    return {
+        "cpu_count": os.cpu_count(),
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "python": sys.version.split()[0],
+        "torch": torch.__version__,
+        "grpcio": grpc.__version__,
+        "zstandard": zstandard.__version__,
+        "torch_threads": torch.get_num_threads(),
+    }
+
+
+def run_transport_bench(config: TransportBenchConfig) -> dict:
+    """Every (mode, T, dtype) case; returns the JSON-ready report."""
+    cases = [("lcf", tokens) for tokens in config.tokens]
+    if config.lcfx_slots:
+        cases.append(("lcfx", config.lcfx_slots))
+    results = []
+    with LoopbackServer() as target:
+        for mode, tokens in cases:
+            for dtype in config.dtypes:
+                log.info("bench transport: %s T=%d %s", mode, tokens, dtype)
+                results.append(bench_case(target, mode, tokens, dtype, config))
+    return {"bench": "transport", "machine": machine_info(), "config": asdict(config), "results": results}
+
+
+# ---------------------------------------------------------------------------------------------- CLI
+
+
+def format_table(report: dict) -> str:
+    header = f"{'mode':5} {'T':>5} {'dtype':9} {'MB':>7} {'ratio':>5} " + " ".join(f"{s:>13}" for s in STAGES)
+    lines = [header, f"{'':36}" + " ".join(f"{'MB/s':>13}" for _ in STAGES)]
+    for r in report["results"]:
+        cells = " ".join(f"{r['stages'][s]['mb_s']:>13.0f}" for s in STAGES)
+        lines.append(
+            f"{r['mode']:5} {r['tokens']:>5} {r['dtype']:9} {r['raw_bytes'] / 1e6:>7.2f} {r['ratio']:>5.2f} {cells}"
+        )
+    lines.append("")
+    for r in report["results"]:
+        lines.append(
+            f"{r['mode']:5} T={r['tokens']:<5} {r['dtype']:9} end-to-end {r['transport_overhead_ms']:8.1f} ms, "
+            f"{100 * r['transport_vs_raw_grpc']:5.1f}% of raw gRPC loopback throughput"
+        )
+    machine = report["machine"]
+    lines.append(f"machine: {machine['cpu_count']} CPUs, {machine['platform']}")
+    return "\n".join(lines)
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "transport",
+        help="MB/s of each latent transport stage vs raw gRPC loopback",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    defaults = TransportBenchConfig()
+    p.add_argument("--tokens", type=int, nargs="+", default=defaults.tokens, help="LCF sharer token counts T")
+    p.add_argument(
+        "--dtype",
+        nargs="+",
+        default=defaults.dtypes,
+        choices=["float16", "bfloat16", "float32"],
+        help="latent dtypes",
+    )
+    p.add_argument("--codec", default=defaults.codec, choices=["zstd", "none"], help="segment codec")
+    p.add_argument("--level", type=int, default=defaults.level, help="zstd level")
+    p.add_argument("--no-shuffle", action="store_true", help="send without byte-shuffle")
+    p.add_argument(
+        "--repeats",
+        type=int,
+        default=defaults.repeats,
+        help="timed runs per stage (best and median reported)",
+    )
+    p.add_argument("--layers", type=int, default=defaults.layers, help="receiver layers carrying latents")
+    p.add_argument("--width", type=int, default=defaults.width, help="latent width b")
+    p.add_argument(
+        "--lcfx-slots", type=int, default=defaults.lcfx_slots, help="LCF-X latent slots (0 skips LCF-X)"
+    )
+    p.add_argument("--out", help="write the JSON report here")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    config = TransportBenchConfig(
+        tokens=args.tokens,
+        dtypes=args.dtype,
+        codec=args.codec,
+        level=args.level,
+        byte_shuffle=not args.no_shuffle,
+        repeats=args.repeats,
+        layers=args.layers,
+        width=args.width,
+        lcfx_slots=args.lcfx_slots,
+    )
+    report = run_transport_bench(config)
+    print(format_table(report))
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(report, indent=2))
+        print(f"written to {args.out}")
+    return 0
