@@ -1,0 +1,345 @@
+"""C2C, the baseline: Cache-to-Cache fusion (Fu et al., ICLR 2026), re-implemented.
+
+One projector per receiver layer t, reading sharer layer s = map[t] ("last_aligned" by
+default: the last layers line up, s = max(0, t - (R_layers - S_layers))). Keys and values take
+separate, identical paths. For keys, per token, with S = H_s*D_s, R = H_r*D_r, H = H_r:
+
+    h     = W_in [K_s ; K_r]                          (S + R -> R, bias; both flattened over heads)
+    h     = ffn(h)                                    shared block
+    K_p   = W_out ffn_p(h)                            projection branch, R -> R, reshaped to H x D_r
+    w     = W_w ffn_w(h)                              per-head weight branch, R -> H
+    K_out = K_r + g_K * sigmoid(w) * K_p              (sigmoid(w) broadcast over each head's D_r)
+
+    ffn(x) = x + dropout(W2 gelu(W1 rmsnorm(x)))       R -> R -> R, bias-free, residual
+
+The gate g_K comes from one scalar logit per projector (and g_V from another):
+    training:   g = sigmoid((logit + G) / tau),  G ~ Gumbel(0, 1), one draw per (batch, head, token)
+    inference:  g = [logit > 0]
+tau is annealed exponentially from 1.0 to 0.001 (`anneal`), as in C2C. The logits start at 0,
+so an untrained fuser is closed at inference: it leaves the receiver's cache untouched.
+
+Keys are fused as stored, i.e. *with* RoPE, as C2C does: this works only when sharer and
+receiver keys carry the same positions. C2C runs both models over the same tokens; here
+the sharer's de-rotated keys are aligned to the receiver's tokens by character spans
+(lcflow.align) and re-rotated with the sharer's own RoPE at the receiver's positions
+(`aligned_sharer_kv`), so the fuser sees what the sharer would have stored had it read the
+receiver's tokens at the receiver's positions.
+
+Parameters per projector (one path, times 2), matching the released C2C fuser:
+    W_in        (S + R) R + R
+    3 ffn       3 (R + 2 R^2)          RMSNorm weight + two bias-free R x R matrices
+    W_out       R^2 + R
+    W_w         R H + H
+    gate        1
+    path        = S R + 8 R^2 + 5 R + R H + H + 1
+Paper pair (sharer Qwen2.5-0.5B: S = 2 x 64 = 128; receiver Qwen3-0.6B: R = 8 x 128 = 1024,
+H = 8, 28 layers): path = 131,072 + 8,388,608 + 5,120 + 8,192 + 8 + 1 = 8,533,001,
+projector = 17,066,002, fuser = 28 x 17,066,002 = 477,848,056 (955.7 MB in bf16).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+from transformers import DynamicCache
+
+from lcflow.adapter.blocks import RMSNorm, parameter_count
+from lcflow.adapter.config import AdapterConfig
+from lcflow.align import SpanAlignment, align_spans
+from lcflow.kv import CapturedKV, ModelIdentity, RopeCodec, prefill
+from lcflow.layer_map import build_layer_map
+
+FUSER_FILE = "fuser.safetensors"
+C2C_DROPOUT = 0.1  # inside every ffn block, training only
+TEMPERATURE_START, TEMPERATURE_END = 1.0, 0.001
+ANNEAL_STEPS = 1929  # C2C anneals over its whole run (1929 steps)
+GUMBEL_EPS = 1e-20
+WIRE_BYTES_PER_VALUE = 2  # the sharer's KV would travel as bfloat16
+
+
+class FFNBlock(nn.Module):
+    """x + dropout(W2 gelu(W1 rmsnorm(x))): C2C's pre-norm, bias-free residual block."""
+
+    def __init__(self, dim: int, dropout: float = C2C_DROPOUT):
+        super().__init__()
+        self.norm = RMSNorm(dim)
+        self.fc1 = nn.Linear(dim, dim, bias=False)
+        self.fc2 = nn.Linear(dim, dim, bias=False)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.dropout(self.fc2(nn.functional.gelu(self.fc1(self.norm(x)))))
+
+
+def gumbel_noise(shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
+    """G = -log(-log(u)), u ~ U(0, 1): one Gumbel(0, 1) draw per element (C2C's sampler)."""
+    u = torch.rand(shape, device=like.device, dtype=like.dtype)
+    return -torch.log(-torch.log(u + GUMBEL_EPS) + GUMBEL_EPS)
+
+
+class FusionPath(nn.Module):
+    """The key path or the value path of one projector (see the module docstring)."""
+
+    def __init__(self, sharer_width: int, num_heads: int, head_dim: int, dropout: float = C2C_DROPOUT):
+        super().__init__()
+        self.num_heads, self.head_dim = num_heads, head_dim
+        width = num_heads * head_dim  # C2C's hidden size is the receiver's width (1024 for the paper pair)
+        self.fuse_in = nn.Linear(sharer_width + width, width)
+        self.shared = FFNBlock(width, dropout)
+        self.proj_ffn = FFNBlock(width, dropout)
+        self.proj_out = nn.Linear(width, width)
+        self.weight_ffn = FFNBlock(width, dropout)
+        self.weight_out = nn.Linear(width, num_heads)
+        self.gate_logit = nn.Parameter(torch.tensor(0.0))
+
+    def is_open(self) -> bool:
+        """The inference gate, [logit > 0]."""
+        return bool(self.gate_logit.item() > 0)
+
+    def gate(self, shape: tuple[int, ...], temperature: float, like: torch.Tensor) -> torch.Tensor:
+        """Gumbel-sigmoid in training (shape [batch, heads, tokens, 1]), the hard gate otherwise."""
+        if self.training:
+            return torch.sigmoid((self.gate_logit + gumbel_noise(shape, like)) / temperature)
+        return (self.gate_logit > 0).to(like.dtype)
+
+    def forward(
+        self, sharer: torch.Tensor, receiver: torch.Tensor, covered: torch.Tensor, temperature: float
+    ) -> torch.Tensor:
+        """sharer [B, H_s, N, D_s], receiver [B, H, N, D] (as stored), covered [N] -> fused [B, H, N, D]."""
+        if not self.training and not self.is_open():
+            return receiver  # a closed hard gate adds nothing: the receiver stays bit-identical
+        batch, _, tokens, _ = receiver.shape
+        dtype = self.fuse_in.weight.dtype
+        flat = [x.transpose(1, 2).reshape(batch, tokens, -1).to(dtype) for x in (sharer, receiver)]
+        h = self.shared(self.fuse_in(torch.cat(flat, dim=-1)))
+        projected = self.proj_out(self.proj_ffn(h)).view(batch, tokens, self.num_heads, self.head_dim)
+        weight = torch.sigmoid(self.weight_out(self.weight_ffn(h))).unsqueeze(-1)  # [B, N, H, 1]
+        delta = (weight * projected).transpose(1, 2)  # [B, H, N, D]
+        delta = delta * self.gate((batch, self.num_heads, tokens, 1), temperature, delta)
+        delta = delta * covered.to(delta.dtype)[None, None, :, None]  # uncovered tokens stay as they are
+        return receiver + delta.to(receiver.dtype)
+
+
+class C2CProjector(nn.Module):
+    """One receiver layer's fuser: a key path and a value path."""
+
+    def __init__(self, sharer_width: int, num_heads: int, head_dim: int, dropout: float = C2C_DROPOUT):
+        super().__init__()
+        self.key = FusionPath(sharer_width, num_heads, head_dim, dropout)
+        self.value = FusionPath(sharer_width, num_heads, head_dim, dropout)
+
+    def is_open(self) -> bool:
+        return self.key.is_open() or self.value.is_open()
+
+
+class C2CFuser(nn.Module):
+    """The C2C baseline adapter: one projector per retained receiver layer, fused into its cache."""
+
+    def __init__(self, config: AdapterConfig, dropout: float = C2C_DROPOUT):
+        super().__init__()
+        if config.mode != "c2c":
+            raise ValueError(f"C2CFuser needs an adapter config of mode 'c2c', not {config.mode!r}")
+        self.config = config
+        self.layer_map = dict(config.layer_map)
+        self.layers = list(config.retained_layers)
+        sharer, receiver = config.sharer.spec, config.receiver.spec
+        sharer_width = sharer.num_kv_heads * sharer.head_dim
+        self.projectors = nn.ModuleDict(
+            {
+                str(t): C2CProjector(sharer_width, receiver.num_kv_heads, receiver.head_dim, dropout)
+                for t in self.layers
+            }
+        )
+        self.temperature = TEMPERATURE_START
+
+    @classmethod
+    def for_models(
+        cls,
+        sharer: ModelIdentity,
+        receiver: ModelIdentity,
+        layer_map_strategy: str = "last_aligned",
+        dropout: float = C2C_DROPOUT,
+        **options,
+    ) -> C2CFuser:
+        """A fresh (untrained) fuser for a sharer/receiver pair."""
+        layer_map = build_layer_map(sharer.spec.num_layers, receiver.spec.num_layers, layer_map_strategy)
+        config = AdapterConfig(
+            mode="c2c",
+            sharer=sharer,
+            receiver=receiver,
+            layer_map=layer_map,
+            retained_layers=sorted(layer_map),
+            layer_map_strategy=layer_map_strategy,
+            **options,
+        )
+        return cls(config, dropout=dropout)
+
+    # --- gate temperature (training) ---------------------------------------------------------
+
+    def set_temperature(self, temperature: float) -> None:
+        if temperature <= 0:
+            raise ValueError(f"the gate temperature must be positive, not {temperature}")
+        self.temperature = float(temperature)
+
+    def anneal(self, step: int, anneal_steps: int = ANNEAL_STEPS) -> float:
+        """tau = tau_0 (tau_1 / tau_0)^min(step / anneal_steps, 1): C2C's exponential schedule."""
+        ratio = min(max(step, 0) / anneal_steps, 1.0)
+        self.set_temperature(TEMPERATURE_START * (TEMPERATURE_END / TEMPERATURE_START) ** ratio)
+        return self.temperature
+
+    # --- fusion ------------------------------------------------------------------------------
+
+    def fuse_layer(
+        self,
+        cache: DynamicCache,
+        layer: int,
+        sharer_kv: CapturedKV,
+        positions: torch.Tensor,
+        covered: torch.Tensor,
+    ) -> None:
+        """Fuse one receiver layer's cache at `positions` [tokens] (absolute, ascending, contiguous).
+
+        sharer_kv: keys *with RoPE* at those receiver positions and values, per sharer layer,
+        [batch, H_s, tokens, D_s] (see `aligned_sharer_kv`); covered: [tokens] bool.
+        """
+        projector = self.projectors[str(layer)]
+        if not self.training and not projector.is_open():
+            return  # both hard gates closed: nothing to compute, nothing changes
+        entry = cache.layers[layer]
+        keys, values = entry.keys, entry.values
+        # A sliding-window layer may have dropped its oldest tokens: index relative to what is kept.
+        offset = entry.get_seq_length() - keys.shape[-2]
+        keep = positions >= offset
+        if not bool(keep.any()):
+            return
+        source = self.layer_map[layer]
+        sharer_k, sharer_v = sharer_kv.keys[source][:, :, keep], sharer_kv.values[source][:, :, keep]
+        positions, covered = positions[keep], covered[keep]
+        start, end = int(positions[0]) - offset, int(positions[-1]) - offset + 1
+        fused_k = projector.key(sharer_k, keys[:, :, start:end], covered, self.temperature)
+        fused_v = projector.value(sharer_v, values[:, :, start:end], covered, self.temperature)
+        entry.keys = torch.cat([keys[:, :, :start], fused_k, keys[:, :, end:]], dim=2)
+        entry.values = torch.cat([values[:, :, :start], fused_v, values[:, :, end:]], dim=2)
+
+    def fuse(
+        self,
+        cache: DynamicCache,
+        sharer_kv: CapturedKV,
+        positions: torch.Tensor,
+        covered: torch.Tensor,
+    ) -> DynamicCache:
+        """Fuse every retained layer into `cache` (in place; returned for convenience)."""
+        for layer in self.layers:
+            self.fuse_layer(cache, layer, sharer_kv, positions, covered)
+        return cache
+
+    # --- sizes and gates ---------------------------------------------------------------------
+
+    def parameter_count(self) -> int:
+        return parameter_count(self)
+
+    def parameter_counts(self) -> dict[str, int]:
+        """Total and per projector (all projectors have the same size)."""
+        per_layer = parameter_count(next(iter(self.projectors.values()))) if self.layers else 0
+        total = self.parameter_count()
+        return {"fuser": total, "per_layer": per_layer, "total": total}
+
+    def gate_logits(self) -> dict[int, dict[str, float]]:
+        """Key and value gate logits per retained receiver layer (open at inference when > 0)."""
+        return {
+            t: {"key": p.key.gate_logit.item(), "value": p.value.gate_logit.item()}
+            for t, p in ((t, self.projectors[str(t)]) for t in self.layers)
+        }
+
+    # --- files -------------------------------------------------------------------------------
+
+    def save_pretrained(self, directory: str | Path, dtype: torch.dtype | None = None) -> Path:
+        """adapter_config.json (mode "c2c") + fuser.safetensors, weights in `dtype`."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        dtype = dtype or getattr(torch, self.config.dtype)
+        self.config.dtype = str(dtype).removeprefix("torch.")
+        self.config.save(directory)
+        tensors = {k: v.detach().to(dtype).contiguous() for k, v in self.state_dict().items()}
+        save_file(tensors, str(directory / FUSER_FILE), metadata={"format": "pt", "mode": "c2c"})
+        return directory
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        directory: str | Path,
+        sharer: ModelIdentity | None = None,
+        receiver: ModelIdentity | None = None,
+        device: torch.device | str = "cpu",
+    ) -> C2CFuser:
+        """Load a C2C adapter directory, frozen, in eval mode; refuse models it was not trained for."""
+        config = AdapterConfig.load(directory)
+        if config.mode != "c2c":
+            raise ValueError(
+                f"{directory} holds a {config.mode!r} adapter; load it with lcflow.adapter.LatentAdapter"
+            )
+        config.check_models(sharer=sharer, receiver=receiver)
+        path = Path(directory, FUSER_FILE)
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} is missing: the adapter directory is incomplete")
+        fuser = cls(config)
+        fuser.load_state_dict({k: v.float() for k, v in load_file(str(path)).items()}, strict=True)
+        fuser.requires_grad_(False)
+        return fuser.to(device).eval()
+
+
+# --- the sharer's KV, as the fuser wants it ------------------------------------------------------
+
+
+def aligned_sharer_kv(
+    sharer_model, captured: CapturedKV, alignment: SpanAlignment, positions: torch.Tensor
+) -> CapturedKV:
+    """The sharer's KV moved onto the receiver's tokens, keys re-rotated at the receiver's positions.
+
+    captured holds keys without RoPE (lcflow.kv.capture_kv); each receiver token gets the mean of
+    the sharer tokens overlapping it, and the keys get the sharer's own RoPE at `positions`
+    [tokens]: what the sharer would have stored for those tokens at those positions.
+    """
+    rope = RopeCodec(sharer_model)
+    keys, values = [], []
+    for layer, (k, v) in enumerate(zip(captured.keys, captured.values, strict=True)):
+        k, v = alignment.apply(k), alignment.apply(v)  # [B, H_s, receiver tokens, D_s]
+        pos = positions.to(k.device).unsqueeze(0).expand(k.shape[0], -1)
+        keys.append(rope.rotate(k, pos, layer))
+        values.append(v)
+    return CapturedKV(keys=keys, values=values)
+
+
+def c2c_prepare(fuser: C2CFuser, sharer: tuple, receiver, context: str, prompt: str):
+    """Same-context C2C handoff: both models read `context`; the receiver's cache of it is fused.
+
+    sharer: (model, tokenizer); receiver: a lcflow.handoff.Receiver. Returns the prepared
+    receiver input and the bytes the sharer's KV (the layers the fuser reads) would take in bf16.
+    """
+    from lcflow.handoff import PreparedInput, Sharer  # the handoff imports the adapters, not vice versa
+    from lcflow.prompting import context_token_range, render_input
+
+    sharer_model, sharer_tokenizer = sharer
+    shared = Sharer(sharer_model, sharer_tokenizer).prefill(context)
+    rendered = render_input(receiver.tokenizer, prompt, [context])
+    start = time.perf_counter()
+    cache = prefill(receiver.model, rendered.input_ids[:, :-1])
+    prefill_ms = (time.perf_counter() - start) * 1000.0
+    start = time.perf_counter()
+    positions, spans = context_token_range(rendered, context)
+    alignment = align_spans(shared.spans, spans)
+    sharer_kv = aligned_sharer_kv(sharer_model, shared.captured, alignment, positions)
+    fuser.fuse(cache, sharer_kv, positions, alignment.covered)
+    timings = {"sharer_prefill": shared.prefill_ms, "receiver_prefill": prefill_ms}
+    timings["fuse"] = (time.perf_counter() - start) * 1000.0
+    layers = fuser.config.sharer_layers_needed()
+    sent = (
+        sum(shared.captured.keys[s].numel() + shared.captured.values[s].numel() for s in layers)
+        * WIRE_BYTES_PER_VALUE
+    )
+    prepared = PreparedInput(rendered.input_ids, cache, rendered.input_ids.shape[1], timings)
+    return prepared, sent
