@@ -136,7 +136,7 @@ class ReceiverService(pb_grpc.ReceiverServicer):
             latents, stats, timings["transfer"] = self._read_latents(engine, messages, context)
             timings["unpack"] = stats.serialise_ms + stats.codec_ms
         elif mode == "text":
-            check_text("text_message", request.text_message, self.config)
+            check_text("text_message", request.text_message, self.config, required=False)  # may be empty
         with torch.inference_mode():
             prepared = self._prepare(engine, mode, prompt, receiver_context, request, latents)
         timings.update(prepared.timings_ms)

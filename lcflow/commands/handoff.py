@@ -1,0 +1,96 @@
+"""`lcflow handoff`: call a running sharer's Handoff RPC, print the answer as it streams."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from lcflow.client import MODE_NAMES
+
+STAGES = (
+    "sharer_prefill",
+    "message_generate",
+    "encode",
+    "pack",
+    "transfer",
+    "unpack",
+    "decode_kv",
+    "receiver_prefill",
+    "time_to_first_token",
+    "total",
+)
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "handoff",
+        help="send one handoff to a running sharer",
+        description="Call the sharer's Handoff RPC: the sharer reads the context, the receiver answers the prompt.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--sharer", default="127.0.0.1:50051", help="the sharer's address, HOST:PORT")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--context-file", type=Path, help="file holding the sharer's context")
+    source.add_argument("--context", help="the sharer's context as text")
+    source.add_argument("--session", help="id of a context the sharer already holds (OpenSession)")
+    p.add_argument("--prompt", required=True, help="what the receiver is asked")
+    p.add_argument("--receiver-context", default="", help="text the receiver sees on its own")
+    p.add_argument("--mode", choices=list(MODE_NAMES), default="lcfx", help="lcf, lcfx, text or none")
+    p.add_argument("--max-new-tokens", type=int, default=64, help="longest answer, in tokens")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold")
+    p.add_argument("--seed", type=int, default=None, help="sampling seed")
+    p.add_argument("--timeout", type=float, default=300.0, help="deadline for the whole handoff, seconds")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    import grpc
+
+    from lcflow.client import HandoffClient
+    from lcflow.telemetry import make_tracer_provider
+
+    context = args.context_file.read_text() if args.context_file else (args.context or "")
+    provider = make_tracer_provider("lcflow-client")
+    client = HandoffClient(args.sharer, provider, timeout_s=args.timeout)
+    summary = None
+    try:
+        for event in client.stream(
+            args.prompt,
+            mode=args.mode,
+            context=context,
+            session_id=args.session or "",
+            receiver_context=args.receiver_context,
+            max_new_tokens=args.max_new_tokens,
+            temperature=args.temperature,
+            top_p=args.top_p,
+            seed=args.seed,
+        ):
+            if event.HasField("text"):
+                print(event.text.text, end="", flush=True)
+            else:
+                summary = event.summary
+    except grpc.RpcError as err:
+        print(f"\nhandoff failed: {err.code().name}: {err.details()}", file=sys.stderr)
+        return 1
+    finally:
+        provider.shutdown()
+    print()
+    if summary is not None:
+        print(format_summary(summary))
+    return 0
+
+
+def format_summary(summary) -> str:
+    timings = summary.timings
+    from lcflow.proto_gen.lcflow.v1 import lcflow_pb2 as pb
+
+    lines = [f"mode {pb.Mode.Name(summary.mode)}"]
+    lines += [f"  {name:<20} {getattr(timings, name):9.1f} ms" for name in STAGES if getattr(timings, name)]
+    ratio = summary.bytes_raw / summary.bytes_wire if summary.bytes_wire else 0
+    lines.append(
+        f"  bytes raw {summary.bytes_raw}, on the wire {summary.bytes_wire} ({ratio:.2f}x), chunks {summary.chunks}"
+    )
+    lines.append(f"  trace {summary.trace_id}")
+    return "\n".join(lines)

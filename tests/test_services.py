@@ -1,0 +1,505 @@
+"""End to end: both services on loopback with tiny models and tiny adapters, every mode,
+one trace across both, and every kind of bad input answered with its exact gRPC status."""
+
+from __future__ import annotations
+
+import socket
+import zlib
+
+import grpc
+import pytest
+import torch
+import zstandard
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+from lcflow.adapter import LatentAdapter
+from lcflow.client import HandoffClient
+from lcflow.handoff import GenerationSettings, Receiver, Sharer, receiver_view
+from lcflow.kv import model_identity
+from lcflow.proto_gen.lcflow.v1 import lcflow_pb2 as pb
+from lcflow.proto_gen.lcflow.v1 import lcflow_pb2_grpc as pb_grpc
+from lcflow.service_config import ServiceConfig
+from lcflow.telemetry import make_tracer_provider
+from lcflow.transport import CodecConfig, LatentPacket, PacketWriter, TensorSpec, packet_messages
+from services.receiver.server import ReceiverEngine, identity_id
+from services.receiver.server import serve as serve_receiver
+from services.sharer.server import SharerEngine
+from services.sharer.server import serve as serve_sharer
+
+CONTEXT = "Mira Volkov lives in Oslo. Lior Senn plays the violin and owns a cat."
+PROMPT = "Where does Mira Volkov live?"
+RECEIVER_CONTEXT = "Ada Brook owns a turtle."
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Pair:
+    """A running receiver + sharer for one adapter mode, in this process, with an in-memory exporter."""
+
+    def __init__(self, tiny_pair, adapter_dir, mode, spans: InMemorySpanExporter, **config):
+        (ms, ts), (mr, tr) = tiny_pair
+        self.mode, self.spans, self.adapter_dir = mode, spans, adapter_dir
+        self.receiver_port, self.sharer_port = free_port(), free_port()
+        self.receiver_running, self.receiver_service = serve_receiver(
+            ServiceConfig("receiver", model="tiny", port=self.receiver_port, **config),
+            make_tracer_provider("lcflow-receiver", spans),
+            ReceiverEngine.from_loaded(mr, tr, str(adapter_dir)),
+        )
+        self.sharer_running, self.sharer_service = serve_sharer(
+            ServiceConfig(
+                "sharer",
+                model="tiny",
+                port=self.sharer_port,
+                receiver=f"127.0.0.1:{self.receiver_port}",
+                **config,
+            ),
+            make_tracer_provider("lcflow-sharer", spans),
+            SharerEngine.from_loaded(ms, ts, str(adapter_dir)),
+        )
+        self.client = HandoffClient(
+            f"127.0.0.1:{self.sharer_port}", make_tracer_provider("client", spans), timeout_s=60
+        )
+        self.receiver_stub = pb_grpc.ReceiverStub(grpc.insecure_channel(f"127.0.0.1:{self.receiver_port}"))
+        # Untraced, so that calls keep their cancel() (the tracing interceptor wraps streams in generators).
+        self.sharer_stub = pb_grpc.SharerStub(grpc.insecure_channel(f"127.0.0.1:{self.sharer_port}"))
+
+    def stop(self):
+        self.sharer_running.stop(1)
+        self.receiver_running.stop(1)
+
+
+def make_adapter_dir(tiny_pair, tmp_path_factory, mode):
+    (ms, ts), (mr, tr) = tiny_pair
+    adapter = LatentAdapter.for_models(
+        mode, model_identity(ms, ts), model_identity(mr, tr), bottleneck=16, slots=4
+    )
+    torch.manual_seed(3)
+    for name, p in adapter.named_parameters():  # make the latents matter to the answer
+        if name.endswith("up.weight"):
+            torch.nn.init.normal_(p, std=0.3)
+    return adapter.save_pretrained(tmp_path_factory.mktemp(f"adapter-{mode}"))
+
+
+@pytest.fixture(scope="module")
+def spans():
+    return InMemorySpanExporter()
+
+
+@pytest.fixture(scope="module", params=["lcf", "lcfx"])
+def pair(request, tiny_pair, tmp_path_factory, spans):
+    running = Pair(
+        tiny_pair, make_adapter_dir(tiny_pair, tmp_path_factory, request.param), request.param, spans
+    )
+    yield running
+    running.stop()
+
+
+def in_process_answer(tiny_pair, adapter_dir, mode, max_new_tokens):
+    """The same handoff without the services, latents rounded to bf16 as on the wire."""
+    (ms, ts), (mr, tr) = tiny_pair
+    adapter = LatentAdapter.from_pretrained(adapter_dir)
+    sharer, receiver = (
+        Sharer(ms, ts, adapter.encoder, adapter.config),
+        Receiver(mr, tr, adapter.decoder, adapter.config),
+    )
+    with torch.inference_mode():
+        latents = sharer.encode(sharer.prefill(CONTEXT), receiver_view(RECEIVER_CONTEXT, PROMPT))
+        latents.layers = {t: z.to(torch.bfloat16).float() for t, z in latents.layers.items()}
+        prepared = receiver.prepare(mode, PROMPT, latents, context=CONTEXT, receiver_context=RECEIVER_CONTEXT)
+        return receiver.generate(prepared, GenerationSettings(max_new_tokens=max_new_tokens))
+
+
+# --- every mode --------------------------------------------------------------------------------
+
+
+def test_latent_handoff_streams_the_same_answer_as_in_process(pair, tiny_pair):
+    result = pair.client.handoff(
+        PROMPT, mode=pair.mode, context=CONTEXT, receiver_context=RECEIVER_CONTEXT, max_new_tokens=6
+    )
+    assert result.deltas and "".join(result.deltas) == result.answer
+    expected = in_process_answer(tiny_pair, pair.adapter_dir, pair.mode, 6)
+    assert result.answer == expected
+
+
+@pytest.mark.parametrize("mode", ["text", "none"])
+def test_text_and_receiver_alone_modes(pair, mode):
+    result = pair.client.handoff(
+        PROMPT, mode=mode, context=CONTEXT, receiver_context=RECEIVER_CONTEXT, max_new_tokens=5
+    )
+    assert "".join(result.deltas) == result.answer and result.summary.mode == pb.Mode.Value(mode.upper())
+    assert result.summary.bytes_wire == 0
+    if mode == "text":
+        assert result.summary.timings.message_generate > 0
+
+
+def test_stage_timings_are_present_and_add_up(pair):
+    result = pair.client.handoff(
+        PROMPT, mode=pair.mode, context=CONTEXT, receiver_context=RECEIVER_CONTEXT, max_new_tokens=4
+    )
+    t = result.summary.timings
+    for stage in (
+        "sharer_prefill",
+        "encode",
+        "pack",
+        "unpack",
+        "decode_kv",
+        "receiver_prefill",
+        "time_to_first_token",
+        "total",
+    ):
+        assert getattr(t, stage) > 0, stage
+    before_first_token = (
+        t.sharer_prefill + t.encode + t.pack + t.transfer + t.unpack + t.decode_kv + t.receiver_prefill
+    )
+    assert before_first_token <= t.time_to_first_token + 1.0  # stages up to the first token fit inside it
+    assert t.time_to_first_token <= t.total
+    assert result.summary.tokens.context > 0 and result.summary.tokens.generated > 0
+
+
+def test_one_trace_spans_client_sharer_and_receiver(pair, spans):
+    spans.clear()
+    result = pair.client.handoff(PROMPT, mode=pair.mode, context=CONTEXT, max_new_tokens=3)
+    finished = [
+        s for s in spans.get_finished_spans() if format(s.context.trace_id, "032x") == result.summary.trace_id
+    ]
+    by_name = {(s.resource.attributes["service.name"], s.name): s for s in finished}
+    root = by_name[("client", "client.handoff")]
+    client_call = by_name[("client", "/lcflow.v1.Sharer/Handoff")]
+    sharer_server = by_name[("lcflow-sharer", "/lcflow.v1.Sharer/Handoff")]
+    sharer_call = by_name[("lcflow-sharer", "/lcflow.v1.Receiver/Receive")]
+    receiver_server = by_name[("lcflow-receiver", "/lcflow.v1.Receiver/Receive")]
+    assert client_call.parent.span_id == root.context.span_id
+    assert sharer_server.parent.span_id == client_call.context.span_id
+    assert sharer_call.parent.span_id == sharer_server.context.span_id
+    assert receiver_server.parent.span_id == sharer_call.context.span_id
+    for name in ("sharer.prefill", "sharer.stream"):
+        assert by_name[("lcflow-sharer", name)].parent.span_id == sharer_server.context.span_id
+    for name in ("receiver.unpack", "receiver.prefill", "receiver.generate"):
+        assert by_name[("lcflow-receiver", name)].parent.span_id == receiver_server.context.span_id
+    stream = by_name[("lcflow-sharer", "sharer.stream")]
+    unpack = by_name[("lcflow-receiver", "receiver.unpack")]
+    # bytes on the wire: what the sharer sent is what the receiver counted, and what the client was told
+    assert (
+        stream.attributes["lcflow.bytes.wire"]
+        == unpack.attributes["lcflow.bytes.wire"]
+        == result.summary.bytes_wire
+    )
+    assert stream.attributes["lcflow.chunks"] == unpack.attributes["lcflow.chunks"] == result.summary.chunks
+    assert stream.attributes["lcflow.bytes.raw"] == result.summary.bytes_raw > 0
+
+
+def test_sessions_reuse_the_prefill_and_expire_to_not_found(pair):
+    opened = pair.client.open_session(CONTEXT)
+    assert opened.tokens > 0
+    reused = pair.client.handoff(
+        PROMPT,
+        mode=pair.mode,
+        session_id=opened.session_id,
+        receiver_context=RECEIVER_CONTEXT,
+        max_new_tokens=5,
+    )
+    fresh = pair.client.handoff(
+        PROMPT, mode=pair.mode, context=CONTEXT, receiver_context=RECEIVER_CONTEXT, max_new_tokens=5
+    )
+    assert reused.answer == fresh.answer
+    assert reused.summary.timings.sharer_prefill == 0 < fresh.summary.timings.sharer_prefill
+    assert pair.client.close_session(opened.session_id)
+    with pytest.raises(grpc.RpcError) as err:
+        pair.client.handoff(PROMPT, mode=pair.mode, session_id=opened.session_id, max_new_tokens=3)
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+# --- bad input: exact status, and the service still serves the next request ---------------------
+
+
+def latent_messages(pair, codec: CodecConfig | None = None) -> list[pb.LatentMessage]:
+    """A valid Receive stream for this pair, made in-process, for tests to damage."""
+    engine = pair.sharer_service.engine
+    config = engine.adapter.config
+    with torch.inference_mode():
+        shared = engine.sharer.prefill(CONTEXT)
+        layers = dict(engine.sharer.encode_layers(shared, receiver_view("", PROMPT)))
+    packet = LatentPacket(
+        mode=pair.mode,
+        adapter_id=engine.adapter_id,
+        sharer_id=identity_id(engine.identity),
+        receiver_id=identity_id(config.receiver),
+        layers=list(layers),
+        tensors_per_layer={t: {"latent": z.to(torch.bfloat16).contiguous()} for t, z in layers.items()},
+        shared_tensors={"token_spans": shared.spans} if pair.mode == "lcf" else {},
+    )
+    request = pb.ReceiverRequest(
+        prompt_text=PROMPT,
+        context_text=CONTEXT if pair.mode == "lcf" else "",
+        mode=pb.LCF if pair.mode == "lcf" else pb.LCF_X,
+        generation=pb.GenerationSettings(max_new_tokens=3),
+    )
+    return [pb.LatentMessage(request=request), *packet_messages(packet, codec or CodecConfig(chunk_size=64))]
+
+
+def receive_status(pair, messages) -> grpc.StatusCode:
+    try:
+        for _ in pair.receiver_stub.Receive(iter(messages), timeout=30):
+            pass
+    except grpc.RpcError as err:
+        return err.code()
+    return grpc.StatusCode.OK
+
+
+def still_serves(pair) -> None:
+    assert receive_status(pair, latent_messages(pair)) == grpc.StatusCode.OK
+    assert pair.client.handoff(PROMPT, mode=pair.mode, context=CONTEXT, max_new_tokens=2).answer is not None
+
+
+def header_of(messages) -> pb.LatentHeader:
+    return messages[1].header
+
+
+def chunk_positions(messages) -> list[int]:
+    return [i for i, m in enumerate(messages) if m.WhichOneof("message") == "chunk"]
+
+
+def damage_version(messages):
+    header_of(messages).format_version = 99
+
+
+def damage_adapter(messages):
+    header_of(messages).adapter_id = "lcf:0000000000000000"
+
+
+def damage_receiver_model(messages):
+    header_of(messages).receiver_id = "someone-else@aaaa.bbbb"
+
+
+def damage_flip_byte(messages):
+    chunk = messages[chunk_positions(messages)[1]].chunk
+    chunk.payload = bytes([chunk.payload[0] ^ 0xFF]) + chunk.payload[1:]
+
+
+def damage_missing_chunk(messages):
+    del messages[chunk_positions(messages)[1]]
+
+
+def damage_duplicated_chunk(messages):
+    position = chunk_positions(messages)[1]
+    messages.insert(position, messages[position])
+
+
+def damage_reordered_chunks(messages):
+    a, b = chunk_positions(messages)[:2]
+    messages[a], messages[b] = messages[b], messages[a]
+
+
+def damage_truncated(messages):
+    del messages[-2:]  # the last chunk and the trailer never come
+
+
+def damage_bomb(messages):
+    """The first segment's chunks replaced by one that inflates to 256 MiB."""
+    header = header_of(messages)
+    first = chunk_positions(messages)
+    payload = zstandard.ZstdCompressor(level=3, write_checksum=True).compress(bytes(256 << 20))
+    segment0 = [i for i in first if messages[i].chunk.segment == 0]
+    for i in reversed(segment0[1:]):
+        del messages[i]
+    messages[segment0[0]] = pb.LatentMessage(
+        chunk=pb.LatentChunk(segment=0, payload=payload, crc32=zlib.crc32(payload), last_in_segment=True)
+    )
+    for sequence, i in enumerate(chunk_positions(messages)):  # a well-numbered stream: only the bomb is wrong
+        messages[i].chunk.sequence = sequence
+    header.codec.chunk_size = 1 << 20
+    assert header.total_raw_bytes < 1 << 20 and len(payload) < 1 << 20
+
+
+def damage_malformed_safetensors(messages):
+    """An uncompressed stream whose first segment is not a safetensors blob at all."""
+    header = header_of(messages)
+    spec = header.segments[0].tensors[0]
+    blob = (16).to_bytes(8, "little") + b"not json at all!" + bytes(64)
+    writer = PacketWriter(
+        mode="lcfx",
+        adapter_id=header.adapter_id,
+        sharer_id=header.sharer_id,
+        receiver_id=header.receiver_id,
+        layer_specs={header.segments[0].layer: {"latent": TensorSpec(spec.dtype, tuple(spec.shape))}},
+        codec=CodecConfig(name="none"),
+    )
+    chunk = pb.LatentChunk(sequence=0, segment=0, payload=blob, crc32=zlib.crc32(blob), last_in_segment=True)
+    trailer = pb.LatentTrailer(total_chunks=1, crc32=zlib.crc32(blob), total_wire_bytes=len(blob))
+    request = messages[0].request
+    request.mode = pb.LCF_X
+    messages[:] = [
+        messages[0],
+        writer.header(),
+        pb.LatentMessage(chunk=chunk),
+        pb.LatentMessage(trailer=trailer),
+    ]
+
+
+@pytest.mark.parametrize(
+    "damage, code",
+    [
+        (damage_version, grpc.StatusCode.FAILED_PRECONDITION),
+        (damage_adapter, grpc.StatusCode.FAILED_PRECONDITION),
+        (damage_receiver_model, grpc.StatusCode.FAILED_PRECONDITION),
+        (damage_flip_byte, grpc.StatusCode.DATA_LOSS),
+        (damage_missing_chunk, grpc.StatusCode.DATA_LOSS),
+        (damage_duplicated_chunk, grpc.StatusCode.DATA_LOSS),
+        (damage_reordered_chunks, grpc.StatusCode.DATA_LOSS),
+        (damage_truncated, grpc.StatusCode.DATA_LOSS),
+        (damage_bomb, grpc.StatusCode.INVALID_ARGUMENT),
+    ],
+    ids=lambda v: getattr(v, "__name__", str(v)).removeprefix("damage_"),
+)
+def test_bad_latent_streams_get_their_status(pair, damage, code):
+    messages = latent_messages(pair)
+    assert len(chunk_positions(messages)) >= 3
+    damage(messages)
+    assert receive_status(pair, messages) == code
+    still_serves(pair)
+
+
+def test_malformed_safetensors_is_invalid_argument(pair):
+    if pair.mode != "lcfx":
+        pytest.skip("built as an LCF-X stream")
+    messages = latent_messages(pair)
+    damage_malformed_safetensors(messages)
+    assert receive_status(pair, messages) == grpc.StatusCode.INVALID_ARGUMENT
+    still_serves(pair)
+
+
+def test_identity_mismatch_names_both(pair):
+    messages = latent_messages(pair)
+    damage_adapter(messages)
+    with pytest.raises(grpc.RpcError) as err:
+        list(pair.receiver_stub.Receive(iter(messages), timeout=30))
+    assert (
+        "lcf:0000000000000000" in err.value.details()
+        and pair.receiver_service.engine.adapter_id in err.value.details()
+    )
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"prompt": "   ", "context": CONTEXT},
+        {"prompt": PROMPT, "context": ""},
+        {"prompt": "x" * 40_000, "context": CONTEXT},
+        {"prompt": PROMPT, "context": "word " * 5000},
+        {"prompt": PROMPT, "context": CONTEXT, "max_new_tokens": 100_000},
+    ],
+    ids=["empty-prompt", "empty-context", "oversized-prompt", "oversized-context", "too-many-tokens"],
+)
+def test_bad_requests_are_invalid_argument(pair, options):
+    options = dict(options)  # the parameter dict is shared between the lcf and lcfx runs
+    prompt = options.pop("prompt")
+    with pytest.raises(grpc.RpcError) as err:
+        pair.client.handoff(prompt, mode=pair.mode, **options)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert len(err.value.details()) > 20  # says what was wrong
+    still_serves(pair)
+
+
+def test_deadline_exceeded_stops_the_handoff(pair):
+    client = HandoffClient(f"127.0.0.1:{pair.sharer_port}", timeout_s=0.3)
+    with pytest.raises(grpc.RpcError) as err:
+        client.handoff(PROMPT, mode=pair.mode, context=CONTEXT * 20, max_new_tokens=2000)
+    assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    still_serves(pair)
+
+
+def test_stream_must_open_with_a_request(pair):
+    messages = latent_messages(pair)
+    assert receive_status(pair, messages[1:]) == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def wait_until(condition, timeout_s: float) -> bool:
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.02)
+    return condition()
+
+
+def test_client_cancellation_stops_the_receiver(pair):
+    events = pair.sharer_stub.Handoff(
+        pair.client.request(PROMPT, mode=pair.mode, context=CONTEXT, max_new_tokens=2000), timeout=60
+    )
+    first = next(events)
+    assert first.HasField("text")
+    assert pair.receiver_service.limit.in_flight == 1
+    events.cancel()
+    # ~2000 more tokens would take seconds; a cancelled generation stops within one token
+    assert wait_until(lambda: pair.receiver_service.limit.in_flight == 0, 1.5)
+    assert wait_until(lambda: pair.sharer_service.limit.in_flight == 0, 1.5)
+    still_serves(pair)
+
+
+def test_concurrency_bound_gives_resource_exhausted(tiny_pair, tmp_path_factory, spans):
+    bounded = Pair(
+        tiny_pair, make_adapter_dir(tiny_pair, tmp_path_factory, "lcfx"), "lcfx", spans, max_concurrent=1
+    )
+    try:
+        busy = bounded.sharer_stub.Handoff(
+            bounded.client.request(PROMPT, context=CONTEXT, max_new_tokens=2000), timeout=60
+        )
+        next(busy)
+        with pytest.raises(grpc.RpcError) as err:
+            bounded.client.handoff(PROMPT, context=CONTEXT, max_new_tokens=2)
+        assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        busy.cancel()
+        assert wait_until(lambda: bounded.sharer_service.limit.in_flight == 0, 2)
+        assert bounded.client.handoff(PROMPT, context=CONTEXT, max_new_tokens=2).summary.timings.total > 0
+    finally:
+        bounded.stop()
+
+
+def test_graceful_shutdown_finishes_in_flight_handoffs(tiny_pair, tmp_path_factory, spans):
+    import threading
+
+    stopping = Pair(tiny_pair, make_adapter_dir(tiny_pair, tmp_path_factory, "lcfx"), "lcfx", spans)
+    events = stopping.sharer_stub.Handoff(
+        stopping.client.request(PROMPT, context=CONTEXT, max_new_tokens=300), timeout=60
+    )
+    next(events)
+    stopper = threading.Thread(target=stopping.sharer_running.stop, args=(30,))
+    stopper.start()
+    rest = list(events)  # the in-flight handoff runs to its summary
+    stopper.join(30)
+    assert rest[-1].HasField("summary") and rest[-1].summary.tokens.generated > 1
+    with pytest.raises(grpc.RpcError) as err:  # and new work is refused
+        stopping.client.handoff(PROMPT, context=CONTEXT, max_new_tokens=2)
+    assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+    stopping.receiver_running.stop(1)
+
+
+def test_health_is_not_serving_until_the_model_loads(tiny_dir, tmp_path):
+    import time
+
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from services.receiver.server import serve
+
+    port = free_port()
+
+    running, service = serve(
+        ServiceConfig("receiver", model=str(tiny_dir("gemma3", 400, 2)), port=port),
+        make_tracer_provider("lcflow-receiver", InMemorySpanExporter()),
+    )
+    try:
+        stub = health_pb2_grpc.HealthStub(grpc.insecure_channel(f"127.0.0.1:{port}"))
+        first = stub.Check(health_pb2.HealthCheckRequest(service="lcflow.v1.Receiver"), timeout=5).status
+        assert wait_until(lambda: service.engine is not None, 60)
+        time.sleep(0.1)
+        after = stub.Check(health_pb2.HealthCheckRequest(service="lcflow.v1.Receiver"), timeout=5).status
+        assert first == health_pb2.HealthCheckResponse.NOT_SERVING or service.engine is not None
+        assert after == health_pb2.HealthCheckResponse.SERVING
+    finally:
+        running.stop(1)
