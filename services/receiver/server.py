@@ -188,18 +188,13 @@ class ReceiverService(pb_grpc.ReceiverServicer):
             window_start = time.perf_counter()
             assembler.on_header(header)
             self._check_identities(engine, header)
-            packet = None
             for message in messages:
-                kind = message.WhichOneof("message")
-                if kind == "chunk":
-                    assembler.on_chunk(message.chunk)
-                elif kind == "trailer":
-                    packet = assembler.on_trailer(message.trailer)
+                if message.WhichOneof("message") not in ("chunk", "chunks", "trailer"):
+                    raise invalid(f"unexpected {message.WhichOneof('message')} message inside a latent stream")
+                assembler.on_message(message)  # chunks (or batches of them), verified as they come
+                if assembler.packet is not None:
                     break
-                else:
-                    raise invalid(f"unexpected {kind} message inside a latent stream")
-            if packet is None:
-                assembler.on_stream_end()  # raises DATA_LOSS: the stream ended before its trailer
+            packet = assembler.packet or assembler.on_stream_end()  # DATA_LOSS if the trailer never came
             window_ms = (time.perf_counter() - window_start) * 1000
             stats = assembler.stats
             span.set_attribute("lcflow.bytes.raw", stats.bytes_raw)
