@@ -29,7 +29,7 @@ def test_paper_pair_json_meets_the_size_targets(capsys):
     assert lcf["parameters"]["total"] / c2c_total <= 0.04
     assert info["checks"]["c2c_within_1pct_of_paper"] and info["checks"]["lcf_at_most_4pct_of_c2c"]
     assert c2c_total == 477_848_056 and c2c["parameters"]["per_layer"] == 17_066_002
-    assert c2c["bf16_mb"] == 955.7 and c2c["ratio_to_c2c"] == 1.0
+    assert c2c["bf16_mb"] == 955.696 and c2c["ratio_to_c2c"] == 1.0
     assert 0 < lcfx["parameters"]["total"] < c2c_total
     for row in (lcf, lcfx, c2c):
         assert sum(row["blocks"].values()) == row["parameters"]["total"]
@@ -53,7 +53,7 @@ def test_info_on_a_saved_lcf_adapter_prints_its_counts(tiny_pair, tmp_path, caps
     assert code == 0
     assert "mode:        lcf (bottleneck b=16)" in out
     assert f"encoder {counts['encoder']:,}, decoder {counts['decoder']:,}, total {counts['total']:,}" in out
-    assert f"{counts['total'] * 2 / 1e6:.1f} MB in bfloat16" in out
+    assert f"{counts['total'] * 2 / 1e6:.3f} MB in bfloat16" in out
     assert "gates:       0:0.500 1:0.500" in out  # sigmoid(0) stretched and clipped, both layers
     code, out = run_info(capsys, str(tmp_path / "lcf"), "--json")
     info = json.loads(out)
@@ -81,3 +81,29 @@ def test_info_needs_exactly_one_target(tmp_path, capsys):
     assert main(["info", str(tmp_path), "--paper-pair"]) == 2
     assert main(["info", str(tmp_path / "missing")]) == 1
     assert "adapter_config.json" in capsys.readouterr().err
+
+
+def test_paper_pair_configs_give_the_published_sizes_and_matching_identities():
+    from lcflow.paper_pair import (
+        PAPER_PAIR_TOKENIZER_HASH,
+        build_paper_pair_models,
+        model_parameter_count,
+        paper_pair_configs,
+        paper_pair_identities,
+    )
+
+    sharer_cfg, receiver_cfg = paper_pair_configs()
+    assert model_parameter_count(sharer_cfg) == 494_032_768  # Qwen2.5-0.5B, embeddings tied
+    assert model_parameter_count(receiver_cfg) == 596_049_920  # Qwen3-0.6B, embeddings tied
+    with torch.device("meta"):  # the full-size builder, without allocating its 1.1B parameters
+        models = build_paper_pair_models()
+
+    class NoVocab:  # no tokenizer can be had; the config hash does not depend on it
+        def get_vocab(self):
+            return {}
+
+    for model, identity in zip(models, paper_pair_identities(), strict=True):
+        built = model_identity(model, NoVocab())
+        assert built.config_hash == identity.config_hash and built.spec == identity.spec
+        assert identity.tokenizer_hash == PAPER_PAIR_TOKENIZER_HASH
+        assert model.config._name_or_path.startswith("random:") and not model.training

@@ -68,7 +68,12 @@ def run(args) -> int:
 
 
 def megabytes(parameters: int, bytes_per_parameter: int) -> float:
-    return round(parameters * bytes_per_parameter / 1e6, 1)
+    return round(parameters * bytes_per_parameter / 1e6, 3)
+
+
+def format_mb(mb: float) -> str:
+    """One decimal for real sizes, three for tiny test adapters (so they do not read as 0.0)."""
+    return f"{mb:.1f}" if mb >= 1 else f"{mb:.3f}"
 
 
 def block_breakdown(module: nn.Module) -> dict[str, int]:
@@ -131,7 +136,7 @@ def adapter_info(directory: str | Path) -> dict:
         "parameters": counts,
         "dtype": config.dtype,
         "size_mb": megabytes(counts["total"], bytes_per_parameter),
-        "files_mb": round(sum(p.stat().st_size for p in directory.glob("*.safetensors")) / 1e6, 1),
+        "files_mb": round(sum(p.stat().st_size for p in directory.glob("*.safetensors")) / 1e6, 3),
         "bottleneck": config.bottleneck if config.mode != "c2c" else None,
         "slots": config.slots if config.mode == "lcfx" else None,
         "layer_map_strategy": config.layer_map_strategy,
@@ -178,7 +183,7 @@ def format_adapter(info: dict) -> str:
         f"adapter:     {info['directory']}",
         f"mode:        {info['mode']}" + (f" ({', '.join(shape)})" if shape else ""),
         f"parameters:  {sizes}",
-        f"size:        {info['size_mb']} MB in {info['dtype']} ({info['files_mb']} MB of files)",
+        f"size:        {format_mb(info['size_mb'])} MB in {info['dtype']} ({format_mb(info['files_mb'])} MB of files)",
         f"layer map:   {info['layer_map_strategy']}: receiver<-sharer {pairs}",
         f"retained:    {len(info['retained_layers'])} layers {info['retained_layers']}",
         _format_gates(info),
@@ -254,7 +259,9 @@ def format_paper_pair(info: dict) -> str:
     ]
     for row in info["adapters"].values():
         total = row["parameters"]["total"]
-        lines.append(f"{row['label']:<18} {total:>13,} {row['bf16_mb']:>9.1f} {row['ratio_to_c2c']:>8.2%}")
+        lines.append(
+            f"{row['label']:<18} {total:>13,} {format_mb(row['bf16_mb']):>9} {row['ratio_to_c2c']:>8.2%}"
+        )
     per_layer = info["adapters"]["c2c"]["parameters"]["per_layer"]
     lines += [
         "",
