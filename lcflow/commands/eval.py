@@ -1,0 +1,378 @@
+"""`lcflow eval`: every method on the same samples; EM/F1 with 95% CIs, latency per stage, plots.
+
+    lcflow eval --pair smollm2-gemma3 --task facts-cross --methods receiver,text,lcfx --n 500 --out runs/x
+    lcflow eval --sharer DIR --receiver DIR --task-file mine.jsonl --methods receiver,skyline,lcfx \
+        --adapter-lcfx adapters/my-lcfx --out runs/mine
+
+Writes OUT/results.json (summary rows, per-sample records, meta), OUT/results.md (the table)
+and the plots OUT/accuracy_vs_ttft.png and OUT/latency_breakdown.png, and prints the table.
+
+Adapter methods (c2c, lcf, lcfx, lcfx-pruned) load `--adapter-METHOD DIR`, or by default
+ADAPTERS/<pair>-<method> (ADAPTERS: the repo's adapters/ directory). A method whose adapter is
+missing, does not fit the models or cannot apply to the task is skipped with its reason printed
+(and recorded in results.json), so one missing adapter does not cost the whole run.
+
+Latency is measured in-process (see lcflow.evaluation). `--services` is the extension point for
+timing through the real sharer/receiver services: see `evaluate_through_services`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import logging
+import os
+import platform
+import shlex
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from lcflow.evaluation import (
+    METHODS,
+    SAME_CONTEXT_ONLY,
+    EvalModels,
+    SampleOutcome,
+    evaluate,
+    outcome_records,
+    summarize,
+)
+from lcflow.handoff import GenerationSettings
+from lcflow.tasks import SPLITS, TASK_NAMES, QASample, get_task, load_task_file
+
+log = logging.getLogger(__name__)
+
+# Named pairs: (sharer, receiver), names from `lcflow models list`. The pair name is also the
+# prefix of the default adapter directories, adapters/<pair>-<method>.
+PAIRS: dict[str, tuple[str, str]] = {
+    "smollm2-gemma3": ("smollm2-135m-instruct", "gemma3-270m"),
+    "gemma3-smollm2": ("gemma3-270m", "smollm2-135m-instruct"),
+}
+ADAPTER_MODES = {"c2c": "c2c", "lcf": "lcf", "lcfx": "lcfx", "lcfx-pruned": "lcfx"}
+DEFAULT_N = 500  # samples drawn from a built-in task; a task file is used whole unless --n is given
+
+
+def default_adapter_root() -> Path:
+    """The repo's adapters/ directory when running from a checkout, else ./adapters."""
+    in_repo = Path(__file__).resolve().parents[2] / "adapters"
+    return in_repo if in_repo.is_dir() else Path("adapters")
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "eval",
+        help="all methods on the same samples: EM/F1 with CIs, latency, plots",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    models = p.add_argument_group("models (--pair, or --sharer and --receiver)")
+    models.add_argument("--pair", choices=sorted(PAIRS), help="a named sharer/receiver pair")
+    models.add_argument("--sharer", help="sharer model: a `lcflow models list` name, a local dir or a hub id")
+    models.add_argument("--receiver", help="receiver model (same forms as --sharer)")
+    models.add_argument("--device", default="auto", help="auto (cuda if present), cpu or cuda")
+    data = p.add_argument_group("samples")
+    data.add_argument("--task", default="facts-cross", choices=TASK_NAMES, help="built-in task")
+    data.add_argument(
+        "--task-file",
+        type=Path,
+        help="your own samples instead of --task: JSONL, one object per line with sharer_context, "
+        "receiver_context, question, answers (a list); optional id, task, same_context "
+        "(see lcflow.tasks.jsonl)",
+    )
+    data.add_argument("--split", default="test", choices=SPLITS, help="split of the built-in task")
+    data.add_argument(
+        "--n", type=int, help=f"number of samples (default {DEFAULT_N}; a task file: all of it)"
+    )
+    data.add_argument("--seed", type=int, default=0, help="seed for drawing samples and for generation")
+    p.add_argument(
+        "--methods",
+        default="receiver,skyline,text,lcfx",
+        help=f"comma-separated, from: {', '.join(METHODS)}",
+    )
+    p.add_argument("--max-new-tokens", type=int, default=12, help="longest answer, in tokens")
+    adapters = p.add_argument_group("adapters (default: ADAPTERS/<pair>-<method>)")
+    for method in ADAPTER_MODES:
+        adapters.add_argument(f"--adapter-{method}", metavar="DIR", help=f"adapter directory for {method}")
+    adapters.add_argument(
+        "--adapters",
+        type=Path,
+        default=default_adapter_root(),
+        metavar="ADAPTERS",
+        help="where default adapter directories are looked for (default: the repo's adapters/)",
+    )
+    p.add_argument(
+        "--services",
+        metavar="SHARER_HOST:PORT",
+        help="time the handoffs through running services instead of in-process (not implemented yet)",
+    )
+    p.add_argument("--out", type=Path, required=True, help="directory for results.json, results.md, plots")
+    p.set_defaults(func=run)
+
+
+# --- what to run -----------------------------------------------------------------------------------
+
+
+@dataclass
+class EvalPlan:
+    """Everything decided from the flags before any model is loaded."""
+
+    sharer: str
+    receiver: str
+    pair: str | None  # the PAIRS name, for default adapter directories
+    task: str
+    split: str
+    samples: list[QASample]
+    methods: list[str]  # still to run
+    skipped: dict[str, str] = field(default_factory=dict)  # method -> why it is not run
+
+    def skip(self, method: str, reason: str) -> None:
+        print(f"skipping {method}: {reason}")
+        self.skipped[method] = reason
+        self.methods.remove(method)
+
+
+def parse_methods(text: str) -> list[str]:
+    methods = list(dict.fromkeys(m.strip() for m in text.split(",") if m.strip()))
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise ValueError(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(METHODS)}")
+    if not methods:
+        raise ValueError("--methods is empty")
+    return methods
+
+
+def resolve_models(args) -> tuple[str, str, str | None]:
+    """(sharer, receiver, pair name or None) from --pair or --sharer/--receiver."""
+    if args.pair:
+        if args.sharer or args.receiver:
+            raise ValueError("give either --pair or --sharer/--receiver, not both")
+        return *PAIRS[args.pair], args.pair
+    if not (args.sharer and args.receiver):
+        raise ValueError(f"give --pair ({', '.join(sorted(PAIRS))}) or both --sharer and --receiver")
+    pair = next((name for name, models in PAIRS.items() if models == (args.sharer, args.receiver)), None)
+    return args.sharer, args.receiver, pair
+
+
+def load_samples(args) -> tuple[str, str, list[QASample]]:
+    """(task label, split label, samples) from --task-file or --task/--split/--n/--seed."""
+    if args.n is not None and args.n < 1:
+        raise ValueError(f"--n must be at least 1, not {args.n}")
+    if args.task_file:
+        if not args.task_file.is_file():
+            raise ValueError(f"task file {args.task_file} does not exist")
+        samples = load_task_file(args.task_file)
+        return args.task_file.name, "file", samples[: args.n] if args.n else samples
+    return args.task, args.split, get_task(args.task).samples(args.split, args.n or DEFAULT_N, seed=args.seed)
+
+
+def make_plan(args) -> EvalPlan:
+    sharer, receiver, pair = resolve_models(args)
+    methods = parse_methods(args.methods)
+    task, split, samples = load_samples(args)
+    plan = EvalPlan(sharer, receiver, pair, task, split, samples, methods)
+    if not any(s.same_context for s in samples):
+        for method in [m for m in plan.methods if m in SAME_CONTEXT_ONLY]:
+            plan.skip(method, f"same-context tasks only, and no sample of {task} shares its context")
+    return plan
+
+
+# --- models and adapters ---------------------------------------------------------------------------
+
+
+def load_models(sharer: str, receiver: str, device: str) -> tuple[tuple, tuple]:
+    """((sharer model, tokenizer), (receiver model, tokenizer)); the seam tests may replace."""
+    from lcflow.provision import load_model_and_tokenizer
+
+    return load_model_and_tokenizer(sharer, device=device), load_model_and_tokenizer(receiver, device=device)
+
+
+def adapter_dir(method: str, args, pair: str | None) -> tuple[Path | None, str]:
+    """(directory, "") for a method's adapter, or (None, why there is none)."""
+    flag = f"--adapter-{method}"
+    explicit = getattr(args, f"adapter_{method.replace('-', '_')}")
+    if explicit:
+        path = Path(explicit)
+        return (path, "") if path.is_dir() else (None, f"{flag} {path} is not a directory")
+    if pair is None:
+        return None, f"no {flag} DIR given (no default adapter for models outside the named pairs)"
+    path = args.adapters / f"{pair}-{method}"
+    if path.is_dir():
+        return path, ""
+    make = (
+        f"lcflow prune {args.adapters / f'{pair}-lcfx'} --out {path}"
+        if method == "lcfx-pruned"
+        else f"lcflow train --mode {ADAPTER_MODES[method]} ... --out {path}"
+    )
+    return None, f"no adapter at {path} (make one with `{make}`, or pass {flag} DIR)"
+
+
+def load_adapter(method: str, path: Path, sharer_id, receiver_id, device):
+    """A method's adapter, checked against the models and the mode the method needs."""
+    if method == "c2c":
+        from lcflow.adapter.c2c import C2CFuser
+
+        return C2CFuser.from_pretrained(path, sharer=sharer_id, receiver=receiver_id, device=device)
+    from lcflow.adapter import LatentAdapter
+
+    adapter = LatentAdapter.from_pretrained(path, sharer=sharer_id, receiver=receiver_id, device=device)
+    if adapter.config.mode != ADAPTER_MODES[method]:
+        raise ValueError(
+            f"{path} holds a {adapter.config.mode} adapter; {method} needs {ADAPTER_MODES[method]}"
+        )
+    return adapter
+
+
+def load_adapters(plan: EvalPlan, args, models: EvalModels) -> dict[str, dict]:
+    """Fill models.adapters for the planned adapter methods; skip the ones that cannot load.
+    Returns what results.json records per adapter (path, mode, parameter counts)."""
+    from lcflow.kv import model_identity
+
+    sharer_id = model_identity(*models.sharer, name=plan.sharer)
+    receiver_id = model_identity(*models.receiver, name=plan.receiver)
+    device = models.receiver[0].device
+    info = {}
+    for method in [m for m in plan.methods if m in ADAPTER_MODES]:
+        path, reason = adapter_dir(method, args, plan.pair)
+        if path is None:
+            plan.skip(method, reason)
+            continue
+        try:
+            adapter = load_adapter(method, path, sharer_id, receiver_id, device)
+        except ImportError as err:
+            plan.skip(method, f"{method} support is not available ({err})")
+            continue
+        except (ValueError, FileNotFoundError, OSError) as err:  # wrong models or mode, incomplete dir
+            plan.skip(method, f"cannot use {path}: {err}")
+            continue
+        models.adapters[method] = adapter
+        counts = adapter.parameter_counts()
+        info[method] = {
+            "path": str(path),
+            "mode": adapter.config.mode,
+            "parameters": counts["total"],
+            "parameter_counts": counts,
+            "mb_bf16": counts["total"] * 2 / 1e6,
+        }
+    return info
+
+
+# --- measuring -------------------------------------------------------------------------------------
+
+
+def evaluate_through_services(
+    address: str, methods: list[str], models: EvalModels, samples: list[QASample], settings
+) -> list[SampleOutcome]:
+    """Extension point for `--services SHARER_HOST:PORT`: the same SampleOutcomes, timed through
+    the running services (lcflow.client.HandoffClient). Methods the services serve (text, lcf,
+    lcfx) would take their stage timings from the Handoff summary (adding pack, transfer, unpack,
+    decode_kv, which lcflow.report places in order); the rest stay in-process. Not written yet."""
+    raise NotImplementedError(
+        f"--services {address}: timing through the services is not implemented yet; "
+        "run without --services for in-process latency"
+    )
+
+
+def measure(args, methods, models, samples, settings) -> tuple[list[SampleOutcome], str]:
+    """The outcomes and the label of where their latency was measured."""
+    if args.services:
+        return evaluate_through_services(args.services, methods, models, samples, settings), (
+            f"services at {args.services}"
+        )
+    return evaluate(methods, models, samples, settings), "in-process"
+
+
+# --- the record ------------------------------------------------------------------------------------
+
+
+def command_line() -> str:
+    return shlex.join(["lcflow", *sys.argv[1:]])
+
+
+def machine_info(device: torch.device) -> dict:
+    accelerator = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    return {
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "device": str(device),
+        "accelerator": accelerator,
+    }
+
+
+def make_meta(args, plan: EvalPlan, models: EvalModels, adapters: dict, latency: str) -> dict:
+    from lcflow.kv import model_identity
+
+    def identity(name: str, pair: tuple) -> dict:
+        found = model_identity(*pair, name=name)
+        return {"name": name, "config_hash": found.config_hash, "tokenizer_hash": found.tokenizer_hash}
+
+    return {
+        "command": command_line(),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "machine": machine_info(models.receiver[0].device),
+        "models": {
+            "pair": plan.pair,
+            "sharer": plan.sharer,
+            "receiver": plan.receiver,
+            "sharer_identity": identity(plan.sharer, models.sharer),
+            "receiver_identity": identity(plan.receiver, models.receiver),
+        },
+        "adapters": adapters,
+        "task": plan.task,
+        "task_file": str(args.task_file) if args.task_file else None,
+        "split": plan.split,
+        "n": len(plan.samples),
+        "seed": args.seed,
+        "max_new_tokens": args.max_new_tokens,
+        "methods": plan.methods,
+        "skipped": plan.skipped,
+        "latency": latency,
+    }
+
+
+# --- the command -----------------------------------------------------------------------------------
+
+
+def run(args) -> int:
+    from lcflow.provision import ProvisionError
+    from lcflow.report import markdown_table, write_report
+
+    try:
+        plan = make_plan(args)
+    except ValueError as err:
+        print(f"lcflow eval: {err}", file=sys.stderr)
+        return 2
+    try:
+        sharer, receiver = load_models(plan.sharer, plan.receiver, args.device)
+    except ProvisionError as err:
+        print(f"lcflow eval: {err}", file=sys.stderr)
+        return 2
+    models = EvalModels(sharer=sharer, receiver=receiver)
+    adapters = load_adapters(plan, args, models)
+    if not plan.methods:
+        print("lcflow eval: no method left to run (see the reasons above)", file=sys.stderr)
+        return 2
+
+    torch.manual_seed(args.seed)
+    settings = GenerationSettings(max_new_tokens=args.max_new_tokens, seed=args.seed)
+    log.info("eval %s on %d samples of %s", ",".join(plan.methods), len(plan.samples), plan.task)
+    try:
+        outcomes, latency = measure(args, plan.methods, models, plan.samples, settings)
+    except NotImplementedError as err:
+        print(f"lcflow eval: {err}", file=sys.stderr)
+        return 2
+
+    rows = summarize(outcomes, models)
+    meta = make_meta(args, plan, models, adapters, latency)
+    paths = write_report(args.out, rows, outcome_records(outcomes), meta)
+    print()
+    print(markdown_table(rows))
+    for method, reason in plan.skipped.items():
+        print(f"skipped {method}: {reason}")
+    print("written: " + ", ".join(str(p) for p in paths.values()))
+    return 0
