@@ -24,7 +24,7 @@ from transformers import DynamicCache, StoppingCriteria, StoppingCriteriaList, T
 from lcflow.adapter.config import AdapterConfig
 from lcflow.adapter.lcfx import filler_prefix
 from lcflow.align import align_spans
-from lcflow.kv import CapturedKV, RopeCodec, capture_kv, full_cache, prefill
+from lcflow.kv import CapturedKV, RopeCodec, capture_kv, full_cache, prefill, run_backbone
 from lcflow.prompting import (
     MESSAGE_PREFIX,
     TEXT_MESSAGE_INSTRUCTION,
@@ -185,9 +185,7 @@ class Receiver:
         input_ids = torch.cat([filler, rendered.input_ids], dim=1)
         start = time.perf_counter()
         # With gradients when training: the prompt's KV depends on the prefix it attends to.
-        self.model(
-            input_ids=input_ids[:, slots:-1].to(self.model.device), past_key_values=cache, use_cache=True
-        )
+        run_backbone(self.model, input_ids[:, slots:-1], cache)
         timings = {"decode_kv": decode_ms, "receiver_prefill": _ms(start)}
         return PreparedInput(input_ids, cache, rendered.input_ids.shape[1], timings)
 

@@ -166,11 +166,18 @@ def full_cache() -> DynamicCache:
     return DynamicCache()
 
 
+def run_backbone(model, input_ids: torch.Tensor, cache: DynamicCache) -> None:
+    """Fill `cache` with the transformer layers only: the LM head is skipped, since a prefill
+    needs no logits (a 262k-vocabulary head over every prompt token costs more than the layers)."""
+    backbone = model.get_decoder() if hasattr(model, "get_decoder") else model.model
+    backbone(input_ids=input_ids.to(model.device), past_key_values=cache, use_cache=True)
+
+
 @torch.no_grad()
 def prefill(model, input_ids: torch.Tensor, cache: DynamicCache | None = None) -> DynamicCache:
     """Run the model over input_ids [batch, tokens] and return the filled cache."""
     cache = cache if cache is not None else DynamicCache(config=model.config)
-    model(input_ids=input_ids.to(model.device), past_key_values=cache, use_cache=True)
+    run_backbone(model, input_ids, cache)
     return cache
 
 

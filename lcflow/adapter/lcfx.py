@@ -27,7 +27,7 @@ from transformers import DynamicCache
 from lcflow.adapter.blocks import KVProjection, LayerGate, RMSNorm
 from lcflow.adapter.config import AdapterConfig
 from lcflow.adapter.lcf import joint_encoder
-from lcflow.kv import CapturedKV, RopeCodec, split_joint
+from lcflow.kv import CapturedKV, RopeCodec, run_backbone, split_joint
 
 
 class SlotPooling(nn.Module):
@@ -91,7 +91,7 @@ def filler_prefix(model, filler_token_id: int, slots: int) -> DynamicCache:
     """The receiver's own cache for `slots` filler tokens at positions 0..m-1: the neutral base."""
     ids = torch.full((1, slots), filler_token_id, dtype=torch.long, device=model.device)
     cache = DynamicCache(config=model.config)
-    model(input_ids=ids, past_key_values=cache, use_cache=True)
+    run_backbone(model, ids, cache)
     return cache
 
 
