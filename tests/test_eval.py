@@ -1,0 +1,295 @@
+"""`lcflow eval` end to end on tiny random models, and the report helpers on hand-made rows."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import math
+import sys
+from types import SimpleNamespace
+
+import pytest
+
+from lcflow import report
+from lcflow.adapter import LatentAdapter
+from lcflow.cli import main
+from lcflow.commands import eval as eval_cmd
+from lcflow.handoff import Sharer
+from lcflow.kv import model_identity
+
+SLOTS, BOTTLENECK = 4, 16
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def lcfx_dir(tiny_pair, tmp_path_factory):
+    """An untrained LCF-X adapter for the tiny pair, saved as a directory."""
+    (ms, ts), (mr, tr) = tiny_pair
+    adapter = LatentAdapter.for_models(
+        "lcfx", model_identity(ms, ts), model_identity(mr, tr), bottleneck=BOTTLENECK, slots=SLOTS
+    )
+    return adapter.save_pretrained(tmp_path_factory.mktemp("adapter") / "lcfx")
+
+
+def run_cli(argv: list[str]) -> tuple[int, str, str]:
+    """Run `lcflow ARGV` as the shell would (sys.argv set); returns (exit code, stdout, stderr)."""
+    out, err = io.StringIO(), io.StringIO()
+    saved = sys.argv
+    sys.argv = ["lcflow", *argv]
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            code = main(argv)
+    finally:
+        sys.argv = saved
+    return code, out.getvalue(), err.getvalue()
+
+
+@pytest.fixture(scope="module")
+def cross_run(tiny_dir, lcfx_dir, tmp_path_factory):
+    """One eval on facts-cross: four methods that run, one whose adapter is missing."""
+    out = tmp_path_factory.mktemp("eval") / "out"
+    argv = [
+        "eval",
+        "--sharer",
+        str(tiny_dir("llama", 300, 3)),
+        "--receiver",
+        str(tiny_dir("gemma3", 400, 2)),
+        "--task",
+        "facts-cross",
+        "--methods",
+        "receiver,skyline,text,lcfx,lcfx-pruned",
+        "--adapter-lcfx",
+        str(lcfx_dir),
+        "--n",
+        "3",
+        "--max-new-tokens",
+        "4",
+        "--device",
+        "cpu",
+        "--out",
+        str(out),
+    ]
+    with pytest.MonkeyPatch.context() as mp:
+        # The text message is capped at 256 tokens, seconds per sample for a random model that
+        # never stops; 8 tokens run the same code in a fraction of that.
+        mp.setattr(Sharer.write_message, "__defaults__", (8,))
+        code, stdout, stderr = run_cli(argv)
+    return SimpleNamespace(code=code, stdout=stdout, stderr=stderr, out=out, argv=argv)
+
+
+def test_eval_writes_json_markdown_and_plots(cross_run, lcfx_dir):
+    assert cross_run.code == 0, cross_run.stderr
+    results = json.loads((cross_run.out / "results.json").read_text())
+    rows = {row["method"]: row for row in results["summary"]}
+    assert list(rows) == ["receiver", "skyline", "text", "lcfx"]
+    for row in rows.values():
+        assert row["n"] == 3
+        for score in ("em", "f1"):
+            low, high = row[f"{score}_ci"]
+            assert 0.0 <= low <= row[score] <= high <= 1.0
+        for stage in ("receiver_prefill", "generate", "total"):
+            assert row["latency_ms"][stage]["median"] > 0
+            assert row["latency_ms"][stage]["p90"] >= row["latency_ms"][stage]["median"]
+    assert rows["text"]["latency_ms"]["message_generate"]["median"] > 0
+    assert rows["lcfx"]["latency_ms"]["encode"]["median"] > 0
+    # Two retained receiver layers, SLOTS x BOTTLENECK latents each, two bytes per latent (bf16).
+    assert rows["lcfx"]["bytes_sent_median"] == 2 * SLOTS * BOTTLENECK * 2
+    params = LatentAdapter.from_pretrained(lcfx_dir).parameter_counts()["total"]
+    assert rows["lcfx"]["adapter_parameters"] == params
+    assert "adapter_parameters" not in rows["receiver"]
+
+    assert len(results["samples"]) == 4 * 3
+    assert {r["method"] for r in results["samples"]} == set(rows)
+    meta = results["meta"]
+    assert meta["command"].split() == ["lcflow", *cross_run.argv]
+    assert meta["machine"]["cpu_count"] >= 1 and meta["machine"]["torch_threads"] >= 1
+    assert meta["machine"]["device"] == "cpu"
+    assert meta["latency"] == "in-process"
+    assert (meta["task"], meta["split"], meta["n"], meta["seed"]) == ("facts-cross", "test", 3, 0)
+    assert meta["adapters"]["lcfx"]["path"] == str(lcfx_dir)
+    assert meta["adapters"]["lcfx"]["parameters"] == params
+
+    markdown = (cross_run.out / "results.md").read_text()
+    assert "| method | n | EM [95% CI] | F1 [95% CI] | TTFT ms |" in markdown
+    for method in rows:
+        assert f"\n| {method} | 3 |" in markdown
+    assert "| method | n |" in cross_run.stdout  # the table is printed too
+    for name in ("accuracy_vs_ttft.png", "latency_breakdown.png"):
+        assert (cross_run.out / name).read_bytes()[:8] == PNG_MAGIC
+
+
+def test_missing_adapter_is_skipped_with_a_printed_reason(cross_run):
+    assert "skipping lcfx-pruned: no --adapter-lcfx-pruned DIR given" in cross_run.stdout
+    meta = json.loads((cross_run.out / "results.json").read_text())["meta"]
+    assert "lcfx-pruned" in meta["skipped"] and "lcfx-pruned" not in meta["methods"]
+    assert "- lcfx-pruned: no --adapter-lcfx-pruned" in (cross_run.out / "results.md").read_text()
+
+
+@pytest.fixture
+def loaded_tiny_pair(monkeypatch, tiny_pair):
+    """--pair names real models; serve the tiny ones in their place (the loading seam)."""
+    monkeypatch.setattr(eval_cmd, "load_models", lambda sharer, receiver, device: tiny_pair)
+
+
+def write_jsonl(path, records) -> str:
+    path.write_text("\n".join(json.dumps(r) for r in records) + "\n")
+    return str(path)
+
+
+SAME = "Mira Volkov lives in Oslo. Lior Senn plays the violin."
+TASK_RECORDS = [
+    {"id": "a", "sharer_context": SAME, "receiver_context": SAME, "question": "Where?", "answers": ["Oslo"]},
+    {"sharer_context": SAME, "receiver_context": "", "question": "What instrument?", "answers": ["violin"]},
+]
+
+
+def test_task_file_with_pair_and_default_adapter_directories(loaded_tiny_pair, lcfx_dir, tmp_path):
+    adapters = tmp_path / "adapters"
+    adapters.mkdir()
+    (adapters / "smollm2-gemma3-lcfx").symlink_to(lcfx_dir, target_is_directory=True)
+    task_file = write_jsonl(tmp_path / "mine.jsonl", TASK_RECORDS)
+    code, stdout, stderr = run_cli(
+        ["eval", "--pair", "smollm2-gemma3", "--task-file", task_file, "--methods", "receiver,lcf,lcfx"]
+        + ["--adapters", str(adapters), "--max-new-tokens", "3", "--out", str(tmp_path / "out")]
+    )
+    assert code == 0, stderr
+    # The file has a same-context sample, so lcf applies, but adapters/ holds no lcf adapter.
+    assert f"skipping lcf: no adapter at {adapters / 'smollm2-gemma3-lcf'}" in stdout
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert [row["method"] for row in results["summary"]] == ["receiver", "lcfx"]
+    assert [row["n"] for row in results["summary"]] == [2, 2]
+    assert {r["sample_id"] for r in results["samples"]} == {"a", "mine-2"}
+    meta = results["meta"]
+    assert (meta["task"], meta["split"], meta["n"]) == ("mine.jsonl", "file", 2)
+    assert meta["models"]["pair"] == "smollm2-gemma3"
+    assert meta["models"]["receiver"] == "gemma3-270m"
+    assert meta["adapters"]["lcfx"]["path"] == str(adapters / "smollm2-gemma3-lcfx")
+
+
+def test_bad_task_file_gives_a_clear_error(loaded_tiny_pair, tmp_path):
+    bad = write_jsonl(tmp_path / "bad.jsonl", [TASK_RECORDS[0], {"question": "Where?", "answers": []}])
+    code, _, stderr = run_cli(
+        ["eval", "--pair", "smollm2-gemma3", "--task-file", bad, "--out", str(tmp_path)]
+    )
+    assert code == 2
+    assert "bad.jsonl:2: missing field 'sharer_context'" in stderr
+    assert "'answers' must be a non-empty list" in stderr
+    missing = str(tmp_path / "nope.jsonl")
+    code, _, stderr = run_cli(
+        ["eval", "--pair", "smollm2-gemma3", "--task-file", missing, "--out", str(tmp_path)]
+    )
+    assert code == 2 and "nope.jsonl does not exist" in stderr
+    assert not (tmp_path / "results.json").exists()
+
+
+def test_wrong_mode_adapter_skipped_and_nothing_left_is_an_error(loaded_tiny_pair, lcfx_dir, tmp_path):
+    task_file = write_jsonl(tmp_path / "same.jsonl", TASK_RECORDS[:1])
+    code, stdout, stderr = run_cli(
+        ["eval", "--pair", "smollm2-gemma3", "--task-file", task_file, "--methods", "lcf,lcfx-pruned"]
+        + ["--adapter-lcf", str(lcfx_dir), "--adapters", str(tmp_path), "--out", str(tmp_path / "out")]
+    )
+    assert code == 2
+    assert "skipping lcf: cannot use" in stdout and "holds a lcfx adapter; lcf needs lcf" in stdout
+    assert "skipping lcfx-pruned: no adapter at" in stdout and "lcflow prune" in stdout
+    assert "no method left to run" in stderr
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--pair", "smollm2-gemma3", "--methods", "receiver,telepathy"], "unknown method(s) telepathy"),
+        (["--sharer", "x"], "give --pair"),
+        (["--pair", "smollm2-gemma3", "--sharer", "x"], "not both"),
+        (["--pair", "smollm2-gemma3", "--n", "0"], "--n must be at least 1"),
+    ],
+)
+def test_bad_flags_are_refused_before_loading(monkeypatch, tmp_path, argv, message):
+    monkeypatch.setattr(eval_cmd, "load_models", lambda *a: pytest.fail("models loaded despite bad flags"))
+    code, _, stderr = run_cli(["eval", *argv, "--out", str(tmp_path)])
+    assert code == 2 and message in stderr
+
+
+def test_services_is_an_explicit_not_yet(loaded_tiny_pair, tmp_path):
+    code, _, stderr = run_cli(
+        ["eval", "--pair", "smollm2-gemma3", "--methods", "receiver", "--n", "1"]
+        + ["--services", "127.0.0.1:50051", "--out", str(tmp_path / "out")]
+    )
+    assert code == 2 and "not implemented yet" in stderr
+    assert not (tmp_path / "out").exists()
+
+
+# --- report helpers ---------------------------------------------------------------------------------
+
+
+def row(method: str, em: float, ci: list[float], stages: dict[str, float], **extra) -> dict:
+    latency = {name: {"median": ms, "p90": ms * 2} for name, ms in stages.items()}
+    return {
+        "method": method,
+        "n": 1,
+        "em": em,
+        "em_ci": ci,
+        "f1": em,
+        "f1_ci": ci,
+        "latency_ms": latency,
+        "bytes_sent_median": 2048,
+        **extra,
+    }
+
+
+def test_report_table_orders_stages_and_marks_missing_values():
+    rows = [
+        row(
+            "lcfx",
+            1.0,
+            [math.nan, math.nan],
+            {
+                "zeta": 1,
+                "generate": 2,
+                "transfer": 3,
+                "sharer_prefill": 4,
+                "time_to_first_token": 5,
+                "total": 9,
+            },
+            adapter_parameters=1234,
+            adapter_mb_bf16=0.0025,
+        ),
+        row("receiver", 0.5, [0.25, 0.75], {"receiver_prefill": 7, "total": 8}),
+    ]
+    assert report.stage_names(rows) == ["sharer_prefill", "transfer", "receiver_prefill", "generate", "zeta"]
+    table = report.markdown_table(rows).splitlines()
+    assert table[0].startswith("| method | n | EM [95% CI] |")
+    assert "| lcfx | 1 | 1.000 [n/a] |" in table[2] and "| 1,234 | 0.00 |" in table[2]
+    assert "| 5.0 | 10.0 | 9.0 | 4.0 | 3.0 |  | 2.0 | 1.0 | 2.0 kB |" in table[2]
+    # No token ever streamed: the total stands in for TTFT, and the table says so.
+    assert "| receiver | 1 | 0.500 [0.250, 0.750] |" in table[3] and "8.0 (no token: total)" in table[3]
+
+
+def test_report_json_has_no_nan(tmp_path):
+    rows = [row("receiver", 0.0, [math.nan, math.nan], {"receiver_prefill": 1, "total": 2})]
+    meta = {
+        "task": "t",
+        "split": "test",
+        "n": 1,
+        "seed": 0,
+        "models": {"sharer": "s", "receiver": "r"},
+        "machine": {"cpu_count": 2, "torch_threads": 2, "device": "cpu", "accelerator": "cpu"},
+        "latency": "in-process",
+        "date": "now",
+        "command": "lcflow eval",
+    }
+    paths = report.write_report(tmp_path, rows, [], meta)
+    text = paths["json"].read_text()
+    assert "NaN" not in text and json.loads(text)["summary"][0]["em_ci"] == [None, None]
+    assert paths["accuracy_plot"].read_bytes()[:8] == PNG_MAGIC
+
+
+def test_adapter_dir_defaults(tmp_path):
+    (tmp_path / "smollm2-gemma3-lcf").mkdir()
+    args = SimpleNamespace(adapters=tmp_path, adapter_lcf=None, adapter_c2c=str(tmp_path / "gone"))
+    assert eval_cmd.adapter_dir("lcf", args, "smollm2-gemma3") == (tmp_path / "smollm2-gemma3-lcf", "")
+    path, reason = eval_cmd.adapter_dir("c2c", args, "smollm2-gemma3")
+    assert path is None and "--adapter-c2c" in reason and "is not a directory" in reason
+    path, reason = eval_cmd.adapter_dir("lcf", args, None)
+    assert path is None and "no --adapter-lcf DIR given" in reason
