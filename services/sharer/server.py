@@ -251,6 +251,8 @@ class SharerService(pb_grpc.SharerServicer):
             merged.timings.time_to_first_token = (first_token_at - started) * 1000
         merged.timings.total = (time.perf_counter() - started) * 1000
         merged.tokens.context = stream.context_tokens
+        if stream.request.text_message:  # TEXT mode: the message itself is what travelled
+            merged.bytes_raw = merged.bytes_wire = len(stream.request.text_message.encode())
         return pb.HandoffEvent(summary=merged)
 
 

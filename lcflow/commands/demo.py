@@ -1,0 +1,47 @@
+"""`lcflow demo`: the README's main command (no flags needed)."""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import fields
+
+from lcflow.demo import DemoOptions
+
+
+def register(subparsers) -> None:
+    d = DemoOptions()
+    p = subparsers.add_parser(
+        "demo",
+        help="run the sharer and receiver on loopback and compare text with LCF-X handoff",
+        description="Provision the demo models if needed, start the sharer and the receiver as two processes, "
+        "ask a few cross-context questions in TEXT and LCF_X mode, print answers and timings, stop both.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--sharer-model", default=d.sharer_model, help="sharer model (name, directory or hub id)")
+    p.add_argument(
+        "--receiver-model", default=d.receiver_model, help="receiver model (name, directory or hub id)"
+    )
+    p.add_argument(
+        "--adapter", default=d.adapter, help="LCF-X adapter directory (default: the shipped demo adapter)"
+    )
+    p.add_argument("--sharer", default=d.sharer, help="HOST:PORT of running services: only ask the questions")
+    p.add_argument("--n", type=int, default=d.n, help="how many questions")
+    p.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens, help="longest answer, in tokens")
+    p.add_argument("--seed", type=int, default=d.seed, help="which held-out questions")
+    p.add_argument("--run-dir", default=d.run_dir, help="where the service logs and trace spans go")
+    p.add_argument(
+        "--startup-timeout-s", type=float, default=d.startup_timeout_s, help="wait this long for health"
+    )
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from lcflow.demo import run_demo
+
+    names = {f.name for f in fields(DemoOptions)}
+    try:
+        run_demo(DemoOptions(**{k: v for k, v in vars(args).items() if k in names}))
+    except KeyboardInterrupt:
+        print("\ninterrupted; both services were stopped")
+        return 130
+    return 0

@@ -1,0 +1,249 @@
+"""`lcflow demo`: the whole pair on loopback, text vs latent handoff side by side.
+
+1. make sure the demo models are provisioned (`lcflow models pull`, once);
+2. start the receiver and the sharer as two separate processes, wait for their health checks;
+3. run a few cross-context questions (the answer is only in the sharer's document) in TEXT
+   mode and in LCF_X mode, printing each answer, the expected one, the stage timings and the
+   speed-up;
+4. stop both services, also on Ctrl-C.
+
+With `--sharer HOST:PORT` only step 3 runs, against services already running (the
+docker-compose demo client does this).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+REPO_ADAPTERS = Path(__file__).resolve().parent.parent / "adapters"
+DEFAULT_SHARER = "smollm2-135m-instruct"
+DEFAULT_RECEIVER = "gemma3-270m"
+DEFAULT_ADAPTER = "smollm2-to-gemma3-lcfx"
+STAGES = (
+    "sharer_prefill",
+    "message_generate",
+    "encode",
+    "pack",
+    "transfer",
+    "unpack",
+    "decode_kv",
+    "receiver_prefill",
+)
+
+
+@dataclass
+class DemoOptions:
+    sharer_model: str = DEFAULT_SHARER
+    receiver_model: str = DEFAULT_RECEIVER
+    adapter: str = ""  # empty: the shipped demo adapter, else any LCF-X adapter in adapters/
+    sharer: str = ""  # HOST:PORT of running services: client part only
+    n: int = 3
+    max_new_tokens: int = 12
+    seed: int = 0
+    run_dir: str = ""  # where service logs (with their trace spans) go
+    startup_timeout_s: float = 600.0
+
+
+def find_adapter(requested: str, out=print) -> Path:
+    """The adapter to serve: as asked, else the shipped demo adapter, else any LCF-X one (said so)."""
+    if requested:
+        path = Path(requested)
+        if not path.is_dir():
+            raise SystemExit(f"adapter directory {path} does not exist")
+        return path
+    shipped = REPO_ADAPTERS / DEFAULT_ADAPTER
+    if (shipped / "adapter_config.json").is_file():
+        return shipped
+    candidates = sorted(
+        p.parent for p in REPO_ADAPTERS.glob("*/adapter_config.json") if "lcfx" in p.parent.name
+    )
+    if not candidates:
+        raise SystemExit(
+            f"no LCF-X adapter found (looked for {shipped} and adapters/*lcfx*); train one with "
+            "`lcflow train --mode lcfx --out DIR` and pass --adapter DIR"
+        )
+    out(f"note: the shipped adapter {shipped.name} is not there; using {candidates[0]} instead")
+    return candidates[0]
+
+
+def ensure_models(*names: str, out=print) -> None:
+    from lcflow.provision import KNOWN_MODELS, pull
+
+    for name in names:
+        if name in KNOWN_MODELS:
+            result = pull(name)
+            out(f"model {name}: {'cached' if result.already_cached else 'provisioned'} at {result.path}")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_serving(address: str, service: str, timeout_s: float, process: subprocess.Popen) -> None:
+    stub = health_pb2_grpc.HealthStub(grpc.insecure_channel(address))
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise SystemExit(f"the {service} process exited with code {process.returncode}; see its log")
+        try:
+            status = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=2).status
+            if status == health_pb2.HealthCheckResponse.SERVING:
+                return
+        except grpc.RpcError:
+            pass  # not listening yet
+        time.sleep(0.25)
+    raise SystemExit(f"{service} at {address} was not SERVING after {timeout_s:.0f} s")
+
+
+@contextmanager
+def running_pair(options: DemoOptions, adapter: Path, run_dir: Path, out=print):
+    """Receiver and sharer as two processes on loopback; stopped (SIGTERM, then kill) on exit."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    receiver_port, sharer_port = free_port(), free_port()
+    env = {**os.environ, "OTEL_TRACES_EXPORTER": os.environ.get("OTEL_TRACES_EXPORTER", "console")}
+    base = [sys.executable, "-m", "lcflow.cli", "serve"]
+    commands = {
+        "receiver": base
+        + [
+            "receiver",
+            "--model",
+            options.receiver_model,
+            "--adapter",
+            str(adapter),
+            "--port",
+            str(receiver_port),
+        ],
+        "sharer": base
+        + ["sharer", "--model", options.sharer_model, "--adapter", str(adapter), "--port", str(sharer_port)]
+        + ["--receiver", f"127.0.0.1:{receiver_port}"],
+    }
+    processes: dict[str, subprocess.Popen] = {}
+    try:
+        for role, command in commands.items():
+            log_file = open(run_dir / f"{role}.log", "w")  # noqa: SIM115 - closed with the process
+            processes[role] = subprocess.Popen(
+                command,
+                stdout=log_file,
+                stderr=subprocess.STDOUT,
+                env={**env, "OTEL_SERVICE_NAME": f"lcflow-{role}"},
+            )
+            out(
+                f"started {role} (pid {processes[role].pid}) on 127.0.0.1:{receiver_port if role == 'receiver' else sharer_port}"
+            )
+        wait_serving(
+            f"127.0.0.1:{receiver_port}",
+            "lcflow.v1.Receiver",
+            options.startup_timeout_s,
+            processes["receiver"],
+        )
+        wait_serving(
+            f"127.0.0.1:{sharer_port}", "lcflow.v1.Sharer", options.startup_timeout_s, processes["sharer"]
+        )
+        out("both services are SERVING")
+        yield f"127.0.0.1:{sharer_port}"
+    finally:
+        for role in ("sharer", "receiver"):
+            process = processes.get(role)
+            if process is None or process.poll() is not None:
+                continue
+            process.terminate()
+            try:
+                process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+        if processes:
+            out(f"stopped both services; their logs and trace spans are in {run_dir}")
+
+
+def run_questions(sharer_address: str, options: DemoOptions, out=print) -> list[dict]:
+    """Cross-context questions in TEXT and LCF_X mode; prints and returns one row per question."""
+    from lcflow.client import HandoffClient
+    from lcflow.metrics import exact_match, extract_answer
+    from lcflow.tasks import get_task, question_prompt
+    from lcflow.telemetry import make_tracer_provider
+
+    provider = make_tracer_provider("lcflow-demo-client")
+    client = HandoffClient(sharer_address, provider)
+    rows = []
+    samples = get_task("facts-cross").samples("test", options.n + 1, seed=options.seed)
+    for mode in ("text", "lcfx"):  # one unprinted warm-up each, so first-call costs do not skew the timings
+        warm = samples[-1]
+        client.handoff(
+            question_prompt(warm.question), mode=mode, context=warm.sharer_context, max_new_tokens=2
+        )
+    for sample in samples[:-1]:
+        out("")
+        out(f"question: {sample.question}    expected: {sample.answers[0]}")
+        row = {"question": sample.question, "expected": sample.answers[0]}
+        for mode in ("text", "lcfx"):
+            result = client.handoff(
+                question_prompt(sample.question),
+                mode=mode,
+                context=sample.sharer_context,
+                receiver_context=sample.receiver_context,
+                max_new_tokens=options.max_new_tokens,
+            )
+            t = result.summary.timings
+            answer = extract_answer(result.answer)
+            correct = exact_match(answer, sample.answers) == 1.0
+            stages = ", ".join(f"{s} {getattr(t, s):.0f}" for s in STAGES if getattr(t, s))
+            out(
+                f"  {mode.upper():>5}: {answer!r:<24} {'right' if correct else 'wrong':<5}  "
+                f"first token {t.time_to_first_token:7.0f} ms, total {t.total:7.0f} ms, "
+                f"sent {result.summary.bytes_wire} B  [{stages}]  trace {result.summary.trace_id}"
+            )
+            row[mode] = {
+                "answer": answer,
+                "correct": correct,
+                "ttft_ms": t.time_to_first_token,
+                "total_ms": t.total,
+            }
+        speedup = row["text"]["ttft_ms"] / max(row["lcfx"]["ttft_ms"], 1e-6)
+        out(f"  LCF-X reached its first answer token {speedup:.1f}x sooner than TEXT")
+        rows.append(row)
+    provider.shutdown()
+    client.close()
+    return rows
+
+
+def summarize(rows: list[dict], out=print) -> None:
+    if not rows:
+        return
+    out("")
+    for mode in ("text", "lcfx"):
+        right = sum(r[mode]["correct"] for r in rows)
+        ttft = sorted(r[mode]["ttft_ms"] for r in rows)[len(rows) // 2]
+        out(f"{mode.upper():>5}: {right}/{len(rows)} right, median time to first token {ttft:.0f} ms")
+
+
+def run_demo(options: DemoOptions, out=print) -> list[dict]:
+    if options.sharer:
+        rows = run_questions(options.sharer, options, out)
+        summarize(rows, out)
+        return rows
+    ensure_models(options.sharer_model, options.receiver_model, out=out)
+    adapter = find_adapter(options.adapter, out)
+    out(f"adapter: {adapter}")
+    run_dir = Path(
+        options.run_dir or Path.home() / ".cache" / "lcflow" / "demo" / time.strftime("%Y%m%d-%H%M%S")
+    )
+    with running_pair(options, adapter, run_dir, out) as sharer_address:
+        rows = run_questions(sharer_address, options, out)
+    summarize(rows, out)
+    return rows
