@@ -10,6 +10,7 @@ import sys
 from types import SimpleNamespace
 
 import pytest
+import torch
 
 from lcflow import report
 from lcflow.adapter import LatentAdapter
@@ -20,6 +21,16 @@ from lcflow.kv import model_identity
 
 SLOTS, BOTTLENECK = 4, 16
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """Tiny matmuls gain nothing from threads, and on a busy 2-core machine two OpenMP threads
+    spin against other processes (100x slower here); restored afterwards for other modules."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
@@ -73,7 +84,7 @@ def cross_run(tiny_dir, lcfx_dir, tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
         # The text message is capped at 256 tokens, seconds per sample for a random model that
         # never stops; 8 tokens run the same code in a fraction of that.
-        mp.setattr(Sharer.write_message, "__defaults__", (8,))
+        mp.setattr(Sharer.write_message.__wrapped__, "__defaults__", (8,))  # under no_grad
         code, stdout, stderr = run_cli(argv)
     return SimpleNamespace(code=code, stdout=stdout, stderr=stderr, out=out, argv=argv)
 
