@@ -1,8 +1,9 @@
 """`lcflow eval`: every method on the same samples; EM/F1 with 95% CIs, latency per stage, plots.
 
-    lcflow eval --pair smollm2-gemma3 --task facts-cross --methods receiver,text,lcfx --n 500 --out runs/x
-    lcflow eval --sharer DIR --receiver DIR --task-file mine.jsonl --methods receiver,skyline,lcfx \
-        --adapter-lcfx adapters/my-lcfx --out runs/mine
+    lcflow eval --pair smollm2-gemma3 --task facts-cross --n 500 --out runs/cross
+    lcflow eval --sharer DIR --receiver DIR --task-file mine.jsonl --adapter-lcfx DIR --out runs/mine
+
+Every method runs unless --methods picks some (receiver,sharer,skyline,text,c2c,lcf,lcfx,...).
 
 Writes OUT/results.json (summary rows, per-sample records, meta), OUT/results.md (the table)
 and the plots OUT/accuracy_vs_ttft.png and OUT/latency_breakdown.png, and prints the table.
@@ -73,7 +74,9 @@ def register(subparsers) -> None:
     models.add_argument("--receiver", help="receiver model (same forms as --sharer)")
     models.add_argument("--device", default="auto", help="auto (cuda if present), cpu or cuda")
     data = p.add_argument_group("samples")
-    data.add_argument("--task", default="facts-cross", choices=TASK_NAMES, help="built-in task")
+    data.add_argument(
+        "--task", default="facts-cross", choices=TASK_NAMES, help="built-in task (default %(default)s)"
+    )
     data.add_argument(
         "--task-file",
         type=Path,
@@ -88,8 +91,8 @@ def register(subparsers) -> None:
     data.add_argument("--seed", type=int, default=0, help="seed for drawing samples and for generation")
     p.add_argument(
         "--methods",
-        default="receiver,skyline,text,lcfx",
-        help=f"comma-separated, from: {', '.join(METHODS)}",
+        default=",".join(METHODS),
+        help="comma-separated, from: %(default)s (the default: all of them)",
     )
     p.add_argument("--max-new-tokens", type=int, default=12, help="longest answer, in tokens")
     adapters = p.add_argument_group("adapters (default: ADAPTERS/<pair>-<method>)")
@@ -211,7 +214,8 @@ def adapter_dir(method: str, args, pair: str | None) -> tuple[Path | None, str]:
 def load_adapter(method: str, path: Path, sharer_id, receiver_id, device):
     """A method's adapter, checked against the models and the mode the method needs."""
     if method == "c2c":
-        from lcflow.adapter.c2c import C2CFuser
+        # The harness needs c2c_prepare too; a partial C2C module means no c2c, not a crash mid-run.
+        from lcflow.adapter.c2c import C2CFuser, c2c_prepare  # noqa: F401
 
         return C2CFuser.from_pretrained(path, sharer=sharer_id, receiver=receiver_id, device=device)
     from lcflow.adapter import LatentAdapter
