@@ -69,8 +69,14 @@ class _Clock:
         self.timings[name] = self.timings.get(name, 0.0) + (now - self.last) * 1000
         self.last = now
 
-    def first_token(self, _text: str) -> None:
+    def first_token(self) -> None:
         self.timings.setdefault("time_to_first_token", (time.perf_counter() - self.start) * 1000)
+
+    def add(self, timings: dict[str, float]) -> None:
+        """Stages another component timed itself (they happened since the last stage closed)."""
+        for name, ms in timings.items():
+            self.timings[name] = self.timings.get(name, 0.0) + ms
+        self.last = time.perf_counter()
 
     def finish(self) -> dict[str, float]:
         self.timings["total"] = (time.perf_counter() - self.start) * 1000
@@ -87,7 +93,7 @@ def _contexts(*texts: str) -> list[str]:
 
 
 def _halves(models: EvalModels, method: str) -> tuple[Sharer, Receiver]:
-    adapter = models.adapters.get(method)
+    adapter = models.adapters.get(method) if method in ("lcf", "lcfx", "lcfx-pruned") else None
     encoder = adapter.encoder if adapter is not None else None
     decoder = adapter.decoder if adapter is not None else None
     config = adapter.config if adapter is not None else None
@@ -124,6 +130,7 @@ def run_sample(
         prepared, bytes_sent = c2c_prepare(
             models.adapters["c2c"], models.sharer, receiver, sample.sharer_context, prompt
         )
+        clock.add(prepared.timings_ms)
     elif method in ("lcf", "lcfx", "lcfx-pruned"):
         context = sharer.prefill(sample.sharer_context)
         clock.stage("sharer_prefill")
@@ -139,10 +146,12 @@ def run_sample(
             prepared = receiver.prepare_lcfx(latents, prompt, sample.receiver_context)
     else:
         raise ValueError(f"unknown method {method!r}; choose from {METHODS}")
-    clock.stage("receiver_prefill")
-    generated = receiver.generate(prepared, settings, on_text=clock.first_token)
+    if method != "c2c":
+        clock.stage("receiver_prefill")
+    generated = receiver.generate(prepared, settings, on_first_token=clock.first_token)
     clock.stage("generate")
     timings = clock.finish()
+    timings.setdefault("time_to_first_token", timings["total"])  # no token at all: the wait was the whole run
     prediction = extract_answer(generated)
     return SampleOutcome(
         method=method,

@@ -211,9 +211,17 @@ class Receiver:
         settings: GenerationSettings | None = None,
         on_text: Callable[[str], None] | None = None,
         should_stop: Callable[[], bool] | None = None,
+        on_first_token: Callable[[], None] | None = None,
     ) -> str:
         return generate_text(
-            self.model, self.tokenizer, prepared.input_ids, prepared.cache, settings, on_text, should_stop
+            self.model,
+            self.tokenizer,
+            prepared.input_ids,
+            prepared.cache,
+            settings,
+            on_text,
+            should_stop,
+            on_first_token,
         )
 
 
@@ -230,14 +238,22 @@ class _StopWhen(StoppingCriteria):
 
 
 class _CallbackStreamer(TextStreamer):
-    """Hands each finalised piece of text to a callback (skipping the prompt)."""
+    """Hands each finalised piece of text to `on_text` (skipping the prompt), and calls
+    `on_first_token` when the first answer token exists: text is only finalised at word
+    boundaries, so that would time the first word, not the first token."""
 
-    def __init__(self, tokenizer, on_text: Callable[[str], None]):
+    def __init__(self, tokenizer, on_text=None, on_first_token=None):
         super().__init__(tokenizer, skip_prompt=True, skip_special_tokens=True)
-        self.on_text = on_text
+        self.on_text, self.on_first_token = on_text, on_first_token
+
+    def put(self, value):
+        if not self.next_tokens_are_prompt and self.on_first_token is not None:
+            self.on_first_token()
+            self.on_first_token = None
+        super().put(value)
 
     def on_finalized_text(self, text: str, stream_end: bool = False):
-        if text:
+        if text and self.on_text is not None:
             self.on_text(text)
 
 
@@ -250,10 +266,12 @@ def generate_text(
     settings: GenerationSettings | None = None,
     on_text: Callable[[str], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
+    on_first_token: Callable[[], None] | None = None,
 ) -> str:
     """`model.generate` continuing from `cache` (which holds all but the uncached tail of input_ids).
 
-    on_text receives the answer's text as it is produced; should_stop is polled after every token."""
+    on_text receives the answer's text as it is produced; on_first_token is called once, when
+    the first answer token is generated; should_stop is polled after every token."""
     settings = settings or GenerationSettings()
     if settings.seed is not None:
         torch.manual_seed(settings.seed)
@@ -265,7 +283,7 @@ def generate_text(
         attention_mask=torch.ones_like(input_ids),
         past_key_values=cache,
         pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
-        streamer=_CallbackStreamer(tokenizer, on_text) if on_text else None,
+        streamer=_CallbackStreamer(tokenizer, on_text, on_first_token) if on_text or on_first_token else None,
         stopping_criteria=StoppingCriteriaList([_StopWhen(should_stop)]) if should_stop else None,
         **settings.generate_kwargs(tokenizer),
     )

@@ -27,9 +27,9 @@ class StreamResult:
 
 
 class GenerationStream:
-    """Runs `generate(on_text, should_stop) -> str` in a thread; iterate to get the deltas."""
+    """Runs `generate(on_text, should_stop, on_first_token) -> str` in a thread; iterate to get the deltas."""
 
-    def __init__(self, generate: Callable[[Callable[[str], None], Callable[[], bool]], str]):
+    def __init__(self, generate: Callable[..., str]):
         self._generate = generate
         self._queue: queue.Queue = queue.Queue()
         self._cancel = threading.Event()
@@ -48,14 +48,17 @@ class GenerationStream:
     def cancelled(self) -> bool:
         return self._cancel.is_set()
 
+    def _on_first_token(self) -> None:
+        self.result.first_token_at = time.perf_counter()
+
     def _on_text(self, text: str) -> None:
         if self.result.first_token_at is None:
-            self.result.first_token_at = time.perf_counter()
+            self._on_first_token()
         self._queue.put(text)
 
     def _run(self) -> None:
         try:
-            self.result.text = self._generate(self._on_text, self._cancel.is_set)
+            self.result.text = self._generate(self._on_text, self._cancel.is_set, self._on_first_token)
         except BaseException as err:  # handed to the consumer, which re-raises it
             self._error = err
         finally:

@@ -8,7 +8,9 @@ import pytest
 import torch
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-torch.set_num_threads(min(2, torch.get_num_threads()))
+# One thread: tiny-model matmuls gain nothing from two, and on a busy 2-core machine two
+# threads per process oversubscribe the cores and run many times slower.
+torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")

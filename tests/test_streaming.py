@@ -13,7 +13,7 @@ def test_stream_yields_the_same_text_as_generate(tiny_dir):
     whole = receiver.generate(receiver.prepare_plain("Where does Mira live?", []), settings)
     prepared = receiver.prepare_plain("Where does Mira live?", [])
     stream = GenerationStream(
-        lambda on_text, stop: receiver.generate(prepared, settings, on_text, stop)
+        lambda *hooks: receiver.generate(prepared, settings, *hooks)
     ).start()
     deltas = list(stream)
     assert "".join(deltas).strip() == whole.strip() == stream.result.text.strip()
@@ -26,14 +26,16 @@ def test_cancel_stops_generation_within_a_token(tiny_dir):
     tokens = []
     release = threading.Event()
 
-    def generate(on_text, should_stop):
+    def generate(on_text, should_stop, on_first_token):
         def polled():
             tokens.append(1)
             if len(tokens) == 3:
                 release.set()
             return should_stop()
 
-        return receiver.generate(prepared, GenerationSettings(max_new_tokens=500), on_text, polled)
+        return receiver.generate(
+            prepared, GenerationSettings(max_new_tokens=500), on_text, polled, on_first_token
+        )
 
     stream = GenerationStream(generate).start()
     release.wait(10)
@@ -43,7 +45,7 @@ def test_cancel_stops_generation_within_a_token(tiny_dir):
 
 
 def test_errors_reach_the_consumer():
-    def broken(on_text, should_stop):
+    def broken(on_text, should_stop, on_first_token):
         on_text("partial")
         raise RuntimeError("model exploded")
 

@@ -140,9 +140,7 @@ class ReceiverService(pb_grpc.ReceiverServicer):
         with torch.inference_mode():
             prepared = self._prepare(engine, mode, prompt, receiver_context, request, latents)
         timings.update(prepared.timings_ms)
-        stream = GenerationStream(
-            lambda on_text, should_stop: engine.receiver.generate(prepared, settings, on_text, should_stop)
-        )
+        stream = GenerationStream(lambda *hooks: engine.receiver.generate(prepared, settings, *hooks))
         # The client (or the sharer) gone, or the deadline passed: stop generating and free the cache.
         context.add_callback(stream.cancel)
         with self.tracer.start_as_current_span("receiver.generate") as span:
@@ -190,7 +188,9 @@ class ReceiverService(pb_grpc.ReceiverServicer):
             self._check_identities(engine, header)
             for message in messages:
                 if message.WhichOneof("message") not in ("chunk", "chunks", "trailer"):
-                    raise invalid(f"unexpected {message.WhichOneof('message')} message inside a latent stream")
+                    raise invalid(
+                        f"unexpected {message.WhichOneof('message')} message inside a latent stream"
+                    )
                 assembler.on_message(message)  # chunks (or batches of them), verified as they come
                 if assembler.packet is not None:
                     break
