@@ -158,37 +158,37 @@ TASK_RECORDS = [
 def test_task_file_with_pair_and_default_adapter_directories(loaded_tiny_pair, lcfx_dir, tmp_path):
     adapters = tmp_path / "adapters"
     adapters.mkdir()
-    (adapters / "smollm2-gemma3-lcfx").symlink_to(lcfx_dir, target_is_directory=True)
+    (adapters / "smollm2-to-gemma3-lcfx").symlink_to(lcfx_dir, target_is_directory=True)
     task_file = write_jsonl(tmp_path / "mine.jsonl", TASK_RECORDS)
     code, stdout, stderr = run_cli(
-        ["eval", "--pair", "smollm2-gemma3", "--task-file", task_file, "--methods", "receiver,lcf,lcfx"]
+        ["eval", "--pair", "smollm2-to-gemma3", "--task-file", task_file, "--methods", "receiver,lcf,lcfx"]
         + ["--adapters", str(adapters), "--max-new-tokens", "3", "--out", str(tmp_path / "out")]
     )
     assert code == 0, stderr
     # The file has a same-context sample, so lcf applies, but adapters/ holds no lcf adapter.
-    assert f"skipping lcf: no adapter at {adapters / 'smollm2-gemma3-lcf'}" in stdout
+    assert f"skipping lcf: no adapter at {adapters / 'smollm2-to-gemma3-lcf'}" in stdout
     results = json.loads((tmp_path / "out" / "results.json").read_text())
     assert [row["method"] for row in results["summary"]] == ["receiver", "lcfx"]
     assert [row["n"] for row in results["summary"]] == [2, 2]
     assert {r["sample_id"] for r in results["samples"]} == {"a", "mine-2"}
     meta = results["meta"]
     assert (meta["task"], meta["split"], meta["n"]) == ("mine.jsonl", "file", 2)
-    assert meta["models"]["pair"] == "smollm2-gemma3"
+    assert meta["models"]["pair"] == "smollm2-to-gemma3"
     assert meta["models"]["receiver"] == "gemma3-270m"
-    assert meta["adapters"]["lcfx"]["path"] == str(adapters / "smollm2-gemma3-lcfx")
+    assert meta["adapters"]["lcfx"]["path"] == str(adapters / "smollm2-to-gemma3-lcfx")
 
 
 def test_bad_task_file_gives_a_clear_error(loaded_tiny_pair, tmp_path):
     bad = write_jsonl(tmp_path / "bad.jsonl", [TASK_RECORDS[0], {"question": "Where?", "answers": []}])
     code, _, stderr = run_cli(
-        ["eval", "--pair", "smollm2-gemma3", "--task-file", bad, "--out", str(tmp_path)]
+        ["eval", "--pair", "smollm2-to-gemma3", "--task-file", bad, "--out", str(tmp_path)]
     )
     assert code == 2
     assert "bad.jsonl:2: missing field 'sharer_context'" in stderr
     assert "'answers' must be a non-empty list" in stderr
     missing = str(tmp_path / "nope.jsonl")
     code, _, stderr = run_cli(
-        ["eval", "--pair", "smollm2-gemma3", "--task-file", missing, "--out", str(tmp_path)]
+        ["eval", "--pair", "smollm2-to-gemma3", "--task-file", missing, "--out", str(tmp_path)]
     )
     assert code == 2 and "nope.jsonl does not exist" in stderr
     assert not (tmp_path / "results.json").exists()
@@ -197,7 +197,7 @@ def test_bad_task_file_gives_a_clear_error(loaded_tiny_pair, tmp_path):
 def test_wrong_mode_adapter_skipped_and_nothing_left_is_an_error(loaded_tiny_pair, lcfx_dir, tmp_path):
     task_file = write_jsonl(tmp_path / "same.jsonl", TASK_RECORDS[:1])
     code, stdout, stderr = run_cli(
-        ["eval", "--pair", "smollm2-gemma3", "--task-file", task_file, "--methods", "lcf,lcfx-pruned"]
+        ["eval", "--pair", "smollm2-to-gemma3", "--task-file", task_file, "--methods", "lcf,lcfx-pruned"]
         + ["--adapter-lcf", str(lcfx_dir), "--adapters", str(tmp_path), "--out", str(tmp_path / "out")]
     )
     assert code == 2
@@ -210,10 +210,10 @@ def test_wrong_mode_adapter_skipped_and_nothing_left_is_an_error(loaded_tiny_pai
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
-        (["--pair", "smollm2-gemma3", "--methods", "receiver,telepathy"], "unknown method(s) telepathy"),
+        (["--pair", "smollm2-to-gemma3", "--methods", "receiver,telepathy"], "unknown method(s) telepathy"),
         (["--sharer", "x"], "give --pair"),
-        (["--pair", "smollm2-gemma3", "--sharer", "x"], "not both"),
-        (["--pair", "smollm2-gemma3", "--n", "0"], "--n must be at least 1"),
+        (["--pair", "smollm2-to-gemma3", "--sharer", "x"], "not both"),
+        (["--pair", "smollm2-to-gemma3", "--n", "0"], "--n must be at least 1"),
     ],
 )
 def test_bad_flags_are_refused_before_loading(monkeypatch, tmp_path, argv, message):
@@ -224,7 +224,7 @@ def test_bad_flags_are_refused_before_loading(monkeypatch, tmp_path, argv, messa
 
 def test_services_is_an_explicit_not_yet(loaded_tiny_pair, tmp_path):
     code, _, stderr = run_cli(
-        ["eval", "--pair", "smollm2-gemma3", "--methods", "receiver", "--n", "1"]
+        ["eval", "--pair", "smollm2-to-gemma3", "--methods", "receiver", "--n", "1"]
         + ["--services", "127.0.0.1:50051", "--out", str(tmp_path / "out")]
     )
     assert code == 2 and "not implemented yet" in stderr
@@ -297,10 +297,10 @@ def test_report_json_has_no_nan(tmp_path):
 
 
 def test_adapter_dir_defaults(tmp_path):
-    (tmp_path / "smollm2-gemma3-lcf").mkdir()
+    (tmp_path / "smollm2-to-gemma3-lcf").mkdir()
     args = SimpleNamespace(adapters=tmp_path, adapter_lcf=None, adapter_c2c=str(tmp_path / "gone"))
-    assert eval_cmd.adapter_dir("lcf", args, "smollm2-gemma3") == (tmp_path / "smollm2-gemma3-lcf", "")
-    path, reason = eval_cmd.adapter_dir("c2c", args, "smollm2-gemma3")
+    assert eval_cmd.adapter_dir("lcf", args, "smollm2-to-gemma3") == (tmp_path / "smollm2-to-gemma3-lcf", "")
+    path, reason = eval_cmd.adapter_dir("c2c", args, "smollm2-to-gemma3")
     assert path is None and "--adapter-c2c" in reason and "is not a directory" in reason
     path, reason = eval_cmd.adapter_dir("lcf", args, None)
     assert path is None and "no --adapter-lcf DIR given" in reason

@@ -1,6 +1,6 @@
 """`lcflow eval`: every method on the same samples; EM/F1 with 95% CIs, latency per stage, plots.
 
-    lcflow eval --pair smollm2-gemma3 --task facts-cross --n 500 --out runs/cross
+    lcflow eval --pair smollm2-to-gemma3 --task facts-cross --n 500 --out runs/cross
     lcflow eval --sharer DIR --receiver DIR --task-file mine.jsonl --adapter-lcfx DIR --out runs/mine
 
 Every method runs unless --methods picks some (receiver,sharer,skyline,text,c2c,lcf,lcfx,...).
@@ -48,8 +48,8 @@ log = logging.getLogger(__name__)
 # Named pairs: (sharer, receiver), names from `lcflow models list`. The pair name is also the
 # prefix of the default adapter directories, adapters/<pair>-<method>.
 PAIRS: dict[str, tuple[str, str]] = {
-    "smollm2-gemma3": ("smollm2-135m-instruct", "gemma3-270m"),
-    "gemma3-smollm2": ("gemma3-270m", "smollm2-135m-instruct"),
+    "smollm2-to-gemma3": ("smollm2-135m-instruct", "gemma3-270m"),
+    "gemma3-to-smollm2": ("gemma3-270m", "smollm2-135m-instruct"),
 }
 ADAPTER_MODES = {"c2c": "c2c", "lcf": "lcf", "lcfx": "lcfx", "lcfx-pruned": "lcfx"}
 DEFAULT_N = 500  # samples drawn from a built-in task; a task file is used whole unless --n is given
