@@ -222,13 +222,34 @@ def test_bad_flags_are_refused_before_loading(monkeypatch, tmp_path, argv, messa
     assert code == 2 and message in stderr
 
 
-def test_services_is_an_explicit_not_yet(loaded_tiny_pair, tmp_path):
-    code, _, stderr = run_cli(
-        ["eval", "--pair", "smollm2-to-gemma3", "--methods", "receiver", "--n", "1"]
-        + ["--services", "127.0.0.1:50051", "--out", str(tmp_path / "out")]
-    )
-    assert code == 2 and "not implemented yet" in stderr
-    assert not (tmp_path / "out").exists()
+def test_services_time_the_methods_they_serve(tiny_pair, tiny_dir, lcfx_dir, tmp_path):
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+    from test_services import Pair
+
+    pair = Pair(tiny_pair, lcfx_dir, "lcfx", InMemorySpanExporter())
+    try:
+        code, stdout, stderr = run_cli(
+            [
+                "eval",
+                "--sharer",
+                str(tiny_dir("llama", 300, 3)),
+                "--receiver",
+                str(tiny_dir("gemma3", 400, 2)),
+            ]
+            + ["--task", "facts-cross", "--methods", "receiver,skyline,lcfx", "--adapter-lcfx", str(lcfx_dir)]
+            + ["--n", "2", "--max-new-tokens", "3", "--services", f"127.0.0.1:{pair.sharer_port}"]
+            + ["--out", str(tmp_path / "out")]
+        )
+    finally:
+        pair.stop()
+    assert code == 0, stderr
+    result = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert "services" in json.dumps(result["meta"])
+    records = {(r["method"], r["sample_id"]): r for r in result["samples"]}
+    served = [r for (method, _), r in records.items() if method == "lcfx"]
+    assert len(served) == 2 and all("transfer" in r["timings_ms"] and r["bytes_sent"] > 0 for r in served)
+    in_process = [r for (method, _), r in records.items() if method == "skyline"]
+    assert len(in_process) == 2 and all("transfer" not in r["timings_ms"] for r in in_process)
 
 
 # --- report helpers ---------------------------------------------------------------------------------

@@ -13,8 +13,8 @@ ADAPTERS/<pair>-<method> (ADAPTERS: the repo's adapters/ directory). A method wh
 missing, does not fit the models or cannot apply to the task is skipped with its reason printed
 (and recorded in results.json), so one missing adapter does not cost the whole run.
 
-Latency is measured in-process (see lcflow.evaluation). `--services` is the extension point for
-timing through the real sharer/receiver services: see `evaluate_through_services`.
+Latency is measured in-process (see lcflow.evaluation), or with `--services SHARER_HOST:PORT`
+through running services for the methods they serve (receiver, text, lcf/lcfx), labelled so.
 """
 
 from __future__ import annotations
@@ -265,17 +265,53 @@ def load_adapters(plan: EvalPlan, args, models: EvalModels) -> dict[str, dict]:
 # --- measuring -------------------------------------------------------------------------------------
 
 
+SERVICE_MODES = {"receiver": "none", "text": "text", "lcf": "lcf", "lcfx": "lcfx"}
+
+
 def evaluate_through_services(
     address: str, methods: list[str], models: EvalModels, samples: list[QASample], settings
 ) -> list[SampleOutcome]:
-    """Extension point for `--services SHARER_HOST:PORT`: the same SampleOutcomes, timed through
-    the running services (lcflow.client.HandoffClient). Methods the services serve (text, lcf,
-    lcfx) would take their stage timings from the Handoff summary (adding pack, transfer, unpack,
-    decode_kv, which lcflow.report places in order); the rest stay in-process. Not written yet."""
-    raise NotImplementedError(
-        f"--services {address}: timing through the services is not implemented yet; "
-        "run without --services for in-process latency"
-    )
+    """`--services SHARER_HOST:PORT`: the methods the running services serve (receiver = NONE,
+    text, lcf, lcfx: whichever the served adapter supports) go through the real Handoff RPC and
+    take their stage timings from its summary (pack, transfer and unpack included); the others
+    stay in-process."""
+    from lcflow.client import HandoffClient
+    from lcflow.evaluation import applicable, run_sample
+    from lcflow.metrics import exact_match, extract_answer, token_f1
+    from lcflow.tasks import question_prompt
+
+    client = HandoffClient(address)
+    outcomes = []
+    for sample in samples:
+        for method in methods:
+            if not applicable(method, sample):
+                continue
+            if method not in SERVICE_MODES:
+                outcomes.append(run_sample(method, models, sample, settings))
+                continue
+            result = client.handoff(
+                question_prompt(sample.question),
+                mode=SERVICE_MODES[method],
+                context=sample.sharer_context,
+                receiver_context=sample.receiver_context,
+                max_new_tokens=settings.max_new_tokens,
+            )
+            timings = {field.name: value for field, value in result.summary.timings.ListFields()}
+            prediction = extract_answer(result.answer)
+            outcomes.append(
+                SampleOutcome(
+                    method=method,
+                    sample_id=sample.id,
+                    prediction=prediction,
+                    generated=result.answer,
+                    em=exact_match(prediction, sample.answers),
+                    f1=token_f1(prediction, sample.answers),
+                    bytes_sent=result.summary.bytes_wire,
+                    timings_ms=timings,
+                )
+            )
+    client.close()
+    return outcomes
 
 
 def measure(args, methods, models, samples, settings) -> tuple[list[SampleOutcome], str]:
