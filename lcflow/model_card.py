@@ -1,0 +1,114 @@
+"""Model cards for shipped adapters: model_card.json (machine-readable) and README.md.
+
+    python -m lcflow.model_card adapters/smollm2-to-gemma3-lcfx --eval runs/cross/results.json \
+        --method lcfx --command "bash scripts/build_adapters.sh"
+
+The card records the pair, the training provenance (from adapter_config.json), the exact eval
+it was measured with (task, split, seed, n, max_new_tokens) and the result with its 95% CI,
+so tests/test_shipped_adapters.py can re-run that eval and check the adapter reproduces it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+CARD_JSON = "model_card.json"
+
+
+def build_card(adapter_dir: Path, results: dict, method: str, command: str) -> dict:
+    config = json.loads((adapter_dir / "adapter_config.json").read_text())
+    meta = results["meta"]
+    rows = {row["method"]: row for row in results["summary"]}
+    if method not in rows:
+        raise SystemExit(f"method {method!r} is not in the eval results (have {sorted(rows)})")
+    return {
+        "adapter": adapter_dir.name,
+        "mode": config["mode"],
+        "sharer": config["sharer"]["name"],
+        "receiver": config["receiver"]["name"],
+        "bottleneck": config["bottleneck"],
+        "slots": config["slots"] if config["mode"] == "lcfx" else None,
+        "retained_layers": config["retained_layers"],
+        "training": config.get("training", {}),
+        "build_command": command,
+        "eval": {
+            "method": method,
+            "task": meta.get("task"),
+            "split": meta.get("split"),
+            "seed": meta.get("seed"),
+            "n": rows[method]["n"],
+            "max_new_tokens": meta.get("max_new_tokens"),
+            "machine": meta.get("machine"),
+            "latency": meta.get("latency", "in-process"),
+        },
+        "results": {
+            name: {k: row[k] for k in ("n", "em", "em_ci", "f1", "f1_ci")} for name, row in rows.items()
+        },
+    }
+
+
+def render_markdown(card: dict) -> str:
+    training = card["training"]
+    lines = [
+        f"# {card['adapter']}",
+        "",
+        f"{card['mode'].upper()} adapter: sharer `{card['sharer']}` -> receiver `{card['receiver']}`, "
+        f"bottleneck b={card['bottleneck']}" + (f", {card['slots']} slots" if card["slots"] else "") + ".",
+        "",
+        "## Training",
+        "",
+        f"- task: {training.get('task')}; steps: {training.get('steps_done')} x batch {training.get('batch_size')}; "
+        f"lr {training.get('lr')} (gates {training.get('gate_lr')}); seed {training.get('seed')}",
+        f"- time: {training.get('train_seconds')} s ({training.get('seconds_per_step')} s/step) on the CPU of the "
+        "development machine (2 cores)",
+        f"- loss: {training.get('first_loss_mean_first_10')} (first 10 steps) -> "
+        f"{training.get('final_loss_mean_last_10')} (last 10)",
+        f"- retained receiver layers: {card['retained_layers']}",
+        f"- rebuild: `{card['build_command']}`",
+        "",
+        "## Evaluation",
+        "",
+        f"Task {card['eval']['task']}, split {card['eval']['split']}, seed {card['eval']['seed']}, "
+        f"n={card['eval']['n']}, greedy, {card['eval']['max_new_tokens']} new tokens; EM and token F1 with 95% CIs.",
+        "",
+        "| method | n | EM [95% CI] | F1 [95% CI] |",
+        "| --- | --- | --- | --- |",
+    ]
+    for name, row in card["results"].items():
+        em_lo, em_hi = row["em_ci"]
+        f1_lo, f1_hi = row["f1_ci"]
+        lines.append(
+            f"| {name} | {row['n']} | {row['em']:.3f} [{em_lo:.3f}, {em_hi:.3f}] | "
+            f"{row['f1']:.3f} [{f1_lo:.3f}, {f1_hi:.3f}] |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def write_card(adapter_dir: Path, results_path: Path, method: str, command: str) -> dict:
+    card = build_card(adapter_dir, json.loads(results_path.read_text()), method, command)
+    (adapter_dir / CARD_JSON).write_text(json.dumps(card, indent=2) + "\n")
+    (adapter_dir / "README.md").write_text(render_markdown(card))
+    return card
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description="Write model_card.json and README.md into an adapter directory."
+    )
+    parser.add_argument("adapter", type=Path, help="the adapter directory")
+    parser.add_argument("--eval", type=Path, required=True, help="results.json written by `lcflow eval`")
+    parser.add_argument(
+        "--method", required=True, help="which eval row is this adapter's (lcf, lcfx, lcfx-pruned, c2c)"
+    )
+    parser.add_argument(
+        "--command", default="bash scripts/build_adapters.sh", help="how the adapter was built"
+    )
+    args = parser.parse_args()
+    card = write_card(args.adapter, args.eval, args.method, args.command)
+    print(json.dumps(card["results"][args.method]))
+
+
+if __name__ == "__main__":
+    main()

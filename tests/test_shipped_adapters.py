@@ -1,0 +1,93 @@
+"""The adapters we ship, with the real demo models: they load, serve, and reproduce their cards.
+
+Needs the demo models (`lcflow models pull smollm2-135m-instruct` and `gemma3-270m`; .ci/run
+pulls them); skipped with the reason when they cannot be had.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from lcflow.adapter import LatentAdapter
+from lcflow.evaluation import EvalModels, evaluate
+from lcflow.handoff import GenerationSettings
+from lcflow.kv import model_identity
+from lcflow.tasks import get_task
+
+pytestmark = pytest.mark.real_model
+
+ADAPTERS = Path(__file__).resolve().parents[1] / "adapters"
+CARDS = sorted(ADAPTERS.glob("*/model_card.json"))
+SHARER, RECEIVER = "smollm2-135m-instruct", "gemma3-270m"
+
+
+@pytest.fixture(scope="module")
+def real_pair():
+    from lcflow.provision import ModelNotCachedError, load_model_and_tokenizer
+
+    try:
+        return load_model_and_tokenizer(SHARER, device="cpu"), load_model_and_tokenizer(
+            RECEIVER, device="cpu"
+        )
+    except ModelNotCachedError as err:
+        pytest.skip(f"demo models not provisioned: {err}")
+
+
+def load_adapter(name: str, real_pair) -> LatentAdapter:
+    (ms, ts), (mr, tr) = real_pair
+    return LatentAdapter.from_pretrained(
+        ADAPTERS / name,
+        sharer=model_identity(ms, ts, name=SHARER),
+        receiver=model_identity(mr, tr, name=RECEIVER),
+    )
+
+
+@pytest.mark.skipif(not CARDS, reason="no shipped adapter has a model card yet")
+@pytest.mark.parametrize("card_path", CARDS, ids=lambda p: p.parent.name)
+def test_shipped_adapter_reproduces_its_card(card_path, real_pair):
+    card = json.loads(card_path.read_text())
+    spec = card["eval"]
+    adapter = load_adapter(card["adapter"], real_pair)
+    samples = get_task(spec["task"]).samples(spec["split"], spec["n"], seed=spec["seed"])
+    torch.set_num_threads(2)
+    outcomes = evaluate(
+        [spec["method"]],
+        EvalModels(real_pair[0], real_pair[1], {spec["method"]: adapter}),
+        samples,
+        GenerationSettings(max_new_tokens=spec["max_new_tokens"]),
+    )
+    em = sum(o.em for o in outcomes) / len(outcomes)
+    low, high = card["results"][spec["method"]]["em_ci"]
+    assert low - 1e-9 <= em <= high + 1e-9, f"EM {em:.3f} outside the card's CI [{low:.3f}, {high:.3f}]"
+
+
+def test_real_pair_through_the_services(real_pair, tmp_path):
+    """Both services in this process with the real models and the shipped LCF-X adapter."""
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+    from test_services import Pair
+
+    name = "smollm2-to-gemma3-lcfx"
+    if not (ADAPTERS / name / "adapter_config.json").is_file():
+        pytest.skip(f"adapters/{name} is not shipped yet")
+    pair = Pair(real_pair, ADAPTERS / name, "lcfx", InMemorySpanExporter())
+    try:
+        sample = get_task("facts-cross").samples("test", 1, seed=0)[0]
+        from lcflow.tasks import question_prompt
+
+        for mode in ("lcfx", "text"):
+            result = pair.client.handoff(
+                question_prompt(sample.question),
+                mode=mode,
+                context=sample.sharer_context,
+                receiver_context=sample.receiver_context,
+                max_new_tokens=6,
+            )
+            assert result.answer.strip() and "".join(result.deltas) == result.answer
+            assert result.summary.timings.time_to_first_token > 0
+        assert result.summary.bytes_wire > 0
+    finally:
+        pair.stop()
