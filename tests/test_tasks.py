@@ -332,3 +332,18 @@ def test_empty_task_file(tmp_path):
     path.write_text("\n")
     with pytest.raises(ValueError, match="no samples"):
         load_task_file(path)
+
+
+def test_pseudo_value_variant_invents_values_that_cannot_be_memorised():
+    from lcflow.tasks.vocab import load_vocab
+
+    real = {v for values in load_vocab("train").values.values() for v in values}
+    samples = get_task("facts-cross-pseudo").samples("train", 40, seed=0)
+    invented = [s for s in samples if s.answers[0] not in real]
+    assert 8 <= len(invented) <= 32  # about half
+    assert len({s.answers[0] for s in invented}) == len(invented)  # fresh words, not a small set
+    for s in invented:
+        assert s.answers[0] in s.sharer_context and s.answers[0] not in s.receiver_context
+    assert get_task("facts-cross-pseudo").samples("train", 5) == get_task("facts-cross-pseudo").samples(
+        "train", 5
+    )

@@ -16,13 +16,21 @@ from lcflow.tasks.jsonl import load_task_file, save_task_file
 from lcflow.tasks.prompts import ANSWER_INSTRUCTION, format_question_prompt, question_prompt
 
 TASKS = {task.name: task for task in (SameContextFacts, CrossContextFacts, TwoHopFacts)}
+# Training variants: named options of a task (`lcflow train --task facts-cross-pseudo`).
+VARIANTS = {
+    "facts-same-pseudo": ("facts-same", {"pseudo_values": 0.5}),
+    "facts-cross-pseudo": ("facts-cross", {"pseudo_values": 0.5}),
+}
 TASK_NAMES = tuple(TASKS)
 
 
 def get_task(name: str, **options) -> Task:
     """A task by name; options go to its constructor (e.g. facts_per_document=8)."""
+    if name in VARIANTS:
+        name, preset = VARIANTS[name]
+        options = {**preset, **options}
     if name not in TASKS:
-        raise ValueError(f"unknown task {name!r}; known tasks: {', '.join(TASK_NAMES)}")
+        raise ValueError(f"unknown task {name!r}; known tasks: {', '.join(TASK_NAMES + tuple(VARIANTS))}")
     return TASKS[name](**options)
 
 

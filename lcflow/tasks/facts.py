@@ -130,6 +130,53 @@ class Draft:
     answer: str
 
 
+SYLLABLES = (
+    "ka",
+    "lo",
+    "mir",
+    "ven",
+    "dra",
+    "tor",
+    "sel",
+    "bri",
+    "nak",
+    "zu",
+    "rem",
+    "fal",
+    "qui",
+    "ost",
+    "pel",
+    "gar",
+    "lin",
+    "mo",
+    "dur",
+    "vex",
+    "sa",
+    "thi",
+    "ber",
+    "no",
+)
+
+
+def pseudo_word(rng: random.Random, capitalised: bool) -> str:
+    word = "".join(rng.choice(SYLLABLES) for _ in range(rng.randint(2, 3)))
+    return word.capitalize() if capitalised else word
+
+
+def with_pseudo_values(vocab: Vocab, rng: random.Random, per_attribute: int = 12) -> Vocab:
+    """The same names, but every attribute's values replaced by invented words (kept capitalised
+    where the real values are, e.g. cities)."""
+    values = {}
+    for attribute, real in vocab.values.items():
+        words: list[str] = []
+        while len(words) < per_attribute:
+            word = pseudo_word(rng, real[0][0].isupper())
+            if word not in words:
+                words.append(word)
+        values[attribute] = tuple(words)
+    return Vocab(vocab.split, vocab.first_names, vocab.last_names, values)
+
+
 def sample_rng(task: str, split: str, seed: int, index: int) -> random.Random:
     # SHA-256 rather than hash(): hash() of a str changes with PYTHONHASHSEED.
     digest = hashlib.sha256(f"{task}|{split}|{seed}|{index}".encode()).digest()
@@ -143,6 +190,10 @@ class FactsTask:
     name: ClassVar[str]
     same_context: ClassVar[bool]
     facts_per_document: int = 7
+    # Share of samples whose attribute values are invented words, new in every sample. For
+    # training: with a few hundred real values an adapter can memorise them instead of learning
+    # to carry what it reads; invented words can only be carried.
+    pseudo_values: float = 0.0
 
     def samples(self, split: str, n: int, seed: int = 0) -> list[QASample]:
         check_split(split)
@@ -153,7 +204,10 @@ class FactsTask:
         check_split(split)
         rng = sample_rng(self.name, split, seed, index)
         templates = load_templates()
-        draft = self.draft(World(rng, load_vocab(split)), templates)
+        vocab = load_vocab(split)
+        if self.pseudo_values and rng.random() < self.pseudo_values:
+            vocab = with_pseudo_values(vocab, rng)
+        draft = self.draft(World(rng, vocab), templates)
         sharer_context = render_document(draft.sharer_facts, templates, rng)
         receiver_context = (
             sharer_context if self.same_context else render_document(draft.receiver_facts, templates, rng)
