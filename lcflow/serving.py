@@ -221,6 +221,32 @@ def load_in_background(
     return thread
 
 
+def serve_service(
+    config: ServiceConfig,
+    service_name: str,
+    service,
+    add_servicer,
+    load_engine,
+    tracer_provider,
+    on_load_error=None,
+):
+    """Start a service's server (health NOT_SERVING), then make it SERVING: at once if
+    `service.engine` is already set (tests pass tiny models), else once `load_engine(config)`
+    has loaded the model in the background. Returns the running server."""
+    running = start_server(
+        config, service_name, lambda server: add_servicer(service, server), tracer_provider
+    )
+    if service.engine is not None:
+        running.set_serving(True)
+        return running
+
+    def load() -> None:
+        service.engine = load_engine(config)
+
+    load_in_background(running, load, on_error=on_load_error or exit_on_load_error)
+    return running
+
+
 def exit_on_load_error(err: BaseException) -> None:
     """A service that cannot load its model can serve nothing: say why and exit non-zero."""
     log.critical("cannot load the model: %s", err)

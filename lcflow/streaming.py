@@ -35,6 +35,7 @@ class GenerationStream:
         self._cancel = threading.Event()
         self.result = StreamResult()
         self._error: BaseException | None = None
+        self._finished = False
         self._thread = threading.Thread(target=self._run, name="lcflow-generate", daemon=True)
 
     def start(self) -> GenerationStream:
@@ -42,7 +43,8 @@ class GenerationStream:
         return self
 
     def cancel(self) -> None:
-        self._cancel.set()
+        if not self._finished:
+            self._cancel.set()
 
     @property
     def cancelled(self) -> bool:
@@ -63,7 +65,9 @@ class GenerationStream:
             self._error = err
         finally:
             self.result.finished_at = time.perf_counter()
+            # cancelled = stopped early; a cancel() after the answer was complete changes nothing
             self.result.cancelled = self._cancel.is_set()
+            self._finished = True
             self._queue.put(_DONE)
 
     def __iter__(self) -> Iterator[str]:
@@ -77,4 +81,5 @@ class GenerationStream:
             raise self._error
 
     def join(self, timeout: float | None = None) -> None:
-        self._thread.join(timeout)
+        if self._thread.is_alive() or self._thread.ident is not None:
+            self._thread.join(timeout)

@@ -437,10 +437,12 @@ def test_client_cancellation_stops_the_receiver(pair):
     first = next(events)
     assert first.HasField("text")
     assert pair.receiver_service.limit.in_flight == 1
+    cancelled_before = pair.receiver_service.cancelled_generations
     events.cancel()
-    # ~2000 more tokens would take seconds; a cancelled generation stops within one token
-    assert wait_until(lambda: pair.receiver_service.limit.in_flight == 0, 1.5)
-    assert wait_until(lambda: pair.sharer_service.limit.in_flight == 0, 1.5)
+    # the receiver's generation is stopped early (not run to 2000 tokens) and its slot freed
+    assert wait_until(lambda: pair.receiver_service.cancelled_generations == cancelled_before + 1, 10)
+    assert wait_until(lambda: pair.receiver_service.limit.in_flight == 0, 10)
+    assert wait_until(lambda: pair.sharer_service.limit.in_flight == 0, 10)
     still_serves(pair)
 
 

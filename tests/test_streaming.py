@@ -12,9 +12,7 @@ def test_stream_yields_the_same_text_as_generate(tiny_dir):
     settings = GenerationSettings(max_new_tokens=8)
     whole = receiver.generate(receiver.prepare_plain("Where does Mira live?", []), settings)
     prepared = receiver.prepare_plain("Where does Mira live?", [])
-    stream = GenerationStream(
-        lambda *hooks: receiver.generate(prepared, settings, *hooks)
-    ).start()
+    stream = GenerationStream(lambda *hooks: receiver.generate(prepared, settings, *hooks)).start()
     deltas = list(stream)
     assert "".join(deltas).strip() == whole.strip() == stream.result.text.strip()
     assert stream.result.first_token_at is not None and not stream.result.cancelled

@@ -34,6 +34,7 @@ from lcflow.serving import (
     generation_settings,
     invalid,
     prompt_of,
+    serve_service,
     status_on_error,
 )
 from lcflow.streaming import GenerationStream
@@ -102,6 +103,7 @@ class ReceiverService(pb_grpc.ReceiverServicer):
         self.engine = engine
         self.limit = ConcurrencyLimit(config.max_concurrent)
         self.wire_limits = WireLimits()
+        self.cancelled_generations = 0  # generations stopped early (client gone, deadline passed)
 
     def ready(self) -> ReceiverEngine:
         if self.engine is None:
@@ -144,10 +146,17 @@ class ReceiverService(pb_grpc.ReceiverServicer):
         # The client (or the sharer) gone, or the deadline passed: stop generating and free the cache.
         context.add_callback(stream.cancel)
         with self.tracer.start_as_current_span("receiver.generate") as span:
-            with torch.inference_mode():
-                stream.start()
-                for delta in stream:
-                    yield pb.HandoffEvent(text=pb.TextDelta(text=delta))
+            try:
+                with torch.inference_mode():
+                    stream.start()
+                    for delta in stream:
+                        yield pb.HandoffEvent(text=pb.TextDelta(text=delta))
+            finally:  # also when gRPC abandons this handler: never leave a generation running
+                stream.cancel()
+                stream.join()
+                if stream.result.cancelled:
+                    self.cancelled_generations += 1
+                    log.info("generation cancelled after %d characters", len(stream.result.text))
             result = stream.result
             generated = len(engine.receiver.tokenizer(result.text, add_special_tokens=False).input_ids)
             span.set_attribute("lcflow.tokens.generated", generated)
@@ -255,21 +264,14 @@ def serve(config: ServiceConfig, tracer_provider, engine: ReceiverEngine | None 
     """Start the receiver (health NOT_SERVING), load its model in the background (then SERVING).
 
     Returns (running server, service). `engine` skips loading (tests pass tiny models)."""
-    from lcflow.serving import exit_on_load_error, load_in_background, start_server
-
     service = ReceiverService(config, tracer_provider, engine)
-    running = start_server(
+    running = serve_service(
         config,
         SERVICE_NAME,
-        lambda server: pb_grpc.add_ReceiverServicer_to_server(service, server),
+        service,
+        pb_grpc.add_ReceiverServicer_to_server,
+        ReceiverEngine.load,
         tracer_provider,
+        on_load_error,
     )
-    if engine is not None:
-        running.set_serving(True)
-    else:
-
-        def load():
-            service.engine = ReceiverEngine.load(config)
-
-        load_in_background(running, load, on_error=on_load_error or exit_on_load_error)
     return running, service

@@ -38,6 +38,7 @@ from lcflow.serving import (
     invalid,
     messages_text,
     prompt_of,
+    serve_service,
     status_on_error,
 )
 from lcflow.sessions import SessionNotFound, SessionStore, SessionTooLarge
@@ -331,21 +332,14 @@ def serve(config: ServiceConfig, tracer_provider, engine: SharerEngine | None = 
     """Start the sharer (health NOT_SERVING), load its model in the background (then SERVING).
 
     Returns (running server, service). `engine` skips loading (tests pass tiny models)."""
-    from lcflow.serving import exit_on_load_error, load_in_background, start_server
-
     service = SharerService(config, tracer_provider, engine)
-    running = start_server(
+    running = serve_service(
         config,
         SERVICE_NAME,
-        lambda server: pb_grpc.add_SharerServicer_to_server(service, server),
+        service,
+        pb_grpc.add_SharerServicer_to_server,
+        SharerEngine.load,
         tracer_provider,
+        on_load_error,
     )
-    if engine is not None:
-        running.set_serving(True)
-    else:
-
-        def load():
-            service.engine = SharerEngine.load(config)
-
-        load_in_background(running, load, on_error=on_load_error or exit_on_load_error)
     return running, service
