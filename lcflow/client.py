@@ -24,6 +24,13 @@ from lcflow.proto_gen.lcflow.v1 import lcflow_pb2_grpc as pb_grpc
 MODE_NAMES = {"lcf": pb.LCF, "lcfx": pb.LCF_X, "text": pb.TEXT, "none": pb.NONE}
 
 
+def summary_stages(timings: pb.StageTimings) -> list[str]:
+    """The stages a Handoff summary times, in the order a handoff runs them (TTFT and total span them)."""
+    from lcflow.report import STAGE_ORDER
+
+    return [name for name in STAGE_ORDER if name in timings.DESCRIPTOR.fields_by_name]
+
+
 @dataclass
 class HandoffResult:
     answer: str

@@ -32,16 +32,6 @@ REPO_ADAPTERS = Path(__file__).resolve().parent.parent / "adapters"
 DEFAULT_SHARER = "smollm2-135m-instruct"
 DEFAULT_RECEIVER = "gemma3-270m"
 DEFAULT_ADAPTER = "smollm2-to-gemma3-lcfx"
-STAGES = (
-    "sharer_prefill",
-    "message_generate",
-    "encode",
-    "pack",
-    "transfer",
-    "unpack",
-    "decode_kv",
-    "receiver_prefill",
-)
 
 
 @dataclass
@@ -173,7 +163,7 @@ def running_pair(options: DemoOptions, adapter: Path, run_dir: Path, out=print):
 
 def run_questions(sharer_address: str, options: DemoOptions, out=print) -> list[dict]:
     """Cross-context questions in TEXT and LCF_X mode; prints and returns one row per question."""
-    from lcflow.client import HandoffClient
+    from lcflow.client import HandoffClient, summary_stages
     from lcflow.metrics import exact_match, extract_answer
     from lcflow.tasks import get_task, question_prompt
     from lcflow.telemetry import make_tracer_provider
@@ -202,7 +192,7 @@ def run_questions(sharer_address: str, options: DemoOptions, out=print) -> list[
             t = result.summary.timings
             answer = extract_answer(result.answer)
             correct = exact_match(answer, sample.answers) == 1.0
-            stages = ", ".join(f"{s} {getattr(t, s):.0f}" for s in STAGES if getattr(t, s))
+            stages = ", ".join(f"{s} {getattr(t, s):.0f}" for s in summary_stages(t) if getattr(t, s))
             out(
                 f"  {mode.upper():>5}: {answer!r:<24} {'right' if correct else 'wrong':<5}  "
                 f"first token {t.time_to_first_token:7.0f} ms, total {t.total:7.0f} ms, "

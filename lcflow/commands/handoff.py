@@ -8,19 +8,6 @@ from pathlib import Path
 
 from lcflow.client import MODE_NAMES
 
-STAGES = (
-    "sharer_prefill",
-    "message_generate",
-    "encode",
-    "pack",
-    "transfer",
-    "unpack",
-    "decode_kv",
-    "receiver_prefill",
-    "time_to_first_token",
-    "total",
-)
-
 
 def register(subparsers) -> None:
     p = subparsers.add_parser(
@@ -87,7 +74,10 @@ def format_summary(summary) -> str:
     from lcflow.proto_gen.lcflow.v1 import lcflow_pb2 as pb
 
     lines = [f"mode {pb.Mode.Name(summary.mode)}"]
-    lines += [f"  {name:<20} {getattr(timings, name):9.1f} ms" for name in STAGES if getattr(timings, name)]
+    from lcflow.client import summary_stages
+
+    stages = (*summary_stages(timings), "time_to_first_token", "total")
+    lines += [f"  {name:<20} {getattr(timings, name):9.1f} ms" for name in stages if getattr(timings, name)]
     ratio = summary.bytes_raw / summary.bytes_wire if summary.bytes_wire else 0
     lines.append(
         f"  bytes raw {summary.bytes_raw}, on the wire {summary.bytes_wire} ({ratio:.2f}x), chunks {summary.chunks}"
