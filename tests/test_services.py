@@ -507,3 +507,58 @@ def test_health_is_not_serving_until_the_model_loads(tiny_dir, tmp_path):
         assert after == health_pb2.HealthCheckResponse.SERVING
     finally:
         running.stop(1)
+
+
+def test_reflection_lists_the_services_when_enabled(tiny_pair, tmp_path_factory, spans):
+    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+    reflecting = Pair(
+        tiny_pair, make_adapter_dir(tiny_pair, tmp_path_factory, "lcfx"), "lcfx", spans, reflection=True
+    )
+    try:
+        stub = reflection_pb2_grpc.ServerReflectionStub(
+            grpc.insecure_channel(f"127.0.0.1:{reflecting.sharer_port}")
+        )
+        request = reflection_pb2.ServerReflectionRequest(list_services="")
+        response = next(stub.ServerReflectionInfo(iter([request]), timeout=10))
+        names = {s.name for s in response.list_services_response.service}
+        assert {"lcflow.v1.Sharer", "grpc.health.v1.Health"} <= names
+    finally:
+        reflecting.stop()
+
+
+def test_reflection_is_off_by_default(pair):
+    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+    stub = reflection_pb2_grpc.ServerReflectionStub(grpc.insecure_channel(f"127.0.0.1:{pair.sharer_port}"))
+    with pytest.raises(grpc.RpcError) as err:
+        next(
+            stub.ServerReflectionInfo(
+                iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=10
+            )
+        )
+    assert err.value.code() == grpc.StatusCode.UNIMPLEMENTED
+
+
+def test_service_logs_carry_the_trace_id(pair, caplog):
+    import logging
+
+    from lcflow.telemetry import TraceIdLogFilter
+
+    handler_records = []
+
+    class Collect(logging.Handler):
+        def emit(self, record):
+            handler_records.append(record)
+
+    collector = Collect()
+    collector.addFilter(TraceIdLogFilter())
+    logger = logging.getLogger("lcflow.serving")
+    logger.addHandler(collector)
+    try:
+        with pytest.raises(grpc.RpcError):
+            pair.client.handoff("   ", mode=pair.mode, context=CONTEXT)  # refused: logged with its trace
+    finally:
+        logger.removeHandler(collector)
+    refused = [r for r in handler_records if "refused" in r.getMessage()]
+    assert refused and all(len(r.trace_id) == 32 for r in refused)
