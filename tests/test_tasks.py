@@ -347,3 +347,15 @@ def test_pseudo_value_variant_invents_values_that_cannot_be_memorised():
     assert get_task("facts-cross-pseudo").samples("train", 5) == get_task("facts-cross-pseudo").samples(
         "train", 5
     )
+
+
+def test_word_value_variant_draws_from_a_broad_list_without_test_words():
+    from lcflow.tasks.vocab import load_vocab, load_word_list
+
+    words = load_word_list()
+    test_values = {v.lower() for values in load_vocab("test").values.values() for v in values}
+    assert len(words) > 5000 and not test_values & set(words)
+    samples = get_task("facts-cross-words").samples("train", 50, seed=0)
+    from_list = [s for s in samples if s.answers[0].lower() in set(words)]
+    assert len(from_list) >= 30 and len({s.answers[0] for s in from_list}) >= 28
+    assert all(s.answers[0] in s.sharer_context and s.answers[0] not in s.receiver_context for s in from_list)

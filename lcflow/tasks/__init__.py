@@ -20,6 +20,8 @@ TASKS = {task.name: task for task in (SameContextFacts, CrossContextFacts, TwoHo
 VARIANTS = {
     "facts-same-pseudo": ("facts-same", {"pseudo_values": 0.5}),
     "facts-cross-pseudo": ("facts-cross", {"pseudo_values": 0.5}),
+    "facts-same-words": ("facts-same", {"word_values": 0.8}),
+    "facts-cross-words": ("facts-cross", {"word_values": 0.8}),
 }
 TASK_NAMES = tuple(TASKS)
 

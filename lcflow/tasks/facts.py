@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from lcflow.tasks.base import QASample, check_split
-from lcflow.tasks.vocab import Templates, Vocab, load_templates, load_vocab
+from lcflow.tasks.vocab import Templates, Vocab, load_templates, load_vocab, load_word_list
 
 
 @dataclass(frozen=True)
@@ -177,6 +177,17 @@ def with_pseudo_values(vocab: Vocab, rng: random.Random, per_attribute: int = 12
     return Vocab(vocab.split, vocab.first_names, vocab.last_names, values)
 
 
+def with_word_values(vocab: Vocab, rng: random.Random, per_attribute: int = 12) -> Vocab:
+    """The same names, every attribute's values drawn from the broad word list (capitalised where
+    the real values are)."""
+    words = load_word_list()
+    values = {}
+    for attribute, real in vocab.values.items():
+        picked = rng.sample(words, per_attribute)
+        values[attribute] = tuple(w.capitalize() if real[0][0].isupper() else w for w in picked)
+    return Vocab(vocab.split, vocab.first_names, vocab.last_names, values)
+
+
 def sample_rng(task: str, split: str, seed: int, index: int) -> random.Random:
     # SHA-256 rather than hash(): hash() of a str changes with PYTHONHASHSEED.
     digest = hashlib.sha256(f"{task}|{split}|{seed}|{index}".encode()).digest()
@@ -194,6 +205,9 @@ class FactsTask:
     # training: with a few hundred real values an adapter can memorise them instead of learning
     # to carry what it reads; invented words can only be carried.
     pseudo_values: float = 0.0
+    # Share of samples whose values are drawn from a broad list of real words (words.json,
+    # ~17k, none from the test vocabulary): the same lesson with real tokens.
+    word_values: float = 0.0
 
     def samples(self, split: str, n: int, seed: int = 0) -> list[QASample]:
         check_split(split)
@@ -207,6 +221,8 @@ class FactsTask:
         vocab = load_vocab(split)
         if self.pseudo_values and rng.random() < self.pseudo_values:
             vocab = with_pseudo_values(vocab, rng)
+        elif self.word_values and rng.random() < self.word_values:
+            vocab = with_word_values(vocab, rng)
         draft = self.draft(World(rng, vocab), templates)
         sharer_context = render_document(draft.sharer_facts, templates, rng)
         receiver_context = (

@@ -71,3 +71,9 @@ def load_vocab(split: str) -> Vocab:
     if missing:
         raise ValueError(f"{split}.json and templates.json disagree on the attributes: {sorted(missing)}")
     return vocab
+
+
+@functools.cache
+def load_word_list() -> list[str]:
+    """The broad training word list (see the file's "about")."""
+    return list(_vocab_file("words.json")["words"])
