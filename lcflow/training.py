@@ -26,7 +26,7 @@ from torch.nn import functional as F
 from tqdm import tqdm
 
 from lcflow.adapter import LatentAdapter
-from lcflow.handoff import Receiver, Sharer, receiver_view
+from lcflow.handoff import PreparedInput, Receiver, Sharer, receiver_view
 from lcflow.kv import model_identity
 
 log = logging.getLogger(__name__)
@@ -131,7 +131,14 @@ def save_loss_curve(losses: list[float], path: Path, title: str) -> None:
 
 
 class Trainer:
-    """Holds the two frozen models, the adapter and the optimiser; `run()` trains to cfg.steps."""
+    """Holds the two frozen models, the adapter and the optimiser; `run()` trains to cfg.steps.
+
+    A subclass trains another kind of adapter (lcflow.c2c_training) by overriding
+    `adapter_class`, `build_adapter`, `prepare` and `gate_penalty`; the step, the schedule and
+    the checkpoint/resume/loss-curve files stay the same.
+    """
+
+    adapter_class = LatentAdapter  # what `resume` loads the checkpointed weights with
 
     def __init__(self, cfg: TrainConfig, sharer_pair=None, receiver_pair=None):
         from lcflow.tasks import format_question_prompt, get_task
@@ -145,17 +152,7 @@ class Trainer:
             sharer_pair or _load(cfg.sharer, cfg.device),
             receiver_pair or _load(cfg.receiver, cfg.device),
         )
-        self.adapter = LatentAdapter.for_models(
-            cfg.mode,
-            model_identity(ms, ts, name=cfg.sharer),
-            model_identity(mr, tr, name=cfg.receiver),
-            layer_map_strategy=cfg.layer_map,
-            bottleneck=cfg.bottleneck,
-            slots=cfg.slots,
-            receiver_aware=cfg.receiver_aware,
-        ).to(mr.device)
-        self.sharer = Sharer(ms, ts, self.adapter.encoder, self.adapter.config)
-        self.receiver = Receiver(mr, tr, self.adapter.decoder, self.adapter.config)
+        self.adapter = self.build_adapter((ms, ts), (mr, tr))
         self.samples = get_task(cfg.task).samples("train", cfg.steps * cfg.batch_size, seed=cfg.seed)
         self.optimizer = build_optimizer(self.adapter, cfg)
         warmup_steps = max(1, int(cfg.warmup * cfg.steps))
@@ -166,7 +163,38 @@ class Trainer:
         self.losses: list[float] = []
         self.seconds = 0.0
 
+    # --- what a subclass changes -------------------------------------------------------------
+
+    def build_adapter(self, sharer_pair: tuple, receiver_pair: tuple):
+        """A fresh adapter on the receiver's device; sets `self.sharer` and `self.receiver`."""
+        (ms, ts), (mr, tr) = sharer_pair, receiver_pair
+        adapter = LatentAdapter.for_models(
+            self.cfg.mode,
+            model_identity(ms, ts, name=self.cfg.sharer),
+            model_identity(mr, tr, name=self.cfg.receiver),
+            layer_map_strategy=self.cfg.layer_map,
+            bottleneck=self.cfg.bottleneck,
+            slots=self.cfg.slots,
+            receiver_aware=self.cfg.receiver_aware,
+        ).to(mr.device)
+        self.sharer = Sharer(ms, ts, adapter.encoder, adapter.config)
+        self.receiver = Receiver(mr, tr, adapter.decoder, adapter.config)
+        return adapter
+
+    def prepare(self, sample) -> PreparedInput:
+        """The receiver's cache for one sample, with gradients through the adapter."""
+        prompt = self.format_prompt(sample, include_context=False)
+        return prepare_for_sample(self.sharer, self.receiver, self.cfg.mode, sample, prompt)
+
+    def gate_penalty(self) -> torch.Tensor:
+        """Mean openness of the layer gates, the term `gate_l1` weighs."""
+        return torch.stack([self.adapter.decoder.gate(t) for t in self.adapter.decoder.layers]).mean()
+
     # --- one step ----------------------------------------------------------------------------
+
+    def sample_loss(self, sample) -> torch.Tensor:
+        target = answer_ids(self.receiver.tokenizer, sample.answers[0])
+        return answer_loss(self.receiver, self.prepare(sample), target)
 
     def train_step(self) -> float:
         self.adapter.train()
@@ -174,17 +202,9 @@ class Trainer:
         batch = self.samples[self.step * self.cfg.batch_size : (self.step + 1) * self.cfg.batch_size]
         total = 0.0
         for sample in batch:
-            prompt = self.format_prompt(sample, include_context=False)
-            prepared = prepare_for_sample(self.sharer, self.receiver, self.cfg.mode, sample, prompt)
-            loss = answer_loss(
-                self.receiver, prepared, answer_ids(self.receiver.tokenizer, sample.answers[0])
-            )
+            loss = self.sample_loss(sample)
             if self.cfg.gate_l1 > 0:
-                loss = (
-                    loss
-                    + self.cfg.gate_l1
-                    * torch.stack([self.adapter.decoder.gate(t) for t in self.adapter.decoder.layers]).mean()
-                )
+                loss = loss + self.cfg.gate_l1 * self.gate_penalty()
             (loss / len(batch)).backward()
             total += loss.item() / len(batch)
         torch.nn.utils.clip_grad_norm_(self.adapter.parameters(), self.cfg.clip)
@@ -198,15 +218,7 @@ class Trainer:
     def evaluate_loss(self, samples) -> float:
         """Mean answer cross-entropy over `samples` with the current adapter (no update)."""
         self.adapter.eval()
-        losses = []
-        for sample in samples:
-            prompt = self.format_prompt(sample, include_context=False)
-            prepared = prepare_for_sample(self.sharer, self.receiver, self.cfg.mode, sample, prompt)
-            losses.append(
-                answer_loss(
-                    self.receiver, prepared, answer_ids(self.receiver.tokenizer, sample.answers[0])
-                ).item()
-            )
+        losses = [self.sample_loss(sample).item() for sample in samples]
         return sum(losses) / len(losses)
 
     def run(self) -> Path:
@@ -247,6 +259,8 @@ class Trainer:
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "torch_rng": torch.get_rng_state(),
+            # Dropout and Gumbel noise on a GPU draw from its own generator.
+            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
             "config": asdict(self.cfg),
         }
         tmp = directory / (STATE_FILE + ".tmp")
@@ -270,11 +284,14 @@ class Trainer:
                 f"{path} was written by a run with other settings ({saved}); "
                 "use another --out directory or the same settings to resume"
             )
-        loaded = LatentAdapter.from_pretrained(self.out / CHECKPOINT_DIR)
+        loaded = self.adapter_class.from_pretrained(self.out / CHECKPOINT_DIR)
         self.adapter.load_state_dict(loaded.state_dict())
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["torch_rng"])
+        cuda_rng = state.get("cuda_rng", [])
+        if cuda_rng and len(cuda_rng) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(cuda_rng)
         self.step, self.losses, self.seconds = state["step"], state["losses"], state["seconds"]
         log.info("resumed from %s at step %d", path, self.step)
 
