@@ -54,8 +54,10 @@ def render_markdown(card: dict) -> str:
     lines = [
         f"# {card['adapter']}",
         "",
-        f"{card['mode'].upper()} adapter: sharer `{card['sharer']}` -> receiver `{card['receiver']}`, "
-        f"bottleneck b={card['bottleneck']}" + (f", {card['slots']} slots" if card["slots"] else "") + ".",
+        f"{card['mode'].upper()} adapter: sharer `{card['sharer']}` -> receiver `{card['receiver']}`"
+        + (f", bottleneck b={card['bottleneck']}" if card["mode"] != "c2c" else " (the C2C baseline fuser)")
+        + (f", {card['slots']} slots" if card["slots"] else "")
+        + ".",
         "",
         "## Training",
         "",

@@ -37,13 +37,18 @@ def real_pair():
         pytest.skip(f"demo models not provisioned: {err}")
 
 
-def load_adapter(name: str, real_pair) -> LatentAdapter:
+def load_adapter(name: str, real_pair):
+    """An LCF / LCF-X adapter, or the C2C fuser, checked against the real pair."""
     (ms, ts), (mr, tr) = real_pair
-    return LatentAdapter.from_pretrained(
-        ADAPTERS / name,
-        sharer=model_identity(ms, ts, name=SHARER),
-        receiver=model_identity(mr, tr, name=RECEIVER),
-    )
+    identities = {
+        "sharer": model_identity(ms, ts, name=SHARER),
+        "receiver": model_identity(mr, tr, name=RECEIVER),
+    }
+    if json.loads((ADAPTERS / name / "adapter_config.json").read_text())["mode"] == "c2c":
+        from lcflow.adapter.c2c import C2CFuser
+
+        return C2CFuser.from_pretrained(ADAPTERS / name, **identities)
+    return LatentAdapter.from_pretrained(ADAPTERS / name, **identities)
 
 
 @pytest.mark.skipif(not CARDS, reason="no shipped adapter has a model card yet")
