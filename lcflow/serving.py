@@ -118,6 +118,30 @@ def adapter_id(config_dict: dict) -> str:
     return f"{config_dict['mode']}:{hashlib.sha256(canonical).hexdigest()[:16]}"
 
 
+# --- engines -------------------------------------------------------------------------------
+
+
+def load_model_for(config: ServiceConfig):
+    """The service's model and tokenizer, as its flags say (name, device, dtype)."""
+    from lcflow.provision import load_model_and_tokenizer
+
+    return load_model_and_tokenizer(config.model, device=config.device, dtype=config.dtype)
+
+
+def load_adapter_half(model, tokenizer, adapter_dir: str, part: str, name: str | None):
+    """(model identity, adapter half or None, adapter id) for a service: the encoder half for the
+    sharer, the decoder half for the receiver, refused if trained for another model."""
+    from lcflow.adapter import LatentAdapter
+    from lcflow.kv import model_identity
+
+    identity = model_identity(model, tokenizer, name=name)
+    if not adapter_dir:
+        return identity, None, ""
+    role = "sharer" if part == "encoder" else "receiver"
+    adapter = LatentAdapter.from_pretrained(adapter_dir, part=part, device=model.device, **{role: identity})
+    return identity, adapter, adapter_id(adapter.config.to_dict())
+
+
 # --- concurrency ------------------------------------------------------------------------------
 
 

@@ -451,16 +451,18 @@ def test_concurrency_bound_gives_resource_exhausted(tiny_pair, tmp_path_factory,
         tiny_pair, make_adapter_dir(tiny_pair, tmp_path_factory, "lcfx"), "lcfx", spans, max_concurrent=1
     )
     try:
-        busy = bounded.sharer_stub.Handoff(
-            bounded.client.request(PROMPT, context=CONTEXT, max_new_tokens=2000), timeout=60
-        )
-        next(busy)
-        with pytest.raises(grpc.RpcError) as err:
-            bounded.client.handoff(PROMPT, context=CONTEXT, max_new_tokens=2)
+        # Hold the one slot as an in-flight handoff would (deterministic: a real one may finish
+        # before the second request arrives, since a tiny model can stop at EOS at any time).
+        with bounded.sharer_service.limit.slot():
+            with pytest.raises(grpc.RpcError) as err:
+                bounded.client.handoff(PROMPT, context=CONTEXT, max_new_tokens=2)
         assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-        busy.cancel()
-        assert wait_until(lambda: bounded.sharer_service.limit.in_flight == 0, 2)
+        assert "--max-concurrent" in err.value.details()
         assert bounded.client.handoff(PROMPT, context=CONTEXT, max_new_tokens=2).summary.timings.total > 0
+        with bounded.receiver_service.limit.slot():  # the receiver has its own bound
+            with pytest.raises(grpc.RpcError) as err:
+                bounded.client.handoff(PROMPT, context=CONTEXT, max_new_tokens=2)
+        assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     finally:
         bounded.stop()
 

@@ -21,18 +21,19 @@ import torch
 
 from lcflow.adapter import LatentAdapter
 from lcflow.handoff import Latents, PreparedInput, Receiver, text_contexts
-from lcflow.kv import ModelIdentity, model_identity
+from lcflow.kv import ModelIdentity
 from lcflow.proto_gen.lcflow.v1 import lcflow_pb2 as pb
 from lcflow.proto_gen.lcflow.v1 import lcflow_pb2_grpc as pb_grpc
 from lcflow.service_config import ServiceConfig
 from lcflow.serving import (
     ConcurrencyLimit,
     ServiceError,
-    adapter_id,
     check_text,
     check_tokens,
     generation_settings,
     invalid,
+    load_adapter_half,
+    load_model_for,
     prompt_of,
     serve_service,
     status_on_error,
@@ -66,22 +67,13 @@ class ReceiverEngine:
 
     @classmethod
     def load(cls, config: ServiceConfig) -> ReceiverEngine:
-        from lcflow.provision import load_model_and_tokenizer
-
-        model, tokenizer = load_model_and_tokenizer(config.model, device=config.device, dtype=config.dtype)
-        return cls.from_loaded(model, tokenizer, config.adapter, name=config.model)
+        return cls.from_loaded(*load_model_for(config), config.adapter, name=config.model)
 
     @classmethod
     def from_loaded(cls, model, tokenizer, adapter_dir: str = "", name: str | None = None) -> ReceiverEngine:
-        identity = model_identity(model, tokenizer, name=name)
-        adapter = None
-        if adapter_dir:
-            adapter = LatentAdapter.from_pretrained(
-                adapter_dir, part="decoder", receiver=identity, device=model.device
-            )
-        decoder = adapter.decoder if adapter else None
-        receiver = Receiver(model, tokenizer, decoder, adapter.config if adapter else None)
-        return cls(receiver, identity, adapter, adapter_id(adapter.config.to_dict()) if adapter else "")
+        identity, adapter, adapter_id = load_adapter_half(model, tokenizer, adapter_dir, "decoder", name)
+        decoder, config = (adapter.decoder, adapter.config) if adapter else (None, None)
+        return cls(Receiver(model, tokenizer, decoder, config), identity, adapter, adapter_id)
 
     def require_adapter(self, mode: str) -> None:
         if self.adapter is None:

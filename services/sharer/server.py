@@ -24,18 +24,19 @@ from opentelemetry.instrumentation.grpc.grpcext import intercept_channel
 
 from lcflow.adapter import LatentAdapter
 from lcflow.handoff import Sharer, SharerContext, receiver_view
-from lcflow.kv import ModelIdentity, model_identity
+from lcflow.kv import ModelIdentity
 from lcflow.proto_gen.lcflow.v1 import lcflow_pb2 as pb
 from lcflow.proto_gen.lcflow.v1 import lcflow_pb2_grpc as pb_grpc
 from lcflow.service_config import ServiceConfig
 from lcflow.serving import (
     ConcurrencyLimit,
     ServiceError,
-    adapter_id,
     check_text,
     check_tokens,
     generation_settings,
     invalid,
+    load_adapter_half,
+    load_model_for,
     messages_text,
     prompt_of,
     serve_service,
@@ -62,23 +63,13 @@ class SharerEngine:
 
     @classmethod
     def load(cls, config: ServiceConfig) -> SharerEngine:
-        from lcflow.provision import load_model_and_tokenizer
-
-        model, tokenizer = load_model_and_tokenizer(config.model, device=config.device, dtype=config.dtype)
-        return cls.from_loaded(model, tokenizer, config.adapter, name=config.model)
+        return cls.from_loaded(*load_model_for(config), config.adapter, name=config.model)
 
     @classmethod
     def from_loaded(cls, model, tokenizer, adapter_dir: str = "", name: str | None = None) -> SharerEngine:
-        identity = model_identity(model, tokenizer, name=name)
-        adapter = None
-        if adapter_dir:
-            adapter = LatentAdapter.from_pretrained(
-                adapter_dir, part="encoder", sharer=identity, device=model.device
-            )
-        sharer = Sharer(
-            model, tokenizer, adapter.encoder if adapter else None, adapter.config if adapter else None
-        )
-        return cls(sharer, identity, adapter, adapter_id(adapter.config.to_dict()) if adapter else "")
+        identity, adapter, adapter_id = load_adapter_half(model, tokenizer, adapter_dir, "encoder", name)
+        encoder, config = (adapter.encoder, adapter.config) if adapter else (None, None)
+        return cls(Sharer(model, tokenizer, encoder, config), identity, adapter, adapter_id)
 
     def require_adapter(self, mode: str) -> None:
         if self.adapter is None or self.adapter.config.mode != mode:
@@ -275,7 +266,8 @@ class _LatentStream:
             yield pb.LatentMessage(request=self.request)
             if self.mode in ("lcf", "lcfx"):
                 yield from self._latents()
-        except BaseException as err:  # reported by Handoff; ending the stream makes the receiver stop
+        except Exception as err:  # reported by Handoff; ending the stream makes the receiver stop
+            # (GeneratorExit is not caught: it means gRPC closed this stream, not that it failed)
             log.exception("latent stream failed")
             self.error = err
         finally:
