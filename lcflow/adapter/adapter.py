@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
 from lcflow.adapter.blocks import parameter_count
@@ -82,18 +82,9 @@ class LatentAdapter(nn.Module):
     # --- files -------------------------------------------------------------------------------
 
     def save_pretrained(self, directory: str | Path, dtype: torch.dtype | None = None) -> Path:
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        dtype = dtype or getattr(torch, self.config.dtype)
-        self.config.dtype = str(dtype).removeprefix("torch.")
-        self.config.save(directory)
-        for half, filename in ((self.encoder, ENCODER_FILE), (self.decoder, DECODER_FILE)):
-            if half is not None:
-                tensors = {k: v.detach().to(dtype).contiguous() for k, v in half.state_dict().items()}
-                save_file(
-                    tensors, str(directory / filename), metadata={"format": "pt", "mode": self.config.mode}
-                )
-        return directory
+        halves = {ENCODER_FILE: self.encoder, DECODER_FILE: self.decoder}
+        weights = {name: half for name, half in halves.items() if half is not None}
+        return self.config.save_with_weights(directory, dtype or getattr(torch, self.config.dtype), weights)
 
     @classmethod
     def from_pretrained(

@@ -43,7 +43,7 @@ import time
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 from transformers import DynamicCache
 
@@ -259,14 +259,9 @@ class C2CFuser(nn.Module):
 
     def save_pretrained(self, directory: str | Path, dtype: torch.dtype | None = None) -> Path:
         """adapter_config.json (mode "c2c") + fuser.safetensors, weights in `dtype`."""
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        dtype = dtype or getattr(torch, self.config.dtype)
-        self.config.dtype = str(dtype).removeprefix("torch.")
-        self.config.save(directory)
-        tensors = {k: v.detach().to(dtype).contiguous() for k, v in self.state_dict().items()}
-        save_file(tensors, str(directory / FUSER_FILE), metadata={"format": "pt", "mode": "c2c"})
-        return directory
+        return self.config.save_with_weights(
+            directory, dtype or getattr(torch, self.config.dtype), {FUSER_FILE: self}
+        )
 
     @classmethod
     def from_pretrained(

@@ -88,6 +88,19 @@ class AdapterConfig:
         data["layer_map"] = {int(t): int(s) for t, s in data["layer_map"].items()}
         return cls(**data)
 
+    def save_with_weights(self, directory: str | Path, dtype, weights: dict[str, object]) -> Path:
+        """Write this config (recording `dtype`) and each {filename: module}'s state dict in `dtype`."""
+        from safetensors.torch import save_file
+
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        self.dtype = str(dtype).removeprefix("torch.")
+        self.save(directory)
+        for filename, module in weights.items():
+            tensors = {k: v.detach().to(dtype).contiguous() for k, v in module.state_dict().items()}
+            save_file(tensors, str(directory / filename), metadata={"format": "pt", "mode": self.mode})
+        return directory
+
     def save(self, directory: str | Path) -> None:
         Path(directory, CONFIG_NAME).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
 

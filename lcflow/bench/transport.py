@@ -44,9 +44,9 @@ from lcflow.transport import (
     CodecConfig,
     LatentPacket,
     PacketAssembler,
-    PacketWriter,
     WireError,
     coalesce_chunks,
+    packet_messages,
 )
 from lcflow.transport.codec import MAX_CHUNK_BYTES, SegmentDecoder
 from lcflow.transport.segments import (
@@ -277,13 +277,7 @@ def _codec_stages(packet: LatentPacket, codec: CodecConfig, repeats: int) -> tup
 def _writer_messages(packet: LatentPacket, codec: CodecConfig) -> Iterator[pb.LatentMessage]:
     """What a sharer streams: request, header, then each segment packed as it is reached."""
     yield pb.LatentMessage(request=pb.ReceiverRequest(prompt_text="bench", mode=pb.LCF))
-    writer = PacketWriter.for_packet(packet, codec)
-    yield writer.header()
-    if packet.shared_tensors:
-        yield from writer.shared(packet.shared_tensors)
-    for layer in packet.layers:
-        yield from writer.layer(layer, packet.tensors_per_layer[layer])
-    yield writer.trailer()
+    yield from packet_messages(packet, codec)
 
 
 async def _packed_in_thread(messages: Iterator[pb.LatentMessage]) -> AsyncIterator[pb.LatentMessage]:
