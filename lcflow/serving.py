@@ -142,6 +142,17 @@ def load_adapter_half(model, tokenizer, adapter_dir: str, part: str, name: str |
     return identity, adapter, adapter_id(adapter.config.to_dict())
 
 
+def require_adapter(adapter, mode: str, role: str) -> None:
+    """FAILED_PRECONDITION unless this service holds an adapter of the requested latent mode."""
+    have = f"a {adapter.config.mode} adapter" if adapter is not None else "no adapter"
+    if adapter is None or adapter.config.mode != mode:
+        raise ServiceError(
+            grpc.StatusCode.FAILED_PRECONDITION,
+            f"mode {mode} needs a {mode} adapter but this {role} has {have}; "
+            "start it with --adapter pointing at one, or use TEXT or NONE",
+        )
+
+
 # --- concurrency ------------------------------------------------------------------------------
 
 

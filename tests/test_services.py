@@ -564,3 +564,29 @@ def test_service_logs_carry_the_trace_id(pair, caplog):
         logger.removeHandler(collector)
     refused = [r for r in handler_records if "refused" in r.getMessage()]
     assert refused and all(len(r.trace_id) == 32 for r in refused)
+
+
+def test_latent_modes_without_an_adapter_are_failed_precondition(tiny_pair, spans):
+    (ms, ts), (mr, tr) = tiny_pair
+    receiver_port, sharer_port = free_port(), free_port()
+    receiver_running, _ = serve_receiver(
+        ServiceConfig("receiver", model="tiny", port=receiver_port),
+        make_tracer_provider("lcflow-receiver", spans),
+        ReceiverEngine.from_loaded(mr, tr, ""),
+    )
+    sharer_running, _ = serve_sharer(
+        ServiceConfig("sharer", model="tiny", port=sharer_port, receiver=f"127.0.0.1:{receiver_port}"),
+        make_tracer_provider("lcflow-sharer", spans),
+        SharerEngine.from_loaded(ms, ts, ""),
+    )
+    try:
+        client = HandoffClient(f"127.0.0.1:{sharer_port}", timeout_s=30)
+        for mode in ("lcf", "lcfx"):
+            with pytest.raises(grpc.RpcError) as err:
+                client.handoff(PROMPT, mode=mode, context=CONTEXT, max_new_tokens=2)
+            assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+            assert "no adapter" in err.value.details() and "--adapter" in err.value.details()
+        assert client.handoff(PROMPT, mode="text", context=CONTEXT, max_new_tokens=2).summary.mode == pb.TEXT
+    finally:
+        sharer_running.stop(1)
+        receiver_running.stop(1)

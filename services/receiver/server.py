@@ -35,6 +35,7 @@ from lcflow.serving import (
     load_adapter_half,
     load_model_for,
     prompt_of,
+    require_adapter,
     serve_service,
     status_on_error,
 )
@@ -76,16 +77,7 @@ class ReceiverEngine:
         return cls(Receiver(model, tokenizer, decoder, config), identity, adapter, adapter_id)
 
     def require_adapter(self, mode: str) -> None:
-        if self.adapter is None:
-            raise ServiceError(
-                grpc.StatusCode.FAILED_PRECONDITION,
-                f"this receiver has no adapter, so it cannot decode {mode} latents; start it with --adapter",
-            )
-        if self.adapter.config.mode != mode:
-            raise ServiceError(
-                grpc.StatusCode.FAILED_PRECONDITION,
-                f"this receiver's adapter is {self.adapter.config.mode}, the request is {mode}",
-            )
+        require_adapter(self.adapter, mode, "receiver")
 
 
 class ReceiverService(pb_grpc.ReceiverServicer):

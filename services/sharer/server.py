@@ -39,6 +39,7 @@ from lcflow.serving import (
     load_model_for,
     messages_text,
     prompt_of,
+    require_adapter,
     serve_service,
     status_on_error,
 )
@@ -72,13 +73,7 @@ class SharerEngine:
         return cls(Sharer(model, tokenizer, encoder, config), identity, adapter, adapter_id)
 
     def require_adapter(self, mode: str) -> None:
-        if self.adapter is None or self.adapter.config.mode != mode:
-            have = self.adapter.config.mode if self.adapter else "no adapter"
-            raise ServiceError(
-                grpc.StatusCode.FAILED_PRECONDITION,
-                f"mode {mode} needs a {mode} adapter but this sharer has {have}; "
-                "start it with --adapter pointing at one, or use TEXT or NONE",
-            )
+        require_adapter(self.adapter, mode, "sharer")
 
 
 class SharerService(pb_grpc.SharerServicer):
