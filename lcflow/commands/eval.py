@@ -108,7 +108,10 @@ def register(subparsers) -> None:
     p.add_argument(
         "--services",
         metavar="SHARER_HOST:PORT",
-        help="time the handoffs through running services instead of in-process (not implemented yet)",
+        help=(
+            "time the methods the services serve (receiver, text, lcf, lcfx) through the running "
+            "sharer at this address instead of in-process; start both services with the same adapter first"
+        ),
     )
     p.add_argument("--out", type=Path, required=True, help="directory for results.json, results.md, plots")
     p.set_defaults(func=run)
