@@ -4,11 +4,11 @@ Payloads have the paper pair's shapes (random values): LCF sends 28 receiver lay
 [1, T, b=128] latents plus the sharer token spans (int32 [T, 2]); LCF-X sends 28 x [1, 32, 128].
 Stages, each timed on its own (best and median of --repeats; MB/s from the best):
 
-    serialise      safetensors save of each layer                       (sender)
-    compress       byte-shuffle + zstd                                  (sender)
+    serialise      safetensors layout + byte-shuffle of each layer (one pass)  (sender)
+    compress       zstd                                                 (sender)
     grpc_loopback  the prepared chunk messages through Receiver.Receive  (network)
-    decompress     zstd + unshuffle                                     (receiver)
-    deserialise    safetensors header checks + load                     (receiver)
+    decompress     zstd                                                 (receiver)
+    deserialise    safetensors header checks + unshuffle into tensors   (receiver)
     raw_grpc       the same number of raw bytes as 1 MiB messages       (baseline)
     end_to_end     PacketWriter -> coalesce_chunks -> gRPC -> PacketAssembler, pipelined
     end_to_end_per_layer   the same, each layer's chunks sent at once (no batching)
@@ -56,8 +56,6 @@ from lcflow.transport.segments import (
     load_segment,
     max_blob_bytes,
     serialise_segment,
-    shuffle_segment,
-    unshuffle_segment,
 )
 
 log = logging.getLogger(__name__)
@@ -228,42 +226,37 @@ def _stage(times_ms: list[float], raw_bytes: int, wire_bytes: int | None = None)
 def _codec_stages(packet: LatentPacket, codec: CodecConfig, repeats: int) -> tuple[dict, list[list[bytes]]]:
     """serialise / compress / decompress / deserialise timed on their own; returns each segment's chunks."""
     segments = _segments(packet)
-    blobs = [serialise_segment(tensors) for tensors in segments]
-    serialise_ms = _times_ms(lambda: [serialise_segment(t) for t in segments], repeats)
+    shuffle = codec.byte_shuffle
+    blobs = [serialise_segment(tensors, shuffle) for tensors in segments]
+    serialise_ms = _times_ms(lambda: [serialise_segment(t, shuffle) for t in segments], repeats)
 
     compressor = codec.compressor()
     decompressor = zstandard.ZstdDecompressor()
-
-    def compress_all() -> list[bytes]:
-        out = []
-        for blob in blobs:
-            copy = bytearray(blob)  # shuffle works in place; the copy is a memcpy, ~10 GB/s
-            if codec.byte_shuffle:
-                shuffle_segment(copy)
-            out.append(compressor.compress(copy))
-        return out
-
-    compressed = compress_all()
-    compress_ms = _times_ms(compress_all, repeats)
+    compressed = [compressor.compress(blob) for blob in blobs]
+    compress_ms = _times_ms(lambda: [compressor.compress(blob) for blob in blobs], repeats)
     chunked = [[c[i : i + codec.chunk_size] for i in range(0, len(c), codec.chunk_size)] for c in compressed]
     specs = [{name: TensorSpec.of(t) for name, t in tensors.items()} for tensors in segments]
 
-    def decompress_all() -> list[tuple[bytearray, dict]]:
+    def decompress_all() -> list[bytearray]:
         out = []
         for chunks, spec in zip(chunked, specs, strict=True):
             decoder = SegmentDecoder(codec.name, max_blob_bytes(spec), "bench segment", decompressor)
             for chunk in chunks:
                 decoder.feed(chunk)
-            blob = decoder.finish()
-            header = check_segment(blob, spec, "bench segment")
-            if codec.byte_shuffle:
-                unshuffle_segment(blob, header)
-            out.append((blob, header))
+            out.append(decoder.finish())
         return out
 
     decoded = decompress_all()
     decompress_ms = _times_ms(decompress_all, repeats)
-    deserialise_ms = _times_ms(lambda: [load_segment(blob, "bench segment") for blob, _ in decoded], repeats)
+
+    def deserialise_all() -> list[dict[str, torch.Tensor]]:
+        out = []
+        for blob, spec in zip(decoded, specs, strict=True):
+            header = check_segment(blob, spec, "bench segment")
+            out.append(load_segment(blob, header, spec, shuffle))
+        return out
+
+    deserialise_ms = _times_ms(deserialise_all, repeats)
     raw = packet.raw_bytes()
     stages = {
         "serialise": _stage(serialise_ms, raw),

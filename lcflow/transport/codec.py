@@ -20,6 +20,11 @@ from dataclasses import dataclass
 import numpy as np
 import zstandard
 
+try:  # the same CRC-32 as zlib.crc32, ~13x faster (0.02 vs 0.26 ms/MiB here); zlib where ISA-L is missing
+    from isal.isal_zlib import crc32 as crc32  # re-exported for wire.py
+except ImportError:  # pragma: no cover
+    from zlib import crc32 as crc32
+
 from lcflow.transport.errors import data_loss, invalid
 
 MAX_CHUNK_BYTES = (
@@ -34,7 +39,8 @@ class CodecConfig:
 
     name: str = "zstd"  # "zstd" or "none"
     level: int = 1  # higher levels gain nothing on float latents and are several times slower
-    byte_shuffle: bool = True  # regroup each tensor's bytes by byte plane: bf16 ratio 1.29 -> 1.46
+    byte_shuffle: bool = True  # regroup each tensor's bytes by byte plane: bf16 ratio 1.29 -> 1.50
+    float_params: bool = True  # min_match 7 and a 256-entry hash table (see the module docstring)
     chunk_size: int = MAX_CHUNK_BYTES  # largest chunk payload, at most 1 MiB
 
     def __post_init__(self) -> None:
@@ -46,43 +52,68 @@ class CodecConfig:
     def compressor(self) -> SegmentCompressor:
         return SegmentCompressor(self)
 
+    def zstd_parameters(self) -> zstandard.ZstdCompressionParameters:
+        # python-zstandard writes no frame checksum unless asked; the content size lets the
+        # receiver refuse an oversized frame before decompressing a byte of it.
+        tuning = {"min_match": 7, "hash_log": 8} if self.float_params else {}
+        return zstandard.ZstdCompressionParameters.from_level(
+            self.level, write_checksum=True, write_content_size=True, **tuning
+        )
+
 
 class SegmentCompressor:
     """Compresses segment after segment with one reused zstd context (creating one costs ~0.1 ms)."""
 
     def __init__(self, config: CodecConfig):
         self.config = config
-        # python-zstandard writes no frame checksum unless asked; the content size lets the
-        # receiver refuse an oversized frame before decompressing a byte of it.
         self.zstd = None
         if config.name == "zstd":
-            self.zstd = zstandard.ZstdCompressor(
-                level=config.level, write_checksum=True, write_content_size=True
-            )
+            self.zstd = zstandard.ZstdCompressor(compression_params=config.zstd_parameters())
 
     def compress(self, data: bytes | bytearray) -> bytes:
         return bytes(data) if self.zstd is None else self.zstd.compress(data)
 
 
-def shuffle_bytes(region: memoryview, itemsize: int) -> None:
-    """In place: [a0 a1 | b0 b1 | ...] -> [a0 b0 ... | a1 b1 ...] (byte planes of each element)."""
-    if itemsize == 1 or len(region) == 0:
-        return
-    elements = np.frombuffer(region, dtype=np.uint8).reshape(-1, itemsize)
-    planes = np.empty((itemsize, elements.shape[0]), dtype=np.uint8)
-    for plane in range(itemsize):  # one strided copy per plane is ~3x faster than elements.T.copy()
-        planes[plane] = elements[:, plane]
-    np.frombuffer(region, dtype=np.uint8)[:] = planes.reshape(-1)
+SHUFFLE_BLOCK = 1 << 15  # elements per step: the shifted temporaries stay in cache
 
 
-def unshuffle_bytes(region: memoryview, itemsize: int) -> None:
-    """In place: the inverse of shuffle_bytes."""
-    if itemsize == 1 or len(region) == 0:
+def shuffle_into(dest: np.ndarray, source: np.ndarray, itemsize: int) -> None:
+    """dest = the byte planes of source's elements: [a0 a1 | b0 b1 | ...] -> [a0 b0 ... | a1 b1 ...].
+
+    Both are flat uint8 arrays of the same length. Plane p holds byte p of each element in
+    memory order; reading the elements as little-endian words makes that a shift and a
+    truncating cast, which numpy vectorises (~5x faster than a strided copy per plane).
+    """
+    if itemsize == 1:
+        dest[:] = source
         return
-    planes = np.frombuffer(region, dtype=np.uint8).reshape(itemsize, -1).copy()
-    elements = np.frombuffer(region, dtype=np.uint8).reshape(-1, itemsize)
-    for plane in range(itemsize):
-        elements[:, plane] = planes[plane]
+    words = source.view(f"<u{itemsize}")
+    planes = dest.reshape(itemsize, words.size)
+    shifted = np.empty(min(words.size, SHUFFLE_BLOCK), dtype=words.dtype)
+    for start in range(0, words.size, SHUFFLE_BLOCK):
+        block = words[start : start + SHUFFLE_BLOCK]
+        np.copyto(planes[0, start : start + block.size], block, casting="unsafe")  # keeps the low byte
+        for plane in range(1, itemsize):
+            np.right_shift(block, 8 * plane, out=shifted[: block.size])
+            np.copyto(planes[plane, start : start + block.size], shifted[: block.size], casting="unsafe")
+
+
+def unshuffle_into(dest: np.ndarray, source: np.ndarray, itemsize: int) -> None:
+    """The inverse of shuffle_into: dest gets back the elements whose byte planes source holds."""
+    if itemsize == 1:
+        dest[:] = source
+        return
+    words = dest.view(f"<u{itemsize}")
+    planes = source.reshape(itemsize, words.size)
+    widened = np.empty(min(words.size, SHUFFLE_BLOCK), dtype=words.dtype)
+    for start in range(0, words.size, SHUFFLE_BLOCK):
+        block = words[start : start + SHUFFLE_BLOCK]
+        np.copyto(block, planes[0, start : start + block.size], casting="unsafe")  # zero-extends
+        for plane in range(1, itemsize):
+            part = widened[: block.size]
+            np.copyto(part, planes[plane, start : start + block.size], casting="unsafe")
+            np.left_shift(part, 8 * plane, out=part)
+            np.bitwise_or(block, part, out=block)
 
 
 class _BoundedSink:

@@ -1,9 +1,15 @@
 """One segment = the tensors of one receiver layer (or the shared tensors) as a safetensors blob.
 
-The blob is written by `safetensors.torch.save`; with byte-shuffle on, each tensor's data
-region inside the blob is regrouped by byte plane, leaving the JSON header readable. The
-receiver checks the blob's header against what the LatentHeader declared (names, dtypes,
-shapes, offsets) *before* handing the bytes to safetensors.
+The blob is in the safetensors format (8-byte little-endian header length, JSON header padded
+with spaces to 8 bytes, then the tensors' data back to back); with byte-shuffle on, each
+tensor's data region is regrouped by byte plane, leaving the JSON header readable. Unshuffled,
+a blob is exactly what `safetensors.torch.load` reads (tests check this).
+
+Both ends write the format themselves instead of calling safetensors: `save` -> bytes ->
+bytearray -> shuffle, and bytes -> `load`, cost four full copies of every segment, while
+writing the tensors' bytes straight into their (shuffled) place costs one. The receiver checks
+the blob's header against what the LatentHeader declared (names, dtypes, shapes, offsets)
+*before* it reads a byte of tensor data, and never unpickles anything.
 """
 
 from __future__ import annotations
@@ -12,10 +18,10 @@ import json
 import math
 from dataclasses import dataclass
 
-import safetensors.torch
+import numpy as np
 import torch
 
-from lcflow.transport.codec import shuffle_bytes, unshuffle_bytes
+from lcflow.transport.codec import shuffle_into, unshuffle_into
 from lcflow.transport.errors import invalid
 
 # torch dtype name on the wire -> (torch dtype, safetensors dtype code)
@@ -29,7 +35,6 @@ DTYPE_NAMES = {torch_dtype: name for name, (torch_dtype, _) in DTYPES.items()}
 ITEMSIZE = {
     name: torch.empty((), dtype=torch_dtype).element_size() for name, (torch_dtype, _) in DTYPES.items()
 }
-ITEMSIZE_BY_CODE = {code: ITEMSIZE[name] for name, (_, code) in DTYPES.items()}
 MAX_SAFETENSORS_HEADER = 64 << 10  # a few tensors need ~100 bytes each; safetensors itself allows 100 MB
 MAX_DIMS = 8
 
@@ -70,17 +75,35 @@ def max_blob_bytes(specs: dict[str, TensorSpec]) -> int:
     return 8 + header_allowance + segment_bytes(specs)
 
 
-def serialise_segment(tensors: dict[str, torch.Tensor]) -> bytearray:
-    """Tensors -> safetensors blob (a mutable copy, so it can be shuffled in place)."""
+def serialise_segment(tensors: dict[str, torch.Tensor], byte_shuffle: bool = False) -> bytearray:
+    """Tensors -> safetensors blob, each tensor's data byte-shuffled if asked, in one pass."""
     contiguous = {name: t.detach().to("cpu").contiguous() for name, t in tensors.items()}
-    return bytearray(safetensors.torch.save(contiguous))
-
-
-def shuffle_segment(blob: bytearray) -> None:
-    """Byte-shuffle each tensor's data region in place; the JSON header stays as it is."""
-    view = memoryview(blob)
-    for start, end, itemsize in _data_regions(_read_header(blob, "own segment")):
-        shuffle_bytes(view[start:end], itemsize)
+    entries, offset = {}, 0
+    for name, tensor in contiguous.items():
+        spec = TensorSpec.of(tensor)
+        entries[name] = {
+            "dtype": DTYPES[spec.dtype][1],
+            "shape": list(spec.shape),
+            "data_offsets": [offset, offset + spec.num_bytes],
+        }
+        offset += spec.num_bytes
+    header = json.dumps(entries, separators=(",", ":")).encode("utf-8")
+    header += b" " * (-len(header) % 8)  # as safetensors pads it: tensor data stays 8-byte aligned
+    data_start = 8 + len(header)
+    blob = bytearray(data_start + offset)
+    blob[:8] = len(header).to_bytes(8, "little")
+    blob[8:data_start] = header
+    data = np.frombuffer(blob, dtype=np.uint8)[data_start:]
+    for name, tensor in contiguous.items():
+        start, end = entries[name]["data_offsets"]
+        if start == end:
+            continue
+        source = _tensor_bytes(tensor)
+        if byte_shuffle:
+            shuffle_into(data[start:end], source, tensor.element_size())
+        else:
+            data[start:end] = source
+    return blob
 
 
 def check_segment(blob: bytearray, specs: dict[str, TensorSpec], what: str) -> dict:
@@ -90,19 +113,28 @@ def check_segment(blob: bytearray, specs: dict[str, TensorSpec], what: str) -> d
     return header
 
 
-def unshuffle_segment(blob: bytearray, header: dict) -> None:
-    """Undo shuffle_segment in place, for a blob that passed check_segment."""
-    view = memoryview(blob)
-    for start, end, itemsize in _data_regions(header):
-        unshuffle_bytes(view[start:end], itemsize)
+def load_segment(
+    blob: bytearray, header: dict, specs: dict[str, TensorSpec], byte_shuffle: bool
+) -> dict[str, torch.Tensor]:
+    """A blob that passed check_segment -> tensors, unshuffling straight into each tensor's memory."""
+    data = np.frombuffer(blob, dtype=np.uint8)[header["__data_start__"] :]
+    tensors = {}
+    for name, spec in specs.items():
+        start, end = header[name]["data_offsets"]
+        tensor = torch.empty(spec.shape, dtype=DTYPES[spec.dtype][0])
+        if start != end:
+            target = _tensor_bytes(tensor)
+            if byte_shuffle:
+                unshuffle_into(target, data[start:end], spec.itemsize)
+            else:
+                target[:] = data[start:end]
+        tensors[name] = tensor
+    return tensors
 
 
-def load_segment(blob: bytearray, what: str) -> dict[str, torch.Tensor]:
-    """A checked, unshuffled blob -> tensors."""
-    try:
-        return safetensors.torch.load(bytes(blob))
-    except Exception as err:  # safetensors raises its own SafetensorError for malformed blobs
-        raise invalid(f"{what}: safetensors could not read the segment ({err})") from err
+def _tensor_bytes(tensor: torch.Tensor) -> np.ndarray:
+    """A contiguous tensor's memory as a flat uint8 array (shared, not copied)."""
+    return tensor.reshape(-1).view(torch.uint8).numpy()
 
 
 def _read_header(blob: bytearray, what: str) -> dict:
@@ -154,15 +186,3 @@ def _check_against_specs(header: dict, specs: dict[str, TensorSpec], blob_len: i
         position = end
     if data_start + position != blob_len:
         raise invalid(f"{what}: blob is {blob_len} bytes, its header describes {data_start + position}")
-
-
-def _data_regions(header: dict) -> list[tuple[int, int, int]]:
-    """(start, end, itemsize) in the blob of each tensor's data."""
-    data_start = header["__data_start__"]
-    regions = []
-    for name, entry in header.items():
-        if name == "__data_start__":
-            continue
-        start, end = entry["data_offsets"]
-        regions.append((data_start + start, data_start + end, ITEMSIZE_BY_CODE[entry["dtype"]]))
-    return regions

@@ -34,7 +34,6 @@ Every check failure raises WireError with the gRPC status to answer (see errors.
 from __future__ import annotations
 
 import time
-import zlib
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
@@ -42,7 +41,7 @@ import torch
 import zstandard
 
 from lcflow.proto_gen.lcflow.v1 import lcflow_pb2 as pb
-from lcflow.transport.codec import CODECS, MAX_CHUNK_BYTES, CodecConfig, SegmentDecoder
+from lcflow.transport.codec import CODECS, MAX_CHUNK_BYTES, CodecConfig, SegmentDecoder, crc32
 from lcflow.transport.errors import data_loss, invalid, precondition
 from lcflow.transport.segments import (
     DTYPES,
@@ -53,8 +52,6 @@ from lcflow.transport.segments import (
     max_blob_bytes,
     segment_bytes,
     serialise_segment,
-    shuffle_segment,
-    unshuffle_segment,
 )
 
 FORMAT_VERSION = 1
@@ -109,8 +106,8 @@ class WireStats:
     chunks: int = 0
     bytes_raw: int = 0  # tensor data bytes, before compression
     bytes_wire: int = 0  # chunk payload bytes
-    serialise_ms: float = 0.0  # safetensors save / load, with header checks
-    codec_ms: float = 0.0  # shuffle + compress, or decompress + unshuffle
+    serialise_ms: float = 0.0  # safetensors layout + byte-shuffle (one pass), or header checks + unshuffle
+    codec_ms: float = 0.0  # zstd compress, or decompress
 
 
 def _ms_since(start: float) -> float:
@@ -234,31 +231,30 @@ class PacketWriter:
         index = self.segment_keys.index(key)
 
         start = time.perf_counter()
-        blob = serialise_segment(tensors)
+        blob = serialise_segment(tensors, self.codec.byte_shuffle)
         self.stats.serialise_ms += _ms_since(start)
         start = time.perf_counter()
-        if self.codec.byte_shuffle:
-            shuffle_segment(blob)
         payload = self.compressor.compress(blob)
         self.stats.codec_ms += _ms_since(start)
 
         size = self.codec.chunk_size
-        pieces = range(0, max(len(payload), 1), size)
-        for offset in pieces:
-            piece = payload[offset : offset + size]
-            self.payload_crc = zlib.crc32(piece, self.payload_crc)
+        view = memoryview(payload)
+        for offset in range(0, max(len(payload), 1), size):
+            # A segment that fits one chunk goes as it is; otherwise one copy per piece.
+            piece = payload if len(payload) <= size else bytes(view[offset : offset + size])
+            self.payload_crc = crc32(piece, self.payload_crc)
             self.stats.chunks += 1
             self.stats.bytes_wire += len(piece)
-            yield pb.LatentMessage(
-                chunk=pb.LatentChunk(
-                    sequence=self.sequence,
-                    segment=index,
-                    payload=piece,
-                    crc32=zlib.crc32(piece),
-                    last_in_segment=offset + size >= len(payload),
-                )
-            )
-            self.sequence += 1
+            yield self._chunk_message(index, piece, last=offset + size >= len(payload))
+
+    def _chunk_message(self, index: int, piece: bytes, last: bool) -> pb.LatentMessage:
+        # Filled in place: LatentMessage(chunk=LatentChunk(...)) would copy the payload once more.
+        message = pb.LatentMessage()
+        chunk = message.chunk
+        chunk.sequence, chunk.segment, chunk.crc32 = self.sequence, index, crc32(piece)
+        chunk.payload, chunk.last_in_segment = piece, last
+        self.sequence += 1
+        return message
 
     def trailer(self) -> pb.LatentMessage:
         missing = [key for key in self.segment_keys if key not in self.sent]
@@ -418,10 +414,10 @@ class PacketAssembler:
             raise invalid(
                 f"chunk {chunk.sequence} has {len(chunk.payload)} bytes; allowed 1..{self.header.codec.chunk_size}"
             )
-        if zlib.crc32(chunk.payload) != chunk.crc32:
+        if crc32(chunk.payload) != chunk.crc32:
             raise data_loss(f"chunk {chunk.sequence} failed its CRC-32 check: corrupted in transit; resend")
         self.next_sequence += 1
-        self.payload_crc = zlib.crc32(chunk.payload, self.payload_crc)
+        self.payload_crc = crc32(chunk.payload, self.payload_crc)
         self.stats.chunks += 1
         self.stats.bytes_wire += len(chunk.payload)
 
@@ -469,18 +465,11 @@ class PacketAssembler:
         blob = self.decoder.finish()
         self.open_index, self.decoder = None, None
         start = time.perf_counter()
+        # Every name, dtype, shape and offset is checked against the LatentHeader before
+        # load_segment reads tensor data, so the tensors it builds are the declared ones.
         header = check_segment(blob, self.specs[index], what)
-        check_ms = _ms_since(start)
-        if self.header.codec.byte_shuffle:
-            start = time.perf_counter()
-            unshuffle_segment(blob, header)
-            self.stats.codec_ms += _ms_since(start)
-        start = time.perf_counter()
-        tensors = load_segment(blob, what)
-        self.stats.serialise_ms += check_ms + _ms_since(start)
-        # check_segment compared the blob's own header; this checks what safetensors actually built.
-        if {name: TensorSpec.of(t) for name, t in tensors.items()} != self.specs[index]:
-            raise invalid(f"{what}: decoded tensors do not match the header's dtypes and shapes")
+        tensors = load_segment(blob, header, self.specs[index], self.header.codec.byte_shuffle)
+        self.stats.serialise_ms += _ms_since(start)
         self.done[index] = tensors
         return Segment(key, tensors)
 
