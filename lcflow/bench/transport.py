@@ -10,8 +10,10 @@ Stages, each timed on its own (best and median of --repeats; MB/s from the best)
     decompress     zstd                                                 (receiver)
     deserialise    safetensors header checks + unshuffle into tensors   (receiver)
     raw_grpc       the same number of raw bytes as 1 MiB messages       (baseline)
-    end_to_end     PacketWriter -> coalesce_chunks -> gRPC -> PacketAssembler, pipelined
+    end_to_end     PacketWriter -> coalesce_chunks -> gRPC -> PacketAssembler, each segment
+                   packed as gRPC asks for the next message, decoded as it arrives
     end_to_end_per_layer   the same, each layer's chunks sent at once (no batching)
+    end_to_end_threaded    end_to_end with the packing in a worker thread, overlapping gRPC
 
 Both sides use grpc.aio.
 MB/s are always raw tensor megabytes (1e6 bytes) per second, so stages compare directly.
@@ -49,6 +51,7 @@ from lcflow.transport import (
     packet_messages,
 )
 from lcflow.transport.codec import MAX_CHUNK_BYTES, SegmentDecoder
+from lcflow.transport.memory import keep_freed_memory
 from lcflow.transport.segments import (
     DTYPES,
     TensorSpec,
@@ -71,6 +74,7 @@ STAGES = (
     "raw_grpc",
     "end_to_end",
     "end_to_end_per_layer",
+    "end_to_end_threaded",
 )
 
 
@@ -85,6 +89,7 @@ class TransportBenchConfig:
     layers: int = 28
     width: int = 128  # the adapter bottleneck b
     lcfx_slots: int = 32  # LCF-X's fixed number of latent slots (0: skip LCF-X)
+    keep_freed_memory: bool = True  # as the services do (lcflow/transport/memory.py), in both processes
 
 
 # ---------------------------------------------------------------------------------------------- payloads
@@ -171,19 +176,24 @@ async def _serve(connection) -> None:
     await server.stop(grace=None)
 
 
-def serve(connection) -> None:
+def serve(connection, tune_malloc: bool = True) -> None:
     """Child process: serve the bench receiver and the raw sink (grpc.aio) until told to stop."""
     torch.set_num_threads(1)
+    if tune_malloc:
+        keep_freed_memory()
     asyncio.run(_serve(connection))
 
 
 class LoopbackServer:
     """Starts `serve` in a spawned process, as a separate receiver would be; gives the target address."""
 
+    def __init__(self, tune_malloc: bool = True):
+        self.tune_malloc = tune_malloc
+
     def __enter__(self) -> str:
         context = multiprocessing.get_context("spawn")
         self.connection, child = context.Pipe()
-        self.process = context.Process(target=serve, args=(child,), daemon=True)
+        self.process = context.Process(target=serve, args=(child, self.tune_malloc), daemon=True)
         self.process.start()
         if not self.connection.poll(120):
             raise RuntimeError("the loopback server did not start within 120 s")
@@ -276,8 +286,9 @@ def _writer_messages(packet: LatentPacket, codec: CodecConfig) -> Iterator[pb.La
 async def _packed_in_thread(messages: Iterator[pb.LatentMessage]) -> AsyncIterator[pb.LatentMessage]:
     """Run the packing generator in a worker thread so it overlaps with gRPC sending on the event loop.
 
-    zstd and safetensors release the GIL, so on 2 cores the next layer is compressed while the
-    previous one is on the wire: the way a sharer would pipeline its encoder with the stream.
+    zstd and numpy release the GIL, so with a core to spare the next layer is compressed while
+    the previous one is on the wire. On the 2-core development machine, shared with a training
+    job, this is slower than packing inline: the two threads mostly wait for each other's GIL.
     """
     loop = asyncio.get_running_loop()
     queue: asyncio.Queue = asyncio.Queue(maxsize=8)
@@ -331,16 +342,21 @@ async def _grpc_stages(target: str, packet: LatentPacket, codec: CodecConfig, re
 
         async def end_to_end() -> None:
             messages = coalesce_chunks(_writer_messages(packet, codec), codec.chunk_size)
-            summaries.append(await summary_of(_packed_in_thread(messages)))
+            summaries.append(await summary_of(messages))
 
         async def end_to_end_per_layer() -> None:
-            summaries.append(await summary_of(_packed_in_thread(_writer_messages(packet, codec))))
+            await summary_of(_writer_messages(packet, codec))
+
+        async def end_to_end_threaded() -> None:
+            messages = coalesce_chunks(_writer_messages(packet, codec), codec.chunk_size)
+            await summary_of(_packed_in_thread(messages))
 
         wire = (await send_prepared()).bytes_wire
         assert await send_raw() == sum(len(m) for m in raw_messages), "the raw loopback lost bytes"
         loopback_ms = await _times_ms_async(send_prepared, repeats)
         raw_ms = await _times_ms_async(send_raw, repeats)
         per_layer_ms = await _times_ms_async(end_to_end_per_layer, repeats)
+        threaded_ms = await _times_ms_async(end_to_end_threaded, repeats)
         summaries.clear()
         e2e_ms = await _times_ms_async(end_to_end, repeats)
     assert all(s.bytes_raw == raw for s in summaries), "the receiver did not assemble the whole packet"
@@ -349,6 +365,7 @@ async def _grpc_stages(target: str, packet: LatentPacket, codec: CodecConfig, re
         "raw_grpc": _stage(raw_ms, raw, raw),
         "end_to_end": _stage(e2e_ms, raw, wire),
         "end_to_end_per_layer": _stage(per_layer_ms, raw, wire),
+        "end_to_end_threaded": _stage(threaded_ms, raw, wire),
     }
     stages["end_to_end"]["receiver_unpack_ms"] = round(min(s.timings.unpack for s in summaries), 3)
     return stages
@@ -398,7 +415,9 @@ def run_transport_bench(config: TransportBenchConfig) -> dict:
     if config.lcfx_slots:
         cases.append(("lcfx", config.lcfx_slots))
     results = []
-    with LoopbackServer() as target:
+    if config.keep_freed_memory:
+        keep_freed_memory()
+    with LoopbackServer(config.keep_freed_memory) as target:
         for mode, tokens in cases:
             for dtype in config.dtypes:
                 log.info("bench transport: %s T=%d %s", mode, tokens, dtype)
@@ -458,6 +477,11 @@ def register(subparsers) -> None:
     p.add_argument(
         "--lcfx-slots", type=int, default=defaults.lcfx_slots, help="LCF-X latent slots (0 skips LCF-X)"
     )
+    p.add_argument(
+        "--no-keep-freed-memory",
+        action="store_true",
+        help="leave glibc's malloc thresholds as they are (see lcflow/transport/memory.py)",
+    )
     p.add_argument("--out", help="write the JSON report here")
     p.set_defaults(func=run)
 
@@ -473,6 +497,7 @@ def run(args) -> int:
         layers=args.layers,
         width=args.width,
         lcfx_slots=args.lcfx_slots,
+        keep_freed_memory=not args.no_keep_freed_memory,
     )
     report = run_transport_bench(config)
     print(format_table(report))

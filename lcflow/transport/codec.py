@@ -121,17 +121,32 @@ class _BoundedSink:
 
     def __init__(self, limit: int, what: str):
         self.buffer = bytearray()
+        self.size = 0  # bytes written; the buffer may be allocated ahead of them
         self.limit = limit
         self.what = what
 
+    def reserve(self, size: int) -> None:
+        """Allocate the declared output at once (size <= limit): no regrowing and recopying."""
+        self.buffer = bytearray(size)
+
     def write(self, data: bytes) -> int:
-        if len(self.buffer) + len(data) > self.limit:
+        end = self.size + len(data)
+        if end > self.limit:
             raise invalid(
                 f"{self.what} decompresses to more than the {self.limit} bytes its header declares; "
                 "the sender's header and payload disagree"
             )
-        self.buffer += data
+        if end <= len(self.buffer):
+            self.buffer[self.size : end] = data
+        else:
+            self.buffer[self.size :] = data
+        self.size = end
         return len(data)
+
+    def result(self) -> bytearray:
+        if self.size < len(self.buffer):  # the frames held less than the first one declared
+            del self.buffer[self.size :]
+        return self.buffer
 
 
 class SegmentDecoder:
@@ -169,11 +184,14 @@ class SegmentDecoder:
             raise data_loss(f"{self.what}: not a zstd frame ({err})") from err
         if not params.has_checksum:
             raise invalid(f"{self.what}: zstd frame without a checksum; the format requires frame checksums")
-        if params.content_size != zstandard.CONTENTSIZE_UNKNOWN and params.content_size > self.sink.limit:
+        if params.content_size == zstandard.CONTENTSIZE_UNKNOWN:
+            return  # allowed: the sink still bounds what it gets
+        if params.content_size > self.sink.limit:
             raise invalid(
                 f"{self.what}: zstd frame declares {params.content_size} bytes, more than the "
                 f"{self.sink.limit} its header allows"
             )
+        self.sink.reserve(params.content_size)
 
     def finish(self) -> bytearray:
-        return self.sink.buffer
+        return self.sink.result()
