@@ -25,6 +25,7 @@ from lcflow.handoff import GenerationSettings
 from lcflow.proto_gen.lcflow.v1 import lcflow_pb2 as pb
 from lcflow.service_config import ServiceConfig
 from lcflow.transport import WireError
+from lcflow.transport.memory import keep_freed_memory
 
 log = logging.getLogger(__name__)
 
@@ -268,6 +269,7 @@ def serve_service(
     """Start a service's server (health NOT_SERVING), then make it SERVING: at once if
     `service.engine` is already set (tests pass tiny models), else once `load_engine(config)`
     has loaded the model in the background. Returns the running server."""
+    keep_freed_memory()  # segment-sized buffers reuse freed memory instead of faulting in fresh pages
     running = start_server(
         config, service_name, lambda server: add_servicer(service, server), tracer_provider
     )
