@@ -2,27 +2,30 @@
 
 Measured on the 2-core development machine (shared with a training job) over a whole
 2048-token LCF packet of random normal latents (28 x [1, 2048, 128] plus token spans,
-safetensors segments as the writer makes them), best of 7, one-shot zstd decompress:
+safetensors segments as the writer makes them), best of 7, one-shot zstd decompress, all
+rows in one run (absolute MB/s move by +-40% between runs here; the ratios between rows hold):
 
-    dtype     shuffle  level  float_params  ratio  compress    decompress
-    bfloat16  no        1     no            1.29    925 MB/s   1193 MB/s
-    bfloat16  yes      -1     no            1.23    542 MB/s   2020 MB/s
-    bfloat16  yes       1     no            1.46    534 MB/s   1939 MB/s   (the old default)
-    bfloat16  yes       1     yes           1.49   1042 MB/s   2730 MB/s   (the default)
-    bfloat16  yes       3     yes           1.45    421 MB/s   1833 MB/s
-    float16   no        1     no            1.09    928 MB/s   1172 MB/s
-    float16   yes       1     no            1.18   1581 MB/s   2487 MB/s
-    float16   yes       1     yes           1.18   1624 MB/s   2485 MB/s
-    float32   yes       1     no            1.19    917 MB/s   2270 MB/s
-    float32   yes       1     yes           1.20   1644 MB/s   3692 MB/s
+    dtype     shuffle  level  float_params     ratio  compress   decompress
+    bfloat16  no        1     no               1.29   601 MB/s    830 MB/s
+    bfloat16  yes      -1     no               1.23   387 MB/s   1410 MB/s
+    bfloat16  yes      -1     yes              1.00  2249 MB/s   5233 MB/s   (stored raw)
+    bfloat16  yes       1     no               1.46   373 MB/s   1366 MB/s   (the old default)
+    bfloat16  yes       1     hash_log 8       1.49   678 MB/s   1859 MB/s
+    bfloat16  yes       1     yes              1.50   854 MB/s   1878 MB/s   (the default)
+    bfloat16  yes       3     yes              1.45   282 MB/s   1214 MB/s
+    float16   no        1     no               1.09   605 MB/s    907 MB/s
+    float16   yes       1     no               1.18   955 MB/s   1671 MB/s
+    float16   yes       1     yes              1.18   988 MB/s   1665 MB/s
+    float32   yes       1     no               1.19   658 MB/s   1950 MB/s
+    float32   yes       1     yes              1.20  1286 MB/s   2558 MB/s
 
 After byte-shuffle nearly all of zstd's time goes on the exponent plane (bf16: 2.6 bits of
-entropy a byte, few real matches): the default match finder probes a 8192-entry hash table at
-every position for matches that are rarely there. `float_params` asks for matches of 7+ bytes
-through a 256-entry table (cache-resident): twice as fast and a slightly better ratio, since
-more of the plane goes to the Huffman-coded literals. Negative levels with it store the data
-raw (ratio 1.00); without it they are slower than level 1. Level 3 gains nothing. Hence the
-defaults: level 1, float_params on, byte-shuffle on.
+entropy a byte, few real matches): level 1 probes an 8192-entry hash table at every position
+for matches that are rarely there. `float_params` asks for matches of 7+ bytes through a
+64-entry table (zstd's smallest, cache-resident): 2.3x faster on bf16, 2x on float32, and a
+slightly better ratio, since more of the plane goes to the Huffman-coded literals. Negative
+levels with it give up and store the data raw; without it they are slower than level 1.
+Level 3 gains nothing. Hence the defaults: level 1, float_params on, byte-shuffle on.
 
 zstd already skips the near-random mantissa plane cheaply (~0.05 ms per 256 KiB), so sending
 it raw, or one frame per byte plane, measured no faster on 2048-token packets; separate frames
@@ -59,7 +62,7 @@ class CodecConfig:
     name: str = "zstd"  # "zstd" or "none"
     level: int = 1  # higher levels gain nothing on float latents and are several times slower
     byte_shuffle: bool = True  # regroup each tensor's bytes by byte plane: bf16 ratio 1.29 -> 1.50
-    float_params: bool = True  # min_match 7 and a 256-entry hash table (see the module docstring)
+    float_params: bool = True  # min_match 7 and a 64-entry hash table (see the module docstring)
     chunk_size: int = MAX_CHUNK_BYTES  # largest chunk payload, at most 1 MiB
 
     def __post_init__(self) -> None:
@@ -74,7 +77,7 @@ class CodecConfig:
     def zstd_parameters(self) -> zstandard.ZstdCompressionParameters:
         # python-zstandard writes no frame checksum unless asked; the content size lets the
         # receiver refuse an oversized frame before decompressing a byte of it.
-        tuning = {"min_match": 7, "hash_log": 8} if self.float_params else {}
+        tuning = {"min_match": 7, "hash_log": 6} if self.float_params else {}
         return zstandard.ZstdCompressionParameters.from_level(
             self.level, write_checksum=True, write_content_size=True, **tuning
         )
