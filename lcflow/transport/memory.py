@@ -4,9 +4,10 @@ glibc serves allocations over 128 KiB with fresh mmap()s and trims freed heap to
 so every segment-sized buffer (a serialised blob, a zstd frame, a protobuf arena, a gRPC
 slice, a decoded tensor) is new memory whose every page faults on first touch. On the 2-core
 development VM that costs ~3 us a page: copying 14.7 MB into fresh memory took 11 ms (1.3 GB/s)
-instead of ~1 ms, and the latent transport touches a packet's worth of fresh memory ~8 times.
-Keeping freed memory in the heap for reuse (the fix jemalloc and tcmalloc make by default)
-doubled most transport stages and the raw gRPC baseline alike (docs/results/bench_transport.json).
+instead of ~0.4 ms, and the latent transport touches a packet's worth of memory several times.
+Keeping freed memory in the heap for reuse (what jemalloc and tcmalloc do by default) made
+most transport stages, measured one at a time, and the raw gRPC baseline about twice as
+fast; a whole handoff, whose buffers partly recycle anyway, gained less (0-20% across runs).
 
 The price is resident memory: up to `trim_threshold` bytes freed at the top of each malloc
 arena stay mapped. The services hold models of hundreds of MB, so 128 MiB is small beside them.
