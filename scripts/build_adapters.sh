@@ -1,49 +1,72 @@
 #!/usr/bin/env bash
 # Rebuild the shipped adapters from scratch: train, prune, evaluate, write the model cards.
-# One command, seeded. These are the settings the shipped adapters were built with; on the
-# 2-core CPU development machine the runs took 13 min (LCF), 18 min (C2C) and 39 min (LCF-X).
-#   bash scripts/build_adapters.sh
+# One command, seeded; both directions of the real pair, the C2C baseline for the forward one.
+#   bash scripts/build_adapters.sh                      # both directions
+#   DIRECTIONS=reverse bash scripts/build_adapters.sh   # only gemma3 -> smollm2
+# These are the settings the shipped adapters were built with. On the 2-core CPU development
+# machine, SmolLM2 -> Gemma3 took 13 min (LCF), 18 min (C2C) and 39 min (LCF-X); the reverse
+# direction's times are in its model cards.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RUNS=${RUNS:-runs/build}
-PAIR=smollm2-to-gemma3
-S=smollm2-135m-instruct
-R=gemma3-270m
+DIRECTIONS=${DIRECTIONS:-"forward reverse"}
 A=adapters
+SMOL=smollm2-135m-instruct
+GEMMA=gemma3-270m
 export OMP_WAIT_POLICY=PASSIVE
 
-lcflow models pull "$S"
-lcflow models pull "$R"
+lcflow models pull "$SMOL"
+lcflow models pull "$GEMMA"
 
-# Same context: LCF (and a pruned copy) and the C2C baseline, same budget and learning rate.
-lcflow train --sharer "$S" --receiver "$R" --mode lcf --task facts-same --steps 150 --batch-size 4 \
-  --lr 1e-3 --gate-l1 0.02 --out "$RUNS/$PAIR-lcf"
-lcflow train --sharer "$S" --receiver "$R" --mode c2c --task facts-same --layer-map last_aligned \
-  --steps 150 --batch-size 4 --lr 1e-3 --out "$RUNS/$PAIR-c2c"
-# Cross context: LCF-X on broad-word values (answers cannot be memorised), and a pruned copy.
-lcflow train --sharer "$S" --receiver "$R" --mode lcfx --task facts-cross-words --steps 300 --batch-size 4 \
-  --lr 1e-3 --gate-l1 0.02 --out "$RUNS/$PAIR-lcfx"
+card() { python -m lcflow.model_card "$A/$1" --eval "$RUNS/$2/results.json" --method "$3"; }
 
-for m in lcf lcfx; do
-  mkdir -p "$A/$PAIR-$m"
-  cp "$RUNS/$PAIR-$m"/{adapter_config.json,encoder.safetensors,decoder.safetensors,train_log.json,loss_curve.png} "$A/$PAIR-$m/"
-  lcflow prune "$A/$PAIR-$m" --min-gate 0.48 --out "$A/$PAIR-$m-pruned"
-done
-python - "$RUNS/$PAIR-c2c" "$A/$PAIR-c2c" <<'PY'
+# build_direction PAIR SHARER RECEIVER WITH_C2C
+build_direction() {
+  local pair=$1 s=$2 r=$3 with_c2c=$4
+  # Same context: LCF (and a pruned copy), and the C2C baseline with the same budget and lr.
+  lcflow train --sharer "$s" --receiver "$r" --mode lcf --task facts-same --steps 150 --batch-size 4 \
+    --lr 1e-3 --gate-l1 0.02 --out "$RUNS/$pair-lcf"
+  if [[ $with_c2c == yes ]]; then
+    lcflow train --sharer "$s" --receiver "$r" --mode c2c --task facts-same --layer-map last_aligned \
+      --steps 150 --batch-size 4 --lr 1e-3 --out "$RUNS/$pair-c2c"
+  fi
+  # Cross context: LCF-X on broad-word values (answers cannot be memorised), and a pruned copy.
+  lcflow train --sharer "$s" --receiver "$r" --mode lcfx --task facts-cross-words --steps 300 \
+    --batch-size 4 --lr 1e-3 --gate-l1 0.02 --out "$RUNS/$pair-lcfx"
+
+  for m in lcf lcfx; do
+    mkdir -p "$A/$pair-$m"
+    cp "$RUNS/$pair-$m"/{adapter_config.json,encoder.safetensors,decoder.safetensors,train_log.json,loss_curve.png} \
+      "$A/$pair-$m/"
+    lcflow prune "$A/$pair-$m" --min-gate 0.48 --out "$A/$pair-$m-pruned"
+  done
+  local same_methods=receiver,text,lcf
+  if [[ $with_c2c == yes ]]; then
+    python - "$RUNS/$pair-c2c" "$A/$pair-c2c" <<'PY'
 import sys, torch
 from lcflow.adapter.c2c import C2CFuser
 C2CFuser.from_pretrained(sys.argv[1]).save_pretrained(sys.argv[2], dtype=torch.bfloat16)
 PY
+    same_methods=$same_methods,c2c
+  fi
 
-lcflow eval --pair "$PAIR" --task facts-same --n 40 --methods receiver,text,lcf,c2c --out "$RUNS/eval-same"
-lcflow eval --pair "$PAIR" --task facts-same --n 40 --methods lcf --adapter-lcf "$A/$PAIR-lcf-pruned" \
-  --out "$RUNS/eval-same-pruned"
-lcflow eval --pair "$PAIR" --task facts-cross --n 60 --methods receiver,skyline,text,lcfx,lcfx-pruned \
-  --out "$RUNS/eval-cross"
+  lcflow eval --pair "$pair" --task facts-same --n 40 --methods "$same_methods" --out "$RUNS/$pair-eval-same"
+  lcflow eval --pair "$pair" --task facts-same --n 40 --methods lcf --adapter-lcf "$A/$pair-lcf-pruned" \
+    --out "$RUNS/$pair-eval-same-pruned"
+  lcflow eval --pair "$pair" --task facts-cross --n 60 --methods receiver,skyline,text,lcfx,lcfx-pruned \
+    --out "$RUNS/$pair-eval-cross"
 
-card() { python -m lcflow.model_card "$A/$1" --eval "$RUNS/$2/results.json" --method "$3"; }
-card "$PAIR-lcf" eval-same lcf
-card "$PAIR-lcf-pruned" eval-same-pruned lcf
-card "$PAIR-c2c" eval-same c2c
-card "$PAIR-lcfx" eval-cross lcfx
-card "$PAIR-lcfx-pruned" eval-cross lcfx-pruned
+  card "$pair-lcf" "$pair-eval-same" lcf
+  card "$pair-lcf-pruned" "$pair-eval-same-pruned" lcf
+  card "$pair-lcfx" "$pair-eval-cross" lcfx
+  card "$pair-lcfx-pruned" "$pair-eval-cross" lcfx-pruned
+  if [[ $with_c2c == yes ]]; then card "$pair-c2c" "$pair-eval-same" c2c; fi
+}
+
+for direction in $DIRECTIONS; do
+  case $direction in
+    forward) build_direction smollm2-to-gemma3 "$SMOL" "$GEMMA" yes ;;
+    reverse) build_direction gemma3-to-smollm2 "$GEMMA" "$SMOL" no ;;
+    *) echo "unknown direction '$direction' (use forward and/or reverse)" >&2; exit 2 ;;
+  esac
+done
