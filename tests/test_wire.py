@@ -288,6 +288,48 @@ def test_zstd_bomb_is_refused_without_allocating_it(write_content_size):
     assert peak < 4 << 20, f"peak Python allocation {peak} bytes while refusing a 256 MiB bomb"
 
 
+def _with_segment_payload(messages, payload: bytes) -> list[pb.LatentMessage]:
+    """The stream with the first chunk's payload replaced, every CRC recomputed (a lying sender)."""
+    first = chunk_indices(messages)[0]
+    assert messages[first].chunk.last_in_segment, "the test needs a segment sent as one chunk"
+    messages[first].chunk.payload = payload
+    messages[first].chunk.crc32 = zlib.crc32(payload)
+    payloads = [messages[i].chunk.payload for i in chunk_indices(messages)]
+    messages[-1].trailer.crc32 = zlib.crc32(b"".join(payloads))
+    messages[-1].trailer.total_wire_bytes = sum(len(p) for p in payloads)
+    return messages
+
+
+def _first_segment_blob(messages) -> bytes:
+    return zstandard.ZstdDecompressor().decompress(messages[chunk_indices(messages)[0]].chunk.payload)
+
+
+def test_segment_of_two_zstd_frames_is_invalid_argument():
+    # The second frame has no checksum: accepting it would let unchecked bytes in.
+    messages = list(packet_messages(make_packet(tokens=8)))
+    frame = messages[chunk_indices(messages)[0]].chunk.payload
+    unchecked = zstandard.ZstdCompressor(write_checksum=False).compress(b"x" * 64)
+    err = expect_error(_with_segment_payload(messages, frame + unchecked), grpc.StatusCode.INVALID_ARGUMENT)
+    assert "one frame" in err.details
+
+
+@pytest.mark.parametrize("cut", [2, 40], ids=["checksum-cut", "content-cut"])
+def test_segment_frame_cut_short_is_data_loss(cut):
+    # Cutting the 4-byte checksum leaves every content byte in place; it must still be refused.
+    messages = list(packet_messages(make_packet(tokens=8)))
+    frame = messages[chunk_indices(messages)[0]].chunk.payload
+    err = expect_error(_with_segment_payload(messages, frame[:-cut]), grpc.StatusCode.DATA_LOSS)
+    assert "truncated" in err.details
+
+
+def test_zstd_frame_without_content_size_is_invalid_argument():
+    messages = list(packet_messages(make_packet(tokens=8)))
+    blob = _first_segment_blob(messages)
+    frame = zstandard.ZstdCompressor(write_checksum=True, write_content_size=False).compress(blob)
+    err = expect_error(_with_segment_payload(messages, frame), grpc.StatusCode.INVALID_ARGUMENT)
+    assert "content size" in err.details
+
+
 def test_oversized_chunk_is_invalid_argument():
     messages = list(
         packet_messages(make_packet(tokens=256, width=64), CodecConfig(name="none", chunk_size=4096))

@@ -172,7 +172,13 @@ class _BoundedSink:
 
 
 class SegmentDecoder:
-    """Decodes one segment's chunks as they arrive, never holding more than `limit` output bytes."""
+    """Decodes one segment's chunks as they arrive, never holding more than `limit` output bytes.
+
+    A zstd segment must be exactly one frame that declares its content size and carries a
+    checksum, as PacketWriter writes it: then every byte accepted is covered by the frame
+    checksum, zstd itself refuses output past the declared size (so a bomb cannot inflate),
+    and a frame cut short or followed by more data is caught here.
+    """
 
     def __init__(
         self, codec_name: str, limit: int, what: str, decompressor: zstandard.ZstdDecompressor | None = None
@@ -180,24 +186,27 @@ class SegmentDecoder:
         self.codec_name = codec_name
         self.what = what
         self.sink = _BoundedSink(limit, what)
-        self.started = False
-        # write_size bounds each step of output, so the sink sees (and can refuse) it in small pieces.
-        self.writer = None
+        self.decompressor = None
+        self.frame = None  # the zstd decompression object, made from the first chunk's header
         if codec_name == "zstd":
-            decompressor = decompressor or zstandard.ZstdDecompressor()  # reusable, one segment at a time
-            self.writer = decompressor.stream_writer(self.sink, write_size=1 << 17)
+            self.decompressor = decompressor or zstandard.ZstdDecompressor()  # reusable
 
     def feed(self, payload: bytes) -> None:
-        if self.writer is None:
+        if self.decompressor is None:
             self.sink.write(payload)
             return
-        if not self.started:
+        if self.frame is None:
             self._check_frame_header(payload)
-            self.started = True
+            # write_size bounds each step of output; the declared size bounds the sum.
+            self.frame = self.decompressor.decompressobj(write_size=1 << 17)
+        elif self.frame.eof:
+            raise invalid(f"{self.what}: data after the end of its zstd frame; a segment is one frame")
         try:
-            self.writer.write(payload)
+            self.sink.write(self.frame.decompress(payload))
         except zstandard.ZstdError as err:
             raise data_loss(f"{self.what}: corrupt zstd data ({err}); resend the handoff") from err
+        if self.frame.eof and self.frame.unused_data:
+            raise invalid(f"{self.what}: data after the end of its zstd frame; a segment is one frame")
 
     def _check_frame_header(self, first_payload: bytes) -> None:
         try:
@@ -207,7 +216,10 @@ class SegmentDecoder:
         if not params.has_checksum:
             raise invalid(f"{self.what}: zstd frame without a checksum; the format requires frame checksums")
         if params.content_size == zstandard.CONTENTSIZE_UNKNOWN:
-            return  # allowed: the sink still bounds what it gets
+            raise invalid(
+                f"{self.what}: zstd frame without a content size; the format requires frames that "
+                "declare it (compress in one call, with write_content_size=True)"
+            )
         if params.content_size > self.sink.limit:
             raise invalid(
                 f"{self.what}: zstd frame declares {params.content_size} bytes, more than the "
@@ -216,4 +228,7 @@ class SegmentDecoder:
         self.sink.reserve(params.content_size)
 
     def finish(self) -> bytearray:
+        if self.decompressor is not None and (self.frame is None or not self.frame.eof):
+            # Also catches a frame whose content arrived but whose checksum did not.
+            raise data_loss(f"{self.what}: its zstd frame ends early (truncated); resend the handoff")
         return self.sink.result()
