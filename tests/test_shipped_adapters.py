@@ -1,7 +1,8 @@
 """The adapters we ship, with the real demo models: they load, serve, and reproduce their cards.
 
 Needs the demo models (`lcflow models pull smollm2-135m-instruct` and `gemma3-270m`; .ci/run
-pulls them); skipped with the reason when they cannot be had.
+pulls them); skipped with the reason when they cannot be had. Adapters of both directions are
+checked: each card names its sharer and receiver.
 """
 
 from __future__ import annotations
@@ -26,23 +27,28 @@ SHARER, RECEIVER = "smollm2-135m-instruct", "gemma3-270m"
 
 
 @pytest.fixture(scope="module")
-def real_pair():
+def real_models() -> dict:
+    """{name: (model, tokenizer)} for both demo models, loaded once for the module."""
     from lcflow.provision import ModelNotCachedError, load_model_and_tokenizer
 
     try:
-        return load_model_and_tokenizer(SHARER, device="cpu"), load_model_and_tokenizer(
-            RECEIVER, device="cpu"
-        )
+        return {name: load_model_and_tokenizer(name, device="cpu") for name in (SHARER, RECEIVER)}
     except ModelNotCachedError as err:
         pytest.skip(f"demo models not provisioned: {err}")
 
 
-def load_adapter(name: str, real_pair):
-    """An LCF / LCF-X adapter, or the C2C fuser, checked against the real pair."""
-    (ms, ts), (mr, tr) = real_pair
+@pytest.fixture(scope="module")
+def real_pair(real_models):
+    """(sharer, receiver) in the forward direction: SmolLM2 -> Gemma3."""
+    return real_models[SHARER], real_models[RECEIVER]
+
+
+def load_adapter(name: str, pair, sharer: str = SHARER, receiver: str = RECEIVER):
+    """An LCF / LCF-X adapter, or the C2C fuser, checked against the (sharer, receiver) pair."""
+    (ms, ts), (mr, tr) = pair
     identities = {
-        "sharer": model_identity(ms, ts, name=SHARER),
-        "receiver": model_identity(mr, tr, name=RECEIVER),
+        "sharer": model_identity(ms, ts, name=sharer),
+        "receiver": model_identity(mr, tr, name=receiver),
     }
     if json.loads((ADAPTERS / name / "adapter_config.json").read_text())["mode"] == "c2c":
         from lcflow.adapter.c2c import C2CFuser
@@ -53,15 +59,16 @@ def load_adapter(name: str, real_pair):
 
 @pytest.mark.skipif(not CARDS, reason="no shipped adapter has a model card yet")
 @pytest.mark.parametrize("card_path", CARDS, ids=lambda p: p.parent.name)
-def test_shipped_adapter_reproduces_its_card(card_path, real_pair):
+def test_shipped_adapter_reproduces_its_card(card_path, real_models):
     card = json.loads(card_path.read_text())
     spec = card["eval"]
-    adapter = load_adapter(card["adapter"], real_pair)
+    pair = real_models[card["sharer"]], real_models[card["receiver"]]
+    adapter = load_adapter(card["adapter"], pair, card["sharer"], card["receiver"])
     samples = get_task(spec["task"]).samples(spec["split"], spec["n"], seed=spec["seed"])
     torch.set_num_threads(2)
     outcomes = evaluate(
         [spec["method"]],
-        EvalModels(real_pair[0], real_pair[1], {spec["method"]: adapter}),
+        EvalModels(pair[0], pair[1], {spec["method"]: adapter}),
         samples,
         GenerationSettings(max_new_tokens=spec["max_new_tokens"]),
     )
