@@ -151,3 +151,13 @@ def test_receiver_refuses_an_unknown_codec():
     with pytest.raises(WireError) as caught:
         assemble(messages)
     assert caught.value.code == grpc.StatusCode.INVALID_ARGUMENT and "unknown codec" in caught.value.details
+
+
+def test_a_frame_in_a_later_chunk_after_the_first_frame_ended_is_refused():
+    # The first chunk holds a whole frame; the next chunk starts a second one.
+    compressor = zstandard.ZstdCompressor(write_checksum=True, write_content_size=True)
+    decoder = SegmentDecoder("zstd", limit=1 << 16, what="test segment")
+    decoder.feed(compressor.compress(b"a" * 1000))
+    with pytest.raises(WireError) as caught:
+        decoder.feed(compressor.compress(b"b" * 10))
+    assert caught.value.code == grpc.StatusCode.INVALID_ARGUMENT and "one frame" in caught.value.details
