@@ -166,7 +166,7 @@ class _BoundedSink:
         return len(data)
 
     def result(self) -> bytearray:
-        if self.size < len(self.buffer):  # the frames held less than the first one declared
+        if self.size < len(self.buffer):  # cannot happen for a complete zstd frame (zstd checks its declared size); kept as a guard
             del self.buffer[self.size :]
         return self.buffer
 
