@@ -166,7 +166,8 @@ class _BoundedSink:
         return len(data)
 
     def result(self) -> bytearray:
-        if self.size < len(self.buffer):  # cannot happen for a complete zstd frame (zstd checks its declared size); kept as a guard
+        # A complete zstd frame always fills what it declared (zstd checks); this trim is a guard.
+        if self.size < len(self.buffer):
             del self.buffer[self.size :]
         return self.buffer
 
