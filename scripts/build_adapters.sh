@@ -18,7 +18,11 @@ export OMP_WAIT_POLICY=PASSIVE
 lcflow models pull "$SMOL"
 lcflow models pull "$GEMMA"
 
-card() { python -m lcflow.model_card "$A/$1" --eval "$RUNS/$2/results.json" --method "$3"; }
+# card ADAPTER EVAL_DIR METHOD: the model card, naming the command that rebuilds this direction.
+card() {
+  python -m lcflow.model_card "$A/$1" --eval "$RUNS/$2/results.json" --method "$3" \
+    --command "DIRECTIONS=$direction bash scripts/build_adapters.sh"
+}
 
 # build_direction PAIR SHARER RECEIVER WITH_C2C
 build_direction() {

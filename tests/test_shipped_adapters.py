@@ -43,7 +43,7 @@ def real_pair(real_models):
     return real_models[SHARER], real_models[RECEIVER]
 
 
-def load_adapter(name: str, pair, sharer: str = SHARER, receiver: str = RECEIVER):
+def load_adapter(name: str, pair, sharer: str, receiver: str):
     """An LCF / LCF-X adapter, or the C2C fuser, checked against the (sharer, receiver) pair."""
     (ms, ts), (mr, tr) = pair
     identities = {
