@@ -25,10 +25,13 @@ MODE_NAMES = {"lcf": pb.LCF, "lcfx": pb.LCF_X, "text": pb.TEXT, "none": pb.NONE}
 
 
 def summary_stages(timings: pb.StageTimings) -> list[str]:
-    """The stages a Handoff summary times, in the order a handoff runs them (TTFT and total span them)."""
+    """The stages this handoff ran (set in its summary, even at 0 ms), in the order a handoff runs
+    them; TTFT and total span them and are not listed."""
     from lcflow.report import STAGE_ORDER
 
-    return [name for name in STAGE_ORDER if name in timings.DESCRIPTOR.fields_by_name]
+    return [
+        name for name in STAGE_ORDER if name in timings.DESCRIPTOR.fields_by_name and timings.HasField(name)
+    ]
 
 
 @dataclass

@@ -192,7 +192,7 @@ def run_questions(sharer_address: str, options: DemoOptions, out=print) -> list[
             t = result.summary.timings
             answer = extract_answer(result.answer)
             correct = exact_match(answer, sample.answers) == 1.0
-            stages = ", ".join(f"{s} {getattr(t, s):.0f}" for s in summary_stages(t) if getattr(t, s))
+            stages = ", ".join(f"{s} {getattr(t, s):.0f}" for s in summary_stages(t))
             out(
                 f"  {mode.upper():>5}: {answer!r:<24} {'right' if correct else 'wrong':<5}  "
                 f"first token {t.time_to_first_token:7.0f} ms, total {t.total:7.0f} ms, "

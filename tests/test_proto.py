@@ -180,3 +180,11 @@ def test_wire_error_reaches_the_client_as_its_status(receiver_stub):
         list(receiver_stub.Receive(iter(messages)))
     assert caught.value.code() == grpc.StatusCode.DATA_LOSS
     assert "CRC-32" in caught.value.details()
+
+
+def test_summary_stages_lists_the_stages_that_ran_even_at_zero_ms():
+    from lcflow.client import summary_stages
+
+    timings = pb.StageTimings(sharer_prefill=12.0, encode=3.0, transfer=0.0, time_to_first_token=20.0)
+    assert summary_stages(timings) == ["sharer_prefill", "encode", "transfer"]
+    assert summary_stages(pb.StageTimings(message_generate=5.0)) == ["message_generate"]

@@ -77,7 +77,7 @@ def format_summary(summary) -> str:
     from lcflow.client import summary_stages
 
     stages = (*summary_stages(timings), "time_to_first_token", "total")
-    lines += [f"  {name:<20} {getattr(timings, name):9.1f} ms" for name in stages if getattr(timings, name)]
+    lines += [f"  {name:<20} {getattr(timings, name):9.1f} ms" for name in stages if timings.HasField(name)]
     ratio = summary.bytes_raw / summary.bytes_wire if summary.bytes_wire else 0
     lines.append(
         f"  bytes raw {summary.bytes_raw}, on the wire {summary.bytes_wire} ({ratio:.2f}x), chunks {summary.chunks}"

@@ -226,14 +226,16 @@ class SharerService(pb_grpc.SharerServicer):
         """The receiver's summary plus the sharer's stages; TTFT and total as the client sees them."""
         merged = pb.HandoffSummary()
         merged.CopyFrom(summary)
-        for name, value in {**timings, "encode": stream.encode_ms, "pack": stream.pack_ms}.items():
+        for name, value in timings.items():
             setattr(merged.timings, name, value)
-        # The receiver timed the whole latent window (header to trailer); the part not spent
-        # encoding, packing or unpacking is the network and gRPC's own time.
-        window = summary.timings.transfer
-        merged.timings.transfer = max(
-            0.0, window - stream.encode_ms - stream.pack_ms - summary.timings.unpack
-        )
+        if stream.mode in ("lcf", "lcfx"):
+            merged.timings.encode, merged.timings.pack = stream.encode_ms, stream.pack_ms
+            # The receiver timed the whole latent window (header to trailer); the part not spent
+            # encoding, packing or unpacking is the network and gRPC's own time.
+            window = summary.timings.transfer
+            merged.timings.transfer = max(
+                0.0, window - stream.encode_ms - stream.pack_ms - summary.timings.unpack
+            )
         if first_token_at is not None:
             merged.timings.time_to_first_token = (first_token_at - started) * 1000
         merged.timings.total = (time.perf_counter() - started) * 1000
