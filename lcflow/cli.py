@@ -19,6 +19,7 @@ COMMAND_MODULES = [
     "lcflow.commands.serve",
     "lcflow.commands.train",
     "lcflow.commands.prune",
+    "lcflow.commands.align",
     "lcflow.commands.info",
     "lcflow.commands.eval",
     "lcflow.commands.models",

@@ -137,7 +137,9 @@ def run_sample(
         if method == "lcf":
             latents = sharer.encode(context)
         else:
-            latents = sharer.encode(context, receiver_text=receiver_view(sample.receiver_context, prompt))
+            latents = sharer.encode(
+                context, receiver_text=receiver_view(sample.receiver_context, prompt), question=prompt
+            )
         clock.stage("encode")
         bytes_sent = sum(z.numel() for z in latents.layers.values()) * WIRE_BYTES_PER_LATENT
         if method == "lcf":

@@ -24,6 +24,7 @@ from transformers import DynamicCache, StoppingCriteria, StoppingCriteriaList, T
 from lcflow.adapter.config import AdapterConfig
 from lcflow.adapter.lcfx import filler_prefix
 from lcflow.align import align_spans
+from lcflow.crosscontext.placement import finish_input, slot_cache, slot_layout
 from lcflow.kv import CapturedKV, RopeCodec, capture_kv, full_cache, prefill, run_backbone
 from lcflow.prompting import (
     MESSAGE_PREFIX,
@@ -114,10 +115,25 @@ class Sharer:
             return None
         return self.encoder.digest(self.prefill(receiver_text).captured)
 
-    def encode_layers(self, context: SharerContext, receiver_text: str = ""):
-        """Yield (receiver layer, latent) one layer at a time, so a transport can send each at once."""
+    def encode_layers(self, context: SharerContext, receiver_text: str = "", question: str = ""):
+        """Yield (receiver layer, latent) one layer at a time, so a transport can send each at once.
+
+        `question` (the receiver's prompt) steers a span packet's selection; without one it
+        falls back to `receiver_text`, and with neither to the question-free chunk means."""
         if self.encoder is None:
             raise ValueError("this sharer has no adapter encoder: load an LCF or LCF-X adapter")
+        if self.config.mode == "lcfx" and self.config.packet == "spans":
+            positions = self.encoder.select(
+                self.model,
+                self.tokenizer,
+                context.captured,
+                context.text,
+                context.spans,
+                question or receiver_text,
+            )
+            for layer in self.encoder.layers:
+                yield layer, self.encoder.encode_layer(context.captured, layer, positions)
+            return
         digest = self.digest(receiver_text)
         for layer in self.encoder.layers:
             if self.config.mode == "lcfx":
@@ -125,8 +141,16 @@ class Sharer:
             else:
                 yield layer, self.encoder.encode_layer(context.captured, layer)
 
-    def encode(self, context: SharerContext, receiver_text: str = "") -> Latents:
-        layers = dict(self.encode_layers(context, receiver_text))
+    def latent_rows(self, context: SharerContext) -> int:
+        """Rows per layer of this context's packet: its tokens (LCF), m slots, or the span rows."""
+        if self.config.mode == "lcf":
+            return context.input_ids.shape[1]
+        if self.config.packet == "spans":
+            return self.encoder.rows(context.input_ids.shape[1])
+        return self.config.slots
+
+    def encode(self, context: SharerContext, receiver_text: str = "", question: str = "") -> Latents:
+        layers = dict(self.encode_layers(context, receiver_text, question))
         spans = context.spans if self.config.mode == "lcf" else None
         return Latents(self.config.mode, layers, spans)
 
@@ -148,6 +172,7 @@ class Receiver:
         self.model, self.tokenizer, self.decoder, self.config = model, tokenizer, decoder, config
         self.rope = RopeCodec(model)
         self._filler: DynamicCache | None = None
+        self._heads: dict[tuple[int, ...], DynamicCache] = {}  # span packets: cached template heads
 
     def prepare_plain(self, prompt: str, contexts: list[str]) -> PreparedInput:
         """Receiver alone (NONE), skyline, or TEXT (the sharer's message is one of the contexts)."""
@@ -174,6 +199,8 @@ class Receiver:
 
     def prepare_lcfx(self, latents: Latents, prompt: str, receiver_context: str = "") -> PreparedInput:
         """Cross context: m decoded prefix entries, then the receiver's own context and prompt."""
+        if self.config.packet == "spans":
+            return self.prepare_spans(latents, prompt, receiver_context)
         start = time.perf_counter()
         slots = self.config.slots
         if self._filler is None:  # the neutral base prefix is the same for every request
@@ -188,6 +215,21 @@ class Receiver:
         run_backbone(self.model, input_ids[:, slots:-1], cache)
         timings = {"decode_kv": decode_ms, "receiver_prefill": _ms(start)}
         return PreparedInput(input_ids, cache, rendered.input_ids.shape[1], timings)
+
+    def prepare_spans(self, latents: Latents, prompt: str, receiver_context: str = "") -> PreparedInput:
+        """Span packet: decoded entries where a document would sit (lcflow.crosscontext.placement)."""
+        start = time.perf_counter()
+        layout = slot_layout(self.tokenizer, prompt, receiver_context)
+        key = tuple(layout.head_ids[0].tolist())
+        if key not in self._heads:  # the template's head is the same for every request
+            self._heads[key] = prefill(self.model, layout.head_ids)
+        keys, values = self.decoder.entries(latents.layers)
+        cache = slot_cache(self.model, self.rope, layout, keys, values, self._heads[key])
+        decode_ms = _ms(start)
+        start = time.perf_counter()
+        input_ids = finish_input(self.model, self.tokenizer, layout, cache, keys[0].shape[2])
+        timings = {"decode_kv": decode_ms, "receiver_prefill": _ms(start)}
+        return PreparedInput(input_ids, cache, input_ids.shape[1] - keys[0].shape[2], timings)
 
     def prepare(
         self,

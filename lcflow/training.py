@@ -76,7 +76,9 @@ def prepare_for_sample(sharer: Sharer, receiver: Receiver, mode: str, sample, pr
         latents = sharer.encode(context)
         return receiver.prepare_lcf(latents, sample.sharer_context, prompt)
     if mode == "lcfx":
-        latents = sharer.encode(context, receiver_text=receiver_view(sample.receiver_context, prompt))
+        latents = sharer.encode(
+            context, receiver_text=receiver_view(sample.receiver_context, prompt), question=prompt
+        )
         return receiver.prepare_lcfx(latents, prompt, sample.receiver_context)
     raise ValueError(f"training mode {mode!r} is not handled here")
 

@@ -16,6 +16,7 @@ from lcflow.adapter.blocks import parameter_count
 from lcflow.adapter.config import AdapterConfig
 from lcflow.adapter.lcf import LCFDecoder, LCFEncoder
 from lcflow.adapter.lcfx import LCFXDecoder, LCFXEncoder
+from lcflow.adapter.spans import SpanDecoder, SpanEncoder
 from lcflow.kv import ModelIdentity
 from lcflow.layer_map import build_layer_map
 
@@ -27,6 +28,8 @@ ADAPTER_PARTS = ("both", "encoder", "decoder")
 def _halves(config: AdapterConfig) -> tuple[type[nn.Module], type[nn.Module]]:
     if config.mode == "lcf":
         return LCFEncoder, LCFDecoder
+    if config.mode == "lcfx" and config.packet == "spans":
+        return SpanEncoder, SpanDecoder
     if config.mode == "lcfx":
         return LCFXEncoder, LCFXDecoder
     raise ValueError(f"mode {config.mode!r} has no encoder/decoder halves; load it with lcflow.adapter.c2c")

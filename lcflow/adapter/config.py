@@ -10,6 +10,7 @@ from lcflow.kv import ModelIdentity
 
 ADAPTER_FORMAT_VERSION = 1
 ADAPTER_MODES = ("lcf", "lcfx", "c2c")
+PACKETS = ("slots", "spans")
 CONFIG_NAME = "adapter_config.json"
 
 
@@ -35,6 +36,11 @@ class AdapterConfig:
     hidden_mult: int = 2  # width of the decoder's mixing MLP, in multiples of b
     receiver_aware: bool = False  # LCF-X: condition pooling queries on a digest of the receiver's context
     layer_map_strategy: str = "monotonic"
+    # LCF-X packet: "slots" (m pooled slots, learned queries) or "spans" (the sharer positions
+    # the question attends to, translated per token; lcflow.adapter.spans).
+    packet: str = "slots"
+    selection: str = "sentences"  # spans: "sentences" or "tokens"
+    sharer_window: int = 0  # spans: sharer layers within +-window of the mapped one feed a layer
     dtype: str = "float32"  # dtype the weights are stored in
     format_version: int = ADAPTER_FORMAT_VERSION
     training: dict = field(default_factory=dict)  # provenance: task, steps, seed, loss, time
@@ -44,6 +50,8 @@ class AdapterConfig:
             raise ValueError(f"unknown adapter mode {self.mode!r}; choose one of {ADAPTER_MODES}")
         if self.bottleneck < 1 or self.slots < 1:
             raise ValueError("bottleneck and slots must be positive")
+        if self.packet not in PACKETS:
+            raise ValueError(f"unknown LCF-X packet {self.packet!r}; choose one of {PACKETS}")
         missing = [t for t in self.retained_layers if t not in self.layer_map]
         if missing:
             raise ValueError(f"retained layers {missing} have no entry in the layer map")

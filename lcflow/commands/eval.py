@@ -50,6 +50,8 @@ log = logging.getLogger(__name__)
 PAIRS: dict[str, tuple[str, str]] = {
     "smollm2-to-gemma3": ("smollm2-135m-instruct", "gemma3-270m"),
     "gemma3-to-smollm2": ("gemma3-270m", "smollm2-135m-instruct"),
+    # Two agents on one base model with different contexts: the paper's cross-context setting.
+    "gemma3-to-gemma3": ("gemma3-270m", "gemma3-270m"),
 }
 ADAPTER_MODES = {"c2c": "c2c", "lcf": "lcf", "lcfx": "lcfx", "lcfx-pruned": "lcfx"}
 DEFAULT_N = 500  # samples drawn from a built-in task; a task file is used whole unless --n is given

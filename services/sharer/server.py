@@ -274,7 +274,7 @@ class _LatentStream:
         engine, config = self.engine, self.engine.adapter.config
         tracer = self.service.tracer
         with tracer.start_as_current_span("sharer.stream", context=self.parent) as span:
-            rows = self.shared.input_ids.shape[1] if self.mode == "lcf" else config.slots
+            rows = engine.sharer.latent_rows(self.shared)
             spec = {
                 "latent": TensorSpec(str(WIRE_DTYPE).removeprefix("torch."), (1, rows, config.bottleneck))
             }
@@ -292,7 +292,9 @@ class _LatentStream:
             yield writer.header()
             if self.mode == "lcf":
                 yield from writer.shared({"token_spans": self.shared.spans})
-            layers = engine.sharer.encode_layers(self.shared, self.receiver_text)
+            layers = engine.sharer.encode_layers(
+                self.shared, self.receiver_text, question=self.request.prompt_text
+            )
             while True:
                 begin = time.perf_counter()
                 with torch.inference_mode():

@@ -1,0 +1,175 @@
+"""Choosing which context positions a fixed-size packet carries.
+
+The sharer knows the receiver's question (it travels in the Handoff request), so it can ask
+its own model which context tokens the question attends to, as SnapKV does with an
+observation window. For each layer l, head h, question token i and context position j:
+
+    a[l, h, i, j] = softmax_j( scale_l * q[l, h, i] . k[l, h, j] )    over context + question
+    score[j]      = mean over l, h, i of a[l, h, i, j]
+
+Position 0 (BOS) soaks up most attention in every model (an attention sink) and is never
+selected: the receiver keeps its own sink. Three ways to spend a budget of m positions:
+
+    top_tokens        the m highest-scoring positions, in document order
+    top_sentences     whole sentences, best total score first, while they fit in m (then the
+                      best-scoring tokens of the next sentence fill what is left)
+    chunk_means       no question: m consecutive chunks of the context, each averaged
+"""
+
+from __future__ import annotations
+
+import re
+from contextlib import contextmanager
+from itertools import pairwise
+
+import torch
+from transformers import DynamicCache
+
+from lcflow.kv import CapturedKV, RopeCodec, run_backbone
+
+_SENTENCE = re.compile(r"[^.!?]+(?:[.!?]+|$)")
+
+
+@contextmanager
+def _capture_queries(model):
+    """Record each layer's queries (after q_norm where the family has one, before RoPE)."""
+    backbone = model.get_decoder() if hasattr(model, "get_decoder") else model.model
+    queries: dict[int, torch.Tensor] = {}
+    handles = []
+    for index, layer in enumerate(backbone.layers):
+        attn = layer.self_attn
+        module = getattr(attn, "q_norm", None) or attn.q_proj
+
+        def hook(_module, _inputs, output, index=index):
+            queries[index] = output
+
+        handles.append(module.register_forward_hook(hook))
+    try:
+        yield queries
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _as_heads(q: torch.Tensor, num_heads: int, head_dim: int) -> torch.Tensor:
+    """Queries as [batch, heads, tokens, head_dim], whichever layout the family's hook saw."""
+    if q.dim() == 3:  # q_proj output: [batch, tokens, heads * head_dim]
+        return q.view(q.shape[0], q.shape[1], num_heads, head_dim).transpose(1, 2)
+    if q.shape[1] == num_heads and q.shape[2] != num_heads:  # Gemma3 normalises after the transpose
+        return q
+    return q.transpose(1, 2)  # Qwen3: [batch, tokens, heads, head_dim]
+
+
+def cache_from_captured(model, captured: CapturedKV) -> DynamicCache:
+    """A full cache (no sliding-window trimming) rebuilt from captured KV: keys re-rotated at
+    positions 0..T-1. What a sharer session keeps is the captured form; this is its cache."""
+    rope = RopeCodec(model)
+    cache = DynamicCache()
+    for layer, (k, v) in enumerate(zip(captured.keys, captured.values, strict=True)):
+        positions = torch.arange(k.shape[2], device=k.device).expand(k.shape[0], -1)
+        cache.update(rope.rotate(k, positions, layer), v, layer)
+    return cache
+
+
+@torch.no_grad()
+def question_attention(model, cache, question_ids: torch.Tensor, context_tokens: int) -> torch.Tensor:
+    """Attention mass each of the first `context_tokens` cached positions gets from the question.
+
+    Runs the question on top of `cache` (a prefilled context), then crops the cache back, so
+    the caller's cache is unchanged. Returns [context_tokens] scores (mean over layers, heads
+    and question tokens of the softmax weights; each row is normalised over context + question).
+    """
+    rope = RopeCodec(model)
+    backbone = model.get_decoder() if hasattr(model, "get_decoder") else model.model
+    start = cache.get_seq_length()
+    with _capture_queries(model) as queries:
+        run_backbone(model, question_ids, cache)
+    tokens = question_ids.shape[1]
+    positions = torch.arange(start, start + tokens, device=question_ids.device)[None]
+    total = torch.zeros(context_tokens)
+    counted = 0
+    for index, layer in enumerate(backbone.layers):
+        attn = layer.self_attn
+        keys = cache.layers[index].keys  # rotated, [batch, kv_heads, cached, head_dim]
+        q = _as_heads(queries[index], attn.config.num_attention_heads, keys.shape[-1])
+        q = rope.rotate(q, positions, index)
+        groups = q.shape[1] // keys.shape[1]
+        keys = keys.repeat_interleave(groups, dim=1)
+        logits = (q @ keys.transpose(-1, -2)).float() * attn.scaling
+        softcap = getattr(attn, "attn_logit_softcapping", None)
+        if softcap:
+            logits = torch.tanh(logits / softcap) * softcap
+        cached = keys.shape[2]
+        if cached != start + tokens:  # a sliding-window cache dropped old entries: no full view
+            continue
+        # Question token i (at position start + i) sees positions <= start + i, and in a
+        # sliding-window layer only the last `window` of them.
+        key_pos = torch.arange(cached)[None, :]
+        query_pos = (start + torch.arange(tokens))[:, None]
+        hidden = key_pos > query_pos
+        if rope.spec.layer_types[index] == "sliding_attention" and rope.spec.sliding_window:
+            hidden |= key_pos <= query_pos - rope.spec.sliding_window
+        weights = logits.masked_fill(hidden, float("-inf")).softmax(dim=-1)
+        total += weights[0, :, :, :context_tokens].mean(dim=(0, 1)).cpu()
+        counted += 1
+    cache.crop(-tokens)
+    return total / max(counted, 1)
+
+
+def top_tokens(scores: torch.Tensor, m: int) -> torch.Tensor:
+    """The m best-scoring positions except the sink (position 0), in document order."""
+    candidates = scores.clone()
+    candidates[0] = float("-inf")
+    count = min(m, scores.numel() - 1)
+    return candidates.topk(count).indices.sort().values
+
+
+def sentence_spans(text: str) -> list[tuple[int, int]]:
+    """Character spans of the sentences of `text` (ends at . ! ?, trailing spaces dropped)."""
+    spans = []
+    for match in _SENTENCE.finditer(text):
+        start, end = match.start(), match.end()
+        while start < end and text[start].isspace():
+            start += 1
+        if start < end:
+            spans.append((start, end))
+    return spans
+
+
+def tokens_by_sentence(token_spans: torch.Tensor, text: str) -> list[list[int]]:
+    """Token positions grouped by the sentence their span starts in (tokens with empty spans,
+    such as BOS, belong to none)."""
+    groups: list[list[int]] = [[] for _ in sentence_spans(text)]
+    bounds = sentence_spans(text)
+    for position, (start, end) in enumerate(token_spans.tolist()):
+        if end <= start:
+            continue
+        for index, (s, e) in enumerate(bounds):
+            if start < e and end > s:
+                groups[index].append(position)
+                break
+    return [g for g in groups if g]
+
+
+def top_sentences(scores: torch.Tensor, token_spans: torch.Tensor, text: str, m: int) -> torch.Tensor:
+    """Whole sentences, highest total attention first, while they fit in m positions; what is
+    left of the budget goes to the best tokens of the remaining sentences. Document order."""
+    groups = tokens_by_sentence(token_spans, text)
+    ranked = sorted(groups, key=lambda g: float(scores[g].sum()), reverse=True)
+    chosen: list[int] = []
+    for group in ranked:
+        if len(chosen) + len(group) <= m:
+            chosen.extend(group)
+    if len(chosen) < m:
+        rest = torch.tensor([p for g in groups for p in g if p not in chosen], dtype=torch.long)
+        if rest.numel():
+            extra = rest[scores[rest].topk(min(m - len(chosen), rest.numel())).indices]
+            chosen.extend(extra.tolist())
+    return torch.tensor(sorted(chosen), dtype=torch.long)
+
+
+def chunk_means(entries: torch.Tensor, m: int) -> torch.Tensor:
+    """[..., T, d] -> [..., min(m, T), d]: the mean of each of m near-equal consecutive chunks."""
+    tokens = entries.shape[-2]
+    bounds = torch.linspace(0, tokens, min(m, tokens) + 1).round().long().tolist()
+    return torch.stack([entries[..., a:b, :].mean(dim=-2) for a, b in pairwise(bounds)], dim=-2)

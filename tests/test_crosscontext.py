@@ -1,0 +1,221 @@
+"""Cross-context building blocks: question attention, selection, placement, dense alignment,
+the span packet end to end and the oracle ladder, on tiny random models."""
+
+import copy
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from lcflow.adapter import LatentAdapter
+from lcflow.adapter.spans import load_alignment
+from lcflow.crosscontext.alignment import KVAlignment, collect_stats, fit_alignment, held_out_r2
+from lcflow.crosscontext.corpus import alignment_corpus
+from lcflow.crosscontext.oracles import OracleModels, run_ladder, summarize
+from lcflow.crosscontext.placement import finish_input, own_document_kv, slot_cache, slot_layout
+from lcflow.crosscontext.selection import (
+    chunk_means,
+    question_attention,
+    sentence_spans,
+    top_sentences,
+    top_tokens,
+)
+from lcflow.handoff import GenerationSettings, Receiver, Sharer
+from lcflow.kv import RopeCodec, full_cache, model_identity, prefill
+from lcflow.layer_map import build_layer_map
+from lcflow.prompting import render_input, tokenize_context
+from lcflow.tasks import QASample, question_prompt
+
+DOC = (
+    "Mira Volkov lives in Oslo. Lior Senn plays the violin and owns a cat. "
+    "Ada Brook works as a baker. The quick brown fox jumps over the lazy dog."
+)
+QUESTION = "Where does Mira Volkov live?"
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
+def test_question_attention_equals_the_models_own_attention_weights(tiny_dir, family):
+    """Our scores from hooked queries and cached keys must equal eager attention's weights,
+    including Gemma3's sliding window (the document is longer than its 32-token window)."""
+    directory = tiny_dir(family, 400, 2)
+    model = AutoModelForCausalLM.from_pretrained(directory, attn_implementation="eager").eval()
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(directory)
+    ids, _ = tokenize_context(tok, DOC)
+    q_ids = tok("\n\n" + question_prompt(QUESTION), add_special_tokens=False, return_tensors="pt").input_ids
+    cache = prefill(model, ids, full_cache())
+    before = cache.get_seq_length()
+    scores = question_attention(model, cache, q_ids, ids.shape[1])
+    assert cache.get_seq_length() == before  # the caller's cache is left as it was
+    with torch.no_grad():
+        out = model(torch.cat([ids, q_ids], dim=1), output_attentions=True)
+    t = ids.shape[1]
+    expected = torch.stack([a[0, :, t:, :t].mean(dim=(0, 1)) for a in out.attentions]).mean(0)
+    assert ids.shape[1] > 32
+    torch.testing.assert_close(scores, expected, atol=1e-5, rtol=1e-4)
+
+
+def test_top_tokens_skip_the_sink_and_keep_document_order():
+    scores = torch.tensor([9.0, 0.1, 0.5, 0.2, 0.9, 0.3])
+    assert top_tokens(scores, 3).tolist() == [2, 4, 5]
+    assert top_tokens(scores, 10).tolist() == [1, 2, 3, 4, 5]
+
+
+def test_top_sentences_take_whole_sentences_best_first():
+    text = "Ann is here. Bob lives in Rome. Cy has a dog."
+    spans = sentence_spans(text)
+    assert [text[a:b] for a, b in spans] == ["Ann is here.", "Bob lives in Rome.", "Cy has a dog."]
+    # One token per word (plus a BOS with an empty span), as a tokenizer would give.
+    words, offsets, start = text.split(" "), [(0, 0)], 0
+    for w in words:
+        start = text.index(w, start)
+        offsets.append((start, start + len(w)))
+        start += len(w)
+    token_spans = torch.tensor(offsets)
+    scores = torch.zeros(len(offsets))
+    scores[5] = 1.0  # "in" of the second sentence
+    chosen = top_sentences(scores, token_spans, text, 4).tolist()
+    assert chosen == [4, 5, 6, 7]  # "Bob lives in Rome." and nothing else fits
+    chosen = top_sentences(scores, token_spans, text, 6).tolist()
+    assert set([4, 5, 6, 7]) <= set(chosen) and len(chosen) == 6 and chosen == sorted(chosen)
+    assert 0 not in top_sentences(scores, token_spans, text, 20).tolist()  # never the BOS
+
+
+def test_chunk_means_average_consecutive_chunks():
+    x = torch.arange(12.0).reshape(1, 6, 2)
+    out = chunk_means(x, 3)
+    torch.testing.assert_close(out, torch.tensor([[[1.0, 2.0], [5.0, 6.0], [9.0, 10.0]]]))
+    assert chunk_means(x, 10).shape == (1, 6, 2)  # never more chunks than tokens
+
+
+@torch.no_grad()
+def test_own_kv_in_the_slot_reproduces_reading_the_document(tiny_pair):
+    """The receiver's own KV of the document, placed by slot_cache, must give the same next-token
+    logits as the receiver reading [document, own context, question] as text."""
+    _, (model, tok) = tiny_pair
+    prompt, own = question_prompt(QUESTION), "Lior Senn owns a cat."
+    layout = slot_layout(tok, prompt, own)
+    captured, _ = own_document_kv(model, tok, DOC, layout)
+    cache = slot_cache(model, RopeCodec(model), layout, captured.keys, captured.values)
+    input_ids = finish_input(model, tok, layout, cache, captured.num_tokens)
+    rendered = render_input(tok, prompt, [DOC, own]).input_ids
+    assert input_ids.shape == rendered.shape
+    latent_logits = model(input_ids[:, -1:], past_key_values=cache).logits[0, -1]
+    text_logits = model(rendered).logits[0, -1]
+    torch.testing.assert_close(latent_logits, text_logits, atol=1e-4, rtol=1e-4)
+
+
+def _same_model_alignment(model_and_tok, bottleneck, documents=24):
+    spec_layers = model_and_tok[0].config.num_hidden_layers
+    layer_map = build_layer_map(spec_layers, spec_layers)
+    stats = collect_stats(model_and_tok, model_and_tok, alignment_corpus(documents), layer_map, 0, False)
+    return fit_alignment(stats, 0, bottleneck, ridge=1e-6)
+
+
+def test_alignment_of_a_model_with_itself_is_near_exact_at_full_width(tiny_pair, tmp_path):
+    """Same model, same tokenizer: the first layer's K/V depend on the token alone, so a
+    full-width fit explains them exactly on held-out text; deeper layers also see the preceding
+    context, which differs (the receiver reads the document inside its chat template, the
+    sharer as raw text), so there the fit is good but not exact. A narrow bottleneck fits less."""
+    _, receiver = tiny_pair
+    held_out = ["Nadia Orr keeps a parrot and lives in Lima.", "Tomas Hale plays chess on Sundays."]
+    full = _same_model_alignment(receiver, bottleneck=64)
+    r2 = held_out_r2(full, receiver, receiver, held_out)
+    assert r2[0]["k"] > 0.99 and r2[0]["v"] > 0.99, r2
+    assert all(v["k"] > 0.5 and v["v"] > 0.5 for v in r2.values()), r2
+    narrow = _same_model_alignment(receiver, bottleneck=4)
+    r2_narrow = held_out_r2(narrow, receiver, receiver, held_out)
+    assert all(r2_narrow[t]["v"] < r2[t]["v"] for t in r2)
+    full.save_pretrained(tmp_path / "al")
+    loaded = KVAlignment.from_pretrained(tmp_path / "al")
+    for t in full.maps:
+        assert torch.equal(loaded.maps[t].encoder, full.maps[t].encoder)
+
+
+def test_alignment_across_tokenizers_fits_its_training_text(tiny_pair):
+    """Different families and tokenizers (pairs built through character spans): the fit explains
+    much of the receiver's K/V on the text it saw. (Two *random* models share no structure, so
+    held-out text is no test here; the real pair's held-out R^2 is in docs/results.)"""
+    sharer, receiver = tiny_pair
+    corpus = alignment_corpus(60)
+    stats = collect_stats(sharer, receiver, corpus, build_layer_map(3, 2), 1, False)
+    assert stats.moments[0].n > 60 * 10  # one pair per covered sharer token
+    alignment = fit_alignment(stats, 1, 16)
+    r2 = held_out_r2(alignment, sharer, receiver, corpus[:5])
+    assert all(v["k"] > 0.1 and v["v"] > 0.1 for v in r2.values()), r2  # a broken fit is <= 0
+    narrower = fit_alignment(stats, 0, 16)
+    assert narrower.config.window == 0 and alignment.config.inputs_for(1) == [1, 2]
+
+
+def span_adapter(sharer, receiver, alignment, slots, selection="sentences"):
+    adapter = LatentAdapter.for_models(
+        "lcfx",
+        model_identity(*sharer),
+        model_identity(*receiver),
+        packet="spans",
+        slots=slots,
+        selection=selection,
+        bottleneck=alignment.config.bottleneck,
+        sharer_window=alignment.config.window,
+    )
+    load_alignment(adapter, alignment)
+    return adapter.eval()
+
+
+@torch.no_grad()
+def test_span_packet_has_at_most_m_rows_and_reads_like_the_document(tiny_pair, tmp_path):
+    """Same model on both sides, full-width alignment, m covering the whole document: the
+    receiver's next-token logits through the span packet match reading the document."""
+    _, receiver = tiny_pair
+    alignment = _same_model_alignment(receiver, bottleneck=64, documents=40)
+    adapter = span_adapter(receiver, receiver, alignment, slots=200)
+    adapter.save_pretrained(tmp_path / "spans")
+    adapter = LatentAdapter.from_pretrained(tmp_path / "spans")
+    assert adapter.config.packet == "spans"
+    sharer = Sharer(*receiver, adapter.encoder, adapter.config)
+    recv = Receiver(*receiver, adapter.decoder, adapter.config)
+    prompt, own = question_prompt(QUESTION), "Lior Senn owns a cat."
+    context = sharer.prefill(DOC)
+    latents = sharer.encode(context, question=prompt)
+    rows = context.input_ids.shape[1] - 1  # every token but BOS
+    assert all(z.shape == (1, rows, 64) for z in latents.layers.values())
+    prepared = recv.prepare("lcfx", prompt, latents, receiver_context=own)
+    latent_logits = recv.model(prepared.input_ids[:, -1:], past_key_values=prepared.cache).logits[0, -1]
+    text_logits = recv.model(render_input(recv.tokenizer, prompt, [DOC, own]).input_ids).logits[0, -1]
+    assert torch.nn.functional.cosine_similarity(latent_logits, text_logits, dim=0) > 0.99
+    # A small m: the packet keeps its size whatever the context's length.
+    small = span_adapter(receiver, receiver, alignment, slots=8)
+    sharer = Sharer(*receiver, small.encoder, small.config)
+    for text in (DOC, DOC + " " + DOC + " " + DOC):
+        latents = sharer.encode(sharer.prefill(text), question=prompt)
+        assert all(z.shape == (1, 8, 64) for z in latents.layers.values())
+    # No question: chunk means, still m rows.
+    latents = sharer.encode(sharer.prefill(DOC))
+    assert all(z.shape == (1, 8, 64) for z in latents.layers.values())
+
+
+def test_span_adapter_cannot_be_pruned(tiny_pair):
+    sharer, receiver = tiny_pair
+    with pytest.raises(ValueError, match="cannot be pruned"):
+        LatentAdapter.for_models(
+            "lcfx", model_identity(*sharer), model_identity(*receiver), packet="spans"
+        ).pruned(min_gate=2.0)
+
+
+def test_oracle_ladder_runs_every_rung_and_own_full_equals_text(tiny_pair):
+    sharer, receiver = tiny_pair
+    stats = collect_stats(sharer, receiver, alignment_corpus(20), build_layer_map(3, 2), 0, False)
+    models = OracleModels(sharer, receiver, fit_alignment(stats, 0, 16))
+    samples = [
+        QASample(f"s{i}", DOC, "Lior Senn owns a cat.", QUESTION, ["Oslo"], "t", False) for i in range(2)
+    ]
+    rungs = ["none", "text", "own-full", "own-sentences-8", "own-chunks-4", "xlat-tokens-6", "xlat-wrong-8"]
+    outcomes = run_ladder(rungs, models, samples, GenerationSettings(max_new_tokens=3), progress=False)
+    rows = {r["rung"]: r for r in summarize(outcomes)}
+    assert list(rows) == rungs and all(r["n"] == 2 for r in rows.values())
+    assert rows["own-full"]["answer_nll"] == pytest.approx(rows["text"]["answer_nll"], abs=1e-3)
+    assert rows["own-sentences-8"]["entries_median"] <= 8
+    assert rows["own-chunks-4"]["entries_median"] == 4 and rows["xlat-tokens-6"]["entries_median"] == 6
+    assert rows["none"]["answer_nll"] != pytest.approx(rows["text"]["answer_nll"], abs=1e-3)
+    assert copy.deepcopy(outcomes[0]).rung == "none"
