@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from lcflow.crosscontext.alignment import collect_stats, fit_alignment, held_out_r2
+from lcflow.crosscontext.alignment import KVAlignment, collect_stats, fit_alignment, held_out_r2
 from lcflow.crosscontext.corpus import alignment_corpus
 from lcflow.layer_map import LAYER_MAP_STRATEGIES, build_layer_map
 from lcflow.tasks import get_task
@@ -51,7 +51,16 @@ def register(subparsers) -> None:
     p.add_argument("--layer-map", default="monotonic", choices=LAYER_MAP_STRATEGIES)
     p.add_argument("--seed", type=int, default=0, help="corpus seed")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's own)")
-    p.add_argument("--out", required=True, help="directory to write the alignment to")
+    p.add_argument("--out", help="directory to write the alignment to (required unless --from-alignment)")
+    p.add_argument(
+        "--from-alignment", help="skip fitting: load this alignment directory (to write --adapter-out)"
+    )
+    p.add_argument(
+        "--adapter-out",
+        help="also write an LCF-X span-packet adapter initialised from the alignment to this directory",
+    )
+    p.add_argument("--slots", type=int, default=32, help="m: the span packet's rows per layer")
+    p.add_argument("--selection", default="sentences", choices=["sentences", "tokens"], help="span selection")
     p.set_defaults(func=run)
 
 
@@ -90,6 +99,16 @@ def run(args) -> int:
         raise SystemExit("lcflow align: give --pair, or both --sharer and --receiver")
     sharer = load_model_and_tokenizer(sharer_name, "cpu")
     receiver = load_model_and_tokenizer(receiver_name, "cpu")
+    if args.from_alignment:
+        if not args.adapter_out:
+            raise SystemExit("lcflow align: --from-alignment only writes an adapter; give --adapter-out")
+        alignment = KVAlignment.from_pretrained(args.from_alignment)
+        adapter = span_adapter_from_alignment(alignment, sharer, receiver, sharer_name, receiver_name, args)
+        adapter.save_pretrained(args.adapter_out)
+        print(f"saved an LCF-X span adapter (m={args.slots}, {args.selection}) to {args.adapter_out}")
+        return 0
+    if not args.out:
+        raise SystemExit("lcflow align: give --out (where the fitted alignment goes)")
     s_spec, r_spec = kv_spec(sharer[0].config), kv_spec(receiver[0].config)
     layer_map = build_layer_map(s_spec.num_layers, r_spec.num_layers, args.layer_map)
     started = time.perf_counter()
@@ -125,4 +144,36 @@ def run(args) -> int:
     )
     print(table)
     print(f"saved the window-{best} alignment to {out}")
+    if args.adapter_out:
+        adapter = span_adapter_from_alignment(alignment, sharer, receiver, sharer_name, receiver_name, args)
+        adapter.save_pretrained(args.adapter_out)
+        print(f"saved an LCF-X span adapter (m={args.slots}, {args.selection}) to {args.adapter_out}")
     return 0
+
+
+def span_adapter_from_alignment(alignment, sharer, receiver, sharer_name, receiver_name, args):
+    """An LCF-X span-packet adapter whose halves are the fitted alignment (no task training)."""
+    from lcflow.adapter import LatentAdapter
+    from lcflow.adapter.spans import load_alignment
+    from lcflow.kv import model_identity
+
+    adapter = LatentAdapter.for_models(
+        "lcfx",
+        model_identity(*sharer, name=sharer_name),
+        model_identity(*receiver, name=receiver_name),
+        layer_map_strategy=args.layer_map,
+        packet="spans",
+        slots=args.slots,
+        selection=args.selection,
+        bottleneck=alignment.config.bottleneck,
+        sharer_window=alignment.config.window,
+        receiver_aware=False,
+    )
+    load_alignment(adapter, alignment)
+    adapter.config.training = {
+        "method": "closed-form dense alignment (reduced-rank ridge), no task training",
+        "documents": alignment.config.documents,
+        "ridge": alignment.config.ridge,
+        "held_out_r2_mean": round(mean_r2(alignment.config.r2), 4),
+    }
+    return adapter

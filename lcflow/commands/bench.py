@@ -12,6 +12,7 @@ import importlib
 BENCH_MODULES = [
     "lcflow.bench.transport",
     "lcflow.bench.latency",
+    "lcflow.bench.oracles",
 ]
 
 

@@ -68,12 +68,13 @@ class _Moments:
         self.xy = torch.zeros(dx, dy, dtype=torch.float64)
 
     def add(self, x: torch.Tensor, y: torch.Tensor) -> None:
-        x, y = x.double(), y.double()
+        # One document's products in float32 (fast), summed across documents in float64.
+        x, y = x.float(), y.float()
         self.n += x.shape[0]
-        self.sx += x.sum(0)
-        self.sy += y.sum(0)
-        self.xx += x.T @ x
-        self.xy += x.T @ y
+        self.sx += x.sum(0).double()
+        self.sy += y.sum(0).double()
+        self.xx += (x.T @ x).double()
+        self.xy += (x.T @ y).double()
 
 
 @dataclass
