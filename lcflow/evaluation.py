@@ -10,6 +10,8 @@ Methods (what the receiver gets before answering the question):
     lcf          LCF latents fused onto the shared context (same-context tasks only)
     lcfx         LCF-X slots as a prefix (any task)
     lcfx-pruned  the same with a pruned adapter
+    lcfx-wrong   a control: the lcfx adapter, but the packet another sample's sharer would send
+                 (its document, its question); must score clearly below lcfx
 
 Each sample's stages are timed in-process (milliseconds): sharer prefill, message
 generation (text), encode, receiver prefill (with decoding into KV), time to the first answer
@@ -26,10 +28,11 @@ import torch
 from tqdm import tqdm
 
 from lcflow.handoff import GenerationSettings, Receiver, Sharer, receiver_view, text_contexts
-from lcflow.metrics import exact_match, extract_answer, mean_with_ci, token_f1
+from lcflow.metrics import contains_answer, exact_match, extract_answer, mean_with_ci, token_f1
 from lcflow.tasks import QASample, format_question_prompt
 
-METHODS = ("receiver", "sharer", "skyline", "text", "c2c", "lcf", "lcfx", "lcfx-pruned")
+METHODS = ("receiver", "sharer", "skyline", "text", "c2c", "lcf", "lcfx", "lcfx-pruned", "lcfx-wrong")
+LCFX_METHODS = ("lcfx", "lcfx-pruned", "lcfx-wrong")
 SAME_CONTEXT_ONLY = ("c2c", "lcf")
 WIRE_BYTES_PER_LATENT = 2  # latents travel as bfloat16
 
@@ -54,6 +57,7 @@ class SampleOutcome:
     em: float
     f1: float
     bytes_sent: int
+    contains: float  # the answer's first line contains an accepted answer (lcflow.metrics)
     timings_ms: dict[str, float]
 
 
@@ -93,7 +97,7 @@ def _contexts(*texts: str) -> list[str]:
 
 
 def _halves(models: EvalModels, method: str) -> tuple[Sharer, Receiver]:
-    adapter = models.adapters.get(method) if method in ("lcf", "lcfx", "lcfx-pruned") else None
+    adapter = models.adapters.get(method) if method in ("lcf", *LCFX_METHODS) else None
     encoder = adapter.encoder if adapter is not None else None
     decoder = adapter.decoder if adapter is not None else None
     config = adapter.config if adapter is not None else None
@@ -102,9 +106,13 @@ def _halves(models: EvalModels, method: str) -> tuple[Sharer, Receiver]:
 
 @torch.inference_mode()
 def run_sample(
-    method: str, models: EvalModels, sample: QASample, settings: GenerationSettings
+    method: str,
+    models: EvalModels,
+    sample: QASample,
+    settings: GenerationSettings,
+    other: QASample | None = None,
 ) -> SampleOutcome:
-    """Run one method on one sample, timing each stage."""
+    """Run one method on one sample, timing each stage (`other`: whose packet lcfx-wrong sends)."""
     prompt = format_question_prompt(sample, include_context=False)
     sharer, receiver = _halves(models, method)
     clock = _Clock()
@@ -131,14 +139,18 @@ def run_sample(
             models.adapters["c2c"], models.sharer, receiver, sample.sharer_context, prompt
         )
         clock.add(prepared.timings_ms)
-    elif method in ("lcf", "lcfx", "lcfx-pruned"):
-        context = sharer.prefill(sample.sharer_context)
+    elif method in ("lcf", *LCFX_METHODS):
+        source = other if method == "lcfx-wrong" and other is not None else sample
+        source_prompt = format_question_prompt(source, include_context=False)
+        context = sharer.prefill(source.sharer_context)
         clock.stage("sharer_prefill")
         if method == "lcf":
             latents = sharer.encode(context)
         else:
             latents = sharer.encode(
-                context, receiver_text=receiver_view(sample.receiver_context, prompt), question=prompt
+                context,
+                receiver_text=receiver_view(source.receiver_context, source_prompt),
+                question=source_prompt,
             )
         clock.stage("encode")
         bytes_sent = sum(z.numel() for z in latents.layers.values()) * WIRE_BYTES_PER_LATENT
@@ -163,6 +175,7 @@ def run_sample(
         em=exact_match(prediction, sample.answers),
         f1=token_f1(prediction, sample.answers),
         bytes_sent=bytes_sent,
+        contains=contains_answer(generated, sample.answers),
         timings_ms=timings,
     )
 
@@ -177,10 +190,11 @@ def evaluate(
     """Every method on every sample it applies to (methods interleaved per sample, so drift
     in machine load hits all methods alike)."""
     outcomes = []
-    for sample in tqdm(samples, desc="eval", unit="sample"):
+    for index, sample in enumerate(tqdm(samples, desc="eval", unit="sample")):
+        other = samples[(index + 1) % len(samples)]
         for method in methods:
             if applicable(method, sample):
-                outcomes.append(run_sample(method, models, sample, settings))
+                outcomes.append(run_sample(method, models, sample, settings, other))
     return outcomes
 
 
@@ -212,6 +226,7 @@ def summarize(outcomes: list[SampleOutcome], models: EvalModels | None = None) -
             "em_ci": [em_lo, em_hi],
             "f1": f1,
             "f1_ci": [f1_lo, f1_hi],
+            "contains": statistics.fmean(o.contains for o in mine),
             "latency_ms": latency,
             "bytes_sent_median": statistics.median([o.bytes_sent for o in mine]),
         }

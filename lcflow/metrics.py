@@ -43,6 +43,18 @@ def exact_match(prediction: str, answers: Sequence[str]) -> float:
     return float(any(target == normalize_answer(answer) for answer in answers))
 
 
+def contains_answer(generated: str, answers: Sequence[str]) -> float:
+    """1.0 if any normalised accepted answer appears, as whole words, in the first non-empty line
+    of the generation ("Otto Thorne is a sculptor by profession" contains "sculptor", which EM
+    calls wrong). Only the first line: a model that answers wrong, then starts another
+    "Answer:" line with the right word, has not answered right."""
+    if isinstance(answers, str):
+        answers = [answers]
+    line = next((ln for ln in generated.splitlines() if ln.strip()), "")
+    text = f" {normalize_answer(line)} "
+    return float(any(normalize_answer(a) and f" {normalize_answer(a)} " in text for a in answers))
+
+
 def _f1(prediction_tokens: list[str], answer_tokens: list[str]) -> float:
     if not prediction_tokens or not answer_tokens:
         # SQuAD v2: an empty answer scores 1 only against an empty prediction.

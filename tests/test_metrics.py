@@ -89,3 +89,14 @@ def test_mean_with_ci_edges():
         mean_with_ci([])
     with pytest.raises(ValueError):
         mean_with_ci([1.0, 2.0], confidence=1.0)
+
+
+def test_contains_answer_reads_whole_words_of_the_first_line_only():
+    from lcflow.metrics import contains_answer
+
+    assert contains_answer("Otto Thorne is a sculptor by profession", ["sculptor"]) == 1.0
+    assert contains_answer("The Sitar.", ["sitar"]) == 1.0
+    assert contains_answer("sculptors", ["sculptor"]) == 0.0  # a whole word, not a substring
+    assert contains_answer(" Goulash.\nAnswer: Falafel.", ["falafel"]) == 0.0  # the second guess
+    assert contains_answer("\n\n New York", ["new york"]) == 1.0
+    assert contains_answer("", ["x"]) == 0.0

@@ -53,7 +53,9 @@ PAIRS: dict[str, tuple[str, str]] = {
     # Two agents on one base model with different contexts: the paper's cross-context setting.
     "gemma3-to-gemma3": ("gemma3-270m", "gemma3-270m"),
 }
-ADAPTER_MODES = {"c2c": "c2c", "lcf": "lcf", "lcfx": "lcfx", "lcfx-pruned": "lcfx"}
+ADAPTER_MODES = {"c2c": "c2c", "lcf": "lcf", "lcfx": "lcfx", "lcfx-pruned": "lcfx", "lcfx-wrong": "lcfx"}
+# Methods that run another method's adapter: the wrong-packet control must use lcfx's own.
+SHARES_ADAPTER = {"lcfx-wrong": "lcfx"}
 DEFAULT_N = 500  # samples drawn from a built-in task; a task file is used whole unless --n is given
 
 
@@ -98,7 +100,7 @@ def register(subparsers) -> None:
     )
     p.add_argument("--max-new-tokens", type=int, default=12, help="longest answer, in tokens")
     adapters = p.add_argument_group("adapters (default: ADAPTERS/<pair>-<method>)")
-    for method in ADAPTER_MODES:
+    for method in [m for m in ADAPTER_MODES if m not in SHARES_ADAPTER]:
         adapters.add_argument(f"--adapter-{method}", metavar="DIR", help=f"adapter directory for {method}")
     adapters.add_argument(
         "--adapters",
@@ -198,6 +200,7 @@ def load_models(sharer: str, receiver: str, device: str) -> tuple[tuple, tuple]:
 
 def adapter_dir(method: str, args, pair: str | None) -> tuple[Path | None, str]:
     """(directory, "") for a method's adapter, or (None, why there is none)."""
+    method = SHARES_ADAPTER.get(method, method)
     flag = f"--adapter-{method}"
     explicit = getattr(args, f"adapter_{method.replace('-', '_')}")
     if explicit:
@@ -282,7 +285,7 @@ def evaluate_through_services(
     stay in-process."""
     from lcflow.client import HandoffClient
     from lcflow.evaluation import applicable, run_sample
-    from lcflow.metrics import exact_match, extract_answer, token_f1
+    from lcflow.metrics import contains_answer, exact_match, extract_answer, token_f1
     from lcflow.tasks import question_prompt
 
     client = HandoffClient(address)
@@ -312,6 +315,7 @@ def evaluate_through_services(
                     em=exact_match(prediction, sample.answers),
                     f1=token_f1(prediction, sample.answers),
                     bytes_sent=result.summary.bytes_wire,
+                    contains=contains_answer(result.answer, sample.answers),
                     timings_ms=timings,
                 )
             )

@@ -41,7 +41,7 @@ from lcflow.crosscontext.selection import (
 )
 from lcflow.handoff import GenerationSettings, PreparedInput, Receiver, generate_text
 from lcflow.kv import CapturedKV, capture_kv, full_cache, prefill
-from lcflow.metrics import exact_match, extract_answer, mean_with_ci, normalize_answer, token_f1
+from lcflow.metrics import contains_answer, exact_match, extract_answer, mean_with_ci, token_f1
 from lcflow.prompting import tokenize_context
 from lcflow.tasks import QASample, question_prompt
 from lcflow.training import answer_ids, answer_loss
@@ -84,11 +84,6 @@ class _Document:
     captured: CapturedKV
     spans: torch.Tensor  # [T, 2] over `text`
     scores: torch.Tensor  # [T] the question's attention to each position
-
-
-def contains_answer(generated: str, answers: list[str]) -> float:
-    text = normalize_answer(generated)
-    return float(any(normalize_answer(a) and normalize_answer(a) in text for a in answers))
 
 
 @torch.no_grad()
