@@ -57,6 +57,10 @@ class TrainConfig:
     layer_map: str = "monotonic"
     checkpoint_every: int = 50
     device: str = "auto"
+    # Span-packet LCF-X: start from this adapter (`lcflow align --adapter-out`) and distil from
+    # the receiver reading the document (lcflow.crosscontext.distill); KL weight beside the CE.
+    init_adapter: str = ""
+    kl_weight: float = 1.0
 
 
 def answer_ids(tokenizer, answer: str) -> torch.Tensor:

@@ -219,3 +219,38 @@ def test_oracle_ladder_runs_every_rung_and_own_full_equals_text(tiny_pair):
     assert rows["own-chunks-4"]["entries_median"] == 4 and rows["xlat-tokens-6"]["entries_median"] == 6
     assert rows["none"]["answer_nll"] != pytest.approx(rows["text"]["answer_nll"], abs=1e-3)
     assert copy.deepcopy(outcomes[0]).rung == "none"
+
+
+def test_distillation_refines_a_span_adapter_and_resumes(tiny_pair, tmp_path):
+    from lcflow.crosscontext.distill import SpanDistillTrainer
+    from lcflow.training import TrainConfig
+
+    sharer, receiver = tiny_pair
+    stats = collect_stats(sharer, receiver, alignment_corpus(20), build_layer_map(3, 2), 0, False)
+    init = span_adapter(sharer, receiver, fit_alignment(stats, 0, 16), slots=8)
+    init.save_pretrained(tmp_path / "init")
+    cfg = TrainConfig(
+        sharer="s",
+        receiver="r",
+        out=str(tmp_path / "run"),
+        steps=2,
+        batch_size=2,
+        lr=1e-2,
+        checkpoint_every=1,
+        init_adapter=str(tmp_path / "init"),
+        kl_weight=1.0,
+    )
+    trainer = SpanDistillTrainer(cfg, sharer, receiver)
+    out = trainer.run()
+    trained = LatentAdapter.from_pretrained(out)
+    assert trained.config.packet == "spans" and len(trainer.losses) == 2
+    assert all(loss > 0 for loss in trainer.losses)
+    changed = [
+        not torch.equal(a, b)
+        for a, b in zip(init.state_dict().values(), trained.state_dict().values(), strict=True)
+    ]
+    assert any(changed)
+    cfg.steps = 3  # resume from the checkpoint and take one more step
+    again = SpanDistillTrainer(cfg, sharer, receiver)
+    again.run()
+    assert len(again.losses) == 3 and again.losses[:2] == trainer.losses

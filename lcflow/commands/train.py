@@ -67,6 +67,17 @@ def register(subparsers) -> None:
         "--checkpoint-every", type=int, default=d.checkpoint_every, help="steps between checkpoints"
     )
     p.add_argument("--device", default=d.device, help="auto (cuda if present), cpu or cuda")
+    p.add_argument(
+        "--init-adapter",
+        default=d.init_adapter,
+        help="LCF-X span packet: refine this adapter (from `lcflow align --adapter-out`) by distillation",
+    )
+    p.add_argument(
+        "--kl-weight",
+        type=float,
+        default=d.kl_weight,
+        help="with --init-adapter: weight of KL(teacher reading the text || student) beside the answer CE",
+    )
     p.set_defaults(func=run)
 
 
@@ -77,6 +88,10 @@ def run(args) -> int:
         from lcflow.c2c_training import train_c2c
 
         out = train_c2c(cfg)
+    elif cfg.init_adapter:
+        from lcflow.crosscontext.distill import SpanDistillTrainer
+
+        out = SpanDistillTrainer(cfg).run()
     else:
         from lcflow.training import Trainer
 
