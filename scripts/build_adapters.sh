@@ -3,6 +3,7 @@
 # One command, seeded; both directions of the real pair, the C2C baseline for the forward one.
 #   bash scripts/build_adapters.sh                      # both directions
 #   DIRECTIONS=reverse bash scripts/build_adapters.sh   # only gemma3 -> smollm2
+#   DIRECTIONS=spans bash scripts/build_adapters.sh     # the span-packet LCF-X adapters, three pairs
 # These are the settings the shipped adapters were built with. On the 2-core CPU development
 # machine, SmolLM2 -> Gemma3 took 13 min (LCF), 18 min (C2C) and 39 min (LCF-X); the reverse
 # direction's times are in its model cards.
@@ -67,10 +68,29 @@ PY
   if [[ $with_c2c == yes ]]; then card "$pair-c2c" "$pair-eval-same" c2c; fi
 }
 
+# build_spans PAIR: the span-packet LCF-X adapter (no task training: the closed-form dense
+# alignment, lcflow align), its eval against text on the held-out test split and on the unseen
+# ships-cross family, and its card. ~15 min of alignment per pair on the 2-core CPU.
+build_spans() {
+  local pair=$1 out="$A/$1-lcfx-spans"
+  lcflow align --pair "$pair" --documents 2500 --window 0 --out "$RUNS/$pair-align" \
+    --adapter-out "$out" --slots 32 --selection sentences
+  cp "$RUNS/$pair-align"/{alignment.md,alignment_report.json} "$out/"
+  lcflow eval --pair "$pair" --task facts-cross --n 200 --methods receiver,text,lcfx,lcfx-wrong \
+    --adapter-lcfx "$out" --out "$RUNS/$pair-eval-cross-spans"
+  lcflow eval --pair "$pair" --task-file lcflow/data/tasks/ships-cross.jsonl --n 200 \
+    --methods receiver,text,lcfx,lcfx-wrong --adapter-lcfx "$out" --out "$RUNS/$pair-eval-ships-spans"
+  # The card's eval is smaller (tests/test_shipped_adapters.py re-runs it, with the wrong-packet control).
+  lcflow eval --pair "$pair" --task facts-cross --n 60 --methods lcfx,lcfx-wrong --adapter-lcfx "$out" \
+    --out "$RUNS/$pair-eval-card-spans"
+  card "$pair-lcfx-spans" "$pair-eval-card-spans" lcfx
+}
+
 for direction in $DIRECTIONS; do
   case $direction in
     forward) build_direction smollm2-to-gemma3 "$SMOL" "$GEMMA" yes ;;
     reverse) build_direction gemma3-to-smollm2 "$GEMMA" "$SMOL" no ;;
-    *) echo "unknown direction '$direction' (use forward and/or reverse)" >&2; exit 2 ;;
+    spans) for pair in smollm2-to-gemma3 gemma3-to-gemma3 gemma3-to-smollm2; do build_spans "$pair"; done ;;
+    *) echo "unknown direction '$direction' (use forward, reverse and/or spans)" >&2; exit 2 ;;
   esac
 done

@@ -75,6 +75,15 @@ def test_shipped_adapter_reproduces_its_card(card_path, real_models):
     em = sum(o.em for o in outcomes) / len(outcomes)
     low, high = card["results"][spec["method"]]["em_ci"]
     assert low - 1e-9 <= em <= high + 1e-9, f"EM {em:.3f} outside the card's CI [{low:.3f}, {high:.3f}]"
+    if "lcfx-wrong" in card["results"]:  # the packet must matter: another sample's scores clearly less
+        wrong = evaluate(
+            ["lcfx-wrong"],
+            EvalModels(pair[0], pair[1], {"lcfx-wrong": adapter}),
+            samples,
+            GenerationSettings(max_new_tokens=spec["max_new_tokens"]),
+        )
+        wrong_em = sum(o.em for o in wrong) / len(wrong)
+        assert em - wrong_em >= 0.1, f"right packet EM {em:.3f} vs another sample's packet {wrong_em:.3f}"
 
 
 def test_real_pair_through_the_services(real_pair, tmp_path):
