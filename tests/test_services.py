@@ -594,3 +594,142 @@ def test_latent_modes_without_an_adapter_are_failed_precondition(tiny_pair, span
     finally:
         sharer_running.stop(1)
         receiver_running.stop(1)
+
+
+# --- strict streams: nothing the receiver did not ask for, every shape checked first ------------
+
+
+def receive_events(pair, messages) -> tuple[list[pb.HandoffEvent], grpc.StatusCode, str]:
+    """Every event the receiver sent before the call ended, its status and details."""
+    events = []
+    try:
+        for event in pair.receiver_stub.Receive(iter(messages), timeout=30):
+            events.append(event)
+    except grpc.RpcError as err:
+        return events, err.code(), err.details()
+    return events, grpc.StatusCode.OK, ""
+
+
+def plain_request(mode) -> pb.LatentMessage:
+    return pb.LatentMessage(
+        request=pb.ReceiverRequest(
+            prompt_text=PROMPT,
+            mode=mode,
+            text_message="Mira lives in Oslo.",
+            generation={"max_new_tokens": 2},
+        )
+    )
+
+
+@pytest.mark.parametrize("mode", [pb.NONE, pb.TEXT])
+@pytest.mark.parametrize("follows", ["header", "request", "trailer"])
+def test_nothing_may_follow_a_plain_request(pair, mode, follows):
+    latent = latent_messages(pair)
+    extra = {"header": latent[1], "request": plain_request(mode), "trailer": latent[-1]}[follows]
+    assert receive_events(pair, [plain_request(mode)])[1] == grpc.StatusCode.OK  # alone, it is served
+    events, code, details = receive_events(pair, [plain_request(mode), extra])
+    assert code == grpc.StatusCode.INVALID_ARGUMENT
+    assert f"{follows} message arrived after a {pb.Mode.Name(mode)} ReceiverRequest" in details
+    assert events == []  # refused before anything was generated
+    still_serves(pair)
+
+
+def test_a_second_request_inside_the_payload_is_invalid(pair):
+    messages = latent_messages(pair)
+    messages.insert(3, messages[0])  # after the header and a chunk
+    events, code, details = receive_events(pair, messages)
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "second ReceiverRequest" in details
+    assert events == []
+    still_serves(pair)
+
+
+@pytest.mark.parametrize("follows", ["chunk", "request", "header", "trailer"])
+def test_nothing_may_follow_the_trailer(pair, follows):
+    messages = latent_messages(pair)
+    extra = {"chunk": messages[2], "request": messages[0], "header": messages[1], "trailer": messages[-1]}
+    events, code, details = receive_events(pair, [*messages, extra[follows]])
+    assert code == grpc.StatusCode.INVALID_ARGUMENT
+    assert f"{follows} message arrived after the LatentTrailer" in details
+    assert events == []
+    still_serves(pair)
+
+
+def test_a_latent_request_without_a_header_is_invalid(pair):
+    messages = latent_messages(pair)
+    events, code, details = receive_events(pair, [messages[0], messages[2]])
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "must send its LatentHeader" in details
+    events, code, details = receive_events(pair, messages[:1])
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "not the end of the stream" in details
+
+
+def set_shape(header: pb.LatentHeader, segment: int, shape) -> None:
+    """Change one tensor's declared shape and keep total_raw_bytes consistent with it, so that
+    only the shape itself is wrong."""
+    import math
+
+    from lcflow.transport.segments import ITEMSIZE
+
+    tensor = header.segments[segment].tensors[0]
+    tensor.shape[:] = list(shape)
+    header.total_raw_bytes = sum(
+        ITEMSIZE[t.dtype] * math.prod(t.shape) for s in header.segments for t in s.tensors
+    )
+
+
+def bad_rows(pair, header):
+    rows = 5000 if pair.mode == "lcf" else 5  # lcf: above --max-context-tokens; lcfx: not the 4 slots
+    for i, segment in enumerate(header.segments):
+        if segment.HasField("layer"):
+            set_shape(header, i, (1, rows, segment.tensors[0].shape[2]))
+        else:
+            set_shape(header, i, (rows, 2))
+    return "--max-context-tokens" if pair.mode == "lcf" else "pools into 4 slots"
+
+
+def bad_bottleneck(pair, header):
+    set_shape(header, 0, (1, header.segments[0].tensors[0].shape[1], 17))
+    return "does not fit this adapter"
+
+
+def bad_layers(pair, header):
+    header.segments[0].layer = header.layers[0] = 7
+    return "but this receiver's adapter decodes layers"
+
+
+def bad_mode(pair, header):
+    header.mode = pb.LCF_X if pair.mode == "lcf" else pb.LCF
+    return "the request asked for"
+
+
+def bad_tensor_name(pair, header):
+    header.segments[0].tensors[0].name = "keys"
+    return "expected one float tensor 'latent'"
+
+
+def bad_spans(pair, header):
+    if pair.mode == "lcfx":  # LCF-X carries no shared segment at all
+        header.segments.add(tensors=[pb.TensorSpec(name="token_spans", dtype="int32", shape=[4, 2])])
+        set_shape(header, len(header.segments) - 1, (4, 2))
+        return "carries no shared tensors"
+    shared = next(i for i, s in enumerate(header.segments) if not s.HasField("layer"))
+    set_shape(header, shared, (3, 2))
+    return "LCF needs one int32 token_spans"
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [bad_rows, bad_bottleneck, bad_layers, bad_mode, bad_tensor_name, bad_spans],
+    ids=lambda f: f.__name__,
+)
+def test_header_shapes_must_fit_the_adapter(pair, damage):
+    """Each header is self-consistent (the wire format accepts it) but declares tensors this
+    receiver's decoder cannot take: refused from the header alone, before any chunk is read."""
+    messages = latent_messages(pair)
+    expected = damage(pair, header_of(messages))
+    # Only the request and header: were the header accepted, the receiver would go on to wait for
+    # chunks and end with DATA_LOSS, not INVALID_ARGUMENT.
+    events, code, details = receive_events(pair, messages[:2])
+    assert code == grpc.StatusCode.INVALID_ARGUMENT, details
+    assert expected in details
+    assert events == []
+    still_serves(pair)
