@@ -14,12 +14,12 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-import grpc
 from opentelemetry.instrumentation.grpc import client_interceptor
 from opentelemetry.instrumentation.grpc.grpcext import intercept_channel
 
 from lcflow.proto_gen.lcflow.v1 import lcflow_pb2 as pb
 from lcflow.proto_gen.lcflow.v1 import lcflow_pb2_grpc as pb_grpc
+from lcflow.security import ClientSecurity
 
 MODE_NAMES = {"lcf": pb.LCF, "lcfx": pb.LCF_X, "text": pb.TEXT, "none": pb.NONE}
 
@@ -42,8 +42,19 @@ class HandoffResult:
 
 
 class HandoffClient:
-    def __init__(self, target: str, tracer_provider=None, timeout_s: float | None = 300.0):
-        channel = grpc.insecure_channel(target)
+    """`security` (lcflow.security.ClientSecurity) turns on TLS, mutual TLS and a bearer token:
+
+    HandoffClient("sharer:50051", security=ClientSecurity(tls_ca="ca.pem", auth_token_file="token"))
+    """
+
+    def __init__(
+        self,
+        target: str,
+        tracer_provider=None,
+        timeout_s: float | None = 300.0,
+        security: ClientSecurity | None = None,
+    ):
+        channel = (security or ClientSecurity()).channel(target)
         self.tracer = tracer_provider.get_tracer("lcflow.client") if tracer_provider else None
         if tracer_provider is not None:
             channel = intercept_channel(channel, client_interceptor(tracer_provider=tracer_provider))

@@ -33,16 +33,61 @@ class ServiceConfig:
     shutdown_grace_s: float = 30.0
     zstd_level: int = 1  # measured: higher levels gain nothing on float latents and are slower
     log_level: str = "INFO"
+    log_content: bool = False  # prompts, contexts and answers stay out of the logs unless asked
+    # This server's own TLS and token (lcflow.security.ServerSecurity).
+    tls_cert: str = ""
+    tls_key: str = ""
+    tls_client_ca: str = ""
+    auth_token_file: str = ""
+    allow_unauthenticated: bool = False  # receiver only: TLS on, yet no client certificate or token
+    # Sharer only: how it connects to the receiver (lcflow.security.ClientSecurity).
+    receiver_tls_ca: str = ""
+    receiver_tls_client_cert: str = ""
+    receiver_tls_client_key: str = ""
+    receiver_auth_token_file: str = ""
+    receiver_tls_server_name: str = ""
 
     def __post_init__(self):
         if self.role not in ROLES:
             raise ValueError(f"role must be one of {ROLES}, not {self.role!r}")
         if not self.port:
             self.port = DEFAULT_PORTS[self.role]
+        security = self.server_security()  # raises on a half-given TLS setting
+        if (
+            self.role == "receiver"
+            and security.tls
+            and not security.authenticates_clients
+            and not self.allow_unauthenticated
+        ):
+            # A receiver is a free LLM endpoint to whoever reaches it; once it is worth encrypting
+            # the hop, it is worth knowing who is on the other end.
+            raise ValueError(
+                "TLS is on but nothing authenticates the sharer: give --tls-client-ca (mutual TLS) "
+                "or --auth-token-file, or pass --allow-unauthenticated to accept any client"
+            )
+        if self.role == "sharer":
+            self.receiver_security()  # the same checks for the client side
 
     @property
     def address(self) -> str:
         return f"{self.host}:{self.port}"
+
+    def server_security(self):
+        from lcflow.security import ServerSecurity
+
+        return ServerSecurity(self.tls_cert, self.tls_key, self.tls_client_ca, self.auth_token_file)
+
+    def receiver_security(self):
+        """Sharer: TLS / token settings of its channel to the receiver (files are read when it is made)."""
+        from lcflow.security import ClientSecurity
+
+        return ClientSecurity(
+            self.receiver_tls_ca,
+            self.receiver_tls_client_cert,
+            self.receiver_tls_client_key,
+            self.receiver_auth_token_file,
+            self.receiver_tls_server_name,
+        )
 
 
 HELP = {
@@ -62,7 +107,22 @@ HELP = {
     "shutdown_grace_s": "on SIGTERM, seconds to let in-flight handoffs finish",
     "zstd_level": "sharer only: zstd level of the latent stream",
     "log_level": "DEBUG, INFO, WARNING or ERROR",
+    "log_content": "let prompts, contexts and answers appear in the logs (off: only their sizes do)",
+    "tls_cert": "serve TLS with this certificate (PEM; `lcflow certs make`); re-read on change or SIGHUP",
+    "tls_key": "private key (PEM) of --tls-cert",
+    "tls_client_ca": "mutual TLS: require every client to present a certificate signed by this CA (PEM)",
+    "auth_token_file": "require 'authorization: Bearer <token>' on every RPC but health; the file holds "
+    "the token and is re-read when it changes",
+    "allow_unauthenticated": "receiver only: accept TLS clients with neither a client certificate nor a token",
+    "receiver_tls_ca": "sharer only: CA (PEM) of the receiver's certificate; turns TLS on towards the receiver",
+    "receiver_tls_client_cert": "sharer only: client certificate (PEM) to present to the receiver (mutual TLS)",
+    "receiver_tls_client_key": "sharer only: private key (PEM) of --receiver-tls-client-cert",
+    "receiver_auth_token_file": "sharer only: file holding the bearer token the receiver requires",
+    "receiver_tls_server_name": "sharer only: name the receiver's certificate carries, if not the --receiver host",
 }
+
+SHARER_ONLY = {"receiver", "zstd_level"} | {name for name in HELP if name.startswith("receiver_")}
+RECEIVER_ONLY = {"allow_unauthenticated"}
 
 
 def env_name(field_name: str) -> str:
@@ -81,7 +141,9 @@ def add_service_flags(parser: argparse.ArgumentParser, role: str) -> None:
     """One flag per ServiceConfig field, its default read from LCFLOW_<NAME> when set."""
     defaults = ServiceConfig(role=role)
     for f in fields(ServiceConfig):
-        if f.name == "role" or (f.name in ("receiver", "zstd_level") and role != "sharer"):
+        if f.name == "role" or (f.name in SHARER_ONLY and role != "sharer"):
+            continue
+        if f.name in RECEIVER_ONLY and role != "receiver":
             continue
         kind = {"int": int, "float": float, "bool": _parse_bool}.get(str(f.type), str)
         env = env_name(f.name)
@@ -95,7 +157,10 @@ def add_service_flags(parser: argparse.ArgumentParser, role: str) -> None:
 
 def config_from_args(role: str, args: argparse.Namespace) -> ServiceConfig:
     names = {f.name for f in fields(ServiceConfig)} - {"role"}
-    config = ServiceConfig(role=role, **{k: v for k, v in vars(args).items() if k in names})
+    try:
+        config = ServiceConfig(role=role, **{k: v for k, v in vars(args).items() if k in names})
+    except ValueError as err:  # a setting that cannot work: one line, before anything starts
+        raise SystemExit(f"{role}: {err}") from None
     if not config.model:
         raise SystemExit(f"{role}: no model given; pass --model or set {env_name('model')}")
     if role == "sharer" and not config.receiver:

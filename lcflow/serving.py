@@ -23,6 +23,7 @@ from opentelemetry.instrumentation.grpc import server_interceptor
 
 from lcflow.handoff import GenerationSettings
 from lcflow.proto_gen.lcflow.v1 import lcflow_pb2 as pb
+from lcflow.security import CertificateFiles
 from lcflow.service_config import ServiceConfig
 from lcflow.transport import WireError
 from lcflow.transport.memory import keep_freed_memory
@@ -192,6 +193,13 @@ class RunningServer:
     health: health.HealthServicer
     port: int
     service_name: str
+    certificates: CertificateFiles | None = None  # TLS: the watched certificate files
+
+    def reload_certificates(self) -> None:
+        """SIGHUP: re-read the TLS files at the next handshake (changed files are picked up anyway)."""
+        if self.certificates is not None:
+            self.certificates.reload()
+            log.info("SIGHUP: TLS certificate files will be re-read at the next handshake")
 
     def set_serving(self, serving: bool) -> None:
         status = (
@@ -212,10 +220,13 @@ def start_server(
     add_servicer: Callable[[grpc.Server], None],
     tracer_provider,
 ) -> RunningServer:
-    """A gRPC server with tracing, the health service (NOT_SERVING until told) and optional reflection."""
+    """A gRPC server with tracing, the health service (NOT_SERVING until told) and optional reflection,
+    listening in plaintext or TLS and checking a bearer token as the config says (lcflow.security)."""
+    security = config.server_security()
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=2 * config.max_concurrent + 4, thread_name_prefix=config.role),
-        interceptors=[server_interceptor(tracer_provider=tracer_provider)],
+        # The token check is outermost: a call without it is refused before tracing or the handler.
+        interceptors=[*security.interceptors(), server_interceptor(tracer_provider=tracer_provider)],
         options=[("grpc.so_reuseport", 0)],
     )
     add_servicer(server)
@@ -227,13 +238,19 @@ def start_server(
         reflection.enable_server_reflection(
             (service_name, health.SERVICE_NAME, reflection.SERVICE_NAME), server
         )
-    port = server.add_insecure_port(config.address)
+    port, certificates = security.add_port(server, config.address)
     if port == 0:
         raise RuntimeError(f"could not listen on {config.address}: is the port already in use?")
     server.start()
-    running = RunningServer(server, health_servicer, port, service_name)
+    running = RunningServer(server, health_servicer, port, service_name, certificates)
     running.set_serving(False)
-    log.info("%s listening on %s:%d (NOT_SERVING until the model is loaded)", config.role, config.host, port)
+    log.info(
+        "%s listening on %s:%d, %s (NOT_SERVING until the model is loaded)",
+        config.role,
+        config.host,
+        port,
+        security.describe(),
+    )
     return running
 
 
@@ -291,10 +308,11 @@ def exit_on_load_error(err: BaseException) -> None:
 
 
 def serve_until_signal(running: RunningServer, grace_s: float) -> None:
-    """Block until SIGTERM/SIGINT, then stop gracefully."""
+    """Block until SIGTERM/SIGINT, then stop gracefully; SIGHUP re-reads the TLS files."""
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
+    signal.signal(signal.SIGHUP, lambda *_: running.reload_certificates())
     stop.wait()
     log.info("stopping: finishing in-flight handoffs (up to %.0f s)", grace_s)
     running.stop(grace_s)

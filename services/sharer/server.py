@@ -90,7 +90,8 @@ class SharerService(pb_grpc.SharerServicer):
         self.limit = ConcurrencyLimit(config.max_concurrent)
         self.sessions = SessionStore(config.session_memory_mb << 20, config.session_ttl_s)
         self.codec = CodecConfig(level=config.zstd_level)
-        channel = receiver_channel or grpc.insecure_channel(
+        # TLS and a token towards the receiver as --receiver-tls-* / --receiver-auth-token-file say.
+        channel = receiver_channel or config.receiver_security().channel(
             config.receiver, options=[("grpc.lb_policy_name", "round_robin")]
         )
         # The interceptor puts this span's W3C trace context into the call's metadata.
