@@ -6,7 +6,9 @@ import argparse
 import sys
 from pathlib import Path
 
+from lcflow.cli import UsageError
 from lcflow.client import MODE_NAMES
+from lcflow.security import add_client_security_flags, client_security_from_args
 
 
 def register(subparsers) -> None:
@@ -29,6 +31,7 @@ def register(subparsers) -> None:
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold")
     p.add_argument("--seed", type=int, default=None, help="sampling seed")
     p.add_argument("--timeout", type=float, default=300.0, help="deadline for the whole handoff, seconds")
+    add_client_security_flags(p)
     p.set_defaults(func=run)
 
 
@@ -38,9 +41,10 @@ def run(args) -> int:
     from lcflow.client import HandoffClient
     from lcflow.telemetry import make_tracer_provider
 
-    context = args.context_file.read_text() if args.context_file else (args.context or "")
+    context = read_context(args.context_file) if args.context_file else (args.context or "")
+    security = client_security_from_args(args)
     provider = make_tracer_provider("lcflow-client")
-    client = HandoffClient(args.sharer, provider, timeout_s=args.timeout)
+    client = HandoffClient(args.sharer, provider, timeout_s=args.timeout, security=security)
     summary = None
     try:
         for event in client.stream(
@@ -67,6 +71,17 @@ def run(args) -> int:
     if summary is not None:
         print(format_summary(summary))
     return 0
+
+
+def read_context(path: Path) -> str:
+    """The context file's text, or one line saying why it cannot be read (a user mistake, no traceback)."""
+    if not path.is_file():
+        what = "is a directory" if path.is_dir() else "does not exist"
+        raise UsageError(f"--context-file {path} {what}; give a text file holding the sharer's context")
+    try:
+        return path.read_text()
+    except (OSError, UnicodeDecodeError) as err:
+        raise UsageError(f"--context-file {path} cannot be read as text: {err}") from err
 
 
 def format_summary(summary) -> str:
