@@ -79,6 +79,21 @@ def prompt_of(message) -> str:
     return ""
 
 
+def describe_texts(config: ServiceConfig, **texts: str) -> str:
+    """Texts for a log line: their sizes only, unless --log-content.
+
+    Prompts, contexts and answers are the users' data: logs are kept longer, read by more people
+    and shipped further than the traffic itself, so by default no log line (and no error
+    message, no span attribute) carries them; --log-content is for debugging a deployment you own."""
+    parts = []
+    for name, text in texts.items():
+        if config.log_content:
+            parts.append(f"{name} {text!r}")
+        else:
+            parts.append(f"{name} {len(text)} chars")
+    return ", ".join(parts)
+
+
 def check_text(name: str, text: str, config: ServiceConfig, required: bool = True) -> str:
     if required and not text.strip():
         raise invalid(f"{name} is empty: give the text the model should read")

@@ -733,3 +733,48 @@ def test_header_shapes_must_fit_the_adapter(pair, damage):
     assert expected in details
     assert events == []
     still_serves(pair)
+
+
+# --- content stays out of logs and traces -------------------------------------------------------
+
+SECRET_CONTEXT = "Zorblax Quintero keeps the violet key under the mossy stone."
+SECRET_PROMPT = "Where does Zorblax Quintero keep the violet key?"
+SECRET_RECEIVER_CONTEXT = "Yusra Okonkwo-Lindqvist owns an amber kite."
+
+
+@pytest.mark.parametrize("log_content", [False, True], ids=["default", "log-content"])
+def test_prompts_and_contexts_stay_out_of_logs_and_spans_unless_asked(pair, spans, caplog, log_content):
+    import logging
+
+    configs = (pair.sharer_service.config, pair.receiver_service.config)
+    spans.clear()
+    caplog.set_level(logging.DEBUG)
+    for config in configs:
+        config.log_content = log_content
+    try:
+        results = [
+            pair.client.handoff(
+                SECRET_PROMPT,
+                mode=mode,
+                context=SECRET_CONTEXT,
+                receiver_context=SECRET_RECEIVER_CONTEXT,
+                max_new_tokens=3,
+            )
+            for mode in (pair.mode, "text", "none")
+        ]
+        with pytest.raises(grpc.RpcError) as err:  # refused: its error message must not echo it either
+            pair.client.handoff(SECRET_PROMPT * 1000, mode=pair.mode, context=SECRET_CONTEXT)
+        assert "Zorblax" not in err.value.details()
+    finally:
+        for config in configs:
+            config.log_content = False
+    logged = "\n".join(record.getMessage() for record in caplog.records)
+    assert "handoff" in logged and "answered" in logged  # one line per handoff on each side
+    traced = "\n".join(str(dict(s.attributes)) for s in spans.get_finished_spans())
+    assert "Zorblax" not in traced and "Yusra" not in traced  # spans: sizes only, always
+    if log_content:
+        assert repr(SECRET_PROMPT) in logged and repr(SECRET_CONTEXT) in logged
+        assert repr(SECRET_RECEIVER_CONTEXT) in logged and repr(results[0].answer) in logged
+    else:
+        assert "Zorblax" not in logged and "Yusra" not in logged and "violet" not in logged
+        assert f"prompt {len(SECRET_PROMPT)} chars" in logged

@@ -32,6 +32,7 @@ from lcflow.serving import (
     ServiceError,
     check_text,
     check_tokens,
+    describe_texts,
     generation_settings,
     invalid,
     load_adapter_half,
@@ -152,6 +153,15 @@ class ReceiverService(pb_grpc.ReceiverServicer):
         if result.first_token_at is not None:
             timings["time_to_first_token"] = (result.first_token_at - started) * 1000
         timings["total"] = (time.perf_counter() - started) * 1000
+        texts = {"prompt": prompt, "receiver_context": receiver_context}
+        texts.update({"context": request.context_text} if mode == "lcf" else {})
+        texts.update({"message": request.text_message} if mode == "text" else {})
+        log.info(
+            "answered %s in %.0f ms: %s",
+            pb.Mode.Name(request.mode),
+            timings["total"],
+            describe_texts(self.config, **texts, answer=result.text),
+        )
         yield pb.HandoffEvent(
             summary=pb.HandoffSummary(
                 answer=result.text,

@@ -33,6 +33,7 @@ from lcflow.serving import (
     ServiceError,
     check_text,
     check_tokens,
+    describe_texts,
     generation_settings,
     invalid,
     load_adapter_half,
@@ -178,6 +179,7 @@ class SharerService(pb_grpc.SharerServicer):
         stream = _LatentStream(
             self, engine, mode, receiver_request, shared, receiver_view(receiver_context, prompt)
         )
+        stream.context_text = context_text
         call = self.receiver.Receive(stream.messages(), timeout=context.time_remaining())
         context.add_callback(call.cancel)  # client gone: cancel downstream too
         first_token_at = None
@@ -243,6 +245,17 @@ class SharerService(pb_grpc.SharerServicer):
         merged.tokens.context = stream.context_tokens
         if stream.request.text_message:  # TEXT mode: the message itself is what travelled
             merged.bytes_raw = merged.bytes_wire = len(stream.request.text_message.encode())
+        log.info(
+            "handoff %s in %.0f ms: %s",
+            pb.Mode.Name(merged.mode),
+            merged.timings.total,
+            describe_texts(
+                self.config,
+                prompt=prompt_of(stream.request),
+                context=stream.context_text,
+                answer=merged.answer,
+            ),
+        )
         return pb.HandoffEvent(summary=merged)
 
 
@@ -258,6 +271,7 @@ class _LatentStream:
         self.context_tokens = shared.input_ids.shape[1] if shared is not None else 0
         self.error: BaseException | None = None
         self.done = threading.Event()
+        self.context_text = ""  # for the log line (its size only, unless --log-content)
 
     def messages(self):
         try:
