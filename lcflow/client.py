@@ -75,6 +75,7 @@ class HandoffClient:
         stop: list[str] | None = None,
         seed: int | None = None,
         request_id: str = "",
+        adapter: str = "",
     ) -> pb.HandoffRequest:
         if mode not in MODE_NAMES:
             raise ValueError(f"mode must be one of {list(MODE_NAMES)}, not {mode!r}")
@@ -90,6 +91,8 @@ class HandoffClient:
             generation=generation,
             request_id=request_id,
         )
+        if adapter:  # by name, inside the services' --adapter-dir; unset: their --adapter
+            request.adapter = adapter
         if session_id:
             request.session_id = session_id
         elif context:

@@ -19,6 +19,7 @@ class ServiceConfig:
     role: str
     model: str = ""
     adapter: str = ""
+    adapter_dir: str = ""  # adapters a request may name (HandoffRequest.adapter), by directory name
     receiver: str = ""  # sharer only: the receiver's gRPC target (host:port or dns:///name:port)
     host: str = "127.0.0.1"
     port: int = 0  # 0 = the role's default port
@@ -93,6 +94,8 @@ class ServiceConfig:
 HELP = {
     "model": "model to serve: a name from `lcflow models list`, a local directory or a hub id",
     "adapter": "adapter directory (LCF or LCF-X); the sharer loads its encoder half, the receiver its decoder half",
+    "adapter_dir": "directory of adapters a request may pick by name (HandoffRequest.adapter); names "
+    "resolve only inside it (no paths, no symlinks out); give both services the same adapters",
     "receiver": "sharer only: the receiver's gRPC target, host:port or dns:///name:port (round-robin over all addresses)",
     "host": "address to listen on (0.0.0.0 to accept connections from other hosts)",
     "port": "port to listen on (default 50051 for the sharer, 50052 for the receiver)",

@@ -26,6 +26,12 @@ def register(subparsers) -> None:
     p.add_argument("--prompt", required=True, help="what the receiver is asked")
     p.add_argument("--receiver-context", default="", help="text the receiver sees on its own")
     p.add_argument("--mode", choices=list(MODE_NAMES), default="lcfx", help="lcf, lcfx, text or none")
+    p.add_argument(
+        "--adapter",
+        default="",
+        metavar="NAME",
+        help="adapter to use, by name, from the services' --adapter-dir (default: their --adapter)",
+    )
     p.add_argument("--max-new-tokens", type=int, default=64, help="longest answer, in tokens")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold")
@@ -57,6 +63,7 @@ def run(args) -> int:
             temperature=args.temperature,
             top_p=args.top_p,
             seed=args.seed,
+            adapter=args.adapter,
         ):
             if event.HasField("text"):
                 print(event.text.text, end="", flush=True)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import grpc
 import torch
@@ -29,6 +30,7 @@ from lcflow.proto_gen.lcflow.v1 import lcflow_pb2_grpc as pb_grpc
 from lcflow.service_config import ServiceConfig
 from lcflow.serving import (
     ConcurrencyLimit,
+    NamedAdapters,
     ServiceError,
     check_text,
     check_tokens,
@@ -92,6 +94,14 @@ class ReceiverService(pb_grpc.ReceiverServicer):
         self.limit = ConcurrencyLimit(config.max_concurrent)
         self.wire_limits = WireLimits()
         self.cancelled_generations = 0  # generations stopped early (client gone, deadline passed)
+        self.adapters = NamedAdapters(config.adapter_dir, config.adapter, self._engine_with)
+
+    def _engine_with(self, adapter_dir: Path) -> ReceiverEngine:
+        """The loaded model with another adapter's decoder half (checked against the model)."""
+        receiver = self.ready().receiver
+        return ReceiverEngine.from_loaded(
+            receiver.model, receiver.tokenizer, str(adapter_dir), self.ready().identity.name
+        )
 
     def ready(self) -> ReceiverEngine:
         if self.engine is None:
@@ -120,10 +130,9 @@ class ReceiverService(pb_grpc.ReceiverServicer):
         timings: dict[str, float] = {}
         latents, stats = None, WireStats()
         if mode in ("lcf", "lcfx"):
-            engine.require_adapter(mode)
             if mode == "lcf":
                 check_text("context_text", request.context_text, self.config)
-            latents, stats, timings["transfer"] = self._read_latents(engine, request, messages)
+            engine, latents, stats, timings["transfer"] = self._read_latents(engine, request, messages)
             timings["unpack"] = stats.serialise_ms + stats.codec_ms
         else:
             if mode == "text":
@@ -199,8 +208,10 @@ class ReceiverService(pb_grpc.ReceiverServicer):
 
     def _read_latents(
         self, engine: ReceiverEngine, request: pb.ReceiverRequest, messages
-    ) -> tuple[Latents, WireStats, float]:
-        """Header, chunks and trailer -> Latents, verifying all of it (WireError on any fault)."""
+    ) -> tuple[ReceiverEngine, Latents, WireStats, float]:
+        """Header, chunks and trailer -> (the engine whose decoder takes them, Latents, ...),
+        verifying all of it (WireError on any fault). The header may name the adapter (meta
+        "adapter", from HandoffRequest.adapter); it resolves only inside --adapter-dir."""
         assembler = PacketAssembler(self.wire_limits)
         first = next(messages, None)
         if first is None or first.WhichOneof("message") != "header":
@@ -213,6 +224,8 @@ class ReceiverService(pb_grpc.ReceiverServicer):
         with self.tracer.start_as_current_span("receiver.unpack") as span:
             window_start = time.perf_counter()
             assembler.on_header(header)  # counts and total size against WireLimits
+            engine = self.adapters.get(header.meta.get("adapter", ""), engine)
+            engine.require_adapter(MODE_FROM_PROTO[request.mode])
             self._check_identities(engine, header)
             self._check_header_fits(engine, request, header)  # every shape, before any chunk is read
             for message in messages:
@@ -240,7 +253,7 @@ class ReceiverService(pb_grpc.ReceiverServicer):
             for t in packet.layers
         }
         spans = packet.shared_tensors.get("token_spans")
-        return Latents(packet.mode, layers, spans), stats, window_ms
+        return engine, Latents(packet.mode, layers, spans), stats, window_ms
 
     def _check_identities(self, engine: ReceiverEngine, header: pb.LatentHeader) -> None:
         if header.adapter_id != engine.adapter_id:

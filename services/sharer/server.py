@@ -14,6 +14,7 @@ import logging
 import threading
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import grpc
 import torch
@@ -30,6 +31,7 @@ from lcflow.proto_gen.lcflow.v1 import lcflow_pb2_grpc as pb_grpc
 from lcflow.service_config import ServiceConfig
 from lcflow.serving import (
     ConcurrencyLimit,
+    NamedAdapters,
     ServiceError,
     check_text,
     check_tokens,
@@ -91,6 +93,7 @@ class SharerService(pb_grpc.SharerServicer):
         self.limit = ConcurrencyLimit(config.max_concurrent)
         self.sessions = SessionStore(config.session_memory_mb << 20, config.session_ttl_s)
         self.codec = CodecConfig(level=config.zstd_level)
+        self.adapters = NamedAdapters(config.adapter_dir, config.adapter, self._engine_with)
         # TLS and a token towards the receiver as --receiver-tls-* / --receiver-auth-token-file say.
         channel = receiver_channel or config.receiver_security().channel(
             config.receiver, options=[("grpc.lb_policy_name", "round_robin")]
@@ -98,6 +101,13 @@ class SharerService(pb_grpc.SharerServicer):
         # The interceptor puts this span's W3C trace context into the call's metadata.
         self.channel = intercept_channel(channel, client_interceptor(tracer_provider=tracer_provider))
         self.receiver = pb_grpc.ReceiverStub(self.channel)
+
+    def _engine_with(self, adapter_dir: Path) -> SharerEngine:
+        """The loaded model with another adapter's encoder half (checked against the model)."""
+        sharer = self.ready().sharer
+        return SharerEngine.from_loaded(
+            sharer.model, sharer.tokenizer, str(adapter_dir), self.ready().identity.name
+        )
 
     def ready(self) -> SharerEngine:
         if self.engine is None:
@@ -152,6 +162,7 @@ class SharerService(pb_grpc.SharerServicer):
         timings: dict[str, float] = {}
         shared, context_text = None, ""
         if mode in ("lcf", "lcfx"):
+            engine = self.adapters.get(request.adapter, engine)  # the named adapter, if any
             engine.require_adapter(mode)
             with torch.inference_mode():
                 shared = self._context(engine, request)
@@ -180,6 +191,7 @@ class SharerService(pb_grpc.SharerServicer):
             self, engine, mode, receiver_request, shared, receiver_view(receiver_context, prompt)
         )
         stream.context_text = context_text
+        stream.adapter_name = request.adapter if mode in ("lcf", "lcfx") else ""
         call = self.receiver.Receive(stream.messages(), timeout=context.time_remaining())
         context.add_callback(call.cancel)  # client gone: cancel downstream too
         first_token_at = None
@@ -272,6 +284,7 @@ class _LatentStream:
         self.error: BaseException | None = None
         self.done = threading.Event()
         self.context_text = ""  # for the log line (its size only, unless --log-content)
+        self.adapter_name = ""  # HandoffRequest.adapter, passed on to the receiver
 
     def messages(self):
         try:
@@ -303,6 +316,8 @@ class _LatentStream:
                 if self.mode == "lcf"
                 else None,
                 codec=self.service.codec,
+                # the receiver picks the same adapter by this name (resolved inside its --adapter-dir)
+                meta={"adapter": self.adapter_name} if self.adapter_name else None,
             )
             yield writer.header()
             if self.mode == "lcf":
