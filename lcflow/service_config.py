@@ -41,6 +41,7 @@ class ServiceConfig:
     tls_client_ca: str = ""
     auth_token_file: str = ""
     allow_unauthenticated: bool = False  # receiver only: TLS on, yet no client certificate or token
+    health_port: int = 0  # also serve grpc.health.v1 alone, in plaintext, here (probes without TLS)
     # Sharer only: how it connects to the receiver (lcflow.security.ClientSecurity).
     receiver_tls_ca: str = ""
     receiver_tls_client_cert: str = ""
@@ -116,6 +117,8 @@ HELP = {
     "tls_client_ca": "mutual TLS: require every client to present a certificate signed by this CA (PEM)",
     "auth_token_file": "require 'authorization: Bearer <token>' on every RPC but health; the file holds "
     "the token and is re-read when it changes",
+    "health_port": "also answer grpc.health.v1 (and nothing else) in plaintext on this port, for probes "
+    "that cannot speak TLS such as Kubernetes' grpc probes; 0 = off",
     "allow_unauthenticated": "receiver only: accept TLS clients with neither a client certificate nor a token",
     "receiver_tls_ca": "sharer only: CA (PEM) of the receiver's certificate; turns TLS on towards the receiver",
     "receiver_tls_client_cert": "sharer only: client certificate (PEM) to present to the receiver (mutual TLS)",

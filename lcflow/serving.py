@@ -287,6 +287,7 @@ class RunningServer:
     port: int
     service_name: str
     certificates: CertificateFiles | None = None  # TLS: the watched certificate files
+    health_server: grpc.Server | None = None  # --health-port: health alone, in plaintext
 
     def reload_certificates(self) -> None:
         """SIGHUP: re-read the TLS files at the next handshake (changed files are picked up anyway)."""
@@ -305,6 +306,8 @@ class RunningServer:
         """Refuse new work (health NOT_SERVING, new RPCs rejected) and let in-flight handoffs finish."""
         self.set_serving(False)
         self.server.stop(grace_s).wait()
+        if self.health_server is not None:
+            self.health_server.stop(0).wait()
 
 
 def start_server(
@@ -335,7 +338,9 @@ def start_server(
     if port == 0:
         raise RuntimeError(f"could not listen on {config.address}: is the port already in use?")
     server.start()
-    running = RunningServer(server, health_servicer, port, service_name, certificates)
+    running = RunningServer(
+        server, health_servicer, port, service_name, certificates, health_only_server(config, health_servicer)
+    )
     running.set_serving(False)
     log.info(
         "%s listening on %s:%d, %s (NOT_SERVING until the model is loaded)",
@@ -345,6 +350,25 @@ def start_server(
         security.describe(),
     )
     return running
+
+
+def health_only_server(config: ServiceConfig, health_servicer) -> grpc.Server | None:
+    """--health-port: the same health status, alone and in plaintext on its own port.
+
+    With TLS on, a probe must speak TLS too, and Kubernetes' native grpc probes cannot; this port
+    answers grpc.health.v1 only (every other method is UNIMPLEMENTED there), so opening it in
+    plaintext reveals no more than whether the service is up."""
+    if not config.health_port:
+        return None
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix=f"{config.role}-health")
+    )
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    if server.add_insecure_port(f"{config.host}:{config.health_port}") == 0:
+        raise RuntimeError(f"could not listen on {config.host}:{config.health_port} (--health-port): in use?")
+    server.start()
+    log.info("health alone, in plaintext, on %s:%d", config.host, config.health_port)
+    return server
 
 
 def load_in_background(

@@ -385,3 +385,39 @@ def test_certs_make_writes_a_ca_and_both_certificates(tmp_path, capsys):
     # a second run does not overwrite silently
     assert main(["certs", "make", str(tmp_path / "c")]) == 2
     assert "--force" in capsys.readouterr().err
+    # an init job run again keeps what is there; with --token it also writes a token, owner-only
+    before = (tmp_path / "c" / "ca.pem").read_bytes()
+    assert main(["certs", "make", str(tmp_path / "c"), "--keep-existing", "--force", "--token"]) == 0
+    assert (tmp_path / "c" / "ca.pem").read_bytes() != before  # the token was missing: all made anew
+    token = (tmp_path / "c" / "token").read_text().strip()
+    assert len(token) >= 40 and stat.S_IMODE((tmp_path / "c" / "token").stat().st_mode) == 0o600
+    after = (tmp_path / "c" / "ca.pem").read_bytes()
+    assert main(["certs", "make", str(tmp_path / "c"), "--keep-existing", "--token"]) == 0
+    assert (tmp_path / "c" / "ca.pem").read_bytes() == after and (
+        tmp_path / "c" / "token"
+    ).read_text().strip() == token
+
+
+def test_the_health_port_answers_in_plaintext_and_serves_nothing_else(tiny_pair, adapter_dir, certs):
+    health_port = free_port()
+    running = SecurePair(tiny_pair, adapter_dir, {**mtls(certs), "health_port": health_port}, {})
+    try:
+        plain = grpc.insecure_channel(f"127.0.0.1:{health_port}")
+        reply = health_pb2_grpc.HealthStub(plain).Check(
+            health_pb2.HealthCheckRequest(service="lcflow.v1.Receiver"), timeout=10
+        )
+        assert reply.status == health_pb2.HealthCheckResponse.SERVING
+        request = pb.LatentMessage(request=pb.ReceiverRequest(prompt_text=PROMPT, mode=pb.NONE))
+        with pytest.raises(grpc.RpcError) as err:
+            list(pb_grpc.ReceiverStub(plain).Receive(iter([request]), timeout=10))
+        assert err.value.code() == grpc.StatusCode.UNIMPLEMENTED
+        with pytest.raises(grpc.RpcError) as err:  # the service port itself stays TLS-only
+            health_pb2_grpc.HealthStub(grpc.insecure_channel(running.receiver)).Check(
+                health_pb2.HealthCheckRequest(), timeout=10
+            )
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+        running.receiver_running.set_serving(False)  # one status, both ports
+        reply = health_pb2_grpc.HealthStub(plain).Check(health_pb2.HealthCheckRequest(), timeout=10)
+        assert reply.status == health_pb2.HealthCheckResponse.NOT_SERVING
+    finally:
+        running.stop()

@@ -12,6 +12,8 @@ client certificate serves both the sharer (towards the receiver) and `lcflow han
         --receiver-tls-client-key certs/client-key.pem
     lcflow handoff ... --tls-ca certs/ca.pem
 
+`--token` also writes DIR/token, a random bearer token for --auth-token-file.
+
 Written with the `cryptography` package (ECDSA P-256, SHA-256), never by shelling out to
 openssl. The CA's key stays in DIR/ca-key.pem so more certificates can be signed later; keep
 it out of images and deployments (only ca.pem is needed there).
@@ -51,14 +53,37 @@ def register(subparsers) -> None:
     )
     make.add_argument("--days", type=int, default=365, help="validity of the certificates, in days")
     make.add_argument("--force", action="store_true", help="overwrite certificates already in DIR")
+    make.add_argument(
+        "--keep-existing",
+        action="store_true",
+        help="do nothing when DIR already holds every file (a one-shot init job run again)",
+    )
+    make.add_argument(
+        "--token", action="store_true", help="also write DIR/token, a random bearer token (--auth-token-file)"
+    )
     make.set_defaults(func=run_make)
 
 
 def run_make(args) -> int:
+    wanted = [*FILES, *(["token"] if args.token else [])]
+    if args.keep_existing and all((args.dir / name).is_file() for name in wanted):
+        print(f"{args.dir} already holds {', '.join(wanted)}; kept")
+        return 0
     written = make_certs(args.dir, parse_hosts(args.hosts), days=args.days, force=args.force)
+    if args.token:
+        written.append(make_token(args.dir))
     for path in written:
         print(path)
     return 0
+
+
+def make_token(directory: Path) -> Path:
+    """DIR/token: 256 random bits, URL-safe, owner-only, for --auth-token-file on both sides."""
+    import secrets
+
+    path = Path(directory) / "token"
+    _write(path, (secrets.token_urlsafe(32) + "\n").encode(), private=True)
+    return path
 
 
 def parse_hosts(text: str) -> list[str]:
