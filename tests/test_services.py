@@ -778,3 +778,24 @@ def test_prompts_and_contexts_stay_out_of_logs_and_spans_unless_asked(pair, span
     else:
         assert "Zorblax" not in logged and "Yusra" not in logged and "violet" not in logged
         assert f"prompt {len(SECRET_PROMPT)} chars" in logged
+
+
+def test_a_span_packet_may_carry_fewer_rows_than_slots(pair):
+    """LCF-X span packets (one row per selected sharer position, at most m) pass the shape check
+    with fewer rows; more than m are refused. Marked on the adapter config as the format does."""
+    if pair.mode != "lcfx":
+        pytest.skip("LCF-X only")
+    config = pair.receiver_service.engine.adapter.config
+    config.packet = "spans"
+    try:
+        for rows, expected in ((3, grpc.StatusCode.DATA_LOSS), (5, grpc.StatusCode.INVALID_ARGUMENT)):
+            messages = latent_messages(pair)
+            header = header_of(messages)
+            for i, segment in enumerate(header.segments):
+                set_shape(header, i, (1, rows, segment.tensors[0].shape[2]))
+            # header only: accepted means the stream then ends without its chunks (DATA_LOSS)
+            events, code, details = receive_events(pair, messages[:2])
+            assert code == expected, details
+    finally:
+        del config.packet
+    still_serves(pair)

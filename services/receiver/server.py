@@ -278,8 +278,9 @@ class ReceiverService(pb_grpc.ReceiverServicer):
 
     def _check_header_fits(self, engine: ReceiverEngine, request: pb.ReceiverRequest, header) -> None:
         """Every tensor the header declares must be what this receiver's decoder takes: the
-        adapter's retained layers, each one `latent` [1, rows, b] (rows = its slots for LCF-X, at
-        most --max-context-tokens sharer tokens for LCF), plus LCF's int32 `token_spans` [rows, 2].
+        adapter's retained layers, each one `latent` [1, rows, b] (rows = its m slots for LCF-X, at
+        most m for a span packet, at most --max-context-tokens sharer tokens for LCF), plus LCF's
+        int32 `token_spans` [rows, 2].
 
         The wire format alone bounds the total size; this bounds every shape by what can be
         decoded, so a stream that would only fail inside the decoder (or allocate far more than
@@ -318,7 +319,12 @@ class ReceiverService(pb_grpc.ReceiverServicer):
         rows = rows_seen.pop() if len(rows_seen) == 1 else None
         if rows is None:
             raise invalid(f"the layers declare different numbers of rows {sorted(rows_seen)}; all must agree")
-        if mode == "lcfx" and rows != config.slots:
+        # A slot packet has exactly m rows; a span packet (AdapterConfig.packet "spans", where the
+        # adapter format has it) one per selected sharer position, at most m.
+        if mode == "lcfx" and getattr(config, "packet", "slots") == "spans":
+            if not 0 < rows <= config.slots:
+                raise invalid(f"LCF-X span latents have {rows} rows; this adapter sends 1..{config.slots}")
+        elif mode == "lcfx" and rows != config.slots:
             raise invalid(f"LCF-X latents have {rows} rows but this adapter pools into {config.slots} slots")
         if mode == "lcf":
             if not 0 < rows <= self.config.max_context_tokens:
