@@ -26,6 +26,7 @@ class ServiceConfig:
     device: str = "auto"
     dtype: str = "float32"
     max_concurrent: int = 4
+    max_queue: int = -1  # handoffs waiting for a slot; -1 = 2 per --max-concurrent slot
     reflection: bool = False
     max_context_tokens: int = 4096
     max_prompt_chars: int = 32_768
@@ -54,6 +55,10 @@ class ServiceConfig:
             raise ValueError(f"role must be one of {ROLES}, not {self.role!r}")
         if not self.port:
             self.port = DEFAULT_PORTS[self.role]
+        if self.max_concurrent < 1:
+            raise ValueError(f"--max-concurrent must be at least 1, not {self.max_concurrent}")
+        if self.max_queue < 0:
+            self.max_queue = 2 * self.max_concurrent
         security = self.server_security()  # raises on a half-given TLS setting
         if (
             self.role == "receiver"
@@ -102,7 +107,9 @@ HELP = {
     "port": "port to listen on (default 50051 for the sharer, 50052 for the receiver)",
     "device": "auto (CUDA when present), cpu or cuda",
     "dtype": "model dtype: float32, bfloat16 or float16",
-    "max_concurrent": "handoffs served at once; more get RESOURCE_EXHAUSTED",
+    "max_concurrent": "handoffs served at once; more wait in the queue (--max-queue)",
+    "max_queue": "handoffs that may wait for a slot, each until its own deadline; more get "
+    "RESOURCE_EXHAUSTED with a retry hint. -1: 2 per --max-concurrent slot; 0: no queue",
     "reflection": "enable gRPC server reflection (for grpcurl and similar tools)",
     "max_context_tokens": "longest context or prompt accepted, in tokens; longer ones get INVALID_ARGUMENT",
     "max_prompt_chars": "longest text field accepted, in characters",
@@ -153,7 +160,8 @@ def add_service_flags(parser: argparse.ArgumentParser, role: str) -> None:
             continue
         kind = {"int": int, "float": float, "bool": _parse_bool}.get(str(f.type), str)
         env = env_name(f.name)
-        default = getattr(defaults, f.name)
+        # the field's own default where __post_init__ derives the value (max_queue -1: from the slots)
+        default = f.default if f.name == "max_queue" else getattr(defaults, f.name)
         if env in os.environ:
             default = kind(os.environ[env])
         flag = "--" + f.name.replace("_", "-")

@@ -14,6 +14,7 @@ import logging
 import os
 import signal
 import threading
+import time
 from collections.abc import Callable, Iterator
 from concurrent import futures
 from dataclasses import dataclass
@@ -37,11 +38,12 @@ DEFAULT_MAX_NEW_TOKENS = 64
 
 
 class ServiceError(Exception):
-    """A request that cannot be served, with the gRPC status to answer and a message saying what to do."""
+    """A request that cannot be served, with the gRPC status to answer and a message saying what to do
+    (and trailing metadata to send with it, e.g. a retry hint)."""
 
-    def __init__(self, code: grpc.StatusCode, details: str):
+    def __init__(self, code: grpc.StatusCode, details: str, trailing: tuple = ()):
         super().__init__(details)
-        self.code, self.details = code, details
+        self.code, self.details, self.trailing = code, details, tuple(trailing)
 
 
 def invalid(details: str) -> ServiceError:
@@ -55,11 +57,18 @@ def status_on_error(context: grpc.ServicerContext, what: str) -> Iterator[None]:
         yield
     except (ServiceError, WireError) as err:
         log.warning("%s refused: %s %s", what, err.code.name, err.details)
+        if getattr(err, "trailing", ()):
+            context.set_trailing_metadata(err.trailing)
         context.abort(err.code, err.details)
     except grpc.RpcError as err:  # a downstream call failed: pass its status on, saying where
         code = err.code() if hasattr(err, "code") else grpc.StatusCode.UNKNOWN
         details = err.details() if hasattr(err, "details") else str(err)
         log.warning("%s: downstream failed: %s %s", what, code, details)
+        # the receiver's retry hint holds for the whole handoff: pass it on to our caller
+        trailing = err.trailing_metadata() if hasattr(err, "trailing_metadata") else None
+        hint = [(k, v) for k, v in trailing or () if k == "grpc-retry-pushback-ms"]
+        if hint:
+            context.set_trailing_metadata(hint)
         context.abort(code, f"receiver: {details}")
 
 
@@ -252,29 +261,85 @@ class NamedAdapters:
 
 
 class ConcurrencyLimit:
-    """At most `limit` handoffs at once; the next one is refused at once, not queued."""
+    """At most `limit` handoffs at once; up to `max_queue` more wait for a slot, in arrival order,
+    each no longer than its own deadline (DEADLINE_EXCEEDED) or its client (CANCELLED); past that,
+    RESOURCE_EXHAUSTED at once, with a retry hint (`grpc-retry-pushback-ms`) that gRPC's retry
+    policy honours.
 
-    def __init__(self, limit: int):
-        self.limit = limit
-        self._slots = threading.BoundedSemaphore(limit)
+    Why a queue: a burst of requests a little larger than the slots should be served a little
+    later, not refused; why bounded: beyond a few per slot the wait outlasts any sensible
+    deadline, and each waiting call holds a server thread and its request's memory."""
+
+    def __init__(self, limit: int, max_queue: int = 0):
+        self.limit, self.max_queue = limit, max_queue
+        self._cond = threading.Condition()
+        self._waiting: collections.deque = collections.deque()
         self.in_flight = 0
-        self._lock = threading.Lock()
+        self._hold_s = 1.0  # moving average of how long a slot is held, for the retry hint
+
+    @property
+    def queued(self) -> int:
+        return len(self._waiting)
+
+    def retry_hint_ms(self) -> int:
+        """Roughly when a slot should be free for one more request: the queue ahead of it times
+        the average hold, spread over the slots; within 50 ms .. 10 s."""
+        estimate = self._hold_s * (len(self._waiting) + 1) / self.limit * 1000
+        return int(min(10_000, max(50, estimate)))
 
     @contextlib.contextmanager
-    def slot(self) -> Iterator[None]:
-        if not self._slots.acquire(blocking=False):
+    def slot(self, context: grpc.ServicerContext | None = None) -> Iterator[float]:
+        """Hold a slot for the `with` block; yields the milliseconds spent queued for it."""
+        queued_at = time.perf_counter()
+        with self._cond:
+            if self.in_flight >= self.limit or self._waiting:
+                self._wait_in_queue(context)
+            self.in_flight += 1
+        waited_ms = (time.perf_counter() - queued_at) * 1000
+        started = time.perf_counter()
+        try:
+            yield waited_ms
+        finally:
+            with self._cond:
+                self.in_flight -= 1
+                self._hold_s = 0.8 * self._hold_s + 0.2 * (time.perf_counter() - started)
+                self._cond.notify_all()
+
+    def _wait_in_queue(self, context) -> None:
+        """With the lock held: queue up, and return once first in line with a slot free."""
+        if len(self._waiting) >= self.max_queue:
+            hint = self.retry_hint_ms()
             raise ServiceError(
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
-                f"{self.limit} handoffs are already in flight (the limit); retry shortly or raise --max-concurrent",
+                f"{self.limit} handoffs are in flight and {len(self._waiting)} waiting (the limits); "
+                f"retry in about {hint} ms, or raise --max-concurrent / --max-queue",
+                trailing=(("grpc-retry-pushback-ms", str(hint)),),
             )
-        with self._lock:
-            self.in_flight += 1
+        ticket = object()
+        self._waiting.append(ticket)
         try:
-            yield
+            while self._waiting[0] is not ticket or self.in_flight >= self.limit:
+                remaining = context.time_remaining() if context is not None else None
+                if context is not None and not context.is_active():
+                    raise ServiceError(grpc.StatusCode.CANCELLED, "the client went away while queued")
+                if remaining is not None and remaining <= 0:
+                    raise ServiceError(
+                        grpc.StatusCode.DEADLINE_EXCEEDED,
+                        f"the deadline passed while queued for a slot ({self.limit} handoffs in flight); "
+                        "retry later, give a longer deadline, or raise --max-concurrent",
+                    )
+                # woken when a slot frees; the timeout only bounds how late a deadline is noticed
+                self._cond.wait(timeout=0.1 if remaining is None else min(remaining, 0.1))
         finally:
-            with self._lock:
-                self.in_flight -= 1
-            self._slots.release()
+            self._waiting.remove(ticket)
+            self._cond.notify_all()  # the next in line may go now (or a slot is still free)
+
+
+def queue_span(tracer, name: str, queued_at_ns: int, queue_ms: float) -> None:
+    """The wait for a slot as its own span (recorded once it is over), so traces show queueing."""
+    span = tracer.start_span(name, start_time=queued_at_ns)
+    span.set_attribute("lcflow.queue_ms", queue_ms)
+    span.end(end_time=queued_at_ns + int(queue_ms * 1e6))
 
 
 # --- server -----------------------------------------------------------------------------------
@@ -320,7 +385,11 @@ def start_server(
     listening in plaintext or TLS and checking a bearer token as the config says (lcflow.security)."""
     security = config.server_security()
     server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=2 * config.max_concurrent + 4, thread_name_prefix=config.role),
+        # One thread per admitted or queued call (each waits in its own handler), plus spares for
+        # sessions, health and refusals.
+        futures.ThreadPoolExecutor(
+            max_workers=config.max_concurrent + config.max_queue + 4, thread_name_prefix=config.role
+        ),
         # The token check is outermost: a call without it is refused before tracing or the handler.
         interceptors=[*security.interceptors(), server_interceptor(tracer_provider=tracer_provider)],
         options=[("grpc.so_reuseport", 0)],

@@ -450,23 +450,148 @@ def test_client_cancellation_stops_the_receiver(pair):
     still_serves(pair)
 
 
-def test_concurrency_bound_gives_resource_exhausted(tiny_pair, tmp_path_factory, spans):
+def pushback_ms(err: grpc.RpcError) -> int | None:
+    hint = dict(err.trailing_metadata() or ()).get("grpc-retry-pushback-ms")
+    return int(hint) if hint is not None else None
+
+
+def test_without_a_queue_the_bound_gives_resource_exhausted_with_a_retry_hint(
+    tiny_pair, tmp_path_factory, spans
+):
     bounded = Pair(
-        tiny_pair, make_adapter_dir(tiny_pair, tmp_path_factory, "lcfx"), "lcfx", spans, max_concurrent=1
+        tiny_pair,
+        make_adapter_dir(tiny_pair, tmp_path_factory, "lcfx"),
+        "lcfx",
+        spans,
+        max_concurrent=1,
+        max_queue=0,
     )
+    client = HandoffClient(f"127.0.0.1:{bounded.sharer_port}", timeout_s=30, retries=0)
     try:
         # Hold the one slot as an in-flight handoff would (deterministic: a real one may finish
         # before the second request arrives, since a tiny model can stop at EOS at any time).
         with bounded.sharer_service.limit.slot():
             with pytest.raises(grpc.RpcError) as err:
-                bounded.client.handoff(PROMPT, context=CONTEXT, max_new_tokens=2)
+                client.handoff(PROMPT, context=CONTEXT, max_new_tokens=2)
         assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-        assert "--max-concurrent" in err.value.details()
-        assert bounded.client.handoff(PROMPT, context=CONTEXT, max_new_tokens=2).summary.timings.total > 0
-        with bounded.receiver_service.limit.slot():  # the receiver has its own bound
+        assert "--max-concurrent" in err.value.details() and "--max-queue" in err.value.details()
+        assert 50 <= pushback_ms(err.value) <= 10_000
+        assert client.handoff(PROMPT, context=CONTEXT, max_new_tokens=2).summary.timings.total > 0
+        with bounded.receiver_service.limit.slot():  # the receiver has its own bound, and its hint travels
             with pytest.raises(grpc.RpcError) as err:
-                bounded.client.handoff(PROMPT, context=CONTEXT, max_new_tokens=2)
+                client.handoff(PROMPT, context=CONTEXT, max_new_tokens=2)
         assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert err.value.details().startswith("receiver:") and pushback_ms(err.value) is not None
+    finally:
+        client.close()
+        bounded.stop()
+
+
+@pytest.fixture
+def queued(tiny_pair, tmp_path_factory, spans):
+    """One slot and a queue of two on each service."""
+    running = Pair(
+        tiny_pair,
+        make_adapter_dir(tiny_pair, tmp_path_factory, "lcfx"),
+        "lcfx",
+        spans,
+        max_concurrent=1,
+        max_queue=2,
+    )
+    yield running
+    running.stop()
+
+
+def hold_slot(limit, seconds: float):
+    """Hold one of `limit`'s slots from another thread for `seconds`; returns (thread, held event)."""
+    import threading
+    import time
+
+    held = threading.Event()
+
+    def hold():
+        with limit.slot():
+            held.set()
+            time.sleep(seconds)
+
+    thread = threading.Thread(target=hold)
+    thread.start()
+    assert held.wait(10)
+    return thread
+
+
+def test_a_burst_waits_in_the_queue_and_is_served(queued, spans):
+    spans.clear()
+    holder = hold_slot(queued.sharer_service.limit, 0.6)
+    client = HandoffClient(f"127.0.0.1:{queued.sharer_port}", timeout_s=30, retries=0)
+    result = client.handoff(PROMPT, context=CONTEXT, max_new_tokens=2)  # waits, then runs
+    holder.join()
+    t = result.summary.timings
+    assert t.HasField("queue") and t.queue >= 300  # it waited for the held slot, and says so
+    assert t.time_to_first_token >= t.queue and t.total >= t.queue
+    names = {s.name for s in spans.get_finished_spans()}
+    assert {"sharer.queue", "receiver.queue"} <= names
+    fresh = client.handoff(PROMPT, context=CONTEXT, max_new_tokens=2)  # nothing to wait for
+    assert fresh.summary.timings.HasField("queue") and fresh.summary.timings.queue < 100
+    client.close()
+
+
+def test_a_full_queue_is_refused_at_once_and_the_queued_are_served(queued):
+    from concurrent.futures import ThreadPoolExecutor
+
+    limit = queued.sharer_service.limit
+    holder = hold_slot(limit, 1.5)
+    client = HandoffClient(f"127.0.0.1:{queued.sharer_port}", timeout_s=30, retries=0)
+    with ThreadPoolExecutor(2) as pool:
+        waiting = [pool.submit(client.handoff, PROMPT, context=CONTEXT, max_new_tokens=2) for _ in range(2)]
+        assert wait_until(lambda: limit.queued == 2, 10)
+        with pytest.raises(grpc.RpcError) as err:
+            client.handoff(PROMPT, context=CONTEXT, max_new_tokens=2)
+        assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and pushback_ms(err.value) >= 50
+        results = [future.result(timeout=60) for future in waiting]
+    holder.join()
+    assert all(r.summary.timings.queue > 0 for r in results)
+    assert limit.queued == 0 and limit.in_flight == 0
+    client.close()
+
+
+def test_a_deadline_ends_the_wait_in_the_queue(queued):
+    limit = queued.sharer_service.limit
+    holder = hold_slot(limit, 1.5)
+    client = HandoffClient(f"127.0.0.1:{queued.sharer_port}", timeout_s=0.4, retries=0)
+    with pytest.raises(grpc.RpcError) as err:
+        client.handoff(PROMPT, context=CONTEXT, max_new_tokens=2)
+    assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert wait_until(lambda: limit.queued == 0, 5)  # its place in the queue is given up
+    holder.join()
+    client.close()
+
+
+def test_the_client_retries_a_full_queue_with_grpc_retries(tiny_pair, tmp_path_factory, spans):
+    import time
+
+    bounded = Pair(
+        tiny_pair,
+        make_adapter_dir(tiny_pair, tmp_path_factory, "lcfx"),
+        "lcfx",
+        spans,
+        max_concurrent=1,
+        max_queue=0,
+    )
+    try:
+        holder = hold_slot(bounded.sharer_service.limit, 0.5)
+        started = time.monotonic()
+        for retries, expected in ((0, grpc.StatusCode.RESOURCE_EXHAUSTED), (3, grpc.StatusCode.OK)):
+            client = HandoffClient(f"127.0.0.1:{bounded.sharer_port}", timeout_s=30, retries=retries)
+            try:
+                client.handoff(PROMPT, context=CONTEXT, max_new_tokens=2)
+                code = grpc.StatusCode.OK
+            except grpc.RpcError as err:
+                code = err.code()
+            client.close()
+            assert code == expected, retries
+        assert time.monotonic() - started >= 0.3  # the retried call got through after the slot freed
+        holder.join()
     finally:
         bounded.stop()
 

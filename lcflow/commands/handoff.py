@@ -37,6 +37,12 @@ def register(subparsers) -> None:
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold")
     p.add_argument("--seed", type=int, default=None, help="sampling seed")
     p.add_argument("--timeout", type=float, default=300.0, help="deadline for the whole handoff, seconds")
+    p.add_argument(
+        "--retries",
+        type=int,
+        default=3,
+        help="retries (by gRPC, with backoff) when the sharer is UNAVAILABLE or its queue is full (at most 4)",
+    )
     add_client_security_flags(p)
     p.set_defaults(func=run)
 
@@ -50,7 +56,9 @@ def run(args) -> int:
     context = read_context(args.context_file) if args.context_file else (args.context or "")
     security = client_security_from_args(args)
     provider = make_tracer_provider("lcflow-client")
-    client = HandoffClient(args.sharer, provider, timeout_s=args.timeout, security=security)
+    client = HandoffClient(
+        args.sharer, provider, timeout_s=args.timeout, security=security, retries=args.retries
+    )
     summary = None
     try:
         for event in client.stream(

@@ -40,6 +40,7 @@ from lcflow.serving import (
     load_adapter_half,
     load_model_for,
     prompt_of,
+    queue_span,
     require_adapter,
     serve_service,
     status_on_error,
@@ -91,7 +92,7 @@ class ReceiverService(pb_grpc.ReceiverServicer):
         self.config = config
         self.tracer = tracer_provider.get_tracer("lcflow.receiver")
         self.engine = engine
-        self.limit = ConcurrencyLimit(config.max_concurrent)
+        self.limit = ConcurrencyLimit(config.max_concurrent, config.max_queue)
         self.wire_limits = WireLimits()
         self.cancelled_generations = 0  # generations stopped early (client gone, deadline passed)
         self.adapters = NamedAdapters(config.adapter_dir, config.adapter, self._engine_with)
@@ -113,13 +114,15 @@ class ReceiverService(pb_grpc.ReceiverServicer):
     def Receive(self, request_iterator, context):
         with status_on_error(context, "Receive"):
             engine = self.ready()
-            with self.limit.slot():
-                yield from self._receive(engine, request_iterator, context)
+            started = time.perf_counter()
+            queued_at = time.time_ns()
+            with self.limit.slot(context) as queue_ms:
+                queue_span(self.tracer, "receiver.queue", queued_at, queue_ms)
+                yield from self._receive(engine, request_iterator, context, started, queue_ms)
 
     # --- one handoff --------------------------------------------------------------------------
 
-    def _receive(self, engine: ReceiverEngine, messages, context):
-        started = time.perf_counter()
+    def _receive(self, engine: ReceiverEngine, messages, context, started, queue_ms):
         request = self._read_request(messages)
         mode = MODE_FROM_PROTO[request.mode]
         prompt = check_text("prompt", prompt_of(request), self.config)
@@ -127,7 +130,7 @@ class ReceiverService(pb_grpc.ReceiverServicer):
             "receiver_context", request.receiver_context, self.config, required=False
         )
         settings = generation_settings(request.generation)
-        timings: dict[str, float] = {}
+        timings: dict[str, float] = {"queue": queue_ms}
         latents, stats = None, WireStats()
         if mode in ("lcf", "lcfx"):
             if mode == "lcf":

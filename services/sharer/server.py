@@ -42,6 +42,7 @@ from lcflow.serving import (
     load_model_for,
     messages_text,
     prompt_of,
+    queue_span,
     require_adapter,
     serve_service,
     status_on_error,
@@ -90,7 +91,7 @@ class SharerService(pb_grpc.SharerServicer):
         self.config = config
         self.tracer = tracer_provider.get_tracer("lcflow.sharer")
         self.engine = engine
-        self.limit = ConcurrencyLimit(config.max_concurrent)
+        self.limit = ConcurrencyLimit(config.max_concurrent, config.max_queue)
         self.sessions = SessionStore(config.session_memory_mb << 20, config.session_ttl_s)
         self.codec = CodecConfig(level=config.zstd_level)
         self.adapters = NamedAdapters(config.adapter_dir, config.adapter, self._engine_with)
@@ -126,7 +127,7 @@ class SharerService(pb_grpc.SharerServicer):
                 request.context_text if which == "context_text" else messages_text(request.context_messages)
             )
             context_text = check_text("context", text, self.config)
-            with self.limit.slot(), torch.inference_mode():
+            with self.limit.slot(context), torch.inference_mode():
                 prefilled = self._prefill(engine, context_text)
             try:
                 session = self.sessions.put(prefilled, request.session_id, float(request.ttl_seconds))
@@ -146,11 +147,13 @@ class SharerService(pb_grpc.SharerServicer):
     def Handoff(self, request, context):
         with status_on_error(context, "Handoff"):
             engine = self.ready()
-            with self.limit.slot():
-                yield from self._handoff(engine, request, context)
+            started = time.perf_counter()  # TTFT and total as the client sees them: queueing included
+            queued_at = time.time_ns()
+            with self.limit.slot(context) as queue_ms:
+                queue_span(self.tracer, "sharer.queue", queued_at, queue_ms)
+                yield from self._handoff(engine, request, context, started, queue_ms)
 
-    def _handoff(self, engine: SharerEngine, request: pb.HandoffRequest, context):
-        started = time.perf_counter()
+    def _handoff(self, engine: SharerEngine, request: pb.HandoffRequest, context, started, queue_ms):
         mode = MODE_FROM_PROTO.get(request.mode)
         if mode is None:
             raise invalid("mode is unset: choose LCF, LCF_X, TEXT or NONE")
@@ -159,7 +162,7 @@ class SharerService(pb_grpc.SharerServicer):
             "receiver_context", request.receiver_context, self.config, required=False
         )
         generation_settings(request.generation)  # refuse bad settings before any work
-        timings: dict[str, float] = {}
+        timings: dict[str, float] = {"queue": queue_ms}  # plus the receiver's, in _final_summary
         shared, context_text = None, ""
         if mode in ("lcf", "lcfx"):
             engine = self.adapters.get(request.adapter, engine)  # the named adapter, if any
@@ -243,6 +246,7 @@ class SharerService(pb_grpc.SharerServicer):
         merged.CopyFrom(summary)
         for name, value in timings.items():
             setattr(merged.timings, name, value)
+        merged.timings.queue = timings["queue"] + summary.timings.queue  # waited on both services
         if stream.mode in ("lcf", "lcfx"):
             merged.timings.encode, merged.timings.pack = stream.encode_ms, stream.pack_ms
             # The receiver timed the whole latent window (header to trailer); the part not spent
