@@ -924,3 +924,17 @@ def test_a_span_packet_may_carry_fewer_rows_than_slots(pair):
     finally:
         del config.packet
     still_serves(pair)
+
+
+def test_a_client_that_cancels_while_queued_gives_up_its_place(queued):
+    limit = queued.sharer_service.limit
+    holder = hold_slot(limit, 1.5)
+    call = queued.sharer_stub.Handoff(
+        queued.client.request(PROMPT, context=CONTEXT, max_new_tokens=2), timeout=30
+    )
+    assert wait_until(lambda: limit.queued == 1, 10)
+    call.cancel()
+    assert wait_until(lambda: limit.queued == 0, 5)  # left the queue without waiting for the slot
+    assert limit.in_flight == 1  # only the holder
+    holder.join()
+    assert queued.client.handoff(PROMPT, context=CONTEXT, max_new_tokens=2).summary.timings.total > 0
