@@ -47,7 +47,7 @@ from lcflow.serving import (
 )
 from lcflow.streaming import GenerationStream
 from lcflow.telemetry import current_trace_id
-from lcflow.transport import MODE_FROM_PROTO, PacketAssembler, WireLimits, WireStats
+from lcflow.transport import MODE_FROM_PROTO, PacketAssembler, WireLimits, WireStats, mode_name
 
 log = logging.getLogger(__name__)
 
@@ -140,7 +140,7 @@ class ReceiverService(pb_grpc.ReceiverServicer):
         else:
             if mode == "text":
                 check_text("text_message", request.text_message, self.config, required=False)  # may be empty
-            self._expect_end(messages, f"a {pb.Mode.Name(request.mode)} ReceiverRequest")
+            self._expect_end(messages, f"a {mode_name(request.mode)} ReceiverRequest")
         with torch.inference_mode():
             prepared = self._prepare(engine, mode, prompt, receiver_context, request, latents)
         timings.update(prepared.timings_ms)
@@ -170,7 +170,7 @@ class ReceiverService(pb_grpc.ReceiverServicer):
         texts.update({"message": request.text_message} if mode == "text" else {})
         log.info(
             "answered %s in %.0f ms: %s",
-            pb.Mode.Name(request.mode),
+            mode_name(request.mode),
             timings["total"],
             describe_texts(self.config, **texts, answer=result.text),
         )
@@ -220,7 +220,7 @@ class ReceiverService(pb_grpc.ReceiverServicer):
         if first is None or first.WhichOneof("message") != "header":
             kind = "the end of the stream" if first is None else f"a {first.WhichOneof('message')} message"
             raise invalid(
-                f"after an {pb.Mode.Name(request.mode)} ReceiverRequest a latent stream must send its "
+                f"after an {mode_name(request.mode)} ReceiverRequest a latent stream must send its "
                 f"LatentHeader, not {kind}"
             )
         header = first.header
@@ -292,8 +292,8 @@ class ReceiverService(pb_grpc.ReceiverServicer):
         mode = MODE_FROM_PROTO[request.mode]
         if header.mode != request.mode:
             raise invalid(
-                f"the header is for {pb.Mode.Name(header.mode)} but the request asked for "
-                f"{pb.Mode.Name(request.mode)}; one stream carries one mode"
+                f"the header is for {mode_name(header.mode)} but the request asked for "
+                f"{mode_name(request.mode)}; one stream carries one mode"
             )
         layers = [s.layer for s in header.segments if s.HasField("layer")]
         if sorted(layers) != sorted(config.retained_layers):
