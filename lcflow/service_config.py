@@ -42,6 +42,7 @@ class ServiceConfig:
     tls_client_ca: str = ""
     auth_token_file: str = ""
     allow_unauthenticated: bool = False  # receiver only: TLS on, yet no client certificate or token
+    keepalive_s: float = 10.0  # HTTP/2 pings on busy connections: a dead peer or link found in ~1.5x this
     health_port: int = 0  # also serve grpc.health.v1 alone, in plaintext, here (probes without TLS)
     # Sharer only: how it connects to the receiver (lcflow.security.ClientSecurity).
     receiver_tls_ca: str = ""
@@ -124,6 +125,8 @@ HELP = {
     "tls_client_ca": "mutual TLS: require every client to present a certificate signed by this CA (PEM)",
     "auth_token_file": "require 'authorization: Bearer <token>' on every RPC but health; the file holds "
     "the token and is re-read when it changes",
+    "keepalive_s": "HTTP/2 keepalive ping interval on connections with calls in flight: a peer that died or "
+    "a link that was cut is noticed within ~1.5x this, not only at the deadline",
     "health_port": "also answer grpc.health.v1 (and nothing else) in plaintext on this port, for probes "
     "that cannot speak TLS such as Kubernetes' grpc probes; 0 = off",
     "allow_unauthenticated": "receiver only: accept TLS clients with neither a client certificate nor a token",

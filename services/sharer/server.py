@@ -38,6 +38,7 @@ from lcflow.serving import (
     describe_texts,
     generation_settings,
     invalid,
+    keepalive_options,
     load_adapter_half,
     load_model_for,
     messages_text,
@@ -97,7 +98,15 @@ class SharerService(pb_grpc.SharerServicer):
         self.adapters = NamedAdapters(config.adapter_dir, config.adapter, self._engine_with)
         # TLS and a token towards the receiver as --receiver-tls-* / --receiver-auth-token-file say.
         channel = receiver_channel or config.receiver_security().channel(
-            config.receiver, options=[("grpc.lb_policy_name", "round_robin")]
+            config.receiver,
+            options=[
+                ("grpc.lb_policy_name", "round_robin"),
+                *keepalive_options(config, server=False),
+                # A restarted receiver is found again within seconds, not after gRPC's default
+                # reconnect backoff of up to 2 minutes.
+                ("grpc.initial_reconnect_backoff_ms", 500),
+                ("grpc.max_reconnect_backoff_ms", 5000),
+            ],
         )
         # The interceptor puts this span's W3C trace context into the call's metadata.
         self.channel = intercept_channel(channel, client_interceptor(tracer_provider=tracer_provider))
