@@ -81,6 +81,15 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"lcflow {args.command}: {err}", file=sys.stderr)
         return 2
+    except Exception as err:
+        # A failed RPC (service down, TLS refused, no token) is the service's answer, not a bug here:
+        # its status and details say what happened; --debug shows where.
+        import grpc
+
+        if args.debug or not isinstance(err, grpc.RpcError) or not hasattr(err, "code"):
+            raise
+        print(f"lcflow {args.command}: the call failed: {err.code().name}: {err.details()}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

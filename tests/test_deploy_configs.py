@@ -47,7 +47,22 @@ CONTRACT_ENV = {
     "LCFLOW_MAX_CONCURRENT",
     "LCFLOW_REFLECTION",
     "LCFLOW_MODEL_CACHE",
+    # TLS, mutual TLS and the bearer token (lcflow.security), and the plaintext health port
+    "LCFLOW_TLS_CERT",
+    "LCFLOW_TLS_KEY",
+    "LCFLOW_TLS_CLIENT_CA",
+    "LCFLOW_AUTH_TOKEN_FILE",
+    "LCFLOW_HEALTH_PORT",
+    "LCFLOW_RECEIVER_TLS_CA",
+    "LCFLOW_RECEIVER_TLS_CLIENT_CERT",
+    "LCFLOW_RECEIVER_TLS_CLIENT_KEY",
+    "LCFLOW_RECEIVER_AUTH_TOKEN_FILE",
+    # client side (lcflow handoff, lcflow demo --sharer)
+    "LCFLOW_TLS_CA",
+    "LCFLOW_TLS_CLIENT_CERT",
+    "LCFLOW_TLS_CLIENT_KEY",
 }
+CLIENT_ONLY_ENV = {"LCFLOW_TLS_CA", "LCFLOW_TLS_CLIENT_CERT", "LCFLOW_TLS_CLIENT_KEY"}
 PORTS = {"sharer": 50051, "receiver": 50052}
 DEVICES = {"auto", "cpu", "cuda"}
 DTYPES = {"float32", "bfloat16", "float16"}
@@ -77,8 +92,13 @@ def test_contract_env_names_match_the_service_config():
     """The LCFLOW_* names the configs use are the ones lcflow.service_config actually reads."""
     service_config = pytest.importorskip("lcflow.service_config")
     read = {service_config.env_name(f.name) for f in fields(service_config.ServiceConfig) if f.name != "role"}
-    missing = (CONTRACT_ENV - {"LCFLOW_MODEL_CACHE"}) - read
+    missing = (CONTRACT_ENV - {"LCFLOW_MODEL_CACHE"} - CLIENT_ONLY_ENV) - read
     assert not missing, f"the service config no longer reads {sorted(missing)}"
+    security = pytest.importorskip("lcflow.security")
+    client_read = {env for env, _ in security.CLIENT_FLAGS.values()}
+    assert CLIENT_ONLY_ENV <= client_read, (
+        f"the client flags no longer read {sorted(CLIENT_ONLY_ENV - client_read)}"
+    )
     assert service_config.DEFAULT_PORTS == PORTS
 
 
@@ -300,8 +320,10 @@ def test_healthcheck_follows_the_serving_status(health_server):
     servicer.set("", response.SERVING)
     ready = _healthcheck("--port", str(port))
     assert ready.returncode == 0 and "SERVING" in ready.stdout
-    # The port can come from LCFLOW_PORT, as the image's default HEALTHCHECK relies on.
+    # The port can come from LCFLOW_PORT, as the image's default HEALTHCHECK relies on, and
+    # LCFLOW_HEALTH_PORT (the plaintext health port of a TLS service) wins over it.
     assert _healthcheck(env={"LCFLOW_PORT": str(port)}).returncode == 0
+    assert _healthcheck(env={"LCFLOW_HEALTH_PORT": str(port), "LCFLOW_PORT": "1"}).returncode == 0
     # A service name the server does not know is not healthy.
     assert _healthcheck("--port", str(port), "--service", "no.such.Service").returncode == 1
 
@@ -338,10 +360,11 @@ def _env(service: dict) -> dict:
 
 def test_compose_services_and_order(compose):
     services = compose["services"]
-    assert set(services) == {"models", "sharer", "receiver", "jaeger", "demo"}
+    assert set(services) == {"models", "certs", "sharer", "receiver", "jaeger", "demo"}
     for role in ("sharer", "receiver"):
         assert services[role]["command"] == ["serve", role]
         assert services[role]["depends_on"]["models"]["condition"] == "service_completed_successfully"
+        assert services[role]["depends_on"]["certs"]["condition"] == "service_completed_successfully"
     models_cmd = " ".join(services["models"]["entrypoint"] + services["models"]["command"])
     for name in DEMO_MODELS.values():
         assert f"lcflow models pull {name}" in models_cmd
@@ -352,6 +375,49 @@ def test_compose_services_and_order(compose):
         "receiver": "service_healthy",
     }
     assert services["demo"].get("restart") == "no" and services["models"].get("restart") == "no"
+    assert services["certs"].get("restart") == "no"
+
+
+def test_compose_wires_mutual_tls_and_the_token(compose):
+    """Both hops over mutual TLS with the token, from what the one-shot `certs` service makes."""
+    from lcflow.commands.certs import FILES
+
+    services = compose["services"]
+    certs = services["certs"]
+    command = certs["command"]
+    assert (
+        command[:3] == ["certs", "make", "/certs"] and "--token" in command and "--keep-existing" in command
+    )
+    hosts = command[command.index("--hosts") + 1].split(",")
+    assert {"sharer", "receiver", "localhost"} <= set(hosts)  # every name a client dials
+    assert "certs:/certs" in certs["volumes"] and "certs" in compose["volumes"]
+    made = {f"/certs/{name}" for name in (*FILES, "token")}
+    for role in ("sharer", "receiver"):
+        env = _env(services[role])
+        assert "certs:/certs:ro" in services[role]["volumes"]
+        server = {
+            env[k]
+            for k in ("LCFLOW_TLS_CERT", "LCFLOW_TLS_KEY", "LCFLOW_TLS_CLIENT_CA", "LCFLOW_AUTH_TOKEN_FILE")
+        }
+        assert server <= made, server - made
+        assert env["LCFLOW_TLS_CLIENT_CA"] == "/certs/ca.pem"  # client certificates required
+    sharer = _env(services["sharer"])
+    assert sharer["LCFLOW_RECEIVER"].split(":")[0] in hosts
+    client = {
+        sharer[f"LCFLOW_RECEIVER_{k}"]
+        for k in ("TLS_CA", "TLS_CLIENT_CERT", "TLS_CLIENT_KEY", "AUTH_TOKEN_FILE")
+    }
+    assert client == {"/certs/ca.pem", "/certs/client.pem", "/certs/client-key.pem", "/certs/token"}
+    demo = _env(services["demo"])
+    assert {demo[k] for k in ("LCFLOW_TLS_CA", "LCFLOW_TLS_CLIENT_CERT", "LCFLOW_TLS_CLIENT_KEY")} == {
+        "/certs/ca.pem",
+        "/certs/client.pem",
+        "/certs/client-key.pem",
+    }
+    assert (
+        demo["LCFLOW_AUTH_TOKEN_FILE"] == "/certs/token" and "certs:/certs:ro" in services["demo"]["volumes"]
+    )
+    assert services["demo"]["command"][2].split(":")[0] in hosts
 
 
 def test_compose_services_are_configured_by_environment(compose):
@@ -376,9 +442,11 @@ def test_compose_health_checks_use_the_grpc_health_service(compose):
         check = services[role]["healthcheck"]
         test = check["test"]
         assert test[0] == "CMD" and "/opt/lcflow/healthcheck.py" in test
-        assert test[test.index("--port") + 1] == _env(services[role])["LCFLOW_PORT"]
+        # the plaintext health-only port: the service port itself speaks only TLS
+        env = _env(services[role])
+        assert test[test.index("--port") + 1] == env["LCFLOW_HEALTH_PORT"] != env["LCFLOW_PORT"]
         assert _seconds(check["start_period"]) >= 300, "model loading on CPU needs a long start period"
-    for one_shot in ("models", "demo"):
+    for one_shot in ("models", "certs", "demo"):
         assert services[one_shot]["healthcheck"] == {"disable": True}
 
 

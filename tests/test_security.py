@@ -421,3 +421,23 @@ def test_the_health_port_answers_in_plaintext_and_serves_nothing_else(tiny_pair,
         assert reply.status == health_pb2.HealthCheckResponse.NOT_SERVING
     finally:
         running.stop()
+
+
+def test_the_demo_client_runs_against_mtls_services(mtls_pair, certs, capsys, monkeypatch):
+    """As compose's `demo` service runs it: `lcflow demo --sharer` with the client settings in LCFLOW_*."""
+    from lcflow.cli import main
+
+    monkeypatch.setenv("OTEL_TRACES_EXPORTER", "none")
+    monkeypatch.setenv("LCFLOW_TLS_CA", str(certs / "ca.pem"))
+    monkeypatch.setenv("LCFLOW_TLS_CLIENT_CERT", str(certs / "client.pem"))
+    monkeypatch.setenv("LCFLOW_TLS_CLIENT_KEY", str(certs / "client-key.pem"))
+    assert main(["demo", "--sharer", mtls_pair.sharer, "--n", "1", "--max-new-tokens", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "TEXT:" in out and "LCFX:" in out
+    # without them the same client is refused by the TLS sharer
+    monkeypatch.delenv("LCFLOW_TLS_CA")
+    monkeypatch.delenv("LCFLOW_TLS_CLIENT_CERT")
+    monkeypatch.delenv("LCFLOW_TLS_CLIENT_KEY")
+    assert main(["demo", "--sharer", mtls_pair.sharer, "--n", "1", "--max-new-tokens", "2"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("lcflow demo: the call failed: UNAVAILABLE") and "\n" not in err  # no traceback
