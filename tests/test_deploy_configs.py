@@ -590,9 +590,13 @@ def test_k8s_deployments_run_on_gpu_nodes_with_grpc_probes(k8s_objects):
         container = pod["containers"][0]
         assert container["args"] == ["serve", role]
         port = PORTS[role]
-        assert [p["containerPort"] for p in container["ports"]] == [port]
+        env = _role_env(k8s_objects, deployment)
+        health_port = int(env["LCFLOW_HEALTH_PORT"])  # plaintext health: the service port is TLS-only
+        assert [p["containerPort"] for p in container["ports"]] == [port, health_port]
         for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
-            assert container[probe]["grpc"]["port"] == port, f"{role} {probe} must be a gRPC probe on {port}"
+            assert container[probe]["grpc"]["port"] == health_port, (
+                f"{role} {probe} must be a gRPC probe on the health port {health_port}"
+            )
         startup = container["startupProbe"]
         assert startup["periodSeconds"] * startup["failureThreshold"] >= 300, "model load needs >= 5 min"
         assert int(container["resources"]["limits"]["nvidia.com/gpu"]) == 1
@@ -601,7 +605,6 @@ def test_k8s_deployments_run_on_gpu_nodes_with_grpc_probes(k8s_objects):
         assert pod["nodeSelector"], "GPU deployments need a GPU node selector"
         assert any(t["key"] == "nvidia.com/gpu" for t in pod["tolerations"])
         assert pod["terminationGracePeriodSeconds"] > 30
-        env = _role_env(k8s_objects, deployment)
         assert env["LCFLOW_PORT"] == str(port)
         assert env["LCFLOW_MODEL"] == DEMO_MODELS[role]
         assert env["LCFLOW_ADAPTER"] == DEMO_ADAPTER_IN_IMAGE
@@ -631,8 +634,11 @@ def test_k8s_model_cache_and_tls_volumes(k8s_objects):
     assert "ReadWriteMany" in pvcs["lcflow-models"]["spec"]["accessModes"], (
         "sharer and receivers share it across nodes"
     )
+    from lcflow.commands.certs import FILES
+
     tls = secrets["lcflow-tls"]
-    assert tls["type"] == "kubernetes.io/tls" and {"tls.crt", "tls.key"} <= set(tls["data"])
+    # what `lcflow certs make --token` writes, without the CA's own key
+    assert tls["type"] == "Opaque" and set(tls["data"]) == {*FILES, "token"} - {"ca-key.pem"}
     assert all(v == "" for v in tls["data"].values()), "the committed TLS Secret must stay a placeholder"
     for deployment in _by_kind(k8s_objects, "Deployment").values():
         pod = deployment["spec"]["template"]["spec"]
@@ -644,7 +650,21 @@ def test_k8s_model_cache_and_tls_volumes(k8s_objects):
                 assert v["secret"]["secretName"] in secrets
         mounts = {m["mountPath"]: m for m in pod["containers"][0]["volumeMounts"]}
         assert "persistentVolumeClaim" in volumes[mounts["/models"]["name"]]
-        assert "secret" in volumes[mounts["/etc/lcflow/tls"]["name"]]
+        tls_volume = volumes[mounts["/etc/lcflow/tls"]["name"]]
+        assert tls_volume["secret"]["secretName"] == "lcflow-tls" and not tls_volume["secret"].get("optional")
+        # mutual TLS and the token on both hops, every file from the Secret
+        env = _role_env(k8s_objects, deployment)
+        files = {
+            k: v
+            for k, v in env.items()
+            if k.endswith(("_TLS_CERT", "_TLS_KEY", "_CA", "_CLIENT_KEY", "TOKEN_FILE"))
+        }
+        files |= {k: v for k, v in env.items() if k.endswith("_TLS_CLIENT_CERT")}
+        assert {"LCFLOW_TLS_CERT", "LCFLOW_TLS_KEY", "LCFLOW_TLS_CLIENT_CA", "LCFLOW_AUTH_TOKEN_FILE"} <= set(
+            files
+        )
+        for name, path in files.items():
+            assert path.startswith("/etc/lcflow/tls/") and path.rsplit("/", 1)[1] in tls["data"], (name, path)
         # The init container pulls this pod's model into the shared cache before the server starts.
         init = pod["initContainers"][0]
         assert init["args"] == ["models", "pull", "$(LCFLOW_MODEL)"]
@@ -667,6 +687,8 @@ def test_k8s_sharer_balances_over_the_headless_receiver_service(k8s_objects):
     assert sharer_env["LCFLOW_RECEIVER"] == (
         f"dns:///lcflow-receiver-headless.{namespace}.svc.cluster.local:{PORTS['receiver']}"
     )
+    for key in ("TLS_CA", "TLS_CLIENT_CERT", "TLS_CLIENT_KEY", "AUTH_TOKEN_FILE"):  # mTLS to the receivers
+        assert sharer_env[f"LCFLOW_RECEIVER_{key}"].startswith("/etc/lcflow/tls/")
     sharer_service = services["lcflow-sharer"]
     assert [p["port"] for p in sharer_service["spec"]["ports"]] == [PORTS["sharer"]]
 
