@@ -4,9 +4,10 @@ Exit 0 when the service answers SERVING, 1 otherwise (NOT_SERVING while the mode
 connection refused, timeout, unknown service). Docker's HEALTHCHECK and compose run it as
 `python /opt/lcflow/healthcheck.py [--port P]`; Kubernetes uses its native `grpc:` probes instead.
 
-Which port: --port, else LCFLOW_PORT, else the two default ports (50051 sharer, 50052 receiver)
-in turn, the first one that accepts a connection deciding: one container runs one service,
-so whichever default port answers is that service's.
+Which port: --port, else LCFLOW_HEALTH_PORT (the plaintext health-only port a service with TLS
+opens), else LCFLOW_PORT, else the two default ports (50051 sharer, 50052 receiver) in turn, the
+first one that accepts a connection deciding: one container runs one service, so whichever
+default port answers is that service's. The check itself is always plaintext.
 """
 
 from __future__ import annotations
@@ -42,7 +43,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--host", default="127.0.0.1", help="address to ask (default 127.0.0.1)")
     parser.add_argument(
-        "--port", type=int, default=None, help="port (default: LCFLOW_PORT, else 50051 then 50052)"
+        "--port",
+        type=int,
+        default=None,
+        help="port (default: LCFLOW_HEALTH_PORT, else LCFLOW_PORT, else 50051 then 50052)",
     )
     parser.add_argument("--service", default="", help="health service name ('' = the whole server)")
     parser.add_argument("--timeout", type=float, default=3.0, help="seconds for connecting and for the call")
@@ -50,6 +54,8 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.port is not None:
         ports = (args.port,)
+    elif os.environ.get("LCFLOW_HEALTH_PORT", "0") not in ("", "0"):
+        ports = (int(os.environ["LCFLOW_HEALTH_PORT"]),)
     elif os.environ.get("LCFLOW_PORT"):
         ports = (int(os.environ["LCFLOW_PORT"]),)
     else:

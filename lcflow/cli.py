@@ -24,7 +24,22 @@ COMMAND_MODULES = [
     "lcflow.commands.eval",
     "lcflow.commands.models",
     "lcflow.commands.bench",
+    "lcflow.commands.certs",
 ]
+
+
+class UsageError(Exception):
+    """A mistake the user can fix (a missing file, an unknown name, a bad setting): `lcflow` prints
+    its message as one line and exits 2, without a traceback unless --debug is given."""
+
+
+def user_errors() -> tuple[type[BaseException], ...]:
+    """The exception types that mean "you gave me something I cannot use", not a bug."""
+    from lcflow import cli  # the commands' UsageError, not __main__'s copy under `python -m lcflow.cli`
+    from lcflow.provision import ProvisionError
+    from lcflow.security import SecurityConfigError
+
+    return cli.UsageError, SecurityConfigError, ProvisionError
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -33,6 +48,11 @@ def build_parser() -> argparse.ArgumentParser:
         description="Latent Cache Flow: hand a sharer model's compressed KV cache to a receiver model.",
     )
     parser.add_argument("--log-level", default="INFO", help="logging level (DEBUG, INFO, WARNING, ERROR)")
+    parser.add_argument(
+        "--debug",
+        action="store_true",
+        help="show the traceback of a user mistake (a bad flag, a missing file)",
+    )
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMAND_MODULES:
         try:
@@ -55,7 +75,22 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 0 if args.command is None else 2
-    return int(args.func(args) or 0)
+    try:
+        return int(args.func(args) or 0)
+    except user_errors() as err:
+        if args.debug:
+            raise
+        print(f"lcflow {args.command}: {err}", file=sys.stderr)
+        return 2
+    except Exception as err:
+        # A failed RPC (service down, TLS refused, no token) is the service's answer, not a bug here:
+        # its status and details say what happened; --debug shows where.
+        import grpc
+
+        if args.debug or not isinstance(err, grpc.RpcError) or not hasattr(err, "code"):
+            raise
+        print(f"lcflow {args.command}: the call failed: {err.code().name}: {err.details()}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

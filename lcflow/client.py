@@ -11,15 +11,16 @@ the sharer and on to the receiver: one trace from the client to the answer.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-import grpc
 from opentelemetry.instrumentation.grpc import client_interceptor
 from opentelemetry.instrumentation.grpc.grpcext import intercept_channel
 
 from lcflow.proto_gen.lcflow.v1 import lcflow_pb2 as pb
 from lcflow.proto_gen.lcflow.v1 import lcflow_pb2_grpc as pb_grpc
+from lcflow.security import ClientSecurity
 
 MODE_NAMES = {"lcf": pb.LCF, "lcfx": pb.LCF_X, "text": pb.TEXT, "none": pb.NONE}
 
@@ -41,9 +42,42 @@ class HandoffResult:
     summary: pb.HandoffSummary
 
 
+def retry_options(retries: int) -> list[tuple[str, object]]:
+    """Channel options for gRPC's own retries of the Sharer's RPCs: UNAVAILABLE (not up yet, a
+    connection lost before an answer) and RESOURCE_EXHAUSTED (its queue full), with exponential
+    backoff, or after the server's `grpc-retry-pushback-ms` hint when it sends one. gRPC retries
+    only calls that have received nothing yet, so a streaming answer is never repeated halfway."""
+    if retries <= 0:
+        return []
+    policy = {
+        "maxAttempts": min(5, retries + 1),  # gRPC caps attempts at 5
+        "initialBackoff": "0.2s",
+        "maxBackoff": "5s",
+        "backoffMultiplier": 2,
+        "retryableStatusCodes": ["UNAVAILABLE", "RESOURCE_EXHAUSTED"],
+    }
+    config = {"methodConfig": [{"name": [{"service": "lcflow.v1.Sharer"}], "retryPolicy": policy}]}
+    return [("grpc.enable_retries", 1), ("grpc.service_config", json.dumps(config))]
+
+
 class HandoffClient:
-    def __init__(self, target: str, tracer_provider=None, timeout_s: float | None = 300.0):
-        channel = grpc.insecure_channel(target)
+    """`security` (lcflow.security.ClientSecurity) turns on TLS, mutual TLS and a bearer token:
+
+    HandoffClient("sharer:50051", security=ClientSecurity(tls_ca="ca.pem", auth_token_file="token"))
+
+    `retries`: how often gRPC retries a call refused with UNAVAILABLE or RESOURCE_EXHAUSTED
+    (retry_options); 0 = never.
+    """
+
+    def __init__(
+        self,
+        target: str,
+        tracer_provider=None,
+        timeout_s: float | None = 300.0,
+        security: ClientSecurity | None = None,
+        retries: int = 3,
+    ):
+        channel = (security or ClientSecurity()).channel(target, retry_options(retries))
         self.tracer = tracer_provider.get_tracer("lcflow.client") if tracer_provider else None
         if tracer_provider is not None:
             channel = intercept_channel(channel, client_interceptor(tracer_provider=tracer_provider))
@@ -64,6 +98,7 @@ class HandoffClient:
         stop: list[str] | None = None,
         seed: int | None = None,
         request_id: str = "",
+        adapter: str = "",
     ) -> pb.HandoffRequest:
         if mode not in MODE_NAMES:
             raise ValueError(f"mode must be one of {list(MODE_NAMES)}, not {mode!r}")
@@ -79,6 +114,8 @@ class HandoffClient:
             generation=generation,
             request_id=request_id,
         )
+        if adapter:  # by name, inside the services' --adapter-dir; unset: their --adapter
+            request.adapter = adapter
         if session_id:
             request.session_id = session_id
         elif context:

@@ -46,6 +46,7 @@ class DemoOptions:
     seed: int = 0
     run_dir: str = ""  # where service logs (with their trace spans) go
     startup_timeout_s: float = 600.0
+    security: object = None  # lcflow.security.ClientSecurity for --sharer (TLS, token); None: plaintext
 
 
 def find_adapter(requested: str, out=print) -> Path:
@@ -170,7 +171,7 @@ def run_questions(sharer_address: str, options: DemoOptions, out=print) -> list[
     from lcflow.telemetry import make_tracer_provider
 
     provider = make_tracer_provider("lcflow-demo-client")
-    client = HandoffClient(sharer_address, provider)
+    client = HandoffClient(sharer_address, provider, security=options.security)
     rows = []
     samples = get_task("facts-cross").samples("test", options.n + 1, seed=options.seed)
     for mode in ("text", "lcfx"):  # one unprinted warm-up each, so first-call costs do not skew the timings

@@ -18,6 +18,7 @@ from pathlib import Path
 # Stages in the order a handoff runs them; stages a backend adds (e.g. transfer over the
 # services) are placed after these, alphabetically. TTFT and total are not stages: they span them.
 STAGE_ORDER = (
+    "queue",
     "sharer_prefill",
     "message_generate",
     "encode",

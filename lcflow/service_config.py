@@ -19,12 +19,14 @@ class ServiceConfig:
     role: str
     model: str = ""
     adapter: str = ""
+    adapter_dir: str = ""  # adapters a request may name (HandoffRequest.adapter), by directory name
     receiver: str = ""  # sharer only: the receiver's gRPC target (host:port or dns:///name:port)
     host: str = "127.0.0.1"
     port: int = 0  # 0 = the role's default port
     device: str = "auto"
     dtype: str = "float32"
     max_concurrent: int = 4
+    max_queue: int = -1  # handoffs waiting for a slot; -1 = 2 per --max-concurrent slot
     reflection: bool = False
     max_context_tokens: int = 4096
     max_prompt_chars: int = 32_768
@@ -33,27 +35,82 @@ class ServiceConfig:
     shutdown_grace_s: float = 30.0
     zstd_level: int = 1  # measured: higher levels gain nothing on float latents and are slower
     log_level: str = "INFO"
+    log_content: bool = False  # prompts, contexts and answers stay out of the logs unless asked
+    # This server's own TLS and token (lcflow.security.ServerSecurity).
+    tls_cert: str = ""
+    tls_key: str = ""
+    tls_client_ca: str = ""
+    auth_token_file: str = ""
+    allow_unauthenticated: bool = False  # receiver only: TLS on, yet no client certificate or token
+    keepalive_s: float = 10.0  # HTTP/2 pings on busy connections: a dead peer or link found in ~1.5x this
+    health_port: int = 0  # also serve grpc.health.v1 alone, in plaintext, here (probes without TLS)
+    # Sharer only: how it connects to the receiver (lcflow.security.ClientSecurity).
+    receiver_tls_ca: str = ""
+    receiver_tls_client_cert: str = ""
+    receiver_tls_client_key: str = ""
+    receiver_auth_token_file: str = ""
+    receiver_tls_server_name: str = ""
 
     def __post_init__(self):
         if self.role not in ROLES:
             raise ValueError(f"role must be one of {ROLES}, not {self.role!r}")
         if not self.port:
             self.port = DEFAULT_PORTS[self.role]
+        if self.max_concurrent < 1:
+            raise ValueError(f"--max-concurrent must be at least 1, not {self.max_concurrent}")
+        if self.max_queue < 0:
+            self.max_queue = 2 * self.max_concurrent
+        security = self.server_security()  # raises on a half-given TLS setting
+        if (
+            self.role == "receiver"
+            and security.tls
+            and not security.authenticates_clients
+            and not self.allow_unauthenticated
+        ):
+            # A receiver is a free LLM endpoint to whoever reaches it; once it is worth encrypting
+            # the hop, it is worth knowing who is on the other end.
+            raise ValueError(
+                "TLS is on but nothing authenticates the sharer: give --tls-client-ca (mutual TLS) "
+                "or --auth-token-file, or pass --allow-unauthenticated to accept any client"
+            )
+        if self.role == "sharer":
+            self.receiver_security()  # the same checks for the client side
 
     @property
     def address(self) -> str:
         return f"{self.host}:{self.port}"
 
+    def server_security(self):
+        from lcflow.security import ServerSecurity
+
+        return ServerSecurity(self.tls_cert, self.tls_key, self.tls_client_ca, self.auth_token_file)
+
+    def receiver_security(self):
+        """Sharer: TLS / token settings of its channel to the receiver (files are read when it is made)."""
+        from lcflow.security import ClientSecurity
+
+        return ClientSecurity(
+            self.receiver_tls_ca,
+            self.receiver_tls_client_cert,
+            self.receiver_tls_client_key,
+            self.receiver_auth_token_file,
+            self.receiver_tls_server_name,
+        )
+
 
 HELP = {
     "model": "model to serve: a name from `lcflow models list`, a local directory or a hub id",
     "adapter": "adapter directory (LCF or LCF-X); the sharer loads its encoder half, the receiver its decoder half",
+    "adapter_dir": "directory of adapters a request may pick by name (HandoffRequest.adapter); names "
+    "resolve only inside it (no paths, no symlinks out); give both services the same adapters",
     "receiver": "sharer only: the receiver's gRPC target, host:port or dns:///name:port (round-robin over all addresses)",
     "host": "address to listen on (0.0.0.0 to accept connections from other hosts)",
     "port": "port to listen on (default 50051 for the sharer, 50052 for the receiver)",
     "device": "auto (CUDA when present), cpu or cuda",
     "dtype": "model dtype: float32, bfloat16 or float16",
-    "max_concurrent": "handoffs served at once; more get RESOURCE_EXHAUSTED",
+    "max_concurrent": "handoffs served at once; more wait in the queue (--max-queue)",
+    "max_queue": "handoffs that may wait for a slot, each until its own deadline; more get "
+    "RESOURCE_EXHAUSTED with a retry hint. -1: 2 per --max-concurrent slot; 0: no queue",
     "reflection": "enable gRPC server reflection (for grpcurl and similar tools)",
     "max_context_tokens": "longest context or prompt accepted, in tokens; longer ones get INVALID_ARGUMENT",
     "max_prompt_chars": "longest text field accepted, in characters",
@@ -62,7 +119,26 @@ HELP = {
     "shutdown_grace_s": "on SIGTERM, seconds to let in-flight handoffs finish",
     "zstd_level": "sharer only: zstd level of the latent stream",
     "log_level": "DEBUG, INFO, WARNING or ERROR",
+    "log_content": "let prompts, contexts and answers appear in the logs (off: only their sizes do)",
+    "tls_cert": "serve TLS with this certificate (PEM; `lcflow certs make`); re-read on change or SIGHUP",
+    "tls_key": "private key (PEM) of --tls-cert",
+    "tls_client_ca": "mutual TLS: require every client to present a certificate signed by this CA (PEM)",
+    "auth_token_file": "require 'authorization: Bearer <token>' on every RPC but health; the file holds "
+    "the token and is re-read when it changes",
+    "keepalive_s": "HTTP/2 keepalive ping interval on connections with calls in flight: a peer that died or "
+    "a link that was cut is noticed within ~1.5x this, not only at the deadline",
+    "health_port": "also answer grpc.health.v1 (and nothing else) in plaintext on this port, for probes "
+    "that cannot speak TLS such as Kubernetes' grpc probes; 0 = off",
+    "allow_unauthenticated": "receiver only: accept TLS clients with neither a client certificate nor a token",
+    "receiver_tls_ca": "sharer only: CA (PEM) of the receiver's certificate; turns TLS on towards the receiver",
+    "receiver_tls_client_cert": "sharer only: client certificate (PEM) to present to the receiver (mutual TLS)",
+    "receiver_tls_client_key": "sharer only: private key (PEM) of --receiver-tls-client-cert",
+    "receiver_auth_token_file": "sharer only: file holding the bearer token the receiver requires",
+    "receiver_tls_server_name": "sharer only: name the receiver's certificate carries, if not the --receiver host",
 }
+
+SHARER_ONLY = {"receiver", "zstd_level"} | {name for name in HELP if name.startswith("receiver_")}
+RECEIVER_ONLY = {"allow_unauthenticated"}
 
 
 def env_name(field_name: str) -> str:
@@ -81,11 +157,14 @@ def add_service_flags(parser: argparse.ArgumentParser, role: str) -> None:
     """One flag per ServiceConfig field, its default read from LCFLOW_<NAME> when set."""
     defaults = ServiceConfig(role=role)
     for f in fields(ServiceConfig):
-        if f.name == "role" or (f.name in ("receiver", "zstd_level") and role != "sharer"):
+        if f.name == "role" or (f.name in SHARER_ONLY and role != "sharer"):
+            continue
+        if f.name in RECEIVER_ONLY and role != "receiver":
             continue
         kind = {"int": int, "float": float, "bool": _parse_bool}.get(str(f.type), str)
         env = env_name(f.name)
-        default = getattr(defaults, f.name)
+        # the field's own default where __post_init__ derives the value (max_queue -1: from the slots)
+        default = f.default if f.name == "max_queue" else getattr(defaults, f.name)
         if env in os.environ:
             default = kind(os.environ[env])
         flag = "--" + f.name.replace("_", "-")
@@ -95,7 +174,10 @@ def add_service_flags(parser: argparse.ArgumentParser, role: str) -> None:
 
 def config_from_args(role: str, args: argparse.Namespace) -> ServiceConfig:
     names = {f.name for f in fields(ServiceConfig)} - {"role"}
-    config = ServiceConfig(role=role, **{k: v for k, v in vars(args).items() if k in names})
+    try:
+        config = ServiceConfig(role=role, **{k: v for k, v in vars(args).items() if k in names})
+    except ValueError as err:  # a setting that cannot work: one line, before anything starts
+        raise SystemExit(f"{role}: {err}") from None
     if not config.model:
         raise SystemExit(f"{role}: no model given; pass --model or set {env_name('model')}")
     if role == "sharer" and not config.receiver:

@@ -6,6 +6,7 @@ The services themselves (services/sharer, services/receiver) hold only their RPC
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import hashlib
 import json
@@ -13,9 +14,11 @@ import logging
 import os
 import signal
 import threading
+import time
 from collections.abc import Callable, Iterator
 from concurrent import futures
 from dataclasses import dataclass
+from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -23,6 +26,7 @@ from opentelemetry.instrumentation.grpc import server_interceptor
 
 from lcflow.handoff import GenerationSettings
 from lcflow.proto_gen.lcflow.v1 import lcflow_pb2 as pb
+from lcflow.security import CertificateFiles
 from lcflow.service_config import ServiceConfig
 from lcflow.transport import WireError
 from lcflow.transport.memory import keep_freed_memory
@@ -34,11 +38,12 @@ DEFAULT_MAX_NEW_TOKENS = 64
 
 
 class ServiceError(Exception):
-    """A request that cannot be served, with the gRPC status to answer and a message saying what to do."""
+    """A request that cannot be served, with the gRPC status to answer and a message saying what to do
+    (and trailing metadata to send with it, e.g. a retry hint)."""
 
-    def __init__(self, code: grpc.StatusCode, details: str):
+    def __init__(self, code: grpc.StatusCode, details: str, trailing: tuple = ()):
         super().__init__(details)
-        self.code, self.details = code, details
+        self.code, self.details, self.trailing = code, details, tuple(trailing)
 
 
 def invalid(details: str) -> ServiceError:
@@ -52,11 +57,18 @@ def status_on_error(context: grpc.ServicerContext, what: str) -> Iterator[None]:
         yield
     except (ServiceError, WireError) as err:
         log.warning("%s refused: %s %s", what, err.code.name, err.details)
+        if getattr(err, "trailing", ()):
+            context.set_trailing_metadata(err.trailing)
         context.abort(err.code, err.details)
     except grpc.RpcError as err:  # a downstream call failed: pass its status on, saying where
         code = err.code() if hasattr(err, "code") else grpc.StatusCode.UNKNOWN
         details = err.details() if hasattr(err, "details") else str(err)
         log.warning("%s: downstream failed: %s %s", what, code, details)
+        # the receiver's retry hint holds for the whole handoff: pass it on to our caller
+        trailing = err.trailing_metadata() if hasattr(err, "trailing_metadata") else None
+        hint = [(k, v) for k, v in trailing or () if k == "grpc-retry-pushback-ms"]
+        if hint:
+            context.set_trailing_metadata(hint)
         context.abort(code, f"receiver: {details}")
 
 
@@ -76,6 +88,21 @@ def prompt_of(message) -> str:
     if which == "prompt_messages":
         return messages_text(message.prompt_messages)
     return ""
+
+
+def describe_texts(config: ServiceConfig, **texts: str) -> str:
+    """Texts for a log line: their sizes only, unless --log-content.
+
+    Prompts, contexts and answers are the users' data: logs are kept longer, read by more people
+    and shipped further than the traffic itself, so by default no log line (and no error
+    message, no span attribute) carries them; --log-content is for debugging a deployment you own."""
+    parts = []
+    for name, text in texts.items():
+        if config.log_content:
+            parts.append(f"{name} {text!r}")
+        else:
+            parts.append(f"{name} {len(text)} chars")
+    return ", ".join(parts)
 
 
 def check_text(name: str, text: str, config: ServiceConfig, required: bool = True) -> str:
@@ -154,33 +181,189 @@ def require_adapter(adapter, mode: str, role: str) -> None:
         )
 
 
+# --- adapters named in requests -----------------------------------------------------------------
+
+ADAPTER_NAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-")
+MAX_ADAPTER_NAME = 128
+MAX_NAMED_ADAPTERS = 4  # halves kept loaded at once, least recently used dropped first
+
+
+def resolve_adapter_name(root: str, name: str) -> Path:
+    """The directory of the adapter a request names: one plain name inside `root`, nothing else.
+
+    A name from the network must never reach a path outside the directory the operator chose:
+    not by `..`, an absolute path, a separator, nor a symlink inside `root` pointing out of it
+    (both sides are resolved before they are compared). INVALID_ARGUMENT for such a name,
+    NOT_FOUND for a good name with no adapter behind it."""
+    if (
+        not name
+        or len(name) > MAX_ADAPTER_NAME
+        or not set(name) <= ADAPTER_NAME_CHARS
+        or name.startswith(".")
+    ):
+        raise invalid(
+            f"adapter name {name[:MAX_ADAPTER_NAME]!r} is not a plain name: use 1-{MAX_ADAPTER_NAME} "
+            "letters, digits, '.', '_' or '-', not starting with '.' (no paths)"
+        )
+    if not root:
+        raise ServiceError(
+            grpc.StatusCode.NOT_FOUND,
+            f"no adapter {name!r} here: this service serves only its --adapter; start it with "
+            "--adapter-dir DIR to let requests choose adapters in DIR",
+        )
+    base = Path(root).resolve()
+    candidate = (base / name).resolve()
+    if candidate == base or not candidate.is_relative_to(base):
+        raise invalid(f"adapter {name!r} resolves outside the adapter directory; refused")
+    if not (candidate / "adapter_config.json").is_file():
+        raise ServiceError(grpc.StatusCode.NOT_FOUND, f"no adapter {name!r} in the adapter directory")
+    return candidate
+
+
+class NamedAdapters:
+    """Engines for adapters named in requests, built by `build(directory)` on first use and kept
+    for the next requests (at most MAX_NAMED_ADAPTERS; the model itself is shared, only the
+    adapter half is per entry). A build that fails is not kept: the next request tries again."""
+
+    def __init__(self, root: str, default_dir: str, build: Callable[[Path], object]):
+        self.root, self.build = root, build
+        self.default_dir = Path(default_dir).resolve() if default_dir else None
+        self._engines: collections.OrderedDict[Path, object] = collections.OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, name: str, default):
+        """`default` for an unset name or the name of the service's own --adapter, else the named engine."""
+        if not name:
+            return default
+        if not self.root and self.default_dir is not None and name == self.default_dir.name:
+            return default
+        directory = resolve_adapter_name(self.root, name)
+        if directory == self.default_dir:
+            return default
+        with self._lock:
+            if directory in self._engines:
+                self._engines.move_to_end(directory)
+                return self._engines[directory]
+            try:
+                engine = self.build(directory)
+            except (ValueError, FileNotFoundError, OSError) as err:  # other models, incomplete directory
+                raise ServiceError(
+                    grpc.StatusCode.FAILED_PRECONDITION, f"adapter {name!r} cannot be used here: {err}"
+                ) from err
+            self._engines[directory] = engine
+            while len(self._engines) > MAX_NAMED_ADAPTERS:
+                self._engines.popitem(last=False)
+            log.info("loaded adapter %r from %s", name, directory)
+            return engine
+
+
 # --- concurrency ------------------------------------------------------------------------------
 
 
 class ConcurrencyLimit:
-    """At most `limit` handoffs at once; the next one is refused at once, not queued."""
+    """At most `limit` handoffs at once; up to `max_queue` more wait for a slot, in arrival order,
+    each no longer than its own deadline (DEADLINE_EXCEEDED) or its client (CANCELLED); past that,
+    RESOURCE_EXHAUSTED at once, with a retry hint (`grpc-retry-pushback-ms`) that gRPC's retry
+    policy honours.
 
-    def __init__(self, limit: int):
-        self.limit = limit
-        self._slots = threading.BoundedSemaphore(limit)
+    Why a queue: a burst of requests a little larger than the slots should be served a little
+    later, not refused; why bounded: beyond a few per slot the wait outlasts any sensible
+    deadline, and each waiting call holds a server thread and its request's memory."""
+
+    def __init__(self, limit: int, max_queue: int = 0):
+        self.limit, self.max_queue = limit, max_queue
+        self._cond = threading.Condition()
+        self._waiting: collections.deque = collections.deque()
         self.in_flight = 0
-        self._lock = threading.Lock()
+        self._hold_s = 1.0  # moving average of how long a slot is held, for the retry hint
+
+    @property
+    def queued(self) -> int:
+        return len(self._waiting)
+
+    def retry_hint_ms(self) -> int:
+        """Roughly when a slot should be free for one more request: the queue ahead of it times
+        the average hold, spread over the slots; within 50 ms .. 10 s."""
+        estimate = self._hold_s * (len(self._waiting) + 1) / self.limit * 1000
+        return int(min(10_000, max(50, estimate)))
 
     @contextlib.contextmanager
-    def slot(self) -> Iterator[None]:
-        if not self._slots.acquire(blocking=False):
+    def slot(self, context: grpc.ServicerContext | None = None) -> Iterator[float]:
+        """Hold a slot for the `with` block; yields the milliseconds spent queued for it."""
+        queued_at = time.perf_counter()
+        with self._cond:
+            if self.in_flight >= self.limit or self._waiting:
+                self._wait_in_queue(context)
+            self.in_flight += 1
+        waited_ms = (time.perf_counter() - queued_at) * 1000
+        started = time.perf_counter()
+        try:
+            yield waited_ms
+        finally:
+            with self._cond:
+                self.in_flight -= 1
+                self._hold_s = 0.8 * self._hold_s + 0.2 * (time.perf_counter() - started)
+                self._cond.notify_all()
+
+    def _wait_in_queue(self, context) -> None:
+        """With the lock held: queue up, and return once first in line with a slot free."""
+        if len(self._waiting) >= self.max_queue:
+            hint = self.retry_hint_ms()
             raise ServiceError(
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
-                f"{self.limit} handoffs are already in flight (the limit); retry shortly or raise --max-concurrent",
+                f"{self.limit} handoffs are in flight and {len(self._waiting)} waiting (the limits); "
+                f"retry in about {hint} ms, or raise --max-concurrent / --max-queue",
+                trailing=(("grpc-retry-pushback-ms", str(hint)),),
             )
-        with self._lock:
-            self.in_flight += 1
+        ticket = object()
+        self._waiting.append(ticket)
         try:
-            yield
+            while self._waiting[0] is not ticket or self.in_flight >= self.limit:
+                remaining = context.time_remaining() if context is not None else None
+                if context is not None and not context.is_active():
+                    raise ServiceError(grpc.StatusCode.CANCELLED, "the client went away while queued")
+                if remaining is not None and remaining <= 0:
+                    raise ServiceError(
+                        grpc.StatusCode.DEADLINE_EXCEEDED,
+                        f"the deadline passed while queued for a slot ({self.limit} handoffs in flight); "
+                        "retry later, give a longer deadline, or raise --max-concurrent",
+                    )
+                # woken when a slot frees; the timeout only bounds how late a deadline is noticed
+                self._cond.wait(timeout=0.1 if remaining is None else min(remaining, 0.1))
         finally:
-            with self._lock:
-                self.in_flight -= 1
-            self._slots.release()
+            self._waiting.remove(ticket)
+            self._cond.notify_all()  # the next in line may go now (or a slot is still free)
+
+
+def queue_span(tracer, name: str, queued_at_ns: int, queue_ms: float) -> None:
+    """The wait for a slot as its own span (recorded once it is over), so traces show queueing."""
+    span = tracer.start_span(name, start_time=queued_at_ns)
+    span.set_attribute("lcflow.queue_ms", queue_ms)
+    span.end(end_time=queued_at_ns + int(queue_ms * 1e6))
+
+
+def keepalive_options(config: ServiceConfig, server: bool) -> list[tuple[str, int]]:
+    """HTTP/2 keepalive for both ends of a hop. Without it a peer that died without closing its
+    socket (killed host, cut link) looks exactly like a slow one, and every call to it waits for
+    its deadline; with it the transport fails within ~1.5x the interval and calls end UNAVAILABLE.
+
+    Servers ping their clients half as often (a dead sharer stops the receiver's generation) and
+    accept any client's ping rate (max_ping_strikes 0): the two services may be configured with
+    different intervals, and a GOAWAY for pinging "too often" would itself be an outage."""
+    interval_ms = max(1000, int(config.keepalive_s * 1000))
+    if server:
+        return [
+            ("grpc.keepalive_time_ms", 2 * interval_ms),
+            ("grpc.keepalive_timeout_ms", interval_ms),
+            ("grpc.http2.min_recv_ping_interval_without_data_ms", interval_ms // 2),
+            ("grpc.http2.max_ping_strikes", 0),
+        ]
+    return [
+        ("grpc.keepalive_time_ms", interval_ms),
+        ("grpc.keepalive_timeout_ms", interval_ms // 2),
+        ("grpc.http2.max_pings_without_data", 0),  # keep pinging while a stream waits for data
+        ("grpc.keepalive_permit_without_calls", 0),
+    ]
 
 
 # --- server -----------------------------------------------------------------------------------
@@ -192,6 +375,14 @@ class RunningServer:
     health: health.HealthServicer
     port: int
     service_name: str
+    certificates: CertificateFiles | None = None  # TLS: the watched certificate files
+    health_server: grpc.Server | None = None  # --health-port: health alone, in plaintext
+
+    def reload_certificates(self) -> None:
+        """SIGHUP: re-read the TLS files at the next handshake (changed files are picked up anyway)."""
+        if self.certificates is not None:
+            self.certificates.reload()
+            log.info("SIGHUP: TLS certificate files will be re-read at the next handshake")
 
     def set_serving(self, serving: bool) -> None:
         status = (
@@ -204,6 +395,8 @@ class RunningServer:
         """Refuse new work (health NOT_SERVING, new RPCs rejected) and let in-flight handoffs finish."""
         self.set_serving(False)
         self.server.stop(grace_s).wait()
+        if self.health_server is not None:
+            self.health_server.stop(0).wait()
 
 
 def start_server(
@@ -212,11 +405,18 @@ def start_server(
     add_servicer: Callable[[grpc.Server], None],
     tracer_provider,
 ) -> RunningServer:
-    """A gRPC server with tracing, the health service (NOT_SERVING until told) and optional reflection."""
+    """A gRPC server with tracing, the health service (NOT_SERVING until told) and optional reflection,
+    listening in plaintext or TLS and checking a bearer token as the config says (lcflow.security)."""
+    security = config.server_security()
     server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=2 * config.max_concurrent + 4, thread_name_prefix=config.role),
-        interceptors=[server_interceptor(tracer_provider=tracer_provider)],
-        options=[("grpc.so_reuseport", 0)],
+        # One thread per admitted or queued call (each waits in its own handler), plus spares for
+        # sessions, health and refusals.
+        futures.ThreadPoolExecutor(
+            max_workers=config.max_concurrent + config.max_queue + 4, thread_name_prefix=config.role
+        ),
+        # The token check is outermost: a call without it is refused before tracing or the handler.
+        interceptors=[*security.interceptors(), server_interceptor(tracer_provider=tracer_provider)],
+        options=[("grpc.so_reuseport", 0), *keepalive_options(config, server=True)],
     )
     add_servicer(server)
     health_servicer = health.HealthServicer()
@@ -227,14 +427,41 @@ def start_server(
         reflection.enable_server_reflection(
             (service_name, health.SERVICE_NAME, reflection.SERVICE_NAME), server
         )
-    port = server.add_insecure_port(config.address)
+    port, certificates = security.add_port(server, config.address)
     if port == 0:
         raise RuntimeError(f"could not listen on {config.address}: is the port already in use?")
     server.start()
-    running = RunningServer(server, health_servicer, port, service_name)
+    running = RunningServer(
+        server, health_servicer, port, service_name, certificates, health_only_server(config, health_servicer)
+    )
     running.set_serving(False)
-    log.info("%s listening on %s:%d (NOT_SERVING until the model is loaded)", config.role, config.host, port)
+    log.info(
+        "%s listening on %s:%d, %s (NOT_SERVING until the model is loaded)",
+        config.role,
+        config.host,
+        port,
+        security.describe(),
+    )
     return running
+
+
+def health_only_server(config: ServiceConfig, health_servicer) -> grpc.Server | None:
+    """--health-port: the same health status, alone and in plaintext on its own port.
+
+    With TLS on, a probe must speak TLS too, and Kubernetes' native grpc probes cannot; this port
+    answers grpc.health.v1 only (every other method is UNIMPLEMENTED there), so opening it in
+    plaintext reveals no more than whether the service is up."""
+    if not config.health_port:
+        return None
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix=f"{config.role}-health")
+    )
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    if server.add_insecure_port(f"{config.host}:{config.health_port}") == 0:
+        raise RuntimeError(f"could not listen on {config.host}:{config.health_port} (--health-port): in use?")
+    server.start()
+    log.info("health alone, in plaintext, on %s:%d", config.host, config.health_port)
+    return server
 
 
 def load_in_background(
@@ -291,10 +518,11 @@ def exit_on_load_error(err: BaseException) -> None:
 
 
 def serve_until_signal(running: RunningServer, grace_s: float) -> None:
-    """Block until SIGTERM/SIGINT, then stop gracefully."""
+    """Block until SIGTERM/SIGINT, then stop gracefully; SIGHUP re-reads the TLS files."""
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
+    signal.signal(signal.SIGHUP, lambda *_: running.reload_certificates())
     stop.wait()
     log.info("stopping: finishing in-flight handoffs (up to %.0f s)", grace_s)
     running.stop(grace_s)

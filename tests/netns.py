@@ -53,6 +53,17 @@ class Host:
     namespace: str
     address: str
     processes: list[subprocess.Popen] = field(default_factory=list)
+    link: str = ""  # this host's end of the veth pair
+
+    def ip(self, *args: str) -> None:
+        """`ip ARGS` inside this host's namespace (e.g. "link", "set", host.link, "down")."""
+        _ip_ok("-n", self.namespace, *args)
+
+    def tc(self, *args: str) -> subprocess.CompletedProcess:
+        """`tc ARGS` inside this host's namespace; the result, so a caller can skip where tc is refused."""
+        return subprocess.run(
+            ["tc", "-n", self.namespace, *args], capture_output=True, text=True, timeout=IP_TIMEOUT_S
+        )
 
     def command(self, argv: list[str]) -> list[str]:
         """argv run inside this host's namespace (`ip netns exec` execs it: same pid, same signals)."""
@@ -98,6 +109,7 @@ def two_hosts(
             "type", "veth", "peer", "name", links[1], "netns", hosts[1].namespace,
         )  # fmt: skip
         for host, link in zip(hosts, links, strict=True):
+            host.link = link
             ns = ("-n", host.namespace)
             _ip_ok(*ns, "link", "set", "lo", "up")
             _ip_ok(*ns, "addr", "add", f"{host.address}/{prefix_len}", "dev", link)

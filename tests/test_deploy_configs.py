@@ -47,7 +47,22 @@ CONTRACT_ENV = {
     "LCFLOW_MAX_CONCURRENT",
     "LCFLOW_REFLECTION",
     "LCFLOW_MODEL_CACHE",
+    # TLS, mutual TLS and the bearer token (lcflow.security), and the plaintext health port
+    "LCFLOW_TLS_CERT",
+    "LCFLOW_TLS_KEY",
+    "LCFLOW_TLS_CLIENT_CA",
+    "LCFLOW_AUTH_TOKEN_FILE",
+    "LCFLOW_HEALTH_PORT",
+    "LCFLOW_RECEIVER_TLS_CA",
+    "LCFLOW_RECEIVER_TLS_CLIENT_CERT",
+    "LCFLOW_RECEIVER_TLS_CLIENT_KEY",
+    "LCFLOW_RECEIVER_AUTH_TOKEN_FILE",
+    # client side (lcflow handoff, lcflow demo --sharer)
+    "LCFLOW_TLS_CA",
+    "LCFLOW_TLS_CLIENT_CERT",
+    "LCFLOW_TLS_CLIENT_KEY",
 }
+CLIENT_ONLY_ENV = {"LCFLOW_TLS_CA", "LCFLOW_TLS_CLIENT_CERT", "LCFLOW_TLS_CLIENT_KEY"}
 PORTS = {"sharer": 50051, "receiver": 50052}
 DEVICES = {"auto", "cpu", "cuda"}
 DTYPES = {"float32", "bfloat16", "float16"}
@@ -77,8 +92,13 @@ def test_contract_env_names_match_the_service_config():
     """The LCFLOW_* names the configs use are the ones lcflow.service_config actually reads."""
     service_config = pytest.importorskip("lcflow.service_config")
     read = {service_config.env_name(f.name) for f in fields(service_config.ServiceConfig) if f.name != "role"}
-    missing = (CONTRACT_ENV - {"LCFLOW_MODEL_CACHE"}) - read
+    missing = (CONTRACT_ENV - {"LCFLOW_MODEL_CACHE"} - CLIENT_ONLY_ENV) - read
     assert not missing, f"the service config no longer reads {sorted(missing)}"
+    security = pytest.importorskip("lcflow.security")
+    client_read = {env for env, _ in security.CLIENT_FLAGS.values()}
+    assert CLIENT_ONLY_ENV <= client_read, (
+        f"the client flags no longer read {sorted(CLIENT_ONLY_ENV - client_read)}"
+    )
     assert service_config.DEFAULT_PORTS == PORTS
 
 
@@ -300,8 +320,10 @@ def test_healthcheck_follows_the_serving_status(health_server):
     servicer.set("", response.SERVING)
     ready = _healthcheck("--port", str(port))
     assert ready.returncode == 0 and "SERVING" in ready.stdout
-    # The port can come from LCFLOW_PORT, as the image's default HEALTHCHECK relies on.
+    # The port can come from LCFLOW_PORT, as the image's default HEALTHCHECK relies on, and
+    # LCFLOW_HEALTH_PORT (the plaintext health port of a TLS service) wins over it.
     assert _healthcheck(env={"LCFLOW_PORT": str(port)}).returncode == 0
+    assert _healthcheck(env={"LCFLOW_HEALTH_PORT": str(port), "LCFLOW_PORT": "1"}).returncode == 0
     # A service name the server does not know is not healthy.
     assert _healthcheck("--port", str(port), "--service", "no.such.Service").returncode == 1
 
@@ -338,10 +360,11 @@ def _env(service: dict) -> dict:
 
 def test_compose_services_and_order(compose):
     services = compose["services"]
-    assert set(services) == {"models", "sharer", "receiver", "jaeger", "demo"}
+    assert set(services) == {"models", "certs", "sharer", "receiver", "jaeger", "demo"}
     for role in ("sharer", "receiver"):
         assert services[role]["command"] == ["serve", role]
         assert services[role]["depends_on"]["models"]["condition"] == "service_completed_successfully"
+        assert services[role]["depends_on"]["certs"]["condition"] == "service_completed_successfully"
     models_cmd = " ".join(services["models"]["entrypoint"] + services["models"]["command"])
     for name in DEMO_MODELS.values():
         assert f"lcflow models pull {name}" in models_cmd
@@ -352,6 +375,49 @@ def test_compose_services_and_order(compose):
         "receiver": "service_healthy",
     }
     assert services["demo"].get("restart") == "no" and services["models"].get("restart") == "no"
+    assert services["certs"].get("restart") == "no"
+
+
+def test_compose_wires_mutual_tls_and_the_token(compose):
+    """Both hops over mutual TLS with the token, from what the one-shot `certs` service makes."""
+    from lcflow.commands.certs import FILES
+
+    services = compose["services"]
+    certs = services["certs"]
+    command = certs["command"]
+    assert (
+        command[:3] == ["certs", "make", "/certs"] and "--token" in command and "--keep-existing" in command
+    )
+    hosts = command[command.index("--hosts") + 1].split(",")
+    assert {"sharer", "receiver", "localhost"} <= set(hosts)  # every name a client dials
+    assert "certs:/certs" in certs["volumes"] and "certs" in compose["volumes"]
+    made = {f"/certs/{name}" for name in (*FILES, "token")}
+    for role in ("sharer", "receiver"):
+        env = _env(services[role])
+        assert "certs:/certs:ro" in services[role]["volumes"]
+        server = {
+            env[k]
+            for k in ("LCFLOW_TLS_CERT", "LCFLOW_TLS_KEY", "LCFLOW_TLS_CLIENT_CA", "LCFLOW_AUTH_TOKEN_FILE")
+        }
+        assert server <= made, server - made
+        assert env["LCFLOW_TLS_CLIENT_CA"] == "/certs/ca.pem"  # client certificates required
+    sharer = _env(services["sharer"])
+    assert sharer["LCFLOW_RECEIVER"].split(":")[0] in hosts
+    client = {
+        sharer[f"LCFLOW_RECEIVER_{k}"]
+        for k in ("TLS_CA", "TLS_CLIENT_CERT", "TLS_CLIENT_KEY", "AUTH_TOKEN_FILE")
+    }
+    assert client == {"/certs/ca.pem", "/certs/client.pem", "/certs/client-key.pem", "/certs/token"}
+    demo = _env(services["demo"])
+    assert {demo[k] for k in ("LCFLOW_TLS_CA", "LCFLOW_TLS_CLIENT_CERT", "LCFLOW_TLS_CLIENT_KEY")} == {
+        "/certs/ca.pem",
+        "/certs/client.pem",
+        "/certs/client-key.pem",
+    }
+    assert (
+        demo["LCFLOW_AUTH_TOKEN_FILE"] == "/certs/token" and "certs:/certs:ro" in services["demo"]["volumes"]
+    )
+    assert services["demo"]["command"][2].split(":")[0] in hosts
 
 
 def test_compose_services_are_configured_by_environment(compose):
@@ -376,9 +442,11 @@ def test_compose_health_checks_use_the_grpc_health_service(compose):
         check = services[role]["healthcheck"]
         test = check["test"]
         assert test[0] == "CMD" and "/opt/lcflow/healthcheck.py" in test
-        assert test[test.index("--port") + 1] == _env(services[role])["LCFLOW_PORT"]
+        # the plaintext health-only port: the service port itself speaks only TLS
+        env = _env(services[role])
+        assert test[test.index("--port") + 1] == env["LCFLOW_HEALTH_PORT"] != env["LCFLOW_PORT"]
         assert _seconds(check["start_period"]) >= 300, "model loading on CPU needs a long start period"
-    for one_shot in ("models", "demo"):
+    for one_shot in ("models", "certs", "demo"):
         assert services[one_shot]["healthcheck"] == {"disable": True}
 
 
@@ -522,9 +590,13 @@ def test_k8s_deployments_run_on_gpu_nodes_with_grpc_probes(k8s_objects):
         container = pod["containers"][0]
         assert container["args"] == ["serve", role]
         port = PORTS[role]
-        assert [p["containerPort"] for p in container["ports"]] == [port]
+        env = _role_env(k8s_objects, deployment)
+        health_port = int(env["LCFLOW_HEALTH_PORT"])  # plaintext health: the service port is TLS-only
+        assert [p["containerPort"] for p in container["ports"]] == [port, health_port]
         for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
-            assert container[probe]["grpc"]["port"] == port, f"{role} {probe} must be a gRPC probe on {port}"
+            assert container[probe]["grpc"]["port"] == health_port, (
+                f"{role} {probe} must be a gRPC probe on the health port {health_port}"
+            )
         startup = container["startupProbe"]
         assert startup["periodSeconds"] * startup["failureThreshold"] >= 300, "model load needs >= 5 min"
         assert int(container["resources"]["limits"]["nvidia.com/gpu"]) == 1
@@ -533,7 +605,6 @@ def test_k8s_deployments_run_on_gpu_nodes_with_grpc_probes(k8s_objects):
         assert pod["nodeSelector"], "GPU deployments need a GPU node selector"
         assert any(t["key"] == "nvidia.com/gpu" for t in pod["tolerations"])
         assert pod["terminationGracePeriodSeconds"] > 30
-        env = _role_env(k8s_objects, deployment)
         assert env["LCFLOW_PORT"] == str(port)
         assert env["LCFLOW_MODEL"] == DEMO_MODELS[role]
         assert env["LCFLOW_ADAPTER"] == DEMO_ADAPTER_IN_IMAGE
@@ -563,8 +634,11 @@ def test_k8s_model_cache_and_tls_volumes(k8s_objects):
     assert "ReadWriteMany" in pvcs["lcflow-models"]["spec"]["accessModes"], (
         "sharer and receivers share it across nodes"
     )
+    from lcflow.commands.certs import FILES
+
     tls = secrets["lcflow-tls"]
-    assert tls["type"] == "kubernetes.io/tls" and {"tls.crt", "tls.key"} <= set(tls["data"])
+    # what `lcflow certs make --token` writes, without the CA's own key
+    assert tls["type"] == "Opaque" and set(tls["data"]) == {*FILES, "token"} - {"ca-key.pem"}
     assert all(v == "" for v in tls["data"].values()), "the committed TLS Secret must stay a placeholder"
     for deployment in _by_kind(k8s_objects, "Deployment").values():
         pod = deployment["spec"]["template"]["spec"]
@@ -576,7 +650,21 @@ def test_k8s_model_cache_and_tls_volumes(k8s_objects):
                 assert v["secret"]["secretName"] in secrets
         mounts = {m["mountPath"]: m for m in pod["containers"][0]["volumeMounts"]}
         assert "persistentVolumeClaim" in volumes[mounts["/models"]["name"]]
-        assert "secret" in volumes[mounts["/etc/lcflow/tls"]["name"]]
+        tls_volume = volumes[mounts["/etc/lcflow/tls"]["name"]]
+        assert tls_volume["secret"]["secretName"] == "lcflow-tls" and not tls_volume["secret"].get("optional")
+        # mutual TLS and the token on both hops, every file from the Secret
+        env = _role_env(k8s_objects, deployment)
+        files = {
+            k: v
+            for k, v in env.items()
+            if k.endswith(("_TLS_CERT", "_TLS_KEY", "_CA", "_CLIENT_KEY", "TOKEN_FILE"))
+        }
+        files |= {k: v for k, v in env.items() if k.endswith("_TLS_CLIENT_CERT")}
+        assert {"LCFLOW_TLS_CERT", "LCFLOW_TLS_KEY", "LCFLOW_TLS_CLIENT_CA", "LCFLOW_AUTH_TOKEN_FILE"} <= set(
+            files
+        )
+        for name, path in files.items():
+            assert path.startswith("/etc/lcflow/tls/") and path.rsplit("/", 1)[1] in tls["data"], (name, path)
         # The init container pulls this pod's model into the shared cache before the server starts.
         init = pod["initContainers"][0]
         assert init["args"] == ["models", "pull", "$(LCFLOW_MODEL)"]
@@ -599,6 +687,8 @@ def test_k8s_sharer_balances_over_the_headless_receiver_service(k8s_objects):
     assert sharer_env["LCFLOW_RECEIVER"] == (
         f"dns:///lcflow-receiver-headless.{namespace}.svc.cluster.local:{PORTS['receiver']}"
     )
+    for key in ("TLS_CA", "TLS_CLIENT_CERT", "TLS_CLIENT_KEY", "AUTH_TOKEN_FILE"):  # mTLS to the receivers
+        assert sharer_env[f"LCFLOW_RECEIVER_{key}"].startswith("/etc/lcflow/tls/")
     sharer_service = services["lcflow-sharer"]
     assert [p["port"] for p in sharer_service["spec"]["ports"]] == [PORTS["sharer"]]
 

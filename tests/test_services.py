@@ -450,23 +450,148 @@ def test_client_cancellation_stops_the_receiver(pair):
     still_serves(pair)
 
 
-def test_concurrency_bound_gives_resource_exhausted(tiny_pair, tmp_path_factory, spans):
+def pushback_ms(err: grpc.RpcError) -> int | None:
+    hint = dict(err.trailing_metadata() or ()).get("grpc-retry-pushback-ms")
+    return int(hint) if hint is not None else None
+
+
+def test_without_a_queue_the_bound_gives_resource_exhausted_with_a_retry_hint(
+    tiny_pair, tmp_path_factory, spans
+):
     bounded = Pair(
-        tiny_pair, make_adapter_dir(tiny_pair, tmp_path_factory, "lcfx"), "lcfx", spans, max_concurrent=1
+        tiny_pair,
+        make_adapter_dir(tiny_pair, tmp_path_factory, "lcfx"),
+        "lcfx",
+        spans,
+        max_concurrent=1,
+        max_queue=0,
     )
+    client = HandoffClient(f"127.0.0.1:{bounded.sharer_port}", timeout_s=30, retries=0)
     try:
         # Hold the one slot as an in-flight handoff would (deterministic: a real one may finish
         # before the second request arrives, since a tiny model can stop at EOS at any time).
         with bounded.sharer_service.limit.slot():
             with pytest.raises(grpc.RpcError) as err:
-                bounded.client.handoff(PROMPT, context=CONTEXT, max_new_tokens=2)
+                client.handoff(PROMPT, context=CONTEXT, max_new_tokens=2)
         assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-        assert "--max-concurrent" in err.value.details()
-        assert bounded.client.handoff(PROMPT, context=CONTEXT, max_new_tokens=2).summary.timings.total > 0
-        with bounded.receiver_service.limit.slot():  # the receiver has its own bound
+        assert "--max-concurrent" in err.value.details() and "--max-queue" in err.value.details()
+        assert 50 <= pushback_ms(err.value) <= 10_000
+        assert client.handoff(PROMPT, context=CONTEXT, max_new_tokens=2).summary.timings.total > 0
+        with bounded.receiver_service.limit.slot():  # the receiver has its own bound, and its hint travels
             with pytest.raises(grpc.RpcError) as err:
-                bounded.client.handoff(PROMPT, context=CONTEXT, max_new_tokens=2)
+                client.handoff(PROMPT, context=CONTEXT, max_new_tokens=2)
         assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert err.value.details().startswith("receiver:") and pushback_ms(err.value) is not None
+    finally:
+        client.close()
+        bounded.stop()
+
+
+@pytest.fixture
+def queued(tiny_pair, tmp_path_factory, spans):
+    """One slot and a queue of two on each service."""
+    running = Pair(
+        tiny_pair,
+        make_adapter_dir(tiny_pair, tmp_path_factory, "lcfx"),
+        "lcfx",
+        spans,
+        max_concurrent=1,
+        max_queue=2,
+    )
+    yield running
+    running.stop()
+
+
+def hold_slot(limit, seconds: float):
+    """Hold one of `limit`'s slots from another thread for `seconds`; returns (thread, held event)."""
+    import threading
+    import time
+
+    held = threading.Event()
+
+    def hold():
+        with limit.slot():
+            held.set()
+            time.sleep(seconds)
+
+    thread = threading.Thread(target=hold)
+    thread.start()
+    assert held.wait(10)
+    return thread
+
+
+def test_a_burst_waits_in_the_queue_and_is_served(queued, spans):
+    spans.clear()
+    holder = hold_slot(queued.sharer_service.limit, 0.6)
+    client = HandoffClient(f"127.0.0.1:{queued.sharer_port}", timeout_s=30, retries=0)
+    result = client.handoff(PROMPT, context=CONTEXT, max_new_tokens=2)  # waits, then runs
+    holder.join()
+    t = result.summary.timings
+    assert t.HasField("queue") and t.queue >= 300  # it waited for the held slot, and says so
+    assert t.time_to_first_token >= t.queue and t.total >= t.queue
+    names = {s.name for s in spans.get_finished_spans()}
+    assert {"sharer.queue", "receiver.queue"} <= names
+    fresh = client.handoff(PROMPT, context=CONTEXT, max_new_tokens=2)  # nothing to wait for
+    assert fresh.summary.timings.HasField("queue") and fresh.summary.timings.queue < 100
+    client.close()
+
+
+def test_a_full_queue_is_refused_at_once_and_the_queued_are_served(queued):
+    from concurrent.futures import ThreadPoolExecutor
+
+    limit = queued.sharer_service.limit
+    holder = hold_slot(limit, 1.5)
+    client = HandoffClient(f"127.0.0.1:{queued.sharer_port}", timeout_s=30, retries=0)
+    with ThreadPoolExecutor(2) as pool:
+        waiting = [pool.submit(client.handoff, PROMPT, context=CONTEXT, max_new_tokens=2) for _ in range(2)]
+        assert wait_until(lambda: limit.queued == 2, 10)
+        with pytest.raises(grpc.RpcError) as err:
+            client.handoff(PROMPT, context=CONTEXT, max_new_tokens=2)
+        assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and pushback_ms(err.value) >= 50
+        results = [future.result(timeout=60) for future in waiting]
+    holder.join()
+    assert all(r.summary.timings.queue > 0 for r in results)
+    assert limit.queued == 0 and limit.in_flight == 0
+    client.close()
+
+
+def test_a_deadline_ends_the_wait_in_the_queue(queued):
+    limit = queued.sharer_service.limit
+    holder = hold_slot(limit, 1.5)
+    client = HandoffClient(f"127.0.0.1:{queued.sharer_port}", timeout_s=0.4, retries=0)
+    with pytest.raises(grpc.RpcError) as err:
+        client.handoff(PROMPT, context=CONTEXT, max_new_tokens=2)
+    assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert wait_until(lambda: limit.queued == 0, 5)  # its place in the queue is given up
+    holder.join()
+    client.close()
+
+
+def test_the_client_retries_a_full_queue_with_grpc_retries(tiny_pair, tmp_path_factory, spans):
+    import time
+
+    bounded = Pair(
+        tiny_pair,
+        make_adapter_dir(tiny_pair, tmp_path_factory, "lcfx"),
+        "lcfx",
+        spans,
+        max_concurrent=1,
+        max_queue=0,
+    )
+    try:
+        holder = hold_slot(bounded.sharer_service.limit, 0.5)
+        started = time.monotonic()
+        for retries, expected in ((0, grpc.StatusCode.RESOURCE_EXHAUSTED), (3, grpc.StatusCode.OK)):
+            client = HandoffClient(f"127.0.0.1:{bounded.sharer_port}", timeout_s=30, retries=retries)
+            try:
+                client.handoff(PROMPT, context=CONTEXT, max_new_tokens=2)
+                code = grpc.StatusCode.OK
+            except grpc.RpcError as err:
+                code = err.code()
+            client.close()
+            assert code == expected, retries
+        assert time.monotonic() - started >= 0.3  # the retried call got through after the slot freed
+        holder.join()
     finally:
         bounded.stop()
 
@@ -594,3 +719,222 @@ def test_latent_modes_without_an_adapter_are_failed_precondition(tiny_pair, span
     finally:
         sharer_running.stop(1)
         receiver_running.stop(1)
+
+
+# --- strict streams: nothing the receiver did not ask for, every shape checked first ------------
+
+
+def receive_events(pair, messages) -> tuple[list[pb.HandoffEvent], grpc.StatusCode, str]:
+    """Every event the receiver sent before the call ended, its status and details."""
+    events = []
+    try:
+        for event in pair.receiver_stub.Receive(iter(messages), timeout=30):
+            events.append(event)
+    except grpc.RpcError as err:
+        return events, err.code(), err.details()
+    return events, grpc.StatusCode.OK, ""
+
+
+def plain_request(mode) -> pb.LatentMessage:
+    return pb.LatentMessage(
+        request=pb.ReceiverRequest(
+            prompt_text=PROMPT,
+            mode=mode,
+            text_message="Mira lives in Oslo.",
+            generation={"max_new_tokens": 2},
+        )
+    )
+
+
+@pytest.mark.parametrize("mode", [pb.NONE, pb.TEXT])
+@pytest.mark.parametrize("follows", ["header", "request", "trailer"])
+def test_nothing_may_follow_a_plain_request(pair, mode, follows):
+    latent = latent_messages(pair)
+    extra = {"header": latent[1], "request": plain_request(mode), "trailer": latent[-1]}[follows]
+    assert receive_events(pair, [plain_request(mode)])[1] == grpc.StatusCode.OK  # alone, it is served
+    events, code, details = receive_events(pair, [plain_request(mode), extra])
+    assert code == grpc.StatusCode.INVALID_ARGUMENT
+    assert f"{follows} message arrived after a {pb.Mode.Name(mode)} ReceiverRequest" in details
+    assert events == []  # refused before anything was generated
+    still_serves(pair)
+
+
+def test_a_second_request_inside_the_payload_is_invalid(pair):
+    messages = latent_messages(pair)
+    messages.insert(3, messages[0])  # after the header and a chunk
+    events, code, details = receive_events(pair, messages)
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "second ReceiverRequest" in details
+    assert events == []
+    still_serves(pair)
+
+
+@pytest.mark.parametrize("follows", ["chunk", "request", "header", "trailer"])
+def test_nothing_may_follow_the_trailer(pair, follows):
+    messages = latent_messages(pair)
+    extra = {"chunk": messages[2], "request": messages[0], "header": messages[1], "trailer": messages[-1]}
+    events, code, details = receive_events(pair, [*messages, extra[follows]])
+    assert code == grpc.StatusCode.INVALID_ARGUMENT
+    assert f"{follows} message arrived after the LatentTrailer" in details
+    assert events == []
+    still_serves(pair)
+
+
+def test_a_latent_request_without_a_header_is_invalid(pair):
+    messages = latent_messages(pair)
+    events, code, details = receive_events(pair, [messages[0], messages[2]])
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "must send its LatentHeader" in details
+    events, code, details = receive_events(pair, messages[:1])
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "not the end of the stream" in details
+
+
+def set_shape(header: pb.LatentHeader, segment: int, shape) -> None:
+    """Change one tensor's declared shape and keep total_raw_bytes consistent with it, so that
+    only the shape itself is wrong."""
+    import math
+
+    from lcflow.transport.segments import ITEMSIZE
+
+    tensor = header.segments[segment].tensors[0]
+    tensor.shape[:] = list(shape)
+    header.total_raw_bytes = sum(
+        ITEMSIZE[t.dtype] * math.prod(t.shape) for s in header.segments for t in s.tensors
+    )
+
+
+def bad_rows(pair, header):
+    rows = 5000 if pair.mode == "lcf" else 5  # lcf: above --max-context-tokens; lcfx: not the 4 slots
+    for i, segment in enumerate(header.segments):
+        if segment.HasField("layer"):
+            set_shape(header, i, (1, rows, segment.tensors[0].shape[2]))
+        else:
+            set_shape(header, i, (rows, 2))
+    return "--max-context-tokens" if pair.mode == "lcf" else "pools into 4 slots"
+
+
+def bad_bottleneck(pair, header):
+    set_shape(header, 0, (1, header.segments[0].tensors[0].shape[1], 17))
+    return "does not fit this adapter"
+
+
+def bad_layers(pair, header):
+    header.segments[0].layer = header.layers[0] = 7
+    return "but this receiver's adapter decodes layers"
+
+
+def bad_mode(pair, header):
+    header.mode = pb.LCF_X if pair.mode == "lcf" else pb.LCF
+    return "the request asked for"
+
+
+def bad_tensor_name(pair, header):
+    header.segments[0].tensors[0].name = "keys"
+    return "expected one float tensor 'latent'"
+
+
+def bad_spans(pair, header):
+    if pair.mode == "lcfx":  # LCF-X carries no shared segment at all
+        header.segments.add(tensors=[pb.TensorSpec(name="token_spans", dtype="int32", shape=[4, 2])])
+        set_shape(header, len(header.segments) - 1, (4, 2))
+        return "carries no shared tensors"
+    shared = next(i for i, s in enumerate(header.segments) if not s.HasField("layer"))
+    set_shape(header, shared, (3, 2))
+    return "LCF needs one int32 token_spans"
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [bad_rows, bad_bottleneck, bad_layers, bad_mode, bad_tensor_name, bad_spans],
+    ids=lambda f: f.__name__,
+)
+def test_header_shapes_must_fit_the_adapter(pair, damage):
+    """Each header is self-consistent (the wire format accepts it) but declares tensors this
+    receiver's decoder cannot take: refused from the header alone, before any chunk is read."""
+    messages = latent_messages(pair)
+    expected = damage(pair, header_of(messages))
+    # Only the request and header: were the header accepted, the receiver would go on to wait for
+    # chunks and end with DATA_LOSS, not INVALID_ARGUMENT.
+    events, code, details = receive_events(pair, messages[:2])
+    assert code == grpc.StatusCode.INVALID_ARGUMENT, details
+    assert expected in details
+    assert events == []
+    still_serves(pair)
+
+
+# --- content stays out of logs and traces -------------------------------------------------------
+
+SECRET_CONTEXT = "Zorblax Quintero keeps the violet key under the mossy stone."
+SECRET_PROMPT = "Where does Zorblax Quintero keep the violet key?"
+SECRET_RECEIVER_CONTEXT = "Yusra Okonkwo-Lindqvist owns an amber kite."
+
+
+@pytest.mark.parametrize("log_content", [False, True], ids=["default", "log-content"])
+def test_prompts_and_contexts_stay_out_of_logs_and_spans_unless_asked(pair, spans, caplog, log_content):
+    import logging
+
+    configs = (pair.sharer_service.config, pair.receiver_service.config)
+    spans.clear()
+    caplog.set_level(logging.DEBUG)
+    for config in configs:
+        config.log_content = log_content
+    try:
+        results = [
+            pair.client.handoff(
+                SECRET_PROMPT,
+                mode=mode,
+                context=SECRET_CONTEXT,
+                receiver_context=SECRET_RECEIVER_CONTEXT,
+                max_new_tokens=3,
+            )
+            for mode in (pair.mode, "text", "none")
+        ]
+        with pytest.raises(grpc.RpcError) as err:  # refused: its error message must not echo it either
+            pair.client.handoff(SECRET_PROMPT * 1000, mode=pair.mode, context=SECRET_CONTEXT)
+        assert "Zorblax" not in err.value.details()
+    finally:
+        for config in configs:
+            config.log_content = False
+    logged = "\n".join(record.getMessage() for record in caplog.records)
+    assert "handoff" in logged and "answered" in logged  # one line per handoff on each side
+    traced = "\n".join(str(dict(s.attributes)) for s in spans.get_finished_spans())
+    assert "Zorblax" not in traced and "Yusra" not in traced  # spans: sizes only, always
+    if log_content:
+        assert repr(SECRET_PROMPT) in logged and repr(SECRET_CONTEXT) in logged
+        assert repr(SECRET_RECEIVER_CONTEXT) in logged and repr(results[0].answer) in logged
+    else:
+        assert "Zorblax" not in logged and "Yusra" not in logged and "violet" not in logged
+        assert f"prompt {len(SECRET_PROMPT)} chars" in logged
+
+
+def test_a_span_packet_may_carry_fewer_rows_than_slots(pair):
+    """LCF-X span packets (one row per selected sharer position, at most m) pass the shape check
+    with fewer rows; more than m are refused. Marked on the adapter config as the format does."""
+    if pair.mode != "lcfx":
+        pytest.skip("LCF-X only")
+    config = pair.receiver_service.engine.adapter.config
+    config.packet = "spans"
+    try:
+        for rows, expected in ((3, grpc.StatusCode.DATA_LOSS), (5, grpc.StatusCode.INVALID_ARGUMENT)):
+            messages = latent_messages(pair)
+            header = header_of(messages)
+            for i, segment in enumerate(header.segments):
+                set_shape(header, i, (1, rows, segment.tensors[0].shape[2]))
+            # header only: accepted means the stream then ends without its chunks (DATA_LOSS)
+            events, code, details = receive_events(pair, messages[:2])
+            assert code == expected, details
+    finally:
+        del config.packet
+    still_serves(pair)
+
+
+def test_a_client_that_cancels_while_queued_gives_up_its_place(queued):
+    limit = queued.sharer_service.limit
+    holder = hold_slot(limit, 1.5)
+    call = queued.sharer_stub.Handoff(
+        queued.client.request(PROMPT, context=CONTEXT, max_new_tokens=2), timeout=30
+    )
+    assert wait_until(lambda: limit.queued == 1, 10)
+    call.cancel()
+    assert wait_until(lambda: limit.queued == 0, 5)  # left the queue without waiting for the slot
+    assert limit.in_flight == 1  # only the holder
+    holder.join()
+    assert queued.client.handoff(PROMPT, context=CONTEXT, max_new_tokens=2).summary.timings.total > 0

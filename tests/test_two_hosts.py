@@ -209,3 +209,66 @@ def test_handoff_between_two_hosts_is_one_trace_across_the_link(netns_ok, tiny_l
     # The calls really crossed the veth link: each server saw its caller's host address.
     assert sharer_server["attributes"]["net.peer.ip"] == SHARER_ADDR  # the client runs on the sharer's host
     assert receiver_server["attributes"]["net.peer.ip"] == SHARER_ADDR
+
+
+def test_handoff_between_two_hosts_runs_over_mutual_tls_with_tokens(netns_ok, tiny_lcfx, tmp_path):
+    """The same two hosts, every hop over mutual TLS with a bearer token, configured only by
+    LCFLOW_* variables and `lcflow handoff` flags; probes use the plaintext health port."""
+    from lcflow.commands.certs import make_certs, make_token
+
+    sharer_dir, receiver_dir, adapter_dir = tiny_lcfx
+    certs = tmp_path / "certs"
+    make_certs(certs, [SHARER_ADDR, RECEIVER_ADDR])
+    token = str(make_token(certs))
+    health_port = 50060
+    tls = {
+        "LCFLOW_TLS_CERT": str(certs / "server.pem"),
+        "LCFLOW_TLS_KEY": str(certs / "server-key.pem"),
+        "LCFLOW_TLS_CLIENT_CA": str(certs / "ca.pem"),
+        "LCFLOW_AUTH_TOKEN_FILE": token,
+        "LCFLOW_HEALTH_PORT": str(health_port),
+    }
+    common = {"LCFLOW_ADAPTER": str(adapter_dir), "LCFLOW_HOST": "0.0.0.0", "LCFLOW_DEVICE": "cpu"}
+    common |= {"LCFLOW_MAX_CONCURRENT": "2", "LCFLOW_SHUTDOWN_GRACE_S": "5", "OTEL_TRACES_EXPORTER": "none"}
+    receiver_env = service_env(
+        **common, **tls, LCFLOW_MODEL=str(receiver_dir), LCFLOW_PORT=str(RECEIVER_PORT)
+    )
+    sharer_env = service_env(
+        **common,
+        **tls,
+        LCFLOW_MODEL=str(sharer_dir),
+        LCFLOW_PORT=str(SHARER_PORT),
+        LCFLOW_RECEIVER=f"{RECEIVER_ADDR}:{RECEIVER_PORT}",
+        LCFLOW_RECEIVER_TLS_CA=str(certs / "ca.pem"),
+        LCFLOW_RECEIVER_TLS_CLIENT_CERT=str(certs / "client.pem"),
+        LCFLOW_RECEIVER_TLS_CLIENT_KEY=str(certs / "client-key.pem"),
+        LCFLOW_RECEIVER_AUTH_TOKEN_FILE=token,
+    )
+    handoff = [sys.executable, "-m", "lcflow.cli", "handoff", "--sharer", f"{SHARER_ADDR}:{SHARER_PORT}"]
+    handoff += ["--context", "Mira lives in Oslo.", "--prompt", "Where does Mira live?", "--mode", "lcfx"]
+    handoff += ["--max-new-tokens", "3", "--timeout", str(HANDOFF_TIMEOUT_S)]
+    secured = ["--tls-ca", str(certs / "ca.pem"), "--tls-client-cert", str(certs / "client.pem")]
+    secured += ["--tls-client-key", str(certs / "client-key.pem"), "--auth-token-file", token]
+
+    with two_hosts("lcfm", (SHARER_ADDR, RECEIVER_ADDR)) as (sharer_host, receiver_host):
+        receiver = start_service(receiver_host, "receiver", receiver_env, tmp_path)
+        sharer = start_service(sharer_host, "sharer", sharer_env, tmp_path)
+        wait_healthy(receiver_host, health_port, "lcflow.v1.Receiver", receiver, tmp_path)
+        wait_healthy(sharer_host, health_port, "lcflow.v1.Sharer", sharer, tmp_path)
+
+        def run(argv):
+            return sharer_host.run(
+                argv, timeout=HANDOFF_TIMEOUT_S + 30, capture_output=True, text=True, env=service_env()
+            )
+
+        done = run(handoff + secured)
+        plaintext = run(handoff)
+        no_token = run(handoff + secured[:6])
+        sharer_host.stop_all()
+        receiver_host.stop_all()
+
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "mode LCF_X" in done.stdout and re.search(r"time_to_first_token\s+[\d.]+ ms", done.stdout)
+    assert plaintext.returncode == 1 and "UNAVAILABLE" in plaintext.stderr, plaintext.stderr
+    assert no_token.returncode == 1 and "UNAUTHENTICATED" in no_token.stderr, no_token.stderr
+    assert sharer.returncode == 0 and receiver.returncode == 0, "a service did not stop cleanly on SIGTERM"

@@ -398,3 +398,12 @@ def test_batch_over_the_chunk_size_is_invalid_argument():
     messages = list(packet_messages(make_packet(), CodecConfig(chunk_size=4096)))
     batched = list(coalesce_chunks(messages, max_bytes=MAX_CHUNK_BYTES))
     expect_error(batched, grpc.StatusCode.INVALID_ARGUMENT)
+
+
+def test_an_unknown_mode_value_is_invalid_argument_not_a_crash():
+    """proto3 enums are open: a peer can send a Mode value this receiver has no name for."""
+    messages = list(packet_messages(make_packet()))
+    messages[0].header.mode = 12345
+    with pytest.raises(WireError) as err:
+        assemble(messages)
+    assert err.value.code == grpc.StatusCode.INVALID_ARGUMENT and "unknown mode 12345" in err.value.details

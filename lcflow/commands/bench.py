@@ -10,6 +10,7 @@ import argparse
 import importlib
 
 BENCH_MODULES = [
+    "lcflow.bench.load",
     "lcflow.bench.transport",
     "lcflow.bench.latency",
     "lcflow.bench.oracles",

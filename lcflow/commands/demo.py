@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 from dataclasses import fields
 
+from lcflow.cli import UsageError
 from lcflow.demo import DemoOptions
+from lcflow.security import add_client_security_flags, client_security_from_args
 
 
 def register(subparsers) -> None:
@@ -32,15 +34,23 @@ def register(subparsers) -> None:
     p.add_argument(
         "--startup-timeout-s", type=float, default=d.startup_timeout_s, help="wait this long for health"
     )
+    add_client_security_flags(p)  # with --sharer: running services behind TLS or a token
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
     from lcflow.demo import run_demo
 
-    names = {f.name for f in fields(DemoOptions)}
+    names = {f.name for f in fields(DemoOptions)} - {"security"}
+    security = client_security_from_args(args)
+    if not args.sharer and (security.tls or security.auth_token_file):
+        raise UsageError(
+            "--tls-* and --auth-token-file (or their LCFLOW_* variables) are for --sharer HOST:PORT, "
+            "running services; the demo's own services run plaintext on loopback"
+        )
+    options = DemoOptions(**{k: v for k, v in vars(args).items() if k in names}, security=security)
     try:
-        run_demo(DemoOptions(**{k: v for k, v in vars(args).items() if k in names}))
+        run_demo(options)
     except KeyboardInterrupt:
         print("\ninterrupted; both services were stopped")
         return 130

@@ -31,6 +31,7 @@ from pathlib import Path
 
 import torch
 
+from lcflow.commands.preflight import check_model
 from lcflow.evaluation import (
     METHODS,
     SAME_CONTEXT_ONLY,
@@ -41,6 +42,7 @@ from lcflow.evaluation import (
     summarize,
 )
 from lcflow.handoff import GenerationSettings
+from lcflow.security import ClientSecurity, add_client_security_flags, client_security_from_args
 from lcflow.tasks import SPLITS, TASK_NAMES, QASample, get_task, load_task_file
 
 log = logging.getLogger(__name__)
@@ -118,6 +120,7 @@ def register(subparsers) -> None:
         ),
     )
     p.add_argument("--out", type=Path, required=True, help="directory for results.json, results.md, plots")
+    add_client_security_flags(p)  # for --services: TLS and the token of the sharer
     p.set_defaults(func=run)
 
 
@@ -195,6 +198,8 @@ def load_models(sharer: str, receiver: str, device: str) -> tuple[tuple, tuple]:
     """((sharer model, tokenizer), (receiver model, tokenizer)); the seam tests may replace."""
     from lcflow.provision import load_model_and_tokenizer
 
+    check_model(sharer, "--sharer")  # both names first: a typo is one line, not a hub retried for 20 s
+    check_model(receiver, "--receiver")
     return load_model_and_tokenizer(sharer, device=device), load_model_and_tokenizer(receiver, device=device)
 
 
@@ -277,7 +282,12 @@ SERVICE_MODES = {"receiver": "none", "text": "text", "lcf": "lcf", "lcfx": "lcfx
 
 
 def evaluate_through_services(
-    address: str, methods: list[str], models: EvalModels, samples: list[QASample], settings
+    address: str,
+    methods: list[str],
+    models: EvalModels,
+    samples: list[QASample],
+    settings,
+    security: ClientSecurity | None = None,
 ) -> list[SampleOutcome]:
     """`--services SHARER_HOST:PORT`: the methods the running services serve (receiver = NONE,
     text, lcf, lcfx: whichever the served adapter supports) go through the real Handoff RPC and
@@ -288,7 +298,7 @@ def evaluate_through_services(
     from lcflow.metrics import contains_answer, exact_match, extract_answer, token_f1
     from lcflow.tasks import question_prompt
 
-    client = HandoffClient(address)
+    client = HandoffClient(address, security=security)
     outcomes = []
     for sample in samples:
         for method in methods:
@@ -326,7 +336,8 @@ def evaluate_through_services(
 def measure(args, methods, models, samples, settings) -> tuple[list[SampleOutcome], str]:
     """The outcomes and the label of where their latency was measured."""
     if args.services:
-        return evaluate_through_services(args.services, methods, models, samples, settings), (
+        security = client_security_from_args(args)
+        return evaluate_through_services(args.services, methods, models, samples, settings, security), (
             f"services at {args.services}"
         )
     return evaluate(methods, models, samples, settings), "in-process"
@@ -396,6 +407,8 @@ def run(args) -> int:
     except ValueError as err:
         print(f"lcflow eval: {err}", file=sys.stderr)
         return 2
+    if args.services:
+        client_security_from_args(args)  # unreadable certificate or token files: say so before loading
     try:
         sharer, receiver = load_models(plan.sharer, plan.receiver, args.device)
     except ProvisionError as err:

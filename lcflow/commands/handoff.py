@@ -6,7 +6,9 @@ import argparse
 import sys
 from pathlib import Path
 
+from lcflow.cli import UsageError
 from lcflow.client import MODE_NAMES
+from lcflow.security import add_client_security_flags, client_security_from_args
 
 
 def register(subparsers) -> None:
@@ -24,11 +26,24 @@ def register(subparsers) -> None:
     p.add_argument("--prompt", required=True, help="what the receiver is asked")
     p.add_argument("--receiver-context", default="", help="text the receiver sees on its own")
     p.add_argument("--mode", choices=list(MODE_NAMES), default="lcfx", help="lcf, lcfx, text or none")
+    p.add_argument(
+        "--adapter",
+        default="",
+        metavar="NAME",
+        help="adapter to use, by name, from the services' --adapter-dir (default: their --adapter)",
+    )
     p.add_argument("--max-new-tokens", type=int, default=64, help="longest answer, in tokens")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold")
     p.add_argument("--seed", type=int, default=None, help="sampling seed")
     p.add_argument("--timeout", type=float, default=300.0, help="deadline for the whole handoff, seconds")
+    p.add_argument(
+        "--retries",
+        type=int,
+        default=3,
+        help="retries (by gRPC, with backoff) when the sharer is UNAVAILABLE or its queue is full (at most 4)",
+    )
+    add_client_security_flags(p)
     p.set_defaults(func=run)
 
 
@@ -38,9 +53,12 @@ def run(args) -> int:
     from lcflow.client import HandoffClient
     from lcflow.telemetry import make_tracer_provider
 
-    context = args.context_file.read_text() if args.context_file else (args.context or "")
+    context = read_context(args.context_file) if args.context_file else (args.context or "")
+    security = client_security_from_args(args)
     provider = make_tracer_provider("lcflow-client")
-    client = HandoffClient(args.sharer, provider, timeout_s=args.timeout)
+    client = HandoffClient(
+        args.sharer, provider, timeout_s=args.timeout, security=security, retries=args.retries
+    )
     summary = None
     try:
         for event in client.stream(
@@ -53,6 +71,7 @@ def run(args) -> int:
             temperature=args.temperature,
             top_p=args.top_p,
             seed=args.seed,
+            adapter=args.adapter,
         ):
             if event.HasField("text"):
                 print(event.text.text, end="", flush=True)
@@ -67,6 +86,17 @@ def run(args) -> int:
     if summary is not None:
         print(format_summary(summary))
     return 0
+
+
+def read_context(path: Path) -> str:
+    """The context file's text, or one line saying why it cannot be read (a user mistake, no traceback)."""
+    if not path.is_file():
+        what = "is a directory" if path.is_dir() else "does not exist"
+        raise UsageError(f"--context-file {path} {what}; give a text file holding the sharer's context")
+    try:
+        return path.read_text()
+    except (OSError, UnicodeDecodeError) as err:
+        raise UsageError(f"--context-file {path} cannot be read as text: {err}") from err
 
 
 def format_summary(summary) -> str:

@@ -26,10 +26,12 @@ def register(subparsers) -> None:
 
 
 def run(args) -> int:
+    from lcflow.commands.preflight import check_service
     from lcflow.serving import serve_until_signal
     from lcflow.telemetry import configure_service_logging, make_tracer_provider
 
     config = config_from_args(args.role, args)
+    check_service(config)  # a typo in --model or --adapter: one line now, not a traceback after loading
     configure_service_logging(config.log_level)
     provider = make_tracer_provider(f"lcflow-{config.role}")
     if config.role == "sharer":

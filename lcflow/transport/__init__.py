@@ -24,6 +24,7 @@ from lcflow.transport.wire import (
     WireStats,
     assemble,
     coalesce_chunks,
+    mode_name,
     packet_messages,
 )
 
@@ -44,5 +45,6 @@ __all__ = [
     "WireStats",
     "assemble",
     "coalesce_chunks",
+    "mode_name",
     "packet_messages",
 ]

@@ -62,6 +62,15 @@ MODE_FROM_PROTO = {value: name for name, value in MODE_TO_PROTO.items()}
 LATENT_MODES = ("lcf", "lcfx")  # the modes that carry a latent payload
 
 
+def mode_name(value: int) -> str:
+    """A Mode's name for a message; proto3 enums are open, so a peer may send a value we do not know
+    (pb.Mode.Name would raise on it, turning a bad request into an INTERNAL error)."""
+    try:
+        return pb.Mode.Name(value)
+    except ValueError:
+        return f"unknown mode {value}"
+
+
 @dataclass
 class LatentPacket:
     """Everything a receiver needs from the sharer's latents, independent of the wire."""
@@ -358,7 +367,7 @@ class PacketAssembler:
                 f"(supported: {sorted(SUPPORTED_FORMAT_VERSIONS)}); upgrade the older side"
             )
         if MODE_FROM_PROTO.get(header.mode) not in LATENT_MODES:
-            raise invalid(f"header mode {pb.Mode.Name(header.mode)} carries no latents; use LCF or LCF_X")
+            raise invalid(f"header mode {mode_name(header.mode)} carries no latents; use LCF or LCF_X")
         codec = header.codec
         if codec.name not in CODECS:
             raise invalid(f"unknown codec {codec.name!r}; this receiver reads {CODECS}")

@@ -7,7 +7,9 @@ One `Receive` call carries one handoff (see proto/lcflow/v1/lcflow.proto):
     LatentTrailer              totals and the whole-payload checksum
 
 and answers with TextDelta events as the answer is generated, then one HandoffSummary.
-Everything is checked before anything is decoded: a bad stream changes nothing here.
+Everything is checked before anything is decoded: a bad stream changes nothing here. The
+stream is strict: after a NONE or TEXT request it must end; a latent header must declare
+exactly the tensors this receiver's adapter decodes; nothing may follow the trailer.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import grpc
 import torch
@@ -27,25 +30,29 @@ from lcflow.proto_gen.lcflow.v1 import lcflow_pb2_grpc as pb_grpc
 from lcflow.service_config import ServiceConfig
 from lcflow.serving import (
     ConcurrencyLimit,
+    NamedAdapters,
     ServiceError,
     check_text,
     check_tokens,
+    describe_texts,
     generation_settings,
     invalid,
     load_adapter_half,
     load_model_for,
     prompt_of,
+    queue_span,
     require_adapter,
     serve_service,
     status_on_error,
 )
 from lcflow.streaming import GenerationStream
 from lcflow.telemetry import current_trace_id
-from lcflow.transport import MODE_FROM_PROTO, PacketAssembler, WireLimits, WireStats
+from lcflow.transport import MODE_FROM_PROTO, PacketAssembler, WireLimits, WireStats, mode_name
 
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = "lcflow.v1.Receiver"
+FLOAT_DTYPES = ("bfloat16", "float16", "float32")  # what a latent may travel as
 
 
 def identity_id(identity: ModelIdentity) -> str:
@@ -85,9 +92,17 @@ class ReceiverService(pb_grpc.ReceiverServicer):
         self.config = config
         self.tracer = tracer_provider.get_tracer("lcflow.receiver")
         self.engine = engine
-        self.limit = ConcurrencyLimit(config.max_concurrent)
+        self.limit = ConcurrencyLimit(config.max_concurrent, config.max_queue)
         self.wire_limits = WireLimits()
         self.cancelled_generations = 0  # generations stopped early (client gone, deadline passed)
+        self.adapters = NamedAdapters(config.adapter_dir, config.adapter, self._engine_with)
+
+    def _engine_with(self, adapter_dir: Path) -> ReceiverEngine:
+        """The loaded model with another adapter's decoder half (checked against the model)."""
+        receiver = self.ready().receiver
+        return ReceiverEngine.from_loaded(
+            receiver.model, receiver.tokenizer, str(adapter_dir), self.ready().identity.name
+        )
 
     def ready(self) -> ReceiverEngine:
         if self.engine is None:
@@ -99,13 +114,15 @@ class ReceiverService(pb_grpc.ReceiverServicer):
     def Receive(self, request_iterator, context):
         with status_on_error(context, "Receive"):
             engine = self.ready()
-            with self.limit.slot():
-                yield from self._receive(engine, request_iterator, context)
+            started = time.perf_counter()
+            queued_at = time.time_ns()
+            with self.limit.slot(context) as queue_ms:
+                queue_span(self.tracer, "receiver.queue", queued_at, queue_ms)
+                yield from self._receive(engine, request_iterator, context, started, queue_ms)
 
     # --- one handoff --------------------------------------------------------------------------
 
-    def _receive(self, engine: ReceiverEngine, messages, context):
-        started = time.perf_counter()
+    def _receive(self, engine: ReceiverEngine, messages, context, started, queue_ms):
         request = self._read_request(messages)
         mode = MODE_FROM_PROTO[request.mode]
         prompt = check_text("prompt", prompt_of(request), self.config)
@@ -113,16 +130,17 @@ class ReceiverService(pb_grpc.ReceiverServicer):
             "receiver_context", request.receiver_context, self.config, required=False
         )
         settings = generation_settings(request.generation)
-        timings: dict[str, float] = {}
+        timings: dict[str, float] = {"queue": queue_ms}
         latents, stats = None, WireStats()
         if mode in ("lcf", "lcfx"):
-            engine.require_adapter(mode)
             if mode == "lcf":
                 check_text("context_text", request.context_text, self.config)
-            latents, stats, timings["transfer"] = self._read_latents(engine, messages, context)
+            engine, latents, stats, timings["transfer"] = self._read_latents(engine, request, messages)
             timings["unpack"] = stats.serialise_ms + stats.codec_ms
-        elif mode == "text":
-            check_text("text_message", request.text_message, self.config, required=False)  # may be empty
+        else:
+            if mode == "text":
+                check_text("text_message", request.text_message, self.config, required=False)  # may be empty
+            self._expect_end(messages, f"a {mode_name(request.mode)} ReceiverRequest")
         with torch.inference_mode():
             prepared = self._prepare(engine, mode, prompt, receiver_context, request, latents)
         timings.update(prepared.timings_ms)
@@ -147,6 +165,15 @@ class ReceiverService(pb_grpc.ReceiverServicer):
         if result.first_token_at is not None:
             timings["time_to_first_token"] = (result.first_token_at - started) * 1000
         timings["total"] = (time.perf_counter() - started) * 1000
+        texts = {"prompt": prompt, "receiver_context": receiver_context}
+        texts.update({"context": request.context_text} if mode == "lcf" else {})
+        texts.update({"message": request.text_message} if mode == "text" else {})
+        log.info(
+            "answered %s in %.0f ms: %s",
+            mode_name(request.mode),
+            timings["total"],
+            describe_texts(self.config, **texts, answer=result.text),
+        )
         yield pb.HandoffEvent(
             summary=pb.HandoffSummary(
                 answer=result.text,
@@ -168,26 +195,54 @@ class ReceiverService(pb_grpc.ReceiverServicer):
             raise invalid("mode is unset: choose LCF, LCF_X, TEXT or NONE")
         return first.request
 
-    def _read_latents(self, engine: ReceiverEngine, messages, context) -> tuple[Latents, WireStats, float]:
-        """Header, chunks and trailer -> Latents, verifying all of it (WireError on any fault)."""
+    @staticmethod
+    def _expect_end(messages, after: str) -> None:
+        """The stream must close here: a message past its end means the sender and this receiver
+        disagree about what the call carries, and guessing (ignoring it, or reading it as part of
+        the handoff) could answer something the sender never meant. Nothing has been prepared or
+        generated yet, so refusing changes nothing."""
+        extra = next(messages, None)
+        if extra is not None:
+            kind = extra.WhichOneof("message") or "empty"
+            raise invalid(
+                f"a {kind} message arrived after {after}; nothing may follow it "
+                "(one Receive stream carries one request and, for LCF / LCF_X only, one latent packet)"
+            )
+
+    def _read_latents(
+        self, engine: ReceiverEngine, request: pb.ReceiverRequest, messages
+    ) -> tuple[ReceiverEngine, Latents, WireStats, float]:
+        """Header, chunks and trailer -> (the engine whose decoder takes them, Latents, ...),
+        verifying all of it (WireError on any fault). The header may name the adapter (meta
+        "adapter", from HandoffRequest.adapter); it resolves only inside --adapter-dir."""
         assembler = PacketAssembler(self.wire_limits)
         first = next(messages, None)
         if first is None or first.WhichOneof("message") != "header":
-            raise invalid("after the ReceiverRequest, a latent stream must send its LatentHeader")
+            kind = "the end of the stream" if first is None else f"a {first.WhichOneof('message')} message"
+            raise invalid(
+                f"after an {mode_name(request.mode)} ReceiverRequest a latent stream must send its "
+                f"LatentHeader, not {kind}"
+            )
         header = first.header
         with self.tracer.start_as_current_span("receiver.unpack") as span:
             window_start = time.perf_counter()
-            assembler.on_header(header)
+            assembler.on_header(header)  # counts and total size against WireLimits
+            engine = self.adapters.get(header.meta.get("adapter", ""), engine)
+            engine.require_adapter(MODE_FROM_PROTO[request.mode])
             self._check_identities(engine, header)
+            self._check_header_fits(engine, request, header)  # every shape, before any chunk is read
             for message in messages:
-                if message.WhichOneof("message") not in ("chunk", "chunks", "trailer"):
+                kind = message.WhichOneof("message")
+                if kind not in ("chunk", "chunks", "trailer"):
+                    what = "a second ReceiverRequest" if kind == "request" else f"a {kind or 'empty'} message"
                     raise invalid(
-                        f"unexpected {message.WhichOneof('message')} message inside a latent stream"
+                        f"{what} arrived inside the latent payload; only chunks and one trailer may"
                     )
                 assembler.on_message(message)  # chunks (or batches of them), verified as they come
                 if assembler.packet is not None:
                     break
             packet = assembler.packet or assembler.on_stream_end()  # DATA_LOSS if the trailer never came
+            self._expect_end(messages, "the LatentTrailer")
             window_ms = (time.perf_counter() - window_start) * 1000
             stats = assembler.stats
             span.set_attribute("lcflow.bytes.raw", stats.bytes_raw)
@@ -201,7 +256,7 @@ class ReceiverService(pb_grpc.ReceiverServicer):
             for t in packet.layers
         }
         spans = packet.shared_tensors.get("token_spans")
-        return Latents(packet.mode, layers, spans), stats, window_ms
+        return engine, Latents(packet.mode, layers, spans), stats, window_ms
 
     def _check_identities(self, engine: ReceiverEngine, header: pb.LatentHeader) -> None:
         if header.adapter_id != engine.adapter_id:
@@ -223,6 +278,67 @@ class ReceiverService(pb_grpc.ReceiverServicer):
                 f"the latents come from sharer model {header.sharer_id} but this adapter was trained "
                 f"with {engine.adapter.config.sharer.short()}",
             )
+
+    def _check_header_fits(self, engine: ReceiverEngine, request: pb.ReceiverRequest, header) -> None:
+        """Every tensor the header declares must be what this receiver's decoder takes: the
+        adapter's retained layers, each one `latent` [1, rows, b] (rows = its m slots for LCF-X, at
+        most m for a span packet, at most --max-context-tokens sharer tokens for LCF), plus LCF's
+        int32 `token_spans` [rows, 2].
+
+        The wire format alone bounds the total size; this bounds every shape by what can be
+        decoded, so a stream that would only fail inside the decoder (or allocate far more than
+        a real one) is refused before a single chunk is read."""
+        config = engine.adapter.config
+        mode = MODE_FROM_PROTO[request.mode]
+        if header.mode != request.mode:
+            raise invalid(
+                f"the header is for {mode_name(header.mode)} but the request asked for "
+                f"{mode_name(request.mode)}; one stream carries one mode"
+            )
+        layers = [s.layer for s in header.segments if s.HasField("layer")]
+        if sorted(layers) != sorted(config.retained_layers):
+            raise invalid(
+                f"the header declares layers {sorted(layers)} but this receiver's adapter decodes "
+                f"layers {sorted(config.retained_layers)}"
+            )
+        rows_seen = set()
+        for segment in header.segments:
+            what = f"layer {segment.layer}" if segment.HasField("layer") else "the shared segment"
+            specs = {t.name: (t.dtype, tuple(t.shape)) for t in segment.tensors}
+            if segment.HasField("layer"):
+                dtype, shape = specs.get("latent", ("", ()))
+                if set(specs) != {"latent"} or dtype not in FLOAT_DTYPES or len(shape) != 3:
+                    raise invalid(f"{what}: expected one float tensor 'latent' [1, rows, b], got {specs}")
+                if shape[0] != 1 or shape[2] != config.bottleneck:
+                    raise invalid(
+                        f"{what}: latent shape {list(shape)} does not fit this adapter "
+                        f"(expected [1, rows, {config.bottleneck}])"
+                    )
+                rows_seen.add(shape[1])
+            elif mode != "lcf" or set(specs) != {"token_spans"}:
+                raise invalid(
+                    f"{what}: {mode} carries no shared tensors except LCF's token_spans, got {specs}"
+                )
+        rows = rows_seen.pop() if len(rows_seen) == 1 else None
+        if rows is None:
+            raise invalid(f"the layers declare different numbers of rows {sorted(rows_seen)}; all must agree")
+        # A slot packet has exactly m rows; a span packet (AdapterConfig.packet "spans", where the
+        # adapter format has it) one per selected sharer position, at most m.
+        if mode == "lcfx" and getattr(config, "packet", "slots") == "spans":
+            if not 0 < rows <= config.slots:
+                raise invalid(f"LCF-X span latents have {rows} rows; this adapter sends 1..{config.slots}")
+        elif mode == "lcfx" and rows != config.slots:
+            raise invalid(f"LCF-X latents have {rows} rows but this adapter pools into {config.slots} slots")
+        if mode == "lcf":
+            if not 0 < rows <= self.config.max_context_tokens:
+                raise invalid(
+                    f"LCF latents for {rows} sharer tokens: allowed 1..{self.config.max_context_tokens} "
+                    "(--max-context-tokens)"
+                )
+            shared = [s for s in header.segments if not s.HasField("layer")]
+            spans = {t.name: (t.dtype, tuple(t.shape)) for t in shared[0].tensors} if shared else {}
+            if spans != {"token_spans": ("int32", (rows, 2))}:
+                raise invalid(f"LCF needs one int32 token_spans [{rows}, 2] shared tensor, got {spans}")
 
     def _prepare(self, engine, mode, prompt, receiver_context, request, latents) -> PreparedInput:
         receiver = engine.receiver

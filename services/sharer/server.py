@@ -14,6 +14,7 @@ import logging
 import threading
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import grpc
 import torch
@@ -30,15 +31,19 @@ from lcflow.proto_gen.lcflow.v1 import lcflow_pb2_grpc as pb_grpc
 from lcflow.service_config import ServiceConfig
 from lcflow.serving import (
     ConcurrencyLimit,
+    NamedAdapters,
     ServiceError,
     check_text,
     check_tokens,
+    describe_texts,
     generation_settings,
     invalid,
+    keepalive_options,
     load_adapter_half,
     load_model_for,
     messages_text,
     prompt_of,
+    queue_span,
     require_adapter,
     serve_service,
     status_on_error,
@@ -87,15 +92,32 @@ class SharerService(pb_grpc.SharerServicer):
         self.config = config
         self.tracer = tracer_provider.get_tracer("lcflow.sharer")
         self.engine = engine
-        self.limit = ConcurrencyLimit(config.max_concurrent)
+        self.limit = ConcurrencyLimit(config.max_concurrent, config.max_queue)
         self.sessions = SessionStore(config.session_memory_mb << 20, config.session_ttl_s)
         self.codec = CodecConfig(level=config.zstd_level)
-        channel = receiver_channel or grpc.insecure_channel(
-            config.receiver, options=[("grpc.lb_policy_name", "round_robin")]
+        self.adapters = NamedAdapters(config.adapter_dir, config.adapter, self._engine_with)
+        # TLS and a token towards the receiver as --receiver-tls-* / --receiver-auth-token-file say.
+        channel = receiver_channel or config.receiver_security().channel(
+            config.receiver,
+            options=[
+                ("grpc.lb_policy_name", "round_robin"),
+                *keepalive_options(config, server=False),
+                # A restarted receiver is found again within seconds, not after gRPC's default
+                # reconnect backoff of up to 2 minutes.
+                ("grpc.initial_reconnect_backoff_ms", 500),
+                ("grpc.max_reconnect_backoff_ms", 5000),
+            ],
         )
         # The interceptor puts this span's W3C trace context into the call's metadata.
         self.channel = intercept_channel(channel, client_interceptor(tracer_provider=tracer_provider))
         self.receiver = pb_grpc.ReceiverStub(self.channel)
+
+    def _engine_with(self, adapter_dir: Path) -> SharerEngine:
+        """The loaded model with another adapter's encoder half (checked against the model)."""
+        sharer = self.ready().sharer
+        return SharerEngine.from_loaded(
+            sharer.model, sharer.tokenizer, str(adapter_dir), self.ready().identity.name
+        )
 
     def ready(self) -> SharerEngine:
         if self.engine is None:
@@ -114,7 +136,7 @@ class SharerService(pb_grpc.SharerServicer):
                 request.context_text if which == "context_text" else messages_text(request.context_messages)
             )
             context_text = check_text("context", text, self.config)
-            with self.limit.slot(), torch.inference_mode():
+            with self.limit.slot(context), torch.inference_mode():
                 prefilled = self._prefill(engine, context_text)
             try:
                 session = self.sessions.put(prefilled, request.session_id, float(request.ttl_seconds))
@@ -134,11 +156,13 @@ class SharerService(pb_grpc.SharerServicer):
     def Handoff(self, request, context):
         with status_on_error(context, "Handoff"):
             engine = self.ready()
-            with self.limit.slot():
-                yield from self._handoff(engine, request, context)
+            started = time.perf_counter()  # TTFT and total as the client sees them: queueing included
+            queued_at = time.time_ns()
+            with self.limit.slot(context) as queue_ms:
+                queue_span(self.tracer, "sharer.queue", queued_at, queue_ms)
+                yield from self._handoff(engine, request, context, started, queue_ms)
 
-    def _handoff(self, engine: SharerEngine, request: pb.HandoffRequest, context):
-        started = time.perf_counter()
+    def _handoff(self, engine: SharerEngine, request: pb.HandoffRequest, context, started, queue_ms):
         mode = MODE_FROM_PROTO.get(request.mode)
         if mode is None:
             raise invalid("mode is unset: choose LCF, LCF_X, TEXT or NONE")
@@ -147,9 +171,10 @@ class SharerService(pb_grpc.SharerServicer):
             "receiver_context", request.receiver_context, self.config, required=False
         )
         generation_settings(request.generation)  # refuse bad settings before any work
-        timings: dict[str, float] = {}
+        timings: dict[str, float] = {"queue": queue_ms}  # plus the receiver's, in _final_summary
         shared, context_text = None, ""
         if mode in ("lcf", "lcfx"):
+            engine = self.adapters.get(request.adapter, engine)  # the named adapter, if any
             engine.require_adapter(mode)
             with torch.inference_mode():
                 shared = self._context(engine, request)
@@ -177,6 +202,8 @@ class SharerService(pb_grpc.SharerServicer):
         stream = _LatentStream(
             self, engine, mode, receiver_request, shared, receiver_view(receiver_context, prompt)
         )
+        stream.context_text = context_text
+        stream.adapter_name = request.adapter if mode in ("lcf", "lcfx") else ""
         call = self.receiver.Receive(stream.messages(), timeout=context.time_remaining())
         context.add_callback(call.cancel)  # client gone: cancel downstream too
         first_token_at = None
@@ -228,6 +255,7 @@ class SharerService(pb_grpc.SharerServicer):
         merged.CopyFrom(summary)
         for name, value in timings.items():
             setattr(merged.timings, name, value)
+        merged.timings.queue = timings["queue"] + summary.timings.queue  # waited on both services
         if stream.mode in ("lcf", "lcfx"):
             merged.timings.encode, merged.timings.pack = stream.encode_ms, stream.pack_ms
             # The receiver timed the whole latent window (header to trailer); the part not spent
@@ -242,6 +270,17 @@ class SharerService(pb_grpc.SharerServicer):
         merged.tokens.context = stream.context_tokens
         if stream.request.text_message:  # TEXT mode: the message itself is what travelled
             merged.bytes_raw = merged.bytes_wire = len(stream.request.text_message.encode())
+        log.info(
+            "handoff %s in %.0f ms: %s",
+            pb.Mode.Name(merged.mode),
+            merged.timings.total,
+            describe_texts(
+                self.config,
+                prompt=prompt_of(stream.request),
+                context=stream.context_text,
+                answer=merged.answer,
+            ),
+        )
         return pb.HandoffEvent(summary=merged)
 
 
@@ -257,6 +296,8 @@ class _LatentStream:
         self.context_tokens = shared.input_ids.shape[1] if shared is not None else 0
         self.error: BaseException | None = None
         self.done = threading.Event()
+        self.context_text = ""  # for the log line (its size only, unless --log-content)
+        self.adapter_name = ""  # HandoffRequest.adapter, passed on to the receiver
 
     def messages(self):
         try:
@@ -288,6 +329,8 @@ class _LatentStream:
                 if self.mode == "lcf"
                 else None,
                 codec=self.service.codec,
+                # the receiver picks the same adapter by this name (resolved inside its --adapter-dir)
+                meta={"adapter": self.adapter_name} if self.adapter_name else None,
             )
             yield writer.header()
             if self.mode == "lcf":

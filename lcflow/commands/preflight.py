@@ -1,0 +1,108 @@
+"""Checks of what a command was given, run before anything slow (a model load, a hub download).
+
+A mistyped model name, a missing file or an adapter for other models is the user's to fix: each
+check raises `UsageError` with one line saying what is wrong and what to do, which `lcflow`
+prints without a traceback (`lcflow --debug` shows it). Each check reads only small files
+(configs, a tokenizer), never weights.
+"""
+
+from __future__ import annotations
+
+import types
+from pathlib import Path
+
+from lcflow.cli import UsageError
+
+# How a sharer / receiver service uses an adapter: the half it loads, and its role in the identity check.
+HALVES = {"sharer": ("encoder", "encoder.safetensors"), "receiver": ("decoder", "decoder.safetensors")}
+SERVED_MODES = ("lcf", "lcfx")
+
+
+def looks_like_path(name: str) -> bool:
+    return name.startswith((".", "/", "~")) or "\\" in name or name.count("/") > 1
+
+
+def check_model(name: str, flag: str = "--model") -> str:
+    """What `name` resolves to (a directory, or a hub id `org/name`), or UsageError.
+
+    A bare name that is neither a known model nor a local directory is a typo far more often than
+    a hub id (the hub's ids are `org/name`): say so at once instead of retrying the hub for 20 s.
+    A known name must have been pulled."""
+    from lcflow.provision import KNOWN_MODELS, ProvisionError, resolve_model
+
+    if not name:
+        raise UsageError(f"no model given: pass {flag} NAME (see `lcflow models list`)")
+    try:
+        resolved = resolve_model(name)
+    except ProvisionError as err:  # a known name, not pulled yet
+        raise UsageError(str(err)) from err
+    if Path(resolved).is_dir():
+        return resolved
+    if looks_like_path(name):
+        raise UsageError(f"{flag} {name}: no such directory")
+    if "/" not in name:
+        raise UsageError(
+            f"{flag} {name!r} is not a known model nor a local directory; `lcflow models list` shows "
+            f"the known names ({', '.join(KNOWN_MODELS)}); a Hugging Face hub id has the form org/name"
+        )
+    return resolved  # a hub id: only the hub can say whether it exists
+
+
+def _stand_in(model_dir: str):
+    """A model's identity from its config and tokenizer alone: what `model_identity` reads, without weights."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    return types.SimpleNamespace(config=AutoConfig.from_pretrained(model_dir)), AutoTokenizer.from_pretrained(
+        model_dir
+    )
+
+
+def check_adapter(adapter_dir: str, role: str, model: str = "", model_dir: str = "") -> None:
+    """A service's --adapter: a directory with a readable config of a mode the services serve, the
+    half this role loads, and (when the model is a local directory) trained for this model."""
+    from lcflow.adapter.config import AdapterConfig
+
+    path = Path(adapter_dir).expanduser()
+    if not path.is_dir():
+        raise UsageError(
+            f"--adapter {adapter_dir}: no such directory; give an adapter directory "
+            "(e.g. adapters/smollm2-to-gemma3-lcfx) or leave --adapter out to serve TEXT and NONE only"
+        )
+    try:
+        config = AdapterConfig.load(path)
+    except FileNotFoundError as err:
+        raise UsageError(f"--adapter {adapter_dir} is not an adapter directory: {err}") from err
+    except (ValueError, KeyError, TypeError) as err:  # bad JSON, another format version, missing fields
+        raise UsageError(f"--adapter {adapter_dir}: its adapter_config.json cannot be used ({err})") from err
+    if config.mode not in SERVED_MODES:
+        raise UsageError(
+            f"--adapter {adapter_dir} holds a {config.mode} adapter; the services serve "
+            f"{' and '.join(SERVED_MODES)} adapters (C2C runs in-process only: `lcflow eval`)"
+        )
+    part, filename = HALVES[role]
+    if not (path / filename).is_file():
+        raise UsageError(
+            f"--adapter {adapter_dir} has no {filename}, the {part} half a {role} loads; "
+            "copy the whole adapter directory"
+        )
+    if model_dir and Path(model_dir).is_dir():
+        from lcflow.kv import model_identity
+
+        try:
+            identity = model_identity(*_stand_in(model_dir), name=model or None)
+            config.check_models(**{role: identity})
+        except ValueError as err:  # AdapterMismatchError, UnsupportedModelError
+            raise UsageError(f"--adapter {adapter_dir} does not fit --model {model}: {err}") from err
+
+
+def check_service(config) -> None:
+    """Everything `lcflow serve` can check before it listens and loads the model."""
+    model_dir = check_model(config.model)
+    if config.adapter:
+        check_adapter(config.adapter, config.role, config.model, model_dir)
+
+
+def check_file(path: Path, flag: str, what: str) -> None:
+    if not path.is_file():
+        state = "is a directory" if path.is_dir() else "does not exist"
+        raise UsageError(f"{flag} {path} {state}; give {what}")

@@ -1,0 +1,209 @@
+"""Adapters named in requests (HandoffRequest.adapter) resolve only inside --adapter-dir, on both
+services: no `..`, no absolute paths, no symlink out of it; a good name picks that adapter on the
+sharer and the receiver alike."""
+
+from __future__ import annotations
+
+import socket
+
+import grpc
+import pytest
+import torch
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+from lcflow.adapter import LatentAdapter
+from lcflow.client import HandoffClient
+from lcflow.handoff import receiver_view
+from lcflow.kv import model_identity
+from lcflow.proto_gen.lcflow.v1 import lcflow_pb2 as pb
+from lcflow.proto_gen.lcflow.v1 import lcflow_pb2_grpc as pb_grpc
+from lcflow.service_config import ServiceConfig
+from lcflow.serving import ServiceError, resolve_adapter_name
+from lcflow.telemetry import make_tracer_provider
+from lcflow.transport import CodecConfig, LatentPacket, packet_messages
+from services.receiver.server import ReceiverEngine, identity_id
+from services.receiver.server import serve as serve_receiver
+from services.sharer.server import SharerEngine
+from services.sharer.server import serve as serve_sharer
+
+CONTEXT = "Mira Volkov lives in Oslo. Lior Senn plays the violin."
+PROMPT = "Where does Mira Volkov live?"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def layout(tiny_pair, tmp_path_factory):
+    """root/{fast (LCF-X, the default), same (LCF), other-models, inner-link -> same, escape -> ../outside}."""
+    (ms, ts), (mr, tr) = tiny_pair
+    sharer_id, receiver_id = model_identity(ms, ts), model_identity(mr, tr)
+    base = tmp_path_factory.mktemp("adapter-layout")
+    root = base / "adapters"
+    torch.manual_seed(0)
+    for name, mode in (("fast", "lcfx"), ("same", "lcf")):
+        LatentAdapter.for_models(mode, sharer_id, receiver_id, bottleneck=16, slots=4).save_pretrained(
+            root / name
+        )
+    # trained for the pair the other way round: neither service's model fits it
+    LatentAdapter.for_models("lcf", receiver_id, sharer_id, bottleneck=16).save_pretrained(
+        root / "other-models"
+    )
+    LatentAdapter.for_models("lcf", sharer_id, receiver_id, bottleneck=16).save_pretrained(base / "outside")
+    (root / "inner-link").symlink_to(root / "same")
+    (root / "escape").symlink_to(base / "outside")
+    return root
+
+
+class Pair:
+    def __init__(self, tiny_pair, adapter: str, adapter_dir: str):
+        (ms, ts), (mr, tr) = tiny_pair
+        spans = InMemorySpanExporter()
+        self.receiver_port, self.sharer_port = free_port(), free_port()
+        common = {"model": "tiny", "adapter": adapter, "adapter_dir": adapter_dir}
+        self.receiver_running, self.receiver_service = serve_receiver(
+            ServiceConfig("receiver", port=self.receiver_port, **common),
+            make_tracer_provider("lcflow-receiver", spans),
+            ReceiverEngine.from_loaded(mr, tr, adapter),
+        )
+        self.sharer_running, self.sharer_service = serve_sharer(
+            ServiceConfig(
+                "sharer", port=self.sharer_port, receiver=f"127.0.0.1:{self.receiver_port}", **common
+            ),
+            make_tracer_provider("lcflow-sharer", spans),
+            SharerEngine.from_loaded(ms, ts, adapter),
+        )
+        self.client = HandoffClient(f"127.0.0.1:{self.sharer_port}", timeout_s=30)
+        self.receiver_stub = pb_grpc.ReceiverStub(grpc.insecure_channel(f"127.0.0.1:{self.receiver_port}"))
+
+    def status(self, adapter: str, mode: str):
+        try:
+            result = self.client.handoff(
+                PROMPT, mode=mode, context=CONTEXT, max_new_tokens=2, adapter=adapter
+            )
+        except grpc.RpcError as err:
+            return err.code(), err.details()
+        return grpc.StatusCode.OK, result.summary
+
+    def stop(self):
+        self.sharer_running.stop(1)
+        self.receiver_running.stop(1)
+
+
+@pytest.fixture(scope="module")
+def pair(tiny_pair, layout):
+    running = Pair(tiny_pair, str(layout / "fast"), str(layout))
+    yield running
+    running.stop()
+
+
+def test_a_named_adapter_is_used_on_both_hops(pair):
+    # the default adapter is LCF-X: LCF needs the one named "same", on the sharer and the receiver
+    assert pair.status("", "lcf")[0] == grpc.StatusCode.FAILED_PRECONDITION
+    for name in ("same", "inner-link"):  # a symlink that stays inside the directory is fine
+        code, summary = pair.status(name, "lcf")
+        assert code == grpc.StatusCode.OK, summary
+        assert summary.mode == pb.LCF and summary.bytes_wire > 0
+    assert pair.status("fast", "lcfx")[0] == grpc.StatusCode.OK
+    assert pair.status("", "lcfx")[0] == grpc.StatusCode.OK
+
+
+@pytest.mark.parametrize(
+    "name, code, says",
+    [
+        ("../outside", grpc.StatusCode.INVALID_ARGUMENT, "not a plain name"),
+        ("/etc", grpc.StatusCode.INVALID_ARGUMENT, "not a plain name"),
+        ("same/../../outside", grpc.StatusCode.INVALID_ARGUMENT, "not a plain name"),
+        ("..", grpc.StatusCode.INVALID_ARGUMENT, "not a plain name"),
+        ("x" * 200, grpc.StatusCode.INVALID_ARGUMENT, "not a plain name"),
+        ("escape", grpc.StatusCode.INVALID_ARGUMENT, "resolves outside the adapter directory"),
+        ("nope", grpc.StatusCode.NOT_FOUND, "no adapter 'nope'"),
+        ("other-models", grpc.StatusCode.FAILED_PRECONDITION, "cannot be used here"),
+    ],
+    ids=[
+        "dotdot",
+        "absolute",
+        "nested-dotdot",
+        "parent",
+        "too-long",
+        "symlink-out",
+        "missing",
+        "other-models",
+    ],
+)
+def test_names_that_leave_the_directory_are_refused(pair, name, code, says):
+    got, details = pair.status(name, "lcf")
+    assert got == code and says in details, details
+    assert pair.status("same", "lcf")[0] == grpc.StatusCode.OK  # still serves
+
+
+def receiver_stream(pair, adapter_meta: str) -> list[pb.LatentMessage]:
+    """A valid LCF-X stream from the default adapter, its header naming `adapter_meta`."""
+    engine = pair.sharer_service.engine
+    with torch.inference_mode():
+        shared = engine.sharer.prefill(CONTEXT)
+        layers = dict(engine.sharer.encode_layers(shared, receiver_view("", PROMPT)))
+    packet = LatentPacket(
+        mode="lcfx",
+        adapter_id=engine.adapter_id,
+        sharer_id=identity_id(engine.identity),
+        receiver_id=identity_id(engine.adapter.config.receiver),
+        layers=list(layers),
+        tensors_per_layer={t: {"latent": z.to(torch.bfloat16).contiguous()} for t, z in layers.items()},
+        meta={"adapter": adapter_meta},
+    )
+    request = pb.ReceiverRequest(
+        prompt_text=PROMPT, mode=pb.LCF_X, generation=pb.GenerationSettings(max_new_tokens=2)
+    )
+    return [pb.LatentMessage(request=request), *packet_messages(packet, CodecConfig(chunk_size=64))]
+
+
+@pytest.mark.parametrize(
+    "name, code",
+    [
+        ("fast", grpc.StatusCode.OK),
+        ("../outside", grpc.StatusCode.INVALID_ARGUMENT),
+        ("escape", grpc.StatusCode.INVALID_ARGUMENT),
+        ("same", grpc.StatusCode.FAILED_PRECONDITION),  # LCF-X latents, an LCF adapter named
+    ],
+)
+def test_the_receiver_checks_the_name_itself(pair, name, code):
+    """Not only the sharer: a stream sent straight to the receiver is held to the same rules."""
+    try:
+        list(pair.receiver_stub.Receive(iter(receiver_stream(pair, name)), timeout=30))
+        got = grpc.StatusCode.OK
+    except grpc.RpcError as err:
+        got = err.code()
+    assert got == code
+
+
+def test_without_an_adapter_dir_only_the_own_adapter_can_be_named(tiny_pair, layout):
+    running = Pair(tiny_pair, str(layout / "fast"), "")
+    try:
+        assert running.status("fast", "lcfx")[0] == grpc.StatusCode.OK
+        code, details = running.status("same", "lcf")
+        assert code == grpc.StatusCode.NOT_FOUND and "--adapter-dir" in details
+        assert running.status("../fast", "lcfx")[0] == grpc.StatusCode.INVALID_ARGUMENT
+    finally:
+        running.stop()
+
+
+def test_resolve_adapter_name_follows_symlinks_before_comparing(layout, tmp_path):
+    assert resolve_adapter_name(str(layout), "same") == (layout / "same").resolve()
+    assert resolve_adapter_name(str(layout), "inner-link") == (layout / "same").resolve()
+    (layout / "loop").symlink_to(layout)  # the directory itself is no adapter
+    try:
+        with pytest.raises(ServiceError) as err:
+            resolve_adapter_name(str(layout), "loop")
+        assert err.value.code == grpc.StatusCode.INVALID_ARGUMENT
+    finally:
+        (layout / "loop").unlink()
+    # the root given through a symlink works the same
+    (tmp_path / "root-link").symlink_to(layout)
+    assert resolve_adapter_name(str(tmp_path / "root-link"), "same") == (layout / "same").resolve()
+    with pytest.raises(ServiceError) as err:
+        resolve_adapter_name(str(tmp_path / "root-link"), "escape")
+    assert err.value.code == grpc.StatusCode.INVALID_ARGUMENT
