@@ -72,14 +72,14 @@ class Pair:
         self.receiver_running.stop(1)
 
 
-def make_adapter_dir(tiny_pair, tmp_path_factory, mode):
+def make_adapter_dir(tiny_pair, tmp_path_factory, mode, **options):
     (ms, ts), (mr, tr) = tiny_pair
     adapter = LatentAdapter.for_models(
-        mode, model_identity(ms, ts), model_identity(mr, tr), bottleneck=16, slots=4
+        mode, model_identity(ms, ts), model_identity(mr, tr), bottleneck=16, slots=4, **options
     )
     torch.manual_seed(3)
     for name, p in adapter.named_parameters():  # make the latents matter to the answer
-        if name.endswith("up.weight"):
+        if name.endswith("up.weight") or name.startswith(("encoder.proj", "decoder.proj")):
             torch.nn.init.normal_(p, std=0.3)
     return adapter.save_pretrained(tmp_path_factory.mktemp(f"adapter-{mode}"))
 
@@ -107,10 +107,28 @@ def in_process_answer(tiny_pair, adapter_dir, mode, max_new_tokens):
         Receiver(mr, tr, adapter.decoder, adapter.config),
     )
     with torch.inference_mode():
-        latents = sharer.encode(sharer.prefill(CONTEXT), receiver_view(RECEIVER_CONTEXT, PROMPT))
+        latents = sharer.encode(
+            sharer.prefill(CONTEXT), receiver_view(RECEIVER_CONTEXT, PROMPT), question=PROMPT
+        )
         latents.layers = {t: z.to(torch.bfloat16).float() for t, z in latents.layers.items()}
         prepared = receiver.prepare(mode, PROMPT, latents, context=CONTEXT, receiver_context=RECEIVER_CONTEXT)
         return receiver.generate(prepared, GenerationSettings(max_new_tokens=max_new_tokens))
+
+
+def test_span_packet_lcfx_through_both_services(tiny_pair, tmp_path_factory, spans):
+    """A span-packet LCF-X adapter (lcflow.adapter.spans): the sharer selects with the request's
+    prompt, at most m rows travel, and the answer is the in-process one."""
+    adapter_dir = make_adapter_dir(tiny_pair, tmp_path_factory, "lcfx", packet="spans")
+    running = Pair(tiny_pair, adapter_dir, "lcfx", spans)
+    try:
+        result = running.client.handoff(
+            PROMPT, mode="lcfx", context=CONTEXT, receiver_context=RECEIVER_CONTEXT, max_new_tokens=6
+        )
+        assert result.answer == in_process_answer(tiny_pair, adapter_dir, "lcfx", 6)
+        layers = len(tiny_pair[1][0].config.layer_types)
+        assert 0 < result.summary.bytes_raw <= layers * 4 * 16 * 2  # m=4 rows of b=16 bf16 per layer
+    finally:
+        running.stop()
 
 
 # --- every mode --------------------------------------------------------------------------------
