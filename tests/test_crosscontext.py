@@ -254,3 +254,18 @@ def test_distillation_refines_a_span_adapter_and_resumes(tiny_pair, tmp_path):
     again = SpanDistillTrainer(cfg, sharer, receiver)
     again.run()
     assert len(again.losses) == 3 and again.losses[:2] == trainer.losses
+
+
+@torch.no_grad()
+def test_identity_alignment_reproduces_a_models_own_kv(tiny_pair):
+    from lcflow.crosscontext.alignment import identity_alignment
+    from lcflow.kv import capture_kv, kv_spec
+
+    _, (model, tok) = tiny_pair
+    alignment = identity_alignment(kv_spec(model.config))
+    ids, _ = tokenize_context(tok, DOC)
+    captured = capture_kv(model, prefill(model, ids, full_cache()))
+    z = alignment.encode(captured, 1)
+    k, v = alignment.decode(z, 1, 2, 16)
+    torch.testing.assert_close(k, captured.keys[1])
+    torch.testing.assert_close(v, captured.values[1])

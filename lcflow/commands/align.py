@@ -23,7 +23,13 @@ from pathlib import Path
 
 import torch
 
-from lcflow.crosscontext.alignment import KVAlignment, collect_stats, fit_alignment, held_out_r2
+from lcflow.crosscontext.alignment import (
+    KVAlignment,
+    collect_stats,
+    fit_alignment,
+    held_out_r2,
+    identity_alignment,
+)
 from lcflow.crosscontext.corpus import alignment_corpus
 from lcflow.layer_map import LAYER_MAP_STRATEGIES, build_layer_map
 from lcflow.tasks import get_task
@@ -54,6 +60,11 @@ def register(subparsers) -> None:
     p.add_argument("--out", help="directory to write the alignment to (required unless --from-alignment)")
     p.add_argument(
         "--from-alignment", help="skip fitting: load this alignment directory (to write --adapter-out)"
+    )
+    p.add_argument(
+        "--identity",
+        action="store_true",
+        help="sharer and receiver are one model: write the exact full-width map instead of fitting",
     )
     p.add_argument(
         "--adapter-out",
@@ -99,10 +110,19 @@ def run(args) -> int:
         raise SystemExit("lcflow align: give --pair, or both --sharer and --receiver")
     sharer = load_model_and_tokenizer(sharer_name, "cpu")
     receiver = load_model_and_tokenizer(receiver_name, "cpu")
-    if args.from_alignment:
+    if args.from_alignment or args.identity:
         if not args.adapter_out:
-            raise SystemExit("lcflow align: --from-alignment only writes an adapter; give --adapter-out")
-        alignment = KVAlignment.from_pretrained(args.from_alignment)
+            raise SystemExit(
+                "lcflow align: --from-alignment/--identity only write an adapter; give --adapter-out"
+            )
+        if args.identity:
+            from lcflow.kv import model_identity
+
+            if not model_identity(*sharer).same_model(model_identity(*receiver)):
+                raise SystemExit("lcflow align: --identity needs the same model on both sides")
+            alignment = identity_alignment(kv_spec(sharer[0].config))
+        else:
+            alignment = KVAlignment.from_pretrained(args.from_alignment)
         adapter = span_adapter_from_alignment(alignment, sharer, receiver, sharer_name, receiver_name, args)
         adapter.save_pretrained(args.adapter_out)
         print(f"saved an LCF-X span adapter (m={args.slots}, {args.selection}) to {args.adapter_out}")
@@ -170,10 +190,14 @@ def span_adapter_from_alignment(alignment, sharer, receiver, sharer_name, receiv
         receiver_aware=False,
     )
     load_alignment(adapter, alignment)
+    identity = not alignment.config.r2 and alignment.config.ridge == 0.0
     adapter.config.training = {
-        "method": "closed-form dense alignment (reduced-rank ridge), no task training",
+        "method": "the exact map (same model on both sides), no task training"
+        if identity
+        else "closed-form dense alignment (reduced-rank ridge), no task training",
         "documents": alignment.config.documents,
         "ridge": alignment.config.ridge,
-        "held_out_r2_mean": round(mean_r2(alignment.config.r2), 4),
     }
+    if alignment.config.r2:
+        adapter.config.training["held_out_r2_mean"] = round(mean_r2(alignment.config.r2), 4)
     return adapter

@@ -165,6 +165,23 @@ class KVAlignment:
         return cls(config, maps)
 
 
+def identity_alignment(spec, documents: int = 0) -> KVAlignment:
+    """The exact map for one model on both sides (same tokenizer, no chat template between them):
+    every layer to itself at full width, b = the K/V width. No compression per token; the
+    packet still keeps at most m tokens."""
+    d = spec.kv_dim
+    config = AlignmentConfig(
+        layer_map={t: t for t in range(spec.num_layers)},
+        bottleneck=d,
+        ridge=0.0,
+        sharer_layers=spec.num_layers,
+        documents=documents,
+    )
+    eye = torch.eye(d)
+    maps = {t: LayerMap(torch.zeros(d), torch.zeros(d), eye.clone(), eye.clone()) for t in config.layer_map}
+    return KVAlignment(config, maps)
+
+
 @torch.no_grad()
 def paired_kv(sharer, receiver, document: str):
     """One document through both models: the sharer's captured KV and, per sharer token, the
