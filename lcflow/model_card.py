@@ -49,6 +49,26 @@ def build_card(adapter_dir: Path, results: dict, method: str, command: str) -> d
     }
 
 
+def _training_lines(training: dict) -> list[str]:
+    """How the weights came about: a training run, or a closed form with no task training."""
+    if "steps_done" not in training:  # lcflow align: a fitted (or exact) map, nothing trained
+        lines = [f"- {training.get('method', 'no training recorded')}"]
+        if training.get("documents"):
+            lines.append(
+                f"- fitted on {training['documents']} corpus documents, ridge {training.get('ridge')}; "
+                f"mean held-out R^2 {training.get('held_out_r2_mean')}"
+            )
+        return lines
+    return [
+        f"- task: {training.get('task')}; steps: {training.get('steps_done')} x batch {training.get('batch_size')}; "
+        f"lr {training.get('lr')} (gates {training.get('gate_lr')}); seed {training.get('seed')}",
+        f"- time: {training.get('train_seconds')} s ({training.get('seconds_per_step')} s/step) on the CPU of the "
+        "development machine (2 cores)",
+        f"- loss: {training.get('first_loss_mean_first_10')} (first 10 steps) -> "
+        f"{training.get('final_loss_mean_last_10')} (last 10)",
+    ]
+
+
 def render_markdown(card: dict) -> str:
     training = card["training"]
     lines = [
@@ -61,12 +81,7 @@ def render_markdown(card: dict) -> str:
         "",
         "## Training",
         "",
-        f"- task: {training.get('task')}; steps: {training.get('steps_done')} x batch {training.get('batch_size')}; "
-        f"lr {training.get('lr')} (gates {training.get('gate_lr')}); seed {training.get('seed')}",
-        f"- time: {training.get('train_seconds')} s ({training.get('seconds_per_step')} s/step) on the CPU of the "
-        "development machine (2 cores)",
-        f"- loss: {training.get('first_loss_mean_first_10')} (first 10 steps) -> "
-        f"{training.get('final_loss_mean_last_10')} (last 10)",
+        *_training_lines(training),
         f"- retained receiver layers: {card['retained_layers']}",
         f"- rebuild: `{card['build_command']}`",
         "",

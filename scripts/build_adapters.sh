@@ -3,7 +3,7 @@
 # One command, seeded; both directions of the real pair, the C2C baseline for the forward one.
 #   bash scripts/build_adapters.sh                      # both directions
 #   DIRECTIONS=reverse bash scripts/build_adapters.sh   # only gemma3 -> smollm2
-#   DIRECTIONS=spans bash scripts/build_adapters.sh     # the span-packet LCF-X adapters, three pairs
+#   DIRECTIONS=spans bash scripts/build_adapters.sh     # the span-packet LCF-X adapters (Gemma3 -> Gemma3)
 # These are the settings the shipped adapters were built with. On the 2-core CPU development
 # machine, SmolLM2 -> Gemma3 took 13 min (LCF), 18 min (C2C) and 39 min (LCF-X); the reverse
 # direction's times are in its model cards.
@@ -68,29 +68,39 @@ PY
   if [[ $with_c2c == yes ]]; then card "$pair-c2c" "$pair-eval-same" c2c; fi
 }
 
-# build_spans PAIR: the span-packet LCF-X adapter (no task training: the closed-form dense
-# alignment, lcflow align), its eval against text on the held-out test split and on the unseen
-# ships-cross family, and its card. ~15 min of alignment per pair on the 2-core CPU.
+# build_spans: the span-packet LCF-X adapters of Gemma3 -> Gemma3 (two agents on one base model):
+#   gemma3-to-gemma3-lcfx-spans       the exact map at full width (b=512), no training (seconds)
+#   gemma3-to-gemma3-lcfx-spans-b128  b=128: dense alignment on 1200 corpus documents (6 min),
+#                                     then distillation, 40 steps x 16 samples (14 min)
+# Each is evaluated on the held-out test split with the wrong-packet control; the cards come from
+# those evals. SmolLM2 -> Gemma3 has no span adapter: its oracle ladder (docs/lcfx.md) shows the
+# receiver cannot read the translated packet (`lcflow align --pair smollm2-to-gemma3` fits it).
 build_spans() {
-  local pair=$1 out="$A/$1-lcfx-spans"
-  lcflow align --pair "$pair" --documents 2500 --window 0 --out "$RUNS/$pair-align" \
-    --adapter-out "$out" --slots 32 --selection sentences
-  cp "$RUNS/$pair-align"/{alignment.md,alignment_report.json} "$out/"
-  lcflow eval --pair "$pair" --task facts-cross --n 200 --methods receiver,text,lcfx,lcfx-wrong \
-    --adapter-lcfx "$out" --out "$RUNS/$pair-eval-cross-spans"
-  lcflow eval --pair "$pair" --task-file lcflow/data/tasks/ships-cross.jsonl --n 200 \
-    --methods receiver,text,lcfx,lcfx-wrong --adapter-lcfx "$out" --out "$RUNS/$pair-eval-ships-spans"
-  # The card's eval is smaller (tests/test_shipped_adapters.py re-runs it, with the wrong-packet control).
-  lcflow eval --pair "$pair" --task facts-cross --n 60 --methods lcfx,lcfx-wrong --adapter-lcfx "$out" \
-    --out "$RUNS/$pair-eval-card-spans"
-  card "$pair-lcfx-spans" "$pair-eval-card-spans" lcfx
+  local pair=gemma3-to-gemma3 full="$A/gemma3-to-gemma3-lcfx-spans" small="$A/gemma3-to-gemma3-lcfx-spans-b128"
+  lcflow align --pair "$pair" --identity --adapter-out "$full" --slots 32 --selection sentences
+  python -c "import sys, torch; from lcflow.adapter import LatentAdapter as L; \
+L.from_pretrained(sys.argv[1]).save_pretrained(sys.argv[1], dtype=torch.bfloat16)" "$full"  # exact in bf16
+  lcflow align --pair "$pair" --documents 1200 --window 0 --out "$RUNS/$pair-align" \
+    --adapter-out "$RUNS/$pair-spans-init" --slots 32 --selection sentences
+  lcflow train --sharer "$GEMMA" --receiver "$GEMMA" --mode lcfx --task facts-cross-words --steps 40 \
+    --batch-size 16 --lr 2e-4 --init-adapter "$RUNS/$pair-spans-init" --kl-weight 1.0 --checkpoint-every 5 \
+    --out "$RUNS/$pair-spans-distill"
+  mkdir -p "$small"
+  cp "$RUNS/$pair-spans-distill"/{adapter_config.json,encoder.safetensors,decoder.safetensors,train_log.json,loss_curve.png} \
+    "$RUNS/$pair-align"/{alignment.md,alignment_report.json} "$small/"
+  lcflow eval --pair "$pair" --task facts-cross --n 60 --methods receiver,text,lcfx,lcfx-wrong \
+    --adapter-lcfx "$full" --out "$RUNS/$pair-eval-cross-spans"
+  lcflow eval --pair "$pair" --task facts-cross --n 60 --methods lcfx,lcfx-wrong --adapter-lcfx "$small" \
+    --out "$RUNS/$pair-eval-cross-spans-b128"
+  card gemma3-to-gemma3-lcfx-spans "$pair-eval-cross-spans" lcfx
+  card gemma3-to-gemma3-lcfx-spans-b128 "$pair-eval-cross-spans-b128" lcfx
 }
 
 for direction in $DIRECTIONS; do
   case $direction in
     forward) build_direction smollm2-to-gemma3 "$SMOL" "$GEMMA" yes ;;
     reverse) build_direction gemma3-to-smollm2 "$GEMMA" "$SMOL" no ;;
-    spans) for pair in smollm2-to-gemma3 gemma3-to-gemma3 gemma3-to-smollm2; do build_spans "$pair"; done ;;
+    spans) build_spans ;;
     *) echo "unknown direction '$direction' (use forward, reverse and/or spans)" >&2; exit 2 ;;
   esac
 done
