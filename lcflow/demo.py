@@ -30,9 +30,12 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 log = logging.getLogger(__name__)
 
 REPO_ADAPTERS = Path(__file__).resolve().parent.parent / "adapters"
-DEFAULT_SHARER = "smollm2-135m-instruct"
+# Two agents on one base model with different contexts (the paper's cross-context setting):
+# the pair whose LCF-X packet the receiver can read (docs/lcfx.md). SmolLM2 -> Gemma3 runs with
+# --sharer-model smollm2-135m-instruct --adapter adapters/smollm2-to-gemma3-lcfx.
+DEFAULT_SHARER = "gemma3-270m"
 DEFAULT_RECEIVER = "gemma3-270m"
-DEFAULT_ADAPTER = "smollm2-to-gemma3-lcfx"
+DEFAULT_ADAPTER = "gemma3-to-gemma3-lcfx-spans"
 
 
 @dataclass
