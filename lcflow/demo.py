@@ -77,7 +77,7 @@ def find_adapter(requested: str, out=print) -> Path:
 def ensure_models(*names: str, out=print) -> None:
     from lcflow.provision import KNOWN_MODELS, pull
 
-    for name in names:
+    for name in dict.fromkeys(names):  # one model on both sides is pulled (and said) once
         if name in KNOWN_MODELS:
             result = pull(name)
             out(f"model {name}: {'cached' if result.already_cached else 'provisioned'} at {result.path}")
