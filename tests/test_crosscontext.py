@@ -269,3 +269,24 @@ def test_identity_alignment_reproduces_a_models_own_kv(tiny_pair):
     k, v = alignment.decode(z, 1, 2, 16)
     torch.testing.assert_close(k, captured.keys[1])
     torch.testing.assert_close(v, captured.values[1])
+
+
+def test_question_attention_is_right_while_other_threads_use_the_model(tiny_pair):
+    """Services run handoffs on one model from several threads: each thread's scores must be
+    its own question's, not another pass's (hooks fire for every thread's forward)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    model, tok = tiny_pair[0]
+    questions = ["Where does Mira Volkov live?", "Who plays the violin and owns a cat in the story?"]
+
+    def scores(question: str) -> torch.Tensor:
+        ids, _ = tokenize_context(tok, DOC)
+        cache = prefill(model, ids, full_cache())
+        q = tok("\n\n" + question_prompt(question), add_special_tokens=False, return_tensors="pt").input_ids
+        return question_attention(model, cache, q, ids.shape[1])
+
+    expected = {q: scores(q) for q in questions}
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(lambda q: (q, scores(q)), questions * 8))
+    for question, got in results:
+        torch.testing.assert_close(got, expected[question])

@@ -19,6 +19,7 @@ selected: the receiver keeps its own sink. Three ways to spend a budget of m pos
 from __future__ import annotations
 
 import re
+import threading
 from contextlib import contextmanager
 from itertools import pairwise
 
@@ -32,16 +33,21 @@ _SENTENCE = re.compile(r"[^.!?]+(?:[.!?]+|$)")
 
 @contextmanager
 def _capture_queries(model):
-    """Record each layer's queries (after q_norm where the family has one, before RoPE)."""
+    """Record each layer's queries (after q_norm where the family has one, before RoPE).
+
+    Only this thread's forward passes are recorded: a service runs handoffs on one model from
+    several threads at once, and their passes fire every registered hook."""
     backbone = model.get_decoder() if hasattr(model, "get_decoder") else model.model
     queries: dict[int, torch.Tensor] = {}
     handles = []
+    owner = threading.get_ident()
     for index, layer in enumerate(backbone.layers):
         attn = layer.self_attn
         module = getattr(attn, "q_norm", None) or attn.q_proj
 
         def hook(_module, _inputs, output, index=index):
-            queries[index] = output
+            if threading.get_ident() == owner:
+                queries[index] = output
 
         handles.append(module.register_forward_hook(hook))
     try:
