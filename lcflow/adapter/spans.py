@@ -25,6 +25,7 @@ from lcflow.crosscontext.selection import (
     cache_from_captured,
     chunk_means,
     question_attention,
+    question_ids,
     top_sentences,
     top_tokens,
 )
@@ -61,8 +62,7 @@ class SpanEncoder(nn.Module):
         if not question:
             return None
         cache = cache_from_captured(model, captured)
-        q_ids = tokenizer("\n\n" + question, add_special_tokens=False, return_tensors="pt").input_ids
-        scores = question_attention(model, cache, q_ids, captured.num_tokens)
+        scores = question_attention(model, cache, question_ids(tokenizer, question), captured.num_tokens)
         if self.config.selection == "tokens":
             return top_tokens(scores, self.config.slots)
         return top_sentences(scores, spans, text, self.config.slots)

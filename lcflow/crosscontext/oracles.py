@@ -32,10 +32,11 @@ import torch
 from tqdm import tqdm
 
 from lcflow.crosscontext.alignment import KVAlignment
-from lcflow.crosscontext.placement import document_ids, finish_input, slot_cache, slot_layout
+from lcflow.crosscontext.placement import document_cache, finish_input, slot_cache, slot_layout
 from lcflow.crosscontext.selection import (
     chunk_means,
     question_attention,
+    question_ids,
     top_sentences,
     top_tokens,
 )
@@ -89,10 +90,10 @@ class _Document:
 @torch.no_grad()
 def read_as_receiver(model, tokenizer, document: str, layout, question: str) -> _Document:
     """The receiver's own reading of the document in the slot (oracle rungs)."""
-    ids, spans = document_ids(tokenizer, document)
-    cache = prefill(model, torch.cat([layout.head_ids, ids], dim=1), full_cache())
-    q_ids = tokenizer("\n\n" + question_prompt(question), add_special_tokens=False, return_tensors="pt")
-    scores = question_attention(model, cache, q_ids.input_ids, cache.get_seq_length())
+    cache, spans = document_cache(model, tokenizer, document, layout)
+    scores = question_attention(
+        model, cache, question_ids(tokenizer, question_prompt(question)), cache.get_seq_length()
+    )
     captured = capture_kv(model, cache, start=layout.head_tokens)
     return _Document(document, captured, spans, scores[layout.head_tokens :])
 
@@ -102,8 +103,9 @@ def read_as_sharer(model, tokenizer, document: str, question: str) -> _Document:
     """The sharer's reading: its context prefill (BOS first), then the question's attention."""
     ids, spans = tokenize_context(tokenizer, document)
     cache = prefill(model, ids, full_cache())
-    q_ids = tokenizer("\n\n" + question_prompt(question), add_special_tokens=False, return_tensors="pt")
-    scores = question_attention(model, cache, q_ids.input_ids, ids.shape[1])
+    scores = question_attention(
+        model, cache, question_ids(tokenizer, question_prompt(question)), ids.shape[1]
+    )
     return _Document(document, capture_kv(model, cache), spans, scores)
 
 

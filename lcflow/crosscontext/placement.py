@@ -61,10 +61,16 @@ def own_document_kv(model, tokenizer, document: str, layout: SlotLayout) -> tupl
 
     This is what a perfect translation would produce: the target of dense alignment and the
     top rungs of the oracle ladder."""
-    ids, spans = document_ids(tokenizer, document)
-    # A full cache: a sliding-window layer must keep every document token here.
-    cache = prefill(model, torch.cat([layout.head_ids, ids], dim=1), full_cache())
+    cache, spans = document_cache(model, tokenizer, document, layout)
     return capture_kv(model, cache, start=layout.head_tokens), spans
+
+
+@torch.no_grad()
+def document_cache(model, tokenizer, document: str, layout: SlotLayout):
+    """The receiver's full cache of [head + document] (a sliding-window layer keeps every
+    document token here) and the document's token spans."""
+    ids, spans = document_ids(tokenizer, document)
+    return prefill(model, torch.cat([layout.head_ids, ids], dim=1), full_cache()), spans
 
 
 def slot_cache(

@@ -122,6 +122,11 @@ def question_attention(model, cache, question_ids: torch.Tensor, context_tokens:
     return total / max(counted, 1)
 
 
+def question_ids(tokenizer, question: str) -> torch.Tensor:
+    """The question's ids [1, Q] as they follow a context (a blank line first, no special tokens)."""
+    return tokenizer("\n\n" + question, add_special_tokens=False, return_tensors="pt").input_ids
+
+
 def top_tokens(scores: torch.Tensor, m: int) -> torch.Tensor:
     """The m best-scoring positions except the sink (position 0), in document order."""
     candidates = scores.clone()
