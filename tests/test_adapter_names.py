@@ -9,19 +9,18 @@ import socket
 import grpc
 import pytest
 import torch
+from helpers import lcfx_stream
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from lcflow.adapter import LatentAdapter
 from lcflow.client import HandoffClient
-from lcflow.handoff import receiver_view
 from lcflow.kv import model_identity
 from lcflow.proto_gen.lcflow.v1 import lcflow_pb2 as pb
 from lcflow.proto_gen.lcflow.v1 import lcflow_pb2_grpc as pb_grpc
 from lcflow.service_config import ServiceConfig
 from lcflow.serving import ServiceError, resolve_adapter_name
 from lcflow.telemetry import make_tracer_provider
-from lcflow.transport import CodecConfig, LatentPacket, packet_messages
-from services.receiver.server import ReceiverEngine, identity_id
+from services.receiver.server import ReceiverEngine
 from services.receiver.server import serve as serve_receiver
 from services.sharer.server import SharerEngine
 from services.sharer.server import serve as serve_sharer
@@ -142,23 +141,7 @@ def test_names_that_leave_the_directory_are_refused(pair, name, code, says):
 
 def receiver_stream(pair, adapter_meta: str) -> list[pb.LatentMessage]:
     """A valid LCF-X stream from the default adapter, its header naming `adapter_meta`."""
-    engine = pair.sharer_service.engine
-    with torch.inference_mode():
-        shared = engine.sharer.prefill(CONTEXT)
-        layers = dict(engine.sharer.encode_layers(shared, receiver_view("", PROMPT)))
-    packet = LatentPacket(
-        mode="lcfx",
-        adapter_id=engine.adapter_id,
-        sharer_id=identity_id(engine.identity),
-        receiver_id=identity_id(engine.adapter.config.receiver),
-        layers=list(layers),
-        tensors_per_layer={t: {"latent": z.to(torch.bfloat16).contiguous()} for t, z in layers.items()},
-        meta={"adapter": adapter_meta},
-    )
-    request = pb.ReceiverRequest(
-        prompt_text=PROMPT, mode=pb.LCF_X, generation=pb.GenerationSettings(max_new_tokens=2)
-    )
-    return [pb.LatentMessage(request=request), *packet_messages(packet, CodecConfig(chunk_size=64))]
+    return lcfx_stream(pair.sharer_service.engine, CONTEXT, PROMPT, meta={"adapter": adapter_meta})
 
 
 @pytest.mark.parametrize(

@@ -24,6 +24,7 @@ import grpc
 import pytest
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from helpers import lcfx_stream
 from netns import two_hosts, why_netns_unavailable
 
 from lcflow.adapter import LatentAdapter
@@ -253,28 +254,10 @@ def process_usage(pid: int) -> tuple[int, int]:
 
 def faulty_streams(services, tiny_pair, adapter_dir) -> list[list[pb.LatentMessage]]:
     """Streams the receiver must refuse: truncated, corrupted, out of order, bad header."""
-    from lcflow.handoff import receiver_view
-    from lcflow.transport import CodecConfig, LatentPacket, packet_messages
-    from services.receiver.server import identity_id
     from services.sharer.server import SharerEngine
 
     (ms, ts), _ = tiny_pair
-    engine = SharerEngine.from_loaded(ms, ts, str(adapter_dir))
-    with torch.inference_mode():
-        shared = engine.sharer.prefill(CONTEXT)
-        layers = dict(engine.sharer.encode_layers(shared, receiver_view("", PROMPT)))
-    packet = LatentPacket(
-        mode="lcfx",
-        adapter_id=engine.adapter_id,
-        sharer_id=identity_id(engine.identity),
-        receiver_id=identity_id(engine.adapter.config.receiver),
-        layers=list(layers),
-        tensors_per_layer={t: {"latent": z.to(torch.bfloat16).contiguous()} for t, z in layers.items()},
-    )
-    request = pb.LatentMessage(
-        request=pb.ReceiverRequest(prompt_text=PROMPT, mode=pb.LCF_X, generation={"max_new_tokens": 2})
-    )
-    valid = [request, *packet_messages(packet, CodecConfig(chunk_size=64))]
+    valid = lcfx_stream(SharerEngine.from_loaded(ms, ts, str(adapter_dir)), CONTEXT, PROMPT)
     flipped = list(valid)
     chunk = pb.LatentMessage()
     chunk.CopyFrom(flipped[3])
