@@ -164,6 +164,38 @@ class Sharer:
             self.model, self.tokenizer, rendered.input_ids, None, GenerationSettings(max_new_tokens)
         )
 
+    @torch.no_grad()
+    def write_messages(
+        self, pairs: list[tuple[str, str]], max_new_tokens: int = 256, batch_size: int = 8
+    ) -> list[str]:
+        """`write_message` for many (context, question) pairs, `batch_size` at a time (greedy).
+
+        For evaluations only: a CPU decodes a batch of notes for little more than one (each step
+        reads the weights once), so the text baseline's accuracy can be measured on hundreds of
+        samples. Inputs are left-padded; a note can differ from the unbatched one where padding
+        changes float rounding enough to flip a greedy choice. Not a handoff's latency."""
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
+        notes: list[str] = []
+        for start in range(0, len(pairs), batch_size):
+            rows = [
+                render_input(self.tokenizer, TEXT_MESSAGE_INSTRUCTION.format(question=q), [c]).input_ids[0]
+                for c, q in pairs[start : start + batch_size]
+            ]
+            width = max(len(r) for r in rows)
+            ids = torch.full((len(rows), width), pad, dtype=torch.long)
+            mask = torch.zeros((len(rows), width), dtype=torch.long)
+            for i, row in enumerate(rows):  # left padding: every row's next token is at the end
+                ids[i, width - len(row) :] = row
+                mask[i, width - len(row) :] = 1
+            output = self.model.generate(
+                input_ids=ids.to(self.model.device),
+                attention_mask=mask.to(self.model.device),
+                pad_token_id=pad,
+                **GenerationSettings(max_new_tokens).generate_kwargs(self.tokenizer),
+            )
+            notes += self.tokenizer.batch_decode(output[:, width:], skip_special_tokens=True)
+        return notes
+
 
 class Receiver:
     """The receiver model plus the adapter's decoder half (None for TEXT / NONE modes)."""

@@ -325,3 +325,39 @@ def test_adapter_dir_defaults(tmp_path):
     assert path is None and "--adapter-c2c" in reason and "is not a directory" in reason
     path, reason = eval_cmd.adapter_dir("lcf", args, None)
     assert path is None and "no --adapter-lcf DIR given" in reason
+
+
+def test_batched_notes_equal_the_notes_written_one_at_a_time(tiny_dir):
+    """`--text-batch`: left-padded batches of different lengths give each note its own greedy text."""
+    from lcflow.tasks import get_task
+    from lcflow.tiny import load_tiny
+
+    model, tokenizer = load_tiny(tiny_dir("llama", 300, 3))  # a private copy: its weights change
+    with torch.no_grad():  # a random model at init answers every input alike; louder weights do not
+        for weight in model.parameters():
+            if weight.dim() == 2:
+                weight.mul_(8)
+    sharer = Sharer(model, tokenizer)
+    samples = get_task("facts-cross").samples("test", 3, seed=0)
+    pairs = [(s.sharer_context, s.question) for s in samples]
+    pairs[1] = (pairs[1][0][:40], pairs[1][1])  # a shorter input in the same batch: padded on the left
+    alone = [sharer.write_message(c, q, max_new_tokens=6) for c, q in pairs]
+    batched = sharer.write_messages(pairs, max_new_tokens=6, batch_size=2)
+    assert batched == alone
+    assert len(set(alone)) > 1  # the check compares notes that differ, not one repeated string
+
+
+def test_text_batch_records_amortised_note_time(tiny_dir, tmp_path):
+    out = tmp_path / "out"
+    argv = ["eval", "--sharer", str(tiny_dir("llama", 300, 3)), "--receiver", str(tiny_dir("gemma3", 400, 2))]
+    argv += ["--methods", "text", "--n", "3", "--max-new-tokens", "3", "--text-batch", "2", "--out", str(out)]
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(Sharer.write_messages.__wrapped__, "__defaults__", (6, 8))  # short notes
+        code, _, stderr = run_cli(argv)
+    assert code == 0, stderr
+    results = json.loads((out / "results.json").read_text())
+    stages = results["summary"][0]["latency_ms"]
+    assert "message_generate_batched" in stages and "message_generate" not in stages
+    assert results["meta"]["text_batch"] == 2 and "amortised" in results["meta"]["latency"]
+    code, _, stderr = run_cli([*argv[:-2], "--services", "127.0.0.1:1", "--out", str(out)])
+    assert code == 2 and "--text-batch" in stderr and "Traceback" not in stderr
