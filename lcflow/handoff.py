@@ -174,7 +174,11 @@ class Sharer:
         reads the weights once), so the text baseline's accuracy can be measured on hundreds of
         samples. Inputs are left-padded; a note can differ from the unbatched one where padding
         changes float rounding enough to flip a greedy choice. Not a handoff's latency."""
-        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
+        pad = (
+            self.tokenizer.pad_token_id
+            if self.tokenizer.pad_token_id is not None
+            else self.tokenizer.eos_token_id
+        )
         notes: list[str] = []
         for start in range(0, len(pairs), batch_size):
             rows = [

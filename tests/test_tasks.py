@@ -179,7 +179,12 @@ def test_sample_fields(name):
         assert sample.task == name and sample.same_context == task.same_context
         assert sample.question.endswith("?")
         assert len(sample.answers) >= 1 and 1 <= len(sample.answers[0].split()) <= 2
+        long_sharer = getattr(task, "sharer_facts", 0)
         for document in (sample.sharer_context, sample.receiver_context):
+            if long_sharer and document == sample.sharer_context:  # facts-cross-long
+                assert len(sentences(document)) == long_sharer
+                assert 700 <= len(document.split()) <= 1400  # roughly 1,000-1,300 tokens
+                continue
             assert len(sentences(document)) == 7  # the default facts_per_document
             assert 30 <= len(document.split()) <= 110  # short: roughly 60-150 tokens
 
@@ -359,3 +364,14 @@ def test_word_value_variant_draws_from_a_broad_list_without_test_words():
     from_list = [s for s in samples if s.answers[0].lower() in set(words)]
     assert len(from_list) >= 30 and len({s.answers[0] for s in from_list}) >= 28
     assert all(s.answers[0] in s.sharer_context and s.answers[0] not in s.receiver_context for s in from_list)
+
+
+def test_long_documents_hide_one_answer_among_many_facts():
+    """facts-cross-long: >= 1,000 tokens of facts on the sharer's side; filler values may repeat,
+    the answer's never does, and the receiver's document never contains it."""
+    task = get_task("facts-cross-long")
+    for sample in task.samples("test", 30):
+        assert len(sentences(sample.sharer_context)) == 118
+        assert len(re.findall(rf"\b{re.escape(sample.answers[0])}\b", sample.sharer_context)) == 1
+        assert not mentions(sample.receiver_context, sample.answers[0])
+    assert get_task("facts-cross").samples("test", 5) != [s for s in task.samples("test", 5)]

@@ -417,7 +417,10 @@ def run(args) -> int:
     from lcflow.report import markdown_table, write_report
 
     if args.text_batch < 1 or (args.text_batch > 1 and args.services):
-        print("lcflow eval: --text-batch takes N >= 1, and only in-process (not with --services)", file=sys.stderr)
+        print(
+            "lcflow eval: --text-batch takes N >= 1, and only in-process (not with --services)",
+            file=sys.stderr,
+        )
         return 2
     try:
         plan = make_plan(args)

@@ -4,18 +4,20 @@
     samples = get_task("facts-cross").samples("test", 200, seed=0)
     prompt = format_question_prompt(samples[0], include_context=False)
 
-Tasks: facts-same, facts-cross, facts-twohop (see lcflow.tasks.facts); your own samples come
+Tasks: facts-same, facts-cross, facts-twohop, facts-cross-long (see lcflow.tasks.facts); your own samples come
 from a JSONL file through load_task_file (see lcflow.tasks.jsonl).
 """
 
 from __future__ import annotations
 
 from lcflow.tasks.base import SPLITS, QASample, Task
-from lcflow.tasks.facts import CrossContextFacts, SameContextFacts, TwoHopFacts
+from lcflow.tasks.facts import CrossContextFacts, LongCrossContextFacts, SameContextFacts, TwoHopFacts
 from lcflow.tasks.jsonl import load_task_file, save_task_file
 from lcflow.tasks.prompts import ANSWER_INSTRUCTION, format_question_prompt, question_prompt
 
-TASKS = {task.name: task for task in (SameContextFacts, CrossContextFacts, TwoHopFacts)}
+TASKS = {
+    task.name: task for task in (SameContextFacts, CrossContextFacts, TwoHopFacts, LongCrossContextFacts)
+}
 # Training variants: named options of a task (`lcflow train --task facts-cross-pseudo`).
 VARIANTS = {
     "facts-same-pseudo": ("facts-same", {"pseudo_values": 0.5}),

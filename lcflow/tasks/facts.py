@@ -40,13 +40,17 @@ class World:
     attribute) has one value, and no two people share a value of one attribute, so an answer
     names exactly one person and never shows up in a document that lacks its fact."""
 
-    def __init__(self, rng: random.Random, vocab: Vocab):
+    def __init__(self, rng: random.Random, vocab: Vocab, reuse_values: bool = False):
         self.rng = rng
         self.vocab = vocab
         self.attributes = vocab.attributes
         self._first_names: list[str] = []
         self._last_names: list[str] = []
         self._values: dict[tuple[str, str], str] = {}
+        # Long documents need more facts than an attribute has values: once an attribute's
+        # values run out, filler facts may repeat one, never a value in `protected` (the answer).
+        self.reuse_values = reuse_values
+        self.protected: set[str] = set()
 
     def new_person(self) -> str:
         # Distinct first AND last names, so no two people in a sample can be confused.
@@ -63,7 +67,10 @@ class World:
         key = (person, attribute)
         if key not in self._values:
             used = [v for (_, a), v in self._values.items() if a == attribute]
-            self._values[key] = self.rng.choice([v for v in self.vocab.values[attribute] if v not in used])
+            fresh = [v for v in self.vocab.values[attribute] if v not in used]
+            if not fresh and self.reuse_values:
+                fresh = [v for v in self.vocab.values[attribute] if v not in self.protected]
+            self._values[key] = self.rng.choice(fresh)
         return Fact(person, attribute, self._values[key])
 
     def relation(self, person: str, relation: str, other: str) -> Fact:
@@ -208,6 +215,8 @@ class FactsTask:
     # Share of samples whose values are drawn from a broad list of real words (words.json,
     # ~17k, none from the test vocabulary): the same lesson with real tokens.
     word_values: float = 0.0
+    # Let filler facts repeat attribute values once they run out (long documents; see World).
+    reuse_values: bool = False
 
     def samples(self, split: str, n: int, seed: int = 0) -> list[QASample]:
         check_split(split)
@@ -223,7 +232,7 @@ class FactsTask:
             vocab = with_pseudo_values(vocab, rng)
         elif self.word_values and rng.random() < self.word_values:
             vocab = with_word_values(vocab, rng)
-        draft = self.draft(World(rng, vocab), templates)
+        draft = self.draft(World(rng, vocab, reuse_values=self.reuse_values), templates)
         sharer_context = render_document(draft.sharer_facts, templates, rng)
         receiver_context = (
             sharer_context if self.same_context else render_document(draft.receiver_facts, templates, rng)
@@ -269,24 +278,44 @@ class CrossContextFacts(FactsTask):
     name: ClassVar[str] = "facts-cross"
     same_context: ClassVar[bool] = False
     people_per_document: int = 3
+    # A longer sharer document (the long-document variant): this many people and facts on the
+    # sharer's side; 0 = the same as the receiver's (people_per_document, facts_per_document).
+    sharer_people: int = 0
+    sharer_facts: int = 0
 
     def __post_init__(self):
         if not 2 <= self.people_per_document <= self.facts_per_document:
             raise ValueError("need 2 <= people_per_document <= facts_per_document")
+        if not 2 <= (self.sharer_people or 2) <= (self.sharer_facts or self.facts_per_document):
+            raise ValueError("need 2 <= sharer_people <= sharer_facts")
 
     def draft(self, world: World, templates: Templates) -> Draft:
-        sharer_people = world.new_people(self.people_per_document)
+        sharer_people = world.new_people(self.sharer_people or self.people_per_document)
         target, rival = sharer_people[0], sharer_people[1]
         attribute = world.rng.choice(world.attributes)
         asked = world.attribute(target, attribute)
+        world.protected.add(asked.value)
+        # A long sharer document could state every attribute of the target: keep one back for
+        # the receiver (drawn first only in that variant, so the default samples stay as they were).
+        kept_back = (
+            [world.rng.choice([a for a in world.attributes if a != attribute])] if self.sharer_facts else []
+        )
         sharer_facts = fill_document(
-            world, [asked, world.attribute(rival, attribute)], sharer_people, self.facts_per_document
+            world,
+            [asked, world.attribute(rival, attribute)],
+            sharer_people,
+            self.sharer_facts or self.facts_per_document,
+            forbidden=[(target, a) for a in kept_back],
         )
         # The receiver knows the target too, but only other attributes, and knows the asked
         # attribute only for someone else: plausible wrong answers, never the right one.
         stated = [(f.person, f.key) for f in sharer_facts]
-        other_attribute = world.rng.choice(
-            [a for a in world.attributes if (target, a) not in stated and a != attribute]
+        other_attribute = (
+            kept_back[0]
+            if kept_back
+            else world.rng.choice(
+                [a for a in world.attributes if (target, a) not in stated and a != attribute]
+            )
         )
         receiver_people = [target, *world.new_people(self.people_per_document - 1)]
         receiver_facts = fill_document(
@@ -338,3 +367,15 @@ class TwoHopFacts(FactsTask):
         return Draft(
             sharer_facts, receiver_facts, attribute, who=f"{subject}'s {relation}", answer=asked.value
         )
+
+
+@dataclass(frozen=True)
+class LongCrossContextFacts(CrossContextFacts):
+    """facts-cross with a long sharer document: the asked fact among ~118 others (1,076-1,212
+    Gemma3 tokens on the test split), so a fixed-size packet must pick it out, not carry everything.
+    Filler facts may repeat a value (12-16 per attribute); the answer's value never repeats."""
+
+    name: ClassVar[str] = "facts-cross-long"
+    sharer_people: int = 15
+    sharer_facts: int = 118
+    reuse_values: bool = True
