@@ -145,3 +145,10 @@ def test_the_real_command_prints_no_traceback():
     assert done.returncode == 2, done.stderr
     assert "Traceback" not in done.stderr and "`lcflow models list`" in done.stderr
     assert time.monotonic() - started < 60  # imports only: no model hub, no 20 s of retries
+
+
+def test_packet_diagnostics_refuse_a_slot_adapter_before_loading_models(adapter_dir, capsys, tmp_path):
+    assert main(["bench", "packets", "--adapter", str(adapter_dir)]) == 2
+    assert "is not a span-packet LCF-X adapter" in one_line_error(capsys)
+    assert main(["bench", "packets", "--adapter", str(tmp_path)]) == 2
+    assert "adapter_config.json" in one_line_error(capsys)

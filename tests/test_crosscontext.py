@@ -290,3 +290,35 @@ def test_question_attention_is_right_while_other_threads_use_the_model(tiny_pair
         results = list(pool.map(lambda q: (q, scores(q)), questions * 8))
     for question, got in results:
         torch.testing.assert_close(got, expected[question])
+
+
+@torch.no_grad()
+def test_packet_diagnostics_tell_a_collapsed_packet_from_a_real_one(tiny_pair):
+    """lcflow.crosscontext.diagnostics on the exact map: packets differ between samples, the
+    receiver attends to them and the wrong packet changes the answer's NLL; an encoder whose
+    projection is zero sends one packet for every document, and its share is 0."""
+    from lcflow.crosscontext.alignment import identity_alignment
+    from lcflow.crosscontext.diagnostics import diagnose
+    from lcflow.kv import kv_spec
+    from lcflow.tasks import get_task
+
+    _, receiver = tiny_pair
+    adapter = span_adapter(receiver, receiver, identity_alignment(kv_spec(receiver[0].config)), slots=8)
+    samples = get_task("facts-cross").samples("test", 4)
+    sharer, recv = (
+        Sharer(*receiver, adapter.encoder, adapter.config),
+        Receiver(*receiver, adapter.decoder, adapter.config),
+    )
+    found = diagnose(sharer, recv, samples)
+    summary = found["summary"]
+    assert summary["n"] == 4 and summary["rows_median"] == 8 and len(found["readings"]) == 8
+    assert summary["between_sample_share"]["min"] > 0.01
+    assert 0 < summary["prefix_attention"]["right"] < 1
+    assert summary["answer_nll"]["right"] != summary["answer_nll"]["wrong"]
+    for projection in adapter.encoder.proj.values():
+        projection.zero_()
+    collapsed = diagnose(sharer, recv, samples)["summary"]
+    assert collapsed["between_sample_share"]["mean"] == 0.0
+    assert collapsed["answer_nll"]["right"] == pytest.approx(collapsed["answer_nll"]["wrong"])
+    with pytest.raises(ValueError, match="at least 2"):
+        diagnose(sharer, recv, samples[:1])

@@ -14,6 +14,7 @@ BENCH_MODULES = [
     "lcflow.bench.transport",
     "lcflow.bench.latency",
     "lcflow.bench.oracles",
+    "lcflow.bench.packets",
 ]
 
 

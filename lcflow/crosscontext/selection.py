@@ -78,11 +78,14 @@ def cache_from_captured(model, captured: CapturedKV) -> DynamicCache:
 
 
 @torch.no_grad()
-def question_attention(model, cache, question_ids: torch.Tensor, context_tokens: int) -> torch.Tensor:
+def question_attention(
+    model, cache, question_ids: torch.Tensor, context_tokens: int, restore: bool = True
+) -> torch.Tensor:
     """Attention mass each of the first `context_tokens` cached positions gets from the question.
 
     Runs the question on top of `cache` (a prefilled context), then crops the cache back, so
-    the caller's cache is unchanged. Returns [context_tokens] scores (mean over layers, heads
+    the caller's cache is unchanged (restore=False leaves the question in it: for a throwaway
+    copy of a sliding-window cache, which cannot be cropped once its window is full). Returns [context_tokens] scores (mean over layers, heads
     and question tokens of the softmax weights; each row is normalised over context + question).
     """
     rope = RopeCodec(model)
@@ -118,7 +121,8 @@ def question_attention(model, cache, question_ids: torch.Tensor, context_tokens:
         weights = logits.masked_fill(hidden, float("-inf")).softmax(dim=-1)
         total += weights[0, :, :, :context_tokens].mean(dim=(0, 1)).cpu()
         counted += 1
-    cache.crop(-tokens)
+    if restore:
+        cache.crop(-tokens)
     return total / max(counted, 1)
 
 

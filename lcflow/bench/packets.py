@@ -1,0 +1,87 @@
+"""`lcflow bench packets`: is a span-packet LCF-X adapter's packet about its document, and read?
+
+    lcflow bench packets --adapter adapters/gemma3-to-gemma3-lcfx-spans --task facts-cross --n 40
+
+On held-out samples (lcflow.crosscontext.diagnostics): the share of the packet's variance
+that lies between samples, per receiver layer; the attention the receiver's last prompt token
+puts on the packet; and the answer's NLL, each with the sample's own packet and with another
+sample's. The models are the ones the adapter's config names (`lcflow models list`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+from pathlib import Path
+
+import torch
+
+from lcflow.tasks import TASK_NAMES, get_task, load_task_file
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "packets",
+        help="packet diagnostics of a span-packet LCF-X adapter: variance between samples, attention, NLL",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--adapter", required=True, help="a span-packet LCF-X adapter directory")
+    p.add_argument("--task", default="facts-cross", choices=TASK_NAMES, help="built-in task")
+    p.add_argument("--task-file", help="a JSONL task file instead of --task (e.g. the unseen family)")
+    p.add_argument("--split", default="test", choices=["train", "test"], help="split of the built-in task")
+    p.add_argument("--n", type=int, default=40, help="samples (at least 2)")
+    p.add_argument("--out", help="directory for diagnostics.json and diagnostics.md")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from lcflow.adapter import AdapterConfig, LatentAdapter
+    from lcflow.crosscontext.diagnostics import diagnose, markdown
+    from lcflow.handoff import Receiver, Sharer
+    from lcflow.kv import model_identity
+    from lcflow.provision.loading import load_model_and_tokenizer
+
+    try:
+        config = AdapterConfig.load(args.adapter)
+    except (FileNotFoundError, ValueError) as err:
+        print(f"lcflow bench packets: {err}", file=sys.stderr)
+        return 2
+    if config.mode != "lcfx" or config.packet != "spans":
+        print(f"lcflow bench packets: {args.adapter} is not a span-packet LCF-X adapter", file=sys.stderr)
+        return 2
+    samples = load_task_file(args.task_file)[: args.n] if args.task_file else None
+    samples = samples or get_task(args.task).samples(args.split, args.n)
+    sharer_pair = load_model_and_tokenizer(config.sharer.name, "cpu")
+    same = config.receiver.name == config.sharer.name
+    receiver_pair = sharer_pair if same else load_model_and_tokenizer(config.receiver.name, "cpu")
+    adapter = LatentAdapter.from_pretrained(
+        args.adapter,
+        sharer=model_identity(*sharer_pair, name=config.sharer.name),
+        receiver=model_identity(*receiver_pair, name=config.receiver.name),
+    )
+    try:
+        found = diagnose(
+            Sharer(*sharer_pair, adapter.encoder, adapter.config),
+            Receiver(*receiver_pair, adapter.decoder, adapter.config),
+            samples,
+        )
+    except ValueError as err:
+        print(f"lcflow bench packets: {err}", file=sys.stderr)
+        return 2
+    table = markdown(found["summary"])
+    print(table)
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        found["meta"] = {
+            "adapter": str(args.adapter),
+            "task": args.task_file or f"{args.task}/{args.split}",
+            "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads, cpu",
+        }
+        (out / "diagnostics.json").write_text(json.dumps(found, indent=1))
+        (out / "diagnostics.md").write_text(table + "\n")
+        print(f"written: {out / 'diagnostics.json'}, {out / 'diagnostics.md'}")
+    return 0
