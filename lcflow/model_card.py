@@ -17,7 +17,9 @@ from pathlib import Path
 CARD_JSON = "model_card.json"
 
 
-def build_card(adapter_dir: Path, results: dict, method: str, command: str) -> dict:
+def build_card(
+    adapter_dir: Path, results: dict, method: str, command: str, diagnostics: dict | None = None
+) -> dict:
     config = json.loads((adapter_dir / "adapter_config.json").read_text())
     meta = results["meta"]
     rows = {row["method"]: row for row in results["summary"]}
@@ -46,6 +48,10 @@ def build_card(adapter_dir: Path, results: dict, method: str, command: str) -> d
         "results": {
             name: {k: row[k] for k in ("n", "em", "em_ci", "f1", "f1_ci")} for name, row in rows.items()
         },
+        # `lcflow bench packets` (span-packet LCF-X): is the packet about its document, and read?
+        "packet_diagnostics": {**diagnostics["summary"], "task": diagnostics.get("meta", {}).get("task")}
+        if diagnostics
+        else None,
     }
 
 
@@ -100,11 +106,28 @@ def render_markdown(card: dict) -> str:
             f"| {name} | {row['n']} | {row['em']:.3f} [{em_lo:.3f}, {em_hi:.3f}] | "
             f"{row['f1']:.3f} [{f1_lo:.3f}, {f1_hi:.3f}] |"
         )
+    if card.get("packet_diagnostics"):
+        from lcflow.crosscontext.diagnostics import markdown
+
+        found = card["packet_diagnostics"]
+        lines += [
+            "",
+            "## Packet diagnostics",
+            "",
+            f"`lcflow bench packets` on {found.get('task')}: the share of the packet's variance between "
+            "samples (0 = one packet for every document), the attention the receiver's last prompt token "
+            "puts on the packet, and the answer's NLL, with the sample's own packet and another sample's.",
+            "",
+            markdown(found),
+        ]
     return "\n".join(lines) + "\n"
 
 
-def write_card(adapter_dir: Path, results_path: Path, method: str, command: str) -> dict:
-    card = build_card(adapter_dir, json.loads(results_path.read_text()), method, command)
+def write_card(
+    adapter_dir: Path, results_path: Path, method: str, command: str, diagnostics_path: Path | None = None
+) -> dict:
+    diagnostics = json.loads(diagnostics_path.read_text()) if diagnostics_path else None
+    card = build_card(adapter_dir, json.loads(results_path.read_text()), method, command, diagnostics)
     (adapter_dir / CARD_JSON).write_text(json.dumps(card, indent=2) + "\n")
     (adapter_dir / "README.md").write_text(render_markdown(card))
     return card
@@ -122,8 +145,11 @@ def main() -> None:
     parser.add_argument(
         "--command", default="bash scripts/build_adapters.sh", help="how the adapter was built"
     )
+    parser.add_argument(
+        "--diagnostics", type=Path, help="diagnostics.json written by `lcflow bench packets` (span packets)"
+    )
     args = parser.parse_args()
-    card = write_card(args.adapter, args.eval, args.method, args.command)
+    card = write_card(args.adapter, args.eval, args.method, args.command, args.diagnostics)
     print(json.dumps(card["results"][args.method]))
 
 

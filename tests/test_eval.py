@@ -361,3 +361,32 @@ def test_text_batch_records_amortised_note_time(tiny_dir, tmp_path):
     assert results["meta"]["text_batch"] == 2 and "amortised" in results["meta"]["latency"]
     code, _, stderr = run_cli([*argv[:-2], "--services", "127.0.0.1:1", "--out", str(out)])
     assert code == 2 and "--text-batch" in stderr and "Traceback" not in stderr
+
+
+def test_model_card_renders_packet_diagnostics(lcfx_dir, tmp_path):
+    from lcflow.model_card import write_card
+
+    row = {"method": "lcfx", "n": 4, "em": 0.5, "em_ci": [0.0, 1.0], "f1": 0.5, "f1_ci": [0.0, 1.0]}
+    meta = {"task": "facts-cross", "split": "test", "seed": 0, "max_new_tokens": 8}
+    (tmp_path / "results.json").write_text(json.dumps({"meta": meta, "summary": [row]}))
+    summary = {
+        "n": 4,
+        "rows_median": 8,
+        "between_sample_share": {"mean": 0.25, "min": 0.125},
+        "prefix_attention": {"right": 0.5, "wrong": 0.375},
+        "answer_nll": {"right": 1.5, "wrong": 4.25},
+    }
+    (tmp_path / "diag.json").write_text(
+        json.dumps({"summary": summary, "meta": {"task": "facts-cross/test"}})
+    )
+    card = write_card(lcfx_dir, tmp_path / "results.json", "lcfx", "cmd", tmp_path / "diag.json")
+    assert card["packet_diagnostics"]["answer_nll"] == {"right": 1.5, "wrong": 4.25}
+    text = (lcfx_dir / "README.md").read_text()
+    assert (
+        "## Packet diagnostics" in text and "| 4 | 8 | 0.250, 0.125 | 0.500 / 0.375 | 1.500 / 4.250 |" in text
+    )
+    card = write_card(lcfx_dir, tmp_path / "results.json", "lcfx", "cmd")
+    assert (
+        card["packet_diagnostics"] is None
+        and "Packet diagnostics" not in (lcfx_dir / "README.md").read_text()
+    )
