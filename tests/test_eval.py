@@ -227,29 +227,37 @@ def test_services_time_the_methods_they_serve(tiny_pair, tiny_dir, lcfx_dir, tmp
     from test_services import Pair
 
     pair = Pair(tiny_pair, lcfx_dir, "lcfx", InMemorySpanExporter())
+    argv = ["eval", "--sharer", str(tiny_dir("llama", 300, 3)), "--receiver", str(tiny_dir("gemma3", 400, 2))]
+    argv += ["--task", "facts-cross", "--methods", "receiver,skyline,lcfx", "--adapter-lcfx", str(lcfx_dir)]
+    argv += ["--n", "2", "--max-new-tokens", "3", "--services", f"127.0.0.1:{pair.sharer_port}"]
     try:
-        code, stdout, stderr = run_cli(
-            [
-                "eval",
-                "--sharer",
-                str(tiny_dir("llama", 300, 3)),
-                "--receiver",
-                str(tiny_dir("gemma3", 400, 2)),
-            ]
-            + ["--task", "facts-cross", "--methods", "receiver,skyline,lcfx", "--adapter-lcfx", str(lcfx_dir)]
-            + ["--n", "2", "--max-new-tokens", "3", "--services", f"127.0.0.1:{pair.sharer_port}"]
-            + ["--out", str(tmp_path / "out")]
-        )
+        code, stdout, stderr = run_cli([*argv, "--out", str(tmp_path / "out")])
+        assert code == 0, stderr
+        # The same through sessions: the sharer's context prefilled before the handoff, untimed.
+        code, stdout, stderr = run_cli([*argv, "--sharer-sessions", "--out", str(tmp_path / "held")])
+        assert code == 0, stderr
     finally:
         pair.stop()
-    assert code == 0, stderr
     result = json.loads((tmp_path / "out" / "results.json").read_text())
     assert "services" in json.dumps(result["meta"])
     records = {(r["method"], r["sample_id"]): r for r in result["samples"]}
     served = [r for (method, _), r in records.items() if method == "lcfx"]
     assert len(served) == 2 and all("transfer" in r["timings_ms"] and r["bytes_sent"] > 0 for r in served)
+    assert all(r["timings_ms"]["sharer_prefill"] > 0 for r in served)
     in_process = [r for (method, _), r in records.items() if method == "skyline"]
     assert len(in_process) == 2 and all("transfer" not in r["timings_ms"] for r in in_process)
+    held = json.loads((tmp_path / "held" / "results.json").read_text())
+    assert "sessions" in held["meta"]["latency"]
+    served = [r for r in held["samples"] if r["method"] == "lcfx"]
+    assert len(served) == 2 and all(r["timings_ms"].get("sharer_prefill", 0.0) == 0.0 for r in served)
+    assert [r["generated"] for r in served] == [
+        r["generated"] for r in result["samples"] if r["method"] == "lcfx"
+    ]
+
+
+def test_sharer_sessions_need_services(tmp_path, capsys):
+    assert main(["eval", "--pair", "gemma3-to-gemma3", "--sharer-sessions", "--out", str(tmp_path)]) == 2
+    assert "--sharer-sessions needs --services" in capsys.readouterr().err
 
 
 # --- report helpers ---------------------------------------------------------------------------------

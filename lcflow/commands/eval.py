@@ -128,6 +128,12 @@ def register(subparsers) -> None:
             "sharer at this address instead of in-process; start both services with the same adapter first"
         ),
     )
+    p.add_argument(
+        "--sharer-sessions",
+        action="store_true",
+        help="with --services: open each sample's sharer context as a session first (untimed, as an "
+        "agent's context already is), and hand off from it",
+    )
     p.add_argument("--out", type=Path, required=True, help="directory for results.json, results.md, plots")
     add_client_security_flags(p)  # for --services: TLS and the token of the sharer
     p.set_defaults(func=run)
@@ -297,11 +303,13 @@ def evaluate_through_services(
     samples: list[QASample],
     settings,
     security: ClientSecurity | None = None,
+    sessions: bool = False,
 ) -> list[SampleOutcome]:
     """`--services SHARER_HOST:PORT`: the methods the running services serve (receiver = NONE,
     text, lcf, lcfx: whichever the served adapter supports) go through the real Handoff RPC and
     take their stage timings from its summary (pack, transfer and unpack included); the others
-    stay in-process."""
+    stay in-process. With `sessions`, each sample's sharer context is opened as a session first
+    (untimed: an agent's context is already prefilled) and the served methods hand off from it."""
     from lcflow.client import HandoffClient
     from lcflow.evaluation import applicable, run_sample
     from lcflow.metrics import contains_answer, exact_match, extract_answer, token_f1
@@ -310,6 +318,7 @@ def evaluate_through_services(
     client = HandoffClient(address, security=security)
     outcomes = []
     for sample in samples:
+        session_id = client.open_session(sample.sharer_context).session_id if sessions else ""
         for method in methods:
             if not applicable(method, sample):
                 continue
@@ -320,6 +329,7 @@ def evaluate_through_services(
                 question_prompt(sample.question),
                 mode=SERVICE_MODES[method],
                 context=sample.sharer_context,
+                session_id=session_id,
                 receiver_context=sample.receiver_context,
                 max_new_tokens=settings.max_new_tokens,
             )
@@ -338,6 +348,8 @@ def evaluate_through_services(
                     timings_ms=timings,
                 )
             )
+        if session_id:
+            client.close_session(session_id)
     client.close()
     return outcomes
 
@@ -346,9 +358,11 @@ def measure(args, methods, models, samples, settings) -> tuple[list[SampleOutcom
     """The outcomes and the label of where their latency was measured."""
     if args.services:
         security = client_security_from_args(args)
-        return evaluate_through_services(args.services, methods, models, samples, settings, security), (
-            f"services at {args.services}"
+        outcomes = evaluate_through_services(
+            args.services, methods, models, samples, settings, security, args.sharer_sessions
         )
+        held = "; sharer contexts held in sessions (prefill not timed)" if args.sharer_sessions else ""
+        return outcomes, f"services at {args.services}{held}"
     if args.text_batch > 1 and "text" in methods:
         return evaluate(methods, models, samples, settings, args.text_batch), (
             f"in-process; text notes written {args.text_batch} at a time (text latency amortised, not a handoff's)"
@@ -416,6 +430,12 @@ def run(args) -> int:
     from lcflow.provision import ProvisionError
     from lcflow.report import markdown_table, write_report
 
+    if args.sharer_sessions and not args.services:
+        print(
+            "lcflow eval: --sharer-sessions needs --services (sessions live in the sharer service)",
+            file=sys.stderr,
+        )
+        return 2
     if args.text_batch < 1 or (args.text_batch > 1 and args.services):
         print(
             "lcflow eval: --text-batch takes N >= 1, and only in-process (not with --services)",
