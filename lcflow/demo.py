@@ -31,11 +31,12 @@ log = logging.getLogger(__name__)
 
 REPO_ADAPTERS = Path(__file__).resolve().parent.parent / "adapters"
 # Two agents on one base model with different contexts (the paper's cross-context setting):
-# the pair whose LCF-X packet the receiver can read (docs/lcfx.md). SmolLM2 -> Gemma3 runs with
-# --sharer-model smollm2-135m-instruct --adapter adapters/smollm2-to-gemma3-lcfx.
+# the pair whose LCF-X packet the receiver can read (docs/lcfx.md), with its task-trained span
+# adapter. SmolLM2 -> Gemma3 runs with --sharer-model smollm2-135m-instruct
+# --adapter adapters/smollm2-to-gemma3-lcfx (whose packet still carries nothing).
 DEFAULT_SHARER = "gemma3-270m"
 DEFAULT_RECEIVER = "gemma3-270m"
-DEFAULT_ADAPTER = "gemma3-to-gemma3-lcfx-spans"
+DEFAULT_ADAPTER = "gemma3-to-gemma3-lcfx"
 
 
 @dataclass

@@ -66,8 +66,9 @@ CLIENT_ONLY_ENV = {"LCFLOW_TLS_CA", "LCFLOW_TLS_CLIENT_CERT", "LCFLOW_TLS_CLIENT
 PORTS = {"sharer": 50051, "receiver": 50052}
 DEVICES = {"auto", "cpu", "cuda"}
 DTYPES = {"float32", "bfloat16", "float16"}
-DEMO_MODELS = {"sharer": "smollm2-135m-instruct", "receiver": "gemma3-270m"}
-DEMO_ADAPTER = "adapters/smollm2-to-gemma3-lcfx"  # in the repository; the image copies adapters/ here:
+# Two agents on one base model with the task-trained span-packet LCF-X adapter (the demo default).
+DEMO_MODELS = {"sharer": "gemma3-270m", "receiver": "gemma3-270m"}
+DEMO_ADAPTER = "adapters/gemma3-to-gemma3-lcfx"  # in the repository; the image copies adapters/ here:
 DEMO_ADAPTER_IN_IMAGE = "/opt/lcflow/" + DEMO_ADAPTER
 # Kubernetes versions whose schemas the manifests must satisfy: the oldest we support and the
 # newest that kubernetes-validate 1.37 bundles.
