@@ -206,7 +206,7 @@ def write_notes(models: EvalModels, samples: list[QASample], batch_size: int) ->
     for start in tqdm(range(0, len(samples), batch_size), desc="text notes", unit="batch"):
         chunk = samples[start : start + batch_size]
         began = time.perf_counter()
-        texts = sharer.write_messages([(s.sharer_context, s.question) for s in chunk], batch_size=batch_size)
+        texts = sharer.write_messages([(s.sharer_context, s.question) for s in chunk])
         each = (time.perf_counter() - began) * 1000 / len(chunk)
         notes.update({s.id: BatchedNote(t, each) for s, t in zip(chunk, texts, strict=True)})
     return notes

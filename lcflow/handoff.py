@@ -154,21 +154,25 @@ class Sharer:
         spans = context.spans if self.config.mode == "lcf" else None
         return Latents(self.config.mode, layers, spans)
 
+    def message_input(self, context_text: str, question: str) -> torch.Tensor:
+        """The text baseline's input: the sharer's context and the instruction to write a note, [1, T]."""
+        instruction = TEXT_MESSAGE_INSTRUCTION.format(question=question)
+        return render_input(self.tokenizer, instruction, [context_text]).input_ids
+
     @torch.no_grad()
     def write_message(self, context_text: str, question: str, max_new_tokens: int = 256) -> str:
         """The text baseline: the sharer states the essential background in words."""
-        rendered = render_input(
-            self.tokenizer, TEXT_MESSAGE_INSTRUCTION.format(question=question), [context_text]
-        )
         return generate_text(
-            self.model, self.tokenizer, rendered.input_ids, None, GenerationSettings(max_new_tokens)
+            self.model,
+            self.tokenizer,
+            self.message_input(context_text, question),
+            None,
+            GenerationSettings(max_new_tokens),
         )
 
     @torch.no_grad()
-    def write_messages(
-        self, pairs: list[tuple[str, str]], max_new_tokens: int = 256, batch_size: int = 8
-    ) -> list[str]:
-        """`write_message` for many (context, question) pairs, `batch_size` at a time (greedy).
+    def write_messages(self, pairs: list[tuple[str, str]], max_new_tokens: int = 256) -> list[str]:
+        """`write_message` for a batch of (context, question) pairs at once (greedy).
 
         For evaluations only: a CPU decodes a batch of notes for little more than one (each step
         reads the weights once), so the text baseline's accuracy can be measured on hundreds of
@@ -179,26 +183,20 @@ class Sharer:
             if self.tokenizer.pad_token_id is not None
             else self.tokenizer.eos_token_id
         )
-        notes: list[str] = []
-        for start in range(0, len(pairs), batch_size):
-            rows = [
-                render_input(self.tokenizer, TEXT_MESSAGE_INSTRUCTION.format(question=q), [c]).input_ids[0]
-                for c, q in pairs[start : start + batch_size]
-            ]
-            width = max(len(r) for r in rows)
-            ids = torch.full((len(rows), width), pad, dtype=torch.long)
-            mask = torch.zeros((len(rows), width), dtype=torch.long)
-            for i, row in enumerate(rows):  # left padding: every row's next token is at the end
-                ids[i, width - len(row) :] = row
-                mask[i, width - len(row) :] = 1
-            output = self.model.generate(
-                input_ids=ids.to(self.model.device),
-                attention_mask=mask.to(self.model.device),
-                pad_token_id=pad,
-                **GenerationSettings(max_new_tokens).generate_kwargs(self.tokenizer),
-            )
-            notes += self.tokenizer.batch_decode(output[:, width:], skip_special_tokens=True)
-        return notes
+        rows = [self.message_input(c, q)[0] for c, q in pairs]
+        width = max(len(r) for r in rows)
+        ids = torch.full((len(rows), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, row in enumerate(rows):  # left padding: every row's next token is at the end
+            ids[i, width - len(row) :] = row
+            mask[i, width - len(row) :] = 1
+        output = self.model.generate(
+            input_ids=ids.to(self.model.device),
+            attention_mask=mask.to(self.model.device),
+            pad_token_id=pad,
+            **GenerationSettings(max_new_tokens).generate_kwargs(self.tokenizer),
+        )
+        return self.tokenizer.batch_decode(output[:, width:], skip_special_tokens=True)
 
 
 class Receiver:

@@ -18,9 +18,9 @@ from pathlib import Path
 
 import torch
 
+from lcflow.bench.samples import add_sample_flags, samples_from_flags, samples_label
 from lcflow.crosscontext.oracles import DEFAULT_RUNGS, OracleModels, markdown_table, run_ladder, summarize
 from lcflow.handoff import GenerationSettings
-from lcflow.tasks import TASK_NAMES, get_task, load_task_file
 
 
 def register(subparsers) -> None:
@@ -33,10 +33,7 @@ def register(subparsers) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--pair", default="smollm2-to-gemma3", choices=sorted(PAIRS), help="sharer/receiver pair")
-    p.add_argument("--task", default="facts-cross", choices=TASK_NAMES, help="built-in task")
-    p.add_argument("--task-file", help="a JSONL task file instead of --task (e.g. the unseen family)")
-    p.add_argument("--split", default="test", choices=["train", "test"], help="split of the built-in task")
-    p.add_argument("--n", type=int, default=60, help="samples")
+    add_sample_flags(p, n_default=60)
     p.add_argument("--rungs", nargs="+", default=list(DEFAULT_RUNGS), help="rungs to run, in order")
     p.add_argument("--alignment", help="a dense alignment directory (`lcflow align`) for the xlat rungs")
     p.add_argument("--max-new-tokens", type=int, default=8, help="longest answer, in tokens")
@@ -57,10 +54,7 @@ def run(args) -> int:
     if alignment is None:
         skipped = {r: "needs --alignment" for r in rungs if r.startswith("xlat")}
         rungs = [r for r in rungs if r not in skipped]
-    if args.task_file:
-        samples = load_task_file(args.task_file)[: args.n]
-    else:
-        samples = get_task(args.task).samples(args.split, args.n)
+    samples = samples_from_flags(args)
     sharer_name, receiver_name = PAIRS[args.pair]
     sharer = load_model_and_tokenizer(sharer_name, "cpu")
     receiver = sharer if receiver_name == sharer_name else load_model_and_tokenizer(receiver_name, "cpu")
@@ -76,7 +70,7 @@ def run(args) -> int:
         out.mkdir(parents=True, exist_ok=True)
         meta = {
             "pair": args.pair,
-            "task": args.task_file or f"{args.task}/{args.split}",
+            "task": samples_label(args),
             "n": len(samples),
             "alignment": args.alignment,
             "max_new_tokens": args.max_new_tokens,

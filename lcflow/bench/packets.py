@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from lcflow.tasks import TASK_NAMES, get_task, load_task_file
+from lcflow.bench.samples import add_sample_flags, samples_from_flags, samples_label
 
 
 def register(subparsers) -> None:
@@ -29,10 +29,7 @@ def register(subparsers) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--adapter", required=True, help="a span-packet LCF-X adapter directory")
-    p.add_argument("--task", default="facts-cross", choices=TASK_NAMES, help="built-in task")
-    p.add_argument("--task-file", help="a JSONL task file instead of --task (e.g. the unseen family)")
-    p.add_argument("--split", default="test", choices=["train", "test"], help="split of the built-in task")
-    p.add_argument("--n", type=int, default=40, help="samples (at least 2)")
+    add_sample_flags(p, n_default=40)
     p.add_argument("--out", help="directory for diagnostics.json and diagnostics.md")
     p.set_defaults(func=run)
 
@@ -52,8 +49,7 @@ def run(args) -> int:
     if config.mode != "lcfx" or config.packet != "spans":
         print(f"lcflow bench packets: {args.adapter} is not a span-packet LCF-X adapter", file=sys.stderr)
         return 2
-    samples = load_task_file(args.task_file)[: args.n] if args.task_file else None
-    samples = samples or get_task(args.task).samples(args.split, args.n)
+    samples = samples_from_flags(args)
     sharer_pair = load_model_and_tokenizer(config.sharer.name, "cpu")
     same = config.receiver.name == config.sharer.name
     receiver_pair = sharer_pair if same else load_model_and_tokenizer(config.receiver.name, "cpu")
@@ -78,7 +74,7 @@ def run(args) -> int:
         out.mkdir(parents=True, exist_ok=True)
         found["meta"] = {
             "adapter": str(args.adapter),
-            "task": args.task_file or f"{args.task}/{args.split}",
+            "task": samples_label(args),
             "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads, cpu",
         }
         (out / "diagnostics.json").write_text(json.dumps(found, indent=1))

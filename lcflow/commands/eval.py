@@ -363,11 +363,10 @@ def measure(args, methods, models, samples, settings) -> tuple[list[SampleOutcom
         )
         held = "; sharer contexts held in sessions (prefill not timed)" if args.sharer_sessions else ""
         return outcomes, f"services at {args.services}{held}"
+    label = "in-process"
     if args.text_batch > 1 and "text" in methods:
-        return evaluate(methods, models, samples, settings, args.text_batch), (
-            f"in-process; text notes written {args.text_batch} at a time (text latency amortised, not a handoff's)"
-        )
-    return evaluate(methods, models, samples, settings), "in-process"
+        label += f"; text notes written {args.text_batch} at a time (text latency amortised, not a handoff's)"
+    return evaluate(methods, models, samples, settings, args.text_batch), label
 
 
 # --- the record ------------------------------------------------------------------------------------

@@ -85,8 +85,9 @@ def question_attention(
 
     Runs the question on top of `cache` (a prefilled context), then crops the cache back, so
     the caller's cache is unchanged (restore=False leaves the question in it: for a throwaway
-    copy of a sliding-window cache, which cannot be cropped once its window is full). Returns [context_tokens] scores (mean over layers, heads
-    and question tokens of the softmax weights; each row is normalised over context + question).
+    copy of a sliding-window cache, which cannot be cropped once its window is full). Returns
+    [context_tokens] scores (mean over layers, heads and question tokens of the softmax
+    weights; each row is normalised over context + question).
     """
     rope = RopeCodec(model)
     backbone = model.get_decoder() if hasattr(model, "get_decoder") else model.model
