@@ -3,7 +3,9 @@ one trace across both, and every kind of bad input answered with its exact gRPC 
 
 from __future__ import annotations
 
+import contextlib
 import socket
+import time
 import zlib
 
 import grpc
@@ -19,6 +21,7 @@ from lcflow.kv import model_identity
 from lcflow.proto_gen.lcflow.v1 import lcflow_pb2 as pb
 from lcflow.proto_gen.lcflow.v1 import lcflow_pb2_grpc as pb_grpc
 from lcflow.service_config import ServiceConfig
+from lcflow.serving import ConcurrencyLimit
 from lcflow.telemetry import make_tracer_provider
 from lcflow.transport import CodecConfig, LatentPacket, PacketWriter, TensorSpec, packet_messages
 from services.receiver.server import ReceiverEngine, identity_id
@@ -442,8 +445,6 @@ def test_stream_must_open_with_a_request(pair):
 
 
 def wait_until(condition, timeout_s: float) -> bool:
-    import time
-
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if condition():
@@ -523,7 +524,6 @@ def queued(tiny_pair, tmp_path_factory, spans):
 def hold_slot(limit, seconds: float):
     """Hold one of `limit`'s slots from another thread for `seconds`; returns (thread, held event)."""
     import threading
-    import time
 
     held = threading.Event()
 
@@ -586,8 +586,6 @@ def test_a_deadline_ends_the_wait_in_the_queue(queued):
 
 
 def test_the_client_retries_a_full_queue_with_grpc_retries(tiny_pair, tmp_path_factory, spans):
-    import time
-
     bounded = Pair(
         tiny_pair,
         make_adapter_dir(tiny_pair, tmp_path_factory, "lcfx"),
@@ -614,6 +612,59 @@ def test_the_client_retries_a_full_queue_with_grpc_retries(tiny_pair, tmp_path_f
         bounded.stop()
 
 
+class SlowRelease(ConcurrencyLimit):
+    """A limit whose slots take `delay_s` to come free after the work is done, as on a loaded
+    machine where the handler's thread is scheduled late."""
+
+    def __init__(self, limit: int, max_queue: int, delay_s: float):
+        super().__init__(limit, max_queue)
+        self.delay_s = delay_s
+
+    @contextlib.contextmanager
+    def slot(self, context=None):
+        with super().slot(context) as waited_ms:
+            try:
+                yield waited_ms
+            finally:
+                time.sleep(self.delay_s)
+
+
+def test_a_client_may_send_its_next_request_as_soon_as_it_sees_the_summary(
+    tiny_pair, tmp_path_factory, spans
+):
+    """The summary is sent only once the slot is free (on both services), so a client that stops
+    reading at the summary and sends its next request at once is never refused, even with one
+    slot and no queue. (Sent inside the slot, the summary would reach the client while the slot
+    is still held: RESOURCE_EXHAUSTED here every time.)"""
+    bounded = Pair(
+        tiny_pair,
+        make_adapter_dir(tiny_pair, tmp_path_factory, "lcfx"),
+        "lcfx",
+        spans,
+        max_concurrent=1,
+        max_queue=0,
+    )
+    bounded.sharer_service.limit = SlowRelease(1, 0, delay_s=0.5)
+    bounded.receiver_service.limit = SlowRelease(1, 0, delay_s=0.5)
+    client = HandoffClient(f"127.0.0.1:{bounded.sharer_port}", timeout_s=30, retries=0)
+    try:
+        for _ in range(2):
+            calls = [
+                lambda: client.stream(PROMPT, context=CONTEXT, max_new_tokens=2),
+                lambda: bounded.receiver_stub.Receive(iter([plain_request(pb.NONE)]), timeout=30),
+            ]
+            for call in calls:
+                events = call()
+                for event in events:  # stop at the summary: do not wait for the call's status
+                    if event.HasField("summary"):
+                        break
+                else:
+                    pytest.fail("the stream ended without a summary")
+    finally:
+        client.close()
+        bounded.stop()
+
+
 def test_graceful_shutdown_finishes_in_flight_handoffs(tiny_pair, tmp_path_factory, spans):
     import threading
 
@@ -634,8 +685,6 @@ def test_graceful_shutdown_finishes_in_flight_handoffs(tiny_pair, tmp_path_facto
 
 
 def test_health_is_not_serving_until_the_model_loads(tiny_dir, tmp_path):
-    import time
-
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
     from services.receiver.server import serve

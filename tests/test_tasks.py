@@ -375,3 +375,17 @@ def test_long_documents_hide_one_answer_among_many_facts():
         assert len(re.findall(rf"\b{re.escape(sample.answers[0])}\b", sample.sharer_context)) == 1
         assert not mentions(sample.receiver_context, sample.answers[0])
     assert get_task("facts-cross").samples("test", 5) != [s for s in task.samples("test", 5)]
+
+
+def test_the_training_mix_draws_both_hops_by_weight_and_is_stable():
+    """facts-mix-words: about half single-hop, half two-hop samples, each exactly its part's
+    sample at that index (so ids never collide), the same whatever n is."""
+    mix = get_task("facts-mix-words")
+    samples = mix.samples("train", 200, seed=1)
+    kinds = [s.task for s in samples]
+    assert set(kinds) == {"facts-cross", "facts-twohop"} and 70 <= kinds.count("facts-twohop") <= 130
+    assert len({s.id for s in samples}) == 200 and samples[:10] == mix.samples("train", 10, seed=1)
+    parts = {"facts-cross": get_task("facts-cross-words"), "facts-twohop": get_task("facts-twohop-words")}
+    assert all(s == parts[s.task].sample("train", i, seed=1) for i, s in enumerate(samples))
+    with pytest.raises(ValueError, match="weight"):
+        type(mix)("bad", mix.parts, (1.0,))

@@ -34,7 +34,7 @@ def register(subparsers) -> None:
     p.add_argument(
         "--task",
         default=d.task,
-        help="training task (see lcflow.tasks: facts-same, facts-cross, facts-twohop)",
+        help="training task: a task, a variant or a mix (see lcflow.tasks: facts-same, facts-cross, facts-twohop, facts-cross-words, facts-mix-words, ...)",
     )
     p.add_argument("--steps", type=int, default=d.steps, help="optimizer steps")
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="samples per optimizer step")

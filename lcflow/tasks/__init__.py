@@ -4,8 +4,9 @@
     samples = get_task("facts-cross").samples("test", 200, seed=0)
     prompt = format_question_prompt(samples[0], include_context=False)
 
-Tasks: facts-same, facts-cross, facts-twohop, facts-cross-long (see lcflow.tasks.facts); your own samples come
-from a JSONL file through load_task_file (see lcflow.tasks.jsonl).
+Tasks: facts-same, facts-cross, facts-twohop, facts-cross-long (see lcflow.tasks.facts); training variants
+and mixes of them (VARIANTS, MIXES); your own samples come from a JSONL file through load_task_file (see
+lcflow.tasks.jsonl).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 from lcflow.tasks.base import SPLITS, QASample, Task
 from lcflow.tasks.facts import CrossContextFacts, LongCrossContextFacts, SameContextFacts, TwoHopFacts
 from lcflow.tasks.jsonl import load_task_file, save_task_file
+from lcflow.tasks.mix import MixedTask
 from lcflow.tasks.prompts import ANSWER_INSTRUCTION, format_question_prompt, question_prompt
 
 TASKS = {
@@ -24,17 +26,27 @@ VARIANTS = {
     "facts-cross-pseudo": ("facts-cross", {"pseudo_values": 0.5}),
     "facts-same-words": ("facts-same", {"word_values": 0.8}),
     "facts-cross-words": ("facts-cross", {"word_values": 0.8}),
+    "facts-twohop-words": ("facts-twohop", {"word_values": 0.8}),
+}
+# Training mixes (lcflow.tasks.mix): samples drawn from several tasks by weight.
+MIXES = {
+    "facts-mix-words": (("facts-cross-words", 0.5), ("facts-twohop-words", 0.5)),
 }
 TASK_NAMES = tuple(TASKS)
 
 
 def get_task(name: str, **options) -> Task:
     """A task by name; options go to its constructor (e.g. facts_per_document=8)."""
+    if name in MIXES:
+        parts = tuple(get_task(part, **options) for part, _ in MIXES[name])
+        return MixedTask(name, parts, tuple(weight for _, weight in MIXES[name]))
     if name in VARIANTS:
         name, preset = VARIANTS[name]
         options = {**preset, **options}
     if name not in TASKS:
-        raise ValueError(f"unknown task {name!r}; known tasks: {', '.join(TASK_NAMES + tuple(VARIANTS))}")
+        raise ValueError(
+            f"unknown task {name!r}; known tasks: {', '.join(TASK_NAMES + tuple(VARIANTS) + tuple(MIXES))}"
+        )
     return TASKS[name](**options)
 
 

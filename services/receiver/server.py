@@ -118,11 +118,15 @@ class ReceiverService(pb_grpc.ReceiverServicer):
             queued_at = time.time_ns()
             with self.limit.slot(context) as queue_ms:
                 queue_span(self.tracer, "receiver.queue", queued_at, queue_ms)
-                yield from self._receive(engine, request_iterator, context, started, queue_ms)
+                summary = yield from self._receive(engine, request_iterator, context, started, queue_ms)
+            # Sent once the slot is free: a client that sends its next request on seeing the
+            # summary must find the slot released, not race this handler's exit.
+            yield summary
 
     # --- one handoff --------------------------------------------------------------------------
 
     def _receive(self, engine: ReceiverEngine, messages, context, started, queue_ms):
+        """Yields the answer's text events; returns the summary event (sent by Receive)."""
         request = self._read_request(messages)
         mode = MODE_FROM_PROTO[request.mode]
         prompt = check_text("prompt", prompt_of(request), self.config)
@@ -174,7 +178,7 @@ class ReceiverService(pb_grpc.ReceiverServicer):
             timings["total"],
             describe_texts(self.config, **texts, answer=result.text),
         )
-        yield pb.HandoffEvent(
+        return pb.HandoffEvent(
             summary=pb.HandoffSummary(
                 answer=result.text,
                 timings=pb.StageTimings(**timings),

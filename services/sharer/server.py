@@ -160,9 +160,14 @@ class SharerService(pb_grpc.SharerServicer):
             queued_at = time.time_ns()
             with self.limit.slot(context) as queue_ms:
                 queue_span(self.tracer, "sharer.queue", queued_at, queue_ms)
-                yield from self._handoff(engine, request, context, started, queue_ms)
+                summary = yield from self._handoff(engine, request, context, started, queue_ms)
+            # Sent once the slot is free (and the receiver's call has ended, so its slot is free
+            # too): a client that sends its next request on seeing the summary must not race us.
+            if summary is not None:
+                yield summary
 
     def _handoff(self, engine: SharerEngine, request: pb.HandoffRequest, context, started, queue_ms):
+        """Yields the answer's text events; returns the summary event (sent by Handoff)."""
         mode = MODE_FROM_PROTO.get(request.mode)
         if mode is None:
             raise invalid("mode is unset: choose LCF, LCF_X, TEXT or NONE")
@@ -206,18 +211,19 @@ class SharerService(pb_grpc.SharerServicer):
         stream.adapter_name = request.adapter if mode in ("lcf", "lcfx") else ""
         call = self.receiver.Receive(stream.messages(), timeout=context.time_remaining())
         context.add_callback(call.cancel)  # client gone: cancel downstream too
-        first_token_at = None
+        first_token_at, summary = None, None
         try:
-            for event in call:
+            for event in call:  # to the end of the call: the receiver's slot is free once it ends
                 if event.HasField("text"):
                     first_token_at = first_token_at or time.perf_counter()
                     yield event
                 else:
-                    yield self._final_summary(event.summary, timings, stream, started, first_token_at)
+                    summary = self._final_summary(event.summary, timings, stream, started, first_token_at)
         except grpc.RpcError:
             if stream.error is not None:  # our own stream broke: that is the cause, not the receiver
                 raise stream.error from None
             raise
+        return summary
 
     def _session(self, session_id: str):
         try:
