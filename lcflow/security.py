@@ -11,7 +11,8 @@ Clients (`ClientSecurity`: the sharer's channel to the receiver, `lcflow handoff
 client, `lcflow eval --services`):
 
     --tls-ca                    trust this CA for the server's certificate (TLS on)
-    --tls-client-cert / -key    present this certificate (mutual TLS)
+    --tls-client-cert / -key    present this certificate (mutual TLS); the sharer makes a new
+                                channel to the receiver when these files change (or on SIGHUP)
     --auth-token-file           send this token on every call
 
 Only grpcio's own credentials are used; `lcflow certs make` writes a private CA and certificates
@@ -351,6 +352,15 @@ class ClientSecurity:
     @property
     def tls(self) -> bool:
         return bool(self.tls_ca)
+
+    def files_signature(self) -> tuple | None:
+        """What changes when the CA, client certificate or key file is rotated (None while one
+        is briefly missing). A channel's credentials are fixed when it is made, so a long-lived
+        client compares this to decide when to make a new channel."""
+        try:
+            return tuple(_signature(p) for p in (self.tls_ca, self.tls_client_cert, self.tls_client_key) if p)
+        except OSError:
+            return None
 
     def credentials(self) -> grpc.ChannelCredentials:
         ca = _read(self.tls_ca, "CA certificate")

@@ -17,7 +17,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent import futures
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
@@ -377,12 +377,16 @@ class RunningServer:
     service_name: str
     certificates: CertificateFiles | None = None  # TLS: the watched certificate files
     health_server: grpc.Server | None = None  # --health-port: health alone, in plaintext
+    # More to re-read on SIGHUP: the sharer's client certificate towards the receiver.
+    reload_hooks: list[Callable[[], None]] = field(default_factory=list)
 
     def reload_certificates(self) -> None:
         """SIGHUP: re-read the TLS files at the next handshake (changed files are picked up anyway)."""
         if self.certificates is not None:
             self.certificates.reload()
             log.info("SIGHUP: TLS certificate files will be re-read at the next handshake")
+        for hook in self.reload_hooks:
+            hook()
 
     def set_serving(self, serving: bool) -> None:
         status = (

@@ -83,9 +83,10 @@ class SecurePair:
         (ms, ts), (mr, tr) = tiny_pair
         spans = InMemorySpanExporter()
         self.receiver_port, self.sharer_port = free_port(), free_port()
+        self.receiver_tracer = make_tracer_provider("lcflow-receiver", spans)
         self.receiver_running, self.receiver_service = serve_receiver(
             ServiceConfig("receiver", model="tiny", port=self.receiver_port, **receiver),
-            make_tracer_provider("lcflow-receiver", spans),
+            self.receiver_tracer,
             ReceiverEngine.from_loaded(mr, tr, str(adapter_dir)),
         )
         self.sharer_running, self.sharer_service = serve_sharer(
@@ -98,6 +99,13 @@ class SecurePair:
             ),
             make_tracer_provider("lcflow-sharer", spans),
             SharerEngine.from_loaded(ms, ts, str(adapter_dir)),
+        )
+
+    def restart_receiver(self) -> None:
+        """Stop the receiver and start it again on the same port, with the same settings."""
+        self.receiver_running.stop(1)
+        self.receiver_running, self.receiver_service = serve_receiver(
+            self.receiver_service.config, self.receiver_tracer, self.receiver_service.engine
         )
 
     @property
@@ -231,6 +239,43 @@ def test_rotated_certificates_are_used_without_a_restart(
         assert check(new) == grpc.StatusCode.OK
         assert check(old) == grpc.StatusCode.UNAVAILABLE
         assert running.receiver_running.certificates.loads == 2
+    finally:
+        running.stop()
+
+
+def test_the_sharers_rotated_client_certificate_is_used_without_a_restart(
+    tiny_pair, adapter_dir, tmp_path, certs, other_certs
+):
+    """The sharer's channel to the receiver is made anew when its client certificate files
+    change: after both sides move to another CA and the receiver restarts (dropping the old
+    connection), handoffs go through again without restarting the sharer."""
+    receiver_files, sharer_files = tmp_path / "receiver", tmp_path / "sharer"
+    for directory in (receiver_files, sharer_files):
+        directory.mkdir()
+        for name in ("server.pem", "server-key.pem", "ca.pem", "client.pem", "client-key.pem"):
+            shutil.copy(certs / name, directory / name)
+    sharer_side = {
+        "receiver_tls_ca": str(sharer_files / "ca.pem"),
+        "receiver_tls_client_cert": str(sharer_files / "client.pem"),
+        "receiver_tls_client_key": str(sharer_files / "client-key.pem"),
+    }
+    running = SecurePair(tiny_pair, adapter_dir, mtls(receiver_files), sharer_side)
+    try:
+        assert handoff_status(running.sharer)[0] == grpc.StatusCode.OK
+        for directory in (receiver_files, sharer_files):  # rotate: everything from the other CA
+            for name in ("server.pem", "server-key.pem", "ca.pem", "client.pem", "client-key.pem"):
+                shutil.copy(other_certs / name, directory / name)
+        running.restart_receiver()  # the old connection is gone: a new handshake is needed
+        code, details, _ = handoff_status(running.sharer)
+        assert code == grpc.StatusCode.OK, details
+        shutil.copy(certs / "client-key.pem", sharer_files / "client-key.pem")  # half-written
+        assert handoff_status(running.sharer)[0] == grpc.StatusCode.OK  # the channel in use stays
+        shutil.copy(other_certs / "client-key.pem", sharer_files / "client-key.pem")  # finished
+        assert handoff_status(running.sharer)[0] == grpc.StatusCode.OK
+        before = running.sharer_service.channel
+        running.sharer_running.reload_certificates()  # SIGHUP: a new channel even if nothing changed
+        assert handoff_status(running.sharer)[0] == grpc.StatusCode.OK
+        assert running.sharer_service.channel is not before
     finally:
         running.stop()
 

@@ -28,6 +28,7 @@ from lcflow.handoff import Sharer, SharerContext, receiver_view
 from lcflow.kv import ModelIdentity
 from lcflow.proto_gen.lcflow.v1 import lcflow_pb2 as pb
 from lcflow.proto_gen.lcflow.v1 import lcflow_pb2_grpc as pb_grpc
+from lcflow.security import SecurityConfigError
 from lcflow.service_config import ServiceConfig
 from lcflow.serving import (
     ConcurrencyLimit,
@@ -97,20 +98,58 @@ class SharerService(pb_grpc.SharerServicer):
         self.codec = CodecConfig(level=config.zstd_level)
         self.adapters = NamedAdapters(config.adapter_dir, config.adapter, self._engine_with)
         # TLS and a token towards the receiver as --receiver-tls-* / --receiver-auth-token-file say.
-        channel = receiver_channel or config.receiver_security().channel(
-            config.receiver,
+        self.receiver_security = config.receiver_security()
+        self._tracer_provider = tracer_provider
+        self._own_channel = receiver_channel is None  # tests may pass a channel of their own
+        self._receiver_files = self.receiver_security.files_signature()
+        self._reconnect = False  # SIGHUP: make a new channel before the next handoff
+        self._channel_lock = threading.Lock()
+        self._connect(receiver_channel or self._receiver_channel())
+
+    def _receiver_channel(self) -> grpc.Channel:
+        return self.receiver_security.channel(
+            self.config.receiver,
             options=[
                 ("grpc.lb_policy_name", "round_robin"),
-                *keepalive_options(config, server=False),
+                *keepalive_options(self.config, server=False),
                 # A restarted receiver is found again within seconds, not after gRPC's default
                 # reconnect backoff of up to 2 minutes.
                 ("grpc.initial_reconnect_backoff_ms", 500),
                 ("grpc.max_reconnect_backoff_ms", 5000),
             ],
         )
+
+    def _connect(self, channel: grpc.Channel) -> None:
         # The interceptor puts this span's W3C trace context into the call's metadata.
-        self.channel = intercept_channel(channel, client_interceptor(tracer_provider=tracer_provider))
+        self.channel = intercept_channel(channel, client_interceptor(tracer_provider=self._tracer_provider))
         self.receiver = pb_grpc.ReceiverStub(self.channel)
+
+    def reload_receiver_credentials(self) -> None:
+        """SIGHUP: re-read the client certificate files before the next handoff."""
+        self._reconnect = True
+
+    def receiver_stub(self) -> pb_grpc.ReceiverStub:
+        """The stub for the next call; first a new channel if the client TLS files were rotated.
+
+        A channel's credentials are fixed when it is made, and an open connection would keep
+        using the old certificate until it drops, so a rotation makes a new channel. Calls in
+        flight finish on the old one (it closes when the last of them lets go of it)."""
+        if not (self._own_channel and self.receiver_security.tls):
+            return self.receiver
+        files = self.receiver_security.files_signature()
+        if files is None or (files == self._receiver_files and not self._reconnect):
+            return self.receiver  # unchanged, or a file briefly missing mid-rotation
+        with self._channel_lock:
+            if files != self._receiver_files or self._reconnect:
+                try:
+                    channel = self._receiver_channel()
+                except SecurityConfigError as err:  # half-written: keep the old channel for now
+                    log.warning("receiver TLS files changed but cannot be used yet: %s", err)
+                    return self.receiver
+                self._connect(channel)
+                self._receiver_files, self._reconnect = files, False
+                log.info("receiver TLS files re-read: new channel to %s", self.config.receiver)
+        return self.receiver
 
     def _engine_with(self, adapter_dir: Path) -> SharerEngine:
         """The loaded model with another adapter's encoder half (checked against the model)."""
@@ -209,7 +248,7 @@ class SharerService(pb_grpc.SharerServicer):
         )
         stream.context_text = context_text
         stream.adapter_name = request.adapter if mode in ("lcf", "lcfx") else ""
-        call = self.receiver.Receive(stream.messages(), timeout=context.time_remaining())
+        call = self.receiver_stub().Receive(stream.messages(), timeout=context.time_remaining())
         context.add_callback(call.cancel)  # client gone: cancel downstream too
         first_token_at, summary = None, None
         try:
@@ -382,4 +421,5 @@ def serve(config: ServiceConfig, tracer_provider, engine: SharerEngine | None = 
         tracer_provider,
         on_load_error,
     )
+    running.reload_hooks.append(service.reload_receiver_credentials)
     return running, service
