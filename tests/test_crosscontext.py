@@ -315,6 +315,8 @@ def test_packet_diagnostics_tell_a_collapsed_packet_from_a_real_one(tiny_pair):
     assert summary["between_sample_share"]["min"] > 0.01
     assert 0 < summary["prefix_attention"]["right"] < 1
     assert summary["answer_nll"]["right"] != summary["answer_nll"]["wrong"]
+    recall = summary["answer_recall"]
+    assert recall["counted"] == 4 and 0 <= recall["share"] <= 1
     for projection in adapter.encoder.proj.values():
         projection.zero_()
     collapsed = diagnose(sharer, recv, samples)["summary"]
@@ -322,3 +324,27 @@ def test_packet_diagnostics_tell_a_collapsed_packet_from_a_real_one(tiny_pair):
     assert collapsed["answer_nll"]["right"] == pytest.approx(collapsed["answer_nll"]["wrong"])
     with pytest.raises(ValueError, match="at least 2"):
         diagnose(sharer, recv, samples[:1])
+
+
+@torch.no_grad()
+def test_answer_recall_says_whether_selection_covers_the_answer(tiny_pair):
+    """A budget larger than the document selects everything: the answer is always covered; a
+    budget of one token can cover at most one token; a two-hop answer is not in the document."""
+    from lcflow.crosscontext.alignment import identity_alignment
+    from lcflow.crosscontext.diagnostics import answer_selected
+    from lcflow.kv import kv_spec
+    from lcflow.tasks import get_task
+
+    _, receiver = tiny_pair
+    samples = get_task("facts-cross").samples("test", 6)
+    alignment = identity_alignment(kv_spec(receiver[0].config))
+    whole = span_adapter(receiver, receiver, alignment, slots=400)
+    sharer = Sharer(*receiver, whole.encoder, whole.config)
+    assert all(answer_selected(sharer, s) is True for s in samples)
+    one = span_adapter(receiver, receiver, alignment, slots=1)
+    sharer = Sharer(*receiver, one.encoder, one.config)
+    tokens = [len(receiver[1](" " + s.answers[0], add_special_tokens=False).input_ids) for s in samples]
+    hits = [answer_selected(sharer, s) for s in samples]
+    assert all(hit is False for hit, n in zip(hits, tokens, strict=True) if n > 1)
+    twohop = get_task("facts-twohop").samples("test", 1)[0]
+    assert answer_selected(sharer, twohop) is None

@@ -9,6 +9,9 @@ receiver answered from its prior. Three numbers catch that, per adapter:
     prefix attention  = attention mass the receiver's last prompt token (the one that produces
         the first answer token) puts on the packet's entries: mean over layers and heads
     answer NLL        = cross-entropy of the answer's tokens (nats per token)
+    answer recall     = share of samples whose selected positions cover every character of the
+        answer in the sharer's document (samples whose answer is not in it, two-hop ones, are
+        not counted): whether selection finds what the question asks for at all
 
 Attention and NLL are taken twice: with the sample's own packet and with another sample's
 (its document, its question), decoded for this sample's prompt. A packet that is read changes
@@ -18,6 +21,7 @@ the answer's NLL; one that is only attended to (or ignored) does not.
 from __future__ import annotations
 
 import copy
+import re
 import statistics
 from dataclasses import dataclass
 
@@ -49,6 +53,26 @@ def packet_for(sharer: Sharer, sample: QASample) -> Latents:
     return sharer.encode(
         context, receiver_text=receiver_view(sample.receiver_context, prompt), question=prompt
     )
+
+
+@torch.no_grad()
+def answer_selected(sharer: Sharer, sample: QASample) -> bool | None:
+    """Do the positions the sharer selects cover the answer's first mention in its document?
+    None when the answer is not in the document, or the packet selects nothing by question."""
+    found = re.search(rf"(?<!\w){re.escape(sample.answers[0])}(?!\w)", sample.sharer_context)
+    if found is None:
+        return None
+    prompt = format_question_prompt(sample, include_context=False)
+    context = sharer.prefill(sample.sharer_context)
+    positions = sharer.encoder.select(
+        sharer.model, sharer.tokenizer, context.captured, context.text, context.spans, prompt
+    )
+    if positions is None:
+        return None
+    covered = torch.zeros(len(sample.sharer_context), dtype=torch.bool)
+    for start, end in context.spans[positions].tolist():
+        covered[start:end] = True
+    return bool(covered[found.start() : found.end()].all())
 
 
 def between_sample_share(packets: list[Latents]) -> dict[int, float]:
@@ -89,6 +113,7 @@ def diagnose(sharer: Sharer, receiver: Receiver, samples: list[QASample]) -> dic
         readings.append(read_packet(receiver, sample, packets[index], "right"))
         readings.append(read_packet(receiver, sample, packets[(index + 1) % len(samples)], "wrong"))
     shares = between_sample_share(packets)
+    recalled = [hit for hit in (answer_selected(sharer, s) for s in samples) if hit is not None]
 
     def mean(packet: str, field: str) -> float:
         return statistics.fmean(getattr(r, field) for r in readings if r.packet == packet)
@@ -103,18 +128,25 @@ def diagnose(sharer: Sharer, receiver: Receiver, samples: list[QASample]) -> dic
         },
         "answer_nll": {"right": mean("right", "answer_nll"), "wrong": mean("wrong", "answer_nll")},
         "rows_median": statistics.median(r.rows for r in readings if r.packet == "right"),
+        "answer_recall": {
+            "share": statistics.fmean(recalled) if recalled else None,
+            "counted": len(recalled),
+        },
     }
     return {"summary": summary, "readings": [r.__dict__ for r in readings]}
 
 
 def markdown(summary: dict) -> str:
     share, attn, nll = summary["between_sample_share"], summary["prefix_attention"], summary["answer_nll"]
+    recall = summary.get("answer_recall") or {"share": None, "counted": 0}
+    recalled = f"{recall['share']:.3f} of {recall['counted']}" if recall["share"] is not None else "-"
     return "\n".join(
         [
             "| n | rows | between-sample share (mean, min layer) | prefix attention right / wrong "
-            "| answer NLL right / wrong |",
-            "| --- | --- | --- | --- | --- |",
+            "| answer NLL right / wrong | answer selected |",
+            "| --- | --- | --- | --- | --- | --- |",
             f"| {summary['n']} | {summary['rows_median']:g} | {share['mean']:.3f}, {share['min']:.3f} "
-            f"| {attn['right']:.3f} / {attn['wrong']:.3f} | {nll['right']:.3f} / {nll['wrong']:.3f} |",
+            f"| {attn['right']:.3f} / {attn['wrong']:.3f} | {nll['right']:.3f} / {nll['wrong']:.3f} "
+            f"| {recalled} |",
         ]
     )
