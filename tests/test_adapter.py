@@ -203,3 +203,12 @@ def test_untouched_copy_helper_is_deep(tiny_pair):
     clone = copy.deepcopy(adapter)
     clone.decoder.gates["0"].logit.data.fill_(3.0)
     assert adapter.gates()[0] != clone.gates()[0]
+
+
+def test_unknown_packet_or_selection_is_refused_naming_the_choices(tiny_pair):
+    (ms, ts), (mr, tr) = tiny_pair
+    sharer, receiver = model_identity(ms, ts), model_identity(mr, tr)
+    with pytest.raises(ValueError, match="sentences-mean"):
+        LatentAdapter.for_models("lcfx", sharer, receiver, packet="spans", selection="paragraphs")
+    with pytest.raises(ValueError, match="spans"):
+        LatentAdapter.for_models("lcfx", sharer, receiver, packet="pools")

@@ -80,6 +80,12 @@ def test_top_sentences_take_whole_sentences_best_first():
     chosen = top_sentences(scores, token_spans, text, 6).tolist()
     assert set([4, 5, 6, 7]) <= set(chosen) and len(chosen) == 6 and chosen == sorted(chosen)
     assert 0 not in top_sentences(scores, token_spans, text, 20).tolist()  # never the BOS
+    # "Ann is here." (tokens 1-3): 0.3 each, total 0.9; "Bob lives in Rome." (4-7): 0.25 each,
+    # total 1.0. By total the long sentence wins, by mean per token the short one.
+    scores = torch.tensor([0.0, 0.3, 0.3, 0.3, 0.25, 0.25, 0.25, 0.25, 0.0, 0.0, 0.0, 0.0])
+    assert top_sentences(scores, token_spans, text, 4).tolist() == [4, 5, 6, 7]
+    assert top_sentences(scores, token_spans, text, 3, per_token=True).tolist() == [1, 2, 3]
+    assert top_sentences(scores, token_spans, text, 4, per_token=True).tolist()[:3] == [1, 2, 3]
 
 
 def test_chunk_means_average_consecutive_chunks():

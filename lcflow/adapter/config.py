@@ -11,6 +11,9 @@ from lcflow.kv import ModelIdentity
 ADAPTER_FORMAT_VERSION = 1
 ADAPTER_MODES = ("lcf", "lcfx", "c2c")
 PACKETS = ("slots", "spans")
+# Span packets: whole sentences by the question's total attention ("sentences"), or by its mean
+# attention per token ("sentences-mean": long sentences not favoured), or the m best tokens.
+SELECTIONS = ("sentences", "sentences-mean", "tokens")
 CONFIG_NAME = "adapter_config.json"
 
 
@@ -39,7 +42,7 @@ class AdapterConfig:
     # LCF-X packet: "slots" (m pooled slots, learned queries) or "spans" (the sharer positions
     # the question attends to, translated per token; lcflow.adapter.spans).
     packet: str = "slots"
-    selection: str = "sentences"  # spans: "sentences" or "tokens"
+    selection: str = "sentences"  # spans: "sentences", "sentences-mean" or "tokens" (lcflow.adapter.spans)
     sharer_window: int = 0  # spans: sharer layers within +-window of the mapped one feed a layer
     dtype: str = "float32"  # dtype the weights are stored in
     format_version: int = ADAPTER_FORMAT_VERSION
@@ -52,6 +55,8 @@ class AdapterConfig:
             raise ValueError("bottleneck and slots must be positive")
         if self.packet not in PACKETS:
             raise ValueError(f"unknown LCF-X packet {self.packet!r}; choose one of {PACKETS}")
+        if self.selection not in SELECTIONS:
+            raise ValueError(f"unknown span selection {self.selection!r}; choose one of {SELECTIONS}")
         missing = [t for t in self.retained_layers if t not in self.layer_map]
         if missing:
             raise ValueError(f"retained layers {missing} have no entry in the layer map")

@@ -31,8 +31,6 @@ from lcflow.crosscontext.selection import (
 )
 from lcflow.kv import CapturedKV
 
-SELECTIONS = ("sentences", "tokens")
-
 
 def sharer_inputs(config: AdapterConfig, layer: int) -> list[int]:
     """The sharer layers whose K/V feed receiver layer `layer` (a window around the mapped one)."""
@@ -65,7 +63,8 @@ class SpanEncoder(nn.Module):
         scores = question_attention(model, cache, question_ids(tokenizer, question), captured.num_tokens)
         if self.config.selection == "tokens":
             return top_tokens(scores, self.config.slots)
-        return top_sentences(scores, spans, text, self.config.slots)
+        per_token = self.config.selection == "sentences-mean"
+        return top_sentences(scores, spans, text, self.config.slots, per_token=per_token)
 
     def features(self, captured: CapturedKV, layer: int) -> torch.Tensor:
         """[tokens, d]: K/V of the sharer layers feeding `layer`, BOS dropped."""

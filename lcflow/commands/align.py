@@ -71,7 +71,12 @@ def register(subparsers) -> None:
         help="also write an LCF-X span-packet adapter initialised from the alignment to this directory",
     )
     p.add_argument("--slots", type=int, default=32, help="m: the span packet's rows per layer")
-    p.add_argument("--selection", default="sentences", choices=["sentences", "tokens"], help="span selection")
+    p.add_argument(
+        "--selection",
+        default="sentences",
+        choices=["sentences", "sentences-mean", "tokens"],
+        help="span selection: whole sentences by the question's total or mean attention per token, or the m best tokens",
+    )
     p.set_defaults(func=run)
 
 

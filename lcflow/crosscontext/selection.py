@@ -11,8 +11,8 @@ Position 0 (BOS) soaks up most attention in every model (an attention sink) and 
 selected: the receiver keeps its own sink. Three ways to spend a budget of m positions:
 
     top_tokens        the m highest-scoring positions, in document order
-    top_sentences     whole sentences, best total score first, while they fit in m (then the
-                      best-scoring tokens of the next sentence fill what is left)
+    top_sentences     whole sentences, best total (or per-token mean) score first, while they
+                      fit in m (then the best-scoring tokens of the next sentence fill what is left)
     chunk_means       no question: m consecutive chunks of the context, each averaged
 """
 
@@ -167,11 +167,21 @@ def tokens_by_sentence(token_spans: torch.Tensor, text: str) -> list[list[int]]:
     return [g for g in groups if g]
 
 
-def top_sentences(scores: torch.Tensor, token_spans: torch.Tensor, text: str, m: int) -> torch.Tensor:
-    """Whole sentences, highest total attention first, while they fit in m positions; what is
-    left of the budget goes to the best tokens of the remaining sentences. Document order."""
+def top_sentences(
+    scores: torch.Tensor, token_spans: torch.Tensor, text: str, m: int, per_token: bool = False
+) -> torch.Tensor:
+    """Whole sentences, highest attention first, while they fit in m positions; what is left of
+    the budget goes to the best tokens of the remaining sentences. Document order.
+
+    A sentence's attention is the sum over its tokens, or with `per_token` the mean: the sum
+    favours long sentences. (Measured on 60 facts-cross test documents, Gemma3-270M: the
+    sentences chosen hold the answer in 0.72 of them by sum, 0.80 by mean.)"""
     groups = tokens_by_sentence(token_spans, text)
-    ranked = sorted(groups, key=lambda g: float(scores[g].sum()), reverse=True)
+
+    def score(group: list[int]) -> float:
+        return float(scores[group].mean() if per_token else scores[group].sum())
+
+    ranked = sorted(groups, key=score, reverse=True)
     chosen: list[int] = []
     for group in ranked:
         if len(chosen) + len(group) <= m:
