@@ -32,6 +32,8 @@ def build_card(
         "receiver": config["receiver"]["name"],
         "bottleneck": config["bottleneck"],
         "slots": config["slots"] if config["mode"] == "lcfx" else None,
+        # span packets: which positions travel (lcflow.adapter.spans)
+        "selection": config.get("selection") if config.get("packet") == "spans" else None,
         "retained_layers": config["retained_layers"],
         "training": config.get("training", {}),
         "build_command": command,
@@ -83,6 +85,7 @@ def render_markdown(card: dict) -> str:
         f"{card['mode'].upper()} adapter: sharer `{card['sharer']}` -> receiver `{card['receiver']}`"
         + (f", bottleneck b={card['bottleneck']}" if card["mode"] != "c2c" else " (the C2C baseline fuser)")
         + (f", {card['slots']} slots" if card["slots"] else "")
+        + (f" (span packet, selection `{card['selection']}`)" if card.get("selection") else "")
         + ".",
         "",
         "## Training",

@@ -72,8 +72,9 @@ PY
 # build_spans: the span-packet LCF-X adapters of Gemma3 -> Gemma3 (two agents on one base model):
 #   gemma3-to-gemma3-lcfx-spans       the exact map at full width (b=512), no training (seconds)
 #   gemma3-to-gemma3-lcfx             that map, task-trained: answer CE + 0.25 KL to the receiver
-#                                     reading the document, 120 steps x 16 (~50 min); the pair's
-#                                     default LCF-X adapter (lcflow eval --pair gemma3-to-gemma3)
+#                                     reading the document, 120 steps x 16 (~50 min), then used
+#                                     with selection sentences-mean; the pair's default LCF-X
+#                                     adapter (lcflow eval --pair gemma3-to-gemma3)
 #   gemma3-to-gemma3-lcfx-spans-b128  b=128: dense alignment on 1200 corpus documents (6 min),
 #                                     then distillation, 40 steps x 16 samples (14 min)
 # Evaluated on held-out samples with the wrong-packet control: n=200 on facts-cross, the unseen
@@ -96,6 +97,10 @@ L.from_pretrained(sys.argv[1]).save_pretrained(sys.argv[1], dtype=torch.bfloat16
   cp "$RUNS/$pair-spans-tuned"/{adapter_config.json,train_log.json,loss_curve.png} "$tuned/"
   python -c "import sys, torch; from lcflow.adapter import LatentAdapter as L; \
 L.from_pretrained(sys.argv[1]).save_pretrained(sys.argv[2], dtype=torch.bfloat16)" "$RUNS/$pair-spans-tuned" "$tuned"
+  # Sentences ranked by the question's mean attention per token, not its sum (which favours long
+  # sentences): chosen after training, on held-out samples (docs/lcfx.md, section 5).
+  python -c "import sys; from lcflow.adapter.config import AdapterConfig as C; \
+c = C.load(sys.argv[1]); c.selection = 'sentences-mean'; c.save(sys.argv[1])" "$tuned"
   lcflow align --pair "$pair" --documents 1200 --window 0 --out "$RUNS/$pair-align" \
     --adapter-out "$RUNS/$pair-spans-init" --slots 32 --selection sentences
   lcflow train --sharer "$GEMMA" --receiver "$GEMMA" --mode lcfx --task facts-cross-words --steps 40 \
