@@ -141,6 +141,15 @@ def mtls(directory) -> dict:
     }
 
 
+def towards_receiver(ca_directory, client_directory) -> dict:
+    """The sharer's settings for its channel to the receiver: trust this CA, present this client."""
+    return {
+        "receiver_tls_ca": str(ca_directory / "ca.pem"),
+        "receiver_tls_client_cert": str(client_directory / "client.pem"),
+        "receiver_tls_client_key": str(client_directory / "client-key.pem"),
+    }
+
+
 def client_mtls(directory, ca_directory=None) -> ClientSecurity:
     return ClientSecurity(
         tls_ca=str((ca_directory or directory) / "ca.pem"),
@@ -154,12 +163,7 @@ def client_mtls(directory, ca_directory=None) -> ClientSecurity:
 
 @pytest.fixture(scope="module")
 def mtls_pair(tiny_pair, adapter_dir, certs):
-    sharer_side = {
-        **mtls(certs),
-        "receiver_tls_ca": str(certs / "ca.pem"),
-        "receiver_tls_client_cert": str(certs / "client.pem"),
-        "receiver_tls_client_key": str(certs / "client-key.pem"),
-    }
+    sharer_side = {**mtls(certs), **towards_receiver(certs, certs)}
     running = SecurePair(tiny_pair, adapter_dir, mtls(certs), sharer_side)
     yield running
     running.stop()
@@ -198,11 +202,7 @@ def test_a_certificate_from_another_ca_is_refused(mtls_pair, certs, other_certs)
 def test_the_sharer_with_the_wrong_client_certificate_is_refused_by_the_receiver(
     tiny_pair, adapter_dir, certs, other_certs
 ):
-    sharer_side = {
-        "receiver_tls_ca": str(certs / "ca.pem"),
-        "receiver_tls_client_cert": str(other_certs / "client.pem"),
-        "receiver_tls_client_key": str(other_certs / "client-key.pem"),
-    }
+    sharer_side = towards_receiver(certs, other_certs)
     running = SecurePair(tiny_pair, adapter_dir, mtls(certs), sharer_side)
     try:
         code, details, _ = handoff_status(running.sharer)  # the first hop is plaintext here
@@ -254,11 +254,7 @@ def test_the_sharers_rotated_client_certificate_is_used_without_a_restart(
         directory.mkdir()
         for name in ("server.pem", "server-key.pem", "ca.pem", "client.pem", "client-key.pem"):
             shutil.copy(certs / name, directory / name)
-    sharer_side = {
-        "receiver_tls_ca": str(sharer_files / "ca.pem"),
-        "receiver_tls_client_cert": str(sharer_files / "client.pem"),
-        "receiver_tls_client_key": str(sharer_files / "client-key.pem"),
-    }
+    sharer_side = towards_receiver(sharer_files, sharer_files)
     running = SecurePair(tiny_pair, adapter_dir, mtls(receiver_files), sharer_side)
     try:
         assert handoff_status(running.sharer)[0] == grpc.StatusCode.OK

@@ -474,17 +474,16 @@ def pushback_ms(err: grpc.RpcError) -> int | None:
     return int(hint) if hint is not None else None
 
 
+def one_slot_pair(tiny_pair, tmp_path_factory, spans) -> Pair:
+    """Both services with one handoff at a time and no queue: a second one is refused at once."""
+    adapter_dir = make_adapter_dir(tiny_pair, tmp_path_factory, "lcfx")
+    return Pair(tiny_pair, adapter_dir, "lcfx", spans, max_concurrent=1, max_queue=0)
+
+
 def test_without_a_queue_the_bound_gives_resource_exhausted_with_a_retry_hint(
     tiny_pair, tmp_path_factory, spans
 ):
-    bounded = Pair(
-        tiny_pair,
-        make_adapter_dir(tiny_pair, tmp_path_factory, "lcfx"),
-        "lcfx",
-        spans,
-        max_concurrent=1,
-        max_queue=0,
-    )
+    bounded = one_slot_pair(tiny_pair, tmp_path_factory, spans)
     client = HandoffClient(f"127.0.0.1:{bounded.sharer_port}", timeout_s=30, retries=0)
     try:
         # Hold the one slot as an in-flight handoff would (deterministic: a real one may finish
@@ -586,14 +585,7 @@ def test_a_deadline_ends_the_wait_in_the_queue(queued):
 
 
 def test_the_client_retries_a_full_queue_with_grpc_retries(tiny_pair, tmp_path_factory, spans):
-    bounded = Pair(
-        tiny_pair,
-        make_adapter_dir(tiny_pair, tmp_path_factory, "lcfx"),
-        "lcfx",
-        spans,
-        max_concurrent=1,
-        max_queue=0,
-    )
+    bounded = one_slot_pair(tiny_pair, tmp_path_factory, spans)
     try:
         holder = hold_slot(bounded.sharer_service.limit, 0.5)
         started = time.monotonic()
@@ -636,14 +628,7 @@ def test_a_client_may_send_its_next_request_as_soon_as_it_sees_the_summary(
     reading at the summary and sends its next request at once is never refused, even with one
     slot and no queue. (Sent inside the slot, the summary would reach the client while the slot
     is still held: RESOURCE_EXHAUSTED here every time.)"""
-    bounded = Pair(
-        tiny_pair,
-        make_adapter_dir(tiny_pair, tmp_path_factory, "lcfx"),
-        "lcfx",
-        spans,
-        max_concurrent=1,
-        max_queue=0,
-    )
+    bounded = one_slot_pair(tiny_pair, tmp_path_factory, spans)
     bounded.sharer_service.limit = SlowRelease(1, 0, delay_s=0.5)
     bounded.receiver_service.limit = SlowRelease(1, 0, delay_s=0.5)
     client = HandoffClient(f"127.0.0.1:{bounded.sharer_port}", timeout_s=30, retries=0)
