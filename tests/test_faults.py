@@ -63,7 +63,9 @@ def clean_env(**settings: str) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def tiny_lcfx(tiny_dir, tmp_path_factory):
-    sharer_dir, receiver_dir = tiny_dir("llama", 300, 3), tiny_dir("gemma3", 400, 2)
+    # A 16-layer receiver: a 2-layer one writes the long handoffs' 2,000 tokens in ~2 s on a fast
+    # core, before keepalive (~3 x KEEPALIVE_S) notices a cut link, leaving nothing to cancel.
+    sharer_dir, receiver_dir = tiny_dir("llama", 300, 3), tiny_dir("gemma3", 400, 16)
     s, r = load_tiny(sharer_dir), load_tiny(receiver_dir)
     adapter = LatentAdapter.for_models("lcfx", model_identity(*s), model_identity(*r), bottleneck=16, slots=4)
     torch.manual_seed(3)
