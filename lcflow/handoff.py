@@ -115,22 +115,31 @@ class Sharer:
             return None
         return self.encoder.digest(self.prefill(receiver_text).captured)
 
-    def encode_layers(self, context: SharerContext, receiver_text: str = "", question: str = ""):
+    def select(self, context: SharerContext, receiver_text: str = "", question: str = ""):
+        """Span packets: the context positions the packet holds, chosen with `question` (the
+        receiver's prompt), else with `receiver_text`; None with neither (chunk means)."""
+        return self.encoder.select(
+            self.model,
+            self.tokenizer,
+            context.captured,
+            context.text,
+            context.spans,
+            question or receiver_text,
+        )
+
+    def encode_layers(
+        self, context: SharerContext, receiver_text: str = "", question: str = "", positions=None
+    ):
         """Yield (receiver layer, latent) one layer at a time, so a transport can send each at once.
 
         `question` (the receiver's prompt) steers a span packet's selection; without one it
-        falls back to `receiver_text`, and with neither to the question-free chunk means."""
+        falls back to `receiver_text`, and with neither to the question-free chunk means.
+        `positions`: a span packet's selection already made with `select` (not made again)."""
         if self.encoder is None:
             raise ValueError("this sharer has no adapter encoder: load an LCF or LCF-X adapter")
         if self.config.mode == "lcfx" and self.config.packet == "spans":
-            positions = self.encoder.select(
-                self.model,
-                self.tokenizer,
-                context.captured,
-                context.text,
-                context.spans,
-                question or receiver_text,
-            )
+            if positions is None:
+                positions = self.select(context, receiver_text, question)
             for layer in self.encoder.layers:
                 yield layer, self.encoder.encode_layer(context.captured, layer, positions)
             return
@@ -149,8 +158,10 @@ class Sharer:
             return self.encoder.rows(context.input_ids.shape[1])
         return self.config.slots
 
-    def encode(self, context: SharerContext, receiver_text: str = "", question: str = "") -> Latents:
-        layers = dict(self.encode_layers(context, receiver_text, question))
+    def encode(
+        self, context: SharerContext, receiver_text: str = "", question: str = "", positions=None
+    ) -> Latents:
+        layers = dict(self.encode_layers(context, receiver_text, question, positions))
         spans = context.spans if self.config.mode == "lcf" else None
         return Latents(self.config.mode, layers, spans)
 

@@ -337,7 +337,7 @@ def test_answer_recall_says_whether_selection_covers_the_answer(tiny_pair):
     """A budget larger than the document selects everything: the answer is always covered; a
     budget of one token can cover at most one token; a two-hop answer is not in the document."""
     from lcflow.crosscontext.alignment import identity_alignment
-    from lcflow.crosscontext.diagnostics import answer_selected
+    from lcflow.crosscontext.diagnostics import packet_for
     from lcflow.kv import kv_spec
     from lcflow.tasks import get_task
 
@@ -346,6 +346,10 @@ def test_answer_recall_says_whether_selection_covers_the_answer(tiny_pair):
     alignment = identity_alignment(kv_spec(receiver[0].config))
     whole = span_adapter(receiver, receiver, alignment, slots=400)
     sharer = Sharer(*receiver, whole.encoder, whole.config)
+
+    def answer_selected(sharer, sample):
+        return packet_for(sharer, sample)[1]
+
     assert all(answer_selected(sharer, s) is True for s in samples)
     one = span_adapter(receiver, receiver, alignment, slots=1)
     sharer = Sharer(*receiver, one.encoder, one.config)

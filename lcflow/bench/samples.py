@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-from lcflow.tasks import TASK_NAMES, QASample, get_task, load_task_file
+from lcflow.tasks import SPLITS, TASK_NAMES, QASample, get_task, load_task_file
 
 
 def add_sample_flags(parser, n_default: int) -> None:
     """--task / --task-file / --split / --n, as `bench oracles` and `bench packets` take them."""
     parser.add_argument("--task", default="facts-cross", choices=TASK_NAMES, help="built-in task")
     parser.add_argument("--task-file", help="a JSONL task file instead of --task (e.g. the unseen family)")
-    parser.add_argument(
-        "--split", default="test", choices=["train", "test"], help="split of the built-in task"
-    )
+    parser.add_argument("--split", default="test", choices=SPLITS, help="split of the built-in task")
     parser.add_argument("--n", type=int, default=n_default, help="samples")
 
 

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from lcflow.adapter.config import SELECTIONS
 from lcflow.crosscontext.alignment import (
     KVAlignment,
     collect_stats,
@@ -74,7 +75,7 @@ def register(subparsers) -> None:
     p.add_argument(
         "--selection",
         default="sentences",
-        choices=["sentences", "sentences-mean", "tokens"],
+        choices=SELECTIONS,
         help="span selection: whole sentences by the question's total or mean attention per token, or the m best tokens",
     )
     p.set_defaults(func=run)

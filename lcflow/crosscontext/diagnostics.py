@@ -46,31 +46,26 @@ class PacketReading:
 
 
 @torch.no_grad()
-def packet_for(sharer: Sharer, sample: QASample) -> Latents:
-    """What the sharer sends for this sample: its document, selected with the receiver's question."""
+def packet_for(sharer: Sharer, sample: QASample) -> tuple[Latents, bool | None]:
+    """What the sharer sends for this sample (its document, selected with the receiver's
+    question), and whether the selection covers the answer (`answer_selected`)."""
     prompt = format_question_prompt(sample, include_context=False)
     context = sharer.prefill(sample.sharer_context)
-    return sharer.encode(
-        context, receiver_text=receiver_view(sample.receiver_context, prompt), question=prompt
-    )
+    receiver_text = receiver_view(sample.receiver_context, prompt)
+    positions = sharer.select(context, receiver_text, prompt)
+    latents = sharer.encode(context, receiver_text, prompt, positions)
+    return latents, answer_selected(sample, context.spans, positions)
 
 
-@torch.no_grad()
-def answer_selected(sharer: Sharer, sample: QASample) -> bool | None:
-    """Do the positions the sharer selects cover the answer's first mention in its document?
-    None when the answer is not in the document, or the packet selects nothing by question."""
+def answer_selected(sample: QASample, spans: torch.Tensor, positions: torch.Tensor | None) -> bool | None:
+    """Do the selected positions (of a context tokenised into `spans` [T, 2]) cover the answer's
+    first mention in the sharer's document? None when the answer is not in the document, or
+    nothing was selected by question (chunk means)."""
     found = re.search(rf"(?<!\w){re.escape(sample.answers[0])}(?!\w)", sample.sharer_context)
-    if found is None:
-        return None
-    prompt = format_question_prompt(sample, include_context=False)
-    context = sharer.prefill(sample.sharer_context)
-    positions = sharer.encoder.select(
-        sharer.model, sharer.tokenizer, context.captured, context.text, context.spans, prompt
-    )
-    if positions is None:
+    if found is None or positions is None:
         return None
     covered = torch.zeros(len(sample.sharer_context), dtype=torch.bool)
-    for start, end in context.spans[positions].tolist():
+    for start, end in spans[positions].tolist():
         covered[start:end] = True
     return bool(covered[found.start() : found.end()].all())
 
@@ -107,13 +102,13 @@ def diagnose(sharer: Sharer, receiver: Receiver, samples: list[QASample]) -> dic
         raise ValueError("packet diagnostics read span-packet LCF-X adapters (packet: spans)")
     if len(samples) < 2:
         raise ValueError("packet diagnostics need at least 2 samples (a wrong packet is another sample's)")
-    packets = [packet_for(sharer, s) for s in samples]
+    packets, recalls = zip(*[packet_for(sharer, s) for s in samples], strict=True)
     readings = []
     for index, sample in enumerate(samples):
         readings.append(read_packet(receiver, sample, packets[index], "right"))
         readings.append(read_packet(receiver, sample, packets[(index + 1) % len(samples)], "wrong"))
     shares = between_sample_share(packets)
-    recalled = [hit for hit in (answer_selected(sharer, s) for s in samples) if hit is not None]
+    recalled = [hit for hit in recalls if hit is not None]
 
     def mean(packet: str, field: str) -> float:
         return statistics.fmean(getattr(r, field) for r in readings if r.packet == packet)
