@@ -15,9 +15,6 @@ import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from opentelemetry.instrumentation.grpc import client_interceptor
-from opentelemetry.instrumentation.grpc.grpcext import intercept_channel
-
 from lcflow.proto_gen.lcflow.v1 import lcflow_pb2 as pb
 from lcflow.proto_gen.lcflow.v1 import lcflow_pb2_grpc as pb_grpc
 from lcflow.security import ClientSecurity
@@ -80,6 +77,10 @@ class HandoffClient:
         channel = (security or ClientSecurity()).channel(target, retry_options(retries))
         self.tracer = tracer_provider.get_tracer("lcflow.client") if tracer_provider else None
         if tracer_provider is not None:
+            # imported here: it is slow to import, and `lcflow --help` imports this module
+            from opentelemetry.instrumentation.grpc import client_interceptor
+            from opentelemetry.instrumentation.grpc.grpcext import intercept_channel
+
             channel = intercept_channel(channel, client_interceptor(tracer_provider=tracer_provider))
         self.channel = channel
         self.stub = pb_grpc.SharerStub(channel)

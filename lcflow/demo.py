@@ -25,7 +25,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 log = logging.getLogger(__name__)
 
@@ -91,6 +90,8 @@ def free_port() -> int:
 
 
 def wait_serving(address: str, service: str, timeout_s: float, process: subprocess.Popen) -> None:
+    from grpc_health.v1 import health_pb2, health_pb2_grpc  # here: `lcflow --help` imports this module
+
     stub = health_pb2_grpc.HealthStub(grpc.insecure_channel(address))
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:

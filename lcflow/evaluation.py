@@ -29,11 +29,9 @@ from tqdm import tqdm
 
 from lcflow.handoff import GenerationSettings, Receiver, Sharer, receiver_view, text_contexts
 from lcflow.metrics import contains_answer, exact_match, extract_answer, mean_with_ci, token_f1
+from lcflow.names import LCFX_METHODS, METHODS, SAME_CONTEXT_ONLY
 from lcflow.tasks import QASample, format_question_prompt
 
-METHODS = ("receiver", "sharer", "skyline", "text", "c2c", "lcf", "lcfx", "lcfx-pruned", "lcfx-wrong")
-LCFX_METHODS = ("lcfx", "lcfx-pruned", "lcfx-wrong")
-SAME_CONTEXT_ONLY = ("c2c", "lcf")
 WIRE_BYTES_PER_LATENT = 2  # latents travel as bfloat16
 
 

@@ -18,7 +18,7 @@ import logging
 import math
 import random
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -28,39 +28,12 @@ from tqdm import tqdm
 from lcflow.adapter import LatentAdapter
 from lcflow.handoff import PreparedInput, Receiver, Sharer, receiver_view
 from lcflow.kv import model_identity
+from lcflow.train_config import TrainConfig
 
 log = logging.getLogger(__name__)
 
 CHECKPOINT_DIR = "checkpoint"
 STATE_FILE = "trainer_state.pt"
-
-
-@dataclass
-class TrainConfig:
-    sharer: str
-    receiver: str
-    out: str
-    mode: str = "lcfx"  # lcf | lcfx | c2c
-    task: str = "facts-cross"
-    steps: int = 300
-    batch_size: int = 4
-    lr: float = 1e-4
-    gate_lr: float = 1e-2
-    warmup: float = 0.1
-    weight_decay: float = 0.01
-    clip: float = 1.0
-    gate_l1: float = 0.0  # pressure towards closed gates (prunable layers)
-    seed: int = 0
-    bottleneck: int = 128
-    slots: int = 32
-    receiver_aware: bool = True
-    layer_map: str = "monotonic"
-    checkpoint_every: int = 50
-    device: str = "auto"
-    # Span-packet LCF-X: start from this adapter (`lcflow align --adapter-out`) and distil from
-    # the receiver reading the document (lcflow.crosscontext.distill); KL weight beside the CE.
-    init_adapter: str = ""
-    kl_weight: float = 1.0
 
 
 def answer_ids(tokenizer, answer: str) -> torch.Tensor:

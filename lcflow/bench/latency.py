@@ -25,6 +25,7 @@ and over the message lengths (per message token).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import os
@@ -35,24 +36,15 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache, PretrainedConfig
+# torch, transformers and the models are imported in the functions that use them:
+# `lcflow --help` builds this parser and must not import torch.
+if TYPE_CHECKING:
+    import torch
+    from transformers import DynamicCache, PretrainedConfig
 
-from lcflow.adapter.adapter import LatentAdapter
-from lcflow.adapter.lcfx import filler_prefix
-from lcflow.align import align_spans
-from lcflow.kv import RopeCodec, capture_kv, full_cache, prefill, run_backbone
-from lcflow.paper_pair import (
-    PAPER_PAIR_TOKENIZER_HASH,
-    RECEIVER_NAME,
-    SHARER_NAME,
-    build_paper_pair_models,
-    identity_from_config,
-    paper_pair_configs,
-)
-from lcflow.provision.loading import pick_device
-from lcflow.transport import CodecConfig, LatentPacket, PacketWriter
+    from lcflow.adapter.adapter import LatentAdapter
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +56,7 @@ STAGES = {
     "lcfx": ("sharer_prefill", "encode", "prefix_decode", "receiver_prefill", "first_token"),
 }
 TEXT_BYTES_PER_TOKEN = 4  # UTF-8 bytes of an average BPE token of English text
-LATENT_DTYPE = torch.bfloat16  # what latents travel as
+LATENT_DTYPE = "bfloat16"  # the torch dtype latents travel as
 CHARS_PER_TOKEN = 4  # synthetic character spans for LCF's span alignment
 
 
@@ -88,6 +80,8 @@ class LatencyBenchConfig:
 
 def load_config_json(path: str | Path) -> PretrainedConfig:
     """A transformers config from a config.json (keys starting with "_" are notes, dropped)."""
+    from transformers import AutoConfig
+
     data = json.loads(Path(path).read_text())
     data = {k: v for k, v in data.items() if not k.startswith("_")}
     return AutoConfig.for_model(data.pop("model_type"), **data)
@@ -129,9 +123,25 @@ class Pair:
 def build_pair(
     config: LatencyBenchConfig,
     configs: tuple[PretrainedConfig, PretrainedConfig] | None = None,
-    names: tuple[str, str] = (SHARER_NAME, RECEIVER_NAME),
+    names: tuple[str, str] | None = None,
 ) -> Pair:
-    """The paper pair (configs None) or models built from the given configs, all random weights."""
+    """The paper pair (configs None) or models built from the given configs, all random weights;
+    `names` default to the paper pair's."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from lcflow.adapter.adapter import LatentAdapter
+    from lcflow.paper_pair import (
+        PAPER_PAIR_TOKENIZER_HASH,
+        RECEIVER_NAME,
+        SHARER_NAME,
+        build_paper_pair_models,
+        identity_from_config,
+        paper_pair_configs,
+    )
+    from lcflow.provision.loading import pick_device
+
+    names = names or (SHARER_NAME, RECEIVER_NAME)
     device, dtype = pick_device(config.device), getattr(torch, config.dtype)
     if configs is None:
         sharer, receiver = build_paper_pair_models(dtype, config.seed)
@@ -166,6 +176,8 @@ class StageClock:
         self.times: dict[str, float] = {}
 
     def __call__(self, stage: str, fn: Callable[[], object]):
+        import torch
+
         if self.cuda:
             torch.cuda.synchronize()
         start = time.perf_counter()
@@ -176,8 +188,23 @@ class StageClock:
         return result
 
 
+def _no_grad(fn: Callable) -> Callable:
+    """`@torch.no_grad()`, importing torch when `fn` is first called rather than at import."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        import torch
+
+        with torch.no_grad():
+            return fn(*args, **kwargs)
+
+    return wrapper
+
+
 def random_ids(generator: torch.Generator, model, length: int) -> torch.Tensor:
     """[1, length] random token ids of `model`'s vocabulary (content is irrelevant for speed)."""
+    import torch
+
     ids = torch.randint(0, model.config.vocab_size, (1, length), generator=generator)
     return ids.to(model.device)
 
@@ -192,9 +219,11 @@ def special_token(model) -> int:
     return 0
 
 
-@torch.no_grad()
+@_no_grad
 def generate_exactly(model, input_ids: torch.Tensor, cache: DynamicCache, tokens: int) -> torch.Tensor:
     """Greedy `generate` continuing from `cache`, exactly `tokens` new tokens (EOS cannot stop it)."""
+    import torch
+
     output = model.generate(
         input_ids=input_ids,
         attention_mask=torch.ones_like(input_ids),
@@ -207,14 +236,18 @@ def generate_exactly(model, input_ids: torch.Tensor, cache: DynamicCache, tokens
     return output[:, input_ids.shape[1] :]
 
 
-@torch.no_grad()
+@_no_grad
 def prefill_captured(model, ids: torch.Tensor):
     """What Sharer.prefill does after tokenising: full cache, then keys with RoPE removed."""
+    from lcflow.kv import capture_kv, full_cache, prefill
+
     return capture_kv(model, prefill(model, ids, full_cache()))
 
 
-@torch.no_grad()
+@_no_grad
 def run_text(pair: Pair, generator, context: int, message: int, config: LatencyBenchConfig, clock) -> None:
+    from lcflow.kv import prefill
+
     sharer, receiver = pair.sharer, pair.receiver
     sharer_ids = random_ids(generator, sharer, context + config.question_tokens)
     sharer_cache = clock("sharer_prefill", lambda: prefill(sharer, sharer_ids[:, :-1]))
@@ -227,8 +260,13 @@ def run_text(pair: Pair, generator, context: int, message: int, config: LatencyB
     clock("first_token", lambda: generate_exactly(receiver, receiver_ids, receiver_cache, 1))
 
 
-@torch.no_grad()
+@_no_grad
 def run_lcf(pair: Pair, generator, context: int, config: LatencyBenchConfig, clock) -> dict:
+    import torch
+
+    from lcflow.align import align_spans
+    from lcflow.kv import RopeCodec, prefill
+
     sharer, receiver, adapter = pair.sharer, pair.receiver, pair.lcf
     sharer_ids = random_ids(generator, sharer, context)
     captured = clock("sharer_prefill", lambda: prefill_captured(sharer, sharer_ids))
@@ -250,8 +288,12 @@ def run_lcf(pair: Pair, generator, context: int, config: LatencyBenchConfig, clo
     return {"latents": latents, "token_spans": spans.to(torch.int32)}
 
 
-@torch.no_grad()
+@_no_grad
 def run_lcfx(pair: Pair, generator, context: int, config: LatencyBenchConfig, clock, filler) -> dict:
+    import torch
+
+    from lcflow.kv import RopeCodec, run_backbone
+
     sharer, receiver, adapter = pair.sharer, pair.receiver, pair.lcfx
     sharer_ids = random_ids(generator, sharer, context)
     captured = clock("sharer_prefill", lambda: prefill_captured(sharer, sharer_ids))
@@ -273,9 +315,12 @@ def run_lcfx(pair: Pair, generator, context: int, config: LatencyBenchConfig, cl
 
 def latent_bytes(mode: str, payload: dict) -> tuple[int, int]:
     """(raw bytes at bfloat16 plus token spans, bytes on the wire as PacketWriter packs them)."""
-    layers = {
-        t: {"latent": z.detach().to("cpu", LATENT_DTYPE).contiguous()} for t, z in payload["latents"].items()
-    }
+    import torch
+
+    from lcflow.transport import CodecConfig, LatentPacket, PacketWriter
+
+    dtype = getattr(torch, LATENT_DTYPE)
+    layers = {t: {"latent": z.detach().to("cpu", dtype).contiguous()} for t, z in payload["latents"].items()}
     shared = {"token_spans": payload["token_spans"]} if payload["token_spans"] is not None else {}
     packet = LatentPacket(mode, "bench-latency", "sharer", "receiver", list(layers), layers, shared)
     writer = PacketWriter.for_packet(packet, CodecConfig())
@@ -335,6 +380,8 @@ def growth(results: list[dict], config: LatencyBenchConfig) -> dict:
 
 
 def machine_info(device: torch.device) -> dict:
+    import torch
+
     info = {
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
@@ -363,6 +410,11 @@ def _result(method: str, context: int, message: int | None, runs: list[dict[str,
 
 def run_latency_bench(config: LatencyBenchConfig, pair: Pair) -> dict:
     """Every method at every context length (text also at every message length); JSON-ready."""
+    import torch
+
+    from lcflow.adapter.lcfx import filler_prefix
+    from lcflow.provision.loading import pick_device
+
     device = pick_device(config.device)
     generator = torch.Generator().manual_seed(config.seed)
     # The neutral LCF-X base prefix is built once, as Receiver caches it, so it is not timed.
@@ -512,6 +564,8 @@ def register(subparsers) -> None:
 
 
 def _configs(args) -> tuple[tuple[PretrainedConfig, PretrainedConfig] | None, tuple[str, str]]:
+    from lcflow.paper_pair import RECEIVER_NAME, SHARER_NAME
+
     if bool(args.sharer) != bool(args.receiver):
         raise SystemExit("give both --sharer and --receiver config files, or neither (the paper pair)")
     if args.sharer:
@@ -523,6 +577,8 @@ def _configs(args) -> tuple[tuple[PretrainedConfig, PretrainedConfig] | None, tu
 
 
 def run(args) -> int:
+    import torch
+
     if args.threads:
         torch.set_num_threads(args.threads)
     config = LatencyBenchConfig(

@@ -16,11 +16,8 @@ import json
 import platform
 from pathlib import Path
 
-import torch
-
 from lcflow.bench.samples import add_sample_flags, samples_from_flags, samples_label
-from lcflow.crosscontext.oracles import DEFAULT_RUNGS, OracleModels, markdown_table, run_ladder, summarize
-from lcflow.handoff import GenerationSettings
+from lcflow.names import DEFAULT_RUNGS
 
 
 def register(subparsers) -> None:
@@ -43,8 +40,12 @@ def register(subparsers) -> None:
 
 
 def run(args) -> int:
+    import torch  # here, not at the top: `lcflow --help` must not import torch
+
     from lcflow.commands.eval import PAIRS
     from lcflow.crosscontext.alignment import KVAlignment
+    from lcflow.crosscontext.oracles import OracleModels, markdown_table, run_ladder, summarize
+    from lcflow.handoff import GenerationSettings
     from lcflow.provision.loading import load_model_and_tokenizer
 
     if args.threads:

@@ -16,8 +16,6 @@ import platform
 import sys
 from pathlib import Path
 
-import torch
-
 from lcflow.bench.samples import add_sample_flags, samples_from_flags, samples_label
 
 
@@ -35,6 +33,8 @@ def register(subparsers) -> None:
 
 
 def run(args) -> int:
+    import torch  # here, not at the top: `lcflow --help` must not import torch
+
     from lcflow.adapter import AdapterConfig, LatentAdapter
     from lcflow.crosscontext.diagnostics import diagnose, markdown
     from lcflow.handoff import Receiver, Sharer

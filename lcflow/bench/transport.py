@@ -35,31 +35,20 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import grpc
-import torch
 import zstandard
 
 from lcflow.proto_gen.lcflow.v1 import lcflow_pb2 as pb
 from lcflow.proto_gen.lcflow.v1 import lcflow_pb2_grpc as pb_grpc
-from lcflow.transport import (
-    CodecConfig,
-    LatentPacket,
-    PacketAssembler,
-    WireError,
-    coalesce_chunks,
-    packet_messages,
-)
-from lcflow.transport.codec import MAX_CHUNK_BYTES, SegmentDecoder
-from lcflow.transport.memory import keep_freed_memory
-from lcflow.transport.segments import (
-    DTYPES,
-    TensorSpec,
-    check_segment,
-    load_segment,
-    max_blob_bytes,
-    serialise_segment,
-)
+
+# torch and lcflow.transport (which imports torch) are imported in the functions that use them:
+# `lcflow --help` builds this parser and must not import torch.
+if TYPE_CHECKING:
+    import torch
+
+    from lcflow.transport import CodecConfig, LatentPacket
 
 log = logging.getLogger(__name__)
 
@@ -97,6 +86,11 @@ class TransportBenchConfig:
 
 def make_payload(mode: str, tokens: int, dtype: str, layers: int, width: int) -> LatentPacket:
     """Random latents of the given shape; `tokens` is T for LCF and the slot count for LCF-X."""
+    import torch
+
+    from lcflow.transport import LatentPacket
+    from lcflow.transport.segments import DTYPES
+
     generator = torch.Generator().manual_seed(tokens)
     torch_dtype = DTYPES[dtype][0]
     per_layer = {
@@ -125,6 +119,8 @@ class BenchReceiver(pb_grpc.ReceiverServicer):
     """Receiver.Receive without a model: assembles the packet (or only counts chunks) and reports."""
 
     async def Receive(self, request_iterator, context):
+        from lcflow.transport import PacketAssembler, WireError
+
         first = await anext(request_iterator)
         count_only = first.request.request_id == COUNT_ONLY
         start = time.perf_counter()
@@ -178,6 +174,10 @@ async def _serve(connection) -> None:
 
 def serve(connection, tune_malloc: bool = True) -> None:
     """Child process: serve the bench receiver and the raw sink (grpc.aio) until told to stop."""
+    import torch
+
+    from lcflow.transport.memory import keep_freed_memory
+
     torch.set_num_threads(1)
     if tune_malloc:
         keep_freed_memory()
@@ -235,6 +235,15 @@ def _stage(times_ms: list[float], raw_bytes: int, wire_bytes: int | None = None)
 
 def _codec_stages(packet: LatentPacket, codec: CodecConfig, repeats: int) -> tuple[dict, list[list[bytes]]]:
     """serialise / compress / decompress / deserialise timed on their own; returns each segment's chunks."""
+    from lcflow.transport.codec import SegmentDecoder
+    from lcflow.transport.segments import (
+        TensorSpec,
+        check_segment,
+        load_segment,
+        max_blob_bytes,
+        serialise_segment,
+    )
+
     segments = _segments(packet)
     shuffle = codec.byte_shuffle
     blobs = [serialise_segment(tensors, shuffle) for tensors in segments]
@@ -279,6 +288,8 @@ def _codec_stages(packet: LatentPacket, codec: CodecConfig, repeats: int) -> tup
 
 def _writer_messages(packet: LatentPacket, codec: CodecConfig) -> Iterator[pb.LatentMessage]:
     """What a sharer streams: request, header, then each segment packed as it is reached."""
+    from lcflow.transport import packet_messages
+
     yield pb.LatentMessage(request=pb.ReceiverRequest(prompt_text="bench", mode=pb.LCF))
     yield from packet_messages(packet, codec)
 
@@ -318,6 +329,9 @@ async def _times_ms_async(fn: Callable[[], Awaitable[object]], repeats: int) -> 
 
 
 async def _grpc_stages(target: str, packet: LatentPacket, codec: CodecConfig, repeats: int) -> dict:
+    from lcflow.transport import coalesce_chunks
+    from lcflow.transport.codec import MAX_CHUNK_BYTES
+
     raw = packet.raw_bytes()
     prepared = list(coalesce_chunks(_writer_messages(packet, codec), codec.chunk_size))
     prepared[0].request.request_id = COUNT_ONLY
@@ -372,6 +386,8 @@ async def _grpc_stages(target: str, packet: LatentPacket, codec: CodecConfig, re
 
 
 def bench_case(target: str, mode: str, tokens: int, dtype: str, config: TransportBenchConfig) -> dict:
+    from lcflow.transport import CodecConfig
+
     codec = CodecConfig(name=config.codec, level=config.level, byte_shuffle=config.byte_shuffle)
     packet = make_payload(mode, tokens, dtype, config.layers, config.width)
     codec_stages, chunked = _codec_stages(packet, codec, config.repeats)
@@ -395,7 +411,7 @@ def bench_case(target: str, mode: str, tokens: int, dtype: str, config: Transpor
 
 
 def machine_info() -> dict:
-    import zstandard
+    import torch
 
     return {
         "cpu_count": os.cpu_count(),
@@ -411,6 +427,8 @@ def machine_info() -> dict:
 
 def run_transport_bench(config: TransportBenchConfig) -> dict:
     """Every (mode, T, dtype) case; returns the JSON-ready report."""
+    from lcflow.transport.memory import keep_freed_memory
+
     cases = [("lcf", tokens) for tokens in config.tokens]
     if config.lcfx_slots:
         cases.append(("lcfx", config.lcfx_slots))

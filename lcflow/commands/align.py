@@ -21,18 +21,8 @@ import statistics
 import time
 from pathlib import Path
 
-import torch
-
-from lcflow.adapter.config import SELECTIONS
-from lcflow.crosscontext.alignment import (
-    KVAlignment,
-    collect_stats,
-    fit_alignment,
-    held_out_r2,
-    identity_alignment,
-)
-from lcflow.crosscontext.corpus import alignment_corpus
 from lcflow.layer_map import LAYER_MAP_STRATEGIES, build_layer_map
+from lcflow.names import SELECTIONS
 from lcflow.tasks import get_task
 
 log = logging.getLogger(__name__)
@@ -105,7 +95,18 @@ def r2_table(results: dict[int, dict]) -> str:
 
 
 def run(args) -> int:
+    # Imported here, not at the top: `lcflow --help` must not import torch.
+    import torch
+
     from lcflow.commands.eval import PAIRS
+    from lcflow.crosscontext.alignment import (
+        KVAlignment,
+        collect_stats,
+        fit_alignment,
+        held_out_r2,
+        identity_alignment,
+    )
+    from lcflow.crosscontext.corpus import alignment_corpus
     from lcflow.kv import kv_spec
     from lcflow.provision.loading import load_model_and_tokenizer
 

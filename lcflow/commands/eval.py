@@ -28,22 +28,17 @@ import shlex
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from lcflow.commands.preflight import check_model
-from lcflow.evaluation import (
-    METHODS,
-    SAME_CONTEXT_ONLY,
-    EvalModels,
-    SampleOutcome,
-    evaluate,
-    outcome_records,
-    summarize,
-)
-from lcflow.handoff import GenerationSettings
+from lcflow.names import METHODS, SAME_CONTEXT_ONLY
 from lcflow.security import ClientSecurity, add_client_security_flags, client_security_from_args
 from lcflow.tasks import SPLITS, TASK_NAMES, QASample, get_task, load_task_file
+
+if TYPE_CHECKING:  # torch and the harness are imported where used: `lcflow --help` stays fast
+    import torch
+
+    from lcflow.evaluation import EvalModels, SampleOutcome
 
 log = logging.getLogger(__name__)
 
@@ -311,7 +306,7 @@ def evaluate_through_services(
     stay in-process. With `sessions`, each sample's sharer context is opened as a session first
     (untimed: an agent's context is already prefilled) and the served methods hand off from it."""
     from lcflow.client import HandoffClient
-    from lcflow.evaluation import applicable, run_sample
+    from lcflow.evaluation import SampleOutcome, applicable, run_sample
     from lcflow.metrics import contains_answer, exact_match, extract_answer, token_f1
     from lcflow.tasks import question_prompt
 
@@ -356,6 +351,8 @@ def evaluate_through_services(
 
 def measure(args, methods, models, samples, settings) -> tuple[list[SampleOutcome], str]:
     """The outcomes and the label of where their latency was measured."""
+    from lcflow.evaluation import evaluate
+
     if args.services:
         security = client_security_from_args(args)
         outcomes = evaluate_through_services(
@@ -377,6 +374,8 @@ def command_line() -> str:
 
 
 def machine_info(device: torch.device) -> dict:
+    import torch
+
     accelerator = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     return {
         "platform": platform.platform(),
@@ -426,6 +425,10 @@ def make_meta(args, plan: EvalPlan, models: EvalModels, adapters: dict, latency:
 
 
 def run(args) -> int:
+    import torch
+
+    from lcflow.evaluation import EvalModels, outcome_records, summarize
+    from lcflow.handoff import GenerationSettings
     from lcflow.provision import ProvisionError
     from lcflow.report import markdown_table, write_report
 

@@ -14,14 +14,12 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-from torch import nn
+if TYPE_CHECKING:  # torch and the adapters are imported where used: `lcflow --help` stays fast
+    from torch import nn
 
-from lcflow.adapter import AdapterConfig, LatentAdapter
-from lcflow.adapter.adapter import DECODER_FILE, ENCODER_FILE
-from lcflow.adapter.c2c import C2CFuser
-from lcflow.kv import ModelIdentity
+    from lcflow.kv import ModelIdentity
 
 # The paper's figures for the pair, and the issue's acceptance bounds.
 PAPER_LCF_PARAMS = 19_400_000
@@ -107,6 +105,8 @@ def identity_info(identity: ModelIdentity) -> dict:
 
 
 def _latent_part(directory: Path) -> str:
+    from lcflow.adapter.adapter import DECODER_FILE, ENCODER_FILE
+
     has_encoder, has_decoder = (directory / ENCODER_FILE).is_file(), (directory / DECODER_FILE).is_file()
     if has_encoder and not has_decoder:
         return "encoder"
@@ -117,6 +117,11 @@ def _latent_part(directory: Path) -> str:
 
 def adapter_info(directory: str | Path) -> dict:
     directory = Path(directory)
+    import torch
+
+    from lcflow.adapter import AdapterConfig, LatentAdapter
+    from lcflow.adapter.c2c import C2CFuser
+
     config = AdapterConfig.load(directory)
     bytes_per_parameter = torch.empty(0, dtype=getattr(torch, config.dtype)).element_size()
     if config.mode == "c2c":
@@ -199,6 +204,10 @@ def format_adapter(info: dict) -> str:
 
 def paper_pair_adapters() -> dict[str, tuple[str, nn.Module]]:
     """The three adapters for the paper pair, on the meta device (shapes, no memory, no weights)."""
+    import torch
+
+    from lcflow.adapter import LatentAdapter
+    from lcflow.adapter.c2c import C2CFuser
     from lcflow.paper_pair import paper_pair_identities
 
     sharer, receiver = paper_pair_identities()

@@ -4,10 +4,6 @@ from __future__ import annotations
 
 import argparse
 
-import torch
-
-from lcflow.adapter import LatentAdapter
-
 
 def register(subparsers) -> None:
     p = subparsers.add_parser(
@@ -24,6 +20,10 @@ def register(subparsers) -> None:
 
 
 def run(args) -> int:
+    import torch  # here, not at the top: `lcflow --help` must not import torch
+
+    from lcflow.adapter import LatentAdapter
+
     adapter = LatentAdapter.from_pretrained(args.adapter)
     gates = adapter.gates()
     pruned = adapter.pruned(args.min_gate)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from dataclasses import fields
 
-from lcflow.training import TrainConfig
+from lcflow.train_config import TrainConfig
 
 
 def register(subparsers) -> None:

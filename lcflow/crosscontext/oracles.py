@@ -43,26 +43,10 @@ from lcflow.crosscontext.selection import (
 from lcflow.handoff import GenerationSettings, PreparedInput, Receiver, generate_text
 from lcflow.kv import CapturedKV, capture_kv, full_cache, prefill
 from lcflow.metrics import contains_answer, exact_match, extract_answer, mean_with_ci, token_f1
+from lcflow.names import DEFAULT_RUNGS
 from lcflow.prompting import tokenize_context
 from lcflow.tasks import QASample, question_prompt
 from lcflow.training import answer_ids, answer_loss
-
-DEFAULT_RUNGS = (
-    "none",
-    "text",
-    "own-full",
-    "own-tokens-32",
-    "own-tokens-64",
-    "own-sentences-32",
-    "own-sentences-64",
-    "own-chunks-32",
-    "own-random-32",
-    "xlat-full",
-    "xlat-tokens-32",
-    "xlat-sentences-32",
-    "xlat-sentences-64",
-    "xlat-wrong-32",
-)
 
 
 @dataclass

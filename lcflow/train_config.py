@@ -1,0 +1,37 @@
+"""What one training run is asked to do: a dataclass with no heavy imports.
+
+`lcflow train --help` shows these defaults, so the parser reads them without importing torch
+(see lcflow.names); lcflow.training runs them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class TrainConfig:
+    sharer: str
+    receiver: str
+    out: str
+    mode: str = "lcfx"  # lcf | lcfx | c2c
+    task: str = "facts-cross"
+    steps: int = 300
+    batch_size: int = 4
+    lr: float = 1e-4
+    gate_lr: float = 1e-2
+    warmup: float = 0.1
+    weight_decay: float = 0.01
+    clip: float = 1.0
+    gate_l1: float = 0.0  # pressure towards closed gates (prunable layers)
+    seed: int = 0
+    bottleneck: int = 128
+    slots: int = 32
+    receiver_aware: bool = True
+    layer_map: str = "monotonic"
+    checkpoint_every: int = 50
+    device: str = "auto"
+    # Span-packet LCF-X: start from this adapter (`lcflow align --adapter-out`) and distil from
+    # the receiver reading the document (lcflow.crosscontext.distill); KL weight beside the CE.
+    init_adapter: str = ""
+    kl_weight: float = 1.0
