@@ -20,6 +20,7 @@ COMMAND_MODULES = [
     "lcflow.commands.train",
     "lcflow.commands.prune",
     "lcflow.commands.align",
+    "lcflow.commands.heads",
     "lcflow.commands.info",
     "lcflow.commands.eval",
     "lcflow.commands.models",

@@ -2,6 +2,7 @@
 the span packet end to end and the oracle ladder, on tiny random models."""
 
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -15,6 +16,7 @@ from lcflow.crosscontext.oracles import OracleModels, run_ladder, summarize
 from lcflow.crosscontext.placement import finish_input, own_document_kv, slot_cache, slot_layout
 from lcflow.crosscontext.selection import (
     chunk_means,
+    head_attention,
     question_attention,
     sentence_spans,
     top_sentences,
@@ -54,6 +56,12 @@ def test_question_attention_equals_the_models_own_attention_weights(tiny_dir, fa
     expected = torch.stack([a[0, :, t:, :t].mean(dim=(0, 1)) for a in out.attentions]).mean(0)
     assert ids.shape[1] > 32
     torch.testing.assert_close(scores, expected, atol=1e-5, rtol=1e-4)
+    # Per head, and one head alone: what retrieval heads select with.
+    per_head = head_attention(model, cache, q_ids, ids.shape[1])
+    for layer, attention in enumerate(out.attentions):
+        torch.testing.assert_close(per_head[layer], attention[0, :, t:, :t].mean(dim=1), atol=1e-5, rtol=1e-4)
+    one = question_attention(model, cache, q_ids, ids.shape[1], heads=[(1, 0)])
+    torch.testing.assert_close(one, out.attentions[1][0, 0, t:, :t].mean(dim=0), atol=1e-5, rtol=1e-4)
 
 
 def test_top_tokens_skip_the_sink_and_keep_document_order():
@@ -358,3 +366,78 @@ def test_answer_recall_says_whether_selection_covers_the_answer(tiny_pair):
     assert all(hit is False for hit, n in zip(hits, tokens, strict=True) if n > 1)
     twohop = get_task("facts-twohop").samples("test", 1)[0]
     assert answer_selected(sharer, twohop) is None
+
+
+def _fact_samples(count: int) -> list[QASample]:
+    """Cross-context samples whose answer sits in one sentence of the sharer's document."""
+    people = [("Mira Volkov", "Oslo"), ("Lior Senn", "Lima"), ("Ada Brook", "Kyoto"), ("Tomas Hale", "Quito")]
+    samples = []
+    for index in range(count):
+        name, city = people[index % len(people)]
+        others = " ".join(f"{n} plays chess." for n, _ in people if n != name)
+        samples.append(
+            QASample(
+                id=f"s{index}",
+                task="facts-cross",
+                sharer_context=f"{others} {name} lives in {city}. The fox sleeps.",
+                receiver_context="The sky is grey.",
+                question=f"Where does {name} live?",
+                answers=[city],
+                same_context=False,
+            )
+        )
+    return samples
+
+
+def test_retrieval_heads_are_ranked_on_samples_and_steer_the_span_selection(tiny_pair, tmp_path):
+    """`choose_heads` ranks every head, keeps the fewest within the tolerance of the best count,
+    and an adapter that stores them selects with those heads alone."""
+    from lcflow.crosscontext.heads import HEAD_COUNTS, choose_heads
+
+    sharer, receiver = tiny_pair
+    samples = _fact_samples(6)
+    choice = choose_heads(*sharer, samples, m=8)
+    layers, heads = sharer[0].config.num_hidden_layers, sharer[0].config.num_attention_heads
+    assert choice.samples == 6 and set(choice.recall_by_count) == set(HEAD_COUNTS)
+    assert 1 <= len(choice.heads) <= 16 and all(0 <= t < layers and 0 <= h < heads for t, h in choice.heads)
+    best = max(choice.recall_by_count.values())
+    assert choice.recall >= best - 0.01
+    assert all(v < best - 0.01 for k, v in choice.recall_by_count.items() if k < len(choice.heads))
+    assert [[t, h] for _, t, h in choice.ranked[: len(choice.heads)]] == choice.heads
+    assert 0.0 <= choice.recall_all_heads <= 1.0
+
+    alignment = _same_model_alignment(receiver, bottleneck=16, documents=8)
+    adapter = span_adapter(receiver, receiver, alignment, slots=8, selection="sentences-mean")
+    adapter.config.selection_heads = [[1, 0]]
+    adapter.save_pretrained(tmp_path / "heads")
+    loaded = LatentAdapter.from_pretrained(tmp_path / "heads")
+    assert loaded.config.selection_heads == [[1, 0]]
+    model, tok = receiver
+    prompt = question_prompt(QUESTION)
+    context = Sharer(model, tok, loaded.encoder, loaded.config).prefill(DOC)
+    chosen = Sharer(model, tok, loaded.encoder, loaded.config).select(context, question=prompt)
+    cache = prefill(model, context.input_ids, full_cache())
+    q_ids = tok("\n\n" + prompt, add_special_tokens=False, return_tensors="pt").input_ids
+    one_head = head_attention(model, cache, q_ids, context.input_ids.shape[1])[1, 0]
+    assert chosen.tolist() == top_sentences(one_head, context.spans, DOC, 8, per_token=True).tolist()
+
+
+def test_retrieval_heads_need_samples_whose_answer_is_in_the_document(tiny_pair):
+    from lcflow.crosscontext.heads import choose_heads
+
+    sharer, _ = tiny_pair
+    sample = dataclasses.replace(_fact_samples(1)[0], answers=["Atlantis"])
+    with pytest.raises(ValueError, match="no sample has its answer"):
+        choose_heads(*sharer, [sample], m=8)
+
+
+def test_selection_heads_must_be_layer_head_pairs(tiny_pair):
+    _, receiver = tiny_pair
+    with pytest.raises(ValueError, match="selection_heads"):
+        LatentAdapter.for_models(
+            "lcfx",
+            model_identity(*receiver),
+            model_identity(*receiver),
+            packet="spans",
+            selection_heads=[[1]],
+        )

@@ -7,13 +7,11 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from lcflow.kv import ModelIdentity
+from lcflow.names import SELECTIONS
 
 ADAPTER_FORMAT_VERSION = 1
 ADAPTER_MODES = ("lcf", "lcfx", "c2c")
 PACKETS = ("slots", "spans")
-# Span packets: whole sentences by the question's total attention ("sentences"), or by its mean
-# attention per token ("sentences-mean": long sentences not favoured), or the m best tokens.
-SELECTIONS = ("sentences", "sentences-mean", "tokens")
 CONFIG_NAME = "adapter_config.json"
 
 
@@ -44,6 +42,9 @@ class AdapterConfig:
     packet: str = "slots"
     selection: str = "sentences"  # spans: "sentences", "sentences-mean" or "tokens" (lcflow.adapter.spans)
     sharer_window: int = 0  # spans: sharer layers within +-window of the mapped one feed a layer
+    # spans: the sharer's (layer, head) pairs whose question attention selects (its retrieval
+    # heads, chosen on training samples by `lcflow heads`); empty: every head of every layer.
+    selection_heads: list[list[int]] = field(default_factory=list)
     dtype: str = "float32"  # dtype the weights are stored in
     format_version: int = ADAPTER_FORMAT_VERSION
     training: dict = field(default_factory=dict)  # provenance: task, steps, seed, loss, time
@@ -57,6 +58,9 @@ class AdapterConfig:
             raise ValueError(f"unknown LCF-X packet {self.packet!r}; choose one of {PACKETS}")
         if self.selection not in SELECTIONS:
             raise ValueError(f"unknown span selection {self.selection!r}; choose one of {SELECTIONS}")
+        bad = [h for h in self.selection_heads if len(h) != 2 or min(h) < 0]
+        if bad:
+            raise ValueError(f"selection_heads must be [layer, head] pairs, not {bad}")
         missing = [t for t in self.retained_layers if t not in self.layer_map]
         if missing:
             raise ValueError(f"retained layers {missing} have no entry in the layer map")

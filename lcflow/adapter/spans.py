@@ -60,7 +60,10 @@ class SpanEncoder(nn.Module):
         if not question:
             return None
         cache = cache_from_captured(model, captured)
-        scores = question_attention(model, cache, question_ids(tokenizer, question), captured.num_tokens)
+        heads = [(layer, head) for layer, head in self.config.selection_heads]
+        scores = question_attention(
+            model, cache, question_ids(tokenizer, question), captured.num_tokens, heads=heads
+        )
         if self.config.selection == "tokens":
             return top_tokens(scores, self.config.slots)
         per_token = self.config.selection == "sentences-mean"

@@ -78,16 +78,17 @@ def cache_from_captured(model, captured: CapturedKV) -> DynamicCache:
 
 
 @torch.no_grad()
-def question_attention(
+def head_attention(
     model, cache, question_ids: torch.Tensor, context_tokens: int, restore: bool = True
 ) -> torch.Tensor:
-    """Attention mass each of the first `context_tokens` cached positions gets from the question.
+    """Attention mass each of the first `context_tokens` cached positions gets from the question,
+    per layer and head: [layers, heads, context_tokens] (mean over question tokens of the softmax
+    weights; each row is normalised over context + question). A sliding-window layer whose cache
+    dropped old entries has no full view: its rows are NaN.
 
     Runs the question on top of `cache` (a prefilled context), then crops the cache back, so
     the caller's cache is unchanged (restore=False leaves the question in it: for a throwaway
-    copy of a sliding-window cache, which cannot be cropped once its window is full). Returns
-    [context_tokens] scores (mean over layers, heads and question tokens of the softmax
-    weights; each row is normalised over context + question).
+    copy of a sliding-window cache, which cannot be cropped once its window is full).
     """
     rope = RopeCodec(model)
     backbone = model.get_decoder() if hasattr(model, "get_decoder") else model.model
@@ -96,22 +97,21 @@ def question_attention(
         run_backbone(model, question_ids, cache)
     tokens = question_ids.shape[1]
     positions = torch.arange(start, start + tokens, device=question_ids.device)[None]
-    total = torch.zeros(context_tokens)
-    counted = 0
+    heads = backbone.layers[0].self_attn.config.num_attention_heads
+    scores = torch.full((len(backbone.layers), heads, context_tokens), float("nan"))
     for index, layer in enumerate(backbone.layers):
         attn = layer.self_attn
         keys = cache.layers[index].keys  # rotated, [batch, kv_heads, cached, head_dim]
+        cached = keys.shape[2]
+        if cached != start + tokens:  # a sliding-window cache dropped old entries: no full view
+            continue
         q = _as_heads(queries[index], attn.config.num_attention_heads, keys.shape[-1])
         q = rope.rotate(q, positions, index)
-        groups = q.shape[1] // keys.shape[1]
-        keys = keys.repeat_interleave(groups, dim=1)
+        keys = keys.repeat_interleave(q.shape[1] // keys.shape[1], dim=1)
         logits = (q @ keys.transpose(-1, -2)).float() * attn.scaling
         softcap = getattr(attn, "attn_logit_softcapping", None)
         if softcap:
             logits = torch.tanh(logits / softcap) * softcap
-        cached = keys.shape[2]
-        if cached != start + tokens:  # a sliding-window cache dropped old entries: no full view
-            continue
         # Question token i (at position start + i) sees positions <= start + i, and in a
         # sliding-window layer only the last `window` of them.
         key_pos = torch.arange(cached)[None, :]
@@ -120,11 +120,36 @@ def question_attention(
         if rope.spec.layer_types[index] == "sliding_attention" and rope.spec.sliding_window:
             hidden |= key_pos <= query_pos - rope.spec.sliding_window
         weights = logits.masked_fill(hidden, float("-inf")).softmax(dim=-1)
-        total += weights[0, :, :, :context_tokens].mean(dim=(0, 1)).cpu()
-        counted += 1
+        scores[index] = weights[0, :, :, :context_tokens].mean(dim=1).cpu()
     if restore:
         cache.crop(-tokens)
-    return total / max(counted, 1)
+    return scores
+
+
+def question_attention(
+    model,
+    cache,
+    question_ids: torch.Tensor,
+    context_tokens: int,
+    restore: bool = True,
+    heads: list[tuple[int, int]] | None = None,
+) -> torch.Tensor:
+    """[context_tokens] scores: `head_attention` combined over `heads` (see `combine_heads`)."""
+    return combine_heads(head_attention(model, cache, question_ids, context_tokens, restore), heads)
+
+
+def combine_heads(per_head: torch.Tensor, heads: list[tuple[int, int]] | None = None) -> torch.Tensor:
+    """[L, H, T] per-head scores -> [T]: the mean over the given (layer, head) pairs (a sharer's
+    retrieval heads, lcflow.crosscontext.heads), or over every head of every layer with a full
+    view when none are given (or none of them has a full view)."""
+    chosen = [per_head[layer, head] for layer, head in heads or []]
+    chosen = [row for row in chosen if not row[0].isnan()]
+    if chosen:
+        return torch.stack(chosen).mean(dim=0)
+    seen = ~per_head[:, 0, 0].isnan()
+    if not seen.any():
+        return torch.zeros(per_head.shape[-1])
+    return per_head[seen].mean(dim=(0, 1))
 
 
 def question_ids(tokenizer, question: str) -> torch.Tensor:
