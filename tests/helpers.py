@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+from dataclasses import dataclass
+
 import torch
 
 from lcflow.handoff import receiver_view
@@ -30,3 +33,74 @@ def lcfx_stream(engine, context: str, prompt: str, meta: dict | None = None) -> 
         prompt_text=prompt, mode=pb.LCF_X, generation=pb.GenerationSettings(max_new_tokens=2)
     )
     return [pb.LatentMessage(request=request), *packet_messages(packet, CodecConfig(chunk_size=64))]
+
+
+# --- both services on loopback, in this process (tests of the clients and the examples) -------------
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def tiny_adapter_dir(tiny_pair, directory, mode: str = "lcfx") -> str:
+    """A tiny adapter (b=16, 4 slots, seeded random weights) for the `tiny_pair` fixture's models,
+    saved in `directory`: enough for the services to run LCF / LCF-X handoffs."""
+    from lcflow.adapter import LatentAdapter
+    from lcflow.kv import model_identity
+
+    (ms, ts), (mr, tr) = tiny_pair
+    torch.manual_seed(3)
+    adapter = LatentAdapter.for_models(
+        mode, model_identity(ms, ts), model_identity(mr, tr), bottleneck=16, slots=4
+    )
+    return str(adapter.save_pretrained(directory))
+
+
+@dataclass
+class Services:
+    sharer: str  # the sharer's address, HOST:PORT
+    sharer_service: object  # services.sharer.server.SharerService (its `sessions`, ...)
+    receiver_service: object
+
+
+@contextlib.contextmanager
+def running_services(tiny_pair, adapter_dir: str = "", spans=None, sharer: dict | None = None):
+    """A receiver and a sharer on the `tiny_pair` models, on loopback ports, stopped on exit.
+    Without `adapter_dir` only TEXT and NONE handoffs run. `spans`: an exporter for both services'
+    spans; `sharer`: more ServiceConfig fields for the sharer (its TLS, token, ...)."""
+    from lcflow.service_config import ServiceConfig
+    from lcflow.telemetry import make_tracer_provider
+    from services.receiver.server import ReceiverEngine
+    from services.receiver.server import serve as serve_receiver
+    from services.sharer.server import SharerEngine
+    from services.sharer.server import serve as serve_sharer
+
+    (ms, ts), (mr, tr) = tiny_pair
+    receiver_port, sharer_port = free_port(), free_port()
+    receiver_running, receiver_service = serve_receiver(
+        ServiceConfig("receiver", model="tiny", port=receiver_port),
+        make_tracer_provider("lcflow-receiver", spans),
+        ReceiverEngine.from_loaded(mr, tr, str(adapter_dir)),
+    )
+    try:
+        sharer_running, sharer_service = serve_sharer(
+            ServiceConfig(
+                "sharer",
+                model="tiny",
+                port=sharer_port,
+                receiver=f"127.0.0.1:{receiver_port}",
+                **(sharer or {}),
+            ),
+            make_tracer_provider("lcflow-sharer", spans),
+            SharerEngine.from_loaded(ms, ts, str(adapter_dir)),
+        )
+        try:
+            yield Services(f"127.0.0.1:{sharer_port}", sharer_service, receiver_service)
+        finally:
+            sharer_running.stop(1)
+    finally:
+        receiver_running.stop(1)
