@@ -29,6 +29,7 @@ import time
 
 import torch
 from soft_token_probe import Probe, sharer_features  # scripts/ is on sys.path when run as a script
+from tqdm import tqdm
 
 from lcflow.adapter import LatentAdapter
 from lcflow.align import align_spans
@@ -50,6 +51,60 @@ class Bridge(Probe):
         self.adapter = LatentAdapter.from_pretrained(adapter_dir).float().eval()
         self.rope = RopeCodec(self.r_model)
         self.slots = slots
+
+    def fit_and_train(self, documents: list[str], steps: int, batch: int = 512, lr: float = 1e-3) -> None:
+        """The ridge map, then (steps > 0) a residual MLP on top, trained with a dense per-token
+        signal: cross-entropy of the soft token against Gemma3's embeddings of the training
+        tokens' vocabulary (cosine logits, learned temperature) plus the embedding MSE."""
+        with torch.no_grad():
+            data = [self.pairs(d) for d in tqdm(documents, desc="pairs", leave=False)]
+        x, y, ids = (torch.cat(part) for part in zip(*data, strict=True))
+        self.fit_from(x, y)
+        self.residual = None
+        if steps <= 0:
+            return
+        vocab, target = ids.unique(return_inverse=True)
+        table = torch.nn.functional.normalize(self.embed(vocab).detach().float(), dim=-1)
+        self.sd_x = x.std(0) + 1e-6
+        self.residual = torch.nn.Sequential(
+            torch.nn.Linear(x.shape[1], 1024), torch.nn.GELU(), torch.nn.Linear(1024, y.shape[1])
+        )
+        torch.nn.init.zeros_(self.residual[2].weight)
+        torch.nn.init.zeros_(self.residual[2].bias)
+        log_tau = torch.nn.Parameter(torch.tensor(3.0))
+        optimizer = torch.optim.AdamW([*self.residual.parameters(), log_tau], lr=lr, weight_decay=0.01)
+        y_var = float(y.var(0).sum())
+        generator = torch.Generator().manual_seed(0)
+        progress = tqdm(range(steps), desc="train map", leave=False)
+        for step in progress:
+            pick = torch.randint(0, len(x), (batch,), generator=generator)
+            predicted = self.translate(x[pick])
+            logits = log_tau.exp() * torch.nn.functional.normalize(predicted, dim=-1) @ table.T
+            ce = torch.nn.functional.cross_entropy(logits, target[pick])
+            mse = (predicted - y[pick]).pow(2).sum(-1).mean() / y_var
+            loss = ce + mse
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            if step % 50 == 0:
+                progress.set_postfix(ce=f"{ce.item():.3f}", mse=f"{mse.item():.3f}")
+
+    @torch.no_grad()
+    def fit_from(self, x: torch.Tensor, y: torch.Tensor, ridge: float = 1e-3) -> None:
+        """Ridge regression y = mu_y + (x - mu_x) B, from moments (float64), as Probe.fit."""
+        x64, y64 = x.double(), y.double()
+        self.mu_x, self.mu_y = x64.mean(0), y64.mean(0)
+        xc, yc = x64 - self.mu_x, y64 - self.mu_y
+        sxx, sxy = xc.T @ xc / len(x), xc.T @ yc / len(x)
+        lam = ridge * sxx.diagonal().mean()
+        self.beta = torch.linalg.solve(sxx + lam * torch.eye(sxx.shape[0], dtype=sxx.dtype), sxy).float()
+        self.mu_x, self.mu_y = self.mu_x.float(), self.mu_y.float()
+
+    def translate(self, x: torch.Tensor) -> torch.Tensor:
+        base = self.mu_y + (x - self.mu_x) @ self.beta
+        if getattr(self, "residual", None) is None:
+            return base
+        return base + self.residual((x - self.mu_x) / self.sd_x)
 
     @torch.no_grad()
     def inputs(self, sample, rung: str, source) -> torch.Tensor:
@@ -113,6 +168,7 @@ def main() -> None:
     )
     parser.add_argument("--top", type=int, default=1, help="how many of the ranked heads to average")
     parser.add_argument("--rungs", default="own-emb,soft,soft-wrong", help="comma-separated rungs")
+    parser.add_argument("--train-steps", type=int, default=0, help="train a residual map on top of ridge")
     args = parser.parse_args()
     started = time.perf_counter()
     heads = None
@@ -122,7 +178,14 @@ def main() -> None:
     bridge = Bridge(args.adapter, args.slots, heads)
     rungs = args.rungs.split(",")
     if any(r.startswith("soft") for r in rungs):
-        bridge.fit(alignment_corpus(args.documents, seed=0))
+        corpus = alignment_corpus(args.documents + 100, seed=0)
+        bridge.fit_and_train(corpus[: args.documents], args.train_steps)
+        with torch.no_grad():
+            r2, nearest = bridge.held_out(corpus[args.documents :])
+        print(
+            f"held-out (100 documents): embedding R^2 {r2:.3f}, nearest token correct {nearest:.3f}",
+            flush=True,
+        )
     samples = get_task(args.task).samples("test", args.n, seed=0)
     scores: dict[str, list[tuple[float, float]]] = {r: [] for r in rungs}
     for index, sample in enumerate(samples):

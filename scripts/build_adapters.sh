@@ -101,6 +101,8 @@ L.from_pretrained(sys.argv[1]).save_pretrained(sys.argv[2], dtype=torch.bfloat16
   # sentences): chosen after training, on held-out samples (docs/lcfx.md, section 5).
   python -c "import sys; from lcflow.adapter.config import AdapterConfig as C; \
 c = C.load(sys.argv[1]); c.selection = 'sentences-mean'; c.save(sys.argv[1])" "$tuned"
+  # ... and by the sharer's retrieval heads alone, chosen on train-split samples (docs/lcfx.md, section 5).
+  lcflow heads "$tuned" --task facts-cross --train 150 --write
   lcflow align --pair "$pair" --documents 1200 --window 0 --out "$RUNS/$pair-align" \
     --adapter-out "$RUNS/$pair-spans-init" --slots 32 --selection sentences
   lcflow train --sharer "$GEMMA" --receiver "$GEMMA" --mode lcfx --task facts-cross-words --steps 40 \

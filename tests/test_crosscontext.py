@@ -62,6 +62,13 @@ def test_question_attention_equals_the_models_own_attention_weights(tiny_dir, fa
         torch.testing.assert_close(per_head[layer], attention[0, :, t:, :t].mean(dim=1), atol=1e-5, rtol=1e-4)
     one = question_attention(model, cache, q_ids, ids.shape[1], heads=[(1, 0)])
     torch.testing.assert_close(one, out.attentions[1][0, 0, t:, :t].mean(dim=0), atol=1e-5, rtol=1e-4)
+    # Heads of the first layer only: the question runs through that layer alone, and the cache
+    # comes back as it was in every layer.
+    keys = [entry.keys.clone() for entry in cache.layers]
+    first = question_attention(model, cache, q_ids, ids.shape[1], heads=[(0, 1)])
+    torch.testing.assert_close(first, out.attentions[0][0, 1, t:, :t].mean(dim=0), atol=1e-5, rtol=1e-4)
+    for before, entry in zip(keys, cache.layers, strict=True):
+        assert torch.equal(before, entry.keys)
 
 
 def test_top_tokens_skip_the_sink_and_keep_document_order():

@@ -31,17 +31,22 @@ from lcflow.kv import CapturedKV, RopeCodec, run_backbone
 _SENTENCE = re.compile(r"[^.!?]+(?:[.!?]+|$)")
 
 
-@contextmanager
-def _capture_queries(model):
-    """Record each layer's queries (after q_norm where the family has one, before RoPE).
+class _EnoughLayers(Exception):
+    """Raised after the last layer whose queries are needed: the rest of the pass is skipped."""
 
-    Only this thread's forward passes are recorded: a service runs handoffs on one model from
-    several threads at once, and their passes fire every registered hook."""
+
+@contextmanager
+def _capture_queries(model, layers: int):
+    """Record the queries of the first `layers` layers (after q_norm where the family has one,
+    before RoPE), and stop the forward pass once they have run (_EnoughLayers).
+
+    Only this thread's forward passes are recorded (or stopped): a service runs handoffs on one
+    model from several threads at once, and their passes fire every registered hook."""
     backbone = model.get_decoder() if hasattr(model, "get_decoder") else model.model
     queries: dict[int, torch.Tensor] = {}
     handles = []
     owner = threading.get_ident()
-    for index, layer in enumerate(backbone.layers):
+    for index, layer in enumerate(backbone.layers[:layers]):
         attn = layer.self_attn
         module = getattr(attn, "q_norm", None) or attn.q_proj
 
@@ -50,6 +55,13 @@ def _capture_queries(model):
                 queries[index] = output
 
         handles.append(module.register_forward_hook(hook))
+
+    def stop(_module, _inputs, _output):
+        if threading.get_ident() == owner:
+            raise _EnoughLayers
+
+    if layers < len(backbone.layers):
+        handles.append(backbone.layers[layers - 1].register_forward_hook(stop))
     try:
         yield queries
     finally:
@@ -79,12 +91,18 @@ def cache_from_captured(model, captured: CapturedKV) -> DynamicCache:
 
 @torch.no_grad()
 def head_attention(
-    model, cache, question_ids: torch.Tensor, context_tokens: int, restore: bool = True
+    model,
+    cache,
+    question_ids: torch.Tensor,
+    context_tokens: int,
+    restore: bool = True,
+    layers: int | None = None,
 ) -> torch.Tensor:
     """Attention mass each of the first `context_tokens` cached positions gets from the question,
     per layer and head: [layers, heads, context_tokens] (mean over question tokens of the softmax
     weights; each row is normalised over context + question). A sliding-window layer whose cache
-    dropped old entries has no full view: its rows are NaN.
+    dropped old entries has no full view: its rows are NaN, as are those of layers past `layers`
+    (only the first `layers` layers are run: retrieval heads sit early, the rest is not needed).
 
     Runs the question on top of `cache` (a prefilled context), then crops the cache back, so
     the caller's cache is unchanged (restore=False leaves the question in it: for a throwaway
@@ -92,14 +110,18 @@ def head_attention(
     """
     rope = RopeCodec(model)
     backbone = model.get_decoder() if hasattr(model, "get_decoder") else model.model
+    layers = min(layers or len(backbone.layers), len(backbone.layers))
     start = cache.get_seq_length()
-    with _capture_queries(model) as queries:
-        run_backbone(model, question_ids, cache)
+    with _capture_queries(model, layers) as queries:
+        try:
+            run_backbone(model, question_ids, cache)
+        except _EnoughLayers:
+            pass  # the layers after `layers` hold no question entries (the crop below is per layer)
     tokens = question_ids.shape[1]
     positions = torch.arange(start, start + tokens, device=question_ids.device)[None]
     heads = backbone.layers[0].self_attn.config.num_attention_heads
     scores = torch.full((len(backbone.layers), heads, context_tokens), float("nan"))
-    for index, layer in enumerate(backbone.layers):
+    for index, layer in enumerate(backbone.layers[:layers]):
         attn = layer.self_attn
         keys = cache.layers[index].keys  # rotated, [batch, kv_heads, cached, head_dim]
         cached = keys.shape[2]
@@ -121,8 +143,9 @@ def head_attention(
             hidden |= key_pos <= query_pos - rope.spec.sliding_window
         weights = logits.masked_fill(hidden, float("-inf")).softmax(dim=-1)
         scores[index] = weights[0, :, :, :context_tokens].mean(dim=1).cpu()
-    if restore:
-        cache.crop(-tokens)
+    if restore:  # only the layers that ran hold the question's entries
+        for entry in cache.layers[:layers]:
+            entry.crop(-tokens)
     return scores
 
 
@@ -134,8 +157,11 @@ def question_attention(
     restore: bool = True,
     heads: list[tuple[int, int]] | None = None,
 ) -> torch.Tensor:
-    """[context_tokens] scores: `head_attention` combined over `heads` (see `combine_heads`)."""
-    return combine_heads(head_attention(model, cache, question_ids, context_tokens, restore), heads)
+    """[context_tokens] scores: `head_attention` combined over `heads` (see `combine_heads`); with
+    heads, the question runs only through the layers up to the deepest of them."""
+    layers = max(layer for layer, _ in heads) + 1 if heads else None
+    per_head = head_attention(model, cache, question_ids, context_tokens, restore, layers)
+    return combine_heads(per_head, heads)
 
 
 def combine_heads(per_head: torch.Tensor, heads: list[tuple[int, int]] | None = None) -> torch.Tensor:
