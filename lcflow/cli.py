@@ -16,6 +16,7 @@ import sys
 COMMAND_MODULES = [
     "lcflow.commands.demo",
     "lcflow.commands.handoff",
+    "lcflow.commands.adapters",
     "lcflow.commands.serve",
     "lcflow.commands.train",
     "lcflow.commands.prune",

@@ -94,7 +94,8 @@ def handoff_request(
 ) -> pb.HandoffRequest:
     """The HandoffRequest for these options. The sharer's context is `session_id` (an open
     session, `open_session` / `session`) or else `context`; `mode` is one of MODE_NAMES;
-    `adapter` names one inside the services' --adapter-dir (unset: their --adapter)."""
+    `adapter` names one inside the services' --adapters (unset: their --adapter when its mode is
+    `mode`, else the first of that mode; the summary's `adapter` says which ran)."""
     if mode not in MODE_NAMES:
         raise ValueError(f"mode must be one of {list(MODE_NAMES)}, not {mode!r}")
     generation = pb.GenerationSettings(
@@ -208,6 +209,10 @@ class HandoffClient:
         return self.stub.CloseSession(
             pb.CloseSessionRequest(session_id=session_id), timeout=self.timeout_s
         ).closed
+
+    def list_adapters(self) -> pb.ListAdaptersResponse:
+        """The sharer's adapters: names, modes, models, sizes, loaded or not, usable or why not."""
+        return self.stub.ListAdapters(pb.ListAdaptersRequest(), timeout=self.timeout_s)
 
     @contextlib.contextmanager
     def session(self, context: str, session_id: str = "", ttl_s: int = 0) -> Iterator[str]:
@@ -380,6 +385,10 @@ class AsyncHandoffClient:
             pb.CloseSessionRequest(session_id=session_id), timeout=self.timeout_s
         )
         return response.closed
+
+    async def list_adapters(self) -> pb.ListAdaptersResponse:
+        """The sharer's adapters: names, modes, models, sizes, loaded or not, usable or why not."""
+        return await self.stub.ListAdapters(pb.ListAdaptersRequest(), timeout=self.timeout_s)
 
     @contextlib.asynccontextmanager
     async def session(self, context: str, session_id: str = "", ttl_s: int = 0) -> AsyncIterator[str]:

@@ -18,8 +18,12 @@ DEFAULT_PORTS = {"sharer": 50051, "receiver": 50052}
 class ServiceConfig:
     role: str
     model: str = ""
-    adapter: str = ""
-    adapter_dir: str = ""  # adapters a request may name (HandoffRequest.adapter), by directory name
+    adapter: str = ""  # the default adapter: a name inside `adapters`, or an adapter directory
+    adapters: str = (
+        ""  # directory of adapters a request may name (HandoffRequest.adapter), one per subdirectory
+    )
+    adapter_memory_mb: float = 512.0  # bound over loaded adapter halves; least recently used evicted first
+    preload: bool = False  # load every usable adapter at start (within the bound), not on first use
     receiver: str = ""  # sharer only: the receiver's gRPC target (host:port or dns:///name:port)
     host: str = "127.0.0.1"
     port: int = 0  # 0 = the role's default port
@@ -60,6 +64,8 @@ class ServiceConfig:
             raise ValueError(f"--max-concurrent must be at least 1, not {self.max_concurrent}")
         if self.max_queue < 0:
             self.max_queue = 2 * self.max_concurrent
+        if self.adapter_memory_mb <= 0:
+            raise ValueError(f"--adapter-memory-mb must be positive, not {self.adapter_memory_mb}")
         security = self.server_security()  # raises on a half-given TLS setting
         if (
             self.role == "receiver"
@@ -100,9 +106,15 @@ class ServiceConfig:
 
 HELP = {
     "model": "model to serve: a name from `lcflow models list`, a local directory or a hub id",
-    "adapter": "adapter directory (LCF or LCF-X); the sharer loads its encoder half, the receiver its decoder half",
-    "adapter_dir": "directory of adapters a request may pick by name (HandoffRequest.adapter); names "
-    "resolve only inside it (no paths, no symlinks out); give both services the same adapters",
+    "adapter": "default adapter (LCF or LCF-X): a name inside --adapters, or an adapter directory; the "
+    "sharer loads its encoder half, the receiver its decoder half, at start",
+    "adapters": "directory of adapters, one per subdirectory (as adapters/ is laid out), that requests pick "
+    "by name (HandoffRequest.adapter) or by mode; names resolve only inside it (no paths, no symlinks "
+    "out); give both services the same adapters",
+    "adapter_memory_mb": "memory bound over the adapters loaded from --adapters (the default's included); "
+    "least recently used are evicted first, never one a running handoff uses",
+    "preload": "load every usable adapter in --adapters at start (as far as --adapter-memory-mb allows) "
+    "instead of on first use",
     "receiver": "sharer only: the receiver's gRPC target, host:port or dns:///name:port (round-robin over all addresses)",
     "host": "address to listen on (0.0.0.0 to accept connections from other hosts)",
     "port": "port to listen on (default 50051 for the sharer, 50052 for the receiver)",
@@ -137,6 +149,9 @@ HELP = {
     "receiver_tls_server_name": "sharer only: name the receiver's certificate carries, if not the --receiver host",
 }
 
+# Other spellings of a flag, still accepted (the directory flag was --adapter-dir before --adapters).
+ALIASES = {"adapters": ("--adapter-dir",)}
+
 SHARER_ONLY = {"receiver", "zstd_level"} | {name for name in HELP if name.startswith("receiver_")}
 RECEIVER_ONLY = {"allow_unauthenticated"}
 
@@ -169,7 +184,14 @@ def add_service_flags(parser: argparse.ArgumentParser, role: str) -> None:
             default = kind(os.environ[env])
         flag = "--" + f.name.replace("_", "-")
         extra = {"nargs": "?", "const": True} if kind is _parse_bool else {}
-        parser.add_argument(flag, type=kind, default=default, help=f"{HELP[f.name]} [env {env}]", **extra)
+        parser.add_argument(
+            flag,
+            *ALIASES.get(f.name, ()),
+            type=kind,
+            default=default,
+            help=f"{HELP[f.name]} [env {env}]",
+            **extra,
+        )
 
 
 def config_from_args(role: str, args: argparse.Namespace) -> ServiceConfig:

@@ -18,7 +18,6 @@ import time
 from collections.abc import Callable, Iterator
 from concurrent import futures
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -171,90 +170,14 @@ def load_adapter_half(model, tokenizer, adapter_dir: str, part: str, name: str |
 
 
 def require_adapter(adapter, mode: str, role: str) -> None:
-    """FAILED_PRECONDITION unless this service holds an adapter of the requested latent mode."""
+    """FAILED_PRECONDITION unless this engine holds an adapter of the requested latent mode."""
     have = f"a {adapter.config.mode} adapter" if adapter is not None else "no adapter"
     if adapter is None or adapter.config.mode != mode:
         raise ServiceError(
             grpc.StatusCode.FAILED_PRECONDITION,
             f"mode {mode} needs a {mode} adapter but this {role} has {have}; "
-            "start it with --adapter pointing at one, or use TEXT or NONE",
+            "start it with --adapter pointing at one or --adapters DIR holding one, or use TEXT or NONE",
         )
-
-
-# --- adapters named in requests -----------------------------------------------------------------
-
-ADAPTER_NAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-")
-MAX_ADAPTER_NAME = 128
-MAX_NAMED_ADAPTERS = 4  # halves kept loaded at once, least recently used dropped first
-
-
-def resolve_adapter_name(root: str, name: str) -> Path:
-    """The directory of the adapter a request names: one plain name inside `root`, nothing else.
-
-    A name from the network must never reach a path outside the directory the operator chose:
-    not by `..`, an absolute path, a separator, nor a symlink inside `root` pointing out of it
-    (both sides are resolved before they are compared). INVALID_ARGUMENT for such a name,
-    NOT_FOUND for a good name with no adapter behind it."""
-    if (
-        not name
-        or len(name) > MAX_ADAPTER_NAME
-        or not set(name) <= ADAPTER_NAME_CHARS
-        or name.startswith(".")
-    ):
-        raise invalid(
-            f"adapter name {name[:MAX_ADAPTER_NAME]!r} is not a plain name: use 1-{MAX_ADAPTER_NAME} "
-            "letters, digits, '.', '_' or '-', not starting with '.' (no paths)"
-        )
-    if not root:
-        raise ServiceError(
-            grpc.StatusCode.NOT_FOUND,
-            f"no adapter {name!r} here: this service serves only its --adapter; start it with "
-            "--adapter-dir DIR to let requests choose adapters in DIR",
-        )
-    base = Path(root).resolve()
-    candidate = (base / name).resolve()
-    if candidate == base or not candidate.is_relative_to(base):
-        raise invalid(f"adapter {name!r} resolves outside the adapter directory; refused")
-    if not (candidate / "adapter_config.json").is_file():
-        raise ServiceError(grpc.StatusCode.NOT_FOUND, f"no adapter {name!r} in the adapter directory")
-    return candidate
-
-
-class NamedAdapters:
-    """Engines for adapters named in requests, built by `build(directory)` on first use and kept
-    for the next requests (at most MAX_NAMED_ADAPTERS; the model itself is shared, only the
-    adapter half is per entry). A build that fails is not kept: the next request tries again."""
-
-    def __init__(self, root: str, default_dir: str, build: Callable[[Path], object]):
-        self.root, self.build = root, build
-        self.default_dir = Path(default_dir).resolve() if default_dir else None
-        self._engines: collections.OrderedDict[Path, object] = collections.OrderedDict()
-        self._lock = threading.Lock()
-
-    def get(self, name: str, default):
-        """`default` for an unset name or the name of the service's own --adapter, else the named engine."""
-        if not name:
-            return default
-        if not self.root and self.default_dir is not None and name == self.default_dir.name:
-            return default
-        directory = resolve_adapter_name(self.root, name)
-        if directory == self.default_dir:
-            return default
-        with self._lock:
-            if directory in self._engines:
-                self._engines.move_to_end(directory)
-                return self._engines[directory]
-            try:
-                engine = self.build(directory)
-            except (ValueError, FileNotFoundError, OSError) as err:  # other models, incomplete directory
-                raise ServiceError(
-                    grpc.StatusCode.FAILED_PRECONDITION, f"adapter {name!r} cannot be used here: {err}"
-                ) from err
-            self._engines[directory] = engine
-            while len(self._engines) > MAX_NAMED_ADAPTERS:
-                self._engines.popitem(last=False)
-            log.info("loaded adapter %r from %s", name, directory)
-            return engine
 
 
 # --- concurrency ------------------------------------------------------------------------------
@@ -499,17 +422,20 @@ def serve_service(
 ):
     """Start a service's server (health NOT_SERVING), then make it SERVING: at once if
     `service.engine` is already set (tests pass tiny models), else once `load_engine(config)`
-    has loaded the model in the background. Returns the running server."""
+    has loaded the model in the background. Either way `service.engine_ready()` runs first (its
+    adapters are read, and loaded with --preload). Returns the running server."""
     keep_freed_memory()  # segment-sized buffers reuse freed memory instead of faulting in fresh pages
     running = start_server(
         config, service_name, lambda server: add_servicer(service, server), tracer_provider
     )
     if service.engine is not None:
+        service.engine_ready()
         running.set_serving(True)
         return running
 
     def load() -> None:
         service.engine = load_engine(config)
+        service.engine_ready()
 
     load_in_background(running, load, on_error=on_load_error or exit_on_load_error)
     return running

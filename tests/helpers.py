@@ -65,13 +65,17 @@ class Services:
     sharer: str  # the sharer's address, HOST:PORT
     sharer_service: object  # services.sharer.server.SharerService (its `sessions`, ...)
     receiver_service: object
+    receiver: str = ""  # the receiver's address, HOST:PORT
 
 
 @contextlib.contextmanager
-def running_services(tiny_pair, adapter_dir: str = "", spans=None, sharer: dict | None = None):
+def running_services(
+    tiny_pair, adapter_dir: str = "", spans=None, sharer: dict | None = None, receiver: dict | None = None
+):
     """A receiver and a sharer on the `tiny_pair` models, on loopback ports, stopped on exit.
-    Without `adapter_dir` only TEXT and NONE handoffs run. `spans`: an exporter for both services'
-    spans; `sharer`: more ServiceConfig fields for the sharer (its TLS, token, ...)."""
+    Without `adapter_dir` (the default adapter) only TEXT and NONE handoffs run, unless `sharer`
+    and `receiver` give `adapters`. `spans`: an exporter for both services' spans; `sharer`,
+    `receiver`: more ServiceConfig fields for each (TLS, a token, adapters, ...)."""
     from lcflow.service_config import ServiceConfig
     from lcflow.telemetry import make_tracer_provider
     from services.receiver.server import ReceiverEngine
@@ -82,7 +86,7 @@ def running_services(tiny_pair, adapter_dir: str = "", spans=None, sharer: dict 
     (ms, ts), (mr, tr) = tiny_pair
     receiver_port, sharer_port = free_port(), free_port()
     receiver_running, receiver_service = serve_receiver(
-        ServiceConfig("receiver", model="tiny", port=receiver_port),
+        ServiceConfig("receiver", model="tiny", port=receiver_port, **(receiver or {})),
         make_tracer_provider("lcflow-receiver", spans),
         ReceiverEngine.from_loaded(mr, tr, str(adapter_dir)),
     )
@@ -99,7 +103,9 @@ def running_services(tiny_pair, adapter_dir: str = "", spans=None, sharer: dict 
             SharerEngine.from_loaded(ms, ts, str(adapter_dir)),
         )
         try:
-            yield Services(f"127.0.0.1:{sharer_port}", sharer_service, receiver_service)
+            yield Services(
+                f"127.0.0.1:{sharer_port}", sharer_service, receiver_service, f"127.0.0.1:{receiver_port}"
+            )
         finally:
             sharer_running.stop(1)
     finally:

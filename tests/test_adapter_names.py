@@ -1,4 +1,4 @@
-"""Adapters named in requests (HandoffRequest.adapter) resolve only inside --adapter-dir, on both
+"""Adapters named in requests (HandoffRequest.adapter) resolve only inside --adapters, on both
 services: no `..`, no absolute paths, no symlink out of it; a good name picks that adapter on the
 sharer and the receiver alike."""
 
@@ -18,7 +18,8 @@ from lcflow.kv import model_identity
 from lcflow.proto_gen.lcflow.v1 import lcflow_pb2 as pb
 from lcflow.proto_gen.lcflow.v1 import lcflow_pb2_grpc as pb_grpc
 from lcflow.service_config import ServiceConfig
-from lcflow.serving import ServiceError, resolve_adapter_name
+from lcflow.serving import ServiceError
+from lcflow.serving_adapters import resolve_adapter_name
 from lcflow.telemetry import make_tracer_provider
 from services.receiver.server import ReceiverEngine
 from services.receiver.server import serve as serve_receiver
@@ -62,7 +63,7 @@ class Pair:
         (ms, ts), (mr, tr) = tiny_pair
         spans = InMemorySpanExporter()
         self.receiver_port, self.sharer_port = free_port(), free_port()
-        common = {"model": "tiny", "adapter": adapter, "adapter_dir": adapter_dir}
+        common = {"model": "tiny", "adapter": adapter, "adapters": adapter_dir}
         self.receiver_running, self.receiver_service = serve_receiver(
             ServiceConfig("receiver", port=self.receiver_port, **common),
             make_tracer_provider("lcflow-receiver", spans),
@@ -100,14 +101,15 @@ def pair(tiny_pair, layout):
 
 
 def test_a_named_adapter_is_used_on_both_hops(pair):
-    # the default adapter is LCF-X: LCF needs the one named "same", on the sharer and the receiver
-    assert pair.status("", "lcf")[0] == grpc.StatusCode.FAILED_PRECONDITION
+    # the default adapter is LCF-X: LCF takes one named in the request, on the sharer and the receiver
     for name in ("same", "inner-link"):  # a symlink that stays inside the directory is fine
         code, summary = pair.status(name, "lcf")
         assert code == grpc.StatusCode.OK, summary
-        assert summary.mode == pb.LCF and summary.bytes_wire > 0
+        assert summary.mode == pb.LCF and summary.bytes_wire > 0 and summary.adapter == name
     assert pair.status("fast", "lcfx")[0] == grpc.StatusCode.OK
-    assert pair.status("", "lcfx")[0] == grpc.StatusCode.OK
+    # naming none: the default for its mode, else the first usable adapter of the mode by name
+    assert pair.status("", "lcfx")[1].adapter == "fast"
+    assert pair.status("", "lcf")[1].adapter == "inner-link"
 
 
 @pytest.mark.parametrize(
@@ -168,7 +170,7 @@ def test_without_an_adapter_dir_only_the_own_adapter_can_be_named(tiny_pair, lay
     try:
         assert running.status("fast", "lcfx")[0] == grpc.StatusCode.OK
         code, details = running.status("same", "lcf")
-        assert code == grpc.StatusCode.NOT_FOUND and "--adapter-dir" in details
+        assert code == grpc.StatusCode.NOT_FOUND and "--adapters" in details
         assert running.status("../fast", "lcfx")[0] == grpc.StatusCode.INVALID_ARGUMENT
     finally:
         running.stop()

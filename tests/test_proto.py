@@ -20,7 +20,9 @@ EXPECTED_METHODS = {
     ("Sharer", "Handoff"): (False, True),
     ("Sharer", "OpenSession"): (False, False),
     ("Sharer", "CloseSession"): (False, False),
+    ("Sharer", "ListAdapters"): (False, False),
     ("Receiver", "Receive"): (True, True),
+    ("Receiver", "ListAdapters"): (False, False),
 }
 
 

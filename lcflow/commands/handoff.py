@@ -30,7 +30,8 @@ def register(subparsers) -> None:
         "--adapter",
         default="",
         metavar="NAME",
-        help="adapter to use, by name, from the services' --adapter-dir (default: their --adapter)",
+        help="adapter to use, by name, from the services' --adapters (default: their --adapter when it "
+        "has --mode, else their first adapter of that mode; the summary says which ran)",
     )
     p.add_argument("--max-new-tokens", type=int, default=64, help="longest answer, in tokens")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
@@ -103,7 +104,9 @@ def format_summary(summary) -> str:
     timings = summary.timings
     from lcflow.proto_gen.lcflow.v1 import lcflow_pb2 as pb
 
-    lines = [f"mode {pb.Mode.Name(summary.mode)}"]
+    lines = [
+        f"mode {pb.Mode.Name(summary.mode)}" + (f", adapter {summary.adapter}" if summary.adapter else "")
+    ]
     from lcflow.client import summary_stages
 
     stages = (*summary_stages(timings), "time_to_first_token", "total")

@@ -96,10 +96,47 @@ def check_adapter(adapter_dir: str, role: str, model: str = "", model_dir: str =
 
 
 def check_service(config) -> None:
-    """Everything `lcflow serve` can check before it listens and loads the model."""
+    """Everything `lcflow serve` can check before it listens and loads the model. Adapters in
+    --adapters are not checked here: one that does not fit is listed as unusable, not fatal."""
     model_dir = check_model(config.model)
+    if config.adapters:
+        check_adapter_directory(config.adapters, config.adapter)
     if config.adapter:
-        check_adapter(config.adapter, config.role, config.model, model_dir)
+        from lcflow.serving_adapters import default_adapter_path
+
+        try:
+            default = default_adapter_path(config.adapter, config.adapters)
+        except Exception as err:  # a name whose symlink leads out of --adapters
+            raise UsageError(f"--adapter {config.adapter}: {getattr(err, 'details', err)}") from err
+        check_adapter(default, config.role, config.model, model_dir)
+
+
+def check_adapter_directory(adapters: str, adapter: str) -> None:
+    """--adapters is a directory; --adapter, when a name, is one in it (or a directory of its own
+    whose name no adapter in --adapters has: requests naming it could mean either)."""
+    root = Path(adapters).expanduser()
+    if not root.is_dir():
+        raise UsageError(
+            f"--adapters {adapters}: no such directory; give a directory holding one adapter per "
+            "subdirectory (e.g. adapters/)"
+        )
+    if not adapter:
+        return
+    from lcflow.serving_adapters import is_plain_name
+
+    path = Path(adapter).expanduser()
+    in_root = is_plain_name(adapter) and (root / adapter).is_dir()
+    if not in_root and not path.is_dir():
+        names = sorted(p.name for p in root.iterdir() if (p / "adapter_config.json").is_file())
+        raise UsageError(
+            f"--adapter {adapter}: no adapter of that name in --adapters {adapters} "
+            f"(it has: {', '.join(names) or 'none'}) and no such directory"
+        )
+    if not in_root and (root / path.name).is_dir() and path.resolve().parent != root.resolve():
+        raise UsageError(
+            f"--adapter {adapter} has the name of another adapter in --adapters {adapters}; "
+            "rename one of them, or give --adapter as a name in --adapters"
+        )
 
 
 def check_file(path: Path, flag: str, what: str) -> None:

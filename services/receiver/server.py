@@ -14,6 +14,7 @@ exactly the tensors this receiver's adapter decodes; nothing may follow the trai
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from dataclasses import dataclass
@@ -30,7 +31,6 @@ from lcflow.proto_gen.lcflow.v1 import lcflow_pb2_grpc as pb_grpc
 from lcflow.service_config import ServiceConfig
 from lcflow.serving import (
     ConcurrencyLimit,
-    NamedAdapters,
     ServiceError,
     check_text,
     check_tokens,
@@ -45,6 +45,7 @@ from lcflow.serving import (
     serve_service,
     status_on_error,
 )
+from lcflow.serving_adapters import AdapterRegistry, default_adapter_path, list_adapters_response
 from lcflow.streaming import GenerationStream
 from lcflow.telemetry import current_trace_id
 from lcflow.transport import MODE_FROM_PROTO, PacketAssembler, WireLimits, WireStats, mode_name
@@ -72,16 +73,19 @@ class ReceiverEngine:
     identity: ModelIdentity
     adapter: LatentAdapter | None = None
     adapter_id: str = ""
+    adapter_path: Path | None = None  # the adapter's directory
 
     @classmethod
     def load(cls, config: ServiceConfig) -> ReceiverEngine:
-        return cls.from_loaded(*load_model_for(config), config.adapter, name=config.model)
+        adapter_dir = default_adapter_path(config.adapter, config.adapters)
+        return cls.from_loaded(*load_model_for(config), adapter_dir, name=config.model)
 
     @classmethod
     def from_loaded(cls, model, tokenizer, adapter_dir: str = "", name: str | None = None) -> ReceiverEngine:
         identity, adapter, adapter_id = load_adapter_half(model, tokenizer, adapter_dir, "decoder", name)
         decoder, config = (adapter.decoder, adapter.config) if adapter else (None, None)
-        return cls(Receiver(model, tokenizer, decoder, config), identity, adapter, adapter_id)
+        path = Path(adapter_dir) if adapter_dir else None
+        return cls(Receiver(model, tokenizer, decoder, config), identity, adapter, adapter_id, path)
 
     def require_adapter(self, mode: str) -> None:
         require_adapter(self.adapter, mode, "receiver")
@@ -95,7 +99,7 @@ class ReceiverService(pb_grpc.ReceiverServicer):
         self.limit = ConcurrencyLimit(config.max_concurrent, config.max_queue)
         self.wire_limits = WireLimits()
         self.cancelled_generations = 0  # generations stopped early (client gone, deadline passed)
-        self.adapters = NamedAdapters(config.adapter_dir, config.adapter, self._engine_with)
+        self.adapters = AdapterRegistry.for_service(config, self._engine_with)
 
     def _engine_with(self, adapter_dir: Path) -> ReceiverEngine:
         """The loaded model with another adapter's decoder half (checked against the model)."""
@@ -109,24 +113,37 @@ class ReceiverService(pb_grpc.ReceiverServicer):
             raise ServiceError(
                 grpc.StatusCode.UNAVAILABLE, "the receiver model is still loading; retry shortly"
             )
+        self.adapters.attach(self.engine)  # once: the registry checks adapters against this model
         return self.engine
+
+    def engine_ready(self) -> None:
+        """The model is loaded: read the adapters (and load them all with --preload)."""
+        self.adapters.attach(self.engine)
+        if self.config.preload:
+            self.adapters.preload()
+
+    def ListAdapters(self, request, context):
+        with status_on_error(context, "ListAdapters"):
+            return list_adapters_response(self.adapters, self.ready().identity)
 
     def Receive(self, request_iterator, context):
         with status_on_error(context, "Receive"):
             engine = self.ready()
             started = time.perf_counter()
             queued_at = time.time_ns()
-            with self.limit.slot(context) as queue_ms:
+            # the adapter (if any) is held until the answer is generated: it cannot be evicted
+            with self.limit.slot(context) as queue_ms, contextlib.ExitStack() as held:
                 queue_span(self.tracer, "receiver.queue", queued_at, queue_ms)
-                summary = yield from self._receive(engine, request_iterator, context, started, queue_ms)
+                summary = yield from self._receive(engine, request_iterator, context, started, queue_ms, held)
             # Sent once the slot is free: a client that sends its next request on seeing the
             # summary must find the slot released, not race this handler's exit.
             yield summary
 
     # --- one handoff --------------------------------------------------------------------------
 
-    def _receive(self, engine: ReceiverEngine, messages, context, started, queue_ms):
-        """Yields the answer's text events; returns the summary event (sent by Receive)."""
+    def _receive(self, engine: ReceiverEngine, messages, context, started, queue_ms, held):
+        """Yields the answer's text events; returns the summary event (sent by Receive). The
+        adapter's lease goes into `held` (an ExitStack closed once the answer is done)."""
         request = self._read_request(messages)
         mode = MODE_FROM_PROTO[request.mode]
         prompt = check_text("prompt", prompt_of(request), self.config)
@@ -135,11 +152,13 @@ class ReceiverService(pb_grpc.ReceiverServicer):
         )
         settings = generation_settings(request.generation)
         timings: dict[str, float] = {"queue": queue_ms}
-        latents, stats = None, WireStats()
+        latents, stats, adapter_name = None, WireStats(), ""
         if mode in ("lcf", "lcfx"):
             if mode == "lcf":
                 check_text("context_text", request.context_text, self.config)
-            engine, latents, stats, timings["transfer"] = self._read_latents(engine, request, messages)
+            engine, latents, stats, timings["transfer"], adapter_name = self._read_latents(
+                request, messages, held
+            )
             timings["unpack"] = stats.serialise_ms + stats.codec_ms
         else:
             if mode == "text":
@@ -188,6 +207,7 @@ class ReceiverService(pb_grpc.ReceiverServicer):
                 trace_id=current_trace_id(),
                 mode=request.mode,
                 tokens=pb.TokenCounts(prompt=prepared.prompt_tokens, generated=generated),
+                adapter=adapter_name,
             )
         )
 
@@ -214,11 +234,12 @@ class ReceiverService(pb_grpc.ReceiverServicer):
             )
 
     def _read_latents(
-        self, engine: ReceiverEngine, request: pb.ReceiverRequest, messages
-    ) -> tuple[ReceiverEngine, Latents, WireStats, float]:
-        """Header, chunks and trailer -> (the engine whose decoder takes them, Latents, ...),
-        verifying all of it (WireError on any fault). The header may name the adapter (meta
-        "adapter", from HandoffRequest.adapter); it resolves only inside --adapter-dir."""
+        self, request: pb.ReceiverRequest, messages, held: contextlib.ExitStack
+    ) -> tuple[ReceiverEngine, Latents, WireStats, float, str]:
+        """Header, chunks and trailer -> (the engine whose decoder takes them, Latents, stats,
+        window ms, the adapter's name), verifying all of it (WireError on any fault). The header
+        may name the adapter (meta "adapter"); it resolves only inside --adapters. Without a
+        name, the adapter whose id the header carries decodes (lcflow.serving_adapters)."""
         assembler = PacketAssembler(self.wire_limits)
         first = next(messages, None)
         if first is None or first.WhichOneof("message") != "header":
@@ -231,8 +252,12 @@ class ReceiverService(pb_grpc.ReceiverServicer):
         with self.tracer.start_as_current_span("receiver.unpack") as span:
             window_start = time.perf_counter()
             assembler.on_header(header)  # counts and total size against WireLimits
-            engine = self.adapters.get(header.meta.get("adapter", ""), engine)
-            engine.require_adapter(MODE_FROM_PROTO[request.mode])
+            mode = MODE_FROM_PROTO[request.mode]
+            choice = self.adapters.for_header(header.meta.get("adapter", ""), mode, header.adapter_id)
+            span.set_attribute("lcflow.adapter", choice.name)
+            span.set_attribute("lcflow.adapter.chosen_by", choice.how)
+            engine = held.enter_context(self.adapters.lease(choice.entry))
+            engine.require_adapter(mode)
             self._check_identities(engine, header)
             self._check_header_fits(engine, request, header)  # every shape, before any chunk is read
             for message in messages:
@@ -260,7 +285,7 @@ class ReceiverService(pb_grpc.ReceiverServicer):
             for t in packet.layers
         }
         spans = packet.shared_tensors.get("token_spans")
-        return engine, Latents(packet.mode, layers, spans), stats, window_ms
+        return engine, Latents(packet.mode, layers, spans), stats, window_ms, choice.name
 
     def _check_identities(self, engine: ReceiverEngine, header: pb.LatentHeader) -> None:
         if header.adapter_id != engine.adapter_id:

@@ -10,6 +10,7 @@ measured in the same system.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -20,6 +21,7 @@ import grpc
 import torch
 from google.protobuf.timestamp_pb2 import Timestamp
 from opentelemetry import context as otel_context
+from opentelemetry import trace
 from opentelemetry.instrumentation.grpc import client_interceptor
 from opentelemetry.instrumentation.grpc.grpcext import intercept_channel
 
@@ -32,7 +34,6 @@ from lcflow.security import SecurityConfigError
 from lcflow.service_config import ServiceConfig
 from lcflow.serving import (
     ConcurrencyLimit,
-    NamedAdapters,
     ServiceError,
     check_text,
     check_tokens,
@@ -49,6 +50,14 @@ from lcflow.serving import (
     serve_service,
     status_on_error,
 )
+from lcflow.serving_adapters import (
+    AdapterInfo,
+    AdapterRegistry,
+    Choice,
+    default_adapter_path,
+    identity_hash,
+    list_adapters_response,
+)
 from lcflow.sessions import SessionNotFound, SessionStore, SessionTooLarge
 from lcflow.transport import MODE_FROM_PROTO, CodecConfig, PacketWriter, TensorSpec
 from services.receiver.server import identity_id
@@ -57,6 +66,9 @@ log = logging.getLogger(__name__)
 
 SERVICE_NAME = "lcflow.v1.Sharer"
 WIRE_DTYPE = torch.bfloat16  # latents travel as bf16: half of fp32, and zstd packs it better than fp16
+# How long the sharer trusts what the receiver said its model is (ListAdapters), when choosing an
+# adapter by mode among several; while the receiver cannot be asked, it asks again this soon.
+RECEIVER_MODEL_TTL_S, RECEIVER_MODEL_RETRY_S = 60.0, 5.0
 
 
 @dataclass
@@ -67,16 +79,19 @@ class SharerEngine:
     identity: ModelIdentity
     adapter: LatentAdapter | None = None
     adapter_id: str = ""
+    adapter_path: Path | None = None  # the adapter's directory
 
     @classmethod
     def load(cls, config: ServiceConfig) -> SharerEngine:
-        return cls.from_loaded(*load_model_for(config), config.adapter, name=config.model)
+        adapter_dir = default_adapter_path(config.adapter, config.adapters)
+        return cls.from_loaded(*load_model_for(config), adapter_dir, name=config.model)
 
     @classmethod
     def from_loaded(cls, model, tokenizer, adapter_dir: str = "", name: str | None = None) -> SharerEngine:
         identity, adapter, adapter_id = load_adapter_half(model, tokenizer, adapter_dir, "encoder", name)
         encoder, config = (adapter.encoder, adapter.config) if adapter else (None, None)
-        return cls(Sharer(model, tokenizer, encoder, config), identity, adapter, adapter_id)
+        path = Path(adapter_dir) if adapter_dir else None
+        return cls(Sharer(model, tokenizer, encoder, config), identity, adapter, adapter_id, path)
 
     def require_adapter(self, mode: str) -> None:
         require_adapter(self.adapter, mode, "sharer")
@@ -96,7 +111,10 @@ class SharerService(pb_grpc.SharerServicer):
         self.limit = ConcurrencyLimit(config.max_concurrent, config.max_queue)
         self.sessions = SessionStore(config.session_memory_mb << 20, config.session_ttl_s)
         self.codec = CodecConfig(level=config.zstd_level)
-        self.adapters = NamedAdapters(config.adapter_dir, config.adapter, self._engine_with)
+        self.adapters = AdapterRegistry.for_service(config, self._engine_with)
+        self._receiver_model: str | None = None  # the receiver's model hash, as it last said
+        self._receiver_model_until = 0.0
+        self._receiver_model_lock = threading.Lock()
         # TLS and a token towards the receiver as --receiver-tls-* / --receiver-auth-token-file say.
         self.receiver_security = config.receiver_security()
         self._tracer_provider = tracer_provider
@@ -163,7 +181,49 @@ class SharerService(pb_grpc.SharerServicer):
             raise ServiceError(
                 grpc.StatusCode.UNAVAILABLE, "the sharer model is still loading; retry shortly"
             )
+        self.adapters.attach(self.engine)  # once: the registry checks adapters against this model
         return self.engine
+
+    def engine_ready(self) -> None:
+        """The model is loaded: read the adapters (and load them all with --preload)."""
+        self.adapters.attach(self.engine)
+        if self.config.preload:
+            self.adapters.preload()
+
+    # --- adapters -------------------------------------------------------------------------------
+
+    def ListAdapters(self, request, context):
+        with status_on_error(context, "ListAdapters"):
+            return list_adapters_response(self.adapters, self.ready().identity)
+
+    def _choose_adapter(self, request: pb.HandoffRequest, mode: str) -> Choice:
+        """The adapter the request names, or the one its mode gets (lcflow.serving_adapters);
+        said in the trace as lcflow.adapter and lcflow.adapter.chosen_by."""
+        choice = self.adapters.pick(request.adapter, mode, fits=self._fits_receiver)
+        span = trace.get_current_span()
+        span.set_attribute("lcflow.adapter", choice.name)
+        span.set_attribute("lcflow.adapter.chosen_by", choice.how)
+        return choice
+
+    def _fits_receiver(self, info: AdapterInfo) -> bool:
+        """Whether an adapter was made for the receiver's model (True while that is unknown: the
+        receiver checks it anyway)."""
+        model = self._receiver_model_hash()
+        return model is None or info.receiver is None or identity_hash(info.receiver) == model
+
+    def _receiver_model_hash(self) -> str | None:
+        """The receiver's model, by its ListAdapters, asked at most once a minute."""
+        with self._receiver_model_lock:
+            now = time.monotonic()
+            if now >= self._receiver_model_until:
+                try:
+                    answer = self.receiver_stub().ListAdapters(pb.ListAdaptersRequest(), timeout=5)
+                    self._receiver_model, ttl = answer.model.hash or None, RECEIVER_MODEL_TTL_S
+                except grpc.RpcError as err:
+                    log.info("cannot ask the receiver for its model (%s); choosing without it", err.code())
+                    self._receiver_model, ttl = None, RECEIVER_MODEL_RETRY_S
+                self._receiver_model_until = now + ttl
+            return self._receiver_model
 
     # --- sessions -------------------------------------------------------------------------------
 
@@ -197,16 +257,18 @@ class SharerService(pb_grpc.SharerServicer):
             engine = self.ready()
             started = time.perf_counter()  # TTFT and total as the client sees them: queueing included
             queued_at = time.time_ns()
-            with self.limit.slot(context) as queue_ms:
+            # the adapter (if any) is held until the receiver's call has ended: it cannot be evicted
+            with self.limit.slot(context) as queue_ms, contextlib.ExitStack() as held:
                 queue_span(self.tracer, "sharer.queue", queued_at, queue_ms)
-                summary = yield from self._handoff(engine, request, context, started, queue_ms)
+                summary = yield from self._handoff(engine, request, context, started, queue_ms, held)
             # Sent once the slot is free (and the receiver's call has ended, so its slot is free
             # too): a client that sends its next request on seeing the summary must not race us.
             if summary is not None:
                 yield summary
 
-    def _handoff(self, engine: SharerEngine, request: pb.HandoffRequest, context, started, queue_ms):
-        """Yields the answer's text events; returns the summary event (sent by Handoff)."""
+    def _handoff(self, engine: SharerEngine, request: pb.HandoffRequest, context, started, queue_ms, held):
+        """Yields the answer's text events; returns the summary event (sent by Handoff). The
+        adapter's lease goes into `held` (an ExitStack closed once the call is over)."""
         mode = MODE_FROM_PROTO.get(request.mode)
         if mode is None:
             raise invalid("mode is unset: choose LCF, LCF_X, TEXT or NONE")
@@ -216,9 +278,10 @@ class SharerService(pb_grpc.SharerServicer):
         )
         generation_settings(request.generation)  # refuse bad settings before any work
         timings: dict[str, float] = {"queue": queue_ms}  # plus the receiver's, in _final_summary
-        shared, context_text = None, ""
+        shared, context_text, choice = None, "", None
         if mode in ("lcf", "lcfx"):
-            engine = self.adapters.get(request.adapter, engine)  # the named adapter, if any
+            choice = self._choose_adapter(request, mode)
+            engine = held.enter_context(self.adapters.lease(choice.entry))
             engine.require_adapter(mode)
             with torch.inference_mode():
                 shared = self._context(engine, request)
@@ -247,7 +310,8 @@ class SharerService(pb_grpc.SharerServicer):
             self, engine, mode, receiver_request, shared, receiver_view(receiver_context, prompt)
         )
         stream.context_text = context_text
-        stream.adapter_name = request.adapter if mode in ("lcf", "lcfx") else ""
+        if choice is not None:
+            stream.adapter_name, stream.adapter_wire_name = choice.name, choice.wire_name
         call = self.receiver_stub().Receive(stream.messages(), timeout=context.time_remaining())
         context.add_callback(call.cancel)  # client gone: cancel downstream too
         first_token_at, summary = None, None
@@ -313,11 +377,13 @@ class SharerService(pb_grpc.SharerServicer):
             merged.timings.time_to_first_token = (first_token_at - started) * 1000
         merged.timings.total = (time.perf_counter() - started) * 1000
         merged.tokens.context = stream.context_tokens
+        merged.adapter = stream.adapter_name
         if stream.request.text_message:  # TEXT mode: the message itself is what travelled
             merged.bytes_raw = merged.bytes_wire = len(stream.request.text_message.encode())
         log.info(
-            "handoff %s in %.0f ms: %s",
+            "handoff %s%s in %.0f ms: %s",
             pb.Mode.Name(merged.mode),
+            f" (adapter {merged.adapter})" if merged.adapter else "",
             merged.timings.total,
             describe_texts(
                 self.config,
@@ -342,7 +408,8 @@ class _LatentStream:
         self.error: BaseException | None = None
         self.done = threading.Event()
         self.context_text = ""  # for the log line (its size only, unless --log-content)
-        self.adapter_name = ""  # HandoffRequest.adapter, passed on to the receiver
+        self.adapter_name = ""  # the adapter that encodes, for the summary and the trace
+        self.adapter_wire_name = ""  # the name passed on to the receiver (Choice.wire_name)
 
     def messages(self):
         try:
@@ -374,8 +441,8 @@ class _LatentStream:
                 if self.mode == "lcf"
                 else None,
                 codec=self.service.codec,
-                # the receiver picks the same adapter by this name (resolved inside its --adapter-dir)
-                meta={"adapter": self.adapter_name} if self.adapter_name else None,
+                # the receiver picks the same adapter by this name (resolved inside its --adapters)
+                meta={"adapter": self.adapter_wire_name} if self.adapter_wire_name else None,
             )
             yield writer.header()
             if self.mode == "lcf":
@@ -396,6 +463,7 @@ class _LatentStream:
             trailer = writer.trailer()
             stats = writer.stats
             self.pack_ms = stats.serialise_ms + stats.codec_ms
+            span.set_attribute("lcflow.adapter", self.adapter_name)
             span.set_attribute("lcflow.layers", len(config.retained_layers))
             span.set_attribute("lcflow.tokens.context", self.context_tokens)
             span.set_attribute("lcflow.bytes.raw", stats.bytes_raw)
