@@ -34,6 +34,7 @@ def build_card(
         "slots": config["slots"] if config["mode"] == "lcfx" else None,
         # span packets: which positions travel (lcflow.adapter.spans)
         "selection": config.get("selection") if config.get("packet") == "spans" else None,
+        "selection_heads": config.get("selection_heads") or None,
         "retained_layers": config["retained_layers"],
         "training": config.get("training", {}),
         "build_command": command,
@@ -85,7 +86,13 @@ def render_markdown(card: dict) -> str:
         f"{card['mode'].upper()} adapter: sharer `{card['sharer']}` -> receiver `{card['receiver']}`"
         + (f", bottleneck b={card['bottleneck']}" if card["mode"] != "c2c" else " (the C2C baseline fuser)")
         + (f", {card['slots']} slots" if card["slots"] else "")
-        + (f" (span packet, selection `{card['selection']}`)" if card.get("selection") else "")
+        + (f" (span packet, selection `{card['selection']}`" if card.get("selection") else "")
+        + (
+            f" by the sharer's heads {card['selection_heads']} (layer, head)"
+            if card.get("selection_heads")
+            else ""
+        )
+        + (")" if card.get("selection") else "")
         + ".",
         "",
         "## Training",
