@@ -7,7 +7,9 @@ environment, the environment over the default. `lcflow serve sharer --help` list
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import os
+import re
 from dataclasses import dataclass, fields
 
 ROLES = ("sharer", "receiver")
@@ -24,7 +26,8 @@ class ServiceConfig:
     )
     adapter_memory_mb: float = 512.0  # bound over loaded adapter halves; least recently used evicted first
     preload: bool = False  # load every usable adapter at start (within the bound), not on first use
-    receiver: str = ""  # sharer only: the receiver's gRPC target (host:port or dns:///name:port)
+    # sharer only: the receivers, as HOST:PORT, HOST:PORT,HOST:PORT,... or dns:///NAME:PORT (parse_receivers)
+    receiver: str = ""
     host: str = "127.0.0.1"
     port: int = 0  # 0 = the role's default port
     device: str = "auto"
@@ -80,11 +83,28 @@ class ServiceConfig:
                 "or --auth-token-file, or pass --allow-unauthenticated to accept any client"
             )
         if self.role == "sharer":
-            self.receiver_security()  # the same checks for the client side
+            receiver_security = self.receiver_security()  # the same checks for the client side
+            receivers = self.receivers() if self.receiver else None
+            if (
+                receivers is not None
+                and receiver_security.tls
+                and len(receivers.addresses) > 1
+                and not receivers.authority
+                and not self.receiver_tls_server_name
+            ):
+                # One channel checks every receiver's certificate against one name.
+                raise ValueError(
+                    "TLS to receivers on different hosts needs --receiver-tls-server-name: a name "
+                    "every receiver's certificate carries (lcflow certs make --hosts NAME,...)"
+                )
 
     @property
     def address(self) -> str:
         return f"{self.host}:{self.port}"
+
+    def receivers(self) -> ReceiverTarget:
+        """Sharer: the gRPC target for --receiver (one receiver, a list, or a DNS name)."""
+        return parse_receivers(self.receiver)
 
     def server_security(self):
         from lcflow.security import ServerSecurity
@@ -104,6 +124,70 @@ class ServiceConfig:
         )
 
 
+# --- the receivers behind one sharer -------------------------------------------------------------
+
+# Targets gRPC resolves itself, passed through as they are: dns:///NAME:PORT (every address of
+# the name, re-resolved when connections fail: a Kubernetes headless Service), ipv4:/ipv6: lists.
+GRPC_SCHEMES = ("dns:", "ipv4:", "ipv6:", "unix:", "unix-abstract:", "vsock:", "xds:")
+_ENTRY = re.compile(r"^(?:\[(?P<v6>[^\]]+)\]|(?P<host>[^:\[\],]+)):(?P<port>\d+)$")
+
+
+@dataclass(frozen=True)
+class ReceiverTarget:
+    """What the sharer's channel dials for --receiver. The channel balances handoffs round-robin
+    over every address and skips a receiver whose grpc.health.v1 status is not SERVING (or that
+    cannot be reached), trying it again later (services/sharer/server.py)."""
+
+    target: str  # the gRPC target
+    addresses: tuple[str, ...]  # the receivers as given (one entry for HOST:PORT or a dns:/// name)
+    authority: str = ""  # :authority and TLS name for a list on one host ("" = gRPC's own)
+
+
+def parse_receivers(text: str) -> ReceiverTarget:
+    """--receiver / LCFLOW_RECEIVER as a gRPC target:
+
+    - `HOST:PORT`: as before (gRPC's DNS resolver; a name with several addresses is balanced over);
+    - `dns:///NAME:PORT` (or any target with a gRPC scheme): passed through;
+    - `A:PORT,B:PORT,...`: IP addresses (or `localhost`) become one `ipv4:` / `ipv6:` target.
+      Other host names are refused: gRPC balances over a fixed list of addresses only, and names
+      resolved once here would go stale when a receiver moves; a DNS name that holds every
+      receiver's address (`dns:///NAME:PORT`) is re-resolved by gRPC itself.
+
+    Raises ValueError with what to give instead."""
+    text = text.strip()
+    if text.startswith(GRPC_SCHEMES):
+        return ReceiverTarget(text, (text,))
+    entries = [entry.strip() for entry in text.split(",") if entry.strip()]
+    if len(entries) <= 1:
+        return ReceiverTarget(entries[0] if entries else "", tuple(entries))
+    hosts, dialled, families = [], [], set()
+    for entry in entries:
+        match = _ENTRY.match(entry)
+        if match is None:
+            raise ValueError(f"--receiver entry {entry!r} is not HOST:PORT (IPv6: [ADDRESS]:PORT)")
+        host, port = match["v6"] or match["host"], int(match["port"])
+        if not 0 < port < 65536:
+            raise ValueError(f"--receiver entry {entry!r}: port {port} is out of range")
+        try:
+            address = ipaddress.ip_address("127.0.0.1" if host == "localhost" else host)
+        except ValueError:
+            raise ValueError(
+                f"--receiver lists the host name {host!r}: a list takes IP addresses (or localhost); "
+                "for receivers found by name give one DNS name that resolves to all of them, "
+                "dns:///NAME:PORT (a Kubernetes headless Service, a scaled compose service)"
+            ) from None
+        families.add(address.version)
+        hosts.append(f"[{host}]" if address.version == 6 else host)
+        dialled.append(f"[{address}]:{port}" if address.version == 6 else f"{address}:{port}")
+    if len(families) > 1:
+        raise ValueError("--receiver mixes IPv4 and IPv6 addresses; gRPC takes one family per list")
+    if len(set(dialled)) < len(dialled):
+        raise ValueError(f"--receiver lists the same receiver twice: {text}")
+    family = families.pop()
+    authority = hosts[0] if len(set(hosts)) == 1 else ""
+    return ReceiverTarget(f"ipv{family}:" + ",".join(dialled), tuple(entries), authority)
+
+
 HELP = {
     "model": "model to serve: a name from `lcflow models list`, a local directory or a hub id",
     "adapter": "default adapter (LCF or LCF-X): a name inside --adapters, or an adapter directory; the "
@@ -115,7 +199,9 @@ HELP = {
     "least recently used are evicted first, never one a running handoff uses",
     "preload": "load every usable adapter in --adapters at start (as far as --adapter-memory-mb allows) "
     "instead of on first use",
-    "receiver": "sharer only: the receiver's gRPC target, host:port or dns:///name:port (round-robin over all addresses)",
+    "receiver": "sharer only: the receiver, HOST:PORT, or several: a list of IP:PORT (comma-separated) or "
+    "dns:///NAME:PORT (every address of NAME, re-resolved); handoffs go round-robin to the receivers "
+    "whose health is SERVING, a dead one is skipped and tried again later",
     "host": "address to listen on (0.0.0.0 to accept connections from other hosts)",
     "port": "port to listen on (default 50051 for the sharer, 50052 for the receiver)",
     "device": "auto (CUDA when present), cpu or cuda",
@@ -146,7 +232,8 @@ HELP = {
     "receiver_tls_client_cert": "sharer only: client certificate (PEM) to present to the receiver (mutual TLS)",
     "receiver_tls_client_key": "sharer only: private key (PEM) of --receiver-tls-client-cert",
     "receiver_auth_token_file": "sharer only: file holding the bearer token the receiver requires",
-    "receiver_tls_server_name": "sharer only: name the receiver's certificate carries, if not the --receiver host",
+    "receiver_tls_server_name": "sharer only: name the receiver's certificate carries, if not the --receiver "
+    "host (needed for a list of receivers on different hosts: one name all their certificates carry)",
 }
 
 # Other spellings of a flag, still accepted (the directory flag was --adapter-dir before --adapters).

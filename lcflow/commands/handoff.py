@@ -105,7 +105,9 @@ def format_summary(summary) -> str:
     from lcflow.proto_gen.lcflow.v1 import lcflow_pb2 as pb
 
     lines = [
-        f"mode {pb.Mode.Name(summary.mode)}" + (f", adapter {summary.adapter}" if summary.adapter else "")
+        f"mode {pb.Mode.Name(summary.mode)}"
+        + (f", adapter {summary.adapter}" if summary.adapter else "")
+        + (f", receiver {summary.receiver}" if summary.receiver else "")
     ]
     from lcflow.client import summary_stages
 

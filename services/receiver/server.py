@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -99,6 +100,8 @@ class ReceiverService(pb_grpc.ReceiverServicer):
         self.limit = ConcurrencyLimit(config.max_concurrent, config.max_queue)
         self.wire_limits = WireLimits()
         self.cancelled_generations = 0  # generations stopped early (client gone, deadline passed)
+        # Said in every summary (HandoffSummary.receiver): which of several receivers answered.
+        self.name = f"{socket.gethostname()}:{config.port}"
         self.adapters = AdapterRegistry.for_service(config, self._engine_with)
 
     def _engine_with(self, adapter_dir: Path) -> ReceiverEngine:
@@ -208,6 +211,7 @@ class ReceiverService(pb_grpc.ReceiverServicer):
                 mode=request.mode,
                 tokens=pb.TokenCounts(prompt=prepared.prompt_tokens, generated=generated),
                 adapter=adapter_name,
+                receiver=self.name,
             )
         )
 

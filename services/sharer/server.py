@@ -11,6 +11,7 @@ measured in the same system.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import threading
 import time
@@ -60,6 +61,7 @@ from lcflow.serving_adapters import (
 )
 from lcflow.sessions import SessionNotFound, SessionStore, SessionTooLarge
 from lcflow.transport import MODE_FROM_PROTO, CodecConfig, PacketWriter, TensorSpec
+from services.receiver.server import SERVICE_NAME as RECEIVER_SERVICE
 from services.receiver.server import identity_id
 
 log = logging.getLogger(__name__)
@@ -69,6 +71,14 @@ WIRE_DTYPE = torch.bfloat16  # latents travel as bf16: half of fp32, and zstd pa
 # How long the sharer trusts what the receiver said its model is (ListAdapters), when choosing an
 # adapter by mode among several; while the receiver cannot be asked, it asks again this soon.
 RECEIVER_MODEL_TTL_S, RECEIVER_MODEL_RETRY_S = 60.0, 5.0
+# The channel to the receivers: round-robin over every address of --receiver, and gRPC's own
+# client-side health checking (a grpc.health.v1 Watch per connection): a receiver that is not
+# SERVING (loading its model, shutting down) or cannot be reached (dead, refused) gets no new
+# handoffs; it is reconnected with backoff and used again once it says SERVING.
+RECEIVER_SERVICE_CONFIG = {
+    "loadBalancingConfig": [{"round_robin": {}}],
+    "healthCheckConfig": {"serviceName": RECEIVER_SERVICE},
+}
 
 
 @dataclass
@@ -123,19 +133,32 @@ class SharerService(pb_grpc.SharerServicer):
         self._reconnect = False  # SIGHUP: make a new channel before the next handoff
         self._channel_lock = threading.Lock()
         self._connect(receiver_channel or self._receiver_channel())
+        if self._own_channel:
+            receivers = config.receivers().addresses
+            log.info(
+                "receiver%s: %s%s",
+                "s" if len(receivers) > 1 else "",
+                ", ".join(receivers),
+                " (round-robin over the SERVING ones)" if len(receivers) > 1 else "",
+            )
 
     def _receiver_channel(self) -> grpc.Channel:
-        return self.receiver_security.channel(
-            self.config.receiver,
-            options=[
-                ("grpc.lb_policy_name", "round_robin"),
-                *keepalive_options(self.config, server=False),
-                # A restarted receiver is found again within seconds, not after gRPC's default
-                # reconnect backoff of up to 2 minutes.
-                ("grpc.initial_reconnect_backoff_ms", 500),
-                ("grpc.max_reconnect_backoff_ms", 5000),
-            ],
-        )
+        receivers = self.config.receivers()
+        options = [
+            ("grpc.service_config", json.dumps(RECEIVER_SERVICE_CONFIG)),
+            # ours, not one a DNS TXT record might carry
+            ("grpc.service_config_disable_resolution", 1),
+            *keepalive_options(self.config, server=False),
+            # A restarted receiver is found again within seconds, not after gRPC's default
+            # reconnect backoff of up to 2 minutes.
+            ("grpc.initial_reconnect_backoff_ms", 500),
+            ("grpc.max_reconnect_backoff_ms", 5000),
+        ]
+        if receivers.authority and not self.receiver_security.tls_server_name:
+            # A list on one host: that host is the name in :authority and in the TLS check
+            # (gRPC's default for an ipv4: list is the whole list).
+            options.append(("grpc.default_authority", receivers.authority))
+        return self.receiver_security.channel(receivers.target, options=options)
 
     def _connect(self, channel: grpc.Channel) -> None:
         # The interceptor puts this span's W3C trace context into the call's metadata.
@@ -269,6 +292,7 @@ class SharerService(pb_grpc.SharerServicer):
     def _handoff(self, engine: SharerEngine, request: pb.HandoffRequest, context, started, queue_ms, held):
         """Yields the answer's text events; returns the summary event (sent by Handoff). The
         adapter's lease goes into `held` (an ExitStack closed once the call is over)."""
+        handoff_span = trace.get_current_span()  # taken before the first yield
         mode = MODE_FROM_PROTO.get(request.mode)
         if mode is None:
             raise invalid("mode is unset: choose LCF, LCF_X, TEXT or NONE")
@@ -322,6 +346,7 @@ class SharerService(pb_grpc.SharerServicer):
                     yield event
                 else:
                     summary = self._final_summary(event.summary, timings, stream, started, first_token_at)
+                    handoff_span.set_attribute("lcflow.receiver", event.summary.receiver)  # who answered
         except grpc.RpcError:
             if stream.error is not None:  # our own stream broke: that is the cause, not the receiver
                 raise stream.error from None
@@ -381,9 +406,10 @@ class SharerService(pb_grpc.SharerServicer):
         if stream.request.text_message:  # TEXT mode: the message itself is what travelled
             merged.bytes_raw = merged.bytes_wire = len(stream.request.text_message.encode())
         log.info(
-            "handoff %s%s in %.0f ms: %s",
+            "handoff %s%s%s in %.0f ms: %s",
             pb.Mode.Name(merged.mode),
             f" (adapter {merged.adapter})" if merged.adapter else "",
+            f" via receiver {merged.receiver}" if merged.receiver else "",
             merged.timings.total,
             describe_texts(
                 self.config,
