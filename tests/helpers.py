@@ -110,3 +110,34 @@ def running_services(
             sharer_running.stop(1)
     finally:
         receiver_running.stop(1)
+
+
+def stop_processes(processes) -> None:
+    """SIGTERM every process still running, then wait for each (SIGKILL after 15 s)."""
+    import signal
+    import subprocess
+
+    for process in processes:
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+    for process in processes:
+        try:
+            process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(timeout=10)
+
+
+def mutual_tls_server_settings(directory, token: str) -> dict:
+    """A private CA, server and client certificates and a token file written to `directory`, and
+    the server settings (ServiceConfig fields) that require them."""
+    from lcflow.commands.certs import make_certs
+
+    make_certs(directory, ["localhost", "127.0.0.1"])
+    (directory / "token").write_text(token + "\n")
+    return {
+        "tls_cert": str(directory / "server.pem"),
+        "tls_key": str(directory / "server-key.pem"),
+        "tls_client_ca": str(directory / "ca.pem"),
+        "auth_token_file": str(directory / "token"),
+    }

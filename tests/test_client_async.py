@@ -8,7 +8,7 @@ import asyncio
 
 import grpc
 import pytest
-from helpers import running_services, tiny_adapter_dir
+from helpers import mutual_tls_server_settings, running_services, tiny_adapter_dir
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from lcflow.client import MODE_NAMES, AsyncHandoffClient, HandoffClient
@@ -213,16 +213,7 @@ def test_one_trace_from_the_async_client_to_the_receiver(services, spans):
 
 
 def test_mutual_tls_and_token_like_the_sync_client(tiny_pair, tmp_path):
-    from lcflow.commands.certs import make_certs
-
-    make_certs(tmp_path, ["localhost", "127.0.0.1"])
-    (tmp_path / "token").write_text("s3cret\n")
-    sharer = {
-        "tls_cert": str(tmp_path / "server.pem"),
-        "tls_key": str(tmp_path / "server-key.pem"),
-        "tls_client_ca": str(tmp_path / "ca.pem"),
-        "auth_token_file": str(tmp_path / "token"),
-    }
+    sharer = mutual_tls_server_settings(tmp_path, "s3cret")
     certificate = {
         "tls_ca": str(tmp_path / "ca.pem"),
         "tls_client_cert": str(tmp_path / "client.pem"),

@@ -24,7 +24,7 @@ import grpc
 import pytest
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from helpers import lcfx_stream
+from helpers import lcfx_stream, stop_processes
 from netns import two_hosts, why_netns_unavailable
 
 from lcflow.adapter import LatentAdapter
@@ -139,15 +139,7 @@ class Services:
         return "\n".join(p.read_text() for p in sorted(self.log_dir.glob(f"{role}-*.log")))
 
     def stop(self) -> None:
-        for process in self.processes.values():
-            if process.poll() is None:
-                process.send_signal(signal.SIGTERM)
-        for process in self.processes.values():
-            try:
-                process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait(timeout=10)
+        stop_processes(self.processes.values())
 
 
 @pytest.fixture(scope="module")

@@ -24,7 +24,7 @@ import grpc
 import pytest
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from helpers import free_port, tiny_adapter_dir
+from helpers import free_port, mutual_tls_server_settings, stop_processes, tiny_adapter_dir
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from lcflow.client import HandoffClient
@@ -196,16 +196,7 @@ def test_handoffs_alternate_and_a_receiver_not_serving_is_skipped(tiny_pair, ada
 
 
 def test_mutual_tls_and_a_token_over_a_list_of_receivers(tiny_pair, adapter_dir, tmp_path):
-    from lcflow.commands.certs import make_certs
-
-    make_certs(tmp_path, ["localhost", "127.0.0.1"])
-    (tmp_path / "token").write_text("for-the-receivers\n")
-    receiver = {
-        "tls_cert": str(tmp_path / "server.pem"),
-        "tls_key": str(tmp_path / "server-key.pem"),
-        "tls_client_ca": str(tmp_path / "ca.pem"),
-        "auth_token_file": str(tmp_path / "token"),
-    }
+    receiver = mutual_tls_server_settings(tmp_path, "for-the-receivers")
     sharer = {
         "receiver_tls_ca": str(tmp_path / "ca.pem"),
         "receiver_tls_client_cert": str(tmp_path / "client.pem"),
@@ -289,15 +280,7 @@ class ReceiverProcesses:
         self.processes[port].wait(timeout=10)
 
     def stop(self) -> None:
-        for process in self.processes.values():
-            if process.poll() is None:
-                process.send_signal(signal.SIGTERM)
-        for process in self.processes.values():
-            try:
-                process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait(timeout=10)
+        stop_processes(self.processes.values())
         for log in self.logs.values():
             log.close()
 
