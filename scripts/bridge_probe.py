@@ -89,19 +89,8 @@ class Bridge(Probe):
             if step % 50 == 0:
                 progress.set_postfix(ce=f"{ce.item():.3f}", mse=f"{mse.item():.3f}")
 
-    @torch.no_grad()
-    def fit_from(self, x: torch.Tensor, y: torch.Tensor, ridge: float = 1e-3) -> None:
-        """Ridge regression y = mu_y + (x - mu_x) B, from moments (float64), as Probe.fit."""
-        x64, y64 = x.double(), y.double()
-        self.mu_x, self.mu_y = x64.mean(0), y64.mean(0)
-        xc, yc = x64 - self.mu_x, y64 - self.mu_y
-        sxx, sxy = xc.T @ xc / len(x), xc.T @ yc / len(x)
-        lam = ridge * sxx.diagonal().mean()
-        self.beta = torch.linalg.solve(sxx + lam * torch.eye(sxx.shape[0], dtype=sxx.dtype), sxy).float()
-        self.mu_x, self.mu_y = self.mu_x.float(), self.mu_y.float()
-
     def translate(self, x: torch.Tensor) -> torch.Tensor:
-        base = self.mu_y + (x - self.mu_x) @ self.beta
+        base = super().translate(x)
         if getattr(self, "residual", None) is None:
             return base
         return base + self.residual((x - self.mu_x) / self.sd_x)

@@ -68,9 +68,14 @@ class Probe:
 
     @torch.no_grad()
     def fit(self, documents: list[str], ridge: float = 1e-3) -> None:
-        """Ridge regression y = mu_y + (x - mu_x) B, from moments (float64)."""
+        """Ridge regression on the pairs of `documents` (see fit_from)."""
         xs, ys = zip(*[self.pairs(d)[:2] for d in documents], strict=True)
-        x, y = torch.cat(xs).double(), torch.cat(ys).double()
+        self.fit_from(torch.cat(xs), torch.cat(ys), ridge)
+
+    @torch.no_grad()
+    def fit_from(self, x: torch.Tensor, y: torch.Tensor, ridge: float = 1e-3) -> None:
+        """Ridge regression y = mu_y + (x - mu_x) B, from moments (float64)."""
+        x, y = x.double(), y.double()
         self.mu_x, self.mu_y = x.mean(0), y.mean(0)
         xc, yc = x - self.mu_x, y - self.mu_y
         sxx, sxy = xc.T @ xc / len(x), xc.T @ yc / len(x)
