@@ -287,6 +287,12 @@ class AdapterRegistry:
         info.memory_bytes = loaded_bytes(engine.adapter)
         return _Entry(info, engine=engine, pinned=True, in_root=in_root, last_used=next(self._clock))
 
+    def engine_ready(self, engine, preload: bool) -> None:
+        """A service's model has loaded: read the adapters against it, and with --preload load them."""
+        self.attach(engine)
+        if preload:
+            self.preload()
+
     def preload(self) -> None:
         """--preload: load every usable adapter now, by name, as far as the memory bound allows."""
         with self._lock:

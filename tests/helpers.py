@@ -141,3 +141,9 @@ def mutual_tls_server_settings(directory, token: str) -> dict:
         "tls_client_ca": str(directory / "ca.pem"),
         "auth_token_file": str(directory / "token"),
     }
+
+
+def trace_spans(exporter, trace_id: str) -> dict:
+    """The finished spans of one trace (hex id, as a summary gives it), by (service, span name)."""
+    finished = [s for s in exporter.get_finished_spans() if format(s.context.trace_id, "032x") == trace_id]
+    return {(s.resource.attributes["service.name"], s.name): s for s in finished}

@@ -8,7 +8,7 @@ import asyncio
 
 import grpc
 import pytest
-from helpers import mutual_tls_server_settings, running_services, tiny_adapter_dir
+from helpers import mutual_tls_server_settings, running_services, tiny_adapter_dir, trace_spans
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from lcflow.client import MODE_NAMES, AsyncHandoffClient, HandoffClient
@@ -198,10 +198,7 @@ def test_one_trace_from_the_async_client_to_the_receiver(services, spans):
         return await client.handoff(PROMPT, mode="lcfx", context=CONTEXT, max_new_tokens=3)
 
     result = run(body)(services.sharer, tracer_provider=provider)
-    finished = [
-        s for s in spans.get_finished_spans() if format(s.context.trace_id, "032x") == result.summary.trace_id
-    ]
-    by_name = {(s.resource.attributes["service.name"], s.name): s for s in finished}
+    by_name = trace_spans(spans, result.summary.trace_id)
     root = by_name[("client", "client.handoff")]
     client_call = by_name[("client", "/lcflow.v1.Sharer/Handoff")]
     sharer_server = by_name[("lcflow-sharer", "/lcflow.v1.Sharer/Handoff")]

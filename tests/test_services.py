@@ -12,6 +12,7 @@ import grpc
 import pytest
 import torch
 import zstandard
+from helpers import trace_spans
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from lcflow.adapter import LatentAdapter
@@ -190,10 +191,7 @@ def test_stage_timings_are_present_and_add_up(pair):
 def test_one_trace_spans_client_sharer_and_receiver(pair, spans):
     spans.clear()
     result = pair.client.handoff(PROMPT, mode=pair.mode, context=CONTEXT, max_new_tokens=3)
-    finished = [
-        s for s in spans.get_finished_spans() if format(s.context.trace_id, "032x") == result.summary.trace_id
-    ]
-    by_name = {(s.resource.attributes["service.name"], s.name): s for s in finished}
+    by_name = trace_spans(spans, result.summary.trace_id)
     root = by_name[("client", "client.handoff")]
     client_call = by_name[("client", "/lcflow.v1.Sharer/Handoff")]
     sharer_server = by_name[("lcflow-sharer", "/lcflow.v1.Sharer/Handoff")]

@@ -121,9 +121,7 @@ class ReceiverService(pb_grpc.ReceiverServicer):
 
     def engine_ready(self) -> None:
         """The model is loaded: read the adapters (and load them all with --preload)."""
-        self.adapters.attach(self.engine)
-        if self.config.preload:
-            self.adapters.preload()
+        self.adapters.engine_ready(self.engine, self.config.preload)
 
     def ListAdapters(self, request, context):
         with status_on_error(context, "ListAdapters"):

@@ -209,9 +209,7 @@ class SharerService(pb_grpc.SharerServicer):
 
     def engine_ready(self) -> None:
         """The model is loaded: read the adapters (and load them all with --preload)."""
-        self.adapters.attach(self.engine)
-        if self.config.preload:
-            self.adapters.preload()
+        self.adapters.engine_ready(self.engine, self.config.preload)
 
     # --- adapters -------------------------------------------------------------------------------
 
