@@ -22,6 +22,7 @@ COMMAND_MODULES = [
     "lcflow.commands.prune",
     "lcflow.commands.align",
     "lcflow.commands.heads",
+    "lcflow.commands.bridge",
     "lcflow.commands.info",
     "lcflow.commands.eval",
     "lcflow.commands.models",

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers import DynamicCache, StoppingCriteria, StoppingCriteriaList, TextStreamer
 
+from lcflow.adapter.bridge import INPUT_LAYER
 from lcflow.adapter.config import AdapterConfig
 from lcflow.adapter.lcfx import filler_prefix
 from lcflow.align import align_spans
@@ -137,9 +138,15 @@ class Sharer:
         `positions`: a span packet's selection already made with `select` (not made again)."""
         if self.encoder is None:
             raise ValueError("this sharer has no adapter encoder: load an LCF or LCF-X adapter")
-        if self.config.mode == "lcfx" and self.config.packet == "spans":
+        if self.config.mode == "lcfx" and self.config.packet in ("spans", "bridge"):
             if positions is None:
                 positions = self.select(context, receiver_text, question)
+            if self.config.packet == "bridge":  # one segment: soft tokens for the receiver's input
+                yield (
+                    INPUT_LAYER,
+                    self.encoder.encode_soft(context.captured, context.text, context.spans, positions),
+                )
+                return
             for layer in self.encoder.layers:
                 yield layer, self.encoder.encode_layer(context.captured, layer, positions)
             return
@@ -150,12 +157,15 @@ class Sharer:
             else:
                 yield layer, self.encoder.encode_layer(context.captured, layer)
 
-    def latent_rows(self, context: SharerContext) -> int:
-        """Rows per layer of this context's packet: its tokens (LCF), m slots, or the span rows."""
+    def latent_rows(self, context: SharerContext, positions=None) -> int:
+        """Rows per layer of this context's packet: its tokens (LCF), m slots, the span rows, or
+        (bridge) the receiver tokens of the positions `select` chose."""
         if self.config.mode == "lcf":
             return context.input_ids.shape[1]
         if self.config.packet == "spans":
             return self.encoder.rows(context.input_ids.shape[1])
+        if self.config.packet == "bridge":
+            return len(self.encoder.receiver_rows(context.text, context.spans, positions)[1])
         return self.config.slots
 
     def encode(
@@ -244,7 +254,7 @@ class Receiver:
 
     def prepare_lcfx(self, latents: Latents, prompt: str, receiver_context: str = "") -> PreparedInput:
         """Cross context: m decoded prefix entries, then the receiver's own context and prompt."""
-        if self.config.packet == "spans":
+        if self.config.packet in ("spans", "bridge"):
             return self.prepare_spans(latents, prompt, receiver_context)
         start = time.perf_counter()
         slots = self.config.slots
@@ -262,13 +272,17 @@ class Receiver:
         return PreparedInput(input_ids, cache, rendered.input_ids.shape[1], timings)
 
     def prepare_spans(self, latents: Latents, prompt: str, receiver_context: str = "") -> PreparedInput:
-        """Span packet: decoded entries where a document would sit (lcflow.crosscontext.placement)."""
+        """Span (or bridge) packet: decoded entries where a document would sit
+        (lcflow.crosscontext.placement)."""
         start = time.perf_counter()
         layout = slot_layout(self.tokenizer, prompt, receiver_context)
         key = tuple(layout.head_ids[0].tolist())
         if key not in self._heads:  # the template's head is the same for every request
             self._heads[key] = prefill(self.model, layout.head_ids)
-        keys, values = self.decoder.entries(latents.layers)
+        if self.config.packet == "bridge":  # the receiver reads the soft tokens first
+            keys, values = self.decoder.entries(self.model, self.tokenizer.bos_token_id, latents.layers)
+        else:
+            keys, values = self.decoder.entries(latents.layers)
         cache = slot_cache(self.model, self.rope, layout, keys, values, self._heads[key])
         decode_ms = _ms(start)
         start = time.perf_counter()

@@ -253,13 +253,17 @@ def _sha256(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
 
 
+def tokenizer_hash(tokenizer) -> str:
+    """SHA-256 of the vocabulary (token -> id): two tokenizers that cut text alike hash alike."""
+    return _sha256(sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1]))
+
+
 def model_identity(model, tokenizer, name: str | None = None) -> ModelIdentity:
     cfg = text_config(model.config)
     fields = {f: getattr(cfg, f, None) for f in _IDENTITY_FIELDS}
-    vocab = tokenizer.get_vocab()
     return ModelIdentity(
         name=name or getattr(model.config, "_name_or_path", "") or cfg.model_type,
         config_hash=_sha256(fields),
-        tokenizer_hash=_sha256(sorted(vocab.items(), key=lambda kv: kv[1])),
+        tokenizer_hash=tokenizer_hash(tokenizer),
         spec=kv_spec(model.config),
     )

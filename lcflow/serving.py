@@ -166,6 +166,8 @@ def load_adapter_half(model, tokenizer, adapter_dir: str, part: str, name: str |
         return identity, None, ""
     role = "sharer" if part == "encoder" else "receiver"
     adapter = LatentAdapter.from_pretrained(adapter_dir, part=part, device=model.device, **{role: identity})
+    if part == "encoder" and adapter.config.packet == "bridge":
+        adapter.encoder.tokenizer()  # the receiver's tokenizer, by name: fail at start, not mid-request
     return identity, adapter, adapter_id(adapter.config.to_dict())
 
 

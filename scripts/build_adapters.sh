@@ -4,6 +4,7 @@
 #   bash scripts/build_adapters.sh                      # both directions
 #   DIRECTIONS=reverse bash scripts/build_adapters.sh   # only gemma3 -> smollm2
 #   DIRECTIONS=spans bash scripts/build_adapters.sh     # the span-packet LCF-X adapters (Gemma3 -> Gemma3)
+#   DIRECTIONS=bridge bash scripts/build_adapters.sh    # SmolLM2 -> Gemma3 LCF-X through a bridge (needs spans)
 # These are the settings the shipped adapters were built with. On the 2-core CPU development
 # machine, SmolLM2 -> Gemma3 took 13 min (LCF), 18 min (C2C) and 39 min (LCF-X); the reverse
 # direction's times are in its model cards.
@@ -133,11 +134,34 @@ c = C.load(sys.argv[1]); c.selection = 'sentences-mean'; c.save(sys.argv[1])" "$
     --adapter-lcfx "$tuned" --out "$RUNS/$pair-eval-long-100"
 }
 
+# build_bridge: SmolLM2 -> Gemma3 LCF-X across families (lcflow.adapter.bridge). SmolLM2 selects
+# with its retrieval heads and sends the selected sentences as soft tokens in Gemma3's input space
+# (a ridge map + an MLP trained on a dense per-token loss, 2000 corpus documents, 3000 steps);
+# Gemma3 reads them with the shipped gemma3-to-gemma3-lcfx span adapter, copied in unchanged.
+build_bridge() {
+  local pair=smollm2-to-gemma3 out="$A/smollm2-to-gemma3-lcfx-bridge" ships=lcflow/data/tasks/ships-cross.jsonl
+  local methods=receiver,skyline,text,lcfx,lcfx-wrong
+  lcflow bridge --sharer "$SMOL" --reader "$A/gemma3-to-gemma3-lcfx" --documents 2000 --steps 3000 \
+    --out "$RUNS/$pair-bridge"
+  lcflow heads "$RUNS/$pair-bridge" --task facts-cross --train 150 --write
+  python -c "import sys, torch; from lcflow.adapter import LatentAdapter as L; \
+L.from_pretrained(sys.argv[1]).save_pretrained(sys.argv[2], dtype=torch.bfloat16)" "$RUNS/$pair-bridge" "$out"
+  lcflow eval --pair "$pair" --task facts-cross --n 60 --methods lcfx,lcfx-wrong --adapter-lcfx "$out" \
+    --out "$RUNS/$pair-eval-cross-bridge"
+  card smollm2-to-gemma3-lcfx-bridge "$pair-eval-cross-bridge" lcfx
+  # The issue's bar: n >= 200 against text, on the seen task and the unseen family.
+  lcflow eval --pair "$pair" --task facts-cross --n 200 --methods "$methods" --text-batch 16 \
+    --adapter-lcfx "$out" --out "$RUNS/$pair-eval-cross-bridge-200"
+  lcflow eval --pair "$pair" --task-file "$ships" --n 200 --methods "$methods" --text-batch 16 \
+    --adapter-lcfx "$out" --out "$RUNS/$pair-eval-ships-bridge-200"
+}
+
 for direction in $DIRECTIONS; do
   case $direction in
     forward) build_direction smollm2-to-gemma3 "$SMOL" "$GEMMA" yes ;;
     reverse) build_direction gemma3-to-smollm2 "$GEMMA" "$SMOL" no ;;
     spans) build_spans ;;
-    *) echo "unknown direction '$direction' (use forward, reverse and/or spans)" >&2; exit 2 ;;
+    bridge) build_bridge ;;
+    *) echo "unknown direction '$direction' (use forward, reverse, spans and/or bridge)" >&2; exit 2 ;;
   esac
 done

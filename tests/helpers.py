@@ -147,3 +147,35 @@ def trace_spans(exporter, trace_id: str) -> dict:
     """The finished spans of one trace (hex id, as a summary gives it), by (service, span name)."""
     finished = [s for s in exporter.get_finished_spans() if format(s.context.trace_id, "032x") == trace_id]
     return {(s.resource.attributes["service.name"], s.name): s for s in finished}
+
+
+def same_model_alignment(model_and_tok, bottleneck: int, documents: int = 24):
+    """A dense alignment of a tiny model with itself (near exact at full width, ridge 1e-6)."""
+    from lcflow.crosscontext.alignment import collect_stats, fit_alignment
+    from lcflow.crosscontext.corpus import alignment_corpus
+    from lcflow.layer_map import build_layer_map
+
+    layers = model_and_tok[0].config.num_hidden_layers
+    layer_map = build_layer_map(layers, layers)
+    stats = collect_stats(model_and_tok, model_and_tok, alignment_corpus(documents), layer_map, 0, False)
+    return fit_alignment(stats, 0, bottleneck, ridge=1e-6)
+
+
+def span_adapter(sharer, receiver, alignment, slots: int, selection: str = "sentences"):
+    """An LCF-X span adapter whose halves are `alignment` (no task training)."""
+    from lcflow.adapter import LatentAdapter
+    from lcflow.adapter.spans import load_alignment
+    from lcflow.kv import model_identity
+
+    adapter = LatentAdapter.for_models(
+        "lcfx",
+        model_identity(*sharer),
+        model_identity(*receiver),
+        packet="spans",
+        slots=slots,
+        selection=selection,
+        bottleneck=alignment.config.bottleneck,
+        sharer_window=alignment.config.window,
+    )
+    load_alignment(adapter, alignment)
+    return adapter.eval()

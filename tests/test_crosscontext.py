@@ -6,10 +6,10 @@ import dataclasses
 
 import pytest
 import torch
+from helpers import same_model_alignment, span_adapter
 from transformers import AutoModelForCausalLM
 
 from lcflow.adapter import LatentAdapter
-from lcflow.adapter.spans import load_alignment
 from lcflow.crosscontext.alignment import KVAlignment, collect_stats, fit_alignment, held_out_r2
 from lcflow.crosscontext.corpus import alignment_corpus
 from lcflow.crosscontext.oracles import OracleModels, run_ladder, summarize
@@ -127,13 +127,6 @@ def test_own_kv_in_the_slot_reproduces_reading_the_document(tiny_pair):
     torch.testing.assert_close(latent_logits, text_logits, atol=1e-4, rtol=1e-4)
 
 
-def _same_model_alignment(model_and_tok, bottleneck, documents=24):
-    spec_layers = model_and_tok[0].config.num_hidden_layers
-    layer_map = build_layer_map(spec_layers, spec_layers)
-    stats = collect_stats(model_and_tok, model_and_tok, alignment_corpus(documents), layer_map, 0, False)
-    return fit_alignment(stats, 0, bottleneck, ridge=1e-6)
-
-
 def test_alignment_of_a_model_with_itself_is_near_exact_at_full_width(tiny_pair, tmp_path):
     """Same model, same tokenizer: the first layer's K/V depend on the token alone, so a
     full-width fit explains them exactly on held-out text; deeper layers also see the preceding
@@ -141,11 +134,11 @@ def test_alignment_of_a_model_with_itself_is_near_exact_at_full_width(tiny_pair,
     sharer as raw text), so there the fit is good but not exact. A narrow bottleneck fits less."""
     _, receiver = tiny_pair
     held_out = ["Nadia Orr keeps a parrot and lives in Lima.", "Tomas Hale plays chess on Sundays."]
-    full = _same_model_alignment(receiver, bottleneck=64)
+    full = same_model_alignment(receiver, bottleneck=64)
     r2 = held_out_r2(full, receiver, receiver, held_out)
     assert r2[0]["k"] > 0.99 and r2[0]["v"] > 0.99, r2
     assert all(v["k"] > 0.5 and v["v"] > 0.5 for v in r2.values()), r2
-    narrow = _same_model_alignment(receiver, bottleneck=4)
+    narrow = same_model_alignment(receiver, bottleneck=4)
     r2_narrow = held_out_r2(narrow, receiver, receiver, held_out)
     assert all(r2_narrow[t]["v"] < r2[t]["v"] for t in r2)
     full.save_pretrained(tmp_path / "al")
@@ -169,27 +162,12 @@ def test_alignment_across_tokenizers_fits_its_training_text(tiny_pair):
     assert narrower.config.window == 0 and alignment.config.inputs_for(1) == [1, 2]
 
 
-def span_adapter(sharer, receiver, alignment, slots, selection="sentences"):
-    adapter = LatentAdapter.for_models(
-        "lcfx",
-        model_identity(*sharer),
-        model_identity(*receiver),
-        packet="spans",
-        slots=slots,
-        selection=selection,
-        bottleneck=alignment.config.bottleneck,
-        sharer_window=alignment.config.window,
-    )
-    load_alignment(adapter, alignment)
-    return adapter.eval()
-
-
 @torch.no_grad()
 def test_span_packet_has_at_most_m_rows_and_reads_like_the_document(tiny_pair, tmp_path):
     """Same model on both sides, full-width alignment, m covering the whole document: the
     receiver's next-token logits through the span packet match reading the document."""
     _, receiver = tiny_pair
-    alignment = _same_model_alignment(receiver, bottleneck=64, documents=40)
+    alignment = same_model_alignment(receiver, bottleneck=64, documents=40)
     adapter = span_adapter(receiver, receiver, alignment, slots=200)
     adapter.save_pretrained(tmp_path / "spans")
     adapter = LatentAdapter.from_pretrained(tmp_path / "spans")
@@ -413,7 +391,7 @@ def test_retrieval_heads_are_ranked_on_samples_and_steer_the_span_selection(tiny
     assert [[t, h] for _, t, h in choice.ranked[: len(choice.heads)]] == choice.heads
     assert 0.0 <= choice.recall_all_heads <= 1.0
 
-    alignment = _same_model_alignment(receiver, bottleneck=16, documents=8)
+    alignment = same_model_alignment(receiver, bottleneck=16, documents=8)
     adapter = span_adapter(receiver, receiver, alignment, slots=8, selection="sentences-mean")
     adapter.config.selection_heads = [[1, 0]]
     adapter.save_pretrained(tmp_path / "heads")

@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from lcflow.adapter.blocks import parameter_count
+from lcflow.adapter.bridge import BridgeDecoder, BridgeEncoder
 from lcflow.adapter.config import AdapterConfig
 from lcflow.adapter.lcf import LCFDecoder, LCFEncoder
 from lcflow.adapter.lcfx import LCFXDecoder, LCFXEncoder
@@ -30,6 +31,8 @@ def _halves(config: AdapterConfig) -> tuple[type[nn.Module], type[nn.Module]]:
         return LCFEncoder, LCFDecoder
     if config.mode == "lcfx" and config.packet == "spans":
         return SpanEncoder, SpanDecoder
+    if config.mode == "lcfx" and config.packet == "bridge":
+        return BridgeEncoder, BridgeDecoder
     if config.mode == "lcfx":
         return LCFXEncoder, LCFXDecoder
     raise ValueError(f"mode {config.mode!r} has no encoder/decoder halves; load it with lcflow.adapter.c2c")

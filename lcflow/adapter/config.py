@@ -11,7 +11,7 @@ from lcflow.names import SELECTIONS
 
 ADAPTER_FORMAT_VERSION = 1
 ADAPTER_MODES = ("lcf", "lcfx", "c2c")
-PACKETS = ("slots", "spans")
+PACKETS = ("slots", "spans", "bridge")
 CONFIG_NAME = "adapter_config.json"
 
 
@@ -37,14 +37,18 @@ class AdapterConfig:
     hidden_mult: int = 2  # width of the decoder's mixing MLP, in multiples of b
     receiver_aware: bool = False  # LCF-X: condition pooling queries on a digest of the receiver's context
     layer_map_strategy: str = "monotonic"
-    # LCF-X packet: "slots" (m pooled slots, learned queries) or "spans" (the sharer positions
-    # the question attends to, translated per token; lcflow.adapter.spans).
+    # LCF-X packet: "slots" (m pooled slots, learned queries), "spans" (the sharer positions
+    # the question attends to, translated per token; lcflow.adapter.spans) or "bridge" (those
+    # positions as soft tokens in the receiver's input space, read by a receiver -> receiver
+    # span adapter; across model families, lcflow.adapter.bridge).
     packet: str = "slots"
     selection: str = "sentences"  # spans: "sentences", "sentences-mean" or "tokens" (lcflow.adapter.spans)
     sharer_window: int = 0  # spans: sharer layers within +-window of the mapped one feed a layer
     # spans: the sharer's (layer, head) pairs whose question attention selects (its retrieval
     # heads, chosen on training samples by `lcflow heads`); empty: every head of every layer.
     selection_heads: list[list[int]] = field(default_factory=list)
+    # bridge: the receiver -> receiver span adapter's config (its weights are in the decoder file)
+    reader: dict = field(default_factory=dict)
     dtype: str = "float32"  # dtype the weights are stored in
     format_version: int = ADAPTER_FORMAT_VERSION
     training: dict = field(default_factory=dict)  # provenance: task, steps, seed, loss, time
@@ -61,6 +65,8 @@ class AdapterConfig:
         bad = [h for h in self.selection_heads if len(h) != 2 or min(h) < 0]
         if bad:
             raise ValueError(f"selection_heads must be [layer, head] pairs, not {bad}")
+        if self.packet == "bridge" and not self.reader:
+            raise ValueError("a bridge packet needs `reader`: the receiver -> receiver span adapter's config")
         missing = [t for t in self.retained_layers if t not in self.layer_map]
         if missing:
             raise ValueError(f"retained layers {missing} have no entry in the layer map")

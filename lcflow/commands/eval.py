@@ -273,6 +273,8 @@ def load_adapters(plan: EvalPlan, args, models: EvalModels) -> dict[str, dict]:
         except (ValueError, FileNotFoundError, OSError) as err:  # wrong models or mode, incomplete dir
             plan.skip(method, f"cannot use {path}: {err}")
             continue
+        if getattr(adapter, "encoder", None) is not None and adapter.config.packet == "bridge":
+            adapter.encoder.attach_receiver_tokenizer(models.receiver[1])  # it cuts text as the receiver does
         models.adapters[method] = adapter
         counts = adapter.parameter_counts()
         info[method] = {

@@ -54,8 +54,10 @@ def run(args) -> int:
         config = AdapterConfig.load(args.adapter)
     except (FileNotFoundError, ValueError) as err:
         raise UsageError(f"lcflow heads: {err}") from err
-    if config.mode != "lcfx" or config.packet != "spans":
-        raise UsageError(f"lcflow heads: {args.adapter} is not a span-packet LCF-X adapter (packet: spans)")
+    if config.mode != "lcfx" or config.packet not in ("spans", "bridge"):
+        raise UsageError(
+            f"lcflow heads: {args.adapter} is not a span- or bridge-packet LCF-X adapter (packet: spans, bridge)"
+        )
     if args.train < 1:
         raise UsageError(f"lcflow heads: --train must be at least 1, not {args.train}")
     model, tokenizer = load_model_and_tokenizer(config.sharer.name, "cpu")

@@ -355,7 +355,7 @@ class ReceiverService(pb_grpc.ReceiverServicer):
             raise invalid(f"the layers declare different numbers of rows {sorted(rows_seen)}; all must agree")
         # A slot packet has exactly m rows; a span packet (AdapterConfig.packet "spans", where the
         # adapter format has it) one per selected sharer position, at most m.
-        if mode == "lcfx" and getattr(config, "packet", "slots") == "spans":
+        if mode == "lcfx" and getattr(config, "packet", "slots") in ("spans", "bridge"):
             if not 0 < rows <= config.slots:
                 raise invalid(f"LCF-X span latents have {rows} rows; this adapter sends 1..{config.slots}")
         elif mode == "lcfx" and rows != config.slots:

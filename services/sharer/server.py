@@ -451,7 +451,15 @@ class _LatentStream:
         engine, config = self.engine, self.engine.adapter.config
         tracer = self.service.tracer
         with tracer.start_as_current_span("sharer.stream", context=self.parent) as span:
-            rows = engine.sharer.latent_rows(self.shared)
+            positions = None
+            if getattr(config, "packet", "") == "bridge":  # its rows are the receiver tokens of
+                begin = time.perf_counter()  # what is selected: select before the header
+                with torch.inference_mode():
+                    positions = engine.sharer.select(
+                        self.shared, self.receiver_text, self.request.prompt_text
+                    )
+                self.encode_ms += (time.perf_counter() - begin) * 1000
+            rows = engine.sharer.latent_rows(self.shared, positions)
             spec = {
                 "latent": TensorSpec(str(WIRE_DTYPE).removeprefix("torch."), (1, rows, config.bottleneck))
             }
@@ -472,7 +480,7 @@ class _LatentStream:
             if self.mode == "lcf":
                 yield from writer.shared({"token_spans": self.shared.spans})
             layers = engine.sharer.encode_layers(
-                self.shared, self.receiver_text, question=self.request.prompt_text
+                self.shared, self.receiver_text, question=self.request.prompt_text, positions=positions
             )
             while True:
                 begin = time.perf_counter()

@@ -1,0 +1,154 @@
+"""LCF-X across model families: a packet of soft tokens, read by the receiver's own span adapter.
+
+Per-token KV translation between families is unreadable for a small receiver (docs/lcfx.md,
+section 6), but two agents on one base model work (a task-trained span packet, 0.825 EM). The
+bridge packet composes the two. The sharer translates the sentences it selects into vectors of
+the *receiver's input-embedding space* (soft tokens); the receiver reads them with its own
+model, as a sharer of its own family would read a document, and its span adapter (trained for
+receiver -> receiver) turns that K/V into the entries placed where a document would sit:
+
+    sharer    positions  = the sentences its retrieval heads select (as a span packet does)
+              x[r]       = mean K/V (no RoPE) of the sharer tokens overlapping receiver token r,
+                           sharer layers 0..w                     (the receiver's tokenizer cuts
+                                                                   the text: no weights needed)
+              s[r]       = mu_y + (x[r] - mu_x) B + MLP((x[r] - mu_x) / sd_x)     [rows, hidden]
+    receiver  K/V        = receiver([BOS] + s) read as a sharer   (its own layers, RoPE removed)
+              entries    = span decoder(span encoder(K/V))        (the receiver -> receiver adapter)
+
+The packet is `rows` soft tokens in one segment (layer 0: the receiver's input), width the
+receiver's hidden size; no token ids and no text cross the wire. `rows` is at most m.
+B is a ridge regression; the MLP is trained on a dense per-token signal (lcflow.crosscontext.bridge).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from lcflow.adapter.config import AdapterConfig
+from lcflow.adapter.spans import SpanDecoder, SpanEncoder, sharer_inputs
+from lcflow.align import SpanAlignment, align_spans
+from lcflow.crosscontext.placement import document_ids
+from lcflow.kv import CapturedKV, capture_kv, full_cache, tokenizer_hash
+
+INPUT_LAYER = 0  # the packet's one segment: the receiver's input (embedding) layer
+HIDDEN = 1024  # width of the translator's residual MLP
+
+
+class SoftTokenTranslator(nn.Module):
+    """x [rows, d] (sharer K/V features) -> soft tokens [rows, hidden] (receiver input space)."""
+
+    def __init__(self, in_dim: int, out_dim: int, hidden: int = HIDDEN):
+        super().__init__()
+        self.mu_x = nn.Parameter(torch.zeros(in_dim))
+        self.sd_x = nn.Parameter(torch.ones(in_dim))
+        self.mu_y = nn.Parameter(torch.zeros(out_dim))
+        self.beta = nn.Parameter(torch.zeros(in_dim, out_dim))
+        self.residual = nn.Sequential(nn.Linear(in_dim, hidden), nn.GELU(), nn.Linear(hidden, out_dim))
+        nn.init.zeros_(self.residual[2].weight)  # starts as the ridge map alone
+        nn.init.zeros_(self.residual[2].bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        centred = x - self.mu_x
+        return self.mu_y + centred @ self.beta + self.residual(centred / self.sd_x)
+
+
+def reader_config(config: AdapterConfig) -> AdapterConfig:
+    """The receiver -> receiver span adapter's config, stored inside the bridge's as `reader`."""
+    return AdapterConfig.from_dict(config.reader)
+
+
+def feature_dim(config: AdapterConfig) -> int:
+    return config.sharer.spec.kv_dim * len(sharer_inputs(config, INPUT_LAYER))
+
+
+class BridgeEncoder(SpanEncoder):
+    """Sharer side: select as a span packet does, then translate into the receiver's input space.
+
+    Needs the receiver's tokenizer (to cut the selected text into receiver tokens): give it with
+    `attach_receiver_tokenizer`, or it is loaded by the receiver model's name on first use."""
+
+    def __init__(self, config: AdapterConfig):
+        nn.Module.__init__(self)  # no per-layer span maps: the translator replaces them
+        self.config = config
+        self.layers = [INPUT_LAYER]
+        self.translator = SoftTokenTranslator(feature_dim(config), config.bottleneck)
+        self.receiver_tokenizer = None
+
+    def attach_receiver_tokenizer(self, tokenizer) -> None:
+        """Use this receiver tokenizer; refuse one that is not the adapter's receiver's."""
+        if tokenizer_hash(tokenizer) != self.config.receiver.tokenizer_hash:
+            raise ValueError(
+                f"this bridge adapter's receiver is {self.config.receiver.short()}; the tokenizer given "
+                "is another one: pass the receiver model's own tokenizer"
+            )
+        self.receiver_tokenizer = tokenizer
+
+    def tokenizer(self):
+        """The receiver's tokenizer (loaded by the receiver model's name if none was attached)."""
+        if self.receiver_tokenizer is None:
+            from transformers import AutoTokenizer
+
+            from lcflow.provision.store import resolve_model
+
+            self.attach_receiver_tokenizer(
+                AutoTokenizer.from_pretrained(resolve_model(self.config.receiver.name))
+            )
+        return self.receiver_tokenizer
+
+    def features(self, captured: CapturedKV, layer: int = INPUT_LAYER) -> torch.Tensor:
+        """[tokens, d]: K/V of the sharer layers feeding the input layer, per token, BOS kept."""
+        return torch.cat([captured.joint(s)[0] for s in sharer_inputs(self.config, layer)], dim=-1)
+
+    def alignment(self, text: str, spans: torch.Tensor) -> tuple[SpanAlignment, torch.Tensor]:
+        """The receiver's token ids [1, R] of `text` and the alignment of the sharer's onto them."""
+        receiver_ids, receiver_spans = document_ids(self.tokenizer(), text)
+        return align_spans(spans, receiver_spans), receiver_ids
+
+    def receiver_rows(self, text: str, spans: torch.Tensor, positions: torch.Tensor | None):
+        """The alignment onto the receiver's tokens of `text` and which of them to send (those
+        overlapping a selected sharer position, at most m, in order)."""
+        alignment, _ = self.alignment(text, spans)
+        selected = torch.zeros(spans.shape[0], dtype=torch.bool)
+        selected[positions if positions is not None else slice(1, None)] = True
+        rows = torch.nonzero((alignment.weights[:, selected] > 0).any(dim=1)).flatten()
+        return alignment, rows[: self.config.slots]
+
+    def encode_soft(self, captured: CapturedKV, text: str, spans, positions) -> torch.Tensor:
+        """Soft tokens [1, rows, hidden] of the selected sentences (all of `text` without positions)."""
+        alignment, rows = self.receiver_rows(text, spans, positions)
+        x = alignment.apply(self.features(captured).to(torch.float32))[rows]
+        return self.translator(x)[None]
+
+
+class BridgeDecoder(nn.Module):
+    """Receiver side: run the receiver over [BOS + soft tokens], then its own span adapter."""
+
+    def __init__(self, config: AdapterConfig):
+        super().__init__()
+        self.config = config
+        self.layers = [INPUT_LAYER]
+        reader = reader_config(config)
+        self.reader_encoder = SpanEncoder(reader)
+        self.reader_decoder = SpanDecoder(reader)
+
+    def gate(self, layer: int) -> torch.Tensor:
+        """No gates (every receiver layer is written); 1 for `lcflow info`."""
+        return torch.ones(())
+
+    def read(self, model, bos_token_id: int, soft: torch.Tensor) -> CapturedKV:
+        """The receiver's K/V (RoPE removed) of [BOS + soft], read as a document from position 0."""
+        embed = model.get_input_embeddings()
+        bos = embed(torch.tensor([[bos_token_id]], device=soft.device))
+        cache = full_cache()
+        model.model(
+            inputs_embeds=torch.cat([bos, soft.to(bos.dtype)], dim=1), past_key_values=cache, use_cache=True
+        )
+        return capture_kv(model, cache)
+
+    def entries(self, model, bos_token_id: int, latents: dict[int, torch.Tensor]):
+        """Keys and values [1, heads, rows, head_dim] per receiver layer, in layer order."""
+        captured = self.read(model, bos_token_id, latents[INPUT_LAYER])
+        rows = torch.arange(1, captured.num_tokens)
+        inner = {t: self.reader_encoder.encode_layer(captured, t, rows) for t in self.reader_encoder.layers}
+        return self.reader_decoder.entries(inner)

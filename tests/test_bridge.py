@@ -1,0 +1,139 @@
+"""The bridge packet (LCF-X across families): soft tokens in the receiver's input space, read by
+the receiver's own span adapter (lcflow.adapter.bridge, lcflow.crosscontext.bridge)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import running_services, same_model_alignment, span_adapter
+
+from lcflow.adapter import LatentAdapter
+from lcflow.adapter.bridge import INPUT_LAYER
+from lcflow.crosscontext import bridge
+from lcflow.crosscontext.corpus import alignment_corpus
+from lcflow.crosscontext.placement import document_ids
+from lcflow.handoff import Latents, Receiver, Sharer
+from lcflow.kv import model_identity
+from lcflow.prompting import render_input
+from lcflow.tasks import question_prompt
+
+DOC = (
+    "Mira Volkov lives in Oslo. Lior Senn plays the violin and owns a cat. "
+    "Ada Brook works as a baker. The quick brown fox jumps over the lazy dog."
+)
+PROMPT = question_prompt("Where does Mira Volkov live?")
+
+
+def hidden_size(model) -> int:
+    return model.get_input_embeddings().weight.shape[1]
+
+
+def bridge_adapter(sharer, receiver, reader, slots: int = 8) -> LatentAdapter:
+    adapter = bridge.new_bridge_adapter(
+        model_identity(*sharer), model_identity(*receiver), hidden_size(receiver[0]), reader, slots
+    )
+    adapter.encoder.attach_receiver_tokenizer(receiver[1])
+    return adapter.eval()
+
+
+@pytest.fixture(scope="module")
+def fitted(tiny_pair, tmp_path_factory):
+    """A bridge adapter for the tiny pair, its translator fitted on 40 corpus documents (ridge +
+    60 MLP steps), its reader an untrained receiver -> receiver span adapter; saved and reloaded."""
+    sharer, receiver = tiny_pair
+    reader = LatentAdapter.for_models(
+        "lcfx", model_identity(*receiver), model_identity(*receiver), packet="spans", bottleneck=16, slots=8
+    )
+    adapter = bridge_adapter(sharer, receiver, reader)
+    corpus = alignment_corpus(50)
+    pairs = [bridge.translation_pairs(adapter, sharer, receiver, d) for d in corpus]
+    fit, held_out = bridge.TranslationPairs.concat(pairs[:40]), bridge.TranslationPairs.concat(pairs[40:])
+    bridge.fit_ridge(adapter, fit)
+    scores = {"ridge": bridge.held_out_scores(adapter, held_out, receiver[0])}
+    bridge.train_residual(adapter, fit, receiver[0], steps=60)
+    scores["trained"] = bridge.held_out_scores(adapter, held_out, receiver[0])
+    directory = adapter.save_pretrained(tmp_path_factory.mktemp("bridge") / "adapter")
+    return directory, scores
+
+
+def test_translator_recovers_the_receivers_tokens(fitted):
+    """Each soft token's nearest entry of the receiver's vocabulary is its own token on documents
+    it was not fitted on (chance: 1 in 400), and the trained MLP does not undo the ridge map."""
+    _, scores = fitted
+    assert scores["ridge"]["nearest_token"] > 0.5, scores
+    assert scores["trained"]["nearest_token"] >= scores["ridge"]["nearest_token"] - 0.02, scores
+    assert scores["trained"]["r2"] > 0.3, scores
+
+
+def test_bridge_adapter_round_trips_and_packet_is_at_most_m_soft_tokens(fitted, tiny_pair):
+    directory, _ = fitted
+    sharer, receiver = tiny_pair
+    adapter = LatentAdapter.from_pretrained(directory)
+    assert adapter.config.packet == "bridge" and adapter.config.reader["packet"] == "spans"
+    adapter.encoder.attach_receiver_tokenizer(receiver[1])
+    side = Sharer(*sharer, adapter.encoder, adapter.config)
+    for text in (DOC, " ".join([DOC] * 4)):
+        context = side.prefill(text)
+        positions = side.select(context, question=PROMPT)
+        latents = side.encode(context, question=PROMPT, positions=positions)
+        assert list(latents.layers) == [INPUT_LAYER]
+        soft = latents.layers[INPUT_LAYER]
+        assert soft.shape == (1, side.latent_rows(context, positions), hidden_size(receiver[0]))
+        assert 0 < soft.shape[1] <= 8
+    with pytest.raises(ValueError, match="tokenizer given is another one"):
+        adapter.encoder.attach_receiver_tokenizer(sharer[1])
+
+
+@torch.no_grad()
+def test_receiver_half_reads_its_own_embeddings_like_the_document(tiny_pair):
+    """The receiver half alone: given the receiver's *own* input embeddings of a document as the
+    soft tokens and an exact reader (the receiver's alignment with itself, full width, m covering
+    the document), the receiver's next-token logits match reading the document as text. So the
+    receiver reads [BOS + soft tokens] as it reads the document's ids, and the entries land
+    where the document would sit."""
+    _, receiver = tiny_pair
+    reader = span_adapter(
+        receiver, receiver, same_model_alignment(receiver, bottleneck=64, documents=40), 200
+    )
+    adapter = bridge_adapter(receiver, receiver, reader, slots=200)
+    soft = receiver[0].get_input_embeddings()(document_ids(receiver[1], DOC)[0])
+    recv = Receiver(*receiver, adapter.decoder, adapter.config)
+    own = "Lior Senn owns a cat."
+    prepared = recv.prepare("lcfx", PROMPT, Latents("lcfx", {INPUT_LAYER: soft}), receiver_context=own)
+    latent_logits = recv.model(prepared.input_ids[:, -1:], past_key_values=prepared.cache).logits[0, -1]
+    text_logits = recv.model(render_input(recv.tokenizer, PROMPT, [DOC, own]).input_ids).logits[0, -1]
+    assert torch.nn.functional.cosine_similarity(latent_logits, text_logits, dim=0) > 0.99
+    # and another document's embeddings do not
+    other = receiver[0].get_input_embeddings()(document_ids(receiver[1], "Tomas Hale plays chess.")[0])
+    prepared = recv.prepare("lcfx", PROMPT, Latents("lcfx", {INPUT_LAYER: other}), receiver_context=own)
+    wrong_logits = recv.model(prepared.input_ids[:, -1:], past_key_values=prepared.cache).logits[0, -1]
+    assert torch.nn.functional.cosine_similarity(wrong_logits, text_logits, dim=0) < 0.99
+
+
+def test_bridge_handoff_through_the_services_gives_the_in_process_answer(fitted, tiny_pair):
+    """Sharer and receiver services with the bridge adapter: an LCF-X handoff streams one segment
+    of soft tokens (its rows declared in the header before encoding) and answers exactly as the
+    same handoff in-process does (soft tokens rounded to bf16, as on the wire)."""
+    from lcflow.client import HandoffClient
+    from lcflow.handoff import GenerationSettings
+
+    directory, _ = fitted
+    sharer, receiver = tiny_pair
+    own = "Lior owns a cat."
+    adapter = LatentAdapter.from_pretrained(directory)
+    adapter.encoder.attach_receiver_tokenizer(receiver[1])
+    side, recv = (
+        Sharer(*sharer, adapter.encoder, adapter.config),
+        Receiver(*receiver, adapter.decoder, adapter.config),
+    )
+    with torch.inference_mode():
+        latents = side.encode(side.prefill(DOC), question=PROMPT)
+        soft = latents.layers[INPUT_LAYER]
+        latents.layers = {INPUT_LAYER: soft.to(torch.bfloat16).float()}
+        prepared = recv.prepare("lcfx", PROMPT, latents, receiver_context=own)
+        expected = recv.generate(prepared, GenerationSettings(max_new_tokens=6))
+    with running_services(tiny_pair, str(directory)) as services:
+        with HandoffClient(services.sharer) as client:
+            result = client.handoff(PROMPT, mode="lcfx", context=DOC, receiver_context=own, max_new_tokens=6)
+    assert result.answer == expected
+    assert result.summary.bytes_raw == soft.numel() * 2  # one bf16 segment: rows x hidden
