@@ -32,3 +32,6 @@ DEFAULT_RUNGS = (
     "xlat-sentences-64",
     "xlat-wrong-32",
 )
+
+# How a sharer sends latents (lcflow.transport.quantize, `--quantize`): as they are, or quantized.
+QUANTIZATIONS = ("none", "int8", "int4")

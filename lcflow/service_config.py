@@ -12,6 +12,8 @@ import os
 import re
 from dataclasses import dataclass, fields
 
+from lcflow.names import QUANTIZATIONS
+
 ROLES = ("sharer", "receiver")
 DEFAULT_PORTS = {"sharer": 50051, "receiver": 50052}
 
@@ -41,6 +43,9 @@ class ServiceConfig:
     session_memory_mb: int = 1024
     shutdown_grace_s: float = 30.0
     zstd_level: int = 1  # measured: higher levels gain nothing on float latents and are slower
+    # sharer only: "none", "int8" or "int4" (lcflow.transport.quantize); the default stays "none"
+    # until the shipped adapters' accuracy with each is measured
+    quantize: str = "none"
     log_level: str = "INFO"
     log_content: bool = False  # prompts, contexts and answers stay out of the logs unless asked
     # This server's own TLS and token (lcflow.security.ServerSecurity).
@@ -67,6 +72,8 @@ class ServiceConfig:
             raise ValueError(f"--max-concurrent must be at least 1, not {self.max_concurrent}")
         if self.max_queue < 0:
             self.max_queue = 2 * self.max_concurrent
+        if self.quantize not in QUANTIZATIONS:
+            raise ValueError(f"--quantize must be one of {', '.join(QUANTIZATIONS)}, not {self.quantize!r}")
         if self.adapter_memory_mb <= 0:
             raise ValueError(f"--adapter-memory-mb must be positive, not {self.adapter_memory_mb}")
         security = self.server_security()  # raises on a half-given TLS setting
@@ -216,6 +223,9 @@ HELP = {
     "session_memory_mb": "memory bound over all sharer sessions; least recently used are evicted first",
     "shutdown_grace_s": "on SIGTERM, seconds to let in-flight handoffs finish",
     "zstd_level": "sharer only: zstd level of the latent stream",
+    "quantize": "sharer only: latents on the wire as none (bf16), int8 (one scale per row; an LCF packet "
+    "~2x smaller) or int4 (one scale per 64 elements; ~4.2x smaller); int8 and int4 need receivers "
+    "that read latent format version 2",
     "log_level": "DEBUG, INFO, WARNING or ERROR",
     "log_content": "let prompts, contexts and answers appear in the logs (off: only their sizes do)",
     "tls_cert": "serve TLS with this certificate (PEM; `lcflow certs make`); re-read on change or SIGHUP",
@@ -239,7 +249,7 @@ HELP = {
 # Other spellings of a flag, still accepted (the directory flag was --adapter-dir before --adapters).
 ALIASES = {"adapters": ("--adapter-dir",)}
 
-SHARER_ONLY = {"receiver", "zstd_level"} | {name for name in HELP if name.startswith("receiver_")}
+SHARER_ONLY = {"receiver", "zstd_level", "quantize"} | {name for name in HELP if name.startswith("receiver_")}
 RECEIVER_ONLY = {"allow_unauthenticated"}
 
 

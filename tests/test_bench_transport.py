@@ -11,11 +11,17 @@ from lcflow.cli import main
 def test_bench_transport_writes_every_stage(tmp_path, capsys):
     out = tmp_path / "transport.json"
     args = ["bench", "transport", "--tokens", "8", "--dtype", "bfloat16", "float16", "--layers", "2"]
+    args += ["--quantize", "none", "int4"]
     assert main([*args, "--width", "16", "--lcfx-slots", "4", "--repeats", "1", "--out", str(out)]) == 0
     report = json.loads(out.read_text())
     assert report["machine"]["cpu_count"] >= 1 and report["machine"]["platform"]
-    cases = {(r["mode"], r["tokens"], r["dtype"]) for r in report["results"]}
-    assert cases == {(m, t, d) for m, t in (("lcf", 8), ("lcfx", 4)) for d in ("bfloat16", "float16")}
+    cases = {(r["mode"], r["tokens"], r["dtype"], r["quantize"]) for r in report["results"]}
+    assert cases == {
+        (m, t, d, q)
+        for m, t in (("lcf", 8), ("lcfx", 4))
+        for d in ("bfloat16", "float16")
+        for q in ("none", "int4")
+    }
     for result in report["results"]:
         assert set(result["stages"]) == set(STAGES)
         for stage in result["stages"].values():

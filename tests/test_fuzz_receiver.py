@@ -66,11 +66,18 @@ def packet(mode: str, dtype: torch.dtype, tokens: int) -> LatentPacket:
 
 
 def valid_streams():
-    """A valid stream: mode, dtype, size, codec, byte-shuffle and chunk size all drawn."""
+    """A valid stream: mode, dtype, size, codec, byte-shuffle, chunk size and quantization all drawn."""
     return st.builds(
-        lambda mode, dtype, tokens, codec, shuffle, chunk: list(
+        lambda mode, dtype, tokens, codec, shuffle, chunk, quantize: list(
             packet_messages(
-                packet(mode, dtype, tokens), CodecConfig(name=codec, byte_shuffle=shuffle, chunk_size=chunk)
+                packet(mode, dtype, tokens),
+                CodecConfig(
+                    name=codec,
+                    byte_shuffle=shuffle,
+                    chunk_size=chunk,
+                    quantization=quantize[0],
+                    group_size=quantize[1],
+                ),
             )
         ),
         st.sampled_from(["lcf", "lcfx"]),
@@ -79,6 +86,7 @@ def valid_streams():
         st.sampled_from(["zstd", "none"]),
         st.booleans(),
         st.sampled_from([16, 64, 333, 4096]),
+        st.sampled_from([("none", None), ("int8", None), ("int8", 4), ("int4", None), ("int4", 2)]),
     )
 
 
@@ -180,16 +188,55 @@ def test_damaged_streams_end_with_a_clean_status(messages, ops):
 
 # --- arbitrary headers ------------------------------------------------------------------------------
 
-DTYPE_NAMES = st.sampled_from(["bfloat16", "float16", "float32", "int32", "float64", "", "x" * 300])
+DTYPE_NAMES = st.sampled_from(
+    ["bfloat16", "float16", "float32", "int32", "int8", "uint8", "float64", "", "x" * 300]
+)
 HUGE = st.one_of(st.integers(0, 64), st.integers(0, 2**64 - 1))
+SMALL_OR_HUGE = st.one_of(st.integers(0, 130), st.integers(0, 2**32 - 1))
+
+
+def scale_specs():
+    """No scales, or scales of any name, dtype and shape (format version 2's TensorSpec.scales)."""
+    return st.one_of(
+        st.none(),
+        st.builds(
+            lambda name, dtype, shape: pb.TensorSpec(name=name, dtype=dtype, shape=shape),
+            st.sampled_from(["latent.scales", "token_spans.scales", "latent", ""]),
+            DTYPE_NAMES,
+            st.lists(HUGE, max_size=10),
+        ),
+    )
+
+
+def codecs():
+    """Codec messages with every field drawn, quantization fields (version 2) included."""
+    return st.builds(
+        lambda name, chunk, shuffle, quantization, group, scale_dtype: pb.Codec(
+            name=name,
+            chunk_size=chunk,
+            byte_shuffle=shuffle,
+            quantization=quantization,
+            group_size=group,
+            scale_dtype=scale_dtype,
+        ),
+        st.sampled_from(["zstd", "none", "gzip"]),
+        st.one_of(st.integers(0, 1 << 17), st.just(2**32 - 1)),
+        st.booleans(),
+        st.sampled_from(["", "none", "int8", "int4", "int3"]),
+        SMALL_OR_HUGE,
+        st.sampled_from(["", "float16", "bfloat16", "float32", "int32"]),
+    )
 
 
 def headers():
     tensor = st.builds(
-        lambda name, dtype, shape: pb.TensorSpec(name=name, dtype=dtype, shape=shape),
+        lambda name, dtype, shape, scales: pb.TensorSpec(
+            name=name, dtype=dtype, shape=shape, **({"scales": scales} if scales is not None else {})
+        ),
         st.sampled_from(["latent", "token_spans", "", "a" * 300]),
         DTYPE_NAMES,
         st.lists(HUGE, max_size=10),
+        scale_specs(),
     )
     segment = st.builds(
         lambda layer, tensors: (
@@ -201,24 +248,22 @@ def headers():
         st.lists(tensor, max_size=4),
     )
     return st.builds(
-        lambda version, mode, segments, codec, chunk, total, shuffle: pb.LatentHeader(
+        lambda version, mode, segments, codec, total: pb.LatentHeader(
             format_version=version,
             adapter_id="lcfx:fuzz",
             mode=mode,
             layers=[s.layer for s in segments if s.HasField("layer")],
             segments=segments,
-            codec=pb.Codec(name=codec, chunk_size=chunk, byte_shuffle=shuffle),
+            codec=codec,
             total_raw_bytes=total
             if total is not None
             else sum(_spec_bytes(t) for s in segments for t in s.tensors) % 2**64,
         ),
-        st.sampled_from([1, 1, 1, 0, 2]),
+        st.sampled_from([1, 1, 1, 0, 2, 2, 3]),
         st.one_of(st.sampled_from([pb.LCF, pb.LCF_X, pb.TEXT, pb.NONE]), st.integers(0, 2**31 - 1)),
         st.lists(segment, max_size=6),
-        st.sampled_from(["zstd", "none", "gzip"]),
-        st.one_of(st.integers(0, 1 << 17), st.just(2**32 - 1)),
+        codecs(),
         st.one_of(st.none(), HUGE),
-        st.booleans(),
     )
 
 

@@ -102,8 +102,14 @@ def pair(request, tiny_pair, tmp_path_factory, spans):
     running.stop()
 
 
-def in_process_answer(tiny_pair, adapter_dir, mode, max_new_tokens):
-    """The same handoff without the services, latents rounded to bf16 as on the wire."""
+def bf16(latent: torch.Tensor) -> torch.Tensor:
+    """What the wire does to a latent without quantization."""
+    return latent.to(torch.bfloat16).float()
+
+
+def in_process_prepared(tiny_pair, adapter_dir, mode, on_the_wire=bf16):
+    """(receiver, its prepared input) for the handoff without the services, each latent passed
+    through `on_the_wire` (rounded to bf16 as on the wire, by default)."""
     (ms, ts), (mr, tr) = tiny_pair
     adapter = LatentAdapter.from_pretrained(adapter_dir)
     sharer, receiver = (
@@ -114,8 +120,15 @@ def in_process_answer(tiny_pair, adapter_dir, mode, max_new_tokens):
         latents = sharer.encode(
             sharer.prefill(CONTEXT), receiver_view(RECEIVER_CONTEXT, PROMPT), question=PROMPT
         )
-        latents.layers = {t: z.to(torch.bfloat16).float() for t, z in latents.layers.items()}
+        latents.layers = {t: on_the_wire(z) for t, z in latents.layers.items()}
         prepared = receiver.prepare(mode, PROMPT, latents, context=CONTEXT, receiver_context=RECEIVER_CONTEXT)
+    return receiver, prepared
+
+
+def in_process_answer(tiny_pair, adapter_dir, mode, max_new_tokens, on_the_wire=bf16):
+    """The same handoff's answer without the services."""
+    receiver, prepared = in_process_prepared(tiny_pair, adapter_dir, mode, on_the_wire)
+    with torch.inference_mode():
         return receiver.generate(prepared, GenerationSettings(max_new_tokens=max_new_tokens))
 
 

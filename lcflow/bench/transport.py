@@ -4,17 +4,18 @@ Payloads have the paper pair's shapes (random values): LCF sends 28 receiver lay
 [1, T, b=128] latents plus the sharer token spans (int32 [T, 2]); LCF-X sends 28 x [1, 32, 128].
 Stages, each timed on its own (best and median of --repeats; MB/s from the best):
 
-    serialise      safetensors layout + byte-shuffle of each layer (one pass)  (sender)
+    serialise      (quantize +) safetensors layout + byte-shuffle of each layer  (sender)
     compress       zstd                                                 (sender)
     grpc_loopback  the prepared chunk messages through Receiver.Receive  (network)
     decompress     zstd                                                 (receiver)
-    deserialise    safetensors header checks + unshuffle into tensors   (receiver)
+    deserialise    safetensors header checks + unshuffle (+ dequantize)  (receiver)
     raw_grpc       the same number of raw bytes as 1 MiB messages       (baseline)
     end_to_end     PacketWriter -> coalesce_chunks -> gRPC -> PacketAssembler, each segment
                    packed as gRPC asks for the next message, decoded as it arrives
     end_to_end_per_layer   the same, each layer's chunks sent at once (no batching)
     end_to_end_threaded    end_to_end with the packing in a worker thread, overlapping gRPC
 
+Each case runs once per --quantize scheme (none, int8, int4: lcflow/transport/quantize.py).
 Both sides use grpc.aio.
 MB/s are always raw tensor megabytes (1e6 bytes) per second, so stages compare directly.
 The server runs in its own process (spawned), as the receiver would, on 127.0.0.1.
@@ -40,6 +41,7 @@ from typing import TYPE_CHECKING
 import grpc
 import zstandard
 
+from lcflow.names import QUANTIZATIONS
 from lcflow.proto_gen.lcflow.v1 import lcflow_pb2 as pb
 from lcflow.proto_gen.lcflow.v1 import lcflow_pb2_grpc as pb_grpc
 
@@ -72,6 +74,7 @@ class TransportBenchConfig:
     tokens: list[int] = field(default_factory=lambda: [128, 512, 2048])
     dtypes: list[str] = field(default_factory=lambda: ["float16", "bfloat16"])
     codec: str = "zstd"  # or "none"
+    quantize: list[str] = field(default_factory=lambda: ["none"])  # schemes to run, each on every case
     level: int = 1
     byte_shuffle: bool = True
     repeats: int = 3
@@ -245,9 +248,13 @@ def _codec_stages(packet: LatentPacket, codec: CodecConfig, repeats: int) -> tup
     )
 
     segments = _segments(packet)
-    shuffle = codec.byte_shuffle
-    blobs = [serialise_segment(tensors, shuffle) for tensors in segments]
-    serialise_ms = _times_ms(lambda: [serialise_segment(t, shuffle) for t in segments], repeats)
+    shuffle, quantizer = codec.byte_shuffle, codec.quantizer()
+
+    def serialise_all() -> list[bytearray]:
+        return [serialise_segment(quantizer.encode(tensors), shuffle) for tensors in segments]
+
+    blobs = serialise_all()
+    serialise_ms = _times_ms(serialise_all, repeats)
 
     compressor = codec.compressor()
     decompressor = zstandard.ZstdDecompressor()
@@ -255,10 +262,11 @@ def _codec_stages(packet: LatentPacket, codec: CodecConfig, repeats: int) -> tup
     compress_ms = _times_ms(lambda: [compressor.compress(blob) for blob in blobs], repeats)
     chunked = [[c[i : i + codec.chunk_size] for i in range(0, len(c), codec.chunk_size)] for c in compressed]
     specs = [{name: TensorSpec.of(t) for name, t in tensors.items()} for tensors in segments]
+    wire_specs = [quantizer.wire_specs(spec) for spec in specs]
 
     def decompress_all() -> list[bytearray]:
         out = []
-        for chunks, spec in zip(chunked, specs, strict=True):
+        for chunks, spec in zip(chunked, wire_specs, strict=True):
             decoder = SegmentDecoder(codec.name, max_blob_bytes(spec), "bench segment", decompressor)
             for chunk in chunks:
                 decoder.feed(chunk)
@@ -270,9 +278,9 @@ def _codec_stages(packet: LatentPacket, codec: CodecConfig, repeats: int) -> tup
 
     def deserialise_all() -> list[dict[str, torch.Tensor]]:
         out = []
-        for blob, spec in zip(decoded, specs, strict=True):
-            header = check_segment(blob, spec, "bench segment")
-            out.append(load_segment(blob, header, spec, shuffle))
+        for blob, spec, wire_spec in zip(decoded, specs, wire_specs, strict=True):
+            header = check_segment(blob, wire_spec, "bench segment")
+            out.append(quantizer.decode(load_segment(blob, header, wire_spec, shuffle), spec, "cpu"))
         return out
 
     deserialise_ms = _times_ms(deserialise_all, repeats)
@@ -385,10 +393,14 @@ async def _grpc_stages(target: str, packet: LatentPacket, codec: CodecConfig, re
     return stages
 
 
-def bench_case(target: str, mode: str, tokens: int, dtype: str, config: TransportBenchConfig) -> dict:
+def bench_case(
+    target: str, mode: str, tokens: int, dtype: str, quantize: str, config: TransportBenchConfig
+) -> dict:
     from lcflow.transport import CodecConfig
 
-    codec = CodecConfig(name=config.codec, level=config.level, byte_shuffle=config.byte_shuffle)
+    codec = CodecConfig(
+        name=config.codec, level=config.level, byte_shuffle=config.byte_shuffle, quantization=quantize
+    )
     packet = make_payload(mode, tokens, dtype, config.layers, config.width)
     codec_stages, chunked = _codec_stages(packet, codec, config.repeats)
     grpc_stages = asyncio.run(_grpc_stages(target, packet, codec, config.repeats))
@@ -397,6 +409,7 @@ def bench_case(target: str, mode: str, tokens: int, dtype: str, config: Transpor
     return {
         "mode": mode,
         "dtype": dtype,
+        "quantize": quantize,
         "tokens": tokens,
         "layers": config.layers,
         "width": config.width,
@@ -438,8 +451,9 @@ def run_transport_bench(config: TransportBenchConfig) -> dict:
     with LoopbackServer(config.keep_freed_memory) as target:
         for mode, tokens in cases:
             for dtype in config.dtypes:
-                log.info("bench transport: %s T=%d %s", mode, tokens, dtype)
-                results.append(bench_case(target, mode, tokens, dtype, config))
+                for quantize in config.quantize:
+                    log.info("bench transport: %s T=%d %s quantize %s", mode, tokens, dtype, quantize)
+                    results.append(bench_case(target, mode, tokens, dtype, quantize, config))
     return {"bench": "transport", "machine": machine_info(), "config": asdict(config), "results": results}
 
 
@@ -447,17 +461,21 @@ def run_transport_bench(config: TransportBenchConfig) -> dict:
 
 
 def format_table(report: dict) -> str:
-    header = f"{'mode':5} {'T':>5} {'dtype':9} {'MB':>7} {'ratio':>5} " + " ".join(f"{s:>13}" for s in STAGES)
-    lines = [header, f"{'':36}" + " ".join(f"{'MB/s':>13}" for _ in STAGES)]
+    header = f"{'mode':5} {'T':>5} {'dtype':9} {'quant':5} {'MB':>7} {'ratio':>5} " + " ".join(
+        f"{s:>13}" for s in STAGES
+    )
+    lines = [header, f"{'':42}" + " ".join(f"{'MB/s':>13}" for _ in STAGES)]
     for r in report["results"]:
         cells = " ".join(f"{r['stages'][s]['mb_s']:>13.0f}" for s in STAGES)
         lines.append(
-            f"{r['mode']:5} {r['tokens']:>5} {r['dtype']:9} {r['raw_bytes'] / 1e6:>7.2f} {r['ratio']:>5.2f} {cells}"
+            f"{r['mode']:5} {r['tokens']:>5} {r['dtype']:9} {r['quantize']:5} {r['raw_bytes'] / 1e6:>7.2f} "
+            f"{r['ratio']:>5.2f} {cells}"
         )
     lines.append("")
     for r in report["results"]:
         lines.append(
-            f"{r['mode']:5} T={r['tokens']:<5} {r['dtype']:9} end-to-end {r['transport_overhead_ms']:8.1f} ms, "
+            f"{r['mode']:5} T={r['tokens']:<5} {r['dtype']:9} {r['quantize']:5} end-to-end "
+            f"{r['transport_overhead_ms']:8.1f} ms, "
             f"{100 * r['transport_vs_raw_grpc']:5.1f}% of raw gRPC loopback throughput"
         )
     machine = report["machine"]
@@ -483,6 +501,13 @@ def register(subparsers) -> None:
     )
     p.add_argument("--codec", default=defaults.codec, choices=["zstd", "none"], help="segment codec")
     p.add_argument("--level", type=int, default=defaults.level, help="zstd level")
+    p.add_argument(
+        "--quantize",
+        nargs="+",
+        default=defaults.quantize,
+        choices=QUANTIZATIONS,
+        help="latent quantizations to run, each on every case (int8, int4: wire format version 2)",
+    )
     p.add_argument("--no-shuffle", action="store_true", help="send without byte-shuffle")
     p.add_argument(
         "--repeats",
@@ -509,6 +534,7 @@ def run(args) -> int:
         tokens=args.tokens,
         dtypes=args.dtype,
         codec=args.codec,
+        quantize=args.quantize,
         level=args.level,
         byte_shuffle=not args.no_shuffle,
         repeats=args.repeats,

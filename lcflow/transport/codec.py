@@ -38,6 +38,7 @@ blocks), written straight into the segment blob (segments.py).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import zstandard
@@ -48,6 +49,9 @@ except ImportError:  # pragma: no cover
     from zlib import crc32 as crc32
 
 from lcflow.transport.errors import WireError, data_loss, invalid
+
+if TYPE_CHECKING:
+    from lcflow.transport.quantize import Quantization
 
 MAX_CHUNK_BYTES = (
     1 << 20
@@ -64,12 +68,21 @@ class CodecConfig:
     byte_shuffle: bool = True  # regroup each tensor's bytes by byte plane: bf16 ratio 1.29 -> 1.50
     float_params: bool = True  # min_match 7 and a 64-entry hash table (see the module docstring)
     chunk_size: int = MAX_CHUNK_BYTES  # largest chunk payload, at most 1 MiB
+    quantization: str = "none"  # "int8" / "int4": float tensors go as codes + scales (quantize.py)
+    group_size: int | None = None  # elements per scale; None = the scheme's measured default
 
     def __post_init__(self) -> None:
         if self.name not in CODECS:
             raise ValueError(f"unknown codec {self.name!r}: use one of {CODECS}")
         if not 0 < self.chunk_size <= MAX_CHUNK_BYTES:
             raise ValueError(f"chunk_size must be in 1..{MAX_CHUNK_BYTES} bytes, got {self.chunk_size}")
+        self.quantizer()  # raises on an unknown scheme or a negative group size
+
+    def quantizer(self) -> Quantization:
+        # Imported here: quantize.py builds on segments.py, which imports this module.
+        from lcflow.transport.quantize import Quantization
+
+        return Quantization.named(self.quantization, self.group_size)
 
     def compressor(self) -> SegmentCompressor:
         return SegmentCompressor(self)

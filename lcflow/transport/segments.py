@@ -30,6 +30,8 @@ DTYPES: dict[str, tuple[torch.dtype, str]] = {
     "bfloat16": (torch.bfloat16, "BF16"),
     "float32": (torch.float32, "F32"),
     "int32": (torch.int32, "I32"),
+    "int8": (torch.int8, "I8"),  # quantized codes (quantize.py)
+    "uint8": (torch.uint8, "U8"),  # int4 codes, two a byte
 }
 DTYPE_NAMES = {torch_dtype: name for name, (torch_dtype, _) in DTYPES.items()}
 ITEMSIZE = {

@@ -24,6 +24,11 @@ Receiver:
     # or message by message: for segment in assembler.on_message(message): ...
     # or all at once: packet = assemble(messages)
 
+Quantized latents (format version 2): `PacketWriter(..., codec=CodecConfig(quantization="int4"))`
+sends each float tensor as integer codes and scales (quantize.py), computed on the tensor's own
+device; `PacketAssembler.device` says where the receiver dequantizes. Without quantization the
+writer still writes version 1, which older receivers read.
+
 Many small segments travel faster batched: `coalesce_chunks(messages)` merges consecutive
 chunks into ChunkBatch messages (gRPC costs ~0.25 ms per message on 2 cores).
 
@@ -43,6 +48,7 @@ import zstandard
 from lcflow.proto_gen.lcflow.v1 import lcflow_pb2 as pb
 from lcflow.transport.codec import CODECS, MAX_CHUNK_BYTES, CodecConfig, SegmentDecoder, crc32
 from lcflow.transport.errors import data_loss, invalid, precondition
+from lcflow.transport.quantize import SCALES_SUFFIX, Quantization
 from lcflow.transport.segments import (
     DTYPES,
     MAX_DIMS,
@@ -54,12 +60,18 @@ from lcflow.transport.segments import (
     serialise_segment,
 )
 
-FORMAT_VERSION = 1
-SUPPORTED_FORMAT_VERSIONS = frozenset({1})
+FORMAT_VERSION = 2  # the newest: 2 adds quantized payloads (Codec.quantization)
+SUPPORTED_FORMAT_VERSIONS = frozenset({1, 2})
 
 MODE_TO_PROTO = {"lcf": pb.LCF, "lcfx": pb.LCF_X, "text": pb.TEXT, "none": pb.NONE}
 MODE_FROM_PROTO = {value: name for name, value in MODE_TO_PROTO.items()}
 LATENT_MODES = ("lcf", "lcfx")  # the modes that carry a latent payload
+
+
+def format_version(quantization: Quantization) -> int:
+    """The oldest version that carries such a payload: 1 unless it is quantized, so a sender
+    that does not quantize keeps working with receivers that read only version 1."""
+    return 2 if quantization.enabled else 1
 
 
 def mode_name(value: int) -> str:
@@ -115,7 +127,8 @@ class WireStats:
     chunks: int = 0
     bytes_raw: int = 0  # tensor data bytes, before compression
     bytes_wire: int = 0  # chunk payload bytes
-    serialise_ms: float = 0.0  # safetensors layout + byte-shuffle (one pass), or header checks + unshuffle
+    # quantize (if on) + safetensors layout + byte-shuffle, or header checks + unshuffle + dequantize
+    serialise_ms: float = 0.0
     codec_ms: float = 0.0  # zstd compress, or decompress
 
 
@@ -153,6 +166,7 @@ class PacketWriter:
         )
         self.codec = codec or CodecConfig()
         self.compressor = self.codec.compressor()
+        self.quantizer = self.codec.quantizer()
         self.meta = dict(meta or {})
         # Segment order: one per layer as given, then the shared tensors (if any).
         self.segment_keys: list[int | None] = list(layer_specs)
@@ -160,6 +174,8 @@ class PacketWriter:
         if shared_specs:
             self.segment_keys.append(None)
             self.specs[None] = dict(shared_specs)
+        # what each segment's blob holds: the declared tensors, or their codes and scales
+        self.wire_specs = {key: self.quantizer.wire_specs(specs) for key, specs in self.specs.items()}
         self.sent: set[int | None] = set()
         self.sequence = 0
         self.payload_crc = 0
@@ -189,15 +205,12 @@ class PacketWriter:
         segments = [
             pb.SegmentSpec(
                 layer=key,
-                tensors=[
-                    pb.TensorSpec(name=name, dtype=spec.dtype, shape=list(spec.shape))
-                    for name, spec in self.specs[key].items()
-                ],
+                tensors=[self._tensor_spec(name, spec) for name, spec in self.specs[key].items()],
             )
             for key in self.segment_keys
         ]
         header = pb.LatentHeader(
-            format_version=FORMAT_VERSION,
+            format_version=format_version(self.quantizer),
             adapter_id=self.adapter_id,
             sharer_id=self.sharer_id,
             receiver_id=self.receiver_id,
@@ -205,16 +218,33 @@ class PacketWriter:
             dtype=dtypes.pop() if len(dtypes) == 1 else "",
             layers=layers,
             segments=segments,
-            codec=pb.Codec(
-                name=self.codec.name,
-                level=self.codec.level,
-                byte_shuffle=self.codec.byte_shuffle,
-                chunk_size=self.codec.chunk_size,
-            ),
+            codec=self._codec_message(),
             total_raw_bytes=self.stats.bytes_raw,
             meta=self.meta,
         )
         return pb.LatentMessage(header=header)
+
+    def _codec_message(self) -> pb.Codec:
+        codec = pb.Codec(
+            name=self.codec.name,
+            level=self.codec.level,
+            byte_shuffle=self.codec.byte_shuffle,
+            chunk_size=self.codec.chunk_size,
+        )
+        if self.quantizer.enabled:  # version 1 headers stay exactly as they were
+            codec.quantization = self.quantizer.scheme
+            codec.group_size = self.quantizer.group_size
+            codec.scale_dtype = self.quantizer.scale_dtype
+        return codec
+
+    def _tensor_spec(self, name: str, spec: TensorSpec) -> pb.TensorSpec:
+        message = pb.TensorSpec(name=name, dtype=spec.dtype, shape=list(spec.shape))
+        if self.quantizer.applies_to(spec):
+            scales = self.quantizer.scales_spec(spec)
+            message.scales.CopyFrom(
+                pb.TensorSpec(name=name + SCALES_SUFFIX, dtype=scales.dtype, shape=list(scales.shape))
+            )
+        return message
 
     def layer(self, layer: int, tensors: dict[str, torch.Tensor]) -> Iterator[pb.LatentMessage]:
         """The chunks of one receiver layer's segment."""
@@ -240,7 +270,7 @@ class PacketWriter:
         index = self.segment_keys.index(key)
 
         start = time.perf_counter()
-        blob = serialise_segment(tensors, self.codec.byte_shuffle)
+        blob = serialise_segment(self.quantizer.encode(tensors), self.codec.byte_shuffle)
         self.stats.serialise_ms += _ms_since(start)
         start = time.perf_counter()
         payload = self.compressor.compress(blob)
@@ -342,10 +372,15 @@ def _segment_name(key: int | None) -> str:
 class PacketAssembler:
     """Checks and decodes a latent stream message by message; layers are available as they complete."""
 
-    def __init__(self, limits: WireLimits | None = None):
+    def __init__(self, limits: WireLimits | None = None, device: torch.device | str = "cpu"):
         self.limits = limits or WireLimits()
+        # Where quantized tensors are dequantized (their codes cross to it, not the decoded
+        # floats); may be set until the first chunk. Other tensors stay on the CPU.
+        self.device = device
         self.header: pb.LatentHeader | None = None
-        self.specs: list[dict[str, TensorSpec]] = []
+        self.quantizer = Quantization()
+        self.specs: list[dict[str, TensorSpec]] = []  # segment index -> the declared tensors
+        self.wire_specs: list[dict[str, TensorSpec]] = []  # segment index -> what its blob holds
         self.keys: list[int | None] = []  # segment index -> layer (None = shared)
         self.done: dict[int, dict[str, torch.Tensor]] = {}  # segment index -> tensors
         self.open_index: int | None = None  # segment whose chunks are arriving
@@ -373,6 +408,7 @@ class PacketAssembler:
             raise invalid(f"unknown codec {codec.name!r}; this receiver reads {CODECS}")
         if not 0 < codec.chunk_size <= self.limits.max_chunk_bytes:
             raise invalid(f"chunk_size {codec.chunk_size} is outside 1..{self.limits.max_chunk_bytes}")
+        self.quantizer = _quantization_of(header)
         if not 0 < len(header.segments) <= self.limits.max_segments:
             raise invalid(f"{len(header.segments)} segments declared; allowed 1..{self.limits.max_segments}")
         if len(header.meta) > self.limits.max_meta_entries:
@@ -388,14 +424,19 @@ class PacketAssembler:
         self.specs = [
             self._segment_specs(segment, key) for segment, key in zip(header.segments, self.keys, strict=True)
         ]
+        self.wire_specs = [
+            self._wire_specs(specs, key) for specs, key in zip(self.specs, self.keys, strict=True)
+        ]
         declared = sum(segment_bytes(specs) for specs in self.specs)
         if declared != header.total_raw_bytes:
             raise invalid(
                 f"total_raw_bytes {header.total_raw_bytes} != {declared}, the sum of the tensor shapes"
             )
-        if declared > self.limits.max_payload_bytes:
+        # Both what the tensors become and what their blobs hold (codes and scales) are bounded.
+        largest = max(declared, sum(segment_bytes(specs) for specs in self.wire_specs))
+        if largest > self.limits.max_payload_bytes:
             raise invalid(
-                f"payload of {declared} bytes exceeds this receiver's limit of {self.limits.max_payload_bytes}"
+                f"payload of {largest} bytes exceeds this receiver's limit of {self.limits.max_payload_bytes}"
             )
         self.header = header
         self.stats.bytes_raw = declared
@@ -417,7 +458,33 @@ class PacketAssembler:
             if len(tensor.shape) > MAX_DIMS:
                 raise invalid(f"{what}: {tensor.name!r} has {len(tensor.shape)} dims; at most {MAX_DIMS}")
             specs[tensor.name] = TensorSpec(tensor.dtype, tuple(tensor.shape))
+            self._check_scales(tensor, specs[tensor.name], what)
         return specs
+
+    def _check_scales(self, tensor: pb.TensorSpec, spec: TensorSpec, what: str) -> None:
+        """A quantized tensor declares exactly the scales its shape implies; no other tensor declares any."""
+        if not self.quantizer.applies_to(spec):
+            if tensor.HasField("scales"):
+                raise invalid(f"{what}: {tensor.name!r} declares scales but is not a quantized tensor")
+            return
+        try:
+            expected = self.quantizer.scales_spec(spec)
+        except ValueError as err:
+            raise invalid(f"{what}: {tensor.name!r} cannot be {self.quantizer.scheme}: {err}") from err
+        scales = tensor.scales
+        declared = (scales.name, scales.dtype, tuple(scales.shape), scales.HasField("scales"))
+        if declared != (tensor.name + SCALES_SUFFIX, expected.dtype, expected.shape, False):
+            raise invalid(
+                f"{what}: scales of {tensor.name!r} declared as {scales.name!r} {scales.dtype} "
+                f"{list(scales.shape)}; {self.quantizer.scheme} with group size {self.quantizer.group_size} "
+                f"needs {tensor.name + SCALES_SUFFIX!r} {expected.dtype} {list(expected.shape)}"
+            )
+
+    def _wire_specs(self, specs: dict[str, TensorSpec], key: int | None) -> dict[str, TensorSpec]:
+        try:
+            return self.quantizer.wire_specs(specs)
+        except ValueError as err:
+            raise invalid(f"{_segment_name(key)}: {err}") from err
 
     # -- chunks ------------------------------------------------------------------------------
 
@@ -473,7 +540,7 @@ class PacketAssembler:
             if index in self.done:
                 raise data_loss(f"{_segment_name(self.keys[index])} arrived twice (chunk {chunk.sequence})")
             self.open_index = index
-            limit = max_blob_bytes(self.specs[index])
+            limit = max_blob_bytes(self.wire_specs[index])
             what = _segment_name(self.keys[index])
             self.decoder = SegmentDecoder(self.header.codec.name, limit, what, self.decompressor)
 
@@ -485,8 +552,10 @@ class PacketAssembler:
         start = time.perf_counter()
         # Every name, dtype, shape and offset is checked against the LatentHeader before
         # load_segment reads tensor data, so the tensors it builds are the declared ones.
-        header = check_segment(blob, self.specs[index], what)
-        tensors = load_segment(blob, header, self.specs[index], self.header.codec.byte_shuffle)
+        wire_specs = self.wire_specs[index]
+        header = check_segment(blob, wire_specs, what)
+        wire = load_segment(blob, header, wire_specs, self.header.codec.byte_shuffle)
+        tensors = self.quantizer.decode(wire, self.specs[index], self.device)
         self.stats.serialise_ms += _ms_since(start)
         self.done[index] = tensors
         return Segment(key, tensors)
@@ -557,6 +626,22 @@ class PacketAssembler:
             self.on_trailer(message.trailer)
             return []
         raise precondition(f"unexpected {kind or 'empty'} message inside the latent payload")
+
+
+def _quantization_of(header: pb.LatentHeader) -> Quantization:
+    """The header's quantization; its fields must be unset in version 1 and without quantization."""
+    codec = header.codec
+    scheme = codec.quantization or "none"
+    if scheme == "none":
+        if codec.group_size or codec.scale_dtype:
+            raise invalid("codec.group_size and codec.scale_dtype are only for a quantized payload")
+        return Quantization()
+    if header.format_version < 2:
+        raise invalid(f"codec.quantization {scheme!r} needs latent format version 2, the header says 1")
+    try:
+        return Quantization(scheme, codec.group_size, codec.scale_dtype)
+    except ValueError as err:
+        raise invalid(f"codec: {err}") from err
 
 
 def assemble(messages: Iterable[pb.LatentMessage], limits: WireLimits | None = None) -> LatentPacket:

@@ -262,6 +262,7 @@ class ReceiverService(pb_grpc.ReceiverServicer):
             engine.require_adapter(mode)
             self._check_identities(engine, header)
             self._check_header_fits(engine, request, header)  # every shape, before any chunk is read
+            assembler.device = engine.receiver.model.device  # quantized latents are dequantized there
             for message in messages:
                 kind = message.WhichOneof("message")
                 if kind not in ("chunk", "chunks", "trailer"):
@@ -279,6 +280,7 @@ class ReceiverService(pb_grpc.ReceiverServicer):
             span.set_attribute("lcflow.bytes.raw", stats.bytes_raw)
             span.set_attribute("lcflow.bytes.wire", stats.bytes_wire)
             span.set_attribute("lcflow.compression_ratio", stats.bytes_raw / max(1, stats.bytes_wire))
+            span.set_attribute("lcflow.quantization", assembler.quantizer.scheme)  # as the header declared it
             span.set_attribute("lcflow.chunks", stats.chunks)
             span.set_attribute("lcflow.layers", len(packet.layers))
         device = engine.receiver.model.device

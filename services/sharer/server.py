@@ -120,7 +120,7 @@ class SharerService(pb_grpc.SharerServicer):
         self.engine = engine
         self.limit = ConcurrencyLimit(config.max_concurrent, config.max_queue)
         self.sessions = SessionStore(config.session_memory_mb << 20, config.session_ttl_s)
-        self.codec = CodecConfig(level=config.zstd_level)
+        self.codec = CodecConfig(level=config.zstd_level, quantization=config.quantize)
         self.adapters = AdapterRegistry.for_service(config, self._engine_with)
         self._receiver_model: str | None = None  # the receiver's model hash, as it last said
         self._receiver_model_until = 0.0
@@ -489,7 +489,8 @@ class _LatentStream:
                     if item is None:
                         break
                     layer, latent = item
-                    latent = latent.to(WIRE_DTYPE).cpu().contiguous()
+                    # still on the model's device: a quantizing writer quantizes it there
+                    latent = latent.to(WIRE_DTYPE).contiguous()
                 self.encode_ms += (time.perf_counter() - begin) * 1000
                 yield from writer.layer(layer, {"latent": latent})
             trailer = writer.trailer()
@@ -501,6 +502,7 @@ class _LatentStream:
             span.set_attribute("lcflow.bytes.raw", stats.bytes_raw)
             span.set_attribute("lcflow.bytes.wire", stats.bytes_wire)
             span.set_attribute("lcflow.compression_ratio", stats.bytes_raw / max(1, stats.bytes_wire))
+            span.set_attribute("lcflow.quantization", writer.quantizer.scheme)
             span.set_attribute("lcflow.chunks", stats.chunks)
             span.set_attribute("lcflow.encode_ms", self.encode_ms)
             span.set_attribute("lcflow.pack_ms", self.pack_ms)
