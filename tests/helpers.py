@@ -179,3 +179,29 @@ def span_adapter(sharer, receiver, alignment, slots: int, selection: str = "sent
     )
     load_alignment(adapter, alignment)
     return adapter.eval()
+
+
+def check_demo_output(out: str, questions: int) -> None:
+    """What `lcflow demo` prints for its questions, wherever it runs (two local processes, or
+    `--sharer` against the compose services): each question with its expected answer, a TEXT and
+    an LCF-X answer line for each (with its trace id) and one summary line per mode."""
+    assert out.count("question:") == questions and out.count("expected:") == questions, out
+    assert out.count(" TEXT: ") == questions + 1 and out.count(" LCFX: ") == questions + 1, out
+    assert out.count("sooner than TEXT") == questions and "trace " in out, out
+
+
+def console_spans(text: str) -> list[dict]:
+    """The spans the OpenTelemetry console exporter printed into a log (each a JSON object from a
+    line "{" to a line "}"), other lines skipped."""
+    import json
+
+    spans, lines = [], None
+    for line in text.splitlines():
+        if line == "{":
+            lines = []
+        if lines is not None:
+            lines.append(line)
+        if line == "}" and lines is not None:
+            spans.append(json.loads("\n".join(lines)))
+            lines = None
+    return spans

@@ -5,8 +5,9 @@ Nothing here builds an image or talks to a cluster. What is checked, offline:
   compilers in the final stage, non-root USER, /models volume, gRPC HEALTHCHECK, ENTRYPOINT lcflow;
   its dependency-extraction commands run against the real pyproject.toml; hadolint when installed.
 - docker/healthcheck.py against a real in-process gRPC health server (SERVING / NOT_SERVING / down).
-- docker/compose.yaml (+ compose.gpu.yaml): parsed properties, and `docker-compose config` when a
-  compose tool is installed (Debian's `docker-compose` 1.29 reads this compose-spec file).
+- docker/compose.yaml (+ compose.gpu.yaml, compose.jaeger.yaml): parsed properties, and
+  `docker-compose config` when a compose tool is installed (Debian's `docker-compose` 1.29 reads
+  these compose-spec files). tests/test_compose_demo.py builds the image and runs the compose demo.
 - deploy/k8s: parsed properties of every object, strict JSON-schema validation against pinned
   Kubernetes versions with `kubernetes-validate` (bundled schemas, no network), and the
   `kubectl kustomize` rendering when kubectl is installed.
@@ -33,6 +34,7 @@ DOCKERFILE = ROOT / "docker" / "Dockerfile"
 HEALTHCHECK = ROOT / "docker" / "healthcheck.py"
 COMPOSE = ROOT / "docker" / "compose.yaml"
 COMPOSE_GPU = ROOT / "docker" / "compose.gpu.yaml"
+COMPOSE_JAEGER = ROOT / "docker" / "compose.jaeger.yaml"
 K8S = ROOT / "deploy" / "k8s"
 
 # The environment variables the services and CLI read (the issue's contract).
@@ -217,6 +219,42 @@ def test_dockerfile_defaults_to_the_cpu_torch_index():
     assert match and match.group(1) == "https://download.pytorch.org/whl/cpu"
 
 
+def _arg_defaults(stage) -> dict:
+    return dict(a.split("=", 1) for k, a in stage if k == "ARG" and "=" in a)
+
+
+def test_dockerfile_takes_torch_from_a_local_wheel_before_the_index(stages, tmp_path):
+    """The builder's torch step, run as written with a stand-in pip: a torch wheel in the build
+    context's TORCH_WHEELS directory is installed (with the pin, so pip refuses a wrong one),
+    and without one the TORCH_INDEX_URL index is asked."""
+    builder = stages[0]
+    assert _arg_defaults(builder)["TORCH_WHEELS"] == "docker/wheels"
+    assert [a for k, a in builder if k == "COPY" and "TORCH_WHEELS" in a] == ["${TORCH_WHEELS}/ /wheels/"]
+    assert (ROOT / "docker" / "wheels").is_dir() and (ROOT / "docker" / "wheels" / "cuda").is_dir()
+    run = next(a for k, a in builder if k == "RUN" and "/wheels/torch-" in a)
+    step = run.split("&& pip install -r requirements.txt")[0].replace("/wheels/", f"{tmp_path}/wheels/")
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "pip").write_text(f'#!/bin/sh\necho "$@" >> {tmp_path}/pip-calls\n')
+    (bin_dir / "pip").chmod(0o755)
+    env = {
+        **os.environ,
+        "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
+        "TORCH_INDEX_URL": "http://idx",
+    }
+
+    def pip_call() -> str:
+        (tmp_path / "pip-calls").unlink(missing_ok=True)
+        subprocess.run(["sh", "-ec", step], cwd=tmp_path, check=True, env=env)
+        return (tmp_path / "pip-calls").read_text().strip()
+
+    (tmp_path / "wheels").mkdir()
+    assert pip_call() == "install --index-url http://idx -r torch.txt"
+    wheel = tmp_path / "wheels" / "torch-2.13.0+cpu-cp311-cp311-manylinux_2_28_x86_64.whl"
+    wheel.touch()
+    assert pip_call() == f"install {wheel} -r torch.txt"
+
+
 def test_dockerfile_dependency_extraction_runs_on_the_real_pyproject(stages, tmp_path):
     """The builder's requirements/torch extraction, run as written, yields the pinned torch and every dependency."""
     run = next(a for k, a in stages[0] if k == "RUN" and "tomllib" in a)
@@ -249,11 +287,13 @@ def test_dockerignore_keeps_what_the_dockerfile_copies(stages):
     ]
     included = set(build_utils.exclude_paths(str(ROOT), patterns, dockerfile="docker/Dockerfile"))
     for stage in stages:
+        arg_defaults = _arg_defaults(stage)
         for keyword, args in stage:
             if keyword == "COPY" and not args.startswith("--from="):
                 for src in args.split()[:-1]:
                     if src.startswith("--"):
                         continue
+                    src = re.sub(r"\$\{(\w+)\}", lambda m, args=arg_defaults: args[m.group(1)], src)
                     if not (ROOT / src).exists():
                         if (
                             src.rstrip("/") == "adapters"
@@ -361,7 +401,7 @@ def _env(service: dict) -> dict:
 
 def test_compose_services_and_order(compose):
     services = compose["services"]
-    assert set(services) == {"models", "certs", "sharer", "receiver", "jaeger", "demo"}
+    assert set(services) == {"models", "certs", "sharer", "receiver", "demo"}  # Jaeger: an override
     for role in ("sharer", "receiver"):
         assert services[role]["command"] == ["serve", role]
         assert services[role]["depends_on"]["models"]["condition"] == "service_completed_successfully"
@@ -370,7 +410,7 @@ def test_compose_services_and_order(compose):
     for name in DEMO_MODELS.values():
         assert f"lcflow models pull {name}" in models_cmd
     demo = services["demo"]
-    assert demo["command"] == ["demo", "--sharer", f"sharer:{PORTS['sharer']}"]
+    assert demo["command"] == ["demo", "--sharer", f"sharer:{PORTS['sharer']}", "--n", "${LCFLOW_DEMO_N:-8}"]
     assert {k: v["condition"] for k, v in demo["depends_on"].items()} == {
         "sharer": "service_healthy",
         "receiver": "service_healthy",
@@ -456,20 +496,45 @@ def _seconds(text: str) -> float:
     return sum(float(n) * units[u] for n, u in re.findall(r"(\d+(?:\.\d+)?)(ms|h|m|s)", str(text)))
 
 
-def test_compose_tracing_goes_to_jaeger(compose):
+def test_compose_spans_go_to_the_logs_without_a_collector(compose):
+    """Without an override nothing needs a registry image: each service prints its spans."""
     services = compose["services"]
+    names = set()
+    for name in ("sharer", "receiver", "demo"):
+        env = _env(services[name])
+        assert env["OTEL_TRACES_EXPORTER"] == "console" and "OTEL_EXPORTER_OTLP_ENDPOINT" not in env
+        names.add(env["OTEL_SERVICE_NAME"])
+    assert len(names) == 3, "each service needs its own OTEL_SERVICE_NAME"
+    for service in services.values():
+        assert "jaeger" not in service.get("depends_on", {})
+        assert "image" not in service or service["image"] == "lcflow:cpu", "only the image built here"
+
+
+def _merged(base: dict, override: dict) -> dict:
+    """compose's merge of an override file, for what these files use: services' mappings
+    (environment, depends_on) merged key by key, everything else replaced."""
+    services = {name: dict(service) for name, service in base["services"].items()}
+    for name, service in override["services"].items():
+        merged = services.setdefault(name, {})
+        for key, value in service.items():
+            merged[key] = {**merged.get(key, {}), **value} if isinstance(value, dict) else value
+    return {**base, "services": services}
+
+
+def test_compose_jaeger_override_sends_spans_to_jaeger(compose):
+    services = _merged(compose, yaml.safe_load(COMPOSE_JAEGER.read_text()))["services"]
     jaeger = services["jaeger"]
     assert jaeger["image"].startswith("jaegertracing/all-in-one:") and not jaeger["image"].endswith(":latest")
     assert str(jaeger["environment"]["COLLECTOR_OTLP_ENABLED"]) == "true"
     assert "4317" in [str(p) for p in jaeger.get("expose", [])]
     assert any(str(p).endswith(":16686:16686") or str(p) == "16686:16686" for p in jaeger["ports"])
-    names = set()
     for name in ("sharer", "receiver", "demo"):
         env = _env(services[name])
         assert env["OTEL_TRACES_EXPORTER"] == "otlp"
         assert env["OTEL_EXPORTER_OTLP_ENDPOINT"] == "http://jaeger:4317"
-        names.add(env["OTEL_SERVICE_NAME"])
-    assert len(names) == 3, "each service needs its own OTEL_SERVICE_NAME"
+        assert env["OTEL_SERVICE_NAME"] == f"lcflow-{name}"  # the base file's, kept
+        assert services[name]["depends_on"]["jaeger"]["condition"] == "service_started"
+        _check_env_names(env, f"compose.jaeger service {name}")
 
 
 def test_compose_shares_one_model_volume(compose):
@@ -480,6 +545,11 @@ def test_compose_shares_one_model_volume(compose):
         assert _env(services[name])["LCFLOW_MODEL_CACHE"] == "/models"
         assert services[name]["build"]["dockerfile"] == "docker/Dockerfile"
         assert (COMPOSE.parent / services[name]["build"]["context"]).resolve() == ROOT
+        # the public base by default, the debootstrapped one (docker/base/build.sh) by variable
+        assert (
+            services[name]["build"]["args"]["BASE_IMAGE"] == "${LCFLOW_BASE_IMAGE:-python:3.11-slim-bookworm}"
+        )
+    assert re.search(r"^ARG BASE_IMAGE=python:3.11-slim-bookworm$", DOCKERFILE.read_text(), re.M)
 
 
 def test_compose_gpu_override_reserves_nvidia_gpus(compose_gpu):
@@ -492,6 +562,8 @@ def test_compose_gpu_override_reserves_nvidia_gpus(compose_gpu):
         _check_env_names(env, f"compose.gpu service {role}")
     for name in ("models", "sharer", "receiver", "demo"):
         assert services[name]["build"]["args"]["TORCH_INDEX_URL"] == "https://pypi.org/simple"
+        wheels = services[name]["build"]["args"]["TORCH_WHEELS"]  # never the CPU wheel's directory
+        assert wheels != "docker/wheels" and (ROOT / wheels).is_dir()
         assert services[name]["image"] == "lcflow:cuda"
 
 
@@ -519,7 +591,12 @@ def test_compose_files_validate_with_docker_compose(tmp_path):
         pytest.skip(
             "no compose tool: apt-get install -y docker-compose (Debian's 1.29 validates these files)"
         )
-    for files in ((COMPOSE,), (COMPOSE, COMPOSE_GPU)):
+    for files in (
+        (COMPOSE,),
+        (COMPOSE, COMPOSE_GPU),
+        (COMPOSE, COMPOSE_JAEGER),
+        (COMPOSE, COMPOSE_GPU, COMPOSE_JAEGER),
+    ):
         result = _compose_config(tool, *files)
         assert result.returncode == 0, f"{shlex.join(tool)} config {files}: {result.stderr}"
     # The tool really validates: a misspelt key in a copy is rejected.
