@@ -32,8 +32,9 @@ def build_card(
         "receiver": config["receiver"]["name"],
         "bottleneck": config["bottleneck"],
         "slots": config["slots"] if config["mode"] == "lcfx" else None,
-        # span packets: which positions travel (lcflow.adapter.spans)
-        "selection": config.get("selection") if config.get("packet") == "spans" else None,
+        # span and bridge packets: which positions travel (lcflow.adapter.spans, .bridge)
+        "packet": config.get("packet") if config["mode"] == "lcfx" else None,
+        "selection": config.get("selection") if config.get("packet") in ("spans", "bridge") else None,
         "selection_heads": config.get("selection_heads") or None,
         "retained_layers": config["retained_layers"],
         "training": config.get("training", {}),
@@ -62,7 +63,14 @@ def _training_lines(training: dict) -> list[str]:
     """How the weights came about: a training run, or a closed form with no task training."""
     if "steps_done" not in training:  # lcflow align: a fitted (or exact) map, nothing trained
         lines = [f"- {training.get('method', 'no training recorded')}"]
-        if training.get("documents"):
+        if "held_out" in training:  # lcflow bridge: the translator's fit, on documents it never saw
+            held = training["held_out"]
+            lines.append(
+                f"- translator fitted on {training['documents']} corpus documents ({training.get('tokens')} "
+                f"tokens), {training.get('steps')} MLP steps; held-out R^2 {held['r2']}, nearest token "
+                f"right {held['nearest_token']} (ridge alone: {training['held_out_ridge']['nearest_token']})"
+            )
+        elif training.get("documents"):
             lines.append(
                 f"- fitted on {training['documents']} corpus documents, ridge {training.get('ridge')}; "
                 f"mean held-out R^2 {training.get('held_out_r2_mean')}"
@@ -86,7 +94,11 @@ def render_markdown(card: dict) -> str:
         f"{card['mode'].upper()} adapter: sharer `{card['sharer']}` -> receiver `{card['receiver']}`"
         + (f", bottleneck b={card['bottleneck']}" if card["mode"] != "c2c" else " (the C2C baseline fuser)")
         + (f", {card['slots']} slots" if card["slots"] else "")
-        + (f" (span packet, selection `{card['selection']}`" if card.get("selection") else "")
+        + (
+            f" ({card.get('packet', 'span')} packet, selection `{card['selection']}`"
+            if card.get("selection")
+            else ""
+        )
         + (
             f" by the sharer's heads {card['selection_heads']} (layer, head)"
             if card.get("selection_heads")
