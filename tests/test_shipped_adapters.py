@@ -24,7 +24,6 @@ pytestmark = pytest.mark.real_model
 ADAPTERS = Path(__file__).resolve().parents[1] / "adapters"
 CARDS = sorted(ADAPTERS.glob("*/model_card.json"))
 SHARER, RECEIVER = "smollm2-135m-instruct", "gemma3-270m"
-WRONG_PACKET_SAMPLES = 30
 
 
 @pytest.fixture(scope="module")
@@ -77,18 +76,14 @@ def test_shipped_adapter_reproduces_its_card(card_path, real_models):
     low, high = card["results"][spec["method"]]["em_ci"]
     assert low - 1e-9 <= em <= high + 1e-9, f"EM {em:.3f} outside the card's CI [{low:.3f}, {high:.3f}]"
     if "lcfx-wrong" in card["results"]:  # the packet must matter: another sample's scores clearly less
-        # on the first WRONG_PACKET_SAMPLES only (time: the suite replays every card), paired
         wrong = evaluate(
             ["lcfx-wrong"],
             EvalModels(pair[0], pair[1], {"lcfx-wrong": adapter}),
-            samples[:WRONG_PACKET_SAMPLES],
+            samples,
             GenerationSettings(max_new_tokens=spec["max_new_tokens"]),
         )
         wrong_em = sum(o.em for o in wrong) / len(wrong)
-        right_em = sum(o.em for o in outcomes[: len(wrong)]) / len(wrong)
-        assert right_em - wrong_em >= 0.1, (
-            f"right packet EM {right_em:.3f} vs another sample's packet {wrong_em:.3f} on {len(wrong)} samples"
-        )
+        assert em - wrong_em >= 0.1, f"right packet EM {em:.3f} vs another sample's packet {wrong_em:.3f}"
 
 
 @pytest.mark.parametrize("name", ["smollm2-to-gemma3-lcfx", "smollm2-to-gemma3-lcfx-bridge"])
