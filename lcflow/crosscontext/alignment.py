@@ -93,14 +93,19 @@ class LayerMap:
         return self.mu_y.to(z.dtype) + z @ self.decoder.to(z.dtype)
 
 
+def ridge_beta(sxx: torch.Tensor, sxy: torch.Tensor, ridge: float) -> torch.Tensor:
+    """B = (Sxx + lam I)^-1 Sxy from centred moments, lam = ridge * mean(diag Sxx)."""
+    lam = ridge * sxx.diagonal().mean()
+    return torch.linalg.solve(sxx + lam * torch.eye(sxx.shape[0], dtype=sxx.dtype), sxy)
+
+
 def fit_layer(moments: _Moments, bottleneck: int, ridge: float, key_dim: int) -> LayerMap:
     """Reduced-rank ridge regression from the moments (see the module docstring)."""
     n = moments.n
     mu_x, mu_y = moments.sx / n, moments.sy / n
     sxx = moments.xx / n - torch.outer(mu_x, mu_x)
     sxy = moments.xy / n - torch.outer(mu_x, mu_y)
-    lam = ridge * sxx.diagonal().mean()
-    beta = torch.linalg.solve(sxx + lam * torch.eye(sxx.shape[0], dtype=sxx.dtype), sxy)
+    beta = ridge_beta(sxx, sxy, ridge)
     fitted = beta.T @ sxx @ beta  # covariance of the predictions
     var = fitted.diagonal().clamp(min=1e-12)
     weight = torch.ones_like(var)

@@ -29,6 +29,7 @@ from tqdm import tqdm
 
 from lcflow.adapter import AdapterConfig, LatentAdapter
 from lcflow.adapter.bridge import INPUT_LAYER
+from lcflow.crosscontext.alignment import ridge_beta
 from lcflow.kv import ModelIdentity, capture_kv, full_cache, prefill
 from lcflow.prompting import tokenize_context
 
@@ -99,8 +100,7 @@ def fit_ridge(adapter: LatentAdapter, pairs: TranslationPairs, ridge: float = 1e
     mu_x, mu_y = x.mean(0), y.mean(0)
     xc, yc = x - mu_x, y - mu_y
     sxx, sxy = xc.T @ xc / len(x), xc.T @ yc / len(x)
-    lam = ridge * sxx.diagonal().mean()
-    beta = torch.linalg.solve(sxx + lam * torch.eye(sxx.shape[0], dtype=sxx.dtype), sxy)
+    beta = ridge_beta(sxx, sxy, ridge)
     t.mu_x.copy_(mu_x.float())
     t.mu_y.copy_(mu_y.float())
     t.beta.copy_(beta.float())
