@@ -137,3 +137,79 @@ def test_bridge_handoff_through_the_services_gives_the_in_process_answer(fitted,
             result = client.handoff(PROMPT, mode="lcfx", context=DOC, receiver_context=own, max_new_tokens=6)
     assert result.answer == expected
     assert result.summary.bytes_raw == soft.numel() * 2  # one bf16 segment: rows x hidden
+
+
+def test_within_sharer_cutting_keeps_every_receiver_token_inside_one_sharer_token(tiny_pair):
+    """`bridge_tokens: within-sharer`: the pieces spell the text again, each lies in one sharer
+    token, and the position features tell the pieces of one sharer token apart."""
+    from lcflow.adapter.bridge import POSITION_SCALE, piece_positions, within_sharer_ids
+    from lcflow.align import align_spans
+    from lcflow.prompting import tokenize_context
+
+    (_, s_tok), (_, r_tok) = tiny_pair
+    _, sharer_spans = tokenize_context(s_tok, DOC)
+    ids, spans = within_sharer_ids(r_tok, DOC, sharer_spans)
+    assert ids.shape == (1, spans.shape[0])
+    assert "".join(DOC[a:b] for a, b in spans.tolist()) == "".join(DOC[a:b] for a, b in sharer_spans.tolist())
+    alignment = align_spans(sharer_spans, spans)
+    assert bool(alignment.covered.all()) and bool(((alignment.weights > 0).sum(1) == 1).all())
+    positions = piece_positions(alignment) / POSITION_SCALE
+    owner = alignment.weights.argmax(1)
+    counts = torch.bincount(owner)[owner]
+    assert bool((positions[:, 2] == (counts > 1)).all())  # "split" marks sharer tokens cut in pieces
+    for row in range(len(owner)):  # the first and last piece of each sharer token
+        first = row == 0 or owner[row - 1] != owner[row]
+        last = row == len(owner) - 1 or owner[row + 1] != owner[row]
+        assert (positions[row, 0] == 1) == first and (positions[row, 1] == 1) == last
+    split = torch.nonzero(counts > 1).flatten()
+    if len(split):  # a split's pieces differ, so the translator can tell them apart
+        rows = split[owner[split] == owner[split[0]]]
+        assert len({tuple(positions[r].tolist()) for r in rows}) == len(rows)
+
+
+def test_within_sharer_bridge_sends_at_most_bridge_rows(tiny_pair):
+    """A within-sharer bridge adapter: translator input widened by the position features, the
+    packet capped by `bridge_rows` (not m), and the config refuses unknown cutting modes."""
+    from lcflow.adapter import AdapterConfig
+    from lcflow.adapter.bridge import POSITION_FEATURES, feature_dim
+
+    sharer, receiver = tiny_pair
+    reader = LatentAdapter.for_models(
+        "lcfx", model_identity(*receiver), model_identity(*receiver), packet="spans", bottleneck=16, slots=8
+    )
+    adapter = bridge.new_bridge_adapter(
+        model_identity(*sharer),
+        model_identity(*receiver),
+        hidden_size(receiver[0]),
+        reader,
+        8,
+        tokens="within-sharer",
+        rows=11,
+    )
+    adapter.encoder.attach_receiver_tokenizer(receiver[1])
+    whole = bridge.new_bridge_adapter(
+        model_identity(*sharer), model_identity(*receiver), hidden_size(receiver[0]), reader, 8
+    )
+    assert feature_dim(adapter.config) == feature_dim(whole.config) + POSITION_FEATURES
+    assert adapter.config.max_rows() == 11 and whole.config.max_rows() == 8
+    pairs = bridge.translation_pairs(adapter, sharer, receiver, DOC)
+    assert pairs.x.shape[1] == feature_dim(adapter.config)
+    side = Sharer(*sharer, adapter.encoder, adapter.config)
+    context = side.prefill(" ".join([DOC] * 3))
+    everything = torch.arange(1, context.input_ids.shape[1])  # more pieces than the cap
+    soft = side.encode(context, question=PROMPT, positions=everything).layers[INPUT_LAYER]
+    assert soft.shape[1] == side.latent_rows(context, everything) == 11
+    data = adapter.config.to_dict() | {"bridge_tokens": "bytes"}
+    with pytest.raises(ValueError, match="unknown bridge_tokens"):
+        AdapterConfig.from_dict(data)
+
+
+def test_vocabulary_documents_sweep_the_vocabulary_before_repeating(tiny_pair):
+    from lcflow.crosscontext.corpus import vocabulary_documents
+
+    (_, s_tok), _ = tiny_pair
+    documents = vocabulary_documents(s_tok, 3, tokens_per_document=20, seed=1)
+    assert documents == vocabulary_documents(s_tok, 3, tokens_per_document=20, seed=1)
+    assert documents != vocabulary_documents(s_tok, 3, tokens_per_document=20, seed=2)
+    special = {s_tok.decode([i]) for i in s_tok.all_special_ids}
+    assert all(doc and not any(s in doc for s in special if s) for doc in documents)

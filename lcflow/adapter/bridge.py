@@ -11,12 +11,24 @@ receiver -> receiver) turns that K/V into the entries placed where a document wo
               x[r]       = mean K/V (no RoPE) of the sharer tokens overlapping receiver token r,
                            sharer layers 0..w                     (the receiver's tokenizer cuts
                                                                    the text: no weights needed)
+                           [+ where r sits among the pieces of its sharer token, "within-sharer"]
               s[r]       = mu_y + (x[r] - mu_x) B + MLP((x[r] - mu_x) / sd_x)     [rows, hidden]
     receiver  K/V        = receiver([BOS] + s) read as a sharer   (its own layers, RoPE removed)
               entries    = span decoder(span encoder(K/V))        (the receiver -> receiver adapter)
 
 The packet is `rows` soft tokens in one segment (layer 0: the receiver's input), width the
-receiver's hidden size; no token ids and no text cross the wire. `rows` is at most m.
+receiver's hidden size; no token ids and no text cross the wire. `rows` is at most
+`config.max_rows()`.
+
+How the text is cut (`config.bridge_tokens`). "whole": as the receiver's tokenizer cuts it. A
+receiver token then often spans several sharer pieces (Gemma3's " kebab" is SmolLM2's " ke" "b"
+"ab"), and the mean of their features is a poor description of a word the translator never saw:
+such rows land on their own token 6% of the time on test documents, against 91% for rows with
+one sharer token (docs/lcfx.md, section 8). "within-sharer": each sharer token's text is cut on
+its own, so every receiver token lies inside one sharer token, which the translator sees in
+training however rare the word is; the pieces of one sharer token differ by their position
+features (first, last, split, fraction), scaled by POSITION_SCALE so that the ridge map's
+penalty, set by the K/V features' variance, does not drown them.
 B is a ridge regression; the MLP is trained on a dense per-token signal (lcflow.crosscontext.bridge).
 """
 
@@ -33,6 +45,8 @@ from lcflow.kv import CapturedKV, capture_kv, full_cache, tokenizer_hash
 
 INPUT_LAYER = 0  # the packet's one segment: the receiver's input (embedding) layer
 HIDDEN = 1024  # width of the translator's residual MLP
+POSITION_FEATURES = 4  # within-sharer: first piece, last piece, split, fraction through the token
+POSITION_SCALE = 10.0
 
 
 class SoftTokenTranslator(nn.Module):
@@ -59,7 +73,36 @@ def reader_config(config: AdapterConfig) -> AdapterConfig:
 
 
 def feature_dim(config: AdapterConfig) -> int:
-    return config.sharer.spec.kv_dim * len(sharer_inputs(config, INPUT_LAYER))
+    extra = POSITION_FEATURES if config.bridge_tokens == "within-sharer" else 0
+    return config.sharer.spec.kv_dim * len(sharer_inputs(config, INPUT_LAYER)) + extra
+
+
+def within_sharer_ids(tokenizer, text: str, sharer_spans: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Receiver ids [1, R] and spans [R, 2] of `text`, each sharer token's text cut on its own."""
+    ids, spans = [], []
+    for start, end in sharer_spans.tolist():
+        if end <= start:  # special tokens (BOS) cover no text
+            continue
+        piece = tokenizer(text[start:end], add_special_tokens=False, return_offsets_mapping=True)
+        for token, (a, b) in zip(piece["input_ids"], piece["offset_mapping"], strict=True):
+            ids.append(token)
+            spans.append((start + a, start + b))
+    return torch.tensor([ids], dtype=torch.long), torch.tensor(spans, dtype=torch.int32).view(-1, 2)
+
+
+def piece_positions(alignment: SpanAlignment) -> torch.Tensor:
+    """[R, 4]: per receiver token, (first piece, last piece, split, fraction) of its sharer token,
+    times POSITION_SCALE. Rows of one sharer token are consecutive under within-sharer cutting."""
+    owner = alignment.weights.argmax(dim=1)  # the one sharer token each receiver token lies in
+    counts = torch.bincount(owner, minlength=alignment.weights.shape[1])[owner]
+    first_row = torch.zeros_like(owner)
+    for r in range(1, len(owner)):
+        first_row[r] = first_row[r - 1] if owner[r] == owner[r - 1] else r
+    index = torch.arange(len(owner)) - first_row
+    features = torch.stack(
+        [index == 0, index == counts - 1, counts > 1, index / (counts - 1).clamp(min=1)], dim=1
+    )
+    return features.float() * POSITION_SCALE
 
 
 class BridgeEncoder(SpanEncoder):
@@ -102,23 +145,32 @@ class BridgeEncoder(SpanEncoder):
 
     def alignment(self, text: str, spans: torch.Tensor) -> tuple[SpanAlignment, torch.Tensor]:
         """The receiver's token ids [1, R] of `text` and the alignment of the sharer's onto them."""
-        receiver_ids, receiver_spans = document_ids(self.tokenizer(), text)
+        if self.config.bridge_tokens == "within-sharer":
+            receiver_ids, receiver_spans = within_sharer_ids(self.tokenizer(), text, spans)
+        else:
+            receiver_ids, receiver_spans = document_ids(self.tokenizer(), text)
         return align_spans(spans, receiver_spans), receiver_ids
+
+    def translator_inputs(self, captured: CapturedKV, alignment: SpanAlignment) -> torch.Tensor:
+        """[R, feature_dim]: the translator's input for every receiver token of the text."""
+        x = alignment.apply(self.features(captured).to(torch.float32))
+        if self.config.bridge_tokens == "within-sharer":
+            x = torch.cat([x, piece_positions(alignment)], dim=1)
+        return x
 
     def receiver_rows(self, text: str, spans: torch.Tensor, positions: torch.Tensor | None):
         """The alignment onto the receiver's tokens of `text` and which of them to send (those
-        overlapping a selected sharer position, at most m, in order)."""
+        overlapping a selected sharer position, at most `config.max_rows()`, in order)."""
         alignment, _ = self.alignment(text, spans)
         selected = torch.zeros(spans.shape[0], dtype=torch.bool)
         selected[positions if positions is not None else slice(1, None)] = True
         rows = torch.nonzero((alignment.weights[:, selected] > 0).any(dim=1)).flatten()
-        return alignment, rows[: self.config.slots]
+        return alignment, rows[: self.config.max_rows()]
 
     def encode_soft(self, captured: CapturedKV, text: str, spans, positions) -> torch.Tensor:
         """Soft tokens [1, rows, hidden] of the selected sentences (all of `text` without positions)."""
         alignment, rows = self.receiver_rows(text, spans, positions)
-        x = alignment.apply(self.features(captured).to(torch.float32))[rows]
-        return self.translator(x)[None]
+        return self.translator(self.translator_inputs(captured, alignment)[rows])[None]
 
 
 class BridgeDecoder(nn.Module):

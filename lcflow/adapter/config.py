@@ -12,6 +12,8 @@ from lcflow.names import SELECTIONS
 ADAPTER_FORMAT_VERSION = 1
 ADAPTER_MODES = ("lcf", "lcfx", "c2c")
 PACKETS = ("slots", "spans", "bridge")
+# bridge: how the selected text is cut into the receiver's tokens (lcflow.adapter.bridge)
+BRIDGE_TOKENS = ("whole", "within-sharer")
 CONFIG_NAME = "adapter_config.json"
 
 
@@ -49,6 +51,11 @@ class AdapterConfig:
     selection_heads: list[list[int]] = field(default_factory=list)
     # bridge: the receiver -> receiver span adapter's config (its weights are in the decoder file)
     reader: dict = field(default_factory=dict)
+    # bridge: "whole" cuts the selected text as the receiver's tokenizer would; "within-sharer"
+    # cuts each sharer token's text on its own, so every receiver token lies inside one sharer
+    # token and is translated from that token alone (no word pooled from several pieces).
+    bridge_tokens: str = "whole"
+    bridge_rows: int = 0  # bridge: most soft tokens in a packet; 0 means m (`slots`)
     dtype: str = "float32"  # dtype the weights are stored in
     format_version: int = ADAPTER_FORMAT_VERSION
     training: dict = field(default_factory=dict)  # provenance: task, steps, seed, loss, time
@@ -65,11 +72,21 @@ class AdapterConfig:
         bad = [h for h in self.selection_heads if len(h) != 2 or min(h) < 0]
         if bad:
             raise ValueError(f"selection_heads must be [layer, head] pairs, not {bad}")
+        if self.bridge_tokens not in BRIDGE_TOKENS:
+            raise ValueError(f"unknown bridge_tokens {self.bridge_tokens!r}; choose one of {BRIDGE_TOKENS}")
+        if self.bridge_rows < 0:
+            raise ValueError("bridge_rows must be 0 (meaning m) or positive")
         if self.packet == "bridge" and not self.reader:
             raise ValueError("a bridge packet needs `reader`: the receiver -> receiver span adapter's config")
         missing = [t for t in self.retained_layers if t not in self.layer_map]
         if missing:
             raise ValueError(f"retained layers {missing} have no entry in the layer map")
+
+    def max_rows(self) -> int:
+        """The most rows per layer an LCF-X span or bridge packet may have."""
+        if self.packet == "bridge" and self.bridge_rows:
+            return self.bridge_rows
+        return self.slots
 
     def sharer_layers_needed(self) -> list[int]:
         """The sharer layers the encoder reads: only those feeding a retained receiver layer."""

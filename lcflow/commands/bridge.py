@@ -44,7 +44,24 @@ def register(subparsers) -> None:
     p.add_argument(
         "--ridge", type=float, default=1e-3, help="ridge strength, relative to the mean feature variance"
     )
-    p.add_argument("--slots", type=int, default=32, help="m: the packet's most soft tokens")
+    p.add_argument(
+        "--vocabulary-documents",
+        type=int,
+        default=0,
+        help="also fit on this many documents of random sharer vocabulary entries (a sweep of the "
+        "vocabulary, so that pieces of unseen names are seen; 48 entries each)",
+    )
+    p.add_argument(
+        "--tokens",
+        choices=("whole", "within-sharer"),
+        default="whole",
+        help="how the selected text is cut into receiver tokens: as the receiver's tokenizer cuts "
+        "it, or each sharer token on its own (lcflow.adapter.bridge)",
+    )
+    p.add_argument("--slots", type=int, default=32, help="m: sharer tokens the selection may choose")
+    p.add_argument(
+        "--rows", type=int, default=0, help="the packet's most soft tokens (0: m; within-sharer cuts more)"
+    )
     p.add_argument("--seed", type=int, default=0, help="seed of the corpus and of training")
     p.add_argument("--device", default="auto", help="cuda, cpu or auto")
     p.set_defaults(func=run)
@@ -56,12 +73,15 @@ def run(args) -> int:
 
     from lcflow.adapter import LatentAdapter
     from lcflow.crosscontext import bridge
-    from lcflow.crosscontext.corpus import alignment_corpus
+    from lcflow.crosscontext.corpus import alignment_corpus, vocabulary_documents
     from lcflow.kv import model_identity
     from lcflow.provision.loading import load_model_and_tokenizer
 
-    if args.documents < 1 or args.held_out < 1 or args.steps < 0:
-        raise UsageError("lcflow bridge: --documents and --held-out must be at least 1, --steps at least 0")
+    if args.documents < 1 or args.held_out < 1 or min(args.steps, args.vocabulary_documents, args.rows) < 0:
+        raise UsageError(
+            "lcflow bridge: --documents and --held-out must be at least 1; --steps, "
+            "--vocabulary-documents and --rows at least 0"
+        )
     try:
         reader = LatentAdapter.from_pretrained(args.reader)
     except (FileNotFoundError, ValueError) as err:
@@ -77,14 +97,20 @@ def run(args) -> int:
             hidden,
             reader,
             args.slots,
+            tokens=args.tokens,
+            rows=args.rows,
         )
     except ValueError as err:
         raise UsageError(f"lcflow bridge: {err}") from err
     adapter.encoder.attach_receiver_tokenizer(receiver[1])
     corpus = alignment_corpus(args.documents + args.held_out, seed=args.seed)
+    corpus[args.documents : args.documents] = vocabulary_documents(
+        sharer[1], args.vocabulary_documents, seed=args.seed
+    )
+    fitted = args.documents + args.vocabulary_documents
     pairs = [bridge.translation_pairs(adapter, sharer, receiver, d) for d in tqdm(corpus, desc="pairs")]
-    fit = bridge.TranslationPairs.concat(pairs[: args.documents])
-    held_out = bridge.TranslationPairs.concat(pairs[args.documents :])
+    fit = bridge.TranslationPairs.concat(pairs[:fitted])
+    held_out = bridge.TranslationPairs.concat(pairs[fitted:])
     bridge.fit_ridge(adapter, fit, args.ridge)
     ridge_scores = bridge.held_out_scores(adapter, held_out, receiver[0])
     print(f"ridge: held-out R^2 {ridge_scores['r2']:.3f}, nearest token {ridge_scores['nearest_token']:.3f}")
@@ -96,6 +122,7 @@ def run(args) -> int:
         "reader copied, no task training",
         "reader": args.reader,
         "documents": args.documents,
+        "vocabulary_documents": args.vocabulary_documents,
         "tokens": len(fit.x),
         "steps": args.steps,
         "batch": args.batch,

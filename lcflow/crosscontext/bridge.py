@@ -48,7 +48,13 @@ class TranslationPairs:
 
 
 def new_bridge_adapter(
-    sharer: ModelIdentity, receiver: ModelIdentity, hidden_size: int, reader: LatentAdapter, slots: int = 32
+    sharer: ModelIdentity,
+    receiver: ModelIdentity,
+    hidden_size: int,
+    reader: LatentAdapter,
+    slots: int = 32,
+    tokens: str = "whole",
+    rows: int = 0,
 ) -> LatentAdapter:
     """An untrained bridge adapter whose decoder is a copy of `reader` (receiver -> receiver spans)."""
     rc = reader.config
@@ -71,6 +77,8 @@ def new_bridge_adapter(
         selection="sentences-mean",
         sharer_window=SHARER_WINDOW,
         reader=rc.to_dict(),
+        bridge_tokens=tokens,
+        bridge_rows=rows,
     )
     adapter = LatentAdapter(config)
     adapter.decoder.reader_encoder.load_state_dict(reader.encoder.state_dict())
@@ -86,7 +94,7 @@ def translation_pairs(adapter: LatentAdapter, sharer, receiver, document: str) -
     ids, spans = tokenize_context(s_tok, document)
     captured = capture_kv(s_model, prefill(s_model, ids, full_cache()))
     alignment, r_ids = adapter.encoder.alignment(document, spans)
-    x = alignment.apply(adapter.encoder.features(captured).float())
+    x = adapter.encoder.translator_inputs(captured, alignment)
     keep = alignment.covered
     y = r_model.get_input_embeddings()(r_ids.to(r_model.device))[0].float().cpu()
     return TranslationPairs(x[keep], y[keep], r_ids[0][keep])

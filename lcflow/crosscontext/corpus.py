@@ -118,3 +118,29 @@ def alignment_corpus(count: int, seed: int = 0) -> list[str]:
     documents = facts + words + prose
     rng.shuffle(documents)
     return documents
+
+
+def vocabulary_documents(tokenizer, count: int, tokens_per_document: int = 48, seed: int = 0) -> list[str]:
+    """`count` documents of random vocabulary entries of `tokenizer`, joined as they decode.
+
+    A sweep of the vocabulary: every entry appears once (shuffled) before any repeats, so a map
+    fitted on these sees the pieces of names and values no real document in its corpus held
+    (the test split's are disjoint from training). Special tokens and entries that do not decode
+    to printable text (byte fragments) are left out."""
+    special = set(tokenizer.all_special_ids)
+    entries = []
+    for token_id in range(len(tokenizer)):
+        text = tokenizer.decode([token_id])
+        if token_id not in special and text.strip() and text.isprintable() and "\ufffd" not in text:
+            entries.append(text)
+    rng = random.Random(f"vocabulary-documents|{seed}")
+    order: list[str] = []
+    documents = []
+    for _ in range(count):
+        if len(order) < tokens_per_document:
+            refill = entries[:]
+            rng.shuffle(refill)
+            order.extend(refill)
+        documents.append("".join(order[:tokens_per_document]))
+        del order[:tokens_per_document]
+    return documents

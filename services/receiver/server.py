@@ -358,8 +358,10 @@ class ReceiverService(pb_grpc.ReceiverServicer):
         # A slot packet has exactly m rows; a span packet (AdapterConfig.packet "spans", where the
         # adapter format has it) one per selected sharer position, at most m.
         if mode == "lcfx" and getattr(config, "packet", "slots") in ("spans", "bridge"):
-            if not 0 < rows <= config.slots:
-                raise invalid(f"LCF-X span latents have {rows} rows; this adapter sends 1..{config.slots}")
+            if not 0 < rows <= config.max_rows():
+                raise invalid(
+                    f"LCF-X span latents have {rows} rows; this adapter sends 1..{config.max_rows()}"
+                )
         elif mode == "lcfx" and rows != config.slots:
             raise invalid(f"LCF-X latents have {rows} rows but this adapter pools into {config.slots} slots")
         if mode == "lcf":
