@@ -6,9 +6,13 @@
    in LCF_X mode, printing each answer, the expected one, two scores (exact match, and whether
    the answer contains the expected one: a sentence around the right word is not wrong), the
    stage timings and the speed-up;
-4. stop both services, also on Ctrl-C.
+4. where the services also hold an LCF adapter for the pair (both serve the repository's
+   adapters/ with `--adapters`, the LCF-X adapter as default), same-context questions (both
+   agents read the document) in TEXT and LCF mode from the same two processes: each request
+   names only its mode, the services pick the adapter;
+5. stop both services, also on Ctrl-C.
 
-With `--sharer HOST:PORT` only step 3 runs, against services already running (the
+With `--sharer HOST:PORT` only steps 3 and 4 run, against services already running (the
 docker-compose demo client does this).
 """
 
@@ -43,8 +47,10 @@ class DemoOptions:
     sharer_model: str = DEFAULT_SHARER
     receiver_model: str = DEFAULT_RECEIVER
     adapter: str = ""  # empty: the shipped demo adapter, else any LCF-X adapter in adapters/
+    adapters: str = ""  # directory of adapters both services serve (empty: the repository's adapters/)
     sharer: str = ""  # HOST:PORT of running services: client part only
     n: int = 8  # enough questions that a person can see the difference
+    same_n: int = 4  # same-context questions through LCF, where an LCF adapter is served (0: none)
     max_new_tokens: int = 12
     seed: int = 0
     run_dir: str = ""  # where service logs (with their trace spans) go
@@ -107,6 +113,12 @@ def wait_serving(address: str, service: str, timeout_s: float, process: subproce
     raise SystemExit(f"{service} at {address} was not SERVING after {timeout_s:.0f} s")
 
 
+def adapters_flag(options: DemoOptions) -> list[str]:
+    """Serve a directory of adapters too (so one pair of processes answers every mode)."""
+    directory = Path(options.adapters) if options.adapters else REPO_ADAPTERS
+    return ["--adapters", str(directory)] if directory.is_dir() else []
+
+
 @contextmanager
 def running_pair(options: DemoOptions, adapter: Path, run_dir: Path, out=print):
     """Receiver and sharer as two processes on loopback; stopped (SIGTERM, then kill) on exit."""
@@ -122,11 +134,13 @@ def running_pair(options: DemoOptions, adapter: Path, run_dir: Path, out=print):
             options.receiver_model,
             "--adapter",
             str(adapter),
+            *adapters_flag(options),
             "--port",
             str(receiver_port),
         ],
         "sharer": base
-        + ["sharer", "--model", options.sharer_model, "--adapter", str(adapter), "--port", str(sharer_port)]
+        + ["sharer", "--model", options.sharer_model, "--adapter", str(adapter), *adapters_flag(options)]
+        + ["--port", str(sharer_port)]
         + ["--receiver", f"127.0.0.1:{receiver_port}"],
     }
     processes: dict[str, subprocess.Popen] = {}
@@ -168,27 +182,77 @@ def running_pair(options: DemoOptions, adapter: Path, run_dir: Path, out=print):
             out(f"stopped both services; their logs and trace spans are in {run_dir}")
 
 
+@dataclass(frozen=True)
+class DemoPart:
+    """One part of the demo: questions of `task`, each in TEXT and in `mode` (a latent mode)."""
+
+    title: str
+    task: str
+    mode: str  # "lcfx" or "lcf"
+    n: int
+
+
+def demo_parts(options: DemoOptions, served_modes: set[str], out=print) -> list[DemoPart]:
+    """Cross-context questions through LCF-X; same-context ones through LCF where it is served."""
+    parts = [
+        DemoPart(
+            "cross-context: the answer is only in the sharer's document", "facts-cross", "lcfx", options.n
+        )
+    ]
+    if options.same_n > 0 and "lcf" in served_modes:
+        parts.append(
+            DemoPart("same context: both agents read the document", "facts-same", "lcf", options.same_n)
+        )
+    elif options.same_n > 0:
+        out("\n(no LCF adapter for this pair is served: the same-context part is skipped)")
+    return parts
+
+
+def usable_modes(client) -> set[str]:
+    """The latent modes the sharer has a usable adapter for (its ListAdapters)."""
+    return {a.mode for a in client.list_adapters().adapters if a.usable}
+
+
 def run_questions(sharer_address: str, options: DemoOptions, out=print) -> list[dict]:
-    """Cross-context questions in TEXT and LCF_X mode; prints and returns one row per question."""
-    from lcflow.client import HandoffClient, summary_stages
-    from lcflow.metrics import contains_answer, exact_match, extract_answer
-    from lcflow.tasks import get_task, question_prompt
+    """Every part's questions in TEXT and in its latent mode; prints and returns one row per question."""
+    from lcflow.client import HandoffClient
     from lcflow.telemetry import make_tracer_provider
 
     provider = make_tracer_provider("lcflow-demo-client")
     client = HandoffClient(sharer_address, provider, security=options.security)
     rows = []
-    samples = get_task("facts-cross").samples("test", options.n + 1, seed=options.seed)
-    for mode in ("text", "lcfx"):  # one unprinted warm-up each, so first-call costs do not skew the timings
+    for part in demo_parts(options, usable_modes(client), out):
+        out("")
+        out(f"== {part.title}: TEXT vs {part.mode.upper()}")
+        rows.extend(run_part(client, part, options, out))
+    provider.shutdown()
+    client.close()
+    return rows
+
+
+def run_part(client, part: DemoPart, options: DemoOptions, out=print) -> list[dict]:
+    from lcflow.client import summary_stages
+    from lcflow.metrics import contains_answer, exact_match, extract_answer
+    from lcflow.tasks import get_task, question_prompt
+
+    samples = get_task(part.task).samples("test", part.n + 1, seed=options.seed)
+    modes = ("text", part.mode)
+    for mode in modes:  # one unprinted warm-up each, so first-call costs do not skew the timings
         warm = samples[-1]
         client.handoff(
             question_prompt(warm.question), mode=mode, context=warm.sharer_context, max_new_tokens=2
         )
+    rows = []
     for sample in samples[:-1]:
         out("")
         out(f"question: {sample.question}    expected: {sample.answers[0]}")
-        row = {"question": sample.question, "expected": sample.answers[0]}
-        for mode in ("text", "lcfx"):
+        row = {
+            "part": part.task,
+            "latent": part.mode,
+            "question": sample.question,
+            "expected": sample.answers[0],
+        }
+        for mode in modes:
             result = client.handoff(
                 question_prompt(sample.question),
                 mode=mode,
@@ -214,26 +278,25 @@ def run_questions(sharer_address: str, options: DemoOptions, out=print) -> list[
                 "ttft_ms": t.time_to_first_token,
                 "total_ms": t.total,
             }
-        speedup = row["text"]["ttft_ms"] / max(row["lcfx"]["ttft_ms"], 1e-6)
-        out(f"  LCF-X reached its first answer token {speedup:.1f}x sooner than TEXT")
+        speedup = row["text"]["ttft_ms"] / max(row[part.mode]["ttft_ms"], 1e-6)
+        out(f"  {part.mode.upper()} reached its first answer token {speedup:.1f}x sooner than TEXT")
         rows.append(row)
-    provider.shutdown()
-    client.close()
     return rows
 
 
 def summarize(rows: list[dict], out=print) -> None:
-    if not rows:
-        return
-    out("")
-    for mode in ("text", "lcfx"):
-        right = sum(r[mode]["correct"] for r in rows)
-        contains = sum(r[mode]["contains"] for r in rows)
-        ttft = sorted(r[mode]["ttft_ms"] for r in rows)[len(rows) // 2]
-        out(
-            f"{mode.upper():>5}: exact match {right}/{len(rows)}, contains the answer {contains}/{len(rows)}, "
-            f"median time to first token {ttft:.0f} ms"
-        )
+    """One line per part and mode: exact match, contains, median time to first token."""
+    for part in dict.fromkeys(r["part"] for r in rows):
+        group = [r for r in rows if r["part"] == part]
+        out("")
+        for mode in ("text", group[0]["latent"]):
+            right = sum(r[mode]["correct"] for r in group)
+            contains = sum(r[mode]["contains"] for r in group)
+            ttft = sorted(r[mode]["ttft_ms"] for r in group)[len(group) // 2]
+            out(
+                f"{part} {mode.upper():>5}: exact match {right}/{len(group)}, contains the answer "
+                f"{contains}/{len(group)}, median time to first token {ttft:.0f} ms"
+            )
 
 
 def run_demo(options: DemoOptions, out=print) -> list[dict]:
@@ -242,6 +305,8 @@ def run_demo(options: DemoOptions, out=print) -> list[dict]:
         summarize(rows, out)
         return rows
     ensure_models(options.sharer_model, options.receiver_model, out=out)
+    if options.adapters and not Path(options.adapters).is_dir():
+        raise SystemExit(f"adapters directory {options.adapters} does not exist")
     adapter = find_adapter(options.adapter, out)
     out(f"adapter: {adapter}")
     run_dir = Path(

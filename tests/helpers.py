@@ -181,13 +181,18 @@ def span_adapter(sharer, receiver, alignment, slots: int, selection: str = "sent
     return adapter.eval()
 
 
-def check_demo_output(out: str, questions: int) -> None:
+def check_demo_output(out: str, questions: int, same: int = 0) -> None:
     """What `lcflow demo` prints for its questions, wherever it runs (two local processes, or
     `--sharer` against the compose services): each question with its expected answer, a TEXT and
-    an LCF-X answer line for each (with its trace id) and one summary line per mode."""
-    assert out.count("question:") == questions and out.count("expected:") == questions, out
-    assert out.count(" TEXT: ") == questions + 1 and out.count(" LCFX: ") == questions + 1, out
-    assert out.count("sooner than TEXT") == questions and "trace " in out, out
+    an LCF-X answer line for each cross-context one (a TEXT and an LCF line for each of `same`
+    same-context ones), each with its trace id, and one summary line per part and mode."""
+    parts = 1 + (same > 0)
+    assert out.count("question:") == questions + same and out.count("expected:") == questions + same, out
+    assert out.count(" TEXT: ") == questions + same + parts and out.count(" LCFX: ") == questions + 1, out
+    assert out.count("  LCF: ") == (same + 1 if same else 0), out
+    assert out.count("sooner than TEXT") == questions + same and "trace " in out, out
+    if not same:
+        assert "same-context part is skipped" in out, out
 
 
 def console_spans(text: str) -> list[dict]:

@@ -15,19 +15,45 @@ from lcflow.tiny import load_tiny
 
 @pytest.fixture(scope="module")
 def tiny_adapter(tiny_dir, tmp_path_factory):
+    """The tiny pair, an LCF-X adapter for it, and an adapters directory holding it and an LCF one."""
     sharer_dir, receiver_dir = tiny_dir("llama", 300, 3), tiny_dir("gemma3", 400, 2)
     s, r = load_tiny(sharer_dir), load_tiny(receiver_dir)
-    adapter = LatentAdapter.for_models("lcfx", model_identity(*s), model_identity(*r), bottleneck=16, slots=4)
-    torch.nn.init.normal_(next(p for n, p in adapter.named_parameters() if n.endswith("up.weight")), std=0.3)
-    return sharer_dir, receiver_dir, adapter.save_pretrained(tmp_path_factory.mktemp("demo-adapter"))
+    adapters = tmp_path_factory.mktemp("demo-adapters")
+    for mode in ("lcfx", "lcf"):
+        adapter = LatentAdapter.for_models(
+            mode, model_identity(*s), model_identity(*r), bottleneck=16, slots=4
+        )
+        up = next(p for n, p in adapter.named_parameters() if n.endswith("up.weight"))
+        torch.nn.init.normal_(up, std=0.3)
+        adapter.save_pretrained(adapters / f"tiny-{mode}")
+    return sharer_dir, receiver_dir, adapters
+
+
+def demo_command(tiny_adapter, run_dir, *extra: str) -> list[str]:
+    sharer_dir, receiver_dir, adapters = tiny_adapter
+    command = [sys.executable, "-m", "lcflow.cli", "demo", "--sharer-model", str(sharer_dir)]
+    command += ["--receiver-model", str(receiver_dir), "--adapter", str(adapters / "tiny-lcfx"), "--n", "2"]
+    command += ["--max-new-tokens", "3", "--run-dir", str(run_dir), "--startup-timeout-s", "120"]
+    return command + list(extra)
+
+
+def test_demo_runs_every_mode_from_one_pair_of_services(tiny_adapter, tmp_path):
+    """Cross-context questions through LCF-X and same-context ones through LCF, each beside TEXT,
+    from one sharer and one receiver process serving the adapters directory."""
+    _, _, adapters = tiny_adapter
+    command = demo_command(tiny_adapter, tmp_path / "run", "--adapters", str(adapters), "--same-n", "1")
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    check_demo_output(done.stdout, questions=2, same=1)
+    assert done.stdout.count("started ") == 2  # one process per side served both parts
 
 
 def test_demo_runs_both_services_and_compares_text_with_lcfx(tiny_adapter, tmp_path):
-    sharer_dir, receiver_dir, adapter_dir = tiny_adapter
-    command = [sys.executable, "-m", "lcflow.cli", "demo", "--sharer-model", str(sharer_dir)]
-    command += ["--receiver-model", str(receiver_dir), "--adapter", str(adapter_dir), "--n", "2"]
-    command += ["--max-new-tokens", "3", "--run-dir", str(tmp_path / "run"), "--startup-timeout-s", "120"]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    """Without an LCF adapter for the pair (the repository's adapters/ hold none for the tiny
+    models), the same-context part is skipped and says so."""
+    done = subprocess.run(
+        demo_command(tiny_adapter, tmp_path / "run"), capture_output=True, text=True, timeout=300
+    )
     assert done.returncode == 0, done.stdout + done.stderr
     out = done.stdout
     assert "both services are SERVING" in out
