@@ -44,6 +44,31 @@ class EvalModels:
     adapters: dict = field(
         default_factory=dict
     )  # "lcf" / "lcfx" / "lcfx-pruned" -> LatentAdapter, "c2c" -> fuser
+    wire: str = "exact"  # the latents' number format on the way to the receiver (names.WIRE_FORMS)
+
+
+def through_the_wire(latents, wire: str) -> int:
+    """Put `latents`' layers through the wire's number format in place, as the services would
+    send them ("bf16": rounded to bfloat16; "int8" / "int4": bf16, then the sharer's quantizer and
+    the receiver's dequantizer); returns the bytes those tensors take on the wire ("exact": the
+    layers are left as encoded, counted as bf16)."""
+    from lcflow.transport.quantize import Quantization
+    from lcflow.transport.segments import TensorSpec
+
+    if wire == "exact":
+        return sum(z.numel() for z in latents.layers.values()) * WIRE_BYTES_PER_LATENT
+    sent = 0
+    for layer, z in latents.layers.items():
+        rounded = z.to(torch.bfloat16)
+        if wire == "bf16":
+            latents.layers[layer], sent = rounded.to(z.dtype), sent + rounded.numel() * 2
+            continue
+        codec = Quantization.named(wire)
+        blob = codec.encode({"z": rounded})
+        sent += sum(t.numel() * t.element_size() for t in blob.values())
+        decoded = codec.decode(blob, {"z": TensorSpec.of(rounded)}, z.device)["z"]
+        latents.layers[layer] = decoded.to(z.dtype)
+    return sent
 
 
 @dataclass
@@ -156,8 +181,8 @@ def run_sample(
                 receiver_text=receiver_view(source.receiver_context, source_prompt),
                 question=source_prompt,
             )
+        bytes_sent = through_the_wire(latents, models.wire)
         clock.stage("encode")
-        bytes_sent = sum(z.numel() for z in latents.layers.values()) * WIRE_BYTES_PER_LATENT
         if method == "lcf":
             prepared = receiver.prepare_lcf(latents, sample.sharer_context, prompt)
         else:

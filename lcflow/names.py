@@ -35,3 +35,6 @@ DEFAULT_RUNGS = (
 
 # How a sharer sends latents (lcflow.transport.quantize, `--quantize`): as they are, or quantized.
 QUANTIZATIONS = ("none", "int8", "int4")
+
+# `lcflow eval --wire`: the latents' number format on the way to the receiver (lcflow.evaluation)
+WIRE_FORMS = ("exact", "bf16", "int8", "int4")

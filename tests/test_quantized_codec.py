@@ -357,3 +357,35 @@ def spans_exporter():
     from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
     return InMemorySpanExporter()
+
+
+def test_eval_wire_forms_round_the_latents_as_the_services_would():
+    """`lcflow eval --wire`: bf16 rounds, int8/int4 quantize within their bounds (per row / per
+    group of the bf16 values), and the bytes counted are those of the tensors the codec sends."""
+    from lcflow.evaluation import through_the_wire
+    from lcflow.handoff import Latents
+
+    torch.manual_seed(0)
+    original = {3: torch.randn(1, 4, 10, 128), 5: torch.randn(1, 4, 10, 128) * 3}
+    sent = {}
+    for form in ("exact", "bf16", "int8", "int4"):
+        latents = Latents("lcfx", {k: v.clone() for k, v in original.items()})
+        sent[form] = through_the_wire(latents, form)
+        for layer, z in original.items():
+            got, rounded = latents.layers[layer], z.to(torch.bfloat16).float()
+            if form == "exact":
+                assert torch.equal(got, z)
+            elif form == "bf16":
+                assert torch.equal(got, rounded)
+            else:
+                qmax, group = (127, 128) if form == "int8" else (7, DEFAULT_INT4_GROUP)
+                grouped = rounded.reshape(*z.shape[:-1], -1, group)
+                # half a quantization step, plus the dequantized value's rounding to bf16
+                step = grouped.abs().amax(-1, keepdim=True) / qmax
+                bound = step * 0.51 + grouped.abs() * 2**-8 + 1e-4
+                error = (got - rounded).reshape(grouped.shape).abs()
+                assert bool((error <= bound).all()), form
+                assert not torch.equal(got, rounded)
+    numel = sum(z.numel() for z in original.values())
+    assert sent["exact"] == sent["bf16"] == 2 * numel
+    assert numel < sent["int8"] < 1.1 * numel and numel / 2 < sent["int4"] < sent["int8"]

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from lcflow.commands.preflight import check_model
-from lcflow.names import METHODS, SAME_CONTEXT_ONLY
+from lcflow.names import METHODS, SAME_CONTEXT_ONLY, WIRE_FORMS
 from lcflow.security import ClientSecurity, add_client_security_flags, client_security_from_args
 from lcflow.tasks import SPLITS, TASK_NAMES, QASample, get_task, load_task_file
 
@@ -104,6 +104,14 @@ def register(subparsers) -> None:
         help="write the text baseline's notes N at a time before the run (in-process only): its "
         "accuracy on hundreds of samples in a fraction of the time, its latency not measured "
         "(recorded amortised, as message_generate_batched). Default 1: each note timed in its handoff",
+    )
+    p.add_argument(
+        "--wire",
+        choices=WIRE_FORMS,
+        default="exact",
+        help="in-process: put the latents through the wire's number format before the receiver "
+        "decodes them: exact (as encoded, float32), bf16 (the services' default), int8 or int4 (the "
+        "sharer's --quantize codecs, lcflow.transport.quantize); bytes sent counted accordingly",
     )
     adapters = p.add_argument_group("adapters (default: ADAPTERS/<pair>-<method>)")
     for method in [m for m in ADAPTER_MODES if m not in SHARES_ADAPTER]:
@@ -417,6 +425,7 @@ def make_meta(args, plan: EvalPlan, models: EvalModels, adapters: dict, latency:
         "seed": args.seed,
         "max_new_tokens": args.max_new_tokens,
         "text_batch": args.text_batch,
+        "wire": args.wire,
         "methods": plan.methods,
         "skipped": plan.skipped,
         "latency": latency,
@@ -446,6 +455,12 @@ def run(args) -> int:
             file=sys.stderr,
         )
         return 2
+    if args.wire != "exact" and args.services:
+        print(
+            "lcflow eval: --wire is for in-process runs; with --services the sharer's --quantize decides",
+            file=sys.stderr,
+        )
+        return 2
     try:
         plan = make_plan(args)
     except ValueError as err:
@@ -458,7 +473,7 @@ def run(args) -> int:
     except ProvisionError as err:
         print(f"lcflow eval: {err}", file=sys.stderr)
         return 2
-    models = EvalModels(sharer=sharer, receiver=receiver)
+    models = EvalModels(sharer=sharer, receiver=receiver, wire=args.wire)
     adapters = load_adapters(plan, args, models)
     if not plan.methods:
         print("lcflow eval: no method left to run (see the reasons above)", file=sys.stderr)
