@@ -36,6 +36,11 @@ def build_card(
         "packet": config.get("packet") if config["mode"] == "lcfx" else None,
         "selection": config.get("selection") if config.get("packet") in ("spans", "bridge") else None,
         "selection_heads": config.get("selection_heads") or None,
+        # bridge packets: how the text is cut into receiver tokens, and the packet's most rows
+        "bridge_tokens": config.get("bridge_tokens", "whole") if config.get("packet") == "bridge" else None,
+        "bridge_rows": (config.get("bridge_rows") or config["slots"])
+        if config.get("packet") == "bridge"
+        else None,
         "retained_layers": config["retained_layers"],
         "training": config.get("training", {}),
         "build_command": command,
