@@ -201,7 +201,7 @@ def demo_parts(options: DemoOptions, served_modes: set[str], out=print) -> list[
     ]
     if options.same_n > 0 and "lcf" in served_modes:
         parts.append(
-            DemoPart("same context: both agents read the document", "facts-same", "lcf", options.same_n)
+            DemoPart("same-context: both agents read the document", "facts-same", "lcf", options.same_n)
         )
     elif options.same_n > 0:
         out("\n(no LCF adapter for this pair is served: the same-context part is skipped)")
@@ -215,35 +215,64 @@ def usable_modes(client) -> set[str]:
 
 def run_questions(sharer_address: str, options: DemoOptions, out=print) -> list[dict]:
     """Every part's questions in TEXT and in its latent mode; prints and returns one row per question."""
+    import grpc
+
     from lcflow.client import HandoffClient
     from lcflow.telemetry import make_tracer_provider
 
     provider = make_tracer_provider("lcflow-demo-client")
     client = HandoffClient(sharer_address, provider, security=options.security)
     rows = []
-    for part in demo_parts(options, usable_modes(client), out):
+    for index, part in enumerate(demo_parts(options, usable_modes(client), out)):
+        samples = part_samples(part, options)
+        try:
+            warm_up(client, part, samples[-1])
+        except grpc.RpcError as err:
+            # An adapter of this mode can fit the sharer's model but not the receiver's: only
+            # the services know, so the optional parts ask them and step aside when refused.
+            if index == 0 or err.code() != grpc.StatusCode.FAILED_PRECONDITION:
+                raise
+            kind = part.title.split(":")[0]
+            out(
+                f"\n(the services cannot serve {part.mode.upper()} for this pair, so the {kind} part is skipped:"
+            )
+            out(f" {err.details()})")
+            continue
         out("")
         out(f"== {part.title}: TEXT vs {part.mode.upper()}")
-        rows.extend(run_part(client, part, options, out))
+        rows.extend(run_part(client, part, samples[:-1], options, out))
     provider.shutdown()
     client.close()
     return rows
 
 
-def run_part(client, part: DemoPart, options: DemoOptions, out=print) -> list[dict]:
+def part_samples(part: DemoPart, options: DemoOptions) -> list:
+    """The part's `n` held-out questions, and one more (the last) for the warm-up."""
+    from lcflow.tasks import get_task
+
+    return get_task(part.task).samples("test", part.n + 1, seed=options.seed)
+
+
+def warm_up(client, part: DemoPart, sample) -> None:
+    """One unprinted handoff in each mode, so first-call costs do not skew the timings (and a
+    mode the services cannot serve is refused here, before anything is printed)."""
+    from lcflow.tasks import question_prompt
+
+    for mode in (part.mode, "text"):
+        client.handoff(
+            question_prompt(sample.question), mode=mode, context=sample.sharer_context, max_new_tokens=2
+        )
+
+
+def run_part(client, part: DemoPart, samples: list, options: DemoOptions, out=print) -> list[dict]:
+    """Each sample's question in TEXT and in the part's latent mode, printed side by side."""
     from lcflow.client import summary_stages
     from lcflow.metrics import contains_answer, exact_match, extract_answer
-    from lcflow.tasks import get_task, question_prompt
+    from lcflow.tasks import question_prompt
 
-    samples = get_task(part.task).samples("test", part.n + 1, seed=options.seed)
     modes = ("text", part.mode)
-    for mode in modes:  # one unprinted warm-up each, so first-call costs do not skew the timings
-        warm = samples[-1]
-        client.handoff(
-            question_prompt(warm.question), mode=mode, context=warm.sharer_context, max_new_tokens=2
-        )
     rows = []
-    for sample in samples[:-1]:
+    for sample in samples:
         out("")
         out(f"question: {sample.question}    expected: {sample.answers[0]}")
         row = {

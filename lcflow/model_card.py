@@ -41,6 +41,7 @@ def build_card(
         "bridge_rows": (config.get("bridge_rows") or config["slots"])
         if config.get("packet") == "bridge"
         else None,
+        "bridge_snap": config.get("bridge_snap", False) if config.get("packet") == "bridge" else None,
         "retained_layers": config["retained_layers"],
         "training": config.get("training", {}),
         "build_command": command,

@@ -11,9 +11,12 @@ retrieval heads) on held-out test samples, greedy, 8 new tokens:
     own-emb      the receiver's own embeddings, through the reader: the ceiling of the bridge
     soft         the translated soft tokens through the reader: the product's LCF-X bridge packet
     soft-wrong   `soft` made from another sample's document (a control)
+    soft-snap    each soft token replaced by its nearest receiver vocabulary embedding (cosine),
+                 on the receiver's side: what is left of `soft`'s loss once the receiver snaps
 
     lcflow bridge --sharer smollm2-135m-instruct --reader adapters/gemma3-to-gemma3-lcfx --out DIR
-    python scripts/bridge_probe.py --adapter DIR [--n 60] [--task facts-cross] [--rungs own-emb,soft]
+    python scripts/bridge_probe.py --adapter DIR [--n 60] [--task facts-cross | --task-file F.jsonl]
+        [--rungs own-emb,soft]
 
 (The ridge-only translator of docs/lcfx.md's "soft tokens" rung is `lcflow bridge --steps 0`.)
 """
@@ -33,9 +36,9 @@ from lcflow.handoff import GenerationSettings, Latents, Receiver, Sharer, genera
 from lcflow.kv import prefill
 from lcflow.metrics import contains_answer, exact_match, extract_answer
 from lcflow.provision.loading import load_model_and_tokenizer
-from lcflow.tasks import get_task, question_prompt
+from lcflow.tasks import get_task, load_task_file, question_prompt
 
-RUNGS = ("own-direct", "soft-direct", "own-emb", "soft", "soft-wrong")
+RUNGS = ("own-direct", "soft-direct", "own-emb", "soft", "soft-wrong", "soft-snap")
 
 
 class Probe:
@@ -63,6 +66,8 @@ class Probe:
     def answer(self, sample, rung: str, other=None) -> tuple[float, float]:
         prompt = question_prompt(sample.question)
         inputs = self.inputs(sample, rung.startswith("own"), other if rung == "soft-wrong" else sample)
+        if rung == "soft-snap":
+            inputs = self.snap(inputs)
         if rung.endswith("direct"):
             text = self.read_directly(prompt, inputs, sample.receiver_context)
         else:
@@ -72,6 +77,13 @@ class Probe:
             )
             text = self.receiver.generate(prepared, GenerationSettings(max_new_tokens=8))
         return exact_match(extract_answer(text), sample.answers), contains_answer(text, sample.answers)
+
+    def snap(self, soft: torch.Tensor) -> torch.Tensor:
+        """Each row replaced by the receiver's input embedding nearest to it by cosine."""
+        embed = self.receiver.model.get_input_embeddings()  # may scale (Gemma3): call it, not .weight
+        unit = torch.nn.functional.normalize
+        nearest = (unit(soft[0].float(), dim=-1) @ unit(embed.weight.float(), dim=-1).T).argmax(-1)
+        return embed(nearest[None]).to(soft.dtype)
 
     def read_directly(self, prompt: str, inputs: torch.Tensor, receiver_context: str) -> str:
         """`inputs` as the receiver's input vectors where the document would sit (no reader)."""
@@ -91,6 +103,9 @@ def main() -> None:
     parser.add_argument("--adapter", required=True, help="a bridge adapter directory (`lcflow bridge`)")
     parser.add_argument("--n", type=int, default=60, help="held-out test samples")
     parser.add_argument("--task", default="facts-cross", help="task to evaluate on (test split)")
+    parser.add_argument(
+        "--task-file", help="a JSONL task file instead of --task (e.g. the unseen ships family)"
+    )
     parser.add_argument("--rungs", default=",".join(RUNGS), help=f"comma-separated, from {RUNGS}")
     args = parser.parse_args()
     rungs = args.rungs.split(",")
@@ -99,7 +114,10 @@ def main() -> None:
         parser.error(f"unknown rungs {unknown}; choose from {RUNGS}")
     started = time.perf_counter()
     probe = Probe(args.adapter)
-    samples = get_task(args.task).samples("test", args.n, seed=0)
+    if args.task_file:
+        samples = load_task_file(args.task_file)[: args.n]
+    else:
+        samples = get_task(args.task).samples("test", args.n, seed=0)
     scores: dict[str, list[tuple[float, float]]] = {r: [] for r in rungs}
     for index, sample in enumerate(samples):
         other = samples[(index + 1) % len(samples)]

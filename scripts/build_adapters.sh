@@ -5,6 +5,7 @@
 #   DIRECTIONS=reverse bash scripts/build_adapters.sh   # only gemma3 -> smollm2
 #   DIRECTIONS=spans bash scripts/build_adapters.sh     # the span-packet LCF-X adapters (Gemma3 -> Gemma3)
 #   DIRECTIONS=bridge bash scripts/build_adapters.sh    # SmolLM2 -> Gemma3 LCF-X through a bridge (needs spans)
+#   DIRECTIONS=same-model bash scripts/build_adapters.sh  # Gemma3 -> Gemma3 LCF (the demo pair's same context)
 # These are the settings the shipped adapters were built with. On the 2-core CPU development
 # machine, SmolLM2 -> Gemma3 took 13 min (LCF), 18 min (C2C) and 39 min (LCF-X); the reverse
 # direction's times are in its model cards.
@@ -157,12 +158,28 @@ L.from_pretrained(sys.argv[1]).save_pretrained(sys.argv[2], dtype=torch.bfloat16
     --adapter-lcfx "$out" --out "$RUNS/$pair-eval-ships-bridge-200"
 }
 
+# build_same_model: LCF for two agents on one base model (Gemma3 -> Gemma3), so the demo's pair of
+# services serves both modes: the forward direction's recipe and budget, with the text baseline's
+# notes written 16 at a time (a base model writes all 256 tokens of its note).
+build_same_model() {
+  local pair=gemma3-to-gemma3
+  lcflow train --sharer "$GEMMA" --receiver "$GEMMA" --mode lcf --task facts-same --steps 150 --batch-size 4 \
+    --lr 1e-3 --gate-l1 0.02 --out "$RUNS/$pair-lcf"
+  mkdir -p "$A/$pair-lcf"
+  cp "$RUNS/$pair-lcf"/{adapter_config.json,encoder.safetensors,decoder.safetensors,train_log.json,loss_curve.png} \
+    "$A/$pair-lcf/"
+  lcflow eval --pair "$pair" --task facts-same --n 40 --methods receiver,text,lcf --text-batch 16 \
+    --adapter-lcf "$A/$pair-lcf" --out "$RUNS/$pair-eval-same"
+  card "$pair-lcf" "$pair-eval-same" lcf
+}
+
 for direction in $DIRECTIONS; do
   case $direction in
     forward) build_direction smollm2-to-gemma3 "$SMOL" "$GEMMA" yes ;;
     reverse) build_direction gemma3-to-smollm2 "$GEMMA" "$SMOL" no ;;
     spans) build_spans ;;
     bridge) build_bridge ;;
-    *) echo "unknown direction '$direction' (use forward, reverse, spans and/or bridge)" >&2; exit 2 ;;
+    same-model) build_same_model ;;
+    *) echo "unknown direction '$direction' (use forward, reverse, spans, bridge and/or same-model)" >&2; exit 2 ;;
   esac
 done

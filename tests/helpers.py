@@ -192,7 +192,7 @@ def check_demo_output(out: str, questions: int, same: int = 0) -> None:
     assert out.count("  LCF: ") == (same + 1 if same else 0), out
     assert out.count("sooner than TEXT") == questions + same and "trace " in out, out
     if not same:
-        assert "same-context part is skipped" in out, out
+        assert "the same-context part is skipped" in out, out
 
 
 def console_spans(text: str) -> list[dict]:

@@ -79,6 +79,7 @@ def test_the_command_writes_json_and_a_plot(sharer_target, tmp_path, capsys):
     assert len(record["outcomes"]) == 6 and record["config"]["concurrency"] == 3
     usage = record["summary"]["processes"]["sharer"]
     assert usage["start"]["rss_kb"] > 0 and usage["peak_rss_kb"] >= usage["start"]["rss_kb"]
+    assert usage["rss_mib_series"] and usage["rss_mib_series"][-1][0] == round(record["summary"]["wall_s"], 1)
     assert (tmp_path / "load_latency.png").read_bytes()[:8] == PNG_MAGIC
     # nothing listening: every handoff an error, counted by status, exit 1
     dead = f"127.0.0.1:{free_port()}"
@@ -87,3 +88,18 @@ def test_the_command_writes_json_and_a_plot(sharer_target, tmp_path, capsys):
         == 1
     )
     assert "UNAVAILABLE 2" in capsys.readouterr().out
+
+
+def test_rss_series_tells_the_second_half_from_the_whole_run():
+    from lcflow.bench.load import ProcessSample, ProcessUsage
+
+    usage = ProcessUsage(pid=os.getpid())
+    # warm-up then flat: 100 -> 200 kB in the first half, 200 -> 202 in the second
+    for second, kb in enumerate([100, 150, 200, 200, 201, 201, 202]):
+        usage.series.append((float(second), kb))
+    usage.start, usage.end = ProcessSample(100, 4), ProcessSample(202, 4)
+    summary = usage.summary(points=3)
+    assert summary["rss_drift"] == pytest.approx(1.02)
+    assert summary["rss_growth_second_half"] == pytest.approx(0.01)  # from 200 at the midpoint
+    assert len(summary["rss_mib_series"]) <= 4 and "series" not in summary
+    assert usage.sample(9.0).rss_kb > 0 and usage.series[-1][0] == 9.0  # a real sample of this process

@@ -213,3 +213,36 @@ def test_vocabulary_documents_sweep_the_vocabulary_before_repeating(tiny_pair):
     assert documents != vocabulary_documents(s_tok, 3, tokens_per_document=20, seed=2)
     special = {s_tok.decode([i]) for i in s_tok.all_special_ids}
     assert all(doc and not any(s in doc for s in special if s) for doc in documents)
+
+
+@torch.no_grad()
+def test_snap_replaces_each_soft_token_by_its_nearest_embedding(tiny_pair):
+    """`bridge_snap`: a soft token near (not on) the receiver's embedding of a token, at another
+    scale, is replaced by that embedding as the model's own embedding layer gives it (a scaled
+    one for Gemma3), scanning the vocabulary in chunks or at once alike; the receiver half then
+    reads noisy soft tokens exactly as it reads the clean ones."""
+    from lcflow.adapter.bridge import snap_to_vocabulary
+
+    _, receiver = tiny_pair
+    embed = receiver[0].get_input_embeddings()
+    ids = document_ids(receiver[1], DOC)[0]
+    clean = embed(ids)
+    noisy = 1.7 * clean + 0.05 * clean.std() * torch.randn(
+        clean.shape, generator=torch.Generator().manual_seed(0)
+    )
+    assert not torch.equal(noisy, clean)
+    assert torch.equal(snap_to_vocabulary(embed, noisy, chunk=64), clean)
+    assert torch.equal(snap_to_vocabulary(embed, noisy), clean)
+
+    reader = span_adapter(
+        receiver, receiver, same_model_alignment(receiver, bottleneck=64, documents=40), 200
+    )
+    snapping = bridge_adapter(receiver, receiver, reader, slots=200)
+    snapping.config.bridge_snap = True
+    recv = Receiver(*receiver, snapping.decoder, snapping.config)
+    (noisy_keys, noisy_values), (keys, values) = (
+        recv.decoder.entries(recv.model, recv.tokenizer.bos_token_id, {INPUT_LAYER: soft})
+        for soft in (noisy, clean)
+    )
+    assert len(noisy_keys) == len(keys) > 0
+    assert all(torch.equal(a, b) for a, b in zip(noisy_keys + noisy_values, keys + values, strict=True))

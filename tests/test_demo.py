@@ -1,5 +1,6 @@
 """`lcflow demo` end to end with tiny models: two real service processes, TEXT vs LCF-X."""
 
+import shutil
 import subprocess
 import sys
 
@@ -46,6 +47,26 @@ def test_demo_runs_every_mode_from_one_pair_of_services(tiny_adapter, tmp_path):
     assert done.returncode == 0, done.stdout + done.stderr
     check_demo_output(done.stdout, questions=2, same=1)
     assert done.stdout.count("started ") == 2  # one process per side served both parts
+
+
+def test_an_lcf_adapter_for_another_receiver_is_skipped_with_the_services_reason(
+    tiny_adapter, tiny_dir, tmp_path
+):
+    """An LCF adapter that fits the sharer's model but was made for another receiver is listed
+    usable by the sharer; the receiver refuses it, so the demo skips the part and says why."""
+    sharer_dir, _, adapters = tiny_adapter
+    other_receiver = load_tiny(tiny_dir("gemma3", 500, 2))
+    mixed = tmp_path / "adapters"
+    shutil.copytree(adapters / "tiny-lcfx", mixed / "tiny-lcfx")
+    LatentAdapter.for_models(
+        "lcf", model_identity(*load_tiny(sharer_dir)), model_identity(*other_receiver), bottleneck=16
+    ).save_pretrained(mixed / "tiny-lcf-other")
+    command = demo_command(tiny_adapter, tmp_path / "run", "--adapters", str(mixed), "--same-n", "1")
+    command[command.index("--adapter") + 1] = str(mixed / "tiny-lcfx")  # the default, from --adapters
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    check_demo_output(done.stdout, questions=2)
+    assert "cannot serve LCF for this pair" in done.stdout and "tiny-lcf-other" in done.stdout
 
 
 def test_demo_runs_both_services_and_compares_text_with_lcfx(tiny_adapter, tmp_path):

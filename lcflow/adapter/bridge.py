@@ -13,7 +13,8 @@ receiver -> receiver) turns that K/V into the entries placed where a document wo
                                                                    the text: no weights needed)
                            [+ where r sits among the pieces of its sharer token, "within-sharer"]
               s[r]       = mu_y + (x[r] - mu_x) B + MLP((x[r] - mu_x) / sd_x)     [rows, hidden]
-    receiver  K/V        = receiver([BOS] + s) read as a sharer   (its own layers, RoPE removed)
+    receiver  s[r]      <- E[argmax_v cos(s[r], E[v])]             (only with `bridge_snap`)
+              K/V        = receiver([BOS] + s) read as a sharer   (its own layers, RoPE removed)
               entries    = span decoder(span encoder(K/V))        (the receiver -> receiver adapter)
 
 The packet is `rows` soft tokens in one segment (layer 0: the receiver's input), width the
@@ -173,6 +174,28 @@ class BridgeEncoder(SpanEncoder):
         return self.translator(self.translator_inputs(captured, alignment)[rows])[None]
 
 
+@torch.no_grad()
+def snap_to_vocabulary(embed: nn.Embedding, soft: torch.Tensor, chunk: int = 32768) -> torch.Tensor:
+    """[1, rows, hidden] soft tokens -> the receiver's input embeddings nearest to them by cosine.
+
+    Called through `embed` (not `embed.weight`), so a model that scales its embeddings (Gemma3
+    multiplies by sqrt(hidden)) gets them as its own tokens would arrive. The vocabulary is
+    scanned in chunks, so no normalised copy of the whole table is ever held.
+    """
+    weight = embed.weight
+    query = torch.nn.functional.normalize(soft[0].to(weight.dtype), dim=-1)
+    best = torch.full((query.shape[0],), -2.0, device=weight.device, dtype=torch.float32)
+    nearest = torch.zeros(query.shape[0], dtype=torch.long, device=weight.device)
+    for start in range(0, weight.shape[0], chunk):
+        block = weight[start : start + chunk]
+        cosine = (query @ block.T).float() / block.float().norm(dim=-1).clamp_min(1e-12)
+        value, index = cosine.max(dim=-1)
+        better = value > best
+        best = torch.where(better, value, best)
+        nearest = torch.where(better, index + start, nearest)
+    return embed(nearest[None]).to(soft.dtype)
+
+
 class BridgeDecoder(nn.Module):
     """Receiver side: run the receiver over [BOS + soft tokens], then its own span adapter."""
 
@@ -200,7 +223,10 @@ class BridgeDecoder(nn.Module):
 
     def entries(self, model, bos_token_id: int, latents: dict[int, torch.Tensor]):
         """Keys and values [1, heads, rows, head_dim] per receiver layer, in layer order."""
-        captured = self.read(model, bos_token_id, latents[INPUT_LAYER])
+        soft = latents[INPUT_LAYER]
+        if self.config.bridge_snap:
+            soft = snap_to_vocabulary(model.get_input_embeddings(), soft)
+        captured = self.read(model, bos_token_id, soft)
         rows = torch.arange(1, captured.num_tokens)
         inner = {t: self.reader_encoder.encode_layer(captured, t, rows) for t in self.reader_encoder.layers}
         return self.reader_decoder.entries(inner)

@@ -56,6 +56,10 @@ class AdapterConfig:
     # token and is translated from that token alone (no word pooled from several pieces).
     bridge_tokens: str = "whole"
     bridge_rows: int = 0  # bridge: most soft tokens in a packet; 0 means m (`slots`)
+    # bridge: the receiver replaces each soft token by its nearest input embedding (cosine)
+    # before reading them: the reader was trained on real embeddings, and the translator's small
+    # residual errors cost more answers than its rare wrong tokens (docs/lcfx.md, section 9).
+    bridge_snap: bool = False
     dtype: str = "float32"  # dtype the weights are stored in
     format_version: int = ADAPTER_FORMAT_VERSION
     training: dict = field(default_factory=dict)  # provenance: task, steps, seed, loss, time

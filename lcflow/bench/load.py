@@ -76,15 +76,21 @@ class ProcessSample:
 
 @dataclass
 class ProcessUsage:
-    """RSS and threads of one local process over the run."""
+    """RSS and threads of one local process over the run.
+
+    `series` keeps (seconds since the start, RSS kB) of every sample, so warm-up (growth that
+    stops) can be told from a leak (growth that goes on): `summary` reports the growth over the
+    second half of the run beside the drift from start to end.
+    """
 
     pid: int
     start: ProcessSample | None = None
     end: ProcessSample | None = None
     peak_rss_kb: int = 0
     peak_threads: int = 0
+    series: list[tuple[float, int]] = field(default_factory=list)
 
-    def sample(self) -> ProcessSample | None:
+    def sample(self, at_s: float = 0.0) -> ProcessSample | None:
         try:
             fields = dict(
                 line.split(":", 1) for line in Path(f"/proc/{self.pid}/status").read_text().splitlines()
@@ -94,11 +100,19 @@ class ProcessUsage:
         found = ProcessSample(int(fields["VmRSS"].split()[0]), int(fields["Threads"]))
         self.peak_rss_kb = max(self.peak_rss_kb, found.rss_kb)
         self.peak_threads = max(self.peak_threads, found.threads)
+        self.series.append((at_s, found.rss_kb))
         return found
 
-    def summary(self) -> dict:
+    def summary(self, points: int = 100) -> dict:
+        """Start/end/peak, the drift, the second half's growth, and ~`points` of the series in MiB."""
         drift = (self.end.rss_kb - self.start.rss_kb) / self.start.rss_kb if self.start and self.end else None
-        return {**asdict(self), "rss_drift": drift}
+        half = self.series[len(self.series) // 2][1] if self.series else None
+        second_half = (self.end.rss_kb - half) / half if half and self.end else None
+        step = max(1, len(self.series) // points)
+        picked = self.series[::step] + ([self.series[-1]] if (len(self.series) - 1) % step else [])
+        kept = [(round(t, 1), round(kb / 1024, 1)) for t, kb in picked]
+        fields = {k: v for k, v in asdict(self).items() if k != "series"}
+        return {**fields, "rss_drift": drift, "rss_growth_second_half": second_half, "rss_mib_series": kept}
 
 
 @dataclass
@@ -176,7 +190,7 @@ def run_load(
     def sampler() -> None:
         while not done.wait(0.2):
             for usage in processes.values():
-                usage.sample()
+                usage.sample(time.perf_counter() - began)
 
     def worker() -> None:
         while True:
@@ -216,7 +230,7 @@ def run_load(
     done.set()
     watcher.join()
     for usage in processes.values():
-        usage.end = usage.sample()
+        usage.end = usage.sample(wall_s)
     client.close()
     config = {
         "sharer": target,
@@ -284,7 +298,8 @@ def format_summary(summary: dict) -> str:
         if usage["start"] and usage["end"]:
             lines.append(
                 f"  {role:<14} RSS {usage['start']['rss_kb'] / 1024:.0f} -> {usage['end']['rss_kb'] / 1024:.0f} MiB "
-                f"(peak {usage['peak_rss_kb'] / 1024:.0f}, drift {usage['rss_drift']:+.1%}), threads "
+                f"(peak {usage['peak_rss_kb'] / 1024:.0f}, drift {usage['rss_drift']:+.1%}, "
+                f"second half {usage['rss_growth_second_half'] or 0:+.1%}), threads "
                 f"{usage['start']['threads']} -> {usage['end']['threads']}"
             )
     return "\n".join(lines)

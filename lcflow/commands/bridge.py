@@ -62,6 +62,13 @@ def register(subparsers) -> None:
     p.add_argument(
         "--rows", type=int, default=0, help="the packet's most soft tokens (0: m; within-sharer cuts more)"
     )
+    p.add_argument(
+        "--snap",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="the receiver replaces each soft token by its nearest input embedding before reading "
+        "(adapter config bridge_snap; docs/lcfx.md section 9)",
+    )
     p.add_argument("--seed", type=int, default=0, help="seed of the corpus and of training")
     p.add_argument("--device", default="auto", help="cuda, cpu or auto")
     p.set_defaults(func=run)
@@ -99,6 +106,7 @@ def run(args) -> int:
             args.slots,
             tokens=args.tokens,
             rows=args.rows,
+            snap=args.snap,
         )
     except ValueError as err:
         raise UsageError(f"lcflow bridge: {err}") from err

@@ -55,6 +55,7 @@ def new_bridge_adapter(
     slots: int = 32,
     tokens: str = "whole",
     rows: int = 0,
+    snap: bool = False,
 ) -> LatentAdapter:
     """An untrained bridge adapter whose decoder is a copy of `reader` (receiver -> receiver spans)."""
     rc = reader.config
@@ -79,6 +80,7 @@ def new_bridge_adapter(
         reader=rc.to_dict(),
         bridge_tokens=tokens,
         bridge_rows=rows,
+        bridge_snap=snap,
     )
     adapter = LatentAdapter(config)
     adapter.decoder.reader_encoder.load_state_dict(reader.encoder.state_dict())
