@@ -139,12 +139,13 @@ c = C.load(sys.argv[1]); c.selection = 'sentences-mean'; c.save(sys.argv[1])" "$
 # with its retrieval heads and sends the selected sentences as soft tokens in Gemma3's input space,
 # cut within SmolLM2's tokens (a ridge map + an MLP trained on a dense per-token loss: 2000 corpus
 # documents and a sweep of SmolLM2's vocabulary, 1100 documents of 48 entries; 1000 steps; ~50 min
-# here); Gemma3 reads them with the shipped gemma3-to-gemma3-lcfx span adapter, copied in unchanged.
+# here); Gemma3 snaps each soft token to its nearest input embedding and reads them with the shipped
+# gemma3-to-gemma3-lcfx span adapter, copied in unchanged.
 build_bridge() {
   local pair=smollm2-to-gemma3 out="$A/smollm2-to-gemma3-lcfx-bridge" ships=lcflow/data/tasks/ships-cross.jsonl
   local methods=receiver,skyline,text,lcfx,lcfx-wrong
   lcflow bridge --sharer "$SMOL" --reader "$A/gemma3-to-gemma3-lcfx" --documents 2000 --steps 1000 \
-    --vocabulary-documents 1100 --tokens within-sharer --rows 48 --out "$RUNS/$pair-bridge"
+    --vocabulary-documents 1100 --tokens within-sharer --rows 48 --snap --out "$RUNS/$pair-bridge"
   lcflow heads "$RUNS/$pair-bridge" --task facts-cross --train 150 --write
   python -c "import sys, torch; from lcflow.adapter import LatentAdapter as L; \
 L.from_pretrained(sys.argv[1]).save_pretrained(sys.argv[2], dtype=torch.bfloat16)" "$RUNS/$pair-bridge" "$out"
