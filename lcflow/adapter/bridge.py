@@ -175,25 +175,36 @@ class BridgeEncoder(SpanEncoder):
 
 
 @torch.no_grad()
-def snap_to_vocabulary(embed: nn.Embedding, soft: torch.Tensor, chunk: int = 32768) -> torch.Tensor:
+def snap_to_vocabulary(
+    embed: nn.Embedding, soft: torch.Tensor, inverse_norms: torch.Tensor | None = None, chunk: int = 32768
+) -> torch.Tensor:
     """[1, rows, hidden] soft tokens -> the receiver's input embeddings nearest to them by cosine.
 
     Called through `embed` (not `embed.weight`), so a model that scales its embeddings (Gemma3
     multiplies by sqrt(hidden)) gets them as its own tokens would arrive. The vocabulary is
-    scanned in chunks, so no normalised copy of the whole table is ever held.
+    scanned in chunks, so no normalised copy of the whole table is ever held; `inverse_norms`
+    (1 / |E[v]|, from `vocabulary_inverse_norms`) saves a pass over the table per call.
     """
     weight = embed.weight
+    if inverse_norms is None:
+        inverse_norms = vocabulary_inverse_norms(weight)
     query = torch.nn.functional.normalize(soft[0].to(weight.dtype), dim=-1)
     best = torch.full((query.shape[0],), -2.0, device=weight.device, dtype=torch.float32)
     nearest = torch.zeros(query.shape[0], dtype=torch.long, device=weight.device)
     for start in range(0, weight.shape[0], chunk):
-        block = weight[start : start + chunk]
-        cosine = (query @ block.T).float() / block.float().norm(dim=-1).clamp_min(1e-12)
+        cosine = (query @ weight[start : start + chunk].T).float() * inverse_norms[start : start + chunk]
         value, index = cosine.max(dim=-1)
         better = value > best
         best = torch.where(better, value, best)
         nearest = torch.where(better, index + start, nearest)
     return embed(nearest[None]).to(soft.dtype)
+
+
+@torch.no_grad()
+def vocabulary_inverse_norms(weight: torch.Tensor) -> torch.Tensor:
+    """[vocabulary] 1 / |E[v]| in float32 (0 for an all-zero row, which then never wins)."""
+    norms = weight.float().norm(dim=-1)
+    return torch.where(norms > 0, 1.0 / norms.clamp_min(1e-12), torch.zeros_like(norms))
 
 
 class BridgeDecoder(nn.Module):
@@ -206,6 +217,13 @@ class BridgeDecoder(nn.Module):
         reader = reader_config(config)
         self.reader_encoder = SpanEncoder(reader)
         self.reader_decoder = SpanDecoder(reader)
+
+    def inverse_norms(self, weight: torch.Tensor) -> torch.Tensor:
+        """The receiver vocabulary's 1 / |E[v]|, computed once per embedding table (not saved)."""
+        key = (weight.data_ptr(), tuple(weight.shape), weight.device)
+        if getattr(self, "_norms_key", None) != key:
+            self._inverse_norms, self._norms_key = vocabulary_inverse_norms(weight), key
+        return self._inverse_norms
 
     def gate(self, layer: int) -> torch.Tensor:
         """No gates (every receiver layer is written); 1 for `lcflow info`."""
@@ -225,7 +243,8 @@ class BridgeDecoder(nn.Module):
         """Keys and values [1, heads, rows, head_dim] per receiver layer, in layer order."""
         soft = latents[INPUT_LAYER]
         if self.config.bridge_snap:
-            soft = snap_to_vocabulary(model.get_input_embeddings(), soft)
+            embed = model.get_input_embeddings()
+            soft = snap_to_vocabulary(embed, soft, self.inverse_norms(embed.weight))
         captured = self.read(model, bos_token_id, soft)
         rows = torch.arange(1, captured.num_tokens)
         inner = {t: self.reader_encoder.encode_layer(captured, t, rows) for t in self.reader_encoder.layers}
