@@ -30,7 +30,7 @@ import time
 import torch
 
 from lcflow.adapter import LatentAdapter
-from lcflow.adapter.bridge import INPUT_LAYER
+from lcflow.adapter.bridge import INPUT_LAYER, snap_to_vocabulary
 from lcflow.crosscontext.placement import finish_input, slot_layout
 from lcflow.handoff import GenerationSettings, Latents, Receiver, Sharer, generate_text
 from lcflow.kv import prefill
@@ -67,7 +67,7 @@ class Probe:
         prompt = question_prompt(sample.question)
         inputs = self.inputs(sample, rung.startswith("own"), other if rung == "soft-wrong" else sample)
         if rung == "soft-snap":
-            inputs = self.snap(inputs)
+            inputs = snap_to_vocabulary(self.receiver.model.get_input_embeddings(), inputs)
         if rung.endswith("direct"):
             text = self.read_directly(prompt, inputs, sample.receiver_context)
         else:
@@ -77,13 +77,6 @@ class Probe:
             )
             text = self.receiver.generate(prepared, GenerationSettings(max_new_tokens=8))
         return exact_match(extract_answer(text), sample.answers), contains_answer(text, sample.answers)
-
-    def snap(self, soft: torch.Tensor) -> torch.Tensor:
-        """Each row replaced by the receiver's input embedding nearest to it by cosine."""
-        embed = self.receiver.model.get_input_embeddings()  # may scale (Gemma3): call it, not .weight
-        unit = torch.nn.functional.normalize
-        nearest = (unit(soft[0].float(), dim=-1) @ unit(embed.weight.float(), dim=-1).T).argmax(-1)
-        return embed(nearest[None]).to(soft.dtype)
 
     def read_directly(self, prompt: str, inputs: torch.Tensor, receiver_context: str) -> str:
         """`inputs` as the receiver's input vectors where the document would sit (no reader)."""

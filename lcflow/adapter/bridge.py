@@ -217,11 +217,13 @@ class BridgeDecoder(nn.Module):
         reader = reader_config(config)
         self.reader_encoder = SpanEncoder(reader)
         self.reader_decoder = SpanDecoder(reader)
+        self._norms_key: tuple | None = None  # which embedding table _inverse_norms belongs to
+        self._inverse_norms: torch.Tensor | None = None
 
     def inverse_norms(self, weight: torch.Tensor) -> torch.Tensor:
         """The receiver vocabulary's 1 / |E[v]|, computed once per embedding table (not saved)."""
         key = (weight.data_ptr(), tuple(weight.shape), weight.device)
-        if getattr(self, "_norms_key", None) != key:
+        if self._norms_key != key:
             self._inverse_norms, self._norms_key = vocabulary_inverse_norms(weight), key
         return self._inverse_norms
 
