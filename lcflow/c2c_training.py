@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from lcflow.adapter.c2c import C2CFuser, c2c_prepare
+from lcflow.adapter.c2c import C2CFuser, c2c_prepare, record_sharer_rope
 from lcflow.handoff import PreparedInput, Receiver, Sharer
 from lcflow.kv import model_identity
 from lcflow.training import TrainConfig, Trainer
@@ -44,6 +44,7 @@ class C2CTrainer(Trainer):
             model_identity(mr, tr, name=self.cfg.receiver),
             layer_map_strategy=self.cfg.layer_map,
         ).to(mr.device)
+        record_sharer_rope(fuser.config, ms)  # so that the receiver service can serve it
         self.sharer = Sharer(ms, ts)  # C2C sends the sharer's raw KV: no encoder half
         self.receiver = Receiver(mr, tr)
         return fuser

@@ -37,7 +37,7 @@ from lcflow.proto_gen.lcflow.v1 import lcflow_pb2 as pb
 from lcflow.proto_gen.lcflow.v1 import lcflow_pb2_grpc as pb_grpc
 from lcflow.security import AUTH_HEADER, ClientSecurity, TokenFile
 
-MODE_NAMES = {"lcf": pb.LCF, "lcfx": pb.LCF_X, "text": pb.TEXT, "none": pb.NONE}
+MODE_NAMES = {"lcf": pb.LCF, "lcfx": pb.LCF_X, "c2c": pb.C2C, "text": pb.TEXT, "none": pb.NONE}
 
 
 def summary_stages(timings: pb.StageTimings) -> list[str]:

@@ -36,7 +36,7 @@ from lcflow.prompting import (
     tokenize_context,
 )
 
-MODES = ("lcf", "lcfx", "text", "none")
+MODES = ("lcf", "lcfx", "c2c", "text", "none")
 
 
 @dataclass
@@ -71,9 +71,11 @@ class SharerContext:
 class Latents:
     """What the sharer hands off: one tensor per retained receiver layer."""
 
-    mode: str  # "lcf" or "lcfx"
-    layers: dict[int, torch.Tensor]  # lcf: [1, T, b] per sharer token; lcfx: [1, m, b]
-    token_spans: torch.Tensor | None = None  # lcf: sharer token spans [T, 2] over the context text
+    mode: str  # "lcf", "lcfx" or "c2c"
+    # lcf: [1, T, b] per sharer token; lcfx: [1, m, b]; c2c: per *sharer* layer the fuser reads,
+    # its keys (RoPE removed) and values side by side, [1, T, 2 H_s D_s] (lcflow.adapter.c2c)
+    layers: dict[int, torch.Tensor]
+    token_spans: torch.Tensor | None = None  # lcf, c2c: sharer token spans [T, 2] over the context text
 
     def num_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.layers.values())
@@ -137,7 +139,10 @@ class Sharer:
         falls back to `receiver_text`, and with neither to the question-free chunk means.
         `positions`: a span packet's selection already made with `select` (not made again)."""
         if self.encoder is None:
-            raise ValueError("this sharer has no adapter encoder: load an LCF or LCF-X adapter")
+            raise ValueError("this sharer has no adapter encoder: load an LCF, LCF-X or C2C adapter")
+        if self.config.mode == "c2c":  # the sharer's own KV of the layers the fuser reads
+            yield from self.encoder.encode_layers(context.captured)
+            return
         if self.config.mode == "lcfx" and self.config.packet in ("spans", "bridge"):
             if positions is None:
                 positions = self.select(context, receiver_text, question)
@@ -160,7 +165,7 @@ class Sharer:
     def latent_rows(self, context: SharerContext, positions=None) -> int:
         """Rows per layer of this context's packet: its tokens (LCF), m slots, the span rows, or
         (bridge) the receiver tokens of the positions `select` chose."""
-        if self.config.mode == "lcf":
+        if self.config.mode in ("lcf", "c2c"):
             return context.input_ids.shape[1]
         if self.config.packet == "spans":
             return self.encoder.rows(context.input_ids.shape[1])
@@ -172,7 +177,7 @@ class Sharer:
         self, context: SharerContext, receiver_text: str = "", question: str = "", positions=None
     ) -> Latents:
         layers = dict(self.encode_layers(context, receiver_text, question, positions))
-        spans = context.spans if self.config.mode == "lcf" else None
+        spans = context.spans if self.config.mode in ("lcf", "c2c") else None
         return Latents(self.config.mode, layers, spans)
 
     def message_input(self, context_text: str, question: str) -> torch.Tensor:
@@ -252,6 +257,30 @@ class Receiver:
         timings = {"receiver_prefill": prefill_ms, "decode_kv": _ms(start)}
         return PreparedInput(rendered.input_ids, cache, rendered.input_ids.shape[1], timings)
 
+    def prepare_c2c(
+        self, latents: Latents, context: str, prompt: str, fuser=None, rope=None
+    ) -> PreparedInput:
+        """Same context, C2C: prefill [context + prompt], then fuse the sharer's KV (`latents`, as
+        lcflow.adapter.c2c.C2CSender sends it) into the context tokens' cache.
+
+        fuser: the C2CFuser (default: this receiver's decoder); rope: the sharer's RoPE, to
+        re-rotate its keys at the receiver's positions (default: the one the adapter recorded)."""
+        from lcflow.adapter.c2c import aligned_sharer_kv  # the handoff imports the adapters lazily here
+
+        fuser = fuser if fuser is not None else self.decoder
+        rendered = render_input(self.tokenizer, prompt, [context])
+        start = time.perf_counter()
+        cache = prefill(self.model, rendered.input_ids[:, :-1])
+        prefill_ms = _ms(start)
+        start = time.perf_counter()
+        positions, spans = context_token_range(rendered, context)
+        alignment = align_spans(latents.token_spans, spans)
+        kv = fuser.sharer_kv(latents.layers)
+        aligned = aligned_sharer_kv(rope or fuser.sharer_rope(), kv, alignment, positions)
+        fuser.fuse(cache, aligned, positions, alignment.covered)
+        timings = {"receiver_prefill": prefill_ms, "decode_kv": _ms(start)}  # fusing is its decoding
+        return PreparedInput(rendered.input_ids, cache, rendered.input_ids.shape[1], timings)
+
     def prepare_lcfx(self, latents: Latents, prompt: str, receiver_context: str = "") -> PreparedInput:
         """Cross context: m decoded prefix entries, then the receiver's own context and prompt."""
         if self.config.packet in ("spans", "bridge"):
@@ -302,6 +331,8 @@ class Receiver:
             return self.prepare_lcf(latents, context, prompt)
         if mode == "lcfx":
             return self.prepare_lcfx(latents, prompt, receiver_context)
+        if mode == "c2c":
+            return self.prepare_c2c(latents, context, prompt)
         if mode == "none":
             return self.prepare_plain(prompt, [receiver_context])
         raise ValueError(f"unknown mode {mode!r}; use one of {MODES} (text: prepare_plain with the message)")

@@ -125,6 +125,72 @@ class RopeCodec:
 
 
 @dataclass
+class StoredRope:
+    """A model's RoPE as plain numbers, to rotate its keys where the model itself is not loaded.
+
+    Per layer type t (Gemma3 has two, the other families one): the inverse frequencies f_t
+    [head_dim / 2] and the amplitude a_t, as the model's rotary module holds them. At position p:
+
+        angle = p * [f_t ; f_t]        cos = a_t cos(angle),  sin = a_t sin(angle)
+
+    which is the rotary module's own arithmetic (float32), so `rotate` matches `RopeCodec.rotate`
+    of the model exactly. Only position-independent RoPE types can be stored (default, linear,
+    llama3, yarn); "dynamic" RoPE changes with the sequence length and is refused.
+
+    C2C over the wire needs it: the receiver re-rotates the sharer's keys at its own positions
+    with the sharer's RoPE (lcflow.adapter.c2c), and the receiver service runs no sharer model."""
+
+    layer_types: list[str]  # per layer
+    inv_freq: dict[str, list[float]]  # per layer type
+    scale: dict[str, float]  # per layer type (attention_scaling; 1.0 for plain RoPE)
+
+    @classmethod
+    def of_model(cls, model) -> StoredRope:
+        codec = RopeCodec(model)
+        rotary, types = codec.rotary, list(codec.spec.layer_types)
+        inv_freq, scale = {}, {}
+        for kind in sorted(set(types)):
+            prefix = f"{kind}_" if codec.per_layer_type else ""
+            freq = getattr(rotary, f"{prefix}inv_freq", None)
+            rope_type = getattr(rotary, "rope_type", "default")
+            rope_type = rope_type.get(kind, "default") if isinstance(rope_type, dict) else rope_type
+            if freq is None or rope_type == "dynamic":
+                raise UnsupportedModelError(
+                    f"cannot store this model's RoPE (type {rope_type!r}): C2C over the wire needs a "
+                    "position-independent RoPE"
+                )
+            inv_freq[kind] = freq.detach().float().cpu().tolist()
+            scale[kind] = float(getattr(rotary, f"{prefix}attention_scaling", 1.0))
+        return cls(types, inv_freq, scale)
+
+    def rotate(self, keys: torch.Tensor, positions: torch.Tensor, layer: int) -> torch.Tensor:
+        """Apply the stored RoPE to un-rotated keys [batch, heads, tokens, head_dim] at positions
+        [batch, tokens] (the same call as RopeCodec.rotate)."""
+        kind = self.layer_types[layer]
+        freq = torch.tensor(self.inv_freq[kind], dtype=torch.float32, device=keys.device)
+        angles = positions.to(keys.device)[..., None].float() * freq  # [batch, tokens, head_dim / 2]
+        angles = torch.cat((angles, angles), dim=-1).unsqueeze(1)  # [batch, 1, tokens, head_dim]
+        cos, sin = (
+            (angles.cos() * self.scale[kind]).to(keys.dtype),
+            (angles.sin() * self.scale[kind]).to(keys.dtype),
+        )
+        return keys * cos + rotate_half(keys) * sin
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> StoredRope:
+        """Checked: every layer's type has frequencies and a scale, all finite."""
+        rope = cls(list(data["layer_types"]), dict(data["inv_freq"]), dict(data["scale"]))
+        for kind in set(rope.layer_types):
+            values = [*rope.inv_freq[kind], rope.scale[kind]]
+            if not all(isinstance(v, (int, float)) and abs(v) < float("inf") for v in values):
+                raise ValueError(f"stored RoPE for {kind!r} has values that are not finite numbers")
+        return rope
+
+
+@dataclass
 class CapturedKV:
     """One prefill's KV cache as plain tensors, keys without RoPE.
 

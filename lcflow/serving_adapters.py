@@ -35,7 +35,7 @@ from pathlib import Path
 
 import grpc
 
-from lcflow.adapter.config import CONFIG_NAME, AdapterConfig, AdapterMismatchError
+from lcflow.adapter.config import CONFIG_NAME, AdapterConfig, AdapterMismatchError, service_half_file
 from lcflow.kv import ModelIdentity
 from lcflow.proto_gen.lcflow.v1 import lcflow_pb2 as pb
 from lcflow.serving import ServiceError, adapter_id, invalid
@@ -44,8 +44,6 @@ log = logging.getLogger(__name__)
 
 ADAPTER_NAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-")
 MAX_ADAPTER_NAME = 128
-SERVED_MODES = ("lcf", "lcfx")  # C2C adapters are listed, but run in-process only (`lcflow eval`)
-HALF_FILES = {"sharer": "encoder.safetensors", "receiver": "decoder.safetensors"}
 LOADED_BYTES_PER_PARAMETER = 4  # halves are loaded in float32 (LatentAdapter.from_pretrained)
 MAX_SAFETENSORS_HEADER = 100 << 20
 CARD_NAME = "model_card.json"
@@ -165,15 +163,12 @@ def inspect_adapter(directory: Path, name: str, role: str, identity: ModelIdenti
         info.reason = f"its weights cannot be read: {err}"
         return info
     info.parameters = sum(counts.values())
-    half = HALF_FILES[role]
+    half = service_half_file(config.mode, role)
     info.memory_bytes = counts.get(half, 0) * LOADED_BYTES_PER_PARAMETER
-    if config.mode not in SERVED_MODES:
-        info.reason = (
-            f"a {config.mode} adapter: the services serve {' and '.join(SERVED_MODES)} adapters "
-            "(C2C runs in-process only: `lcflow eval`)"
-        )
-    elif half not in counts:
+    if half is not None and half not in counts:
         info.reason = f"it has no {half}, the half a {role} loads"
+    elif config.mode == "c2c" and role == "receiver" and not config.sharer_rope:
+        info.reason = "a C2C adapter without the sharer's RoPE (sharer_rope): re-save it (lcflow.adapter.c2c)"
     elif identity is not None:
         try:
             config.check_models(**{role: identity})
@@ -352,7 +347,7 @@ class AdapterRegistry:
         info = inspect_adapter(directory, name, self.role, self.identity)
         if info.usable and info.memory_bytes > self.memory_limit:
             info.reason = (
-                f"its {HALF_FILES[self.role]} needs {info.memory_bytes / 2**20:.1f} MB loaded, more than "
+                f"its {self.role} half needs {info.memory_bytes / 2**20:.1f} MB loaded, more than "
                 f"--adapter-memory-mb {self.memory_limit / 2**20:g}"
             )
         return info

@@ -60,6 +60,25 @@ def tiny_adapter_dir(tiny_pair, directory, mode: str = "lcfx") -> str:
     return str(adapter.save_pretrained(directory))
 
 
+def tiny_c2c_adapter_dir(tiny_pair, directory, with_rope: bool = True) -> str:
+    """A tiny C2C adapter (seeded random fuser, both gates open so that fusing changes the
+    answer) for the `tiny_pair` models, saved in `directory`; without the sharer's RoPE
+    (`with_rope=False`) as adapters trained before C2C was served."""
+    from lcflow.adapter.c2c import C2CFuser, record_sharer_rope
+    from lcflow.kv import model_identity
+
+    (ms, ts), (mr, tr) = tiny_pair
+    torch.manual_seed(5)
+    fuser = C2CFuser.for_models(model_identity(ms, ts), model_identity(mr, tr))
+    with torch.no_grad():
+        for projector in fuser.projectors.values():
+            projector.key.gate_logit.fill_(1.0)
+            projector.value.gate_logit.fill_(1.0)
+    if with_rope:
+        record_sharer_rope(fuser.config, ms)
+    return str(fuser.save_pretrained(directory))
+
+
 @dataclass
 class Services:
     sharer: str  # the sharer's address, HOST:PORT
@@ -210,3 +229,17 @@ def console_spans(text: str) -> list[dict]:
             spans.append(json.loads("\n".join(lines)))
             lines = None
     return spans
+
+
+def set_shape(header: pb.LatentHeader, segment: int, shape) -> None:
+    """Change one tensor's declared shape and keep total_raw_bytes consistent with it, so that
+    only the shape itself is wrong."""
+    import math
+
+    from lcflow.transport.segments import ITEMSIZE
+
+    tensor = header.segments[segment].tensors[0]
+    tensor.shape[:] = list(shape)
+    header.total_raw_bytes = sum(
+        ITEMSIZE[t.dtype] * math.prod(t.shape) for s in header.segments for t in s.tensors
+    )

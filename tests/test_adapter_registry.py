@@ -14,7 +14,7 @@ import struct
 import grpc
 import pytest
 import torch
-from helpers import running_services, tiny_adapter_dir
+from helpers import running_services, tiny_adapter_dir, tiny_c2c_adapter_dir
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from lcflow.adapter import LatentAdapter
@@ -58,6 +58,8 @@ def layout(tiny_pair, tmp_path_factory):
     a-lcfx            LCF-X, the default (--adapter a-lcfx), with a model card
     b-lcfx            LCF-X, another one (b=8)
     c-lcf             LCF
+    d-c2c             C2C, served (the sharer's RoPE recorded)
+    e-c2c-old         C2C trained before C2C was served (no sharer RoPE): usable on the sharer only
     aa-lcf-elsewhere  LCF for this sharer but another receiver model: usable on the sharer only
     other-models      LCF for the pair the other way round: usable on neither
     broken            adapter_config.json is not JSON
@@ -77,6 +79,8 @@ def layout(tiny_pair, tmp_path_factory):
         root / "b-lcfx"
     )
     tiny_adapter_dir(tiny_pair, root / "c-lcf", "lcf")
+    tiny_c2c_adapter_dir(tiny_pair, root / "d-c2c")
+    tiny_c2c_adapter_dir(tiny_pair, root / "e-c2c-old", with_rope=False)
     elsewhere = dataclasses.replace(receiver_id, config_hash="f" * 64)
     LatentAdapter.for_models("lcf", sharer_id, elsewhere, bottleneck=16).save_pretrained(
         root / "aa-lcf-elsewhere"
@@ -140,6 +144,9 @@ def test_a_request_names_its_adapter_on_both_services(services):
     assert by_name(receiver_listing(services))["b-lcfx"].loaded
     code, summary = handoff(services, "lcf", "c-lcf")
     assert code == grpc.StatusCode.OK and summary.adapter == "c-lcf" and summary.mode == pb.LCF
+    code, summary = handoff(services, "c2c", "d-c2c")
+    assert code == grpc.StatusCode.OK and summary.adapter == "d-c2c" and summary.mode == pb.C2C
+    assert summary.bytes_raw > 0  # the sharer's KV travelled
 
 
 def test_without_a_name_the_mode_picks_the_adapter_and_says_which(services, spans):
@@ -152,6 +159,9 @@ def test_without_a_name_the_mode_picks_the_adapter_and_says_which(services, span
     code, lcf = handoff(services, "lcf")
     assert code == grpc.StatusCode.OK, lcf
     assert lcf.adapter == "c-lcf"
+    # C2C: the first by name (d-c2c; e-c2c-old cannot be served by this receiver)
+    code, c2c = handoff(services, "c2c")
+    assert code == grpc.StatusCode.OK and c2c.adapter == "d-c2c", c2c
     # TEXT and NONE need none
     for mode in ("text", "none"):
         code, plain = handoff(services, mode)
@@ -166,7 +176,8 @@ def test_without_a_name_the_mode_picks_the_adapter_and_says_which(services, span
     assert chosen[("lcflow-sharer", lcf.trace_id)] == ("c-lcf", "mode")
     assert chosen[("lcflow-receiver", lcf.trace_id)] == ("c-lcf", "request")  # by the name sent on
     streams = [s for s in spans.get_finished_spans() if s.name == "sharer.stream"]
-    assert {s.attributes["lcflow.adapter"] for s in streams} == {"a-lcfx", "c-lcf"}
+    assert {s.attributes["lcflow.adapter"] for s in streams} == {"a-lcfx", "c-lcf", "d-c2c"}
+    assert chosen[("lcflow-sharer", c2c.trace_id)] == ("d-c2c", "mode")
 
 
 # --- names that are refused -----------------------------------------------------------------------
@@ -204,6 +215,7 @@ def test_an_unknown_name_is_not_found_and_names_the_available_ones(services):
         ("broken", "lcf", "adapter_config.json cannot be used"),
         ("aa-lcf-elsewhere", "lcf", "this adapter's receiver is"),  # the receiver refuses it
         ("b-lcfx", "lcf", "is a lcfx adapter but the request asks for lcf"),
+        ("e-c2c-old", "c2c", "sharer_rope"),  # the receiver refuses it, saying how to fix it
     ],
 )
 def test_an_adapter_that_does_not_fit_is_failed_precondition(services, name, mode, says):
@@ -261,6 +273,8 @@ def test_list_adapters_on_both_services(services, tiny_pair, layout):
             "b-lcfx",
             "broken",
             "c-lcf",
+            "d-c2c",
+            "e-c2c-old",
             "damaged",
             "escape",
             "other-models",
@@ -277,6 +291,10 @@ def test_list_adapters_on_both_services(services, tiny_pair, layout):
         assert "this adapter's" in listed["other-models"].reason and not listed["other-models"].usable
         assert "cannot be used" in listed["broken"].reason and listed["broken"].mode == ""
         assert "outside the adapter directory" in listed["escape"].reason
+        assert listed["d-c2c"].usable and listed["d-c2c"].mode == "c2c"
+        old = listed["e-c2c-old"]
+        assert old.usable == (role == "sharer")  # the sharer loads no weights and needs no RoPE
+        assert role == "sharer" or "sharer_rope" in old.reason
         elsewhere = listed["aa-lcf-elsewhere"]
         assert elsewhere.usable == (role == "sharer")  # made for this sharer, another receiver
 
@@ -288,7 +306,7 @@ def test_lcflow_adapters_prints_both_tables(services, capsys):
     assert sharer.startswith(f"sharer {services.sharer}: model llama-300-3@")
     assert receiver.startswith(f"receiver {services.receiver}: model gemma3-400-2@")
     assert "of 512.0 MB" in sharer.splitlines()[0]
-    assert "default adapter a-lcfx, 8 adapter(s)" in sharer
+    assert "default adapter a-lcfx, 10 adapter(s)" in sharer
     for table in (sharer, receiver):
         lines = table.splitlines()
         assert lines[1].split() == [

@@ -4,10 +4,10 @@ import pytest
 import torch
 
 from lcflow.adapter import AdapterMismatchError, LatentAdapter
-from lcflow.adapter.c2c import C2CFuser, aligned_sharer_kv, c2c_prepare
+from lcflow.adapter.c2c import C2CFuser, aligned_sharer_kv, c2c_prepare, record_sharer_rope
 from lcflow.align import align_spans
 from lcflow.handoff import Receiver, Sharer
-from lcflow.kv import model_identity, prefill
+from lcflow.kv import RopeCodec, StoredRope, model_identity, prefill
 from lcflow.paper_pair import paper_pair_identities
 from lcflow.prompting import context_token_range, render_input
 from lcflow.tiny import load_tiny
@@ -36,7 +36,8 @@ def fusion_inputs(tiny_pair):
     cache = prefill(mr, rendered.input_ids[:, :-1])
     positions, spans = context_token_range(rendered, CONTEXT)
     alignment = align_spans(shared.spans, spans)
-    sharer_kv = aligned_sharer_kv(ms, shared.captured, alignment, positions)
+    kv = dict(enumerate(zip(shared.captured.keys, shared.captured.values, strict=True)))
+    sharer_kv = aligned_sharer_kv(RopeCodec(ms), kv, alignment, positions)
     return cache, sharer_kv, positions, alignment.covered
 
 
@@ -160,3 +161,60 @@ def test_from_pretrained_refuses_other_models_and_other_modes(tiny_pair, tiny_di
     lcf.save_pretrained(tmp_path / "lcf")
     with pytest.raises(ValueError, match="LatentAdapter"):
         C2CFuser.from_pretrained(tmp_path / "lcf")
+
+
+# --- C2C without the sharer model: the stored RoPE ------------------------------------------------
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
+def test_stored_rope_rotates_exactly_as_the_model(tiny_pair, family):
+    """The receiver service re-rotates the sharer's keys with the RoPE the adapter recorded; it
+    must be the model's own, bit for bit, on every layer type (Gemma3 has two bases)."""
+    (ms, _), (mr, _) = tiny_pair
+    model = ms if ms.config.model_type == family else mr
+    assert model.config.model_type.startswith(family)
+    codec, stored = RopeCodec(model), StoredRope.from_dict(StoredRope.of_model(model).to_dict())
+    torch.manual_seed(0)
+    spec = codec.spec
+    keys = torch.randn(1, spec.num_kv_heads, 7, spec.head_dim)
+    positions = torch.tensor([[0, 1, 5, 40, 41, 300, 2047]])
+    assert len(set(spec.layer_types)) == (2 if family == "gemma3" else 1)
+    for layer in range(spec.num_layers):
+        assert torch.equal(stored.rotate(keys, positions, layer), codec.rotate(keys, positions, layer))
+
+
+def test_stored_rope_refuses_values_that_are_not_numbers(tiny_pair):
+    (ms, _), _ = tiny_pair
+    data = StoredRope.of_model(ms).to_dict()
+    kind = data["layer_types"][0]
+    data["inv_freq"][kind][0] = float("nan")
+    with pytest.raises(ValueError, match="not finite"):
+        StoredRope.from_dict(data)
+
+
+@torch.inference_mode()
+def test_the_receiver_half_alone_prepares_what_the_in_process_handoff_does(tiny_pair, tmp_path):
+    """Served C2C: the receiver gets the sharer's KV as the C2C packet carries it and re-rotates
+    with the RoPE recorded in the adapter; its cache equals the in-process one's (sharer model at hand)."""
+    from lcflow.adapter.c2c import C2CSender
+    from lcflow.handoff import Latents
+
+    (ms, ts), (mr, tr) = tiny_pair
+    fuser = make_fuser(tiny_pair)
+    record_sharer_rope(fuser.config, ms)
+    fuser.save_pretrained(tmp_path / "c2c")
+    loaded = C2CFuser.from_pretrained(tmp_path / "c2c")
+    expected, _ = c2c_prepare(loaded, (ms, ts), Receiver(mr, tr), CONTEXT, PROMPT)
+    shared = Sharer(ms, ts).prefill(CONTEXT)
+    packet = Latents("c2c", dict(C2CSender(loaded.config).encode_layers(shared.captured)), shared.spans)
+    assert sorted(packet.layers) == loaded.config.sharer_layers_needed()
+    served = Receiver(mr, tr, loaded, loaded.config).prepare("c2c", PROMPT, packet, context=CONTEXT)
+    assert torch.equal(served.input_ids, expected.input_ids)
+    for a, b in zip(served.cache.layers, expected.cache.layers, strict=True):
+        assert torch.equal(a.keys, b.keys) and torch.equal(a.values, b.values)
+
+
+def test_a_c2c_adapter_without_the_sharer_rope_says_how_to_fix_it(tiny_pair):
+    fuser = make_fuser(tiny_pair)
+    with pytest.raises(ValueError, match="sharer_rope"):
+        fuser.sharer_rope()

@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
+from helpers import tiny_c2c_adapter_dir
 
 from lcflow.adapter import LatentAdapter
 from lcflow.cli import UsageError, main
@@ -105,6 +106,19 @@ def test_a_fitting_adapter_passes_the_checks(tiny_dir, adapter_dir):
     for role, family in (("receiver", ("gemma3", 400, 2)), ("sharer", ("llama", 300, 3))):
         config = ServiceConfig(role, model=str(tiny_dir(*family)), adapter=str(adapter_dir), receiver="x:1")
         check_service(config)
+
+
+def test_c2c_adapters_pass_the_checks_and_one_without_the_sharer_rope_is_refused(
+    no_serving, capsys, tiny_dir, tiny_pair, tmp_path
+):
+    """A C2C adapter is served: its sharer loads no weights, its receiver needs the fuser and the
+    sharer's RoPE (recorded since C2C is served), refused with the fix before the model loads."""
+    served = tiny_c2c_adapter_dir(tiny_pair, tmp_path / "c2c")
+    for role, family in (("receiver", ("gemma3", 400, 2)), ("sharer", ("llama", 300, 3))):
+        check_service(ServiceConfig(role, model=str(tiny_dir(*family)), adapter=served, receiver="x:1"))
+    old = tiny_c2c_adapter_dir(tiny_pair, tmp_path / "old", with_rope=False)
+    assert main(["serve", "receiver", "--model", str(tiny_dir("gemma3", 400, 2)), "--adapter", old]) == 2
+    assert "sharer_rope" in one_line_error(capsys)
 
 
 def test_a_missing_context_file_is_one_line(capsys, tmp_path):

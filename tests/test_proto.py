@@ -38,7 +38,7 @@ def test_services_and_streaming_kinds():
 
 
 def test_message_shapes_the_services_rely_on():
-    assert set(pb.Mode.keys()) == {"MODE_UNSPECIFIED", "LCF", "LCF_X", "TEXT", "NONE"}
+    assert set(pb.Mode.keys()) == {"MODE_UNSPECIFIED", "LCF", "LCF_X", "TEXT", "NONE", "C2C"}
     assert [f.name for f in pb.HandoffEvent.DESCRIPTOR.oneofs_by_name["event"].fields] == ["text", "summary"]
     assert [f.name for f in pb.LatentMessage.DESCRIPTOR.oneofs_by_name["message"].fields] == [
         "request",

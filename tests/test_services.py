@@ -12,7 +12,7 @@ import grpc
 import pytest
 import torch
 import zstandard
-from helpers import trace_spans
+from helpers import set_shape, trace_spans
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from lcflow.adapter import LatentAdapter
@@ -848,20 +848,6 @@ def test_a_latent_request_without_a_header_is_invalid(pair):
     assert code == grpc.StatusCode.INVALID_ARGUMENT and "must send its LatentHeader" in details
     events, code, details = receive_events(pair, messages[:1])
     assert code == grpc.StatusCode.INVALID_ARGUMENT and "not the end of the stream" in details
-
-
-def set_shape(header: pb.LatentHeader, segment: int, shape) -> None:
-    """Change one tensor's declared shape and keep total_raw_bytes consistent with it, so that
-    only the shape itself is wrong."""
-    import math
-
-    from lcflow.transport.segments import ITEMSIZE
-
-    tensor = header.segments[segment].tensors[0]
-    tensor.shape[:] = list(shape)
-    header.total_raw_bytes = sum(
-        ITEMSIZE[t.dtype] * math.prod(t.shape) for s in header.segments for t in s.tensors
-    )
 
 
 def bad_rows(pair, header):

@@ -14,15 +14,13 @@ from torch import nn
 
 from lcflow.adapter.blocks import parameter_count
 from lcflow.adapter.bridge import BridgeDecoder, BridgeEncoder
-from lcflow.adapter.config import AdapterConfig
+from lcflow.adapter.config import DECODER_FILE, ENCODER_FILE, AdapterConfig
 from lcflow.adapter.lcf import LCFDecoder, LCFEncoder
 from lcflow.adapter.lcfx import LCFXDecoder, LCFXEncoder
 from lcflow.adapter.spans import SpanDecoder, SpanEncoder
 from lcflow.kv import ModelIdentity
 from lcflow.layer_map import build_layer_map
 
-ENCODER_FILE = "encoder.safetensors"
-DECODER_FILE = "decoder.safetensors"
 ADAPTER_PARTS = ("both", "encoder", "decoder")
 
 

@@ -39,7 +39,6 @@ projector = 17,066,002, fuser = 28 x 17,066,002 = 477,848,056 (955.7 MB in bf16)
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import torch
@@ -48,12 +47,11 @@ from torch import nn
 from transformers import DynamicCache
 
 from lcflow.adapter.blocks import RMSNorm, parameter_count
-from lcflow.adapter.config import AdapterConfig
-from lcflow.align import SpanAlignment, align_spans
-from lcflow.kv import CapturedKV, ModelIdentity, RopeCodec, prefill
+from lcflow.adapter.config import FUSER_FILE, AdapterConfig
+from lcflow.align import SpanAlignment
+from lcflow.kv import CapturedKV, ModelIdentity, RopeCodec, StoredRope, split_joint
 from lcflow.layer_map import build_layer_map
 
-FUSER_FILE = "fuser.safetensors"
 C2C_DROPOUT = 0.1  # inside every ffn block, training only
 TEMPERATURE_START, TEMPERATURE_END = 1.0, 0.001
 ANNEAL_STEPS = 1929  # C2C anneals over its whole run (1929 steps)
@@ -197,13 +195,13 @@ class C2CFuser(nn.Module):
         self,
         cache: DynamicCache,
         layer: int,
-        sharer_kv: CapturedKV,
+        sharer_kv: dict[int, tuple[torch.Tensor, torch.Tensor]],
         positions: torch.Tensor,
         covered: torch.Tensor,
     ) -> None:
         """Fuse one receiver layer's cache at `positions` [tokens] (absolute, ascending, contiguous).
 
-        sharer_kv: keys *with RoPE* at those receiver positions and values, per sharer layer,
+        sharer_kv: {sharer layer: (keys *with RoPE* at those receiver positions, values)}, each
         [batch, H_s, tokens, D_s] (see `aligned_sharer_kv`); covered: [tokens] bool.
         """
         projector = self.projectors[str(layer)]
@@ -217,7 +215,7 @@ class C2CFuser(nn.Module):
         if not bool(keep.any()):
             return
         source = self.layer_map[layer]
-        sharer_k, sharer_v = sharer_kv.keys[source][:, :, keep], sharer_kv.values[source][:, :, keep]
+        sharer_k, sharer_v = (x[:, :, keep] for x in sharer_kv[source])
         positions, covered = positions[keep], covered[keep]
         start, end = int(positions[0]) - offset, int(positions[-1]) - offset + 1
         fused_k = projector.key(sharer_k, keys[:, :, start:end], covered, self.temperature)
@@ -228,7 +226,7 @@ class C2CFuser(nn.Module):
     def fuse(
         self,
         cache: DynamicCache,
-        sharer_kv: CapturedKV,
+        sharer_kv: dict[int, tuple[torch.Tensor, torch.Tensor]],
         positions: torch.Tensor,
         covered: torch.Tensor,
     ) -> DynamicCache:
@@ -236,6 +234,23 @@ class C2CFuser(nn.Module):
         for layer in self.layers:
             self.fuse_layer(cache, layer, sharer_kv, positions, covered)
         return cache
+
+    # --- the sharer's side, as the receiver has it ------------------------------------------
+
+    def sharer_kv(self, joint: dict[int, torch.Tensor]) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+        """The payload of a C2C packet ({sharer layer: keys and values side by side per token,
+        [1, tokens, 2 H_s D_s], as `C2CSender` sends them}) as {sharer layer: (keys, values)}."""
+        spec = self.config.sharer.spec
+        return {s: split_joint(z, spec.num_kv_heads, spec.head_dim) for s, z in joint.items()}
+
+    def sharer_rope(self) -> StoredRope:
+        """The sharer's RoPE as recorded in the config (a receiver service has no sharer model)."""
+        if not self.config.sharer_rope:
+            raise ValueError(
+                "this C2C adapter has no sharer_rope in its config (it predates served C2C); "
+                "re-save it with lcflow.adapter.c2c.record_sharer_rope and the sharer model"
+            )
+        return StoredRope.from_dict(self.config.sharer_rope)
 
     # --- sizes and gates ---------------------------------------------------------------------
 
@@ -290,51 +305,66 @@ class C2CFuser(nn.Module):
 # --- the sharer's KV, as the fuser wants it ------------------------------------------------------
 
 
+class C2CSender:
+    """The sharer's half of a C2C adapter: no weights, only which KV to send.
+
+    A C2C packet holds, per sharer layer the fuser reads, that layer's keys (RoPE removed) and
+    values side by side per sharer token, [1, T, 2 H_s D_s] (`CapturedKV.joint`), and the
+    tokens' character spans: the sharer's own cache, not a learned latent."""
+
+    def __init__(self, config: AdapterConfig):
+        if config.mode != "c2c":
+            raise ValueError(f"C2CSender needs an adapter config of mode 'c2c', not {config.mode!r}")
+        self.config = config
+        self.layers = config.sharer_layers_needed()
+
+    def width(self) -> int:
+        """Values per token and layer in the packet: 2 H_s D_s."""
+        return self.config.sharer.spec.kv_dim
+
+    def encode_layers(self, captured: CapturedKV):
+        """Yield (sharer layer, [1, T, 2 H_s D_s]) for each layer the fuser reads."""
+        for layer in self.layers:
+            yield layer, captured.joint(layer)
+
+
+def record_sharer_rope(config: AdapterConfig, sharer_model) -> AdapterConfig:
+    """Store the sharer's RoPE in a C2C config (done at training; once for older adapters)."""
+    config.sharer_rope = StoredRope.of_model(sharer_model).to_dict()
+    return config
+
+
 def aligned_sharer_kv(
-    sharer_model, captured: CapturedKV, alignment: SpanAlignment, positions: torch.Tensor
-) -> CapturedKV:
+    rope, kv: dict[int, tuple[torch.Tensor, torch.Tensor]], alignment: SpanAlignment, positions: torch.Tensor
+) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
     """The sharer's KV moved onto the receiver's tokens, keys re-rotated at the receiver's positions.
 
-    captured holds keys without RoPE (lcflow.kv.capture_kv); each receiver token gets the mean of
-    the sharer tokens overlapping it, and the keys get the sharer's own RoPE at `positions`
-    [tokens]: what the sharer would have stored for those tokens at those positions.
+    kv: {sharer layer: (keys without RoPE, values)}, [B, H_s, sharer tokens, D_s]; each receiver
+    token gets the mean of the sharer tokens overlapping it, and the keys get the sharer's own RoPE
+    (`rope`: a RopeCodec of the sharer model, or its StoredRope) at `positions` [tokens]: what the
+    sharer would have stored for those tokens at those positions.
     """
-    rope = RopeCodec(sharer_model)
-    keys, values = [], []
-    for layer, (k, v) in enumerate(zip(captured.keys, captured.values, strict=True)):
+    aligned = {}
+    for layer, (k, v) in kv.items():
         k, v = alignment.apply(k), alignment.apply(v)  # [B, H_s, receiver tokens, D_s]
         pos = positions.to(k.device).unsqueeze(0).expand(k.shape[0], -1)
-        keys.append(rope.rotate(k, pos, layer))
-        values.append(v)
-    return CapturedKV(keys=keys, values=values)
+        aligned[layer] = (rope.rotate(k, pos, layer), v)
+    return aligned
 
 
 def c2c_prepare(fuser: C2CFuser, sharer: tuple, receiver, context: str, prompt: str):
-    """Same-context C2C handoff: both models read `context`; the receiver's cache of it is fused.
+    """Same-context C2C handoff in-process: both models read `context`; the receiver's cache of it
+    is fused (`Receiver.prepare_c2c`, as the receiver service does with the sharer's packet).
 
-    sharer: (model, tokenizer); receiver: a lcflow.handoff.Receiver. Returns the prepared
-    receiver input and the bytes the sharer's KV (the layers the fuser reads) would take in bf16.
+    sharer: (model, tokenizer); receiver: a lcflow.handoff.Receiver (of the receiver model). Returns the
+    prepared receiver input and the bytes the sharer's KV (the layers the fuser reads) takes in bf16.
     """
-    from lcflow.handoff import PreparedInput, Sharer  # the handoff imports the adapters, not vice versa
-    from lcflow.prompting import context_token_range, render_input
+    from lcflow.handoff import Latents, Sharer  # the handoff imports the adapters, not vice versa
 
     sharer_model, sharer_tokenizer = sharer
     shared = Sharer(sharer_model, sharer_tokenizer).prefill(context)
-    rendered = render_input(receiver.tokenizer, prompt, [context])
-    start = time.perf_counter()
-    cache = prefill(receiver.model, rendered.input_ids[:, :-1])
-    prefill_ms = (time.perf_counter() - start) * 1000.0
-    start = time.perf_counter()
-    positions, spans = context_token_range(rendered, context)
-    alignment = align_spans(shared.spans, spans)
-    sharer_kv = aligned_sharer_kv(sharer_model, shared.captured, alignment, positions)
-    fuser.fuse(cache, sharer_kv, positions, alignment.covered)
-    timings = {"sharer_prefill": shared.prefill_ms, "receiver_prefill": prefill_ms}
-    timings["fuse"] = (time.perf_counter() - start) * 1000.0
-    layers = fuser.config.sharer_layers_needed()
-    sent = (
-        sum(shared.captured.keys[s].numel() + shared.captured.values[s].numel() for s in layers)
-        * WIRE_BYTES_PER_VALUE
-    )
-    prepared = PreparedInput(rendered.input_ids, cache, rendered.input_ids.shape[1], timings)
+    latents = Latents("c2c", dict(C2CSender(fuser.config).encode_layers(shared.captured)), shared.spans)
+    prepared = receiver.prepare_c2c(latents, context, prompt, fuser=fuser, rope=RopeCodec(sharer_model))
+    prepared.timings_ms["sharer_prefill"] = shared.prefill_ms
+    sent = sum(z.numel() for z in latents.layers.values()) * WIRE_BYTES_PER_VALUE
     return prepared, sent

@@ -11,6 +11,19 @@ from lcflow.names import SELECTIONS
 
 ADAPTER_FORMAT_VERSION = 1
 ADAPTER_MODES = ("lcf", "lcfx", "c2c")
+# An adapter directory's weight files: LCF and LCF-X have two halves, the sharer service loads the
+# encoder and the receiver service the decoder; C2C has one fuser, which only the receiver loads
+# (its sharer sends its own KV).
+ENCODER_FILE, DECODER_FILE, FUSER_FILE = "encoder.safetensors", "decoder.safetensors", "fuser.safetensors"
+
+
+def service_half_file(mode: str, role: str) -> str | None:
+    """The weight file a `role` ("sharer" / "receiver") service loads for an adapter of `mode`."""
+    if mode == "c2c":
+        return None if role == "sharer" else FUSER_FILE
+    return ENCODER_FILE if role == "sharer" else DECODER_FILE
+
+
 PACKETS = ("slots", "spans", "bridge")
 # bridge: how the selected text is cut into the receiver's tokens (lcflow.adapter.bridge)
 BRIDGE_TOKENS = ("whole", "within-sharer")
@@ -60,6 +73,9 @@ class AdapterConfig:
     # before reading them: the reader was trained on real embeddings, and the translator's small
     # residual errors cost more answers than its rare wrong tokens (docs/lcfx.md, section 9).
     bridge_snap: bool = False
+    # c2c: the sharer's RoPE (lcflow.kv.StoredRope.to_dict), recorded at training: a receiver
+    # service re-rotates the sharer's keys at its own positions without the sharer model.
+    sharer_rope: dict = field(default_factory=dict)
     dtype: str = "float32"  # dtype the weights are stored in
     format_version: int = ADAPTER_FORMAT_VERSION
     training: dict = field(default_factory=dict)  # provenance: task, steps, seed, loss, time

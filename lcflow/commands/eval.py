@@ -49,6 +49,8 @@ PAIRS: dict[str, tuple[str, str]] = {
     "gemma3-to-smollm2": ("gemma3-270m", "smollm2-135m-instruct"),
     # Two agents on one base model with different contexts: the paper's cross-context setting.
     "gemma3-to-gemma3": ("gemma3-270m", "gemma3-270m"),
+    # The same for SmolLM2: the reader half of the Gemma3 -> SmolLM2 bridge is trained on it.
+    "smollm2-to-smollm2": ("smollm2-135m-instruct", "smollm2-135m-instruct"),
 }
 ADAPTER_MODES = {"c2c": "c2c", "lcf": "lcf", "lcfx": "lcfx", "lcfx-pruned": "lcfx", "lcfx-wrong": "lcfx"}
 # Methods that run another method's adapter: the wrong-packet control must use lcfx's own.

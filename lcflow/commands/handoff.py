@@ -25,7 +25,9 @@ def register(subparsers) -> None:
     source.add_argument("--session", help="id of a context the sharer already holds (OpenSession)")
     p.add_argument("--prompt", required=True, help="what the receiver is asked")
     p.add_argument("--receiver-context", default="", help="text the receiver sees on its own")
-    p.add_argument("--mode", choices=list(MODE_NAMES), default="lcfx", help="lcf, lcfx, text or none")
+    p.add_argument(
+        "--mode", choices=list(MODE_NAMES), default="lcfx", help="lcf, lcfx, c2c (the baseline), text or none"
+    )
     p.add_argument(
         "--adapter",
         default="",

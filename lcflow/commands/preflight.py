@@ -14,8 +14,6 @@ from pathlib import Path
 from lcflow.cli import UsageError
 
 # How a sharer / receiver service uses an adapter: the half it loads, and its role in the identity check.
-HALVES = {"sharer": ("encoder", "encoder.safetensors"), "receiver": ("decoder", "decoder.safetensors")}
-SERVED_MODES = ("lcf", "lcfx")
 
 
 def looks_like_path(name: str) -> bool:
@@ -60,7 +58,7 @@ def _stand_in(model_dir: str):
 def check_adapter(adapter_dir: str, role: str, model: str = "", model_dir: str = "") -> None:
     """A service's --adapter: a directory with a readable config of a mode the services serve, the
     half this role loads, and (when the model is a local directory) trained for this model."""
-    from lcflow.adapter.config import AdapterConfig
+    from lcflow.adapter.config import AdapterConfig, service_half_file
 
     path = Path(adapter_dir).expanduser()
     if not path.is_dir():
@@ -74,16 +72,16 @@ def check_adapter(adapter_dir: str, role: str, model: str = "", model_dir: str =
         raise UsageError(f"--adapter {adapter_dir} is not an adapter directory: {err}") from err
     except (ValueError, KeyError, TypeError) as err:  # bad JSON, another format version, missing fields
         raise UsageError(f"--adapter {adapter_dir}: its adapter_config.json cannot be used ({err})") from err
-    if config.mode not in SERVED_MODES:
+    filename = service_half_file(config.mode, role)
+    if filename is not None and not (path / filename).is_file():
         raise UsageError(
-            f"--adapter {adapter_dir} holds a {config.mode} adapter; the services serve "
-            f"{' and '.join(SERVED_MODES)} adapters (C2C runs in-process only: `lcflow eval`)"
-        )
-    part, filename = HALVES[role]
-    if not (path / filename).is_file():
-        raise UsageError(
-            f"--adapter {adapter_dir} has no {filename}, the {part} half a {role} loads; "
+            f"--adapter {adapter_dir} has no {filename}, the half a {role} loads; "
             "copy the whole adapter directory"
+        )
+    if config.mode == "c2c" and role == "receiver" and not config.sharer_rope:
+        raise UsageError(
+            f"--adapter {adapter_dir} is a C2C adapter without the sharer's RoPE (sharer_rope), which the "
+            "receiver needs; re-save it with lcflow.adapter.c2c.record_sharer_rope and the sharer model"
         )
     if model_dir and Path(model_dir).is_dir():
         from lcflow.kv import model_identity

@@ -63,9 +63,11 @@ from lcflow.transport.segments import (
 FORMAT_VERSION = 2  # the newest: 2 adds quantized payloads (Codec.quantization)
 SUPPORTED_FORMAT_VERSIONS = frozenset({1, 2})
 
-MODE_TO_PROTO = {"lcf": pb.LCF, "lcfx": pb.LCF_X, "text": pb.TEXT, "none": pb.NONE}
+MODE_TO_PROTO = {"lcf": pb.LCF, "lcfx": pb.LCF_X, "c2c": pb.C2C, "text": pb.TEXT, "none": pb.NONE}
 MODE_FROM_PROTO = {value: name for name, value in MODE_TO_PROTO.items()}
-LATENT_MODES = ("lcf", "lcfx")  # the modes that carry a latent payload
+LATENT_MODES = ("lcf", "lcfx", "c2c")  # the modes that carry a latent payload (C2C: the sharer's KV)
+# Same context: the receiver reads the sharer's context too, and the payload carries its token spans.
+SAME_CONTEXT_MODES = ("lcf", "c2c")
 
 
 def format_version(quantization: Quantization) -> int:

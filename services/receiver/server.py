@@ -3,7 +3,7 @@
 One `Receive` call carries one handoff (see proto/lcflow/v1/lcflow.proto):
 
     ReceiverRequest            the prompt, contexts, mode and generation settings
-    LatentHeader, chunks...    (LCF / LCF_X) the latents, verified chunk by chunk
+    LatentHeader, chunks...    (LCF / LCF_X / C2C) the latents, verified chunk by chunk
     LatentTrailer              totals and the whole-payload checksum
 
 and answers with TextDelta events as the answer is generated, then one HandoffSummary.
@@ -50,6 +50,7 @@ from lcflow.serving_adapters import AdapterRegistry, default_adapter_path, list_
 from lcflow.streaming import GenerationStream
 from lcflow.telemetry import current_trace_id
 from lcflow.transport import MODE_FROM_PROTO, PacketAssembler, WireLimits, WireStats, mode_name
+from lcflow.transport.wire import LATENT_MODES, SAME_CONTEXT_MODES
 
 log = logging.getLogger(__name__)
 
@@ -154,8 +155,8 @@ class ReceiverService(pb_grpc.ReceiverServicer):
         settings = generation_settings(request.generation)
         timings: dict[str, float] = {"queue": queue_ms}
         latents, stats, adapter_name = None, WireStats(), ""
-        if mode in ("lcf", "lcfx"):
-            if mode == "lcf":
+        if mode in LATENT_MODES:
+            if mode in SAME_CONTEXT_MODES:
                 check_text("context_text", request.context_text, self.config)
             engine, latents, stats, timings["transfer"], adapter_name = self._read_latents(
                 request, messages, held
@@ -190,7 +191,7 @@ class ReceiverService(pb_grpc.ReceiverServicer):
             timings["time_to_first_token"] = (result.first_token_at - started) * 1000
         timings["total"] = (time.perf_counter() - started) * 1000
         texts = {"prompt": prompt, "receiver_context": receiver_context}
-        texts.update({"context": request.context_text} if mode == "lcf" else {})
+        texts.update({"context": request.context_text} if mode in SAME_CONTEXT_MODES else {})
         texts.update({"message": request.text_message} if mode == "text" else {})
         log.info(
             "answered %s in %.0f ms: %s",
@@ -218,7 +219,7 @@ class ReceiverService(pb_grpc.ReceiverServicer):
         if first is None or first.WhichOneof("message") != "request":
             raise invalid("a Receive stream must open with a ReceiverRequest")
         if MODE_FROM_PROTO.get(first.request.mode) is None:
-            raise invalid("mode is unset: choose LCF, LCF_X, TEXT or NONE")
+            raise invalid("mode is unset: choose LCF, LCF_X, C2C, TEXT or NONE")
         return first.request
 
     @staticmethod
@@ -316,7 +317,8 @@ class ReceiverService(pb_grpc.ReceiverServicer):
         """Every tensor the header declares must be what this receiver's decoder takes: the
         adapter's retained layers, each one `latent` [1, rows, b] (rows = its m slots for LCF-X, at
         most m for a span packet, at most --max-context-tokens sharer tokens for LCF), plus LCF's
-        int32 `token_spans` [rows, 2].
+        int32 `token_spans` [rows, 2]. C2C: the sharer layers its fuser reads, each [1, rows,
+        2 H_s D_s] (the sharer's keys and values per token), plus the token spans.
 
         The wire format alone bounds the total size; this bounds every shape by what can be
         decoded, so a stream that would only fail inside the decoder (or allocate far more than
@@ -329,29 +331,32 @@ class ReceiverService(pb_grpc.ReceiverServicer):
                 f"{mode_name(request.mode)}; one stream carries one mode"
             )
         layers = [s.layer for s in header.segments if s.HasField("layer")]
-        if sorted(layers) != sorted(config.retained_layers):
+        # C2C carries the sharer layers its fuser reads; the latent modes one per retained receiver layer
+        expected = config.sharer_layers_needed() if mode == "c2c" else sorted(config.retained_layers)
+        if sorted(layers) != expected:
             raise invalid(
                 f"the header declares layers {sorted(layers)} but this receiver's adapter decodes "
-                f"layers {sorted(config.retained_layers)}"
+                f"layers {expected}"
             )
         rows_seen = set()
+        width = config.sharer.spec.kv_dim if mode == "c2c" else config.bottleneck
         for segment in header.segments:
             what = f"layer {segment.layer}" if segment.HasField("layer") else "the shared segment"
             specs = {t.name: (t.dtype, tuple(t.shape)) for t in segment.tensors}
             if segment.HasField("layer"):
                 dtype, shape = specs.get("latent", ("", ()))
                 if set(specs) != {"latent"} or dtype not in FLOAT_DTYPES or len(shape) != 3:
-                    raise invalid(f"{what}: expected one float tensor 'latent' [1, rows, b], got {specs}")
-                if shape[0] != 1 or shape[2] != config.bottleneck:
+                    raise invalid(f"{what}: expected one float tensor 'latent' [1, rows, width], got {specs}")
+                if shape[0] != 1 or shape[2] != width:
                     raise invalid(
                         f"{what}: latent shape {list(shape)} does not fit this adapter "
-                        f"(expected [1, rows, {config.bottleneck}])"
+                        f"(expected [1, rows, {width}])"
                     )
                 rows_seen.add(shape[1])
-            elif mode != "lcf" or set(specs) != {"token_spans"}:
-                raise invalid(
-                    f"{what}: {mode} carries no shared tensors except LCF's token_spans, got {specs}"
-                )
+            elif mode not in SAME_CONTEXT_MODES:
+                raise invalid(f"{what}: {mode_name(request.mode)} carries no shared tensors, got {specs}")
+            elif set(specs) != {"token_spans"}:
+                raise invalid(f"{what}: {mode_name(request.mode)} shares only token_spans, got {specs}")
         rows = rows_seen.pop() if len(rows_seen) == 1 else None
         if rows is None:
             raise invalid(f"the layers declare different numbers of rows {sorted(rows_seen)}; all must agree")
@@ -364,16 +369,18 @@ class ReceiverService(pb_grpc.ReceiverServicer):
                 )
         elif mode == "lcfx" and rows != config.slots:
             raise invalid(f"LCF-X latents have {rows} rows but this adapter pools into {config.slots} slots")
-        if mode == "lcf":
+        if mode in SAME_CONTEXT_MODES:
             if not 0 < rows <= self.config.max_context_tokens:
                 raise invalid(
-                    f"LCF latents for {rows} sharer tokens: allowed 1..{self.config.max_context_tokens} "
-                    "(--max-context-tokens)"
+                    f"{mode_name(request.mode)} latents for {rows} sharer tokens: allowed "
+                    f"1..{self.config.max_context_tokens} (--max-context-tokens)"
                 )
             shared = [s for s in header.segments if not s.HasField("layer")]
             spans = {t.name: (t.dtype, tuple(t.shape)) for t in shared[0].tensors} if shared else {}
             if spans != {"token_spans": ("int32", (rows, 2))}:
-                raise invalid(f"LCF needs one int32 token_spans [{rows}, 2] shared tensor, got {spans}")
+                raise invalid(
+                    f"{mode_name(request.mode)} needs one int32 token_spans [{rows}, 2] shared tensor, got {spans}"
+                )
 
     def _prepare(self, engine, mode, prompt, receiver_context, request, latents) -> PreparedInput:
         receiver = engine.receiver
@@ -382,6 +389,8 @@ class ReceiverService(pb_grpc.ReceiverServicer):
         with self.tracer.start_as_current_span("receiver.prefill") as span:
             if mode == "lcf":
                 prepared = receiver.prepare_lcf(latents, request.context_text, prompt)
+            elif mode == "c2c":
+                prepared = receiver.prepare_c2c(latents, request.context_text, prompt)
             elif mode == "lcfx":
                 prepared = receiver.prepare_lcfx(latents, prompt, receiver_context)
             elif mode == "text":

@@ -61,6 +61,7 @@ from lcflow.serving_adapters import (
 )
 from lcflow.sessions import SessionNotFound, SessionStore, SessionTooLarge
 from lcflow.transport import MODE_FROM_PROTO, CodecConfig, PacketWriter, TensorSpec
+from lcflow.transport.wire import LATENT_MODES, SAME_CONTEXT_MODES
 from services.receiver.server import SERVICE_NAME as RECEIVER_SERVICE
 from services.receiver.server import identity_id
 
@@ -293,7 +294,7 @@ class SharerService(pb_grpc.SharerServicer):
         handoff_span = trace.get_current_span()  # taken before the first yield
         mode = MODE_FROM_PROTO.get(request.mode)
         if mode is None:
-            raise invalid("mode is unset: choose LCF, LCF_X, TEXT or NONE")
+            raise invalid("mode is unset: choose LCF, LCF_X, C2C, TEXT or NONE")
         prompt = check_text("prompt", prompt_of(request), self.config)
         receiver_context = check_text(
             "receiver_context", request.receiver_context, self.config, required=False
@@ -301,7 +302,7 @@ class SharerService(pb_grpc.SharerServicer):
         generation_settings(request.generation)  # refuse bad settings before any work
         timings: dict[str, float] = {"queue": queue_ms}  # plus the receiver's, in _final_summary
         shared, context_text, choice = None, "", None
-        if mode in ("lcf", "lcfx"):
+        if mode in LATENT_MODES:
             choice = self._choose_adapter(request, mode)
             engine = held.enter_context(self.adapters.lease(choice.entry))
             engine.require_adapter(mode)
@@ -313,7 +314,7 @@ class SharerService(pb_grpc.SharerServicer):
             context_text = self._context_text(request)
         receiver_request = pb.ReceiverRequest(
             receiver_context=receiver_context,
-            context_text=context_text if mode == "lcf" else "",
+            context_text=context_text if mode in SAME_CONTEXT_MODES else "",
             mode=request.mode,
             generation=request.generation,
             request_id=request.request_id,
@@ -388,7 +389,7 @@ class SharerService(pb_grpc.SharerServicer):
         for name, value in timings.items():
             setattr(merged.timings, name, value)
         merged.timings.queue = timings["queue"] + summary.timings.queue  # waited on both services
-        if stream.mode in ("lcf", "lcfx"):
+        if stream.mode in LATENT_MODES:
             merged.timings.encode, merged.timings.pack = stream.encode_ms, stream.pack_ms
             # The receiver timed the whole latent window (header to trailer); the part not spent
             # encoding, packing or unpacking is the network and gRPC's own time.
@@ -438,7 +439,7 @@ class _LatentStream:
     def messages(self):
         try:
             yield pb.LatentMessage(request=self.request)
-            if self.mode in ("lcf", "lcfx"):
+            if self.mode in LATENT_MODES:
                 yield from self._latents()
         except Exception as err:  # reported by Handoff; ending the stream makes the receiver stop
             # (GeneratorExit is not caught: it means gRPC closed this stream, not that it failed)
@@ -460,24 +461,28 @@ class _LatentStream:
                     )
                 self.encode_ms += (time.perf_counter() - begin) * 1000
             rows = engine.sharer.latent_rows(self.shared, positions)
-            spec = {
-                "latent": TensorSpec(str(WIRE_DTYPE).removeprefix("torch."), (1, rows, config.bottleneck))
-            }
+            # C2C sends the sharer's KV of the layers its fuser reads; the others, latents per receiver layer
+            width, wire_layers = (
+                (engine.adapter.encoder.width(), engine.adapter.encoder.layers)
+                if self.mode == "c2c"
+                else (config.bottleneck, config.retained_layers)
+            )
+            spec = {"latent": TensorSpec(str(WIRE_DTYPE).removeprefix("torch."), (1, rows, width))}
             writer = PacketWriter(
                 mode=self.mode,
                 adapter_id=engine.adapter_id,
                 sharer_id=identity_id(engine.identity),
                 receiver_id=identity_id(config.receiver),
-                layer_specs={t: spec for t in config.retained_layers},
+                layer_specs={t: spec for t in wire_layers},
                 shared_specs={"token_spans": TensorSpec.of(self.shared.spans)}
-                if self.mode == "lcf"
+                if self.mode in SAME_CONTEXT_MODES
                 else None,
                 codec=self.service.codec,
                 # the receiver picks the same adapter by this name (resolved inside its --adapters)
                 meta={"adapter": self.adapter_wire_name} if self.adapter_wire_name else None,
             )
             yield writer.header()
-            if self.mode == "lcf":
+            if self.mode in SAME_CONTEXT_MODES:
                 yield from writer.shared({"token_spans": self.shared.spans})
             layers = engine.sharer.encode_layers(
                 self.shared, self.receiver_text, question=self.request.prompt_text, positions=positions
@@ -497,7 +502,7 @@ class _LatentStream:
             stats = writer.stats
             self.pack_ms = stats.serialise_ms + stats.codec_ms
             span.set_attribute("lcflow.adapter", self.adapter_name)
-            span.set_attribute("lcflow.layers", len(config.retained_layers))
+            span.set_attribute("lcflow.layers", len(wire_layers))
             span.set_attribute("lcflow.tokens.context", self.context_tokens)
             span.set_attribute("lcflow.bytes.raw", stats.bytes_raw)
             span.set_attribute("lcflow.bytes.wire", stats.bytes_wire)
