@@ -95,7 +95,7 @@ def handoff_request(
     """The HandoffRequest for these options. The sharer's context is `session_id` (an open
     session, `open_session` / `session`) or else `context`; `mode` is one of MODE_NAMES;
     `adapter` names one inside the services' --adapters (unset: their --adapter when its mode is
-    `mode`, else the first of that mode; the summary's `adapter` says which ran)."""
+    `mode`, else their best-measured one of that mode; the summary's `adapter` says which ran)."""
     if mode not in MODE_NAMES:
         raise ValueError(f"mode must be one of {list(MODE_NAMES)}, not {mode!r}")
     generation = pb.GenerationSettings(

@@ -9,12 +9,12 @@ loaded with the model) and the subdirectories of `--adapters DIR`, one adapter e
 `AdapterRegistry` keeps them for a service:
 
 - it lists every adapter from its config and its files' headers (never by loading weights), and
-  marks one that cannot serve this model unusable, with the reason: another model, a mode the
-  services do not serve, a missing half, a config it cannot read, too large for the bound;
+  marks one that cannot serve this model unusable, with the reason: another model, a missing
+  half, a config it cannot read, too large for the bound;
 - `pick` chooses one for a request: the one it names (INVALID_ARGUMENT for a name that is not a
   plain name or leads out of the directory, NOT_FOUND naming the available ones for an unknown
   one, FAILED_PRECONDITION for an unusable one), or by the request's mode: the default if it has
-  that mode, else the first usable adapter of that mode by name;
+  that mode, else the usable adapter of that mode with the best model-card EM (then by name);
 - `lease` holds one for a handoff, loading it first if needed; while the loaded halves together
   exceed --adapter-memory-mb the least recently used are evicted, never one a handoff holds,
   nor the default (it is part of the loaded model).
@@ -200,8 +200,8 @@ class _Entry:
 @dataclass
 class Choice:
     """The adapter a request runs with, and how it was chosen: "request" (it named it),
-    "default" (the service's --adapter has the requested mode) or "mode" (the first usable
-    adapter of the requested mode by name)."""
+    "default" (the service's --adapter has the requested mode) or "mode" (the usable adapter
+    of the requested mode that measured best, `AdapterRegistry.candidates`)."""
 
     entry: _Entry
     how: str
@@ -393,12 +393,18 @@ class AdapterRegistry:
 
     def candidates(self, mode: str) -> list[_Entry]:
         """The usable adapters of `mode` in the order a request naming none tries them: the
-        default first, then the others by name."""
+        default first, then the others by their model card's exact match, best first (an
+        adapter without a card last), then by name. Why the card: a directory such as adapters/
+        holds several adapters of one mode for a pair (a pruned copy, an older design), and a
+        request that names none should get the one that measured best, not the first letter."""
         with self._lock:
             self._scan()
             ordered = [self.default] if self.default is not None else []
-            ordered += [e for _, e in sorted(self._entries.items()) if e is not self.default]
-            return [e for e in ordered if e.info.usable and e.info.mode == mode]
+            others = sorted(
+                (e for e in self._entries.values() if e is not self.default),
+                key=lambda e: (e.info.card_em is None, -(e.info.card_em or 0.0), e.info.name),
+            )
+            return [e for e in ordered + others if e.info.usable and e.info.mode == mode]
 
     def pick(self, name: str, mode: str, fits: Callable[[AdapterInfo], bool] | None = None) -> Choice:
         """The adapter for a request of `mode` naming `name` (or none). `fits(info)`: whether it

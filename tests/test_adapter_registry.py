@@ -359,6 +359,25 @@ def receiver_registry(tiny_pair, root, limit_bytes: int) -> AdapterRegistry:
     return registry
 
 
+def test_naming_none_gets_the_adapter_whose_card_measured_best(tiny_pair, tmp_path):
+    """Several adapters of one mode for one pair (a pruned copy, an older design): a request that
+    names none gets the best model-card EM, not the first name; without cards, by name."""
+    for name, em in (("a-no-card", None), ("b-weak", 0.2), ("c-best", 0.6), ("d-no-card", None)):
+        tiny_adapter_dir(tiny_pair, tmp_path / name, "lcfx")
+        if em is not None:
+            card = {"eval": {"method": "lcfx"}, "results": {"lcfx": {"em": em}}}
+            (tmp_path / name / "model_card.json").write_text(json.dumps(card))
+    registry = receiver_registry(tiny_pair, tmp_path, 512 << 20)
+    assert [e.info.name for e in registry.candidates("lcfx")] == [
+        "c-best",
+        "b-weak",
+        "a-no-card",
+        "d-no-card",
+    ]
+    choice = registry.pick("", "lcfx")
+    assert choice.name == "c-best" and choice.how == "mode"
+
+
 def lease_once(registry: AdapterRegistry, name: str) -> None:
     with registry.lease(registry.resolve(name)) as engine:
         assert engine.adapter is not None

@@ -33,7 +33,7 @@ def register(subparsers) -> None:
         default="",
         metavar="NAME",
         help="adapter to use, by name, from the services' --adapters (default: their --adapter when it "
-        "has --mode, else their first adapter of that mode; the summary says which ran)",
+        "has --mode, else their adapter of that mode with the best model-card EM; the summary says which ran)",
     )
     p.add_argument("--max-new-tokens", type=int, default=64, help="longest answer, in tokens")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
