@@ -86,30 +86,37 @@ def test_shipped_adapter_reproduces_its_card(card_path, real_models):
         assert em - wrong_em >= 0.1, f"right packet EM {em:.3f} vs another sample's packet {wrong_em:.3f}"
 
 
-@pytest.mark.parametrize("name", ["smollm2-to-gemma3-lcfx", "smollm2-to-gemma3-lcfx-bridge"])
-def test_real_pair_through_the_services(real_pair, name):
-    """Both services in this process with the real models and a shipped LCF-X adapter (the
-    bridge's sharer loads the receiver's tokenizer by its name)."""
-    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
-    from test_services import Pair
+@pytest.mark.parametrize(
+    "name, mode, task",
+    [
+        ("smollm2-to-gemma3-lcfx", "lcfx", "facts-cross"),
+        ("smollm2-to-gemma3-lcfx-bridge", "lcfx", "facts-cross"),
+        ("smollm2-to-gemma3-c2c", "c2c", "facts-same"),
+    ],
+)
+def test_real_pair_through_the_services(real_pair, name, mode, task):
+    """Both services in this process with the real models and a shipped adapter (the bridge's
+    sharer loads the receiver's tokenizer by its name; C2C's receiver re-rotates SmolLM2's keys
+    with the RoPE its config records), each beside TEXT."""
+    from helpers import running_services
+
+    from lcflow.client import HandoffClient
+    from lcflow.tasks import question_prompt
 
     if not (ADAPTERS / name / "adapter_config.json").is_file():
         pytest.skip(f"adapters/{name} is not shipped yet")
-    pair = Pair(real_pair, ADAPTERS / name, "lcfx", InMemorySpanExporter())
-    try:
-        sample = get_task("facts-cross").samples("test", 1, seed=0)[0]
-        from lcflow.tasks import question_prompt
-
-        for mode in ("lcfx", "text"):
-            result = pair.client.handoff(
-                question_prompt(sample.question),
-                mode=mode,
-                context=sample.sharer_context,
-                receiver_context=sample.receiver_context,
-                max_new_tokens=6,
-            )
-            assert result.answer.strip() and "".join(result.deltas) == result.answer
-            assert result.summary.timings.time_to_first_token > 0
-        assert result.summary.bytes_wire > 0
-    finally:
-        pair.stop()
+    sample = get_task(task).samples("test", 1, seed=0)[0]
+    with running_services(real_pair, str(ADAPTERS / name)) as services:
+        with HandoffClient(services.sharer, timeout_s=300) as client:
+            for handoff_mode in (mode, "text"):
+                result = client.handoff(
+                    question_prompt(sample.question),
+                    mode=handoff_mode,
+                    context=sample.sharer_context,
+                    receiver_context=sample.receiver_context,
+                    max_new_tokens=6,
+                )
+                assert result.answer.strip() and "".join(result.deltas) == result.answer
+                assert result.summary.timings.time_to_first_token > 0
+                if handoff_mode == mode:
+                    assert result.summary.adapter == name and result.summary.bytes_wire > 0
