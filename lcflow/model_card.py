@@ -2,6 +2,8 @@
 
     python -m lcflow.model_card adapters/smollm2-to-gemma3-lcfx --eval runs/cross/results.json \
         --method lcfx --command "bash scripts/build_adapters.sh"
+    python -m lcflow.model_card adapters/smollm2-to-gemma3-lcf --method lcf \
+        --codec-eval bf16=runs/b/results.json --codec-eval int8=... --codec-eval int4=...
 
 The card records the pair, the training provenance (from adapter_config.json), the exact eval
 it was measured with (task, split, seed, n, max_new_tokens) and the result with its 95% CI,
@@ -15,6 +17,42 @@ import json
 from pathlib import Path
 
 CARD_JSON = "model_card.json"
+# The wire codecs a card may choose, smallest last; "none" is bf16 (lcflow.transport.quantize).
+CODECS_BY_SIZE = ("none", "int8", "int4")
+CODEC_TOLERANCE = 0.01  # the issue's rule: the smallest codec within 1 EM point of bf16
+
+
+def choose_codec(em: dict[str, float], tolerance: float = CODEC_TOLERANCE) -> str:
+    """The smallest codec whose EM is within `tolerance` of bf16's ("none"), of those measured."""
+    if "none" not in em:
+        raise SystemExit("choosing a codec needs the bf16 eval (--codec-eval bf16=...)")
+    within = [c for c in CODECS_BY_SIZE if c in em and em[c] >= em["none"] - tolerance - 1e-9]
+    return within[-1]
+
+
+def add_codec(adapter_dir: Path, method: str, evals: dict[str, Path]) -> dict:
+    """Record in the adapter's card the codec its measurements choose: EM of `method` per codec
+    (`lcflow eval --wire` results on the same samples), the rule, and the choice, which a sharer
+    with --quantize card (the default) sends this adapter's latents with."""
+    path = adapter_dir / CARD_JSON
+    card = json.loads(path.read_text())
+    em, meta = {}, {}
+    for codec, results_path in evals.items():
+        results = json.loads(Path(results_path).read_text())
+        row = next((r for r in results["summary"] if r["method"] == method), None)
+        if row is None:
+            raise SystemExit(f"{results_path} has no {method!r} row")
+        em["none" if codec == "bf16" else codec] = row["em"]
+        meta = {"task": results["meta"].get("task"), "n": row["n"], "seed": results["meta"].get("seed")}
+    card["codec"] = {
+        "default": choose_codec(em),
+        "rule": f"the smallest codec within {CODEC_TOLERANCE * 100:g} EM point of bf16 (none = bf16)",
+        "em": em,
+        **meta,
+    }
+    path.write_text(json.dumps(card, indent=2) + "\n")
+    (adapter_dir / "README.md").write_text(render_markdown(card))
+    return card["codec"]
 
 
 def build_card(
@@ -134,6 +172,17 @@ def render_markdown(card: dict) -> str:
             f"| {name} | {row['n']} | {row['em']:.3f} [{em_lo:.3f}, {em_hi:.3f}] | "
             f"{row['f1']:.3f} [{f1_lo:.3f}, {f1_hi:.3f}] |"
         )
+    if card.get("codec"):
+        codec = card["codec"]
+        measured = ", ".join(f"{'bf16' if c == 'none' else c} {e:.3f}" for c, e in codec["em"].items())
+        lines += [
+            "",
+            "## Wire codec",
+            "",
+            f"Sent as **{'bf16' if codec['default'] == 'none' else codec['default']}** by a sharer with "
+            f"`--quantize card` (the default): {codec['rule']}. EM on {codec['task']} (n={codec['n']}, "
+            f"the same samples for each): {measured}.",
+        ]
     if card.get("packet_diagnostics"):
         from lcflow.crosscontext.diagnostics import markdown
 
@@ -166,7 +215,7 @@ def main() -> None:
         description="Write model_card.json and README.md into an adapter directory."
     )
     parser.add_argument("adapter", type=Path, help="the adapter directory")
-    parser.add_argument("--eval", type=Path, required=True, help="results.json written by `lcflow eval`")
+    parser.add_argument("--eval", type=Path, help="results.json written by `lcflow eval` (writes the card)")
     parser.add_argument(
         "--method", required=True, help="which eval row is this adapter's (lcf, lcfx, lcfx-pruned, c2c)"
     )
@@ -176,9 +225,23 @@ def main() -> None:
     parser.add_argument(
         "--diagnostics", type=Path, help="diagnostics.json written by `lcflow bench packets` (span packets)"
     )
+    parser.add_argument(
+        "--codec-eval",
+        action="append",
+        default=[],
+        metavar="CODEC=RESULTS",
+        help="results.json of `lcflow eval --wire CODEC` (bf16, int8, int4; the same samples): record "
+        "in the existing card the smallest codec within 1 EM point of bf16",
+    )
     args = parser.parse_args()
-    card = write_card(args.adapter, args.eval, args.method, args.command, args.diagnostics)
-    print(json.dumps(card["results"][args.method]))
+    if args.eval is None and not args.codec_eval:
+        parser.error("give --eval (write the card) and/or --codec-eval (choose its wire codec)")
+    if args.eval is not None:
+        card = write_card(args.adapter, args.eval, args.method, args.command, args.diagnostics)
+        print(json.dumps(card["results"][args.method]))
+    if args.codec_eval:
+        evals = dict(item.split("=", 1) for item in args.codec_eval)
+        print(json.dumps(add_codec(args.adapter, args.method, evals)))
 
 
 if __name__ == "__main__":

@@ -35,6 +35,9 @@ DEFAULT_RUNGS = (
 
 # How a sharer sends latents (lcflow.transport.quantize, `--quantize`): as they are, or quantized.
 QUANTIZATIONS = ("none", "int8", "int4")
+# The sharer's `--quantize` setting: one of those, or "card": each adapter's model card names the
+# smallest codec measured within 1 EM point of bf16 for it (model_card.json "codec"), none without.
+QUANTIZE_SETTINGS = ("card", *QUANTIZATIONS)
 
 # `lcflow eval --wire`: the latents' number format on the way to the receiver (lcflow.evaluation)
 WIRE_FORMS = ("exact", "bf16", "int8", "int4")

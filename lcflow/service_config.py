@@ -12,7 +12,7 @@ import os
 import re
 from dataclasses import dataclass, fields
 
-from lcflow.names import QUANTIZATIONS
+from lcflow.names import QUANTIZE_SETTINGS
 
 ROLES = ("sharer", "receiver")
 DEFAULT_PORTS = {"sharer": 50051, "receiver": 50052}
@@ -43,9 +43,10 @@ class ServiceConfig:
     session_memory_mb: int = 1024
     shutdown_grace_s: float = 30.0
     zstd_level: int = 1  # measured: higher levels gain nothing on float latents and are slower
-    # sharer only: "none", "int8" or "int4" (lcflow.transport.quantize); the default stays "none"
-    # until the shipped adapters' accuracy with each is measured
-    quantize: str = "none"
+    # sharer only: "card" (each adapter's model card names its codec, measured: see
+    # docs/results/codecs; "none" for an adapter whose card names none), or "none", "int8" or
+    # "int4" for every adapter (lcflow.transport.quantize)
+    quantize: str = "card"
     log_level: str = "INFO"
     log_content: bool = False  # prompts, contexts and answers stay out of the logs unless asked
     # This server's own TLS and token (lcflow.security.ServerSecurity).
@@ -72,8 +73,8 @@ class ServiceConfig:
             raise ValueError(f"--max-concurrent must be at least 1, not {self.max_concurrent}")
         if self.max_queue < 0:
             self.max_queue = 2 * self.max_concurrent
-        if self.quantize not in QUANTIZATIONS:
-            raise ValueError(f"--quantize must be one of {', '.join(QUANTIZATIONS)}, not {self.quantize!r}")
+        if self.quantize not in QUANTIZE_SETTINGS:
+            raise ValueError(f"--quantize must be one of {', '.join(QUANTIZE_SETTINGS)}, not {self.quantize!r}")
         if self.adapter_memory_mb <= 0:
             raise ValueError(f"--adapter-memory-mb must be positive, not {self.adapter_memory_mb}")
         security = self.server_security()  # raises on a half-given TLS setting
@@ -223,9 +224,10 @@ HELP = {
     "session_memory_mb": "memory bound over all sharer sessions; least recently used are evicted first",
     "shutdown_grace_s": "on SIGTERM, seconds to let in-flight handoffs finish",
     "zstd_level": "sharer only: zstd level of the latent stream",
-    "quantize": "sharer only: latents on the wire as none (bf16), int8 (one scale per row; an LCF packet "
-    "~2x smaller) or int4 (one scale per 64 elements; ~4.2x smaller); int8 and int4 need receivers "
-    "that read latent format version 2",
+    "quantize": "sharer only: latents on the wire as card (each adapter's model card names the smallest "
+    "codec measured within 1 EM point of bf16 for it; bf16 where it names none), none (bf16), int8 (one "
+    "scale per row; an LCF packet ~2x smaller) or int4 (one scale per 64 elements; ~4.2x smaller); int8 "
+    "and int4 need receivers that read latent format version 2",
     "log_level": "DEBUG, INFO, WARNING or ERROR",
     "log_content": "let prompts, contexts and answers appear in the logs (off: only their sizes do)",
     "tls_cert": "serve TLS with this certificate (PEM; `lcflow certs make`); re-read on change or SIGHUP",

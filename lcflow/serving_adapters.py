@@ -37,6 +37,7 @@ import grpc
 
 from lcflow.adapter.config import CONFIG_NAME, AdapterConfig, AdapterMismatchError, service_half_file
 from lcflow.kv import ModelIdentity
+from lcflow.names import QUANTIZATIONS
 from lcflow.proto_gen.lcflow.v1 import lcflow_pb2 as pb
 from lcflow.serving import ServiceError, adapter_id, invalid
 
@@ -115,6 +116,7 @@ class AdapterInfo:
     size_bytes: int = 0  # all weight files, on disk
     memory_bytes: int = 0  # this service's half, loaded (measured once it is)
     card_em: float | None = None
+    card_codec: str = "none"  # the wire codec its model card chose ("none": bf16, or no card)
     reason: str = ""
 
     @property
@@ -143,6 +145,17 @@ def card_em(directory: Path, mode: str) -> float | None:
         return None
 
 
+def card_codec(directory: Path) -> str:
+    """The quantization its model card chose for the wire (card "codec": {"default": ...}, the
+    smallest codec measured within 1 EM point of bf16); "none" without a card, a choice or a
+    known name, so that an unreadable card can only make the packet larger, never lossy."""
+    try:
+        chosen = json.loads((directory / CARD_NAME).read_text())["codec"]["default"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return "none"
+    return chosen if chosen in QUANTIZATIONS else "none"
+
+
 def inspect_adapter(directory: Path, name: str, role: str, identity: ModelIdentity | None) -> AdapterInfo:
     """What `directory` holds and whether a `role` service running `identity` can use it. Reads
     the config, the weight files' headers and the card; never raises for a bad directory."""
@@ -155,6 +168,7 @@ def inspect_adapter(directory: Path, name: str, role: str, identity: ModelIdenti
     info.mode, info.sharer, info.receiver = config.mode, config.sharer, config.receiver
     info.adapter_id = adapter_id(config.to_dict())
     info.card_em = card_em(directory, config.mode)
+    info.card_codec = card_codec(directory)
     try:
         weights = sorted(directory.glob("*.safetensors"))
         counts = {path.name: safetensors_parameters(path) for path in weights}

@@ -331,6 +331,39 @@ def test_quantized_handoff_through_both_services(tiny_pair, adapter_dirs, spans_
     assert spans[("lcflow-receiver", "receiver.unpack")].attributes["lcflow.quantization"] == scheme
 
 
+@pytest.mark.parametrize("quantize, sent", [("card", "int8"), ("none", "none"), ("int4", "int4")])
+def test_by_default_each_adapter_goes_with_the_codec_its_card_chose(
+    tiny_pair, tmp_path, tmp_path_factory, spans_exporter, quantize, sent
+):
+    """--quantize card (the default) sends an adapter's latents with the codec its model card
+    chose (model_card.json "codec"); a fixed --quantize overrides every card."""
+    import json
+    import shutil
+
+    directory = tmp_path / "carded"
+    shutil.copytree(services_adapter_dir(tiny_pair, tmp_path_factory, "lcfx"), directory)
+    (directory / "model_card.json").write_text(json.dumps({"codec": {"default": "int8"}}))
+    options = {} if quantize == "card" else {"quantize": quantize}
+    running = Pair(tiny_pair, directory, "lcfx", spans_exporter, **options)
+    try:
+        assert running.sharer_service.config.quantize == quantize
+        result = running.client.handoff(PROMPT, mode="lcfx", context=CONTEXT, max_new_tokens=2)
+    finally:
+        running.stop()
+    spans = trace_spans(spans_exporter, result.summary.trace_id)
+    assert spans[("lcflow-sharer", "sharer.stream")].attributes["lcflow.quantization"] == sent
+    assert spans[("lcflow-receiver", "receiver.unpack")].attributes["lcflow.quantization"] == sent
+
+
+def test_the_card_chooses_the_smallest_codec_within_one_point():
+    from lcflow.model_card import choose_codec
+
+    assert choose_codec({"none": 0.865, "int8": 0.865, "int4": 0.865}) == "int4"
+    assert choose_codec({"none": 0.82, "int8": 0.81, "int4": 0.62}) == "int8"  # exactly 1 point
+    assert choose_codec({"none": 0.82, "int8": 0.80, "int4": 0.81}) == "int4"  # by EM, not by order
+    assert choose_codec({"none": 0.82, "int8": 0.79}) == "none"
+
+
 @pytest.mark.parametrize("scheme, bound", [("int8", 0.01), ("int4", 0.1)])
 @pytest.mark.parametrize("mode", ["lcf", "lcfx"])
 def test_quantization_moves_the_first_token_logits_little(tiny_pair, adapter_dirs, mode, scheme, bound):

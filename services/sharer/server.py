@@ -11,6 +11,7 @@ measured in the same system.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import threading
@@ -121,7 +122,9 @@ class SharerService(pb_grpc.SharerServicer):
         self.engine = engine
         self.limit = ConcurrencyLimit(config.max_concurrent, config.max_queue)
         self.sessions = SessionStore(config.session_memory_mb << 20, config.session_ttl_s)
-        self.codec = CodecConfig(level=config.zstd_level, quantization=config.quantize)
+        # with --quantize card each handoff takes its adapter's codec (_codec_for)
+        quantization = "none" if config.quantize == "card" else config.quantize
+        self.codec = CodecConfig(level=config.zstd_level, quantization=quantization)
         self.adapters = AdapterRegistry.for_service(config, self._engine_with)
         self._receiver_model: str | None = None  # the receiver's model hash, as it last said
         self._receiver_model_until = 0.0
@@ -335,6 +338,7 @@ class SharerService(pb_grpc.SharerServicer):
         stream.context_text = context_text
         if choice is not None:
             stream.adapter_name, stream.adapter_wire_name = choice.name, choice.wire_name
+            stream.codec = self._codec_for(choice)
         call = self.receiver_stub().Receive(stream.messages(), timeout=context.time_remaining())
         context.add_callback(call.cancel)  # client gone: cancel downstream too
         first_token_at, summary = None, None
@@ -351,6 +355,13 @@ class SharerService(pb_grpc.SharerServicer):
                 raise stream.error from None
             raise
         return summary
+
+    def _codec_for(self, choice: Choice) -> CodecConfig:
+        """The wire codec for a handoff with this adapter: --quantize, or with "card" (the default)
+        the codec the adapter's model card chose (bf16 where it chose none)."""
+        if self.config.quantize != "card":
+            return self.codec
+        return dataclasses.replace(self.codec, quantization=choice.entry.info.card_codec)
 
     def _session(self, session_id: str):
         try:
@@ -435,6 +446,7 @@ class _LatentStream:
         self.context_text = ""  # for the log line (its size only, unless --log-content)
         self.adapter_name = ""  # the adapter that encodes, for the summary and the trace
         self.adapter_wire_name = ""  # the name passed on to the receiver (Choice.wire_name)
+        self.codec = service.codec  # the wire codec (SharerService._codec_for)
 
     def messages(self):
         try:
@@ -477,7 +489,7 @@ class _LatentStream:
                 shared_specs={"token_spans": TensorSpec.of(self.shared.spans)}
                 if self.mode in SAME_CONTEXT_MODES
                 else None,
-                codec=self.service.codec,
+                codec=self.codec,
                 # the receiver picks the same adapter by this name (resolved inside its --adapters)
                 meta={"adapter": self.adapter_wire_name} if self.adapter_wire_name else None,
             )
