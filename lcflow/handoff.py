@@ -245,17 +245,12 @@ class Receiver:
 
     def prepare_lcf(self, latents: Latents, context: str, prompt: str) -> PreparedInput:
         """Same context: prefill [context + prompt], then fuse the latents onto the context tokens."""
-        rendered = render_input(self.tokenizer, prompt, [context])
-        start = time.perf_counter()
-        cache = prefill(self.model, rendered.input_ids[:, :-1])
-        prefill_ms = _ms(start)
-        start = time.perf_counter()
-        positions, spans = context_token_range(rendered, context)
-        alignment = align_spans(latents.token_spans, spans)
-        aligned = {t: alignment.apply(z) for t, z in latents.layers.items()}
-        self.decoder.fuse(cache, self.rope, aligned, positions, alignment.covered)
-        timings = {"receiver_prefill": prefill_ms, "decode_kv": _ms(start)}
-        return PreparedInput(rendered.input_ids, cache, rendered.input_ids.shape[1], timings)
+
+        def fuse(cache, positions, alignment):
+            aligned = {t: alignment.apply(z) for t, z in latents.layers.items()}
+            self.decoder.fuse(cache, self.rope, aligned, positions, alignment.covered)
+
+        return self._prepare_same_context(latents, context, prompt, fuse)
 
     def prepare_c2c(
         self, latents: Latents, context: str, prompt: str, fuser=None, rope=None
@@ -268,17 +263,26 @@ class Receiver:
         from lcflow.adapter.c2c import aligned_sharer_kv  # the handoff imports the adapters lazily here
 
         fuser = fuser if fuser is not None else self.decoder
+
+        def fuse(cache, positions, alignment):
+            kv = fuser.sharer_kv(latents.layers)
+            aligned = aligned_sharer_kv(rope or fuser.sharer_rope(), kv, alignment, positions)
+            fuser.fuse(cache, aligned, positions, alignment.covered)
+
+        return self._prepare_same_context(latents, context, prompt, fuse)
+
+    def _prepare_same_context(self, latents: Latents, context: str, prompt: str, fuse) -> PreparedInput:
+        """LCF and C2C: prefill [context + prompt] (all but its last token), align the sharer's
+        tokens to the context's by character spans, then `fuse(cache, positions, alignment)` the
+        sharer's side into the context tokens' cache (timed as decode_kv)."""
         rendered = render_input(self.tokenizer, prompt, [context])
         start = time.perf_counter()
         cache = prefill(self.model, rendered.input_ids[:, :-1])
         prefill_ms = _ms(start)
         start = time.perf_counter()
         positions, spans = context_token_range(rendered, context)
-        alignment = align_spans(latents.token_spans, spans)
-        kv = fuser.sharer_kv(latents.layers)
-        aligned = aligned_sharer_kv(rope or fuser.sharer_rope(), kv, alignment, positions)
-        fuser.fuse(cache, aligned, positions, alignment.covered)
-        timings = {"receiver_prefill": prefill_ms, "decode_kv": _ms(start)}  # fusing is its decoding
+        fuse(cache, positions, align_spans(latents.token_spans, spans))
+        timings = {"receiver_prefill": prefill_ms, "decode_kv": _ms(start)}
         return PreparedInput(rendered.input_ids, cache, rendered.input_ids.shape[1], timings)
 
     def prepare_lcfx(self, latents: Latents, prompt: str, receiver_context: str = "") -> PreparedInput:

@@ -74,7 +74,9 @@ class ServiceConfig:
         if self.max_queue < 0:
             self.max_queue = 2 * self.max_concurrent
         if self.quantize not in QUANTIZE_SETTINGS:
-            raise ValueError(f"--quantize must be one of {', '.join(QUANTIZE_SETTINGS)}, not {self.quantize!r}")
+            raise ValueError(
+                f"--quantize must be one of {', '.join(QUANTIZE_SETTINGS)}, not {self.quantize!r}"
+            )
         if self.adapter_memory_mb <= 0:
             raise ValueError(f"--adapter-memory-mb must be positive, not {self.adapter_memory_mb}")
         security = self.server_security()  # raises on a half-given TLS setting

@@ -22,29 +22,15 @@ lcflow serve sharer --model smollm2-135m-instruct --adapters adapters --port "$S
 sharer=$!
 trap 'kill $sharer $receiver 2>/dev/null; wait 2>/dev/null' EXIT
 
+python scripts/wait_serving.py "$RECEIVER_PORT" "$SHARER_PORT"  # start-up is not measured
 python - "$RECEIVER_PORT" "$SHARER_PORT" "$N" "$OUT" "${N_TEXT:-3}" <<'PY'
-import json, sys, time
-
-import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+import json, sys
 
 from lcflow.client import HandoffClient
 from lcflow.metrics import exact_match, extract_answer
 from lcflow.tasks import get_task, question_prompt
 
 receiver_port, sharer_port, n, out, n_text = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4], int(sys.argv[5])
-for port in (receiver_port, sharer_port):  # both SERVING before the first handoff
-    stub = health_pb2_grpc.HealthStub(grpc.insecure_channel(f"127.0.0.1:{port}"))
-    for _ in range(300):
-        try:
-            if stub.Check(health_pb2.HealthCheckRequest(), timeout=2).status == 1:
-                break
-        except grpc.RpcError:
-            pass
-        time.sleep(1)
-    else:
-        sys.exit(f"service on port {port} never became SERVING")
-
 plan = {"facts-same": ("lcf", "c2c", "text", "none"), "facts-cross": ("lcfx", "text", "none")}
 records = []
 with HandoffClient(f"127.0.0.1:{sharer_port}", timeout_s=600) as client, open(f"{out}/handoffs.jsonl", "w") as f:

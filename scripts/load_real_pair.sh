@@ -24,21 +24,7 @@ sharer=$!
 trap 'kill $sharer $receiver 2>/dev/null; wait 2>/dev/null' EXIT
 
 # Both SERVING (grpc.health.v1) before the first handoff, so start-up is not counted as load.
-python - "$RECEIVER_PORT" "$SHARER_PORT" <<'PY'
-import sys, time, grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
-for port in sys.argv[1:]:
-    stub = health_pb2_grpc.HealthStub(grpc.insecure_channel(f"127.0.0.1:{port}"))
-    for _ in range(300):
-        try:
-            if stub.Check(health_pb2.HealthCheckRequest(), timeout=2).status == 1:
-                break
-        except grpc.RpcError:
-            pass
-        time.sleep(1)
-    else:
-        sys.exit(f"service on port {port} never became SERVING")
-PY
+python scripts/wait_serving.py "$RECEIVER_PORT" "$SHARER_PORT"
 
 lcflow bench load --sharer "127.0.0.1:$SHARER_PORT" --concurrency "$CONCURRENCY" --requests "$REQUESTS" \
   --mode lcfx --sharer-pid "$sharer" --receiver-pid "$receiver" --out "$OUT"
