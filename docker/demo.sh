@@ -6,7 +6,8 @@
 #
 # Exits non-zero when any step or check fails; 77 (and nothing else) when Docker cannot run here at
 # all (no dockerd, not root, dockerd does not start, no compose tool), so a test can skip. Checks: the demo container exits 0 and answered
-# every question in both modes, and one LCF-X handoff's trace has spans from all three of
+# every question of both parts (cross-context through LCF-X, same-context through LCF, each beside
+# TEXT, from one pair of services serving every adapter in the image), and one LCF-X handoff's trace has spans from all three of
 # lcflow-demo, lcflow-sharer and lcflow-receiver (the services print their spans to their logs).
 #
 # Kept between runs, so a second run is quick: the images (an unchanged rebuild is all cache)
@@ -20,13 +21,15 @@
 #   DEMO_TIMEOUT_S     longest wait for the demo container (default 3600)
 set -euo pipefail
 
-usage="usage: bash docker/demo.sh [--n N] [--out DIR] [--fresh]"
+usage="usage: bash docker/demo.sh [--n N] [--same-n N] [--out DIR] [--fresh]"
 n=""
+same_n=""
 out=""
 fresh=0
 while [ $# -gt 0 ]; do
   case "$1" in
     --n) n=$2; shift 2 ;;
+    --same-n) same_n=$2; shift 2 ;;
     --out) out=$2; shift 2 ;;
     --fresh) fresh=1; shift ;;
     -h | --help) echo "$usage"; exit 0 ;;
@@ -143,6 +146,7 @@ docker image inspect "$image" --format "image $image: user {{.Config.User}}, {{.
 compose=("${compose_tool[@]}" -p "$project" -f docker/compose.yaml)  # from here on, cleanup tears down
 export LCFLOW_BASE_IMAGE="$base_image"
 if [ -n "$n" ]; then export LCFLOW_DEMO_N="$n"; fi
+if [ -n "$same_n" ]; then export LCFLOW_DEMO_SAME_N="$same_n"; fi
 
 # `up -d` returns once every dependency condition held (models and certs done, receiver and
 # sharer healthy) and the demo container started; its own exit status comes from `docker wait`.
@@ -181,13 +185,20 @@ check() {  # check DESCRIPTION COMMAND...
   if "$@"; then echo "ok: $what"; else echo "FAILED: $what" >&2; failed=1; fi
 }
 check "demo container exit status 0" [ "$demo_status" = 0 ]
+# Cross-context questions go through LCF-X, same-context ones through LCF (the services serve
+# every adapter in the image), each beside TEXT; one summary line per part and mode.
+cross=$(grep -c '^ *LCFX: ' "$out/demo-output.txt" || true)
+same=$(grep -c '^ *LCF: ' "$out/demo-output.txt" || true)
 questions=$(grep -c '^question:' "$out/demo-output.txt" || true)
-check "the demo asked ${n:-its} questions ($questions)" [ "$questions" -gt 0 ]
-if [ -n "$n" ]; then check "as many as --n $n" [ "$questions" = "$n" ]; fi
-for mode in TEXT LCFX; do
-  check "a $mode answer for each question and in the summary" \
-    [ "$(grep -c " $mode: " "$out/demo-output.txt" || true)" = $((questions + 1)) ]
-done
+cross=$((cross > 0 ? cross - 1 : 0))
+same=$((same > 0 ? same - 1 : 0))
+parts=$(( (cross > 0) + (same > 0) ))
+check "the demo asked questions in both parts ($cross cross-context, $same same-context)" \
+  [ "$cross" -gt 0 -a "$same" -gt 0 -a "$questions" = $((cross + same)) ]
+if [ -n "$n" ]; then check "as many cross-context ones as --n $n" [ "$cross" = "$n" ]; fi
+if [ -n "$same_n" ]; then check "as many same-context ones as --same-n $same_n" [ "$same" = "$same_n" ]; fi
+check "a TEXT answer for each question and in each part's summary" \
+  [ "$(grep -c " TEXT: " "$out/demo-output.txt" || true)" = $((questions + parts)) ]
 trace=$(sed -n 's/^ *LCFX: .* trace \([0-9a-f]\{32\}\)$/\1/p' "$out/demo-output.txt" | head -n 1)
 check "an LCF-X handoff printed its trace id (${trace:-none})" [ -n "$trace" ]
 for service in demo sharer receiver; do

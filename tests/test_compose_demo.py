@@ -56,7 +56,7 @@ def compose_demo(tmp_path_factory):
         pytest.skip(reason)
     out = tmp_path_factory.mktemp("compose-demo")
     done = subprocess.run(
-        ["bash", str(DEMO), "--n", str(QUESTIONS), "--out", str(out)],
+        ["bash", str(DEMO), "--n", str(QUESTIONS), "--same-n", str(QUESTIONS), "--out", str(out)],
         capture_output=True,
         text=True,
         timeout=3600,
@@ -74,7 +74,7 @@ def compose_demo(tmp_path_factory):
 def test_compose_demo_answers_like_lcflow_demo(compose_demo):
     stdout, out = compose_demo
     output = (out / "demo-output.txt").read_text()
-    check_demo_output(output, questions=QUESTIONS)
+    check_demo_output(output, questions=QUESTIONS, same=QUESTIONS)  # LCF-X and LCF from one pair
     assert output in stdout, "demo.sh prints the demo's output"
     assert "services healthy; demo running" in stdout  # both gRPC health checks passed
     assert "== " in stdout and "tear down" in stdout

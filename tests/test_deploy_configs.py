@@ -41,6 +41,7 @@ K8S = ROOT / "deploy" / "k8s"
 CONTRACT_ENV = {
     "LCFLOW_MODEL",
     "LCFLOW_ADAPTER",
+    "LCFLOW_ADAPTERS",
     "LCFLOW_RECEIVER",
     "LCFLOW_HOST",
     "LCFLOW_PORT",
@@ -72,6 +73,7 @@ DTYPES = {"float32", "bfloat16", "float16"}
 DEMO_MODELS = {"sharer": "gemma3-270m", "receiver": "gemma3-270m"}
 DEMO_ADAPTER = "adapters/gemma3-to-gemma3-lcfx"  # in the repository; the image copies adapters/ here:
 DEMO_ADAPTER_IN_IMAGE = "/opt/lcflow/" + DEMO_ADAPTER
+ADAPTERS_IN_IMAGE = "/opt/lcflow/adapters"  # the services serve every adapter there (--adapters)
 # Kubernetes versions whose schemas the manifests must satisfy: the oldest we support and the
 # newest that kubernetes-validate 1.37 bundles.
 K8S_VERSIONS = ("1.30.0", "1.37.0")
@@ -410,7 +412,15 @@ def test_compose_services_and_order(compose):
     for name in DEMO_MODELS.values():
         assert f"lcflow models pull {name}" in models_cmd
     demo = services["demo"]
-    assert demo["command"] == ["demo", "--sharer", f"sharer:{PORTS['sharer']}", "--n", "${LCFLOW_DEMO_N:-8}"]
+    assert demo["command"] == [
+        "demo",
+        "--sharer",
+        f"sharer:{PORTS['sharer']}",
+        "--n",
+        "${LCFLOW_DEMO_N:-8}",
+        "--same-n",  # the services serve every adapter: same-context questions go through LCF
+        "${LCFLOW_DEMO_SAME_N:-4}",
+    ]
     assert {k: v["condition"] for k, v in demo["depends_on"].items()} == {
         "sharer": "service_healthy",
         "receiver": "service_healthy",
@@ -470,7 +480,8 @@ def test_compose_services_are_configured_by_environment(compose):
         assert env["LCFLOW_HOST"] == "0.0.0.0"
         assert env["LCFLOW_DEVICE"] in DEVICES and env["LCFLOW_DTYPE"] in DTYPES
         assert int(env["LCFLOW_MAX_CONCURRENT"]) >= 1
-        assert env["LCFLOW_ADAPTER"] == DEMO_ADAPTER_IN_IMAGE
+        assert env["LCFLOW_ADAPTERS"] == ADAPTERS_IN_IMAGE
+        assert f"{env['LCFLOW_ADAPTERS']}/{env['LCFLOW_ADAPTER']}" == DEMO_ADAPTER_IN_IMAGE
     assert _env(services["sharer"])["LCFLOW_RECEIVER"] == f"receiver:{PORTS['receiver']}"
     for name, service in services.items():
         if name != "jaeger":
@@ -685,7 +696,8 @@ def test_k8s_deployments_run_on_gpu_nodes_with_grpc_probes(k8s_objects):
         assert pod["terminationGracePeriodSeconds"] > 30
         assert env["LCFLOW_PORT"] == str(port)
         assert env["LCFLOW_MODEL"] == DEMO_MODELS[role]
-        assert env["LCFLOW_ADAPTER"] == DEMO_ADAPTER_IN_IMAGE
+        assert env["LCFLOW_ADAPTERS"] == ADAPTERS_IN_IMAGE
+        assert f"{env['LCFLOW_ADAPTERS']}/{env['LCFLOW_ADAPTER']}" == DEMO_ADAPTER_IN_IMAGE
         assert env["LCFLOW_DEVICE"] in DEVICES and env["LCFLOW_DTYPE"] in DTYPES
         assert env["LCFLOW_HOST"] == "0.0.0.0"
         assert env["LCFLOW_MODEL_CACHE"] == "/models"
