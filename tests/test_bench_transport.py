@@ -33,3 +33,39 @@ def test_bench_transport_writes_every_stage(tmp_path, capsys):
         assert result["raw_bytes"] == expected and result["wire_bytes"] > 0
         assert result["transport_overhead_ms"] > 0 and result["transport_vs_raw_grpc"] > 0
     assert "end-to-end" in capsys.readouterr().out
+
+
+LINK_FIELDS = {
+    "mode", "tokens", "codec", "default", "link", "raw_bf16_bytes", "wire_bytes",
+    "end_to_end_ms", "link_limit_ms", "raw_loopback_ms",
+}  # fmt: skip
+
+
+def test_link_records_over_loopback_and_an_emulated_link(tmp_path, capsys):
+    """--link: loopback and a 100 Mbit/s veth link to a namespace (tc tbf). The shaped link must
+    really limit: ~1 MB of bf16 latents cannot arrive sooner than the rate allows."""
+    from lcflow.bench.netns import why_rate_limit_unavailable
+
+    records_path = tmp_path / "links.json"
+    args = ["bench", "transport", "--tokens", "2048", "--dtype", "bfloat16", "--layers", "2", "--width", "128"]
+    args += ["--codec", "none", "--lcfx-slots", "0", "--repeats", "1", "--link", "loopback,100mbit"]
+    assert main([*args, "--json", str(records_path)]) == 0
+    records = json.loads(records_path.read_text())
+    why = why_rate_limit_unavailable()
+    assert [r["link"] for r in records] == (["loopback"] if why else ["loopback", "100mbit"])
+    for record in records:
+        assert LINK_FIELDS <= set(record) and record["mode"] == "lcf" and record["tokens"] == 2048
+        assert record["raw_bf16_bytes"] == 2 * 2048 * 128 * 2 + 2048 * 2 * 4  # latents + int32 spans
+        assert record["wire_bytes"] > 0 and record["end_to_end_ms"] > 0 and record["raw_loopback_ms"] > 0
+    if why:
+        assert "skipping the emulated links 100mbit" in capsys.readouterr().out
+        return
+    shaped = records[1]
+    at_line_rate_ms = shaped["wire_bytes"] * 8 / 100e6 * 1000
+    assert shaped["link_limit_ms"] >= at_line_rate_ms
+    assert shaped["end_to_end_ms"] >= 0.8 * at_line_rate_ms  # the bucket's 50 kB burst is ~5% of it
+
+
+def test_a_link_rate_that_is_not_one_is_refused_in_one_line(capsys):
+    assert main(["bench", "transport", "--link", "loopback,fast"]) == 2
+    assert "is not a tc rate" in capsys.readouterr().err

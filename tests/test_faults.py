@@ -25,7 +25,7 @@ import pytest
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from helpers import lcfx_stream, stop_processes
-from netns import two_hosts, why_netns_unavailable
+from lcflow.bench.netns import two_hosts, why_netns_unavailable
 
 from lcflow.adapter import LatentAdapter
 from lcflow.client import HandoffClient

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from netns import Host, two_hosts, why_netns_unavailable
+from lcflow.bench.netns import Host, two_hosts, why_netns_unavailable
 
 from lcflow.adapter import LatentAdapter
 from lcflow.kv import model_identity

@@ -17,6 +17,14 @@ Stages, each timed on its own (best and median of --repeats; MB/s from the best)
 
 Each case runs once per --quantize scheme (none, int8, int4: lcflow/transport/quantize.py).
 Both sides use grpc.aio.
+
+Links (`--link loopback,1gbit,100mbit`): besides loopback, the receiver end runs in a network
+namespace behind a veth pair shaped to each rate by tc's token bucket (lcflow.bench.netns; needs
+root, iproute2 and tbf: skipped with the reason otherwise). Over each link, every case is sent
+end to end and compared with the link's limit for the bytes actually sent, measured in the same
+run: wire bytes / rate + one round trip (a 1-byte call over the same link). `--delay` would add
+latency with netem, where the kernel has it (skipped with the reason where not). `--json PATH`
+writes one record per payload, codec and link (see `link_records`).
 MB/s are always raw tensor megabytes (1e6 bytes) per second, so stages compare directly.
 The server runs in its own process (spawned), as the receiver would, on 127.0.0.1.
 """
@@ -82,6 +90,8 @@ class TransportBenchConfig:
     width: int = 128  # the adapter bottleneck b
     lcfx_slots: int = 32  # LCF-X's fixed number of latent slots (0: skip LCF-X)
     keep_freed_memory: bool = True  # as the services do (lcflow/transport/memory.py), in both processes
+    links: list[str] = field(default_factory=lambda: ["loopback"])  # "loopback" or tc rates ("1gbit")
+    delay: str = ""  # added one-way delay (netem), e.g. "1ms"; "" for none
 
 
 # ---------------------------------------------------------------------------------------------- payloads
@@ -161,22 +171,27 @@ async def _raw_sink(request_iterator, context) -> bytes:
     return total.to_bytes(8, "little")
 
 
-async def _serve(connection) -> None:
+async def _serve(connection, host: str) -> None:
     server = grpc.aio.server()
     pb_grpc.add_ReceiverServicer_to_server(BenchReceiver(), server)
     raw = grpc.method_handlers_generic_handler(
         "lcflow.bench.RawLoopback", {"Sink": grpc.stream_unary_rpc_method_handler(_raw_sink)}
     )
     server.add_generic_rpc_handlers([raw])
-    port = server.add_insecure_port("127.0.0.1:0")
+    port = server.add_insecure_port(f"{host}:0")
     await server.start()
     connection.send(port)
     await asyncio.get_running_loop().run_in_executor(None, connection.recv)  # any message means stop
     await server.stop(grace=None)
 
 
-def serve(connection, tune_malloc: bool = True) -> None:
-    """Child process: serve the bench receiver and the raw sink (grpc.aio) until told to stop."""
+def serve(connection, tune_malloc: bool = True, host: str = "127.0.0.1", namespace: str = "") -> None:
+    """Child process: serve the bench receiver and the raw sink (grpc.aio) until told to stop, in
+    network namespace `namespace` when given (entered before any thread starts)."""
+    if namespace:
+        from lcflow.bench.netns import enter_namespace
+
+        enter_namespace(namespace)
     import torch
 
     from lcflow.transport.memory import keep_freed_memory
@@ -184,23 +199,25 @@ def serve(connection, tune_malloc: bool = True) -> None:
     torch.set_num_threads(1)
     if tune_malloc:
         keep_freed_memory()
-    asyncio.run(_serve(connection))
+    asyncio.run(_serve(connection, host))
 
 
 class LoopbackServer:
-    """Starts `serve` in a spawned process, as a separate receiver would be; gives the target address."""
+    """Starts `serve` in a spawned process, as a separate receiver would be; gives the target address
+    (on loopback, or at `host` inside network namespace `namespace`: the far end of an emulated link)."""
 
-    def __init__(self, tune_malloc: bool = True):
-        self.tune_malloc = tune_malloc
+    def __init__(self, tune_malloc: bool = True, host: str = "127.0.0.1", namespace: str = ""):
+        self.tune_malloc, self.host, self.namespace = tune_malloc, host, namespace
 
     def __enter__(self) -> str:
         context = multiprocessing.get_context("spawn")
         self.connection, child = context.Pipe()
-        self.process = context.Process(target=serve, args=(child, self.tune_malloc), daemon=True)
+        args = (child, self.tune_malloc, self.host, self.namespace)
+        self.process = context.Process(target=serve, args=args, daemon=True)
         self.process.start()
         if not self.connection.poll(120):
-            raise RuntimeError("the loopback server did not start within 120 s")
-        return f"127.0.0.1:{self.connection.recv()}"
+            raise RuntimeError("the bench receiver did not start within 120 s")
+        return f"{self.host}:{self.connection.recv()}"
 
     def __exit__(self, *exc) -> None:
         self.connection.send("stop")
@@ -393,14 +410,41 @@ async def _grpc_stages(target: str, packet: LatentPacket, codec: CodecConfig, re
     return stages
 
 
+async def _link_stages(target: str, packet: LatentPacket, codec: CodecConfig, repeats: int) -> dict:
+    """Over one (emulated) link: the packet end to end as `end_to_end` sends it, and one round trip
+    (a 1-byte call to the raw sink); best of `repeats` each, after a warm-up."""
+    from lcflow.transport import coalesce_chunks
+
+    async with grpc.aio.insecure_channel(target) as channel:
+        receiver = pb_grpc.ReceiverStub(channel)
+        raw_sink = channel.stream_unary(RAW_METHOD)
+        summaries: list[pb.HandoffSummary] = []
+
+        async def end_to_end() -> None:
+            messages = coalesce_chunks(_writer_messages(packet, codec), codec.chunk_size)
+            summaries.append([event async for event in receiver.Receive(iter(messages))][-1].summary)
+
+        async def round_trip() -> None:
+            await raw_sink(iter([b"\0"]))
+
+        rtt_ms = await _times_ms_async(round_trip, max(5, repeats))
+        e2e_ms = await _times_ms_async(end_to_end, repeats)
+    assert all(s.bytes_raw == packet.raw_bytes() for s in summaries), "the receiver lost part of the packet"
+    return {"end_to_end_ms": min(e2e_ms), "rtt_ms": min(rtt_ms), "wire_bytes": summaries[-1].bytes_wire}
+
+
+def _codec_of(config: TransportBenchConfig, quantize: str) -> CodecConfig:
+    from lcflow.transport import CodecConfig
+
+    return CodecConfig(
+        name=config.codec, level=config.level, byte_shuffle=config.byte_shuffle, quantization=quantize
+    )
+
+
 def bench_case(
     target: str, mode: str, tokens: int, dtype: str, quantize: str, config: TransportBenchConfig
 ) -> dict:
-    from lcflow.transport import CodecConfig
-
-    codec = CodecConfig(
-        name=config.codec, level=config.level, byte_shuffle=config.byte_shuffle, quantization=quantize
-    )
+    codec = _codec_of(config, quantize)
     packet = make_payload(mode, tokens, dtype, config.layers, config.width)
     codec_stages, chunked = _codec_stages(packet, codec, config.repeats)
     grpc_stages = asyncio.run(_grpc_stages(target, packet, codec, config.repeats))
@@ -438,23 +482,114 @@ def machine_info() -> dict:
     }
 
 
+# What the sharer's default (--quantize card) sends for the shipped adapters of each mode, as their
+# model cards chose (docs/results/codecs): the bench marks those link records "default": true.
+CARD_DEFAULT_QUANTIZATION = {"lcf": "int4", "lcfx": "int8"}
+
+
 def run_transport_bench(config: TransportBenchConfig) -> dict:
-    """Every (mode, T, dtype) case; returns the JSON-ready report."""
+    """Every (mode, T, dtype, quantization) case on loopback, then over each emulated link; returns
+    the JSON-ready report (`results`: the loopback stages; `links`: one record per case and link)."""
     from lcflow.transport.memory import keep_freed_memory
 
     cases = [("lcf", tokens) for tokens in config.tokens]
     if config.lcfx_slots:
         cases.append(("lcfx", config.lcfx_slots))
+    cases = [(m, t, d, q) for m, t in cases for d in config.dtypes for q in config.quantize]
     results = []
     if config.keep_freed_memory:
         keep_freed_memory()
     with LoopbackServer(config.keep_freed_memory) as target:
-        for mode, tokens in cases:
-            for dtype in config.dtypes:
-                for quantize in config.quantize:
-                    log.info("bench transport: %s T=%d %s quantize %s", mode, tokens, dtype, quantize)
-                    results.append(bench_case(target, mode, tokens, dtype, quantize, config))
-    return {"bench": "transport", "machine": machine_info(), "config": asdict(config), "results": results}
+        for mode, tokens, dtype, quantize in cases:
+            log.info("bench transport: %s T=%d %s quantize %s", mode, tokens, dtype, quantize)
+            results.append(bench_case(target, mode, tokens, dtype, quantize, config))
+    records = [_loopback_record(r, config) for r in results] if "loopback" in config.links else []
+    skipped = {}
+    rates = [link for link in config.links if link != "loopback"]
+    if rates:
+        from lcflow.bench.netns import why_rate_limit_unavailable
+
+        why = why_rate_limit_unavailable()
+        if why is not None:
+            skipped = {rate: why for rate in rates}
+            print(f"skipping the emulated links {', '.join(rates)}: {why}")
+            rates = []
+    if config.delay:
+        skipped[f"delay {config.delay}"] = delay_unavailable_reason()
+        print(f"not adding a delay of {config.delay}: {skipped[f'delay {config.delay}']}")
+    for rate in rates:
+        records += _link_records(rate, cases, results, config)
+    report = {"bench": "transport", "machine": machine_info(), "config": asdict(config), "results": results}
+    return {**report, "links": records, "links_skipped": skipped}
+
+
+def delay_unavailable_reason() -> str:
+    """Why --delay is not applied: netem is what adds delay, and this bench does not yet set it up;
+    on the development machine the kernel has no netem at all (`tc ... netem` is refused)."""
+    return "adding delay needs tc's netem qdisc, which this bench does not set up (the development kernel lacks it)"
+
+
+def _record(
+    mode, tokens, dtype, quantize, config, link, raw, wire, e2e_ms, limit_ms, raw_loopback_ms
+) -> dict:
+    """One record of `--json`: the fields the issue names, plus the dtype and the round trip."""
+    return {
+        "mode": mode,
+        "tokens": tokens,
+        "dtype": dtype,
+        "codec": config.codec,
+        "quantization": quantize,
+        "default": config.codec == "zstd" and CARD_DEFAULT_QUANTIZATION.get(mode) == quantize,
+        "link": link,
+        "raw_bf16_bytes": raw,
+        "wire_bytes": wire,
+        "end_to_end_ms": round(e2e_ms, 3),
+        "link_limit_ms": round(limit_ms, 3),
+        "raw_loopback_ms": round(raw_loopback_ms, 3),
+        "vs_limit": round(e2e_ms / limit_ms, 3),
+    }
+
+
+def _loopback_record(result: dict, config: TransportBenchConfig) -> dict:
+    """On loopback the link's limit is the raw gRPC baseline for the same bf16 bytes."""
+    raw_ms = result["stages"]["raw_grpc"]["ms"]
+    return _record(
+        result["mode"], result["tokens"], result["dtype"], result["quantize"], config, "loopback",
+        result["raw_bytes"], result["wire_bytes"], result["stages"]["end_to_end"]["ms"], raw_ms, raw_ms,
+    )  # fmt: skip
+
+
+def _link_records(rate: str, cases: list, results: list[dict], config: TransportBenchConfig) -> list[dict]:
+    """Every case over a veth link shaped to `rate`, the receiver end in its own namespace."""
+    from lcflow.bench.netns import rate_limited_link
+
+    records = []
+    with rate_limited_link("lcfb", rate) as link:
+        with LoopbackServer(config.keep_freed_memory, host=link.remote, namespace=link.namespace) as target:
+            for (mode, tokens, dtype, quantize), loopback in zip(cases, results, strict=True):
+                log.info(
+                    "bench transport over %s: %s T=%d %s quantize %s", rate, mode, tokens, dtype, quantize
+                )
+                packet = make_payload(mode, tokens, dtype, config.layers, config.width)
+                codec = _codec_of(config, quantize)
+                measured = asyncio.run(_link_stages(target, packet, codec, config.repeats))
+                limit_ms = measured["wire_bytes"] * 8 / link.bits_per_s * 1000 + measured["rtt_ms"]
+                records.append(
+                    _record(
+                        mode,
+                        tokens,
+                        dtype,
+                        quantize,
+                        config,
+                        rate,
+                        packet.raw_bytes(),
+                        measured["wire_bytes"],
+                        measured["end_to_end_ms"],
+                        limit_ms,
+                        loopback["stages"]["raw_grpc"]["ms"],
+                    )  # fmt: skip
+                )
+    return records
 
 
 # ---------------------------------------------------------------------------------------------- CLI
@@ -480,6 +615,20 @@ def format_table(report: dict) -> str:
         )
     machine = report["machine"]
     lines.append(f"machine: {machine['cpu_count']} CPUs, {machine['platform']}")
+    return "\n".join(lines)
+
+
+def format_links(records: list[dict]) -> str:
+    """One line per link record: end-to-end time against the link's limit for the bytes sent."""
+    lines = [
+        f"{'link':>9} {'mode':5} {'T':>5} {'quant':5} {'wire MB':>8} {'e2e ms':>9} {'limit ms':>9} {'x limit':>7}"
+    ]
+    for r in records:
+        lines.append(
+            f"{r['link']:>9} {r['mode']:5} {r['tokens']:>5} {r['quantization']:5} {r['wire_bytes'] / 1e6:>8.2f} "
+            f"{r['end_to_end_ms']:>9.1f} {r['link_limit_ms']:>9.1f} {r['vs_limit']:>7.2f}"
+            + ("  (default)" if r["default"] else "")
+        )
     return "\n".join(lines)
 
 
@@ -525,7 +674,16 @@ def register(subparsers) -> None:
         action="store_true",
         help="leave glibc's malloc thresholds as they are (see lcflow/transport/memory.py)",
     )
+    p.add_argument(
+        "--link",
+        default=",".join(defaults.links),
+        help="links to send over, comma-separated: loopback and/or tc rates (10gbit, 1gbit, 100mbit); a "
+        "rate runs the receiver end in a network namespace behind a veth pair shaped to it (root, "
+        "iproute2 and tbf needed; skipped with the reason otherwise)",
+    )
+    p.add_argument("--delay", default="", help="one-way delay to add on the emulated links (needs netem)")
     p.add_argument("--out", help="write the JSON report here")
+    p.add_argument("--json", help="write one record per payload, codec and link here (a JSON list)")
     p.set_defaults(func=run)
 
 
@@ -542,9 +700,26 @@ def run(args) -> int:
         width=args.width,
         lcfx_slots=args.lcfx_slots,
         keep_freed_memory=not args.no_keep_freed_memory,
+        links=[link.strip() for link in args.link.split(",") if link.strip()],
+        delay=args.delay,
     )
+    for link in config.links:
+        if link != "loopback":
+            from lcflow.bench.netns import rate_bits_per_s
+            from lcflow.cli import UsageError
+
+            try:
+                rate_bits_per_s(link)  # before anything runs
+            except ValueError as err:
+                raise UsageError(f"--link: {err}") from None
     report = run_transport_bench(config)
     print(format_table(report))
+    if report["links"]:
+        print(format_links(report["links"]))
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(report["links"], indent=2))
+        print(f"link records written to {args.json}")
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(report, indent=2))
