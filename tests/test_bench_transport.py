@@ -47,7 +47,18 @@ def test_link_records_over_loopback_and_an_emulated_link(tmp_path, capsys):
     from lcflow.bench.netns import why_rate_limit_unavailable
 
     records_path = tmp_path / "links.json"
-    args = ["bench", "transport", "--tokens", "2048", "--dtype", "bfloat16", "--layers", "2", "--width", "128"]
+    args = [
+        "bench",
+        "transport",
+        "--tokens",
+        "2048",
+        "--dtype",
+        "bfloat16",
+        "--layers",
+        "2",
+        "--width",
+        "128",
+    ]
     args += ["--codec", "none", "--lcfx-slots", "0", "--repeats", "1", "--link", "loopback,100mbit"]
     assert main([*args, "--json", str(records_path)]) == 0
     records = json.loads(records_path.read_text())

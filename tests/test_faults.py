@@ -25,9 +25,9 @@ import pytest
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from helpers import lcfx_stream, stop_processes
-from lcflow.bench.netns import two_hosts, why_netns_unavailable
 
 from lcflow.adapter import LatentAdapter
+from lcflow.bench.netns import two_hosts, why_netns_unavailable
 from lcflow.client import HandoffClient
 from lcflow.kv import model_identity
 from lcflow.proto_gen.lcflow.v1 import lcflow_pb2 as pb

@@ -26,9 +26,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from lcflow.bench.netns import Host, two_hosts, why_netns_unavailable
 
 from lcflow.adapter import LatentAdapter
+from lcflow.bench.netns import Host, two_hosts, why_netns_unavailable
 from lcflow.kv import model_identity
 from lcflow.tiny import load_tiny
 
