@@ -24,6 +24,7 @@ pytestmark = pytest.mark.real_model
 ADAPTERS = Path(__file__).resolve().parents[1] / "adapters"
 CARDS = sorted(ADAPTERS.glob("*/model_card.json"))
 SHARER, RECEIVER = "smollm2-135m-instruct", "gemma3-270m"
+WRONG_PACKET_SAMPLES = 20
 
 
 @pytest.fixture(scope="module")
@@ -76,14 +77,21 @@ def test_shipped_adapter_reproduces_its_card(card_path, real_models):
     low, high = card["results"][spec["method"]]["em_ci"]
     assert low - 1e-9 <= em <= high + 1e-9, f"EM {em:.3f} outside the card's CI [{low:.3f}, {high:.3f}]"
     if "lcfx-wrong" in card["results"]:  # the packet must matter: another sample's scores clearly less
+        # against the right packet's EM on the same samples; where the card's margin is wide (>= 0.3)
+        # the first WRONG_PACKET_SAMPLES decide it (keeping the suite's time down), else all of them
+        margin = card["results"][spec["method"]]["em"] - card["results"]["lcfx-wrong"]["em"]
+        subset = samples[:WRONG_PACKET_SAMPLES] if margin >= 0.3 else samples
         wrong = evaluate(
             ["lcfx-wrong"],
             EvalModels(pair[0], pair[1], {"lcfx-wrong": adapter}),
-            samples,
+            subset,
             GenerationSettings(max_new_tokens=spec["max_new_tokens"]),
         )
+        right_em = sum(o.em for o in outcomes[: len(subset)]) / len(subset)
         wrong_em = sum(o.em for o in wrong) / len(wrong)
-        assert em - wrong_em >= 0.1, f"right packet EM {em:.3f} vs another sample's packet {wrong_em:.3f}"
+        assert right_em - wrong_em >= 0.1, (
+            f"first {len(subset)} samples: right packet EM {right_em:.3f} vs another sample's {wrong_em:.3f}"
+        )
 
 
 @pytest.mark.parametrize(
