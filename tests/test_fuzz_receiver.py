@@ -60,7 +60,7 @@ def packet(mode: str, dtype: torch.dtype, tokens: int) -> LatentPacket:
             t: {"latent": torch.randn(1, tokens, 8, generator=generator).to(dtype)} for t in layers
         },
         shared_tensors={"token_spans": torch.arange(tokens * 2, dtype=torch.int32).view(tokens, 2)}
-        if mode == "lcf"
+        if mode in ("lcf", "c2c")  # the same-context modes carry the sharer's token spans
         else {},
     )
 
@@ -80,7 +80,7 @@ def valid_streams():
                 ),
             )
         ),
-        st.sampled_from(["lcf", "lcfx"]),
+        st.sampled_from(["lcf", "lcfx", "c2c"]),
         st.sampled_from([torch.bfloat16, torch.float16, torch.float32]),
         st.integers(1, 24),
         st.sampled_from(["zstd", "none"]),
@@ -260,7 +260,7 @@ def headers():
             else sum(_spec_bytes(t) for s in segments for t in s.tensors) % 2**64,
         ),
         st.sampled_from([1, 1, 1, 0, 2, 2, 3]),
-        st.one_of(st.sampled_from([pb.LCF, pb.LCF_X, pb.TEXT, pb.NONE]), st.integers(0, 2**31 - 1)),
+        st.one_of(st.sampled_from([pb.LCF, pb.LCF_X, pb.C2C, pb.TEXT, pb.NONE]), st.integers(0, 2**31 - 1)),
         st.lists(segment, max_size=6),
         codecs(),
         st.one_of(st.none(), HUGE),
@@ -304,11 +304,11 @@ def test_arbitrary_headers_and_chunks_end_with_a_clean_status(header, chunks):
 @FUZZ
 @given(headers())
 def test_the_receivers_shape_check_takes_any_header(receiver_engine, header):
-    """The receiver's own check of a header against its adapter: a status, never a crash."""
+    """The receiver's own check of a header against its adapter (LCF-X, or C2C): a status, never a crash."""
     service, engine = receiver_engine
-    request = pb.ReceiverRequest(
-        prompt_text="q", mode=header.mode if header.mode in (pb.LCF, pb.LCF_X) else pb.LCF_X
-    )
+    latent_modes = (pb.LCF, pb.LCF_X, pb.C2C)
+    own = pb.C2C if engine.adapter.config.mode == "c2c" else pb.LCF_X
+    request = pb.ReceiverRequest(prompt_text="q", mode=header.mode if header.mode in latent_modes else own)
     try:
         service._check_header_fits(engine, request, header)
     except (ServiceError, WireError) as err:
@@ -368,8 +368,9 @@ def test_arbitrary_safetensors_blobs_end_with_a_clean_status(blob, shuffle):
         assert decoded.tensors_per_layer[0]["latent"].shape == (1, 4, 8)
 
 
-@pytest.fixture(scope="module")
-def receiver_engine(tiny_pair, tmp_path_factory):
+@pytest.fixture(scope="module", params=["lcfx", "c2c"])
+def receiver_engine(request, tiny_pair, tmp_path_factory):
+    from helpers import tiny_c2c_adapter_dir
     from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
     from lcflow.adapter import LatentAdapter
@@ -379,10 +380,13 @@ def receiver_engine(tiny_pair, tmp_path_factory):
     from services.receiver.server import ReceiverEngine, ReceiverService
 
     (ms, ts), (mr, tr) = tiny_pair
-    adapter = LatentAdapter.for_models(
-        "lcfx", model_identity(ms, ts), model_identity(mr, tr), bottleneck=16, slots=4
-    )
-    directory = adapter.save_pretrained(tmp_path_factory.mktemp("fuzz-adapter"))
+    if request.param == "c2c":
+        directory = tiny_c2c_adapter_dir(tiny_pair, tmp_path_factory.mktemp("fuzz-c2c") / "c2c")
+    else:
+        adapter = LatentAdapter.for_models(
+            "lcfx", model_identity(ms, ts), model_identity(mr, tr), bottleneck=16, slots=4
+        )
+        directory = adapter.save_pretrained(tmp_path_factory.mktemp("fuzz-adapter"))
     engine = ReceiverEngine.from_loaded(mr, tr, str(directory))
     service = ReceiverService(
         ServiceConfig("receiver", model="tiny"), make_tracer_provider("fuzz", InMemorySpanExporter()), engine
