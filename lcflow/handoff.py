@@ -82,6 +82,16 @@ class Latents:
 
 
 @dataclass
+class ContextPrefill:
+    """LCF / C2C: the receiver's own prefill of [context + prompt], made before the sharer's side
+    arrives (it does not depend on it), so that the two prefills can overlap."""
+
+    rendered: object  # lcflow.prompting's rendered input: input_ids and the context's place in it
+    cache: DynamicCache
+    prefill_ms: float
+
+
+@dataclass
 class PreparedInput:
     """A receiver input whose prompt is already in the cache (all but its last token or more)."""
 
@@ -243,20 +253,37 @@ class Receiver:
             rendered.input_ids, cache, rendered.input_ids.shape[1], {"receiver_prefill": _ms(start)}
         )
 
-    def prepare_lcf(self, latents: Latents, context: str, prompt: str) -> PreparedInput:
-        """Same context: prefill [context + prompt], then fuse the latents onto the context tokens."""
+    def prefill_same_context(self, context: str, prompt: str) -> ContextPrefill:
+        """LCF / C2C's first half: the receiver's cache of [context + prompt] (all but its last token)."""
+        rendered = render_input(self.tokenizer, prompt, [context])
+        start = time.perf_counter()
+        cache = prefill(self.model, rendered.input_ids[:, :-1])
+        return ContextPrefill(rendered, cache, _ms(start))
+
+    def prepare_lcf(
+        self, latents: Latents, context: str, prompt: str, prefilled: ContextPrefill | None = None
+    ) -> PreparedInput:
+        """Same context: prefill [context + prompt] (or take `prefilled`, made while the latents
+        travelled), then fuse the latents onto the context tokens."""
 
         def fuse(cache, positions, alignment):
             aligned = {t: alignment.apply(z) for t, z in latents.layers.items()}
             self.decoder.fuse(cache, self.rope, aligned, positions, alignment.covered)
 
-        return self._prepare_same_context(latents, context, prompt, fuse)
+        return self._prepare_same_context(latents, context, prompt, fuse, prefilled)
 
     def prepare_c2c(
-        self, latents: Latents, context: str, prompt: str, fuser=None, rope=None
+        self,
+        latents: Latents,
+        context: str,
+        prompt: str,
+        fuser=None,
+        rope=None,
+        prefilled: ContextPrefill | None = None,
     ) -> PreparedInput:
-        """Same context, C2C: prefill [context + prompt], then fuse the sharer's KV (`latents`, as
-        lcflow.adapter.c2c.C2CSender sends it) into the context tokens' cache.
+        """Same context, C2C: prefill [context + prompt] (or take `prefilled`), then fuse the
+        sharer's KV (`latents`, as lcflow.adapter.c2c.C2CSender sends it) into the context tokens'
+        cache.
 
         fuser: the C2CFuser (default: this receiver's decoder); rope: the sharer's RoPE, to
         re-rotate its keys at the receiver's positions (default: the one the adapter recorded)."""
@@ -269,20 +296,20 @@ class Receiver:
             aligned = aligned_sharer_kv(rope or fuser.sharer_rope(), kv, alignment, positions)
             fuser.fuse(cache, aligned, positions, alignment.covered)
 
-        return self._prepare_same_context(latents, context, prompt, fuse)
+        return self._prepare_same_context(latents, context, prompt, fuse, prefilled)
 
-    def _prepare_same_context(self, latents: Latents, context: str, prompt: str, fuse) -> PreparedInput:
-        """LCF and C2C: prefill [context + prompt] (all but its last token), align the sharer's
-        tokens to the context's by character spans, then `fuse(cache, positions, alignment)` the
-        sharer's side into the context tokens' cache (timed as decode_kv)."""
-        rendered = render_input(self.tokenizer, prompt, [context])
-        start = time.perf_counter()
-        cache = prefill(self.model, rendered.input_ids[:, :-1])
-        prefill_ms = _ms(start)
+    def _prepare_same_context(
+        self, latents: Latents, context: str, prompt: str, fuse, prefilled: ContextPrefill | None
+    ) -> PreparedInput:
+        """LCF and C2C: prefill [context + prompt] unless `prefilled`, align the sharer's tokens to
+        the context's by character spans, then `fuse(cache, positions, alignment)` the sharer's
+        side into the context tokens' cache (timed as decode_kv)."""
+        prefilled = prefilled if prefilled is not None else self.prefill_same_context(context, prompt)
+        rendered, cache = prefilled.rendered, prefilled.cache
         start = time.perf_counter()
         positions, spans = context_token_range(rendered, context)
         fuse(cache, positions, align_spans(latents.token_spans, spans))
-        timings = {"receiver_prefill": prefill_ms, "decode_kv": _ms(start)}
+        timings = {"receiver_prefill": prefilled.prefill_ms, "decode_kv": _ms(start)}
         return PreparedInput(rendered.input_ids, cache, rendered.input_ids.shape[1], timings)
 
     def prepare_lcfx(self, latents: Latents, prompt: str, receiver_context: str = "") -> PreparedInput:

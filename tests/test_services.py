@@ -193,8 +193,13 @@ def test_stage_timings_are_present_and_add_up(pair):
         assert getattr(t, stage) > 0, stage
     # Transfer on loopback can round to 0 ms; it is still reported, as a stage that ran.
     assert t.HasField("transfer") and t.transfer >= 0
+    sharer_side = t.sharer_prefill + t.encode + t.pack + t.transfer + t.unpack
+    # LCF: the receiver prefills its [context + prompt] while the sharer's side runs (overlapped);
+    # LCF-X: it prefills after the packet arrived, its input comes after the packet's entries
+    overlapped = pair.mode == "lcf"
+    receiver_side = t.receiver_prefill + t.decode_kv
     before_first_token = (
-        t.sharer_prefill + t.encode + t.pack + t.transfer + t.unpack + t.decode_kv + t.receiver_prefill
+        max(sharer_side, t.receiver_prefill) + t.decode_kv if overlapped else sharer_side + receiver_side
     )
     assert before_first_token <= t.time_to_first_token + 1.0  # stages up to the first token fit inside it
     assert t.time_to_first_token <= t.total
@@ -214,11 +219,15 @@ def test_one_trace_spans_client_sharer_and_receiver(pair, spans):
     assert sharer_server.parent.span_id == client_call.context.span_id
     assert sharer_call.parent.span_id == sharer_server.context.span_id
     assert receiver_server.parent.span_id == sharer_call.context.span_id
-    for name in ("sharer.prefill", "sharer.stream"):
-        assert by_name[("lcflow-sharer", name)].parent.span_id == sharer_server.context.span_id
-    for name in ("receiver.unpack", "receiver.prefill", "receiver.generate"):
-        assert by_name[("lcflow-receiver", name)].parent.span_id == receiver_server.context.span_id
     stream = by_name[("lcflow-sharer", "sharer.stream")]
+    assert stream.parent.span_id == sharer_server.context.span_id
+    # the context is prefilled by the stream, once the request is on its way to the receiver
+    assert by_name[("lcflow-sharer", "sharer.prefill")].parent.span_id == stream.context.span_id
+    receiver_spans = ["receiver.unpack", "receiver.prefill", "receiver.generate"]
+    if pair.mode == "lcf":  # its own [context + prompt], prefilled while the latents travel
+        receiver_spans.append("receiver.prefill_overlapped")
+    for name in receiver_spans:
+        assert by_name[("lcflow-receiver", name)].parent.span_id == receiver_server.context.span_id
     unpack = by_name[("lcflow-receiver", "receiver.unpack")]
     # bytes on the wire: what the sharer sent is what the receiver counted, and what the client was told
     assert (

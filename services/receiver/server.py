@@ -18,11 +18,13 @@ import contextlib
 import logging
 import socket
 import time
+from concurrent import futures
 from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
 import torch
+from opentelemetry import context as otel_context
 
 from lcflow.adapter import LatentAdapter
 from lcflow.handoff import Latents, PreparedInput, Receiver, text_contexts
@@ -104,6 +106,8 @@ class ReceiverService(pb_grpc.ReceiverServicer):
         # Said in every summary (HandoffSummary.receiver): which of several receivers answered.
         self.name = f"{socket.gethostname()}:{config.port}"
         self.adapters = AdapterRegistry.for_service(config, self._engine_with)
+        # LCF / C2C prefill the receiver's own input while the latents travel, one per admitted handoff
+        self._prefills = futures.ThreadPoolExecutor(config.max_concurrent, thread_name_prefix="prefill")
 
     def _engine_with(self, adapter_dir: Path) -> ReceiverEngine:
         """The loaded model with another adapter's decoder half (checked against the model)."""
@@ -154,20 +158,29 @@ class ReceiverService(pb_grpc.ReceiverServicer):
         )
         settings = generation_settings(request.generation)
         timings: dict[str, float] = {"queue": queue_ms}
-        latents, stats, adapter_name = None, WireStats(), ""
+        latents, stats, adapter_name, early = None, WireStats(), "", None
         if mode in LATENT_MODES:
             if mode in SAME_CONTEXT_MODES:
                 check_text("context_text", request.context_text, self.config)
-            engine, latents, stats, timings["transfer"], adapter_name = self._read_latents(
-                request, messages, held
-            )
+                # Our cache of [context + prompt] does not depend on the sharer's side: prefill it
+                # now, while the sharer prefills, encodes and sends, and fuse once it has arrived.
+                early = self._prefill_early(engine, prompt, receiver_context, request)
+            try:
+                engine, latents, stats, timings["transfer"], adapter_name = self._read_latents(
+                    request, messages, held
+                )
+            except BaseException:
+                if early is not None:
+                    futures.wait([early])  # no prefill left running once the call has ended
+                raise
             timings["unpack"] = stats.serialise_ms + stats.codec_ms
         else:
             if mode == "text":
                 check_text("text_message", request.text_message, self.config, required=False)  # may be empty
             self._expect_end(messages, f"a {mode_name(request.mode)} ReceiverRequest")
+        prefilled = early.result() if early is not None else None
         with torch.inference_mode():
-            prepared = self._prepare(engine, mode, prompt, receiver_context, request, latents)
+            prepared = self._prepare(engine, mode, prompt, receiver_context, request, latents, prefilled)
         timings.update(prepared.timings_ms)
         stream = GenerationStream(lambda *hooks: engine.receiver.generate(prepared, settings, *hooks))
         # The client (or the sharer) gone, or the deadline passed: stop generating and free the cache.
@@ -382,15 +395,37 @@ class ReceiverService(pb_grpc.ReceiverServicer):
                     f"{mode_name(request.mode)} needs one int32 token_spans [{rows}, 2] shared tensor, got {spans}"
                 )
 
-    def _prepare(self, engine, mode, prompt, receiver_context, request, latents) -> PreparedInput:
-        receiver = engine.receiver
-        tokens = len(receiver.tokenizer(receiver_context + prompt + request.context_text).input_ids)
+    def _check_input_tokens(self, engine, prompt: str, receiver_context: str, request) -> None:
+        tokenizer = engine.receiver.tokenizer
+        tokens = len(tokenizer(receiver_context + prompt + request.context_text).input_ids)
         check_tokens("the receiver's input", tokens, self.config)
+
+    def _prefill_early(self, engine, prompt: str, receiver_context: str, request) -> futures.Future:
+        """LCF / C2C: start the receiver's prefill of [context + prompt] in the background (the
+        model is the same whichever adapter the header names); its span is a child of this call's."""
+        self._check_input_tokens(engine, prompt, receiver_context, request)
+        receiver, parent = engine.receiver, otel_context.get_current()
+
+        def prefill():
+            with self.tracer.start_as_current_span("receiver.prefill_overlapped", context=parent):
+                with torch.inference_mode():
+                    return receiver.prefill_same_context(request.context_text, prompt)
+
+        return self._prefills.submit(prefill)
+
+    def _prepare(
+        self, engine, mode, prompt, receiver_context, request, latents, prefilled=None
+    ) -> PreparedInput:
+        """The receiver's input and cache: for LCF / C2C `prefilled` (made while the latents
+        travelled) is fused, for the other modes the prompt is prefilled here."""
+        receiver = engine.receiver
+        if prefilled is None:
+            self._check_input_tokens(engine, prompt, receiver_context, request)
         with self.tracer.start_as_current_span("receiver.prefill") as span:
             if mode == "lcf":
-                prepared = receiver.prepare_lcf(latents, request.context_text, prompt)
+                prepared = receiver.prepare_lcf(latents, request.context_text, prompt, prefilled=prefilled)
             elif mode == "c2c":
-                prepared = receiver.prepare_c2c(latents, request.context_text, prompt)
+                prepared = receiver.prepare_c2c(latents, request.context_text, prompt, prefilled=prefilled)
             elif mode == "lcfx":
                 prepared = receiver.prepare_lcfx(latents, prompt, receiver_context)
             elif mode == "text":

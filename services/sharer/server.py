@@ -309,10 +309,12 @@ class SharerService(pb_grpc.SharerServicer):
             choice = self._choose_adapter(request, mode)
             engine = held.enter_context(self.adapters.lease(choice.entry))
             engine.require_adapter(mode)
-            with torch.inference_mode():
-                shared = self._context(engine, request)
-            context_text = shared.text
-            timings["sharer_prefill"] = shared.prefill_ms
+            # A session's context is prefilled already; a fresh one is prefilled by the stream once
+            # the request is on its way, so that the receiver's own prefill runs meanwhile (LCF, C2C)
+            shared = self._session_context(request)
+            context_text = shared.text if shared is not None else self._context_text(request)
+            if shared is None:
+                self._check_context_tokens(engine, context_text)  # refused before the receiver is called
         elif mode == "text":  # the message is written from the text; no KV is needed
             context_text = self._context_text(request)
         receiver_request = pb.ReceiverRequest(
@@ -336,6 +338,7 @@ class SharerService(pb_grpc.SharerServicer):
             self, engine, mode, receiver_request, shared, receiver_view(receiver_context, prompt)
         )
         stream.context_text = context_text
+        stream.prefill = lambda: self._prefill(engine, context_text, checked=True)
         if choice is not None:
             stream.adapter_name, stream.adapter_wire_name = choice.name, choice.wire_name
             stream.codec = self._codec_for(choice)
@@ -378,17 +381,20 @@ class SharerService(pb_grpc.SharerServicer):
         )
         return check_text("sharer context", text, self.config)
 
-    def _context(self, engine: SharerEngine, request: pb.HandoffRequest) -> SharerContext:
-        """The prefilled context: a session's (no prefill paid again) or a fresh prefill."""
-        if request.WhichOneof("sharer_context") == "session_id":
-            reused = self._session(request.session_id).context
-            return SharerContext(reused.text, reused.input_ids, reused.spans, reused.captured, prefill_ms=0.0)
-        return self._prefill(engine, self._context_text(request))
+    def _session_context(self, request: pb.HandoffRequest) -> SharerContext | None:
+        """The session's prefilled context (no prefill paid again), or None for a context given as text."""
+        if request.WhichOneof("sharer_context") != "session_id":
+            return None
+        reused = self._session(request.session_id).context
+        return SharerContext(reused.text, reused.input_ids, reused.spans, reused.captured, prefill_ms=0.0)
 
-    def _prefill(self, engine: SharerEngine, text: str) -> SharerContext:
+    def _check_context_tokens(self, engine: SharerEngine, text: str) -> None:
+        check_tokens("the sharer context", len(engine.sharer.tokenizer(text).input_ids), self.config)
+
+    def _prefill(self, engine: SharerEngine, text: str, checked: bool = False) -> SharerContext:
         with self.tracer.start_as_current_span("sharer.prefill") as span:
-            ids = engine.sharer.tokenizer(text).input_ids
-            check_tokens("the sharer context", len(ids), self.config)
+            if not checked:
+                self._check_context_tokens(engine, text)
             prefilled = engine.sharer.prefill(text)
             span.set_attribute("lcflow.tokens.context", prefilled.input_ids.shape[1])
             return prefilled
@@ -400,6 +406,8 @@ class SharerService(pb_grpc.SharerServicer):
         for name, value in timings.items():
             setattr(merged.timings, name, value)
         merged.timings.queue = timings["queue"] + summary.timings.queue  # waited on both services
+        if stream.shared is not None:
+            merged.timings.sharer_prefill = stream.shared.prefill_ms
         if stream.mode in LATENT_MODES:
             merged.timings.encode, merged.timings.pack = stream.encode_ms, stream.pack_ms
             # The receiver timed the whole latent window (header to trailer); the part not spent
@@ -411,7 +419,7 @@ class SharerService(pb_grpc.SharerServicer):
         if first_token_at is not None:
             merged.timings.time_to_first_token = (first_token_at - started) * 1000
         merged.timings.total = (time.perf_counter() - started) * 1000
-        merged.tokens.context = stream.context_tokens
+        merged.tokens.context = stream.shared.input_ids.shape[1] if stream.shared is not None else 0
         merged.adapter = stream.adapter_name
         if stream.request.text_message:  # TEXT mode: the message itself is what travelled
             merged.bytes_raw = merged.bytes_wire = len(stream.request.text_message.encode())
@@ -440,7 +448,8 @@ class _LatentStream:
         self.request, self.shared, self.receiver_text = request, shared, receiver_text
         self.parent = otel_context.get_current()  # spans made in gRPC's thread belong to this trace
         self.encode_ms = self.pack_ms = 0.0
-        self.context_tokens = shared.input_ids.shape[1] if shared is not None else 0
+        # () -> SharerContext: the context's prefill, when `shared` is not given (see _latents)
+        self.prefill = None
         self.error: BaseException | None = None
         self.done = threading.Event()
         self.context_text = ""  # for the log line (its size only, unless --log-content)
@@ -464,6 +473,9 @@ class _LatentStream:
         engine, config = self.engine, self.engine.adapter.config
         tracer = self.service.tracer
         with tracer.start_as_current_span("sharer.stream", context=self.parent) as span:
+            if self.shared is None:  # after the request went out: the receiver prefills meanwhile
+                with torch.inference_mode():
+                    self.shared = self.prefill()
             positions = None
             if getattr(config, "packet", "") == "bridge":  # its rows are the receiver tokens of
                 begin = time.perf_counter()  # what is selected: select before the header
@@ -515,7 +527,7 @@ class _LatentStream:
             self.pack_ms = stats.serialise_ms + stats.codec_ms
             span.set_attribute("lcflow.adapter", self.adapter_name)
             span.set_attribute("lcflow.layers", len(wire_layers))
-            span.set_attribute("lcflow.tokens.context", self.context_tokens)
+            span.set_attribute("lcflow.tokens.context", self.shared.input_ids.shape[1])
             span.set_attribute("lcflow.bytes.raw", stats.bytes_raw)
             span.set_attribute("lcflow.bytes.wire", stats.bytes_wire)
             span.set_attribute("lcflow.compression_ratio", stats.bytes_raw / max(1, stats.bytes_wire))
