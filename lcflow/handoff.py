@@ -27,6 +27,7 @@ from lcflow.adapter.lcfx import filler_prefix
 from lcflow.align import align_spans
 from lcflow.crosscontext.placement import finish_input, slot_cache, slot_layout
 from lcflow.kv import CapturedKV, RopeCodec, capture_kv, full_cache, prefill, run_backbone
+from lcflow.names import SAME_CONTEXT_MODES
 from lcflow.prompting import (
     MESSAGE_PREFIX,
     TEXT_MESSAGE_INSTRUCTION,
@@ -175,7 +176,7 @@ class Sharer:
     def latent_rows(self, context: SharerContext, positions=None) -> int:
         """Rows per layer of this context's packet: its tokens (LCF), m slots, the span rows, or
         (bridge) the receiver tokens of the positions `select` chose."""
-        if self.config.mode in ("lcf", "c2c"):
+        if self.config.mode in SAME_CONTEXT_MODES:
             return context.input_ids.shape[1]
         if self.config.packet == "spans":
             return self.encoder.rows(context.input_ids.shape[1])
@@ -187,7 +188,7 @@ class Sharer:
         self, context: SharerContext, receiver_text: str = "", question: str = "", positions=None
     ) -> Latents:
         layers = dict(self.encode_layers(context, receiver_text, question, positions))
-        spans = context.spans if self.config.mode in ("lcf", "c2c") else None
+        spans = context.spans if self.config.mode in SAME_CONTEXT_MODES else None
         return Latents(self.config.mode, layers, spans)
 
     def message_input(self, context_text: str, question: str) -> torch.Tensor:

@@ -124,6 +124,9 @@ class RopeCodec:
         return (keys * cos - rotate_half(keys) * sin) / (cos * cos + sin * sin)
 
 
+STORABLE_ROPE_TYPES = ("default", "linear", "llama3", "yarn")  # independent of the sequence length
+
+
 @dataclass
 class StoredRope:
     """A model's RoPE as plain numbers, to rotate its keys where the model itself is not loaded.
@@ -135,7 +138,7 @@ class StoredRope:
 
     which is the rotary module's own arithmetic (float32), so `rotate` matches `RopeCodec.rotate`
     of the model exactly. Only position-independent RoPE types can be stored (default, linear,
-    llama3, yarn); "dynamic" RoPE changes with the sequence length and is refused.
+    llama3, yarn); the others ("dynamic", "longrope") change with the sequence length and are refused.
 
     C2C over the wire needs it: the receiver re-rotates the sharer's keys at its own positions
     with the sharer's RoPE (lcflow.adapter.c2c), and the receiver service runs no sharer model."""
@@ -154,7 +157,7 @@ class StoredRope:
             freq = getattr(rotary, f"{prefix}inv_freq", None)
             rope_type = getattr(rotary, "rope_type", "default")
             rope_type = rope_type.get(kind, "default") if isinstance(rope_type, dict) else rope_type
-            if freq is None or rope_type == "dynamic":
+            if freq is None or rope_type not in STORABLE_ROPE_TYPES:
                 raise UnsupportedModelError(
                     f"cannot store this model's RoPE (type {rope_type!r}): C2C over the wire needs a "
                     "position-independent RoPE"
@@ -180,13 +183,24 @@ class StoredRope:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict) -> StoredRope:
-        """Checked: every layer's type has frequencies and a scale, all finite."""
-        rope = cls(list(data["layer_types"]), dict(data["inv_freq"]), dict(data["scale"]))
-        for kind in set(rope.layer_types):
-            values = [*rope.inv_freq[kind], rope.scale[kind]]
-            if not all(isinstance(v, (int, float)) and abs(v) < float("inf") for v in values):
+    def from_dict(cls, data: dict, spec: KVSpec | None = None) -> StoredRope:
+        """Checked (ValueError): every layer's type has frequencies and a scale, all finite numbers,
+        and with `spec` (the model's) one type per layer and head_dim / 2 frequencies each."""
+        try:
+            rope = cls(list(data["layer_types"]), dict(data["inv_freq"]), dict(data["scale"]))
+            values = {kind: [*rope.inv_freq[kind], rope.scale[kind]] for kind in set(rope.layer_types)}
+        except (KeyError, TypeError, ValueError) as err:
+            raise ValueError(f"stored RoPE is malformed: {err!r}") from None
+        for kind, numbers in values.items():
+            if not all(isinstance(v, (int, float)) and abs(v) < float("inf") for v in numbers):
                 raise ValueError(f"stored RoPE for {kind!r} has values that are not finite numbers")
+        if spec is not None:
+            widths = {len(rope.inv_freq[kind]) for kind in values}
+            if len(rope.layer_types) != spec.num_layers or widths != {spec.head_dim // 2}:
+                raise ValueError(
+                    f"stored RoPE ({len(rope.layer_types)} layers, {sorted(widths)} frequencies) does not fit "
+                    f"the model ({spec.num_layers} layers, head_dim {spec.head_dim})"
+                )
         return rope
 
 

@@ -25,7 +25,7 @@ CODEC_TOLERANCE = 0.01  # the issue's rule: the smallest codec within 1 EM point
 def choose_codec(em: dict[str, float], tolerance: float = CODEC_TOLERANCE) -> str:
     """The smallest codec whose EM is within `tolerance` of bf16's ("none"), of those measured."""
     if "none" not in em:
-        raise SystemExit("choosing a codec needs the bf16 eval (--codec-eval bf16=...)")
+        raise ValueError("choosing a codec needs the bf16 eval (--codec-eval bf16=...)")
     within = [c for c in CODECS_BY_SIZE if c in em and em[c] >= em["none"] - tolerance - 1e-9]
     return within[-1]
 
@@ -36,14 +36,24 @@ def add_codec(adapter_dir: Path, method: str, evals: dict[str, Path]) -> dict:
     with --quantize card (the default) sends this adapter's latents with."""
     path = adapter_dir / CARD_JSON
     card = json.loads(path.read_text())
-    em, meta = {}, {}
+    em, metas = {}, {}
     for codec, results_path in evals.items():
+        name = "none" if codec == "bf16" else codec
+        if name not in CODECS_BY_SIZE:
+            raise ValueError(f"--codec-eval {codec}=...: the codecs are bf16, int8 and int4")
         results = json.loads(Path(results_path).read_text())
         row = next((r for r in results["summary"] if r["method"] == method), None)
         if row is None:
-            raise SystemExit(f"{results_path} has no {method!r} row")
-        em["none" if codec == "bf16" else codec] = row["em"]
-        meta = {"task": results["meta"].get("task"), "n": row["n"], "seed": results["meta"].get("seed")}
+            raise ValueError(f"{results_path} has no {method!r} row")
+        em[name] = row["em"]
+        metas[codec] = {
+            "task": results["meta"].get("task"),
+            "n": row["n"],
+            "seed": results["meta"].get("seed"),
+        }
+    if len({json.dumps(m, sort_keys=True) for m in metas.values()}) > 1:  # the rule compares like with like
+        raise ValueError(f"the codec evals were not run on the same samples: {metas}")
+    meta = next(iter(metas.values()))
     card["codec"] = {
         "default": choose_codec(em),
         "rule": f"the smallest codec within {CODEC_TOLERANCE * 100:g} EM point of bf16 (none = bf16)",
@@ -240,8 +250,13 @@ def main() -> None:
         card = write_card(args.adapter, args.eval, args.method, args.command, args.diagnostics)
         print(json.dumps(card["results"][args.method]))
     if args.codec_eval:
+        if any("=" not in item for item in args.codec_eval):
+            parser.error("--codec-eval takes CODEC=RESULTS, e.g. int8=runs/x/results.json")
         evals = dict(item.split("=", 1) for item in args.codec_eval)
-        print(json.dumps(add_codec(args.adapter, args.method, evals)))
+        try:
+            print(json.dumps(add_codec(args.adapter, args.method, evals)))
+        except ValueError as err:
+            parser.error(str(err))
 
 
 if __name__ == "__main__":

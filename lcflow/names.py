@@ -41,3 +41,8 @@ QUANTIZE_SETTINGS = ("card", *QUANTIZATIONS)
 
 # `lcflow eval --wire`: the latents' number format on the way to the receiver (lcflow.evaluation)
 WIRE_FORMS = ("exact", "bf16", "int8", "int4")
+
+# Handoff modes that carry a latent payload (C2C: the sharer's own KV) ...
+LATENT_MODES = ("lcf", "lcfx", "c2c")
+# ... and those where the receiver reads the sharer's context too (the payload carries its token spans).
+SAME_CONTEXT_MODES = ("lcf", "c2c")

@@ -200,7 +200,7 @@ def parse_receivers(text: str) -> ReceiverTarget:
 
 HELP = {
     "model": "model to serve: a name from `lcflow models list`, a local directory or a hub id",
-    "adapter": "default adapter (LCF or LCF-X): a name inside --adapters, or an adapter directory; the "
+    "adapter": "default adapter (LCF, LCF-X or C2C): a name inside --adapters, or an adapter directory; the "
     "sharer loads its encoder half, the receiver its decoder half, at start",
     "adapters": "directory of adapters, one per subdirectory (as adapters/ is laid out), that requests pick "
     "by name (HandoffRequest.adapter) or by mode; names resolve only inside it (no paths, no symlinks "

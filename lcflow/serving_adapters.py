@@ -156,6 +156,19 @@ def card_codec(directory: Path) -> str:
     return chosen if chosen in QUANTIZATIONS else "none"
 
 
+def c2c_rope_problem(config: AdapterConfig) -> str:
+    """Why a receiver cannot serve this C2C adapter's sharer RoPE ("" when it can)."""
+    from lcflow.kv import StoredRope
+
+    if not config.sharer_rope:
+        return "a C2C adapter without the sharer's RoPE (sharer_rope): re-save it (lcflow.adapter.c2c)"
+    try:
+        StoredRope.from_dict(config.sharer_rope, config.sharer.spec)
+    except ValueError as err:
+        return f"its sharer_rope cannot be used: {err}"
+    return ""
+
+
 def inspect_adapter(directory: Path, name: str, role: str, identity: ModelIdentity | None) -> AdapterInfo:
     """What `directory` holds and whether a `role` service running `identity` can use it. Reads
     the config, the weight files' headers and the card; never raises for a bad directory."""
@@ -181,8 +194,8 @@ def inspect_adapter(directory: Path, name: str, role: str, identity: ModelIdenti
     info.memory_bytes = counts.get(half, 0) * LOADED_BYTES_PER_PARAMETER
     if half is not None and half not in counts:
         info.reason = f"it has no {half}, the half a {role} loads"
-    elif config.mode == "c2c" and role == "receiver" and not config.sharer_rope:
-        info.reason = "a C2C adapter without the sharer's RoPE (sharer_rope): re-save it (lcflow.adapter.c2c)"
+    elif config.mode == "c2c" and role == "receiver" and (why := c2c_rope_problem(config)):
+        info.reason = why
     elif identity is not None:
         try:
             config.check_models(**{role: identity})
@@ -463,6 +476,11 @@ class AdapterRegistry:
             raise ServiceError(grpc.StatusCode.FAILED_PRECONDITION, self._no_adapter(mode))
         entry = next((e for e in found if e.info.adapter_id == latent_adapter_id), found[0])
         return Choice(entry, "default" if entry is self.default else "mode")
+
+    def require_mode(self, mode: str) -> None:
+        """FAILED_PRECONDITION (as `pick` would give) unless some usable adapter has `mode`."""
+        if not self.candidates(mode):
+            raise ServiceError(grpc.StatusCode.FAILED_PRECONDITION, self._no_adapter(mode))
 
     def _no_adapter(self, mode: str) -> str:
         with self._lock:

@@ -80,3 +80,16 @@ def test_link_records_over_loopback_and_an_emulated_link(tmp_path, capsys):
 def test_a_link_rate_that_is_not_one_is_refused_in_one_line(capsys):
     assert main(["bench", "transport", "--link", "loopback,fast"]) == 2
     assert "is not a tc rate" in capsys.readouterr().err
+
+
+def test_the_bench_marks_as_default_what_the_shipped_cards_chose():
+    """CARD_DEFAULT_QUANTIZATION mirrors the shipped adapters' cards (the bench has random
+    payloads, no adapter): this fails when a card's codec changes and the bench does not."""
+    from pathlib import Path
+
+    from lcflow.bench.transport import CARD_DEFAULT_QUANTIZATION
+    from lcflow.serving_adapters import card_codec
+
+    adapters = Path(__file__).resolve().parents[1] / "adapters"
+    shipped = {"lcf": "smollm2-to-gemma3-lcf", "lcfx": "gemma3-to-gemma3-lcfx"}
+    assert {mode: card_codec(adapters / name) for mode, name in shipped.items()} == CARD_DEFAULT_QUANTIZATION

@@ -183,13 +183,23 @@ def test_stored_rope_rotates_exactly_as_the_model(tiny_pair, family):
         assert torch.equal(stored.rotate(keys, positions, layer), codec.rotate(keys, positions, layer))
 
 
-def test_stored_rope_refuses_values_that_are_not_numbers(tiny_pair):
+def test_stored_rope_refuses_what_does_not_fit(tiny_pair):
+    """Read from an adapter's config: values that are not numbers, a malformed record, or one
+    recorded for another model are ValueErrors saying so (the receiver lists the adapter unusable)."""
     (ms, _), _ = tiny_pair
+    spec = RopeCodec(ms).spec
     data = StoredRope.of_model(ms).to_dict()
+    StoredRope.from_dict(data, spec)  # fits
     kind = data["layer_types"][0]
-    data["inv_freq"][kind][0] = float("nan")
+    bad = {**data, "inv_freq": {kind: [float("nan"), *data["inv_freq"][kind][1:]]}}
     with pytest.raises(ValueError, match="not finite"):
-        StoredRope.from_dict(data)
+        StoredRope.from_dict(bad)
+    with pytest.raises(ValueError, match="malformed"):
+        StoredRope.from_dict({"layer_types": data["layer_types"]})
+    with pytest.raises(ValueError, match="does not fit the model"):
+        StoredRope.from_dict({**data, "layer_types": data["layer_types"][:-1]}, spec)
+    with pytest.raises(ValueError, match="does not fit the model"):
+        StoredRope.from_dict({**data, "inv_freq": {kind: data["inv_freq"][kind][:-1]}}, spec)
 
 
 @torch.inference_mode()

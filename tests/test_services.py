@@ -221,8 +221,10 @@ def test_one_trace_spans_client_sharer_and_receiver(pair, spans):
     assert receiver_server.parent.span_id == sharer_call.context.span_id
     stream = by_name[("lcflow-sharer", "sharer.stream")]
     assert stream.parent.span_id == sharer_server.context.span_id
-    # the context is prefilled by the stream, once the request is on its way to the receiver
-    assert by_name[("lcflow-sharer", "sharer.prefill")].parent.span_id == stream.context.span_id
+    # LCF: the context is prefilled by the stream, once the request is on its way to the receiver
+    # (which prefills its own meanwhile); LCF-X: before the call, as the receiver can only wait
+    prefill_parent = stream if pair.mode == "lcf" else sharer_server
+    assert by_name[("lcflow-sharer", "sharer.prefill")].parent.span_id == prefill_parent.context.span_id
     receiver_spans = ["receiver.unpack", "receiver.prefill", "receiver.generate"]
     if pair.mode == "lcf":  # its own [context + prompt], prefilled while the latents travel
         receiver_spans.append("receiver.prefill_overlapped")
@@ -791,6 +793,44 @@ def test_latent_modes_without_an_adapter_are_failed_precondition(tiny_pair, span
     finally:
         sharer_running.stop(1)
         receiver_running.stop(1)
+
+
+def test_a_refused_handoff_leaves_no_sharer_work_running(tiny_pair, tmp_path_factory):
+    """The sharer prefills inside the latent stream once the request is out (to overlap with the
+    receiver's prefill); when the receiver refuses at once (here it has no LCF adapter), the
+    handoff ends FAILED_PRECONDITION and only after the stream's torch work has stopped: no
+    sharer span of that handoff ends after its Handoff span."""
+    (ms, ts), (mr, tr) = tiny_pair
+    exporter = InMemorySpanExporter()
+    receiver_port, sharer_port = free_port(), free_port()
+    receiver_running, _ = serve_receiver(
+        ServiceConfig("receiver", model="tiny", port=receiver_port),
+        make_tracer_provider("lcflow-receiver", exporter),
+        ReceiverEngine.from_loaded(mr, tr, ""),
+    )
+    adapter_dir = make_adapter_dir(tiny_pair, tmp_path_factory, "lcf")
+    sharer_running, _ = serve_sharer(
+        ServiceConfig("sharer", model="tiny", port=sharer_port, receiver=f"127.0.0.1:{receiver_port}"),
+        make_tracer_provider("lcflow-sharer", exporter),
+        SharerEngine.from_loaded(ms, ts, str(adapter_dir)),
+    )
+    try:
+        client = HandoffClient(f"127.0.0.1:{sharer_port}", timeout_s=30)
+        with pytest.raises(grpc.RpcError) as err:
+            client.handoff(PROMPT, mode="lcf", context=CONTEXT, max_new_tokens=2)
+        assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION, err.value.details()
+        assert "no adapter" in err.value.details()
+    finally:
+        sharer_running.stop(1)
+        receiver_running.stop(1)
+    sharer_spans = [
+        s for s in exporter.get_finished_spans() if s.resource.attributes["service.name"] == "lcflow-sharer"
+    ]
+    handoff = next(s for s in sharer_spans if s.name == "/lcflow.v1.Sharer/Handoff")
+    mine = [s for s in sharer_spans if s.context.trace_id == handoff.context.trace_id and s is not handoff]
+    assert all(s.end_time <= handoff.end_time for s in mine), [
+        (s.name, s.end_time - handoff.end_time) for s in mine
+    ]
 
 
 # --- strict streams: nothing the receiver did not ask for, every shape checked first ------------

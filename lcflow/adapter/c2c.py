@@ -250,7 +250,7 @@ class C2CFuser(nn.Module):
                 "this C2C adapter has no sharer_rope in its config (it predates served C2C); "
                 "re-save it with lcflow.adapter.c2c.record_sharer_rope and the sharer model"
             )
-        return StoredRope.from_dict(self.config.sharer_rope)
+        return StoredRope.from_dict(self.config.sharer_rope, self.config.sharer.spec)
 
     # --- sizes and gates ---------------------------------------------------------------------
 

@@ -13,8 +13,6 @@ from pathlib import Path
 
 from lcflow.cli import UsageError
 
-# How a sharer / receiver service uses an adapter: the half it loads, and its role in the identity check.
-
 
 def looks_like_path(name: str) -> bool:
     return name.startswith((".", "/", "~")) or "\\" in name or name.count("/") > 1

@@ -45,6 +45,7 @@ from dataclasses import dataclass, field
 import torch
 import zstandard
 
+from lcflow.names import LATENT_MODES, SAME_CONTEXT_MODES  # noqa: F401 (re-exported)
 from lcflow.proto_gen.lcflow.v1 import lcflow_pb2 as pb
 from lcflow.transport.codec import CODECS, MAX_CHUNK_BYTES, CodecConfig, SegmentDecoder, crc32
 from lcflow.transport.errors import data_loss, invalid, precondition
@@ -65,9 +66,6 @@ SUPPORTED_FORMAT_VERSIONS = frozenset({1, 2})
 
 MODE_TO_PROTO = {"lcf": pb.LCF, "lcfx": pb.LCF_X, "c2c": pb.C2C, "text": pb.TEXT, "none": pb.NONE}
 MODE_FROM_PROTO = {value: name for name, value in MODE_TO_PROTO.items()}
-LATENT_MODES = ("lcf", "lcfx", "c2c")  # the modes that carry a latent payload (C2C: the sharer's KV)
-# Same context: the receiver reads the sharer's context too, and the payload carries its token spans.
-SAME_CONTEXT_MODES = ("lcf", "c2c")
 
 
 def format_version(quantization: Quantization) -> int:
@@ -89,7 +87,7 @@ def mode_name(value: int) -> str:
 class LatentPacket:
     """Everything a receiver needs from the sharer's latents, independent of the wire."""
 
-    mode: str  # "lcf" or "lcfx"
+    mode: str  # "lcf", "lcfx" or "c2c" (LATENT_MODES)
     adapter_id: str
     sharer_id: str
     receiver_id: str
@@ -404,7 +402,7 @@ class PacketAssembler:
                 f"(supported: {sorted(SUPPORTED_FORMAT_VERSIONS)}); upgrade the older side"
             )
         if MODE_FROM_PROTO.get(header.mode) not in LATENT_MODES:
-            raise invalid(f"header mode {mode_name(header.mode)} carries no latents; use LCF or LCF_X")
+            raise invalid(f"header mode {mode_name(header.mode)} carries no latents; use LCF, LCF_X or C2C")
         codec = header.codec
         if codec.name not in CODECS:
             raise invalid(f"unknown codec {codec.name!r}; this receiver reads {CODECS}")

@@ -29,11 +29,13 @@ from opentelemetry import context as otel_context
 from lcflow.adapter import LatentAdapter
 from lcflow.handoff import Latents, PreparedInput, Receiver, text_contexts
 from lcflow.kv import ModelIdentity
+from lcflow.names import LATENT_MODES, SAME_CONTEXT_MODES
 from lcflow.proto_gen.lcflow.v1 import lcflow_pb2 as pb
 from lcflow.proto_gen.lcflow.v1 import lcflow_pb2_grpc as pb_grpc
 from lcflow.service_config import ServiceConfig
 from lcflow.serving import (
     ConcurrencyLimit,
+    ServedC2C,
     ServiceError,
     check_text,
     check_tokens,
@@ -52,7 +54,6 @@ from lcflow.serving_adapters import AdapterRegistry, default_adapter_path, list_
 from lcflow.streaming import GenerationStream
 from lcflow.telemetry import current_trace_id
 from lcflow.transport import MODE_FROM_PROTO, PacketAssembler, WireLimits, WireStats, mode_name
-from lcflow.transport.wire import LATENT_MODES, SAME_CONTEXT_MODES
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +76,7 @@ class ReceiverEngine:
 
     receiver: Receiver
     identity: ModelIdentity
-    adapter: LatentAdapter | None = None
+    adapter: LatentAdapter | ServedC2C | None = None  # a C2C adapter's decoder is its C2CFuser
     adapter_id: str = ""
     adapter_path: Path | None = None  # the adapter's directory
 
@@ -163,14 +164,16 @@ class ReceiverService(pb_grpc.ReceiverServicer):
             if mode in SAME_CONTEXT_MODES:
                 check_text("context_text", request.context_text, self.config)
                 # Our cache of [context + prompt] does not depend on the sharer's side: prefill it
-                # now, while the sharer prefills, encodes and sends, and fuse once it has arrived.
+                # now, while the sharer prefills, encodes and sends, and fuse once it has arrived
+                # (unless no adapter here could take this mode's latents: then refuse at once).
+                self.adapters.require_mode(mode)
                 early = self._prefill_early(engine, prompt, receiver_context, request)
             try:
                 engine, latents, stats, timings["transfer"], adapter_name = self._read_latents(
                     request, messages, held
                 )
             except BaseException:
-                if early is not None:
+                if early is not None and not early.cancel():
                     futures.wait([early])  # no prefill left running once the call has ended
                 raise
             timings["unpack"] = stats.serialise_ms + stats.codec_ms
@@ -246,7 +249,7 @@ class ReceiverService(pb_grpc.ReceiverServicer):
             kind = extra.WhichOneof("message") or "empty"
             raise invalid(
                 f"a {kind} message arrived after {after}; nothing may follow it "
-                "(one Receive stream carries one request and, for LCF / LCF_X only, one latent packet)"
+                "(one Receive stream carries one request and, for LCF, LCF_X and C2C only, one latent packet)"
             )
 
     def _read_latents(
@@ -303,6 +306,7 @@ class ReceiverService(pb_grpc.ReceiverServicer):
             for t in packet.layers
         }
         spans = packet.shared_tensors.get("token_spans")
+        spans = spans.cpu() if spans is not None else None  # aligned with the tokenizer's, on the CPU
         return engine, Latents(packet.mode, layers, spans), stats, window_ms, choice.name
 
     def _check_identities(self, engine: ReceiverEngine, header: pb.LatentHeader) -> None:

@@ -30,6 +30,7 @@ from opentelemetry.instrumentation.grpc.grpcext import intercept_channel
 from lcflow.adapter import LatentAdapter
 from lcflow.handoff import Sharer, SharerContext, receiver_view
 from lcflow.kv import ModelIdentity
+from lcflow.names import LATENT_MODES, SAME_CONTEXT_MODES
 from lcflow.proto_gen.lcflow.v1 import lcflow_pb2 as pb
 from lcflow.proto_gen.lcflow.v1 import lcflow_pb2_grpc as pb_grpc
 from lcflow.security import SecurityConfigError
@@ -62,7 +63,6 @@ from lcflow.serving_adapters import (
 )
 from lcflow.sessions import SessionNotFound, SessionStore, SessionTooLarge
 from lcflow.transport import MODE_FROM_PROTO, CodecConfig, PacketWriter, TensorSpec
-from lcflow.transport.wire import LATENT_MODES, SAME_CONTEXT_MODES
 from services.receiver.server import SERVICE_NAME as RECEIVER_SERVICE
 from services.receiver.server import identity_id
 
@@ -309,11 +309,15 @@ class SharerService(pb_grpc.SharerServicer):
             choice = self._choose_adapter(request, mode)
             engine = held.enter_context(self.adapters.lease(choice.entry))
             engine.require_adapter(mode)
-            # A session's context is prefilled already; a fresh one is prefilled by the stream once
-            # the request is on its way, so that the receiver's own prefill runs meanwhile (LCF, C2C)
+            # A session's context is prefilled already. For LCF and C2C a fresh one is prefilled by
+            # the stream once the request is on its way, so that the receiver's own prefill runs
+            # meanwhile; LCF-X's receiver has nothing to do before the packet, so it is done here.
             shared = self._session_context(request)
             context_text = shared.text if shared is not None else self._context_text(request)
-            if shared is None:
+            if shared is None and mode not in SAME_CONTEXT_MODES:
+                with torch.inference_mode():
+                    shared = self._prefill(engine, context_text)
+            elif shared is None:
                 self._check_context_tokens(engine, context_text)  # refused before the receiver is called
         elif mode == "text":  # the message is written from the text; no KV is needed
             context_text = self._context_text(request)
@@ -357,6 +361,11 @@ class SharerService(pb_grpc.SharerServicer):
             if stream.error is not None:  # our own stream broke: that is the cause, not the receiver
                 raise stream.error from None
             raise
+        finally:
+            # However the call ended (a refusal, the client gone, the deadline), the stream's torch
+            # work (prefill, encode) stops before this handoff gives up its slot and adapter lease.
+            call.cancel()
+            stream.stop()
         return summary
 
     def _codec_for(self, choice: Choice) -> CodecConfig:
@@ -439,6 +448,10 @@ class SharerService(pb_grpc.SharerServicer):
         return pb.HandoffEvent(summary=merged)
 
 
+class _StreamStopped(Exception):
+    """Raised inside a latent stream whose handoff has ended, instead of starting torch work."""
+
+
 class _LatentStream:
     """The request side of one Receive call. gRPC pulls these messages from its own thread, so
     each layer is encoded just before it is sent and the receiver unpacks while we encode."""
@@ -452,16 +465,36 @@ class _LatentStream:
         self.prefill = None
         self.error: BaseException | None = None
         self.done = threading.Event()
+        self._stopping = threading.Event()  # set by stop(): no further torch work is started
+        self._busy = threading.Lock()  # held while prefilling or encoding
         self.context_text = ""  # for the log line (its size only, unless --log-content)
         self.adapter_name = ""  # the adapter that encodes, for the summary and the trace
         self.adapter_wire_name = ""  # the name passed on to the receiver (Choice.wire_name)
         self.codec = service.codec  # the wire codec (SharerService._codec_for)
+
+    def stop(self) -> None:
+        """Start no further prefill or encode, and wait for the one running (if any) to finish:
+        gRPC cannot interrupt the generator, and the handoff's slot and lease must outlast it."""
+        self._stopping.set()
+        with self._busy:
+            pass
+
+    @contextlib.contextmanager
+    def _torch_work(self):
+        """Hold the stream busy for one piece of torch work; _StreamStopped once the handoff stopped."""
+        with self._busy:
+            if self._stopping.is_set():
+                raise _StreamStopped  # the call is over: nobody reads what would be produced
+            with torch.inference_mode():
+                yield
 
     def messages(self):
         try:
             yield pb.LatentMessage(request=self.request)
             if self.mode in LATENT_MODES:
                 yield from self._latents()
+        except _StreamStopped:
+            pass  # the handoff is over (stop()): end the stream quietly
         except Exception as err:  # reported by Handoff; ending the stream makes the receiver stop
             # (GeneratorExit is not caught: it means gRPC closed this stream, not that it failed)
             log.exception("latent stream failed")
@@ -474,12 +507,12 @@ class _LatentStream:
         tracer = self.service.tracer
         with tracer.start_as_current_span("sharer.stream", context=self.parent) as span:
             if self.shared is None:  # after the request went out: the receiver prefills meanwhile
-                with torch.inference_mode():
+                with self._torch_work():
                     self.shared = self.prefill()
             positions = None
             if getattr(config, "packet", "") == "bridge":  # its rows are the receiver tokens of
                 begin = time.perf_counter()  # what is selected: select before the header
-                with torch.inference_mode():
+                with self._torch_work():
                     positions = engine.sharer.select(
                         self.shared, self.receiver_text, self.request.prompt_text
                     )
@@ -513,7 +546,7 @@ class _LatentStream:
             )
             while True:
                 begin = time.perf_counter()
-                with torch.inference_mode():
+                with self._torch_work():
                     item = next(layers, None)
                     if item is None:
                         break
