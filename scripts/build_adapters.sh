@@ -6,6 +6,7 @@
 #   DIRECTIONS=spans bash scripts/build_adapters.sh     # the span-packet LCF-X adapters (Gemma3 -> Gemma3)
 #   DIRECTIONS=bridge bash scripts/build_adapters.sh    # SmolLM2 -> Gemma3 LCF-X through a bridge (needs spans)
 #   DIRECTIONS=same-model bash scripts/build_adapters.sh  # Gemma3 -> Gemma3 LCF (the demo pair's same context)
+#   DIRECTIONS=smollm2-pair bash scripts/build_adapters.sh  # SmolLM2 -> SmolLM2 span LCF-X (a reader for Gemma3 -> SmolLM2)
 # These are the settings the shipped adapters were built with. On the 2-core CPU development
 # machine, SmolLM2 -> Gemma3 took 13 min (LCF), 18 min (C2C) and 39 min (LCF-X); the reverse
 # direction's times are in its model cards.
@@ -174,6 +175,25 @@ build_same_model() {
   card "$pair-lcf" "$pair-eval-same" lcf
 }
 
+# build_smollm2_pair: LCF-X for two SmolLM2 agents (span packet), and the reader a Gemma3 -> SmolLM2
+# bridge would use. SmolLM2-135M cannot read a cut of its own cache untrained (the exact map: 0.000
+# EM, docs/lcfx.md section 10), so its retrieval heads are chosen first (on train samples) and the
+# exact map is task-trained from there: answer CE + 0.25 KL, 60 steps x 16 (~36 min here).
+build_smollm2_pair() {
+  local pair=smollm2-to-smollm2 out="$A/smollm2-to-smollm2-lcfx" init="$RUNS/smollm2-to-smollm2-spans-init"
+  lcflow align --pair "$pair" --identity --adapter-out "$init" --slots 32 --selection sentences-mean
+  lcflow heads "$init" --task facts-cross --train 150 --write
+  lcflow train --sharer "$SMOL" --receiver "$SMOL" --mode lcfx --task facts-cross-words --steps 60 \
+    --batch-size 16 --lr 3e-4 --init-adapter "$init" --kl-weight 0.25 --checkpoint-every 10 \
+    --out "$RUNS/$pair-spans-tuned"
+  python -c "import sys, torch; from lcflow.adapter import LatentAdapter as L; \
+L.from_pretrained(sys.argv[1]).save_pretrained(sys.argv[2], dtype=torch.bfloat16)" "$RUNS/$pair-spans-tuned" "$out"
+  cp "$RUNS/$pair-spans-tuned"/{train_log.json,loss_curve.png} "$out/"
+  lcflow eval --pair "$pair" --task facts-cross --n 60 --methods lcfx,lcfx-wrong --adapter-lcfx "$out" \
+    --out "$RUNS/$pair-eval-cross"
+  card smollm2-to-smollm2-lcfx "$pair-eval-cross" lcfx
+}
+
 for direction in $DIRECTIONS; do
   case $direction in
     forward) build_direction smollm2-to-gemma3 "$SMOL" "$GEMMA" yes ;;
@@ -181,6 +201,7 @@ for direction in $DIRECTIONS; do
     spans) build_spans ;;
     bridge) build_bridge ;;
     same-model) build_same_model ;;
-    *) echo "unknown direction '$direction' (use forward, reverse, spans, bridge and/or same-model)" >&2; exit 2 ;;
+    smollm2-pair) build_smollm2_pair ;;
+    *) echo "unknown direction '$direction' (use forward, reverse, spans, bridge, same-model and/or smollm2-pair)" >&2; exit 2 ;;
   esac
 done
