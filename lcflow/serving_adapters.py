@@ -158,14 +158,12 @@ def card_codec(directory: Path) -> str:
 
 def c2c_rope_problem(config: AdapterConfig) -> str:
     """Why a receiver cannot serve this C2C adapter's sharer RoPE ("" when it can)."""
-    from lcflow.kv import StoredRope
+    from lcflow.adapter.c2c import stored_sharer_rope
 
-    if not config.sharer_rope:
-        return "a C2C adapter without the sharer's RoPE (sharer_rope): re-save it (lcflow.adapter.c2c)"
     try:
-        StoredRope.from_dict(config.sharer_rope, config.sharer.spec)
+        stored_sharer_rope(config)
     except ValueError as err:
-        return f"its sharer_rope cannot be used: {err}"
+        return str(err)
     return ""
 
 

@@ -153,6 +153,7 @@ class C2CFuser(nn.Module):
             }
         )
         self.temperature = TEMPERATURE_START
+        self._sharer_rope: StoredRope | None = None  # sharer_rope(), once read
 
     @classmethod
     def for_models(
@@ -244,13 +245,11 @@ class C2CFuser(nn.Module):
         return {s: split_joint(z, spec.num_kv_heads, spec.head_dim) for s, z in joint.items()}
 
     def sharer_rope(self) -> StoredRope:
-        """The sharer's RoPE as recorded in the config (a receiver service has no sharer model)."""
-        if not self.config.sharer_rope:
-            raise ValueError(
-                "this C2C adapter has no sharer_rope in its config (it predates served C2C); "
-                "re-save it with lcflow.adapter.c2c.record_sharer_rope and the sharer model"
-            )
-        return StoredRope.from_dict(self.config.sharer_rope, self.config.sharer.spec)
+        """The sharer's RoPE as recorded in the config (a receiver service has no sharer model);
+        read and checked once, then kept: every served handoff re-rotates with it."""
+        if self._sharer_rope is None:
+            self._sharer_rope = stored_sharer_rope(self.config)
+        return self._sharer_rope
 
     # --- sizes and gates ---------------------------------------------------------------------
 
@@ -316,16 +315,26 @@ class C2CSender:
         if config.mode != "c2c":
             raise ValueError(f"C2CSender needs an adapter config of mode 'c2c', not {config.mode!r}")
         self.config = config
-        self.layers = config.sharer_layers_needed()
-
-    def width(self) -> int:
-        """Values per token and layer in the packet: 2 H_s D_s."""
-        return self.config.sharer.spec.kv_dim
+        self.layers = config.packet_layers()
 
     def encode_layers(self, captured: CapturedKV):
         """Yield (sharer layer, [1, T, 2 H_s D_s]) for each layer the fuser reads."""
         for layer in self.layers:
             yield layer, captured.joint(layer)
+
+
+def stored_sharer_rope(config: AdapterConfig) -> StoredRope:
+    """A C2C config's recorded sharer RoPE, checked against the sharer's shape; ValueError saying
+    what is wrong and how to fix it (the services list such an adapter unusable with this text)."""
+    if not config.sharer_rope:
+        raise ValueError(
+            "this C2C adapter has no sharer_rope in its config (it predates served C2C); "
+            "re-save it with lcflow.adapter.c2c.record_sharer_rope and the sharer model"
+        )
+    try:
+        return StoredRope.from_dict(config.sharer_rope, config.sharer.spec)
+    except ValueError as err:
+        raise ValueError(f"its sharer_rope cannot be used: {err}") from None
 
 
 def record_sharer_rope(config: AdapterConfig, sharer_model) -> AdapterConfig:

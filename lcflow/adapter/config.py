@@ -112,6 +112,15 @@ class AdapterConfig:
         """The sharer layers the encoder reads: only those feeding a retained receiver layer."""
         return sorted({self.layer_map[t] for t in self.retained_layers})
 
+    def packet_layers(self) -> list[int]:
+        """The layers a packet of this adapter carries, one segment each: the retained receiver
+        layers, or for C2C the sharer layers its fuser reads (their own KV travels)."""
+        return self.sharer_layers_needed() if self.mode == "c2c" else sorted(self.retained_layers)
+
+    def packet_width(self) -> int:
+        """Values per row of a packet's layer tensor: b, or for C2C the sharer's 2 H_s D_s."""
+        return self.sharer.spec.kv_dim if self.mode == "c2c" else self.bottleneck
+
     def check_models(
         self, sharer: ModelIdentity | None = None, receiver: ModelIdentity | None = None
     ) -> None:

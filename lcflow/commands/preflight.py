@@ -76,11 +76,11 @@ def check_adapter(adapter_dir: str, role: str, model: str = "", model_dir: str =
             f"--adapter {adapter_dir} has no {filename}, the half a {role} loads; "
             "copy the whole adapter directory"
         )
-    if config.mode == "c2c" and role == "receiver" and not config.sharer_rope:
-        raise UsageError(
-            f"--adapter {adapter_dir} is a C2C adapter without the sharer's RoPE (sharer_rope), which the "
-            "receiver needs; re-save it with lcflow.adapter.c2c.record_sharer_rope and the sharer model"
-        )
+    if config.mode == "c2c" and role == "receiver":
+        from lcflow.serving_adapters import c2c_rope_problem
+
+        if why := c2c_rope_problem(config):  # the receiver re-rotates the sharer's keys with it
+            raise UsageError(f"--adapter {adapter_dir}: {why}")
     if model_dir and Path(model_dir).is_dir():
         from lcflow.kv import model_identity
 

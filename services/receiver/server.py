@@ -348,15 +348,14 @@ class ReceiverService(pb_grpc.ReceiverServicer):
                 f"{mode_name(request.mode)}; one stream carries one mode"
             )
         layers = [s.layer for s in header.segments if s.HasField("layer")]
-        # C2C carries the sharer layers its fuser reads; the latent modes one per retained receiver layer
-        expected = config.sharer_layers_needed() if mode == "c2c" else sorted(config.retained_layers)
+        expected = config.packet_layers()  # C2C: the sharer layers its fuser reads
         if sorted(layers) != expected:
             raise invalid(
                 f"the header declares layers {sorted(layers)} but this receiver's adapter decodes "
                 f"layers {expected}"
             )
         rows_seen = set()
-        width = config.sharer.spec.kv_dim if mode == "c2c" else config.bottleneck
+        width = config.packet_width()
         for segment in header.segments:
             what = f"layer {segment.layer}" if segment.HasField("layer") else "the shared segment"
             specs = {t.name: (t.dtype, tuple(t.shape)) for t in segment.tensors}

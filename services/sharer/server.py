@@ -519,12 +519,10 @@ class _LatentStream:
                 self.encode_ms += (time.perf_counter() - begin) * 1000
             rows = engine.sharer.latent_rows(self.shared, positions)
             # C2C sends the sharer's KV of the layers its fuser reads; the others, latents per receiver layer
-            width, wire_layers = (
-                (engine.adapter.encoder.width(), engine.adapter.encoder.layers)
-                if self.mode == "c2c"
-                else (config.bottleneck, config.retained_layers)
-            )
-            spec = {"latent": TensorSpec(str(WIRE_DTYPE).removeprefix("torch."), (1, rows, width))}
+            wire_layers = config.packet_layers()
+            spec = {
+                "latent": TensorSpec(str(WIRE_DTYPE).removeprefix("torch."), (1, rows, config.packet_width()))
+            }
             writer = PacketWriter(
                 mode=self.mode,
                 adapter_id=engine.adapter_id,
