@@ -12,25 +12,34 @@ from lcflow.proto_gen.lcflow.v1 import lcflow_pb2 as pb
 from lcflow.transport import CodecConfig, LatentPacket, packet_messages
 
 
-def lcfx_stream(engine, context: str, prompt: str, meta: dict | None = None) -> list[pb.LatentMessage]:
-    """A valid LCF-X Receive stream made by a sharer engine: the request, then the packet in
-    64-byte chunks (many chunks, so tests can damage one). `meta` goes into the header."""
+def latent_stream(engine, context: str, prompt: str, meta: dict | None = None) -> list[pb.LatentMessage]:
+    """A valid Receive stream made by a sharer engine, in its adapter's mode (LCF-X, LCF or C2C):
+    the request, then the packet in 64-byte chunks (many chunks, so tests can damage one); the
+    same-context modes send the context and the token spans too. `meta` goes into the header."""
+    from lcflow.names import SAME_CONTEXT_MODES
+    from lcflow.transport import MODE_TO_PROTO
     from services.receiver.server import identity_id
 
+    mode = engine.adapter.config.mode
+    same_context = mode in SAME_CONTEXT_MODES
     with torch.inference_mode():
         shared = engine.sharer.prefill(context)
         layers = dict(engine.sharer.encode_layers(shared, receiver_view("", prompt)))
     packet = LatentPacket(
-        mode="lcfx",
+        mode=mode,
         adapter_id=engine.adapter_id,
         sharer_id=identity_id(engine.identity),
         receiver_id=identity_id(engine.adapter.config.receiver),
         layers=list(layers),
         tensors_per_layer={t: {"latent": z.to(torch.bfloat16).contiguous()} for t, z in layers.items()},
+        shared_tensors={"token_spans": shared.spans} if same_context else {},
         meta=meta or {},
     )
     request = pb.ReceiverRequest(
-        prompt_text=prompt, mode=pb.LCF_X, generation=pb.GenerationSettings(max_new_tokens=2)
+        prompt_text=prompt,
+        context_text=context if same_context else "",
+        mode=MODE_TO_PROTO[mode],
+        generation=pb.GenerationSettings(max_new_tokens=2),
     )
     return [pb.LatentMessage(request=request), *packet_messages(packet, CodecConfig(chunk_size=64))]
 

@@ -9,7 +9,7 @@ import socket
 import grpc
 import pytest
 import torch
-from helpers import lcfx_stream
+from helpers import latent_stream
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from lcflow.adapter import LatentAdapter
@@ -143,7 +143,7 @@ def test_names_that_leave_the_directory_are_refused(pair, name, code, says):
 
 def receiver_stream(pair, adapter_meta: str) -> list[pb.LatentMessage]:
     """A valid LCF-X stream from the default adapter, its header naming `adapter_meta`."""
-    return lcfx_stream(pair.sharer_service.engine, CONTEXT, PROMPT, meta={"adapter": adapter_meta})
+    return latent_stream(pair.sharer_service.engine, CONTEXT, PROMPT, meta={"adapter": adapter_meta})
 
 
 @pytest.mark.parametrize(

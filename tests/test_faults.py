@@ -24,7 +24,7 @@ import grpc
 import pytest
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from helpers import lcfx_stream, stop_processes
+from helpers import latent_stream, stop_processes
 
 from lcflow.adapter import LatentAdapter
 from lcflow.bench.netns import two_hosts, why_netns_unavailable
@@ -251,7 +251,7 @@ def faulty_streams(services, tiny_pair, adapter_dir) -> list[list[pb.LatentMessa
     from services.sharer.server import SharerEngine
 
     (ms, ts), _ = tiny_pair
-    valid = lcfx_stream(SharerEngine.from_loaded(ms, ts, str(adapter_dir)), CONTEXT, PROMPT)
+    valid = latent_stream(SharerEngine.from_loaded(ms, ts, str(adapter_dir)), CONTEXT, PROMPT)
     flipped = list(valid)
     chunk = pb.LatentMessage()
     chunk.CopyFrom(flipped[3])

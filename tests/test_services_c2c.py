@@ -9,15 +9,13 @@ from __future__ import annotations
 import grpc
 import pytest
 import torch
-from helpers import running_services, set_shape, tiny_c2c_adapter_dir
+from helpers import latent_stream, running_services, set_shape, tiny_c2c_adapter_dir
 
 from lcflow.adapter.c2c import C2CFuser, C2CSender
 from lcflow.client import HandoffClient
 from lcflow.handoff import GenerationSettings, Latents, Receiver, Sharer
 from lcflow.proto_gen.lcflow.v1 import lcflow_pb2 as pb
 from lcflow.proto_gen.lcflow.v1 import lcflow_pb2_grpc as pb_grpc
-from lcflow.transport import LatentPacket, packet_messages
-from services.receiver.server import identity_id
 
 CONTEXT = "Mira Volkov lives in Oslo. Lior Senn plays the violin and owns a cat."
 PROMPT = "Where does Mira Volkov live?"
@@ -80,23 +78,7 @@ def test_c2c_from_a_session_reuses_the_prefill(services):
 
 def c2c_messages(services) -> list[pb.LatentMessage]:
     """A well-formed C2C stream for the receiver, as the sharer would send it."""
-    engine = services.sharer_service.engine
-    with torch.inference_mode():
-        shared = engine.sharer.prefill(CONTEXT)
-        layers = {s: z.to(torch.bfloat16) for s, z in engine.sharer.encode_layers(shared)}
-    packet = LatentPacket(
-        mode="c2c",
-        adapter_id=engine.adapter_id,
-        sharer_id=identity_id(engine.identity),
-        receiver_id=identity_id(engine.adapter.config.receiver),
-        layers=list(layers),
-        tensors_per_layer={s: {"latent": z} for s, z in layers.items()},
-        shared_tensors={"token_spans": shared.spans},
-    )
-    request = pb.ReceiverRequest(
-        prompt_text=PROMPT, context_text=CONTEXT, mode=pb.C2C, generation={"max_new_tokens": 2}
-    )
-    return [pb.LatentMessage(request=request), *packet_messages(packet)]
+    return latent_stream(services.sharer_service.engine, CONTEXT, PROMPT)
 
 
 def receive(services, messages) -> tuple[grpc.StatusCode, str, list]:
