@@ -35,3 +35,7 @@ class TrainConfig:
     # the receiver reading the document (lcflow.crosscontext.distill); KL weight beside the CE.
     init_adapter: str = ""
     kl_weight: float = 1.0
+    # Span-packet LCF-X: hinge that asks the right packet to explain the answer better than
+    # another sample's packet by `contrast_margin` nats (lcflow.crosscontext.distill); 0 = off.
+    contrast_weight: float = 0.0
+    contrast_margin: float = 1.0

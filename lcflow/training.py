@@ -46,15 +46,25 @@ def answer_ids(tokenizer, answer: str) -> torch.Tensor:
     return torch.tensor(ids + [tokenizer.eos_token_id], dtype=torch.long)
 
 
-def prepare_for_sample(sharer: Sharer, receiver: Receiver, mode: str, sample, prompt: str):
-    """The handoff up to the receiver's cache, with gradients through the adapter."""
-    context = sharer.prefill(sample.sharer_context)
+def prepare_for_sample(sharer: Sharer, receiver: Receiver, mode: str, sample, prompt: str, packet_from=None):
+    """The handoff up to the receiver's cache, with gradients through the adapter.
+
+    `packet_from` (LCF-X only): another sample whose sharer's packet arrives instead of this
+    sample's, the control a packet that carries knowledge must beat (as `lcfx-wrong` in eval)."""
     if mode == "lcf":
-        latents = sharer.encode(context)
+        latents = sharer.encode(sharer.prefill(sample.sharer_context))
         return receiver.prepare_lcf(latents, sample.sharer_context, prompt)
     if mode == "lcfx":
+        from lcflow.tasks import format_question_prompt
+
+        source = packet_from or sample
+        source_prompt = (
+            prompt if packet_from is None else format_question_prompt(source, include_context=False)
+        )
         latents = sharer.encode(
-            context, receiver_text=receiver_view(sample.receiver_context, prompt), question=prompt
+            sharer.prefill(source.sharer_context),
+            receiver_text=receiver_view(source.receiver_context, source_prompt),
+            question=source_prompt,
         )
         return receiver.prepare_lcfx(latents, prompt, sample.receiver_context)
     raise ValueError(f"training mode {mode!r} is not handled here")

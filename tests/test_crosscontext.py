@@ -255,6 +255,58 @@ def test_distillation_refines_a_span_adapter_and_resumes(tiny_pair, tmp_path):
     assert len(again.losses) == 3 and again.losses[:2] == trainer.losses
 
 
+def test_packet_donors_are_other_samples_of_the_same_task():
+    from lcflow.crosscontext.distill import packet_donors
+    from lcflow.tasks import get_task
+
+    samples = get_task("facts-mix-words").samples("train", 12, seed=1)
+    assert len({s.task for s in samples}) == 2  # both parts of the mix drawn
+    donors = packet_donors(samples)
+    for sample in samples:
+        donor = donors[sample.id]
+        assert donor.task == sample.task and donor.id != sample.id
+        assert donor.sharer_context != sample.sharer_context
+
+
+def test_contrast_hinge_is_the_margin_when_the_other_packet_is_the_same(tiny_pair, tmp_path):
+    """With the sample's own packet as the control the hinge is exactly the margin; with another
+    sample's it is what the two answer losses say, and a step with it trains."""
+    from lcflow.crosscontext.distill import SpanDistillTrainer
+    from lcflow.training import TrainConfig
+
+    sharer, receiver = tiny_pair
+    stats = collect_stats(sharer, receiver, alignment_corpus(20), build_layer_map(3, 2), 0, False)
+    span_adapter(sharer, receiver, fit_alignment(stats, 0, 16), slots=8).save_pretrained(tmp_path / "init")
+    cfg = TrainConfig(
+        sharer="s",
+        receiver="r",
+        out=str(tmp_path / "run"),
+        steps=1,
+        batch_size=2,
+        lr=1e-2,
+        init_adapter=str(tmp_path / "init"),
+        kl_weight=0.0,
+        contrast_weight=0.5,
+        contrast_margin=2.0,
+    )
+    trainer = SpanDistillTrainer(cfg, sharer, receiver)
+    trainer.adapter.eval()
+    sample = trainer.samples[0]
+    with torch.no_grad():
+        trainer._donors = {s.id: s for s in trainer.samples}  # the control is the same packet
+        same = trainer.sample_loss(sample).item()
+        trainer.cfg.contrast_weight = 0.0
+        plain = trainer.sample_loss(sample).item()
+        trainer.cfg.contrast_weight = 0.5
+        del trainer._donors
+        other = trainer.sample_loss(sample).item()
+    assert same == pytest.approx(plain + 0.5 * 2.0, abs=1e-4)
+    assert plain <= other <= plain + 0.5 * (2.0 + plain)  # hinge in [0, margin + CE(right)]
+    assert other != pytest.approx(same, abs=1e-6)  # another sample's packet changes the answer loss
+    trainer.run()
+    assert len(trainer.losses) == 1 and trainer.losses[0] > 0
+
+
 @torch.no_grad()
 def test_identity_alignment_reproduces_a_models_own_kv(tiny_pair):
     from lcflow.crosscontext.alignment import identity_alignment

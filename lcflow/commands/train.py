@@ -78,6 +78,19 @@ def register(subparsers) -> None:
         default=d.kl_weight,
         help="with --init-adapter: weight of KL(teacher reading the text || student) beside the answer CE",
     )
+    p.add_argument(
+        "--contrast-weight",
+        type=float,
+        default=d.contrast_weight,
+        help="with --init-adapter: weight of the hinge max(0, margin + CE(right packet) - CE(another "
+        "sample's packet)), which rewards answers that depend on the packet (0 = off)",
+    )
+    p.add_argument(
+        "--contrast-margin",
+        type=float,
+        default=d.contrast_margin,
+        help="with --contrast-weight: how many nats better the right packet must explain the answer",
+    )
     p.set_defaults(func=run)
 
 

@@ -6,10 +6,18 @@ refines both halves with the LLMs frozen. For each training sample:
     teacher  = the receiver reading [sharer document, own context, question] as text
     student  = the receiver reading [span packet, own context, question]
     loss     = CE(answer | student) + kl_weight * KL(teacher || student)   over the answer's tokens
+             + contrast_weight * max(0, contrast_margin + CE(answer | student)
+                                        - CE(answer | student given another sample's packet))
 
 The teacher's distribution is dense (every vocabulary entry at every answer position), so a
 few hundred samples carry far more signal than the answer's identity alone; the teacher runs
 without gradients on the fly (one prefill per sample). Only answer positions get logits.
+The hinge (off by default) is for answers that must *use* the packet without being a word of
+it (facts-twohop: the packet holds the link, the receiver's own document the answer). Trained on
+CE and KL alone, a mix of such samples taught the receiver to guess a value of the asked kind
+from its own document, as well with any packet (docs/lcfx.md section 6); the hinge is zero only
+where the right packet explains the answer by `contrast_margin` nats more than another's.
+The other packet is the next training sample's of the same task (its own question selects it).
 Samples are drawn from the train split (vocabulary disjoint from the test split); the
 held-out ships-cross family is never read. Seeded, resumable (lcflow.training.Trainer).
 """
@@ -22,7 +30,7 @@ from torch.nn import functional as F
 from lcflow.adapter import LatentAdapter
 from lcflow.handoff import Receiver, Sharer
 from lcflow.kv import model_identity
-from lcflow.training import Trainer, answer_ids
+from lcflow.training import Trainer, answer_ids, prepare_for_sample
 
 
 def answer_logits(model, prepared, target: torch.Tensor) -> torch.Tensor:
@@ -30,6 +38,16 @@ def answer_logits(model, prepared, target: torch.Tensor) -> torch.Tensor:
     tail = torch.cat([prepared.input_ids[:, -1:], target[None, :-1]], dim=1).to(model.device)
     out = model(input_ids=tail, past_key_values=prepared.cache, use_cache=True, logits_to_keep=len(target))
     return out.logits[0].float()
+
+
+def packet_donors(samples: list) -> dict:
+    """For each sample id, the next sample (cyclically) of the same task: whose packet to send
+    as the control. Same task, so a two-hop sample is contrasted with another link."""
+    donors = {}
+    for i, sample in enumerate(samples):
+        later = samples[i + 1 :] + samples[:i]
+        donors[sample.id] = next((s for s in later if s.task == sample.task), later[0] if later else sample)
+    return donors
 
 
 class SpanDistillTrainer(Trainer):
@@ -53,11 +71,24 @@ class SpanDistillTrainer(Trainer):
     def gate_penalty(self) -> torch.Tensor:
         return torch.zeros(())  # span packets have no gates
 
+    def packet_donor(self, sample):
+        """The training sample whose packet is the control: the next one of the same task."""
+        if not hasattr(self, "_donors"):
+            self._donors = packet_donors(self.samples)
+        return self._donors[sample.id]
+
     def sample_loss(self, sample) -> torch.Tensor:
         prompt = self.format_prompt(sample, include_context=False)
         target = answer_ids(self.receiver.tokenizer, sample.answers[0]).to(self.receiver.model.device)
         student = answer_logits(self.receiver.model, self.prepare(sample), target)
         loss = F.cross_entropy(student, target)
+        if self.cfg.contrast_weight > 0:
+            other = prepare_for_sample(
+                self.sharer, self.receiver, "lcfx", sample, prompt, packet_from=self.packet_donor(sample)
+            )
+            other_ce = F.cross_entropy(answer_logits(self.receiver.model, other, target), target)
+            hinge = F.relu(self.cfg.contrast_margin + loss - other_ce)
+            loss = loss + self.cfg.contrast_weight * hinge
         if self.cfg.kl_weight > 0:
             with torch.no_grad():
                 teacher_input = self.receiver.prepare_plain(
