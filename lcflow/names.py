@@ -38,6 +38,9 @@ QUANTIZATIONS = ("none", "int8", "int4")
 # The sharer's `--quantize` setting: one of those, or "card": each adapter's model card names the
 # smallest codec measured within 1 EM point of bf16 for it (model_card.json "codec"), none without.
 QUANTIZE_SETTINGS = ("card", *QUANTIZATIONS)
+# The sharer's `--codec`: zstd over each segment or not, or "auto": zstd only where the link is
+# slow enough for it to save time (lcflow.transport.link).
+CODEC_SETTINGS = ("auto", "zstd", "none")
 
 # `lcflow eval --wire`: the latents' number format on the way to the receiver (lcflow.evaluation)
 WIRE_FORMS = ("exact", "bf16", "int8", "int4")

@@ -12,7 +12,7 @@ import os
 import re
 from dataclasses import dataclass, fields
 
-from lcflow.names import QUANTIZE_SETTINGS
+from lcflow.names import CODEC_SETTINGS, QUANTIZE_SETTINGS
 
 ROLES = ("sharer", "receiver")
 DEFAULT_PORTS = {"sharer": 50051, "receiver": 50052}
@@ -47,6 +47,10 @@ class ServiceConfig:
     # docs/results/codecs; "none" for an adapter whose card names none), or "none", "int8" or
     # "int4" for every adapter (lcflow.transport.quantize)
     quantize: str = "card"
+    # sharer only: zstd over the segments, or "auto": only where the link is slow enough for it to
+    # save time (lcflow.transport.link), judged by --link-mbit or else the measured rate
+    codec: str = "auto"
+    link_mbit: float = 0.0  # sharer only: the link's rate to the receivers; 0 = measure it
     log_level: str = "INFO"
     log_content: bool = False  # prompts, contexts and answers stay out of the logs unless asked
     # This server's own TLS and token (lcflow.security.ServerSecurity).
@@ -77,6 +81,10 @@ class ServiceConfig:
             raise ValueError(
                 f"--quantize must be one of {', '.join(QUANTIZE_SETTINGS)}, not {self.quantize!r}"
             )
+        if self.codec not in CODEC_SETTINGS:
+            raise ValueError(f"--codec must be one of {', '.join(CODEC_SETTINGS)}, not {self.codec!r}")
+        if self.link_mbit < 0:
+            raise ValueError(f"--link-mbit must be 0 (measure) or a positive rate, not {self.link_mbit}")
         if self.adapter_memory_mb <= 0:
             raise ValueError(f"--adapter-memory-mb must be positive, not {self.adapter_memory_mb}")
         security = self.server_security()  # raises on a half-given TLS setting
@@ -230,6 +238,11 @@ HELP = {
     "codec measured within 1 EM point of bf16 for it; bf16 where it names none), none (bf16), int8 (one "
     "scale per row; an LCF packet ~2x smaller) or int4 (one scale per 64 elements; ~4.2x smaller); int8 "
     "and int4 need receivers that read latent format version 2",
+    "codec": "sharer only: zstd over each latent segment (zstd), never (none), or auto: zstd only where "
+    "the link is slow enough for compressing to save time (--link-mbit, or else the rate measured on "
+    "recent handoffs); the summary and the trace say which ran and why",
+    "link_mbit": "sharer only: the link's rate to the receivers in Mbit/s, for --codec auto; 0 = measure "
+    "it from recent handoffs",
     "log_level": "DEBUG, INFO, WARNING or ERROR",
     "log_content": "let prompts, contexts and answers appear in the logs (off: only their sizes do)",
     "tls_cert": "serve TLS with this certificate (PEM; `lcflow certs make`); re-read on change or SIGHUP",
@@ -253,7 +266,9 @@ HELP = {
 # Other spellings of a flag, still accepted (the directory flag was --adapter-dir before --adapters).
 ALIASES = {"adapters": ("--adapter-dir",)}
 
-SHARER_ONLY = {"receiver", "zstd_level", "quantize"} | {name for name in HELP if name.startswith("receiver_")}
+SHARER_ONLY = {"receiver", "zstd_level", "quantize", "codec", "link_mbit"} | {
+    name for name in HELP if name.startswith("receiver_")
+}
 RECEIVER_ONLY = {"allow_unauthenticated"}
 
 

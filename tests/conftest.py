@@ -41,3 +41,11 @@ def tiny_pair(tiny_dir):
     sharer = load_tiny(tiny_dir("llama", 300, 3))
     receiver = load_tiny(tiny_dir("gemma3", 400, 2))
     return sharer, receiver
+
+
+@pytest.fixture(scope="module")
+def spans_exporter():
+    """An in-memory OpenTelemetry exporter for the services a test module starts (helpers.trace_spans)."""
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    return InMemorySpanExporter()

@@ -385,13 +385,6 @@ def test_quantization_moves_the_first_token_logits_little(tiny_pair, adapter_dir
         assert same == in_process_answer(tiny_pair, adapter_dirs[mode], mode, 6)
 
 
-@pytest.fixture(scope="module")
-def spans_exporter():
-    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
-
-    return InMemorySpanExporter()
-
-
 def test_eval_wire_forms_round_the_latents_as_the_services_would():
     """`lcflow eval --wire`: bf16 rounds, int8/int4 quantize within their bounds (per row / per
     group of the bf16 values), and the bytes counted are those of the tensors the codec sends."""

@@ -23,8 +23,11 @@ namespace behind a veth pair shaped to each rate by tc's token bucket (lcflow.be
 root, iproute2 and tbf: skipped with the reason otherwise). Over each link, every case is sent
 end to end and compared with the link's limit for the bytes actually sent, measured in the same
 run: wire bytes / rate + one round trip (a 1-byte call over the same link). `--delay` would add
-latency with netem, where the kernel has it (skipped with the reason where not). `--json PATH`
-writes one record per payload, codec and link (see `link_records`).
+latency with netem, where the kernel has it (skipped with the reason where not). Each link
+record is sent with each of `--link-codecs` (zstd, none, auto): auto runs as a sharer's
+`--codec auto` does on a link it has not measured (lcflow.transport.link: a handoff with zstd,
+one with none, then the cheaper), and its record says how it compares with the better fixed
+codec. `--json PATH` writes one record per payload, codec and link (see `_record`).
 MB/s are always raw tensor megabytes (1e6 bytes) per second, so stages compare directly.
 The server runs in its own process (spawned), as the receiver would, on 127.0.0.1.
 """
@@ -49,16 +52,17 @@ from typing import TYPE_CHECKING
 import grpc
 import zstandard
 
-from lcflow.names import QUANTIZATIONS
+from lcflow.names import CODEC_SETTINGS, QUANTIZATIONS
 from lcflow.proto_gen.lcflow.v1 import lcflow_pb2 as pb
 from lcflow.proto_gen.lcflow.v1 import lcflow_pb2_grpc as pb_grpc
+from lcflow.service_config import ServiceConfig
 
 # torch and lcflow.transport (which imports torch) are imported in the functions that use them:
 # `lcflow --help` builds this parser and must not import torch.
 if TYPE_CHECKING:
     import torch
 
-    from lcflow.transport import CodecConfig, LatentPacket
+    from lcflow.transport import CodecConfig, LatentPacket, PacketWriter
 
 log = logging.getLogger(__name__)
 
@@ -92,6 +96,8 @@ class TransportBenchConfig:
     keep_freed_memory: bool = True  # as the services do (lcflow/transport/memory.py), in both processes
     links: list[str] = field(default_factory=lambda: ["loopback"])  # "loopback" or tc rates ("1gbit")
     delay: str = ""  # added one-way delay (netem), e.g. "1ms"; "" for none
+    # segment codecs each link record is sent with: zstd, none, and auto as the sharer runs it
+    link_codecs: list[str] = field(default_factory=lambda: ["zstd", "none", "auto"])
 
 
 # ---------------------------------------------------------------------------------------------- payloads
@@ -311,12 +317,14 @@ def _codec_stages(packet: LatentPacket, codec: CodecConfig, repeats: int) -> tup
     return stages, chunked
 
 
-def _writer_messages(packet: LatentPacket, codec: CodecConfig) -> Iterator[pb.LatentMessage]:
+def _writer_messages(
+    packet: LatentPacket, codec: CodecConfig, writer: PacketWriter | None = None
+) -> Iterator[pb.LatentMessage]:
     """What a sharer streams: request, header, then each segment packed as it is reached."""
     from lcflow.transport import packet_messages
 
     yield pb.LatentMessage(request=pb.ReceiverRequest(prompt_text="bench", mode=pb.LCF))
-    yield from packet_messages(packet, codec)
+    yield from packet_messages(packet, codec, writer)
 
 
 async def _packed_in_thread(messages: Iterator[pb.LatentMessage]) -> AsyncIterator[pb.LatentMessage]:
@@ -412,16 +420,20 @@ async def _grpc_stages(target: str, packet: LatentPacket, codec: CodecConfig, re
 
 async def _link_stages(target: str, packet: LatentPacket, codec: CodecConfig, repeats: int) -> dict:
     """Over one (emulated) link: the packet end to end as `end_to_end` sends it, and one round trip
-    (a 1-byte call to the raw sink); best of `repeats` each, after a warm-up."""
-    from lcflow.transport import coalesce_chunks
+    (a 1-byte call to the raw sink); best of `repeats` each, after a warm-up. Also what the
+    services' link meter reads from a handoff (the last run's): the time left for the link once
+    packing and unpacking are taken out, and zstd's bytes in, out and time."""
+    from lcflow.transport import PacketWriter, coalesce_chunks
 
     async with grpc.aio.insecure_channel(target) as channel:
         receiver = pb_grpc.ReceiverStub(channel)
         raw_sink = channel.stream_unary(RAW_METHOD)
         summaries: list[pb.HandoffSummary] = []
+        writers: list[PacketWriter] = []
 
         async def end_to_end() -> None:
-            messages = coalesce_chunks(_writer_messages(packet, codec), codec.chunk_size)
+            writers.append(PacketWriter.for_packet(packet, codec))
+            messages = coalesce_chunks(_writer_messages(packet, codec, writers[-1]), codec.chunk_size)
             summaries.append([event async for event in receiver.Receive(iter(messages))][-1].summary)
 
         async def round_trip() -> None:
@@ -430,14 +442,42 @@ async def _link_stages(target: str, packet: LatentPacket, codec: CodecConfig, re
         rtt_ms = await _times_ms_async(round_trip, max(5, repeats))
         e2e_ms = await _times_ms_async(end_to_end, repeats)
     assert all(s.bytes_raw == packet.raw_bytes() for s in summaries), "the receiver lost part of the packet"
-    return {"end_to_end_ms": min(e2e_ms), "rtt_ms": min(rtt_ms), "wire_bytes": summaries[-1].bytes_wire}
+    stats = writers[-1].stats
+    return {
+        "end_to_end_ms": min(e2e_ms),
+        "rtt_ms": min(rtt_ms),
+        "wire_bytes": summaries[-1].bytes_wire,
+        "last_ms": e2e_ms[-1],  # the last run alone, as a sharer's meter would see one handoff
+        "serialised_bytes": stats.bytes_serialised,
+        "codec_ms": stats.codec_ms,
+    }
 
 
-def _codec_of(config: TransportBenchConfig, quantize: str) -> CodecConfig:
+async def _auto_link_stages(target: str, packet: LatentPacket, quantize: str, config) -> dict:
+    """`--codec auto` as a sharer runs it on a link it has not measured (lcflow.transport.link):
+    handoffs with what a fresh LinkMeter picks, each one's cost fed back, until it has measured
+    both codecs; then the timed runs with what it picks from those measurements."""
+    from lcflow.transport.link import LinkMeter
+
+    meter = LinkMeter()
+    for _ in range(2):  # zstd first, then none: what the first two handoffs of a sharer send
+        codec = _codec_of(config, quantize, meter.choose(quantize).name)
+        probe = await _link_stages(target, packet, codec, repeats=1)
+        meter.record(quantize, codec.name, packet.raw_bytes(), probe["last_ms"])
+        if codec.name == "zstd":
+            meter.record_compression(
+                quantize, probe["serialised_bytes"], probe["wire_bytes"], probe["codec_ms"]
+            )
+    choice = meter.choose(quantize)
+    measured = await _link_stages(target, packet, _codec_of(config, quantize, choice.name), config.repeats)
+    return {**measured, "codec": choice.name, "codec_reason": choice.reason}
+
+
+def _codec_of(config: TransportBenchConfig, quantize: str, name: str = "") -> CodecConfig:
     from lcflow.transport import CodecConfig
 
     return CodecConfig(
-        name=config.codec, level=config.level, byte_shuffle=config.byte_shuffle, quantization=quantize
+        name=name or config.codec, level=config.level, byte_shuffle=config.byte_shuffle, quantization=quantize
     )
 
 
@@ -485,6 +525,7 @@ def machine_info() -> dict:
 # What the sharer's default (--quantize card) sends for the shipped adapters of each mode, as their
 # model cards chose (docs/results/codecs): the bench marks those link records "default": true.
 CARD_DEFAULT_QUANTIZATION = {"lcf": "int4", "lcfx": "int8"}
+DEFAULT_CODEC_SETTING = ServiceConfig.codec  # the sharer's --codec default ("auto")
 
 
 def run_transport_bench(config: TransportBenchConfig) -> dict:
@@ -499,11 +540,13 @@ def run_transport_bench(config: TransportBenchConfig) -> dict:
     results = []
     if config.keep_freed_memory:
         keep_freed_memory()
+    records = []
     with LoopbackServer(config.keep_freed_memory) as target:
         for mode, tokens, dtype, quantize in cases:
             log.info("bench transport: %s T=%d %s quantize %s", mode, tokens, dtype, quantize)
             results.append(bench_case(target, mode, tokens, dtype, quantize, config))
-    records = [_loopback_record(r, config) for r in results] if "loopback" in config.links else []
+        if "loopback" in config.links:
+            records = _link_records("loopback", target, cases, results, config)
     skipped = {}
     rates = [link for link in config.links if link != "loopback"]
     if rates:
@@ -518,7 +561,7 @@ def run_transport_bench(config: TransportBenchConfig) -> dict:
         skipped[f"delay {config.delay}"] = delay_unavailable_reason()
         print(f"not adding a delay of {config.delay}: {skipped[f'delay {config.delay}']}")
     for rate in rates:
-        records += _link_records(rate, cases, results, config)
+        records += _shaped_link_records(rate, cases, results, config)
     report = {"bench": "transport", "machine": machine_info(), "config": asdict(config), "results": results}
     return {**report, "links": records, "links_skipped": skipped}
 
@@ -530,66 +573,86 @@ def delay_unavailable_reason() -> str:
 
 
 def _record(
-    mode, tokens, dtype, quantize, config, link, raw, wire, e2e_ms, limit_ms, raw_loopback_ms
+    case: tuple, setting: str, measured: dict, link: str, raw: int, limit_ms: float, raw_loopback_ms: float
 ) -> dict:
-    """One record of `--json`: the fields the issue names, plus the dtype and the round trip."""
+    """One record of `--json`: the fields the issue names, plus the dtype, the codec setting and why."""
+    mode, tokens, dtype, quantize = case
     return {
         "mode": mode,
         "tokens": tokens,
         "dtype": dtype,
-        "codec": config.codec,
+        "codec": measured["codec"],  # the segment codec that ran, as named in the header
+        "codec_setting": setting,  # --link-codecs: zstd, none or auto
+        "codec_reason": measured["codec_reason"],
         "quantization": quantize,
-        "default": config.codec == "zstd" and CARD_DEFAULT_QUANTIZATION.get(mode) == quantize,
+        # the services' default path: --codec auto with the quantization the model cards chose
+        "default": setting == DEFAULT_CODEC_SETTING and CARD_DEFAULT_QUANTIZATION.get(mode) == quantize,
         "link": link,
         "raw_bf16_bytes": raw,
-        "wire_bytes": wire,
-        "end_to_end_ms": round(e2e_ms, 3),
+        "wire_bytes": measured["wire_bytes"],
+        "end_to_end_ms": round(measured["end_to_end_ms"], 3),
         "link_limit_ms": round(limit_ms, 3),
         "raw_loopback_ms": round(raw_loopback_ms, 3),
-        "vs_limit": round(e2e_ms / limit_ms, 3),
+        "vs_limit": round(measured["end_to_end_ms"] / limit_ms, 3),
     }
 
 
-def _loopback_record(result: dict, config: TransportBenchConfig) -> dict:
-    """On loopback the link's limit is the raw gRPC baseline for the same bf16 bytes."""
-    raw_ms = result["stages"]["raw_grpc"]["ms"]
-    return _record(
-        result["mode"], result["tokens"], result["dtype"], result["quantize"], config, "loopback",
-        result["raw_bytes"], result["wire_bytes"], result["stages"]["end_to_end"]["ms"], raw_ms, raw_ms,
-    )  # fmt: skip
+def _codec_runs(target: str, packet: LatentPacket, quantize: str, config: TransportBenchConfig):
+    """(setting, measurement) for each --link-codecs setting, over the link `target` sits behind."""
+    for setting in config.link_codecs:
+        if setting == "auto":
+            measured = asyncio.run(_auto_link_stages(target, packet, quantize, config))
+        else:
+            codec = _codec_of(config, quantize, setting)
+            measured = asyncio.run(_link_stages(target, packet, codec, config.repeats))
+            measured.update(codec=setting, codec_reason=f"--codec {setting}")
+        yield setting, measured
 
 
-def _link_records(rate: str, cases: list, results: list[dict], config: TransportBenchConfig) -> list[dict]:
+def _link_records(
+    link: str, target: str, cases: list, results: list[dict], config: TransportBenchConfig, bits_per_s=None
+) -> list[dict]:
+    """Every case and codec setting sent to `target`. The link's limit: on loopback (no
+    `bits_per_s`) the raw gRPC baseline for the same bf16 bytes; on a shaped link, the bytes
+    actually sent at its rate plus one round trip, measured in the same run."""
+    records = []
+    for case, loopback in zip(cases, results, strict=True):
+        mode, tokens, dtype, quantize = case
+        log.info("bench transport over %s: %s T=%d %s quantize %s", link, mode, tokens, dtype, quantize)
+        packet = make_payload(mode, tokens, dtype, config.layers, config.width)
+        raw_ms = loopback["stages"]["raw_grpc"]["ms"]
+        for setting, measured in _codec_runs(target, packet, quantize, config):
+            limit_ms = (
+                raw_ms
+                if bits_per_s is None
+                else measured["wire_bytes"] * 8 / bits_per_s * 1000 + measured["rtt_ms"]
+            )
+            records.append(_record(case, setting, measured, link, packet.raw_bytes(), limit_ms, raw_ms))
+    return _compare_auto(records)
+
+
+def _compare_auto(records: list[dict]) -> list[dict]:
+    """On each auto record: its time over the best fixed codec's for the same case and link."""
+    fixed: dict[tuple, float] = {}
+    key = lambda r: (r["link"], r["mode"], r["tokens"], r["dtype"], r["quantization"])  # noqa: E731
+    for r in records:
+        if r["codec_setting"] != "auto":
+            fixed[key(r)] = min(fixed.get(key(r), float("inf")), r["end_to_end_ms"])
+    for r in records:
+        if r["codec_setting"] == "auto" and key(r) in fixed:
+            r["auto_vs_best_fixed"] = round(r["end_to_end_ms"] / fixed[key(r)], 3)
+    return records
+
+
+def _shaped_link_records(
+    rate: str, cases: list, results: list[dict], config: TransportBenchConfig
+) -> list[dict]:
     """Every case over a veth link shaped to `rate`, the receiver end in its own namespace."""
     from lcflow.bench.netns import rate_limited_link
 
-    records = []
     with rate_limited_link("lcfb", rate) as link:
         with LoopbackServer(config.keep_freed_memory, host=link.remote, namespace=link.namespace) as target:
-            for (mode, tokens, dtype, quantize), loopback in zip(cases, results, strict=True):
-                log.info(
-                    "bench transport over %s: %s T=%d %s quantize %s", rate, mode, tokens, dtype, quantize
-                )
-                packet = make_payload(mode, tokens, dtype, config.layers, config.width)
-                codec = _codec_of(config, quantize)
-                measured = asyncio.run(_link_stages(target, packet, codec, config.repeats))
-                limit_ms = measured["wire_bytes"] * 8 / link.bits_per_s * 1000 + measured["rtt_ms"]
-                records.append(
-                    _record(
-                        mode,
-                        tokens,
-                        dtype,
-                        quantize,
-                        config,
-                        rate,
-                        packet.raw_bytes(),
-                        measured["wire_bytes"],
-                        measured["end_to_end_ms"],
-                        limit_ms,
-                        loopback["stages"]["raw_grpc"]["ms"],
-                    )  # fmt: skip
-                )
-    return records
+            return _link_records(rate, target, cases, results, config, link.bits_per_s)
 
 
 # ---------------------------------------------------------------------------------------------- CLI
@@ -621,12 +684,15 @@ def format_table(report: dict) -> str:
 def format_links(records: list[dict]) -> str:
     """One line per link record: end-to-end time against the link's limit for the bytes sent."""
     lines = [
-        f"{'link':>9} {'mode':5} {'T':>5} {'quant':5} {'wire MB':>8} {'e2e ms':>9} {'limit ms':>9} {'x limit':>7}"
+        f"{'link':>9} {'mode':5} {'T':>5} {'quant':5} {'codec':11} {'wire MB':>8} {'e2e ms':>9} "
+        f"{'limit ms':>9} {'x limit':>7}"
     ]
     for r in records:
+        codec = r["codec"] if r["codec_setting"] != "auto" else f"auto:{r['codec']}"
         lines.append(
-            f"{r['link']:>9} {r['mode']:5} {r['tokens']:>5} {r['quantization']:5} {r['wire_bytes'] / 1e6:>8.2f} "
-            f"{r['end_to_end_ms']:>9.1f} {r['link_limit_ms']:>9.1f} {r['vs_limit']:>7.2f}"
+            f"{r['link']:>9} {r['mode']:5} {r['tokens']:>5} {r['quantization']:5} {codec:11} "
+            f"{r['wire_bytes'] / 1e6:>8.2f} {r['end_to_end_ms']:>9.1f} {r['link_limit_ms']:>9.1f} {r['vs_limit']:>7.2f}"
+            + (f"  {r['auto_vs_best_fixed']:.2f}x best fixed" if "auto_vs_best_fixed" in r else "")
             + ("  (default)" if r["default"] else "")
         )
     return "\n".join(lines)
@@ -681,6 +747,13 @@ def register(subparsers) -> None:
         "rate runs the receiver end in a network namespace behind a veth pair shaped to it (root, "
         "iproute2 and tbf needed; skipped with the reason otherwise)",
     )
+    p.add_argument(
+        "--link-codecs",
+        default=",".join(defaults.link_codecs),
+        help="segment codecs each link record is sent with, comma-separated: zstd, none, auto (as a "
+        "sharer with --codec auto runs it on an unmeasured link: one handoff measures the link, then it "
+        "picks); auto records also say how they compare with the best fixed codec",
+    )
     p.add_argument("--delay", default="", help="one-way delay to add on the emulated links (needs netem)")
     p.add_argument("--out", help="write the JSON report here")
     p.add_argument("--json", help="write one record per payload, codec and link here (a JSON list)")
@@ -702,11 +775,16 @@ def run(args) -> int:
         keep_freed_memory=not args.no_keep_freed_memory,
         links=[link.strip() for link in args.link.split(",") if link.strip()],
         delay=args.delay,
+        link_codecs=[codec.strip() for codec in args.link_codecs.split(",") if codec.strip()],
     )
+    from lcflow.cli import UsageError
+
+    unknown = sorted(set(config.link_codecs) - set(CODEC_SETTINGS))
+    if unknown or not config.link_codecs:
+        raise UsageError(f"--link-codecs: use some of {', '.join(CODEC_SETTINGS)}, not {args.link_codecs!r}")
     for link in config.links:
         if link != "loopback":
             from lcflow.bench.netns import rate_bits_per_s
-            from lcflow.cli import UsageError
 
             try:
                 rate_bits_per_s(link)  # before anything runs

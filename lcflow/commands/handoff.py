@@ -119,5 +119,7 @@ def format_summary(summary) -> str:
     lines.append(
         f"  bytes raw {summary.bytes_raw}, on the wire {summary.bytes_wire} ({ratio:.2f}x), chunks {summary.chunks}"
     )
+    if summary.codec:
+        lines.append(f"  codec {summary.codec}: {summary.codec_reason}")
     lines.append(f"  trace {summary.trace_id}")
     return "\n".join(lines)

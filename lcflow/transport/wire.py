@@ -126,6 +126,7 @@ class Segment:
 class WireStats:
     chunks: int = 0
     bytes_raw: int = 0  # tensor data bytes, before compression
+    bytes_serialised: int = 0  # what goes into the segment codec: bytes_raw, or codes + scales
     bytes_wire: int = 0  # chunk payload bytes
     # quantize (if on) + safetensors layout + byte-shuffle, or header checks + unshuffle + dequantize
     serialise_ms: float = 0.0
@@ -179,7 +180,10 @@ class PacketWriter:
         self.sent: set[int | None] = set()
         self.sequence = 0
         self.payload_crc = 0
-        self.stats = WireStats(bytes_raw=sum(segment_bytes(s) for s in self.specs.values()))
+        self.stats = WireStats(
+            bytes_raw=sum(segment_bytes(s) for s in self.specs.values()),
+            bytes_serialised=sum(segment_bytes(s) for s in self.wire_specs.values()),
+        )
 
     @classmethod
     def for_packet(cls, packet: LatentPacket, codec: CodecConfig | None = None) -> PacketWriter:
@@ -306,9 +310,14 @@ class PacketWriter:
         )
 
 
-def packet_messages(packet: LatentPacket, codec: CodecConfig | None = None) -> Iterator[pb.LatentMessage]:
-    """Header, the shared tensors, each layer in order, trailer: a whole packet as messages."""
-    writer = PacketWriter.for_packet(packet, codec)
+def packet_messages(
+    packet: LatentPacket, codec: CodecConfig | None = None, writer: PacketWriter | None = None
+) -> Iterator[pb.LatentMessage]:
+    """Header, the shared tensors, each layer in order, trailer: a whole packet as messages.
+
+    `writer`: one the caller made with `PacketWriter.for_packet(packet, codec)`, to read its
+    stats once the messages are sent."""
+    writer = writer or PacketWriter.for_packet(packet, codec)
     yield writer.header()
     if packet.shared_tensors:
         yield from writer.shared(packet.shared_tensors)

@@ -63,6 +63,7 @@ from lcflow.serving_adapters import (
 )
 from lcflow.sessions import SessionNotFound, SessionStore, SessionTooLarge
 from lcflow.transport import MODE_FROM_PROTO, CodecConfig, PacketWriter, TensorSpec
+from lcflow.transport.link import LinkMeter
 from services.receiver.server import SERVICE_NAME as RECEIVER_SERVICE
 from services.receiver.server import identity_id
 
@@ -122,9 +123,10 @@ class SharerService(pb_grpc.SharerServicer):
         self.engine = engine
         self.limit = ConcurrencyLimit(config.max_concurrent, config.max_queue)
         self.sessions = SessionStore(config.session_memory_mb << 20, config.session_ttl_s)
-        # with --quantize card each handoff takes its adapter's codec (_codec_for)
-        quantization = "none" if config.quantize == "card" else config.quantize
-        self.codec = CodecConfig(level=config.zstd_level, quantization=quantization)
+        # Each handoff takes its adapter's quantization (--quantize card) and, with --codec auto,
+        # zstd or not by the link's rate (_codec_for).
+        self.codec = CodecConfig(level=config.zstd_level)
+        self.link = LinkMeter(config.link_mbit)  # the link's rate and zstd's cost, measured
         self.adapters = AdapterRegistry.for_service(config, self._engine_with)
         self._receiver_model: str | None = None  # the receiver's model hash, as it last said
         self._receiver_model_until = 0.0
@@ -345,7 +347,7 @@ class SharerService(pb_grpc.SharerServicer):
         stream.prefill = lambda: self._prefill(engine, context_text, checked=True)
         if choice is not None:
             stream.adapter_name, stream.adapter_wire_name = choice.name, choice.wire_name
-            stream.codec = self._codec_for(choice)
+            stream.codec, stream.codec_reason = self._codec_for(choice)
         call = self.receiver_stub().Receive(stream.messages(), timeout=context.time_remaining())
         context.add_callback(call.cancel)  # client gone: cancel downstream too
         first_token_at, summary = None, None
@@ -368,12 +370,32 @@ class SharerService(pb_grpc.SharerServicer):
             stream.stop()
         return summary
 
-    def _codec_for(self, choice: Choice) -> CodecConfig:
-        """The wire codec for a handoff with this adapter: --quantize, or with "card" (the default)
-        the codec the adapter's model card chose (bf16 where it chose none)."""
-        if self.config.quantize != "card":
-            return self.codec
-        return dataclasses.replace(self.codec, quantization=choice.entry.info.card_codec)
+    def _codec_for(self, choice: Choice) -> tuple[CodecConfig, str]:
+        """The wire codec for a handoff with this adapter, and why.
+
+        Quantization: --quantize, or with "card" (the default) what the adapter's model card
+        chose (bf16 where it chose none). Segment codec: --codec, or with "auto" (the default)
+        zstd only where the link is slow enough for it to save time (lcflow.transport.link)."""
+        card = self.config.quantize == "card"
+        quantization = choice.entry.info.card_codec if card else self.config.quantize
+        why = f"{quantization} from {'the model card' if card else '--quantize'}; "
+        if self.config.codec == "auto":
+            picked = self.link.choose(quantization)
+            name, why = picked.name, why + picked.reason
+        else:
+            name, why = self.config.codec, why + f"--codec {self.config.codec}"
+        return dataclasses.replace(self.codec, name=name, quantization=quantization), why
+
+    def _measure_link(self, stream: _LatentStream, window_ms: float) -> None:
+        """Teach the link meter what this handoff's latents cost beyond encoding (the receiver's
+        latent window less the sharer's encode time: packing, the link, unpacking) and in zstd."""
+        stats = stream.wire_stats
+        if stats is None:
+            return
+        scheme = stream.codec.quantization
+        self.link.record(scheme, stream.codec.name, stats.bytes_raw, window_ms - stream.encode_ms)
+        if stream.codec.name == "zstd":
+            self.link.record_compression(scheme, stats.bytes_serialised, stats.bytes_wire, stats.codec_ms)
 
     def _session(self, session_id: str):
         try:
@@ -425,6 +447,9 @@ class SharerService(pb_grpc.SharerServicer):
             merged.timings.transfer = max(
                 0.0, window - stream.encode_ms - stream.pack_ms - summary.timings.unpack
             )
+            merged.codec = f"{stream.codec.quantization}/{stream.codec.name}"
+            merged.codec_reason = stream.codec_reason
+            self._measure_link(stream, window)
         if first_token_at is not None:
             merged.timings.time_to_first_token = (first_token_at - started) * 1000
         merged.timings.total = (time.perf_counter() - started) * 1000
@@ -470,7 +495,9 @@ class _LatentStream:
         self.context_text = ""  # for the log line (its size only, unless --log-content)
         self.adapter_name = ""  # the adapter that encodes, for the summary and the trace
         self.adapter_wire_name = ""  # the name passed on to the receiver (Choice.wire_name)
-        self.codec = service.codec  # the wire codec (SharerService._codec_for)
+        self.codec = service.codec  # the wire codec (SharerService._codec_for) and why it was chosen
+        self.codec_reason = ""
+        self.wire_stats = None  # the writer's counts once the latents went out (for the link meter)
 
     def stop(self) -> None:
         """Start no further prefill or encode, and wait for the one running (if any) to finish:
@@ -554,8 +581,10 @@ class _LatentStream:
                 self.encode_ms += (time.perf_counter() - begin) * 1000
                 yield from writer.layer(layer, {"latent": latent})
             trailer = writer.trailer()
-            stats = writer.stats
+            stats = self.wire_stats = writer.stats
             self.pack_ms = stats.serialise_ms + stats.codec_ms
+            span.set_attribute("lcflow.codec", self.codec.name)
+            span.set_attribute("lcflow.codec_reason", self.codec_reason)
             span.set_attribute("lcflow.adapter", self.adapter_name)
             span.set_attribute("lcflow.layers", len(wire_layers))
             span.set_attribute("lcflow.tokens.context", self.shared.input_ids.shape[1])

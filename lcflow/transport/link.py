@@ -1,0 +1,146 @@
+"""Whether zstd pays on the link to the receiver: what the sharer's `--codec auto` picks, and why.
+
+zstd makes the bytes fewer and costs CPU on both ends, so it pays on slow links and loses on
+fast ones. Two ways to tell which one this is:
+
+- **Measured** (no `--link-mbit`): the meter keeps, per quantization scheme and codec, the time
+  a handoff's latents cost beyond encoding (packing, the link, unpacking: the receiver's latent
+  window minus the sharer's encode time) per raw byte, smoothed over recent handoffs. The first
+  handoff of a scheme goes with zstd, the next with none; from then on the cheaper one, with the
+  other tried again every EXPLORE_EVERY handoffs so that a changed link shows. This is what
+  decides on loopback and on this 2-core machine, where "the link" is gRPC's own CPU time and no
+  model of it held: the rule below said zstd pays at 161 MB/s, and none was faster.
+
+- **Configured** (`--link-mbit R`): a rule. Sending S serialised bytes takes S/R; compressing
+  first at C bytes/s with ratio r, then decompressing at D, takes S/C + S/(r R) + S/D (on small
+  CPUs they do not overlap). zstd pays when
+
+      R < (1 - 1/r) / (1/C + 1/D)
+
+  C, r and D per scheme are priors measured here (`lcflow bench transport --tokens 2048
+  --quantize none int8 int4`, a 2048-token LCF packet of the paper pair's shapes, random normal
+  latents, best of 5 with a training job on the other core; per serialised byte), refined by
+  this sharer's own zstd handoffs:
+
+      scheme  C (MB/s)  D (MB/s)  r      zstd pays below
+      none     722      1114      1.50   ~146 MB/s (1.2 Gbit/s): bf16 latents
+      int8     753       768      1.07   ~25 MB/s  (200 Mbit/s)
+      int4     747       711      1.16   ~50 MB/s  (400 Mbit/s)
+
+One meter per sharer: with several receivers behind one target, gRPC picks the receiver after
+the codec is chosen, so the costs are those of recent handoffs to any of them.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+
+SMOOTHING = 0.5  # weight of the newest measurement: a changed link shows within a few handoffs
+EXPLORE_EVERY = 16  # once both codecs are measured, every 16th handoff tries the other one
+
+
+@dataclass(frozen=True)
+class Compression:
+    """zstd on one kind of payload: compress and decompress throughput (serialised bytes/s), ratio."""
+
+    compress_bytes_per_s: float
+    decompress_bytes_per_s: float
+    ratio: float
+
+    def pays_below(self) -> float:
+        """The link rate (bytes/s) under which compressing saves time (the rule above)."""
+        if self.ratio <= 1.0:
+            return 0.0
+        cpu_s_per_byte = 1.0 / self.compress_bytes_per_s + 1.0 / self.decompress_bytes_per_s
+        return (1.0 - 1.0 / self.ratio) / cpu_s_per_byte
+
+
+PRIORS = {
+    "none": Compression(722e6, 1114e6, 1.50),
+    "int8": Compression(753e6, 768e6, 1.07),
+    "int4": Compression(747e6, 711e6, 1.16),
+}
+
+
+@dataclass(frozen=True)
+class CodecChoice:
+    """The segment codec for one transfer and, in words, why (for the summary and the trace)."""
+
+    name: str  # "zstd" or "none"
+    reason: str
+
+
+def _mb(bytes_per_s: float) -> str:
+    return f"{bytes_per_s / 1e6:.0f} MB/s"
+
+
+def _smooth(old: float | None, new: float) -> float:
+    return new if old is None else SMOOTHING * new + (1 - SMOOTHING) * old
+
+
+class LinkMeter:
+    """What zstd and the link have cost on recent handoffs; `choose` applies the module's rules.
+
+    Thread-safe: handoffs record and choose from gRPC's worker threads."""
+
+    def __init__(self, link_mbit: float = 0.0):
+        self.configured = link_mbit * 1e6 / 8 if link_mbit > 0 else None  # bytes/s
+        self.compression = dict(PRIORS)
+        self.cost: dict[tuple[str, str], float] = {}  # (scheme, codec) -> ms per raw MB, smoothed
+        self._choices: dict[str, int] = {}  # handoffs chosen per scheme, for the exploration turn
+        self._lock = threading.Lock()
+
+    def record(self, scheme: str, codec: str, raw_bytes: int, cost_ms: float) -> None:
+        """One handoff's latents: `raw_bytes` of bf16 represented cost `cost_ms` beyond encoding."""
+        if raw_bytes <= 0:
+            return
+        per_mb = max(cost_ms, 0.0) / raw_bytes * 1e6
+        with self._lock:
+            self.cost[(scheme, codec)] = _smooth(self.cost.get((scheme, codec)), per_mb)
+
+    def record_compression(
+        self, scheme: str, serialised_bytes: int, wire_bytes: int, compress_ms: float
+    ) -> None:
+        """What zstd did on one handoff of `scheme` payload, as the sender saw it: bytes in and out,
+        and time. (The receiver's unpack time mixes decompression with the rest, so D stays the prior.)"""
+        if serialised_bytes <= 0 or wire_bytes <= 0 or compress_ms <= 0:
+            return
+        with self._lock:
+            old = self.compression.get(scheme, PRIORS["none"])
+            self.compression[scheme] = Compression(
+                _smooth(old.compress_bytes_per_s, serialised_bytes / compress_ms * 1000.0),
+                old.decompress_bytes_per_s,
+                _smooth(old.ratio, serialised_bytes / wire_bytes),
+            )
+
+    def choose(self, scheme: str) -> CodecChoice:
+        """zstd or none for a payload quantized with `scheme` ("none", "int8", "int4")."""
+        with self._lock:
+            if self.configured is not None:
+                return self._by_rule(scheme)
+            return self._by_measurement(scheme)
+
+    def _by_rule(self, scheme: str) -> CodecChoice:
+        compression = self.compression.get(scheme, PRIORS["none"])
+        threshold = compression.pays_below()
+        name = "zstd" if self.configured < threshold else "none"
+        return CodecChoice(
+            name,
+            f"link {_mb(self.configured)} configured; zstd pays below {_mb(threshold)} on {scheme} "
+            f"payloads (ratio {compression.ratio:.2f}, compress {_mb(compression.compress_bytes_per_s)}, "
+            f"decompress {_mb(compression.decompress_bytes_per_s)})",
+        )
+
+    def _by_measurement(self, scheme: str) -> CodecChoice:
+        zstd, none = self.cost.get((scheme, "zstd")), self.cost.get((scheme, "none"))
+        if zstd is None:
+            return CodecChoice("zstd", f"first {scheme} handoff: zstd (fewer bytes) until both are measured")
+        if none is None:
+            return CodecChoice("none", f"measuring none once on {scheme} payloads (zstd: {zstd:.1f} ms/MB)")
+        turn = self._choices[scheme] = self._choices.get(scheme, 0) + 1
+        best, other = ("zstd", "none") if zstd <= none else ("none", "zstd")
+        costs = f"zstd {zstd:.1f} ms/MB, none {none:.1f} ms/MB on recent {scheme} handoffs"
+        if turn % EXPLORE_EVERY == 0:
+            return CodecChoice(other, f"{costs}; trying {other} again (every {EXPLORE_EVERY}th handoff)")
+        return CodecChoice(best, f"{costs}: {best} is cheaper")

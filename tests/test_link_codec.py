@@ -1,0 +1,115 @@
+"""`--codec auto`: zstd only where the link is slow enough for compressing to save time
+(lcflow.transport.link), from a configured rate or the rate measured on recent handoffs."""
+
+from __future__ import annotations
+
+import pytest
+from helpers import trace_spans
+from test_services import CONTEXT, PROMPT, Pair
+from test_services import make_adapter_dir as services_adapter_dir
+
+from lcflow.service_config import ServiceConfig
+from lcflow.transport.link import EXPLORE_EVERY, PRIORS, Compression, LinkMeter
+
+MB = 1_000_000
+
+
+def test_zstd_pays_below_the_rate_where_its_cpu_time_equals_the_time_it_saves():
+    # S/C + S/(rR) + S/D < S/R  <=>  R < (1 - 1/r) / (1/C + 1/D)
+    assert Compression(900 * MB, 1800 * MB, 1.5).pays_below() == pytest.approx(200 * MB)
+    assert Compression(900 * MB, 1800 * MB, 1.0).pays_below() == 0.0  # nothing saved: never pays
+    assert Compression(900 * MB, 1800 * MB, 0.9).pays_below() == 0.0
+
+
+@pytest.mark.parametrize(
+    "mbit, scheme, expected",
+    [
+        (100, "none", "zstd"),  # bf16 latents compress 1.5x: worth it on slow links...
+        (1000, "none", "zstd"),
+        (10_000, "none", "none"),  # ...not on 10 Gbit/s
+        (100, "int8", "zstd"),
+        (1000, "int8", "none"),  # int8 codes barely compress (1.07x)
+        (1000, "int4", "none"),
+        (100, "int4", "zstd"),
+    ],
+)
+def test_a_configured_link_rate_decides_by_the_rule(mbit, scheme, expected):
+    choice = LinkMeter(link_mbit=mbit).choose(scheme)
+    assert choice.name == expected
+    assert "configured" in choice.reason and scheme in choice.reason
+
+
+def test_an_unmeasured_link_tries_both_codecs_then_keeps_the_cheaper():
+    meter = LinkMeter()
+    first = meter.choose("int4")
+    assert first.name == "zstd" and "first" in first.reason
+    meter.record("int4", "zstd", 10 * MB, 50.0)  # 5 ms per MB
+    second = meter.choose("int4")
+    assert second.name == "none" and "measuring none" in second.reason
+    meter.record("int4", "none", 10 * MB, 30.0)  # 3 ms per MB: none is cheaper here
+    picks = [meter.choose("int4").name for _ in range(EXPLORE_EVERY)]
+    assert picks.count("none") == EXPLORE_EVERY - 1 and picks[-1] == "zstd"  # one turn re-tries zstd
+    assert meter.choose("none").name == "zstd"  # each scheme is measured on its own
+
+
+def test_the_choice_follows_a_link_that_got_slow():
+    meter = LinkMeter()
+    meter.record("none", "zstd", 10 * MB, 50.0)
+    meter.record("none", "none", 10 * MB, 30.0)
+    assert meter.choose("none").name == "none"
+    for _ in range(3):  # the link got slow: the handoffs sent without zstd now take much longer
+        meter.record("none", "none", 10 * MB, 800.0)
+    choice = meter.choose("none")
+    assert choice.name == "zstd" and "zstd is cheaper" in choice.reason
+
+
+def test_measured_compression_replaces_the_prior():
+    meter = LinkMeter(link_mbit=100)
+    assert meter.choose("int4").name == "zstd"
+    for _ in range(8):  # this payload does not compress at all: zstd never pays
+        meter.record_compression("int4", 4 * MB, 4 * MB, 5.0)
+    assert meter.compression["int4"].ratio == pytest.approx(1.0, abs=0.01)
+    assert meter.choose("int4").name == "none"
+    assert meter.compression["none"] == PRIORS["none"]  # other schemes keep theirs
+
+
+def test_bad_codec_settings_are_refused():
+    with pytest.raises(ValueError, match="--codec must be one of"):
+        ServiceConfig("sharer", codec="gzip")
+    with pytest.raises(ValueError, match="--link-mbit"):
+        ServiceConfig("sharer", link_mbit=-1)
+
+
+@pytest.mark.parametrize(
+    "options, codecs, why",
+    [
+        ({"link_mbit": 100}, ["none/zstd"], "configured"),
+        ({"link_mbit": 100_000}, ["none/none"], "configured"),
+        ({"codec": "zstd", "link_mbit": 100_000}, ["none/zstd"], "--codec zstd"),
+        ({}, ["none/zstd", "none/none"], "measur"),  # unmeasured: zstd first, then none once
+    ],
+)
+def test_the_summary_and_the_trace_say_which_codec_ran_and_why(
+    tiny_pair, tmp_path_factory, spans_exporter, options, codecs, why
+):
+    running = Pair(
+        tiny_pair,
+        services_adapter_dir(tiny_pair, tmp_path_factory, "lcfx"),
+        "lcfx",
+        spans_exporter,
+        **options,
+    )
+    try:
+        results = [
+            running.client.handoff(PROMPT, mode="lcfx", context=CONTEXT, max_new_tokens=2) for _ in codecs
+        ]
+    finally:
+        running.stop()
+    assert [result.summary.codec for result in results] == codecs
+    summary = results[-1].summary
+    assert why in summary.codec_reason and "model card" in summary.codec_reason
+    span = trace_spans(spans_exporter, summary.trace_id)[("lcflow-sharer", "sharer.stream")]
+    assert span.attributes["lcflow.codec"] == codecs[-1].split("/")[1]
+    assert span.attributes["lcflow.codec_reason"] == summary.codec_reason
+    if not options:  # both handoffs were measured
+        assert {codec for _, codec in running.sharer_service.link.cost} == {"zstd", "none"}
