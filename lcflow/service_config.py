@@ -47,8 +47,8 @@ class ServiceConfig:
     # docs/results/codecs; "none" for an adapter whose card names none), or "none", "int8" or
     # "int4" for every adapter (lcflow.transport.quantize)
     quantize: str = "card"
-    # sharer only: zstd over the segments, or "auto": only where the link is slow enough for it to
-    # save time (lcflow.transport.link), judged by --link-mbit or else the measured rate
+    # sharer only: zstd over the segments, or "auto": only where it saves time on the link
+    # (lcflow.transport.link), judged by --link-mbit or else by what recent handoffs cost
     codec: str = "auto"
     link_mbit: float = 0.0  # sharer only: the link's rate to the receivers; 0 = measure it
     log_level: str = "INFO"
@@ -239,10 +239,10 @@ HELP = {
     "scale per row; an LCF packet ~2x smaller) or int4 (one scale per 64 elements; ~4.2x smaller); int8 "
     "and int4 need receivers that read latent format version 2",
     "codec": "sharer only: zstd over each latent segment (zstd), never (none), or auto: zstd only where "
-    "the link is slow enough for compressing to save time (--link-mbit, or else the rate measured on "
-    "recent handoffs); the summary and the trace say which ran and why",
-    "link_mbit": "sharer only: the link's rate to the receivers in Mbit/s, for --codec auto; 0 = measure "
-    "it from recent handoffs",
+    "compressing saves time on the link: judged from --link-mbit by a rule, or else by which of the two "
+    "cost less on recent handoffs (both are tried); the summary and the trace say which ran and why",
+    "link_mbit": "sharer only: the link's rate to the receivers in Mbit/s, for --codec auto; 0 = judge by "
+    "what recent handoffs cost with each codec",
     "log_level": "DEBUG, INFO, WARNING or ERROR",
     "log_content": "let prompts, contexts and answers appear in the logs (off: only their sizes do)",
     "tls_cert": "serve TLS with this certificate (PEM; `lcflow certs make`); re-read on change or SIGHUP",
