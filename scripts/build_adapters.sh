@@ -7,6 +7,7 @@
 #   DIRECTIONS=bridge bash scripts/build_adapters.sh    # SmolLM2 -> Gemma3 LCF-X through a bridge (needs spans)
 #   DIRECTIONS=same-model bash scripts/build_adapters.sh  # Gemma3 -> Gemma3 LCF (the demo pair's same context)
 #   DIRECTIONS=smollm2-pair bash scripts/build_adapters.sh  # SmolLM2 -> SmolLM2 span LCF-X (a reader for Gemma3 -> SmolLM2)
+#   DIRECTIONS=twohop bash scripts/build_adapters.sh    # Gemma3 -> Gemma3 LCF-X refined for two hops (needs spans)
 # These are the settings the shipped adapters were built with. On the 2-core CPU development
 # machine, SmolLM2 -> Gemma3 took 13 min (LCF), 18 min (C2C) and 39 min (LCF-X); the reverse
 # direction's times are in its model cards.
@@ -194,9 +195,32 @@ L.from_pretrained(sys.argv[1]).save_pretrained(sys.argv[2], dtype=torch.bfloat16
   card smollm2-to-smollm2-lcfx "$pair-eval-cross" lcfx
 }
 
+# build_twohop: the Gemma3 -> Gemma3 span adapter refined for two hops, where the packet holds only
+# the link ("S's tutor is B") and the answer sits in the receiver's own document. From the shipped
+# gemma3-to-gemma3-lcfx, on a mix of single-hop and two-hop samples (facts-mix-words), answer CE +
+# 0.25 KL + a hinge asking the right packet to explain the answer by 1 nat better than another
+# sample's (--contrast-weight; without it the mix taught guessing from the receiver's own
+# document, docs/lcfx.md section 6); 64 steps x 16 (~73 min here).
+build_twohop() {
+  local pair=gemma3-to-gemma3 out="$A/gemma3-to-gemma3-lcfx-twohop"
+  lcflow train --sharer "$GEMMA" --receiver "$GEMMA" --mode lcfx --task facts-mix-words \
+    --init-adapter "$A/gemma3-to-gemma3-lcfx" --steps 64 --batch-size 16 --lr 2e-4 --kl-weight 0.25 \
+    --contrast-weight 1.0 --contrast-margin 1.0 --seed 1 --checkpoint-every 8 --out "$RUNS/$pair-twohop"
+  mkdir -p "$out"
+  python -c "import sys, torch; from lcflow.adapter import LatentAdapter as L; \
+L.from_pretrained(sys.argv[1]).save_pretrained(sys.argv[2], dtype=torch.bfloat16)" "$RUNS/$pair-twohop" "$out"
+  cp "$RUNS/$pair-twohop"/{train_log.json,loss_curve.png} "$out/"
+  lcflow eval --pair "$pair" --task facts-cross --n 60 --methods lcfx,lcfx-wrong --adapter-lcfx "$out" \
+    --out "$RUNS/$pair-eval-cross-twohop"
+  card gemma3-to-gemma3-lcfx-twohop "$pair-eval-cross-twohop" lcfx
+  lcflow eval --pair "$pair" --task facts-twohop --n 60 --methods text,lcfx,lcfx-wrong --text-batch 16 \
+    --adapter-lcfx "$out" --out "$RUNS/$pair-eval-twohop-twohop"
+}
+
 for direction in $DIRECTIONS; do
   case $direction in
     forward) build_direction smollm2-to-gemma3 "$SMOL" "$GEMMA" yes ;;
+    twohop) build_twohop ;;
     reverse) build_direction gemma3-to-smollm2 "$GEMMA" "$SMOL" no ;;
     spans) build_spans ;;
     bridge) build_bridge ;;
