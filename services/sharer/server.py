@@ -124,9 +124,9 @@ class SharerService(pb_grpc.SharerServicer):
         self.limit = ConcurrencyLimit(config.max_concurrent, config.max_queue)
         self.sessions = SessionStore(config.session_memory_mb << 20, config.session_ttl_s)
         # Each handoff takes its adapter's quantization (--quantize card) and, with --codec auto,
-        # zstd or not by the link's rate (_codec_for).
+        # zstd or not by what recent handoffs cost with each (_codec_for).
         self.codec = CodecConfig(level=config.zstd_level)
-        self.link = LinkMeter(config.link_mbit)  # the link's rate and zstd's cost, measured
+        self.link = LinkMeter(config.link_mbit)  # what each codec cost on recent handoffs
         self.adapters = AdapterRegistry.for_service(config, self._engine_with)
         self._receiver_model: str | None = None  # the receiver's model hash, as it last said
         self._receiver_model_until = 0.0
