@@ -220,14 +220,22 @@ def test_oracle_ladder_runs_every_rung_and_own_full_equals_text(tiny_pair):
     assert copy.deepcopy(outcomes[0]).rung == "none"
 
 
+def aligned_span_adapter(tiny_pair, directory):
+    """A span adapter from the closed-form alignment of the tiny pair, saved to `directory`: what
+    distillation starts from (cfg.init_adapter)."""
+    sharer, receiver = tiny_pair
+    stats = collect_stats(sharer, receiver, alignment_corpus(20), build_layer_map(3, 2), 0, False)
+    adapter = span_adapter(sharer, receiver, fit_alignment(stats, 0, 16), slots=8)
+    adapter.save_pretrained(directory)
+    return adapter
+
+
 def test_distillation_refines_a_span_adapter_and_resumes(tiny_pair, tmp_path):
     from lcflow.crosscontext.distill import SpanDistillTrainer
     from lcflow.training import TrainConfig
 
     sharer, receiver = tiny_pair
-    stats = collect_stats(sharer, receiver, alignment_corpus(20), build_layer_map(3, 2), 0, False)
-    init = span_adapter(sharer, receiver, fit_alignment(stats, 0, 16), slots=8)
-    init.save_pretrained(tmp_path / "init")
+    init = aligned_span_adapter(tiny_pair, tmp_path / "init")
     cfg = TrainConfig(
         sharer="s",
         receiver="r",
@@ -275,8 +283,7 @@ def test_contrast_hinge_is_the_margin_when_the_other_packet_is_the_same(tiny_pai
     from lcflow.training import TrainConfig
 
     sharer, receiver = tiny_pair
-    stats = collect_stats(sharer, receiver, alignment_corpus(20), build_layer_map(3, 2), 0, False)
-    span_adapter(sharer, receiver, fit_alignment(stats, 0, 16), slots=8).save_pretrained(tmp_path / "init")
+    aligned_span_adapter(tiny_pair, tmp_path / "init")
     cfg = TrainConfig(
         sharer="s",
         receiver="r",
@@ -293,12 +300,12 @@ def test_contrast_hinge_is_the_margin_when_the_other_packet_is_the_same(tiny_pai
     trainer.adapter.eval()
     sample = trainer.samples[0]
     with torch.no_grad():
-        trainer._donors = {s.id: s for s in trainer.samples}  # the control is the same packet
+        donors, trainer.donors = trainer.donors, {s.id: s for s in trainer.samples}  # the same packet
         same = trainer.sample_loss(sample).item()
         trainer.cfg.contrast_weight = 0.0
         plain = trainer.sample_loss(sample).item()
         trainer.cfg.contrast_weight = 0.5
-        del trainer._donors
+        trainer.donors = donors  # another sample's packet
         other = trainer.sample_loss(sample).item()
     assert same == pytest.approx(plain + 0.5 * 2.0, abs=1e-4)
     assert plain <= other <= plain + 0.5 * (2.0 + plain)  # hinge in [0, margin + CE(right)]

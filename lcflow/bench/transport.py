@@ -751,8 +751,8 @@ def register(subparsers) -> None:
         "--link-codecs",
         default=",".join(defaults.link_codecs),
         help="segment codecs each link record is sent with, comma-separated: zstd, none, auto (as a "
-        "sharer with --codec auto runs it on an unmeasured link: one handoff measures the link, then it "
-        "picks); auto records also say how they compare with the best fixed codec",
+        "sharer with --codec auto runs it on an unmeasured link: a handoff with zstd, one with none, then "
+        "the cheaper); auto records also say how they compare with the best fixed codec",
     )
     p.add_argument("--delay", default="", help="one-way delay to add on the emulated links (needs netem)")
     p.add_argument("--out", help="write the JSON report here")

@@ -42,16 +42,25 @@ def answer_logits(model, prepared, target: torch.Tensor) -> torch.Tensor:
 
 def packet_donors(samples: list) -> dict:
     """For each sample id, the next sample (cyclically) of the same task: whose packet to send
-    as the control. Same task, so a two-hop sample is contrasted with another link."""
+    as the control. Same task, so a two-hop sample is contrasted with another link; a task with
+    a single sample borrows the next sample of the list."""
+    by_task: dict[str, list[int]] = {}
+    for index, sample in enumerate(samples):
+        by_task.setdefault(sample.task, []).append(index)
     donors = {}
-    for i, sample in enumerate(samples):
-        later = samples[i + 1 :] + samples[:i]
-        donors[sample.id] = next((s for s in later if s.task == sample.task), later[0] if later else sample)
+    for indices in by_task.values():
+        for position, index in enumerate(indices):
+            donor = indices[(position + 1) % len(indices)] if len(indices) > 1 else (index + 1) % len(samples)
+            donors[samples[index].id] = samples[donor]
     return donors
 
 
 class SpanDistillTrainer(Trainer):
     """Trains a span-packet LCF-X adapter from its alignment initialisation (cfg.init_adapter)."""
+
+    def __init__(self, cfg, sharer_pair=None, receiver_pair=None):
+        super().__init__(cfg, sharer_pair, receiver_pair)
+        self.donors = packet_donors(self.samples) if cfg.contrast_weight > 0 else {}
 
     def build_adapter(self, sharer_pair: tuple, receiver_pair: tuple):
         (ms, ts), (mr, tr) = sharer_pair, receiver_pair
@@ -73,9 +82,7 @@ class SpanDistillTrainer(Trainer):
 
     def packet_donor(self, sample):
         """The training sample whose packet is the control: the next one of the same task."""
-        if not hasattr(self, "_donors"):
-            self._donors = packet_donors(self.samples)
-        return self._donors[sample.id]
+        return self.donors[sample.id]
 
     def sample_loss(self, sample) -> torch.Tensor:
         prompt = self.format_prompt(sample, include_context=False)
