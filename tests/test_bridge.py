@@ -8,7 +8,7 @@ import torch
 from helpers import running_services, same_model_alignment, span_adapter
 
 from lcflow.adapter import LatentAdapter
-from lcflow.adapter.bridge import INPUT_LAYER
+from lcflow.adapter.bridge import INPUT_LAYER, reader_config
 from lcflow.crosscontext import bridge
 from lcflow.crosscontext.corpus import alignment_corpus
 from lcflow.crosscontext.placement import document_ids
@@ -246,3 +246,41 @@ def test_snap_replaces_each_soft_token_by_its_nearest_embedding(tiny_pair):
     )
     assert len(noisy_keys) == len(keys) > 0
     assert all(torch.equal(a, b) for a, b in zip(noisy_keys + noisy_values, keys + values, strict=True))
+
+
+def test_translator_from_swaps_the_reader_and_keeps_the_translator(fitted, tiny_pair, tmp_path, capsys):
+    """`lcflow bridge --translator-from B --reader R`: B's translator, R's reader; a reader for
+    another receiver is refused with one line."""
+    from lcflow.cli import main
+
+    directory, _ = fitted
+    sharer, receiver = tiny_pair
+    new_reader = LatentAdapter.for_models(
+        "lcfx", model_identity(*receiver), model_identity(*receiver), packet="spans", bottleneck=16, slots=8
+    )
+    with torch.no_grad():  # a fresh span adapter starts as the exact map: make this one differ
+        for weight in new_reader.decoder.parameters():
+            weight.add_(0.01 * torch.randn_like(weight))
+    new_reader.save_pretrained(tmp_path / "reader")
+    out = tmp_path / "swapped"
+    args = ["bridge", "--translator-from", str(directory), "--out", str(out)]
+    assert main([*args, "--reader", str(tmp_path / "reader")]) == 0
+    original, swapped = LatentAdapter.from_pretrained(directory), LatentAdapter.from_pretrained(out)
+    assert reader_config(swapped.config) == LatentAdapter.from_pretrained(tmp_path / "reader").config
+    assert swapped.config.selection_heads == original.config.selection_heads
+    for name, value in original.encoder.state_dict().items():
+        assert torch.equal(swapped.encoder.state_dict()[name], value), name
+    for name, value in new_reader.decoder.state_dict().items():
+        assert torch.equal(swapped.decoder.reader_decoder.state_dict()[name], value), name
+    old_reader = original.decoder.reader_decoder.state_dict()
+    assert any(  # the old reader is gone
+        not torch.equal(value, old_reader[name]) for name, value in new_reader.decoder.state_dict().items()
+    )
+
+    wrong = LatentAdapter.for_models(
+        "lcfx", model_identity(*sharer), model_identity(*sharer), packet="spans", bottleneck=16, slots=8
+    )
+    wrong.save_pretrained(tmp_path / "wrong")
+    capsys.readouterr()
+    assert main([*args, "--reader", str(tmp_path / "wrong")]) == 2
+    assert "receiver -> receiver adapter" in capsys.readouterr().err

@@ -10,6 +10,13 @@ the receiver reads them with its own model and the reader, a receiver -> receive
 (a ridge map, then --steps of a residual MLP on a dense per-token loss; lcflow.crosscontext.bridge),
 reports the held-out R^2 and nearest-token accuracy on --held-out further documents, and saves the
 adapter with the reader's weights copied in. Nothing task-specific is trained here.
+
+The translator depends only on the two models, so another reader (e.g. one refined for two hops)
+needs no refitting: --translator-from an existing bridge copies its translator, retrieval heads and
+packet settings, and swaps in --reader (seconds; the fitting flags are then not used):
+
+    lcflow bridge --translator-from adapters/smollm2-to-gemma3-lcfx-bridge \
+        --reader adapters/gemma3-to-gemma3-lcfx-twohop --out runs/build/smollm2-to-gemma3-bridge-twohop
 """
 
 from __future__ import annotations
@@ -27,13 +34,22 @@ def register(subparsers) -> None:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--sharer", required=True, help="sharer model: a `lcflow models list` name or a local dir")
+    p.add_argument(
+        "--sharer",
+        help="sharer model: a `lcflow models list` name or a local dir (not with --translator-from)",
+    )
     p.add_argument(
         "--reader",
         required=True,
         help="a receiver -> receiver LCF-X span adapter directory (its decoder reads)",
     )
     p.add_argument("--out", required=True, help="directory to write the bridge adapter to")
+    p.add_argument(
+        "--translator-from",
+        metavar="BRIDGE",
+        help="an existing bridge adapter for the same receiver: keep its translator, heads and packet "
+        "settings and only swap in --reader (no models loaded, nothing fitted)",
+    )
     p.add_argument("--documents", type=int, default=2000, help="alignment-corpus documents to fit on")
     p.add_argument("--held-out", type=int, default=100, help="further documents to score the fit on")
     p.add_argument(
@@ -86,13 +102,14 @@ def run(args) -> int:
 
     if args.documents < 1 or args.held_out < 1 or min(args.steps, args.vocabulary_documents, args.rows) < 0:
         raise UsageError(
-            "lcflow bridge: --documents and --held-out must be at least 1; --steps, "
+            "--documents and --held-out must be at least 1; --steps, "
             "--vocabulary-documents and --rows at least 0"
         )
-    try:
-        reader = LatentAdapter.from_pretrained(args.reader)
-    except (FileNotFoundError, ValueError) as err:
-        raise UsageError(f"lcflow bridge: --reader: {err}") from err
+    reader = _load(LatentAdapter, args.reader, "--reader")
+    if args.translator_from:
+        return swap_reader(args, reader)
+    if not args.sharer:
+        raise UsageError("--sharer is required (or --translator-from an existing bridge)")
     started = time.perf_counter()
     sharer = load_model_and_tokenizer(args.sharer, args.device)
     receiver = load_model_and_tokenizer(reader.config.receiver.name, args.device)
@@ -109,7 +126,7 @@ def run(args) -> int:
             snap=args.snap,
         )
     except ValueError as err:
-        raise UsageError(f"lcflow bridge: {err}") from err
+        raise UsageError(str(err)) from err
     adapter.encoder.attach_receiver_tokenizer(receiver[1])
     corpus = alignment_corpus(args.documents + args.held_out, seed=args.seed)
     corpus[args.documents : args.documents] = vocabulary_documents(
@@ -146,3 +163,32 @@ def run(args) -> int:
     adapter.save_pretrained(args.out)
     print(f"saved the bridge adapter to {args.out}; next: lcflow heads {args.out} --write")
     return 0
+
+
+def swap_reader(args, reader) -> int:
+    """--translator-from: the existing bridge's translator with --reader's weights and config."""
+    from lcflow.adapter import LatentAdapter
+    from lcflow.crosscontext import bridge
+
+    if args.sharer:
+        raise UsageError("--sharer comes from --translator-from's bridge; give only one")
+    original = _load(LatentAdapter, args.translator_from, "--translator-from")
+    try:
+        adapter = bridge.with_reader(original, reader)
+    except ValueError as err:
+        raise UsageError(str(err)) from err
+    adapter.config.training = {
+        **original.config.training,
+        "reader": args.reader,
+        "translator_from": args.translator_from,
+    }
+    adapter.save_pretrained(args.out)
+    print(f"saved {args.out}: the translator of {args.translator_from}, read by {args.reader}")
+    return 0
+
+
+def _load(adapter_class, path: str, flag: str):
+    try:
+        return adapter_class.from_pretrained(path)
+    except (FileNotFoundError, ValueError) as err:
+        raise UsageError(f"{flag}: {err}") from err

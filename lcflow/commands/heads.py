@@ -53,13 +53,13 @@ def run(args) -> int:
     try:
         config = AdapterConfig.load(args.adapter)
     except (FileNotFoundError, ValueError) as err:
-        raise UsageError(f"lcflow heads: {err}") from err
+        raise UsageError(str(err)) from err
     if config.mode != "lcfx" or config.packet not in ("spans", "bridge"):
         raise UsageError(
-            f"lcflow heads: {args.adapter} is not a span- or bridge-packet LCF-X adapter (packet: spans, bridge)"
+            f"{args.adapter} is not a span- or bridge-packet LCF-X adapter (packet: spans, bridge)"
         )
     if args.train < 1:
-        raise UsageError(f"lcflow heads: --train must be at least 1, not {args.train}")
+        raise UsageError(f"--train must be at least 1, not {args.train}")
     model, tokenizer = load_model_and_tokenizer(config.sharer.name, "cpu")
     samples = get_task(args.task).samples("train", args.train, seed=args.seed)
     choice = choose_heads(model, tokenizer, samples, config.slots, args.tolerance)

@@ -58,14 +58,7 @@ def new_bridge_adapter(
     snap: bool = False,
 ) -> LatentAdapter:
     """An untrained bridge adapter whose decoder is a copy of `reader` (receiver -> receiver spans)."""
-    rc = reader.config
-    if rc.mode != "lcfx" or rc.packet != "spans":
-        raise ValueError("the reader must be an LCF-X span adapter (packet: spans)")
-    if not (rc.sharer.same_model(receiver) and rc.receiver.same_model(receiver)):
-        raise ValueError(
-            f"the reader must be a receiver -> receiver adapter for {receiver.short()}, "
-            f"not {rc.sharer.short()} -> {rc.receiver.short()}"
-        )
+    check_reader(reader, receiver)
     config = AdapterConfig(
         mode="lcfx",
         sharer=sharer,
@@ -77,12 +70,40 @@ def new_bridge_adapter(
         packet="bridge",
         selection="sentences-mean",
         sharer_window=SHARER_WINDOW,
-        reader=rc.to_dict(),
+        reader=reader.config.to_dict(),
         bridge_tokens=tokens,
         bridge_rows=rows,
         bridge_snap=snap,
     )
+    return _with_reader_weights(LatentAdapter(config), reader)
+
+
+def with_reader(bridge_adapter: LatentAdapter, reader: LatentAdapter) -> LatentAdapter:
+    """The same bridge (translator, retrieval heads, packet settings) reading with another
+    receiver -> receiver span adapter: the translator depends only on the two models, so a new
+    reader (e.g. one refined for two hops) needs no refitting."""
+    if bridge_adapter.config.packet != "bridge":
+        raise ValueError(f"not a bridge adapter (packet: {bridge_adapter.config.packet})")
+    check_reader(reader, bridge_adapter.config.receiver)
+    config = AdapterConfig.from_dict({**bridge_adapter.config.to_dict(), "reader": reader.config.to_dict()})
     adapter = LatentAdapter(config)
+    adapter.encoder.load_state_dict(bridge_adapter.encoder.state_dict())
+    return _with_reader_weights(adapter, reader)
+
+
+def check_reader(reader: LatentAdapter, receiver: ModelIdentity) -> None:
+    """A bridge reads with a receiver -> receiver LCF-X span adapter of that very receiver."""
+    rc = reader.config
+    if rc.mode != "lcfx" or rc.packet != "spans":
+        raise ValueError("the reader must be an LCF-X span adapter (packet: spans)")
+    if not (rc.sharer.same_model(receiver) and rc.receiver.same_model(receiver)):
+        raise ValueError(
+            f"the reader must be a receiver -> receiver adapter for {receiver.short()}, "
+            f"not {rc.sharer.short()} -> {rc.receiver.short()}"
+        )
+
+
+def _with_reader_weights(adapter: LatentAdapter, reader: LatentAdapter) -> LatentAdapter:
     adapter.decoder.reader_encoder.load_state_dict(reader.encoder.state_dict())
     adapter.decoder.reader_decoder.load_state_dict(reader.decoder.state_dict())
     return adapter
