@@ -36,7 +36,7 @@ REPO_ADAPTERS = Path(__file__).resolve().parent.parent / "adapters"
 # Two agents on one base model with different contexts (the paper's cross-context setting):
 # the pair whose LCF-X packet the receiver can read (docs/lcfx.md), with its task-trained span
 # adapter. SmolLM2 -> Gemma3 runs with --sharer-model smollm2-135m-instruct
-# --adapter adapters/smollm2-to-gemma3-lcfx (whose packet still carries nothing).
+# --adapter adapters/smollm2-to-gemma3-lcfx-bridge (across families: soft tokens, docs/lcfx.md).
 DEFAULT_SHARER = "gemma3-270m"
 DEFAULT_RECEIVER = "gemma3-270m"
 DEFAULT_ADAPTER = "gemma3-to-gemma3-lcfx"

@@ -1,6 +1,6 @@
 """Model cards for shipped adapters: model_card.json (machine-readable) and README.md.
 
-    python -m lcflow.model_card adapters/smollm2-to-gemma3-lcfx --eval runs/cross/results.json \
+    python -m lcflow.model_card adapters/gemma3-to-gemma3-lcfx --eval runs/cross/results.json \
         --method lcfx --command "bash scripts/build_adapters.sh"
     python -m lcflow.model_card adapters/smollm2-to-gemma3-lcf --method lcf \
         --codec-eval bf16=runs/b/results.json --codec-eval int8=... --codec-eval int4=...

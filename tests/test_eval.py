@@ -335,6 +335,22 @@ def test_adapter_dir_defaults(tmp_path):
     assert path is None and "no --adapter-lcf DIR given" in reason
 
 
+def test_lcfx_defaults_to_the_pairs_bridge_when_it_has_no_span_adapter(tmp_path):
+    args = SimpleNamespace(adapters=tmp_path, adapter_lcfx=None)
+    path, reason = eval_cmd.adapter_dir("lcfx", args, "smollm2-to-gemma3")
+    assert path is None and "smollm2-to-gemma3-lcfx" in reason
+    (tmp_path / "smollm2-to-gemma3-lcfx-bridge").mkdir()
+    assert eval_cmd.adapter_dir("lcfx-wrong", args, "smollm2-to-gemma3") == (
+        tmp_path / "smollm2-to-gemma3-lcfx-bridge",
+        "",
+    )
+    (tmp_path / "smollm2-to-gemma3-lcfx").mkdir()  # a pair's own <pair>-lcfx comes first
+    assert eval_cmd.adapter_dir("lcfx", args, "smollm2-to-gemma3") == (
+        tmp_path / "smollm2-to-gemma3-lcfx",
+        "",
+    )
+
+
 def test_batched_notes_equal_the_notes_written_one_at_a_time(tiny_dir):
     """`--text-batch`: left-padded batches of different lengths give each note its own greedy text."""
     from lcflow.tasks import get_task

@@ -115,7 +115,10 @@ def register(subparsers) -> None:
         "decodes them: exact (as encoded, float32), bf16 (the services' default), int8 or int4 (the "
         "sharer's --quantize codecs, lcflow.transport.quantize); bytes sent counted accordingly",
     )
-    adapters = p.add_argument_group("adapters (default: ADAPTERS/<pair>-<method>)")
+    adapters = p.add_argument_group(
+        "adapters (default: ADAPTERS/<pair>-<method>; for lcfx, else ADAPTERS/<pair>-lcfx-bridge, "
+        "the design that works across families)"
+    )
     for method in [m for m in ADAPTER_MODES if m not in SHARES_ADAPTER]:
         adapters.add_argument(f"--adapter-{method}", metavar="DIR", help=f"adapter directory for {method}")
     adapters.add_argument(
@@ -234,8 +237,9 @@ def adapter_dir(method: str, args, pair: str | None) -> tuple[Path | None, str]:
     if pair is None:
         return None, f"no {flag} DIR given (no default adapter for models outside the named pairs)"
     path = args.adapters / f"{pair}-{method}"
-    if path.is_dir():
-        return path, ""
+    for candidate in (path, *([args.adapters / f"{pair}-lcfx-bridge"] if method == "lcfx" else [])):
+        if candidate.is_dir():
+            return candidate, ""
     make = (
         f"lcflow prune {args.adapters / f'{pair}-lcfx'} --out {path}"
         if method == "lcfx-pruned"

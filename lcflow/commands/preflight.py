@@ -62,7 +62,7 @@ def check_adapter(adapter_dir: str, role: str, model: str = "", model_dir: str =
     if not path.is_dir():
         raise UsageError(
             f"--adapter {adapter_dir}: no such directory; give an adapter directory "
-            "(e.g. adapters/smollm2-to-gemma3-lcfx) or leave --adapter out to serve TEXT and NONE only"
+            "(e.g. adapters/gemma3-to-gemma3-lcfx) or leave --adapter out to serve TEXT and NONE only"
         )
     try:
         config = AdapterConfig.load(path)
