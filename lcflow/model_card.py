@@ -124,6 +124,11 @@ def _training_lines(training: dict) -> list[str]:
                 f"tokens), {training.get('steps')} MLP steps; held-out R^2 {held['r2']}, nearest token "
                 f"right {held['nearest_token']} (ridge alone: {training['held_out_ridge']['nearest_token']})"
             )
+            lines.append(f"- reader: `{training.get('reader')}`, copied in")
+            if "translator_from" in training:  # lcflow bridge --translator-from: the reader swapped
+                lines[-1] += (
+                    f" in place of the one the translator of `{training['translator_from']}` came with"
+                )
         elif training.get("documents"):
             lines.append(
                 f"- fitted on {training['documents']} corpus documents, ridge {training.get('ridge')}; "
