@@ -49,7 +49,9 @@ def test_an_unmeasured_link_tries_both_codecs_then_keeps_the_cheaper():
     meter.record("int4", "none", 10 * MB, 30.0)  # 3 ms per MB: none is cheaper here
     picks = [meter.choose("int4").name for _ in range(EXPLORE_EVERY)]
     assert picks.count("none") == EXPLORE_EVERY - 1 and picks[-1] == "zstd"  # one turn re-tries zstd
-    assert meter.choose("none").name == "zstd"  # each scheme is measured on its own
+    assert meter.choose("none").name == "zstd"  # each scheme is measured on its own...
+    assert meter.choose("int4", payload="lcf").name == "zstd"  # ...and each payload (mode)
+    assert "first lcf int4 handoff" in meter.choose("int4", payload="lcf").reason
 
 
 def test_the_choice_follows_a_link_that_got_slow():
@@ -68,9 +70,10 @@ def test_measured_compression_replaces_the_prior():
     assert meter.choose("int4").name == "zstd"
     for _ in range(8):  # this payload does not compress at all: zstd never pays
         meter.record_compression("int4", 4 * MB, 4 * MB, 5.0)
-    assert meter.compression["int4"].ratio == pytest.approx(1.0, abs=0.01)
+    assert meter.compression[("", "int4")].ratio == pytest.approx(1.0, abs=0.01)
     assert meter.choose("int4").name == "none"
-    assert meter.compression["none"] == PRIORS["none"]  # other schemes keep theirs
+    assert ("", "none") not in meter.compression  # other schemes keep their priors
+    assert "ratio 1.50" in meter.choose("none").reason and PRIORS["none"].ratio == 1.50
 
 
 def test_bad_codec_settings_are_refused():
@@ -112,4 +115,4 @@ def test_the_summary_and_the_trace_say_which_codec_ran_and_why(
     assert span.attributes["lcflow.codec"] == codecs[-1].split("/")[1]
     assert span.attributes["lcflow.codec_reason"] == summary.codec_reason
     if not options:  # both handoffs were measured
-        assert {codec for _, codec in running.sharer_service.link.cost} == {"zstd", "none"}
+        assert set(running.sharer_service.link.cost) == {("lcfx", "none", "zstd"), ("lcfx", "none", "none")}

@@ -3,11 +3,13 @@
 zstd makes the bytes fewer and costs CPU on both ends, so it pays on slow links and loses on
 fast ones. Two ways to tell which one this is:
 
-- **Measured** (no `--link-mbit`): the meter keeps, per quantization scheme and codec, the time
-  a handoff's latents cost beyond encoding (packing, the link, unpacking: the receiver's latent
-  window minus the sharer's encode time) per raw byte, smoothed over recent handoffs. The first
-  handoff of a scheme goes with zstd, the next with none; from then on the cheaper one, with the
-  other tried again every EXPLORE_EVERY handoffs so that a changed link shows. This is what
+- **Measured** (no `--link-mbit`): the meter keeps, per payload (the handoff's mode: an LCF
+  packet grows with the context, an LCF-X one is small and fixed, so their costs per byte differ),
+  quantization scheme and codec, the time a handoff's latents cost beyond encoding (packing, the
+  link, unpacking: the receiver's latent window minus the sharer's encode time) per raw byte,
+  smoothed over recent handoffs. The first handoff of a kind goes with zstd, the next with none;
+  from then on the cheaper one, with the other tried again every EXPLORE_EVERY handoffs so that a
+  changed link shows. This is what
   decides on loopback and on this 2-core machine, where "the link" is gRPC's own CPU time and no
   model of it held: the rule below said zstd pays at 161 MB/s, and none was faster.
 
@@ -19,8 +21,8 @@ fast ones. Two ways to tell which one this is:
 
   C, r and D per scheme are priors measured here (`lcflow bench transport --tokens 2048
   --quantize none int8 int4`, a 2048-token LCF packet of the paper pair's shapes, random normal
-  latents, best of 5 with a training job on the other core; per serialised byte), refined by
-  this sharer's own zstd handoffs:
+  latents, best of 5 with a training job on the other core; per serialised byte), refined per
+  payload by this sharer's own zstd handoffs:
 
       scheme  C (MB/s)  D (MB/s)  r      zstd pays below
       none     722      1114      1.50   ~146 MB/s (1.2 Gbit/s): bf16 latents
@@ -86,43 +88,49 @@ class LinkMeter:
 
     def __init__(self, link_mbit: float = 0.0):
         self.configured = link_mbit * 1e6 / 8 if link_mbit > 0 else None  # bytes/s
-        self.compression = dict(PRIORS)
-        self.cost: dict[tuple[str, str], float] = {}  # (scheme, codec) -> ms per raw MB, smoothed
-        self._choices: dict[str, int] = {}  # handoffs chosen per scheme, for the exploration turn
+        # (payload, scheme) -> zstd's speeds and ratio, from PRIORS[scheme] on
+        self.compression: dict[tuple[str, str], Compression] = {}
+        self.cost: dict[tuple[str, str, str], float] = {}  # (payload, scheme, codec) -> ms per raw MB
+        self._choices: dict[tuple[str, str], int] = {}  # handoffs chosen per kind, for exploration
         self._lock = threading.Lock()
 
-    def record(self, scheme: str, codec: str, raw_bytes: int, cost_ms: float) -> None:
+    def record(self, scheme: str, codec: str, raw_bytes: int, cost_ms: float, payload: str = "") -> None:
         """One handoff's latents: `raw_bytes` of bf16 represented cost `cost_ms` beyond encoding."""
         if raw_bytes <= 0:
             return
         per_mb = max(cost_ms, 0.0) / raw_bytes * 1e6
+        key = (payload, scheme, codec)
         with self._lock:
-            self.cost[(scheme, codec)] = _smooth(self.cost.get((scheme, codec)), per_mb)
+            self.cost[key] = _smooth(self.cost.get(key), per_mb)
 
     def record_compression(
-        self, scheme: str, serialised_bytes: int, wire_bytes: int, compress_ms: float
+        self, scheme: str, serialised_bytes: int, wire_bytes: int, compress_ms: float, payload: str = ""
     ) -> None:
         """What zstd did on one handoff of `scheme` payload, as the sender saw it: bytes in and out,
         and time. (The receiver's unpack time mixes decompression with the rest, so D stays the prior.)"""
         if serialised_bytes <= 0 or wire_bytes <= 0 or compress_ms <= 0:
             return
         with self._lock:
-            old = self.compression.get(scheme, PRIORS["none"])
-            self.compression[scheme] = Compression(
+            old = self._compression(payload, scheme)
+            self.compression[(payload, scheme)] = Compression(
                 _smooth(old.compress_bytes_per_s, serialised_bytes / compress_ms * 1000.0),
                 old.decompress_bytes_per_s,
                 _smooth(old.ratio, serialised_bytes / wire_bytes),
             )
 
-    def choose(self, scheme: str) -> CodecChoice:
-        """zstd or none for a payload quantized with `scheme` ("none", "int8", "int4")."""
+    def choose(self, scheme: str, payload: str = "") -> CodecChoice:
+        """zstd or none for a `payload` (the handoff's mode) quantized with `scheme` ("none",
+        "int8", "int4")."""
         with self._lock:
             if self.configured is not None:
-                return self._by_rule(scheme)
-            return self._by_measurement(scheme)
+                return self._by_rule(scheme, payload)
+            return self._by_measurement(scheme, payload)
 
-    def _by_rule(self, scheme: str) -> CodecChoice:
-        compression = self.compression.get(scheme, PRIORS["none"])
+    def _compression(self, payload: str, scheme: str) -> Compression:
+        return self.compression.get((payload, scheme), PRIORS.get(scheme, PRIORS["none"]))
+
+    def _by_rule(self, scheme: str, payload: str) -> CodecChoice:
+        compression = self._compression(payload, scheme)
         threshold = compression.pays_below()
         name = "zstd" if self.configured < threshold else "none"
         return CodecChoice(
@@ -132,15 +140,16 @@ class LinkMeter:
             f"decompress {_mb(compression.decompress_bytes_per_s)})",
         )
 
-    def _by_measurement(self, scheme: str) -> CodecChoice:
-        zstd, none = self.cost.get((scheme, "zstd")), self.cost.get((scheme, "none"))
+    def _by_measurement(self, scheme: str, payload: str) -> CodecChoice:
+        zstd, none = self.cost.get((payload, scheme, "zstd")), self.cost.get((payload, scheme, "none"))
+        kind = f"{payload} {scheme}".strip()
         if zstd is None:
-            return CodecChoice("zstd", f"first {scheme} handoff: zstd (fewer bytes) until both are measured")
+            return CodecChoice("zstd", f"first {kind} handoff: zstd (fewer bytes) until both are measured")
         if none is None:
-            return CodecChoice("none", f"measuring none once on {scheme} payloads (zstd: {zstd:.1f} ms/MB)")
-        turn = self._choices[scheme] = self._choices.get(scheme, 0) + 1
+            return CodecChoice("none", f"measuring none once on {kind} payloads (zstd: {zstd:.1f} ms/MB)")
+        turn = self._choices[(payload, scheme)] = self._choices.get((payload, scheme), 0) + 1
         best, other = ("zstd", "none") if zstd <= none else ("none", "zstd")
-        costs = f"zstd {zstd:.1f} ms/MB, none {none:.1f} ms/MB on recent {scheme} handoffs"
+        costs = f"zstd {zstd:.1f} ms/MB, none {none:.1f} ms/MB on recent {kind} handoffs"
         if turn % EXPLORE_EVERY == 0:
             return CodecChoice(other, f"{costs}; trying {other} again (every {EXPLORE_EVERY}th handoff)")
         return CodecChoice(best, f"{costs}: {best} is cheaper")

@@ -347,7 +347,7 @@ class SharerService(pb_grpc.SharerServicer):
         stream.prefill = lambda: self._prefill(engine, context_text, checked=True)
         if choice is not None:
             stream.adapter_name, stream.adapter_wire_name = choice.name, choice.wire_name
-            stream.codec, stream.codec_reason = self._codec_for(choice)
+            stream.codec, stream.codec_reason = self._codec_for(choice, mode)
         call = self.receiver_stub().Receive(stream.messages(), timeout=context.time_remaining())
         context.add_callback(call.cancel)  # client gone: cancel downstream too
         first_token_at, summary = None, None
@@ -370,8 +370,8 @@ class SharerService(pb_grpc.SharerServicer):
             stream.stop()
         return summary
 
-    def _codec_for(self, choice: Choice) -> tuple[CodecConfig, str]:
-        """The wire codec for a handoff with this adapter, and why.
+    def _codec_for(self, choice: Choice, mode: str) -> tuple[CodecConfig, str]:
+        """The wire codec for a `mode` handoff with this adapter, and why.
 
         Quantization: --quantize, or with "card" (the default) what the adapter's model card
         chose (bf16 where it chose none). Segment codec: --codec, or with "auto" (the default)
@@ -380,7 +380,7 @@ class SharerService(pb_grpc.SharerServicer):
         quantization = choice.entry.info.card_codec if card else self.config.quantize
         why = f"{quantization} from {'the model card' if card else '--quantize'}; "
         if self.config.codec == "auto":
-            picked = self.link.choose(quantization)
+            picked = self.link.choose(quantization, payload=mode)
             name, why = picked.name, why + picked.reason
         else:
             name, why = self.config.codec, why + f"--codec {self.config.codec}"
@@ -393,9 +393,12 @@ class SharerService(pb_grpc.SharerServicer):
         if stats is None:
             return
         scheme = stream.codec.quantization
-        self.link.record(scheme, stream.codec.name, stats.bytes_raw, window_ms - stream.encode_ms)
+        cost_ms = window_ms - stream.encode_ms
+        self.link.record(scheme, stream.codec.name, stats.bytes_raw, cost_ms, payload=stream.mode)
         if stream.codec.name == "zstd":
-            self.link.record_compression(scheme, stats.bytes_serialised, stats.bytes_wire, stats.codec_ms)
+            self.link.record_compression(
+                scheme, stats.bytes_serialised, stats.bytes_wire, stats.codec_ms, payload=stream.mode
+            )
 
     def _session(self, session_id: str):
         try:
