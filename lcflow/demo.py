@@ -73,8 +73,8 @@ def find_adapter(requested: str, out=print) -> Path:
     )
     if not candidates:
         raise SystemExit(
-            f"no LCF-X adapter found (looked for {shipped} and adapters/*lcfx*); train one with "
-            "`lcflow train --mode lcfx --out DIR` and pass --adapter DIR"
+            f"no LCF-X adapter found (looked for {shipped} and adapters/*lcfx*); rebuild the shipped "
+            "one with `DIRECTIONS=spans bash scripts/build_adapters.sh` or pass --adapter DIR"
         )
     out(f"note: the shipped adapter {shipped.name} is not there; using {candidates[0]} instead")
     return candidates[0]

@@ -93,5 +93,5 @@ def test_missing_shipped_adapter_falls_back_and_says_so(tmp_path, monkeypatch):
     assert demo.find_adapter("", said.append) == tmp_path / "other-lcfx"
     assert "not there" in said[0]
     (tmp_path / "other-lcfx" / "adapter_config.json").unlink()
-    with pytest.raises(SystemExit, match="lcflow train"):
+    with pytest.raises(SystemExit, match="build_adapters.sh"):
         demo.find_adapter("", said.append)

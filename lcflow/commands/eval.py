@@ -240,12 +240,13 @@ def adapter_dir(method: str, args, pair: str | None) -> tuple[Path | None, str]:
     for candidate in (path, *([args.adapters / f"{pair}-lcfx-bridge"] if method == "lcfx" else [])):
         if candidate.is_dir():
             return candidate, ""
-    make = (
-        f"lcflow prune {args.adapters / f'{pair}-lcfx'} --out {path}"
-        if method == "lcfx-pruned"
-        else f"lcflow train --mode {ADAPTER_MODES[method]} ... --out {path}"
-    )
-    return None, f"no adapter at {path} (make one with `{make}`, or pass {flag} DIR)"
+    make = {
+        "lcfx-pruned": f"`lcflow prune {args.adapters / f'{pair}-lcfx'} --out {path}`",
+        # the slot packet `lcflow train --mode lcfx` makes from scratch carries nothing (docs/lcfx.md)
+        "lcfx": "`lcflow align --identity` then `lcflow train --init-adapter` (one model family) "
+        "or `lcflow bridge` (two families), as scripts/build_adapters.sh does",
+    }.get(method, f"`lcflow train --mode {ADAPTER_MODES[method]} ... --out {path}`")
+    return None, f"no adapter at {path} (make one with {make}, or pass {flag} DIR)"
 
 
 def load_adapter(method: str, path: Path, sharer_id, receiver_id, device):
