@@ -94,7 +94,6 @@ def run(args) -> int:
     # Imported here, not at the top: `lcflow --help` must not import torch.
     from tqdm import tqdm
 
-    from lcflow.adapter import LatentAdapter
     from lcflow.crosscontext import bridge
     from lcflow.crosscontext.corpus import alignment_corpus, vocabulary_documents
     from lcflow.kv import model_identity
@@ -105,7 +104,7 @@ def run(args) -> int:
             "--documents and --held-out must be at least 1; --steps, "
             "--vocabulary-documents and --rows at least 0"
         )
-    reader = _load(LatentAdapter, args.reader, "--reader")
+    reader = _load_adapter(args.reader, "--reader")
     if args.translator_from:
         return swap_reader(args, reader)
     if not args.sharer:
@@ -167,12 +166,11 @@ def run(args) -> int:
 
 def swap_reader(args, reader) -> int:
     """--translator-from: the existing bridge's translator with --reader's weights and config."""
-    from lcflow.adapter import LatentAdapter
     from lcflow.crosscontext import bridge
 
     if args.sharer:
         raise UsageError("--sharer comes from --translator-from's bridge; give only one")
-    original = _load(LatentAdapter, args.translator_from, "--translator-from")
+    original = _load_adapter(args.translator_from, "--translator-from")
     try:
         adapter = bridge.with_reader(original, reader)
     except ValueError as err:
@@ -187,8 +185,10 @@ def swap_reader(args, reader) -> int:
     return 0
 
 
-def _load(adapter_class, path: str, flag: str):
+def _load_adapter(path: str, flag: str):
+    from lcflow.adapter import LatentAdapter
+
     try:
-        return adapter_class.from_pretrained(path)
+        return LatentAdapter.from_pretrained(path)
     except (FileNotFoundError, ValueError) as err:
         raise UsageError(f"{flag}: {err}") from err

@@ -9,9 +9,9 @@ fast ones. Two ways to tell which one this is:
   link, unpacking: the receiver's latent window minus the sharer's encode time) per raw byte,
   smoothed over recent handoffs. The first handoff of a kind goes with zstd, the next with none;
   from then on the cheaper one, with the other tried again every EXPLORE_EVERY handoffs so that a
-  changed link shows. This is what
-  decides on loopback and on this 2-core machine, where "the link" is gRPC's own CPU time and no
-  model of it held: the rule below said zstd pays at 161 MB/s, and none was faster.
+  changed link shows. This is what decides on loopback and on this 2-core machine, where "the
+  link" is gRPC's own CPU time and no model of it held: the rule below said zstd pays at 161 MB/s,
+  and none was faster.
 
 - **Configured** (`--link-mbit R`): a rule. Sending S serialised bytes takes S/R; compressing
   first at C bytes/s with ratio r, then decompressing at D, takes S/C + S/(r R) + S/D (on small
