@@ -6,8 +6,12 @@
         --codec-eval bf16=runs/b/results.json --codec-eval int8=... --codec-eval int4=...
 
 The card records the pair, the training provenance (from adapter_config.json), the exact eval
-it was measured with (task, split, seed, n, max_new_tokens) and the result with its 95% CI,
-so tests/test_shipped_adapters.py can re-run that eval and check the adapter reproduces it.
+it was measured with (task, split, seed, n, max_new_tokens), the result with its 95% CI, and
+each sample's answer (`eval.answers`), so tests/test_shipped_adapters.py can replay some of
+those samples and check the adapter gives the same answers. A card written before answers were
+recorded gets them from a fresh run of its eval, which must reproduce its EM:
+
+    python -m lcflow.model_card adapters/X --method lcfx --answers-from runs/x/results.json
 """
 
 from __future__ import annotations
@@ -65,6 +69,45 @@ def add_codec(adapter_dir: Path, method: str, evals: dict[str, Path]) -> dict:
     return card["codec"]
 
 
+def card_answers(results: dict, method: str) -> list[dict]:
+    """Each sample's answer from `method`, in the eval's order: {"id", "prediction", "em"}."""
+    return [
+        {"id": record["sample_id"], "prediction": record["prediction"], "em": record["em"]}
+        for record in results.get("samples", [])
+        if record["method"] == method
+    ]
+
+
+def add_answers(adapter_dir: Path, results_path: Path, method: str) -> dict:
+    """Record in an existing card each sample's answer, from a fresh run of the card's own eval.
+
+    The run must be the card's eval (task, split, seed, n, max_new_tokens) and reproduce it (EM
+    inside the card's 95% CI); the card's results are kept as they were measured, and the
+    answers are labelled with the machine and date of the run that gave them.
+    """
+    path = adapter_dir / CARD_JSON
+    card = json.loads(path.read_text())
+    results = json.loads(Path(results_path).read_text())
+    spec, meta = card["eval"], results["meta"]
+    rows = {row["method"]: row for row in results["summary"]}
+    if method != spec["method"] or method not in rows:
+        raise ValueError(f"the card's method is {spec['method']!r}; {results_path} has {sorted(rows)}")
+    ran = {"task": meta.get("task"), "split": meta.get("split"), "seed": meta.get("seed"),
+           "n": rows[method]["n"], "max_new_tokens": meta.get("max_new_tokens")}  # fmt: skip
+    wanted = {key: spec[key] for key in ran}
+    if ran != wanted:
+        raise ValueError(f"{results_path} is not the card's eval: ran {ran}, the card has {wanted}")
+    low, high = card["results"][method]["em_ci"]
+    if not low - 1e-9 <= rows[method]["em"] <= high + 1e-9:
+        raise ValueError(
+            f"the run does not reproduce the card: EM {rows[method]['em']:.3f} outside [{low:.3f}, {high:.3f}]"
+        )
+    spec["answers"] = card_answers(results, method)
+    spec["answers_run"] = {"em": rows[method]["em"], "machine": meta.get("machine"), "date": meta.get("date")}
+    path.write_text(json.dumps(card, indent=2) + "\n")
+    return spec["answers_run"]
+
+
 def build_card(
     adapter_dir: Path, results: dict, method: str, command: str, diagnostics: dict | None = None
 ) -> dict:
@@ -102,6 +145,7 @@ def build_card(
             "max_new_tokens": meta.get("max_new_tokens"),
             "machine": meta.get("machine"),
             "latency": meta.get("latency", "in-process"),
+            "answers": card_answers(results, method),  # replayed in part by tests/test_shipped_adapters.py
         },
         "results": {
             name: {k: row[k] for k in ("n", "em", "em_ci", "f1", "f1_ci")} for name, row in rows.items()
@@ -241,6 +285,13 @@ def main() -> None:
         "--diagnostics", type=Path, help="diagnostics.json written by `lcflow bench packets` (span packets)"
     )
     parser.add_argument(
+        "--answers-from",
+        type=Path,
+        metavar="RESULTS",
+        help="results.json of a fresh run of the card's own eval: record each sample's answer in the "
+        "existing card (the run must reproduce the card's EM)",
+    )
+    parser.add_argument(
         "--codec-eval",
         action="append",
         default=[],
@@ -249,11 +300,19 @@ def main() -> None:
         "in the existing card the smallest codec within 1 EM point of bf16",
     )
     args = parser.parse_args()
-    if args.eval is None and not args.codec_eval:
-        parser.error("give --eval (write the card) and/or --codec-eval (choose its wire codec)")
+    if args.eval is None and not args.codec_eval and args.answers_from is None:
+        parser.error(
+            "give --eval (write the card), --answers-from (record its answers) and/or --codec-eval "
+            "(choose its wire codec)"
+        )
     if args.eval is not None:
         card = write_card(args.adapter, args.eval, args.method, args.command, args.diagnostics)
         print(json.dumps(card["results"][args.method]))
+    if args.answers_from is not None:
+        try:
+            print(json.dumps(add_answers(args.adapter, args.answers_from, args.method)))
+        except ValueError as err:
+            parser.error(str(err))
     if args.codec_eval:
         if any("=" not in item for item in args.codec_eval):
             parser.error("--codec-eval takes CODEC=RESULTS, e.g. int8=runs/x/results.json")

@@ -416,3 +416,38 @@ def test_model_card_renders_packet_diagnostics(lcfx_dir, tmp_path):
         card["packet_diagnostics"] is None
         and "Packet diagnostics" not in (lcfx_dir / "README.md").read_text()
     )
+
+
+def test_card_records_each_answer_and_takes_them_only_from_a_run_that_reproduces_it(lcfx_dir, tmp_path):
+    from lcflow.model_card import add_answers, write_card
+
+    def results(em: float, n: int = 4, seed: int = 0) -> dict:
+        row = {"method": "lcfx", "n": n, "em": em, "em_ci": [em - 0.25, em + 0.25], "f1": em, "f1_ci": [0, 1]}
+        meta = {"task": "facts-cross", "split": "test", "seed": seed, "max_new_tokens": 8, "machine": "m"}
+        samples = [
+            {"method": "lcfx", "sample_id": f"s{i}", "prediction": f"p{i}", "em": float(i < em * n)}
+            for i in range(n)
+        ] + [{"method": "text", "sample_id": "s0", "prediction": "t", "em": 0.0}]
+        return {"meta": meta, "summary": [row], "samples": samples}
+
+    (tmp_path / "results.json").write_text(json.dumps(results(0.5)))
+    card = write_card(lcfx_dir, tmp_path / "results.json", "lcfx", "cmd")
+    assert card["eval"]["answers"] == [
+        {"id": "s0", "prediction": "p0", "em": 1.0},
+        {"id": "s1", "prediction": "p1", "em": 1.0},
+        {"id": "s2", "prediction": "p2", "em": 0.0},
+        {"id": "s3", "prediction": "p3", "em": 0.0},
+    ]
+    for bad, message in ((results(1.0), "does not reproduce"), (results(0.5, seed=1), "not the card's eval")):
+        (tmp_path / "bad.json").write_text(json.dumps(bad))
+        with pytest.raises(ValueError, match=message):
+            add_answers(lcfx_dir, tmp_path / "bad.json", "lcfx")
+    assert json.loads((lcfx_dir / "model_card.json").read_text()) == card  # refused: nothing written
+    (tmp_path / "again.json").write_text(json.dumps(results(0.75)))  # inside the card's CI
+    assert add_answers(lcfx_dir, tmp_path / "again.json", "lcfx")["em"] == 0.75
+    assert [a["em"] for a in json.loads((lcfx_dir / "model_card.json").read_text())["eval"]["answers"]] == [
+        1.0,
+        1.0,
+        1.0,
+        0.0,
+    ]
