@@ -74,6 +74,52 @@ def test_segment_round_trip_is_exact(byte_shuffle):
         assert torch.equal(got[name], tensor)
 
 
+def test_an_unshuffled_received_blob_is_read_in_place_where_aligned():
+    """The receiver's blob (a bytearray) is not copied again: a tensor whose bytes are aligned for
+    its dtype is a view of it; a misaligned one, and any tensor of immutable bytes, is copied."""
+    tensors = mixed_tensors()
+    specs = specs_of(tensors)
+    blob = bytearray(serialise_segment(tensors))
+    header = check_segment(blob, specs, "test segment")
+    base = np.frombuffer(blob, dtype=np.uint8).ctypes.data
+
+    def in_blob(got: dict[str, torch.Tensor]) -> dict[str, bool]:
+        return {name: base <= t.data_ptr() < base + len(blob) for name, t in got.items() if t.numel()}
+
+    viewed = load_segment(blob, header, specs, byte_shuffle=False)
+    aligned = {
+        name: (base + header["__data_start__"] + header[name]["data_offsets"][0])
+        % tensors[name].element_size()
+        == 0
+        for name in in_blob(viewed)
+    }
+    assert in_blob(viewed) == aligned and aligned["latent"] and not all(aligned.values())
+    copied = load_segment(bytes(blob), header, specs, byte_shuffle=False)
+    assert not any(in_blob(copied).values())
+    for name, tensor in tensors.items():
+        assert torch.equal(viewed[name], tensor) and torch.equal(copied[name], tensor)
+
+
+def test_without_compression_nothing_is_shuffled():
+    """Byte-shuffle only helps zstd; a `none` stream says it is unshuffled and is."""
+    packet = LatentPacket(
+        mode="lcf",
+        adapter_id="a",
+        sharer_id="s",
+        receiver_id="r",
+        layers=[0],
+        tensors_per_layer={0: {"latent": random_tensor(torch.bfloat16, (1, 4, 8))}},
+    )
+    for name, shuffled in (("none", False), ("zstd", True)):
+        messages = list(packet_messages(packet, CodecConfig(name=name)))
+        assert messages[0].header.codec.byte_shuffle is shuffled
+        if name == "none":  # the segment's payload is the safetensors blob as it is
+            assert messages[1].chunk.payload == serialise_segment(packet.tensors_per_layer[0])
+        assert torch.equal(
+            assemble(messages).tensors_per_layer[0]["latent"], packet.tensors_per_layer[0]["latent"]
+        )
+
+
 def test_shuffled_blob_is_the_safetensors_blob_regrouped_by_byte_plane():
     tensors = {"latent": random_tensor(torch.bfloat16, (2, 100)), "spans": random_tensor(torch.int32, (9,))}
     plain, shuffled = serialise_segment(tensors), serialise_segment(tensors, byte_shuffle=True)

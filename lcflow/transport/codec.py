@@ -78,6 +78,11 @@ class CodecConfig:
             raise ValueError(f"chunk_size must be in 1..{MAX_CHUNK_BYTES} bytes, got {self.chunk_size}")
         self.quantizer()  # raises on an unknown scheme or a negative group size
 
+    @property
+    def shuffles(self) -> bool:
+        """Byte-shuffle only feeds zstd: without compression it would cost a pass at each end for nothing."""
+        return self.byte_shuffle and self.name == "zstd"
+
     def quantizer(self) -> Quantization:
         # Imported here: quantize.py builds on segments.py, which imports this module.
         from lcflow.transport.quantize import Quantization
@@ -106,7 +111,9 @@ class SegmentCompressor:
             self.zstd = zstandard.ZstdCompressor(compression_params=config.zstd_parameters())
 
     def compress(self, data: bytes | bytearray) -> bytes:
-        return bytes(data) if self.zstd is None else self.zstd.compress(data)
+        if self.zstd is not None:
+            return self.zstd.compress(data)
+        return data if isinstance(data, bytes) else bytes(data)  # protobuf takes bytes, nothing else
 
 
 SHUFFLE_BLOCK = 1 << 15  # elements per step: the shifted temporaries stay in cache

@@ -7,7 +7,8 @@ a blob is exactly what `safetensors.torch.load` reads (tests check this).
 
 Both ends write the format themselves instead of calling safetensors: `save` -> bytes ->
 bytearray -> shuffle, and bytes -> `load`, cost four full copies of every segment, while
-writing the tensors' bytes straight into their (shuffled) place costs one. The receiver checks
+writing the tensors' bytes straight into their (shuffled) place costs one, and reading an
+unshuffled blob costs none (its tensors are views of it, safetensors keeping data aligned). The receiver checks
 the blob's header against what the LatentHeader declared (names, dtypes, shapes, offsets)
 *before* it reads a byte of tensor data, and never unpickles anything.
 """
@@ -77,8 +78,10 @@ def max_blob_bytes(specs: dict[str, TensorSpec]) -> int:
     return 8 + header_allowance + segment_bytes(specs)
 
 
-def serialise_segment(tensors: dict[str, torch.Tensor], byte_shuffle: bool = False) -> bytearray:
-    """Tensors -> safetensors blob, each tensor's data byte-shuffled if asked, in one pass."""
+def serialise_segment(tensors: dict[str, torch.Tensor], byte_shuffle: bool = False) -> bytes | bytearray:
+    """Tensors -> safetensors blob in one copy: unshuffled, `bytes` joined straight from the
+    tensors' memory (what protobuf takes, so it is not copied again); shuffled, a bytearray
+    each tensor's byte planes are written into."""
     contiguous = {name: t.detach().to("cpu").contiguous() for name, t in tensors.items()}
     entries, offset = {}, 0
     for name, tensor in contiguous.items():
@@ -91,6 +94,8 @@ def serialise_segment(tensors: dict[str, torch.Tensor], byte_shuffle: bool = Fal
         offset += spec.num_bytes
     header = json.dumps(entries, separators=(",", ":")).encode("utf-8")
     header += b" " * (-len(header) % 8)  # as safetensors pads it: tensor data stays 8-byte aligned
+    if not byte_shuffle:
+        return b"".join([len(header).to_bytes(8, "little"), header, *map(_tensor_bytes, contiguous.values())])
     data_start = 8 + len(header)
     blob = bytearray(data_start + offset)
     blob[:8] = len(header).to_bytes(8, "little")
@@ -98,13 +103,8 @@ def serialise_segment(tensors: dict[str, torch.Tensor], byte_shuffle: bool = Fal
     data = np.frombuffer(blob, dtype=np.uint8)[data_start:]
     for name, tensor in contiguous.items():
         start, end = entries[name]["data_offsets"]
-        if start == end:
-            continue
-        source = _tensor_bytes(tensor)
-        if byte_shuffle:
-            shuffle_into(data[start:end], source, tensor.element_size())
-        else:
-            data[start:end] = source
+        if start != end:
+            shuffle_into(data[start:end], _tensor_bytes(tensor), tensor.element_size())
     return blob
 
 
@@ -118,12 +118,22 @@ def check_segment(blob: bytearray, specs: dict[str, TensorSpec], what: str) -> d
 def load_segment(
     blob: bytearray, header: dict, specs: dict[str, TensorSpec], byte_shuffle: bool
 ) -> dict[str, torch.Tensor]:
-    """A blob that passed check_segment -> tensors, unshuffling straight into each tensor's memory."""
-    data = np.frombuffer(blob, dtype=np.uint8)[header["__data_start__"] :]
+    """A blob that passed check_segment -> tensors. Unshuffled in a bytearray, each tensor is a
+    view of the blob where its bytes are aligned for its dtype (no copy; the tensors keep the
+    blob alive), else a copy; shuffled, the bytes are unshuffled straight into each tensor."""
+    data_start = header["__data_start__"]
+    data = np.frombuffer(blob, dtype=np.uint8)[data_start:]
+    # only a blob of our own (the receiver's bytearray) is viewed: immutable bytes are copied
+    viewable = not byte_shuffle and isinstance(blob, bytearray) and len(blob) > 0
+    flat = torch.frombuffer(blob, dtype=torch.uint8) if viewable else None
     tensors = {}
     for name, spec in specs.items():
         start, end = header[name]["data_offsets"]
-        tensor = torch.empty(spec.shape, dtype=DTYPES[spec.dtype][0])
+        dtype = DTYPES[spec.dtype][0]
+        if flat is not None and start != end and (flat.data_ptr() + data_start + start) % spec.itemsize == 0:
+            tensors[name] = flat[data_start + start : data_start + end].view(dtype).reshape(spec.shape)
+            continue
+        tensor = torch.empty(spec.shape, dtype=dtype)
         if start != end:
             target = _tensor_bytes(tensor)
             if byte_shuffle:

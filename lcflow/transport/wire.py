@@ -232,7 +232,7 @@ class PacketWriter:
         codec = pb.Codec(
             name=self.codec.name,
             level=self.codec.level,
-            byte_shuffle=self.codec.byte_shuffle,
+            byte_shuffle=self.codec.shuffles,
             chunk_size=self.codec.chunk_size,
         )
         if self.quantizer.enabled:  # version 1 headers stay exactly as they were
@@ -274,7 +274,7 @@ class PacketWriter:
         index = self.segment_keys.index(key)
 
         start = time.perf_counter()
-        blob = serialise_segment(self.quantizer.encode(tensors), self.codec.byte_shuffle)
+        blob = serialise_segment(self.quantizer.encode(tensors), self.codec.shuffles)
         self.stats.serialise_ms += _ms_since(start)
         start = time.perf_counter()
         payload = self.compressor.compress(blob)
