@@ -158,14 +158,15 @@ class Quantization:
         spec = TensorSpec.of(x)
         group, qmax = self.group_of(spec), QMAX[self.scheme]
         scale_dtype = DTYPES[self.scale_dtype][0]
-        grouped = x.float().reshape(*x.shape[:-1], -1, group)
+        # a float32 copy of x, worked on in place (fewer passes over memory than fresh tensors)
+        grouped = x.to(torch.float32, copy=True).reshape(*x.shape[:-1], -1, group)
         absmax = grouped.abs().amax(dim=-1, keepdim=True)
         scales = (absmax / qmax).clamp_min(torch.finfo(scale_dtype).tiny).to(scale_dtype)
-        codes = (grouped / scales.float()).round_().clamp_(-qmax, qmax).reshape(x.shape)
+        codes = grouped.div_(scales.float()).round_().clamp_(-qmax, qmax).reshape(x.shape)
         scales = scales.squeeze(-1)
         if self.scheme == "int8":
             return codes.to(torch.int8), scales
-        nibbles = (codes + INT4_OFFSET).to(torch.uint8).reshape(*x.shape[:-1], -1, 2)
+        nibbles = codes.add_(INT4_OFFSET).to(torch.uint8).reshape(*x.shape[:-1], -1, 2)
         return nibbles[..., 0] | (nibbles[..., 1] << 4), scales
 
     # -- receiver --------------------------------------------------------------------------------
@@ -188,11 +189,13 @@ class Quantization:
     ) -> torch.Tensor:
         """x^ = q * s on `device` (the codes cross to it at 1 or 1/2 byte an element), as spec.dtype."""
         codes, scales = codes.to(device), scales.to(device)
-        if self.scheme == "int4":
-            low, high = codes & 0x0F, codes >> 4
-            codes = torch.stack((low, high), dim=-1).reshape(spec.shape).to(torch.int8) - INT4_OFFSET
-        group = self.group_of(spec)
-        grouped = codes.float().reshape(*spec.shape[:-1], -1, group) * scales.float().unsqueeze(-1)
+        if self.scheme == "int4":  # each nibble straight into its float32 place, then q - 8 in place
+            values = torch.empty(*codes.shape, 2, dtype=torch.float32, device=device)
+            values[..., 0], values[..., 1] = codes & 0x0F, codes >> 4
+            values = values.reshape(spec.shape).sub_(INT4_OFFSET)
+        else:
+            values = codes.float()
+        grouped = values.reshape(*spec.shape[:-1], -1, self.group_of(spec)).mul_(scales.float().unsqueeze(-1))
         return grouped.reshape(spec.shape).to(DTYPES[spec.dtype][0])
 
 
