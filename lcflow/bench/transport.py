@@ -271,9 +271,9 @@ def _codec_stages(packet: LatentPacket, codec: CodecConfig, repeats: int) -> tup
     )
 
     segments = _segments(packet)
-    shuffle, quantizer = codec.byte_shuffle, codec.quantizer()
+    shuffle, quantizer = codec.shuffles, codec.quantizer()  # as PacketWriter does
 
-    def serialise_all() -> list[bytearray]:
+    def serialise_all() -> list[bytes | bytearray]:
         return [serialise_segment(quantizer.encode(tensors), shuffle) for tensors in segments]
 
     blobs = serialise_all()
