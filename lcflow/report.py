@@ -7,13 +7,19 @@
 A row is one method's summary: n, em / em_ci, f1 / f1_ci, latency_ms[stage] = {median, p90},
 bytes_sent_median and, for adapter methods, adapter_parameters / adapter_mb_bf16. Everything
 here is pure formatting over those rows, so it works the same for in-process and service timings.
+
+Every method runs on the same samples, so methods are also compared sample by sample
+(`paired_differences`): each against text, and LCF-X against another sample's packet.
 """
 
 from __future__ import annotations
 
 import json
 import math
+from collections import defaultdict
 from pathlib import Path
+
+from lcflow.metrics import mean_with_ci
 
 # Stages in the order a handoff runs them; stages a backend adds (e.g. transfer over the
 # services) are placed after these, alphabetically. TTFT and total are not stages: they span them.
@@ -38,6 +44,56 @@ LATENCY_PLOT = "latency_breakdown.png"
 
 
 # --- numbers ---------------------------------------------------------------------------------------
+
+
+# baseline -> the methods compared with it (None: every other method)
+PAIRED_BASELINES: dict[str, tuple[str, ...] | None] = {"text": None, "lcfx-wrong": ("lcfx",)}
+
+
+def paired_differences(records: list[dict]) -> list[dict]:
+    """EM of a method minus its baseline's on the samples both ran, d_i = em_i - em_base_i:
+    the mean of d with its 95% CI (normal approximation over the d_i, which is tighter than
+    two separate CIs when both methods get the same samples right) and how many samples only
+    the method (gained) or only the baseline (lost) answered."""
+    em: dict[str, dict[str, float]] = defaultdict(dict)
+    for record in records:
+        em[record["method"]][record["sample_id"]] = record["em"]
+    rows = []
+    for baseline, methods in PAIRED_BASELINES.items():
+        if baseline not in em:
+            continue
+        for method in methods or [m for m in em if m not in PAIRED_BASELINES]:
+            shared = [i for i in em.get(method, {}) if i in em[baseline]]
+            if len(shared) < 2:
+                continue
+            diffs = [em[method][i] - em[baseline][i] for i in shared]
+            mean, low, high = mean_with_ci(diffs)
+            rows.append(
+                {
+                    "method": method,
+                    "baseline": baseline,
+                    "n": len(shared),
+                    "em_difference": mean,
+                    "em_difference_ci": [low, high],
+                    "gained": sum(d > 0 for d in diffs),
+                    "lost": sum(d < 0 for d in diffs),
+                }
+            )
+    return rows
+
+
+def paired_table(paired: list[dict]) -> str:
+    lines = [
+        "| method | against | n | EM difference [95% CI] | gained | lost |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for row in paired:
+        low, high = row["em_difference_ci"]
+        lines.append(
+            f"| {row['method']} | {row['baseline']} | {row['n']} | {row['em_difference']:+.3f} "
+            f"[{low:+.3f}, {high:+.3f}] | {row['gained']} | {row['lost']} |"
+        )
+    return "\n".join(lines)
 
 
 def stage_names(rows: list[dict]) -> list[str]:
@@ -139,8 +195,8 @@ def title(meta: dict) -> str:
     return f"{meta['task']}: {models['sharer']} -> {models['receiver']}\n{machine_label(meta['machine'])}"
 
 
-def markdown_report(rows: list[dict], meta: dict) -> str:
-    """results.md: what was run, on what, then the table and the methods that were skipped."""
+def markdown_report(rows: list[dict], meta: dict, paired: list[dict] | None = None) -> str:
+    """results.md: what was run, on what, the table, the paired comparisons, and the methods skipped."""
     models, adapters = meta["models"], meta.get("adapters", {})
     lines = [
         f"# lcflow eval: {meta['task']} ({meta['split']}, n={meta['n']}, seed {meta['seed']})",
@@ -154,6 +210,13 @@ def markdown_report(rows: list[dict], meta: dict) -> str:
     for method, info in adapters.items():
         lines.append(f"- adapter {method}: `{info['path']}` ({info['parameters']:,} parameters)")
     lines += ["", markdown_table(rows)]
+    if paired:
+        lines += [
+            "",
+            "Paired on the same samples (EM of the method minus the other's):",
+            "",
+            paired_table(paired),
+        ]
     skipped = meta.get("skipped", {})
     if skipped:
         lines += ["", "Skipped:", ""] + [f"- {method}: {reason}" for method, reason in skipped.items()]
@@ -224,10 +287,11 @@ def write_report(out_dir: str | Path, rows: list[dict], records: list[dict], met
     """results.json (summary, per-sample records, meta), results.md and both plots in `out_dir`."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    report = {"meta": meta, "summary": rows, "samples": records}
+    paired = paired_differences(records)
+    report = {"meta": meta, "summary": rows, "paired": paired, "samples": records}
     paths = {"json": out / RESULTS_JSON, "markdown": out / RESULTS_MD}
     paths["json"].write_text(json.dumps(json_safe(report), indent=2, allow_nan=False) + "\n")
-    paths["markdown"].write_text(markdown_report(rows, meta))
+    paths["markdown"].write_text(markdown_report(rows, meta, paired))
     plot_title = title(meta)
     paths["accuracy_plot"] = plot_accuracy_vs_ttft(rows, out / ACCURACY_PLOT, plot_title)
     paths["latency_plot"] = plot_latency_breakdown(rows, out / LATENCY_PLOT, plot_title)

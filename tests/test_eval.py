@@ -121,8 +121,13 @@ def test_eval_writes_json_markdown_and_plots(cross_run, lcfx_dir):
     assert meta["adapters"]["lcfx"]["path"] == str(lcfx_dir)
     assert meta["adapters"]["lcfx"]["parameters"] == params
 
+    # every method but text against text, on the same 3 samples
+    assert [(p["method"], p["baseline"], p["n"]) for p in results["paired"]] == [
+        (method, "text", 3) for method in ("receiver", "skyline", "lcfx")
+    ]
     markdown = (cross_run.out / "results.md").read_text()
     assert "| method | n | EM [95% CI] | F1 [95% CI] | TTFT ms |" in markdown
+    assert "| lcfx | text | 3 |" in markdown
     for method in rows:
         assert f"\n| {method} | 3 |" in markdown
     assert "| method | n |" in cross_run.stdout  # the table is printed too
@@ -451,3 +456,25 @@ def test_card_records_each_answer_and_takes_them_only_from_a_run_that_reproduces
         1.0,
         0.0,
     ]
+
+
+def test_paired_differences_count_what_each_side_alone_answered():
+    from lcflow.report import paired_differences
+
+    def records(method: str, ems: list[float]) -> list[dict]:
+        return [{"method": method, "sample_id": f"s{i}", "em": em} for i, em in enumerate(ems)]
+
+    rows = paired_differences(
+        records("text", [1, 0, 0, 0])
+        + records("lcfx", [1, 1, 1, 0])
+        + records("lcfx-wrong", [0, 0, 1, 0])
+        + records("receiver", [0, 0, 0])  # a method that ran on fewer samples: only those compared
+    )
+    by_pair = {(r["method"], r["baseline"]): r for r in rows}
+    assert set(by_pair) == {("lcfx", "text"), ("receiver", "text"), ("lcfx", "lcfx-wrong")}
+    assert (by_pair["lcfx", "text"]["em_difference"], by_pair["lcfx", "text"]["gained"]) == (0.5, 2)
+    assert (by_pair["receiver", "text"]["n"], by_pair["receiver", "text"]["lost"]) == (3, 1)
+    lcfx_wrong = by_pair["lcfx", "lcfx-wrong"]
+    assert (lcfx_wrong["em_difference"], lcfx_wrong["gained"], lcfx_wrong["lost"]) == (0.5, 2, 0)
+    low, high = lcfx_wrong["em_difference_ci"]
+    assert -1 <= low < 0.5 < high <= 1
