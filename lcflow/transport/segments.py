@@ -8,9 +8,9 @@ a blob is exactly what `safetensors.torch.load` reads (tests check this).
 Both ends write the format themselves instead of calling safetensors: `save` -> bytes ->
 bytearray -> shuffle, and bytes -> `load`, cost four full copies of every segment, while
 writing the tensors' bytes straight into their (shuffled) place costs one, and reading an
-unshuffled blob costs none (its tensors are views of it, safetensors keeping data aligned). The receiver checks
-the blob's header against what the LatentHeader declared (names, dtypes, shapes, offsets)
-*before* it reads a byte of tensor data, and never unpickles anything.
+unshuffled blob costs none (its tensors are views of it, safetensors keeping data aligned).
+The receiver checks the blob's header against what the LatentHeader declared (names, dtypes,
+shapes, offsets) *before* it reads a byte of tensor data, and never unpickles anything.
 """
 
 from __future__ import annotations
