@@ -39,3 +39,7 @@ class TrainConfig:
     # another sample's packet by `contrast_margin` nats (lcflow.crosscontext.distill); 0 = off.
     contrast_weight: float = 0.0
     contrast_margin: float = 1.0
+    # The latents' number format on the way to the receiver (names.WIRE_FORMS): "exact" trains on
+    # them as encoded; "bf16" / "int8" / "int4" puts them through that wire codec, with a
+    # straight-through gradient, so the decoder learns to read what the services send.
+    wire: str = "exact"

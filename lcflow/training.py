@@ -26,7 +26,7 @@ from torch.nn import functional as F
 from tqdm import tqdm
 
 from lcflow.adapter import LatentAdapter
-from lcflow.handoff import PreparedInput, Receiver, Sharer, receiver_view
+from lcflow.handoff import Latents, PreparedInput, Receiver, Sharer, receiver_view
 from lcflow.kv import model_identity
 from lcflow.train_config import TrainConfig
 
@@ -46,13 +46,30 @@ def answer_ids(tokenizer, answer: str) -> torch.Tensor:
     return torch.tensor(ids + [tokenizer.eos_token_id], dtype=torch.long)
 
 
-def prepare_for_sample(sharer: Sharer, receiver: Receiver, mode: str, sample, prompt: str, packet_from=None):
+def through_the_wire_straight(latents: Latents, wire: str) -> Latents:
+    """The latents as the receiver would get them over a `wire` codec (evaluation.through_the_wire),
+    with the identity's gradient (straight-through): forward z + (wire(z) - z), backward dz."""
+    if wire == "exact":
+        return latents
+    from lcflow.evaluation import through_the_wire
+
+    received = Latents(latents.mode, {layer: z.detach() for layer, z in latents.layers.items()})
+    through_the_wire(received, wire)  # replaces each layer, leaving the encoder's tensors alone
+    for layer, z in latents.layers.items():
+        latents.layers[layer] = z + (received.layers[layer] - z).detach()
+    return latents
+
+
+def prepare_for_sample(
+    sharer: Sharer, receiver: Receiver, mode: str, sample, prompt: str, packet_from=None, wire: str = "exact"
+):
     """The handoff up to the receiver's cache, with gradients through the adapter.
 
     `packet_from` (LCF-X only): another sample whose sharer's packet arrives instead of this
-    sample's, the control a packet that carries knowledge must beat (as `lcfx-wrong` in eval)."""
+    sample's, the control a packet that carries knowledge must beat (as `lcfx-wrong` in eval).
+    `wire`: the latents' number format on the way (through_the_wire_straight)."""
     if mode == "lcf":
-        latents = sharer.encode(sharer.prefill(sample.sharer_context))
+        latents = through_the_wire_straight(sharer.encode(sharer.prefill(sample.sharer_context)), wire)
         return receiver.prepare_lcf(latents, sample.sharer_context, prompt)
     if mode == "lcfx":
         from lcflow.tasks import format_question_prompt
@@ -66,7 +83,9 @@ def prepare_for_sample(sharer: Sharer, receiver: Receiver, mode: str, sample, pr
             receiver_text=receiver_view(source.receiver_context, source_prompt),
             question=source_prompt,
         )
-        return receiver.prepare_lcfx(latents, prompt, sample.receiver_context)
+        return receiver.prepare_lcfx(
+            through_the_wire_straight(latents, wire), prompt, sample.receiver_context
+        )
     raise ValueError(f"training mode {mode!r} is not handled here")
 
 
@@ -173,7 +192,9 @@ class Trainer:
     def prepare(self, sample) -> PreparedInput:
         """The receiver's cache for one sample, with gradients through the adapter."""
         prompt = self.format_prompt(sample, include_context=False)
-        return prepare_for_sample(self.sharer, self.receiver, self.cfg.mode, sample, prompt)
+        return prepare_for_sample(
+            self.sharer, self.receiver, self.cfg.mode, sample, prompt, wire=self.cfg.wire
+        )
 
     def gate_penalty(self) -> torch.Tensor:
         """Mean openness of the layer gates, the term `gate_l1` weighs."""

@@ -263,6 +263,40 @@ def test_distillation_refines_a_span_adapter_and_resumes(tiny_pair, tmp_path):
     assert len(again.losses) == 3 and again.losses[:2] == trainer.losses
 
 
+def test_distillation_with_the_wire_in_the_loop_trains_on_quantized_latents(tiny_pair, tmp_path):
+    """--wire int4: the decoder reads int4-rounded latents, and the encoder still learns."""
+    from lcflow.crosscontext.distill import SpanDistillTrainer
+    from lcflow.training import TrainConfig
+
+    sharer, receiver = tiny_pair
+    init = aligned_span_adapter(tiny_pair, tmp_path / "init")
+    losses = {}
+    for wire in ("exact", "int4"):
+        cfg = TrainConfig(
+            sharer="s",
+            receiver="r",
+            out=str(tmp_path / wire),
+            steps=1,
+            batch_size=2,
+            lr=1e-2,
+            checkpoint_every=1,
+            init_adapter=str(tmp_path / "init"),
+            kl_weight=1.0,
+            wire=wire,
+        )
+        trainer = SpanDistillTrainer(cfg, sharer, receiver)
+        trained = LatentAdapter.from_pretrained(trainer.run())
+        losses[wire] = trainer.losses[0]
+        encoder_changed = [
+            not torch.equal(a, b)
+            for a, b in zip(
+                init.encoder.state_dict().values(), trained.encoder.state_dict().values(), strict=True
+            )
+        ]
+        assert any(encoder_changed), f"{wire}: the encoder got no gradient"
+    assert losses["int4"] != losses["exact"]  # same samples and weights: only the rounding differs
+
+
 def test_packet_donors_are_other_samples_of_the_same_task():
     from lcflow.crosscontext.distill import packet_donors
     from lcflow.tasks import get_task

@@ -1,6 +1,7 @@
 import json
 
 import pytest
+import torch
 
 from lcflow.adapter import LatentAdapter
 from lcflow.tasks import get_task
@@ -51,3 +52,21 @@ def test_resume_refuses_other_settings(tiny_pair, tmp_path):
     make_trainer(tiny_pair, tmp_path, "lcf", steps=2, checkpoint_every=2).run()
     with pytest.raises(ValueError, match="other settings"):
         make_trainer(tiny_pair, tmp_path, "lcf", steps=4, lr=5e-2).run()
+
+
+def test_wire_in_the_loop_forwards_what_the_receiver_gets_and_passes_gradients_straight():
+    from lcflow.evaluation import through_the_wire
+    from lcflow.handoff import Latents
+    from lcflow.training import through_the_wire_straight
+
+    torch.manual_seed(0)
+    z = torch.randn(1, 4, 64, requires_grad=True)
+    received = Latents("lcfx", {3: z.detach().clone()})
+    through_the_wire(received, "int4")
+    out = through_the_wire_straight(Latents("lcfx", {3: z}), "int4").layers[3]
+    assert torch.equal(out.detach(), received.layers[3]) and not torch.equal(out.detach(), z.detach())
+    weights = torch.randn_like(z)
+    (out * weights).sum().backward()
+    assert torch.equal(z.grad, weights)  # the identity's gradient, as if nothing had been rounded
+    exact = Latents("lcfx", {3: z})
+    assert through_the_wire_straight(exact, "exact").layers[3] is z

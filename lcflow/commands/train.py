@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from dataclasses import fields
 
+from lcflow.names import WIRE_FORMS
 from lcflow.train_config import TrainConfig
 
 
@@ -90,6 +91,14 @@ def register(subparsers) -> None:
         type=float,
         default=d.contrast_margin,
         help="with --contrast-weight: how many nats better the right packet must explain the answer",
+    )
+    p.add_argument(
+        "--wire",
+        choices=WIRE_FORMS,
+        default=d.wire,
+        help="the latents' number format on the way to the receiver while training: exact (as "
+        "encoded), or a wire codec (bf16, int8, int4) with a straight-through gradient, so the decoder "
+        "learns to read what the services send (e.g. refine a shipped adapter for --quantize int4)",
     )
     p.set_defaults(func=run)
 

@@ -91,7 +91,13 @@ class SpanDistillTrainer(Trainer):
         loss = F.cross_entropy(student, target)
         if self.cfg.contrast_weight > 0:
             other = prepare_for_sample(
-                self.sharer, self.receiver, "lcfx", sample, prompt, packet_from=self.packet_donor(sample)
+                self.sharer,
+                self.receiver,
+                "lcfx",
+                sample,
+                prompt,
+                packet_from=self.packet_donor(sample),
+                wire=self.cfg.wire,
             )
             other_ce = F.cross_entropy(answer_logits(self.receiver.model, other, target), target)
             hinge = F.relu(self.cfg.contrast_margin + loss - other_ce)
