@@ -90,10 +90,13 @@ def extract_answer(generated_text: str) -> str:
     return line.strip().strip(_WRAPPING).rstrip(".,;:!?").strip()
 
 
-def mean_with_ci(values: Sequence[float], confidence: float = 0.95) -> tuple[float, float, float]:
+def mean_with_ci(
+    values: Sequence[float], confidence: float = 0.95, bounds: tuple[float, float] | None = None
+) -> tuple[float, float, float]:
     """The mean and a two-sided confidence interval (mean, low, high) by the normal approximation:
     mean +- z * s / sqrt(n), with s the sample standard deviation (n - 1). Bounds are NaN for a
-    single value, where no spread can be estimated; bounds are clipped to the values' range.
+    single value, where no spread can be estimated; bounds are clipped to `bounds` (the range the
+    mean can take), by default the values' range.
     For 0/1 scores this is the Wald interval, which is too narrow when the mean is near 0 or 1
     on few samples (all-equal scores give a zero-width interval)."""
     if not values:
@@ -107,4 +110,5 @@ def mean_with_ci(values: Sequence[float], confidence: float = 0.95) -> tuple[flo
     variance = math.fsum((v - mean) ** 2 for v in values) / (n - 1)
     half_width = NormalDist().inv_cdf(0.5 + confidence / 2) * math.sqrt(variance / n)
     # A mean cannot leave the range of its values (e.g. an accuracy cannot pass 1).
-    return mean, float(max(mean - half_width, min(values))), float(min(mean + half_width, max(values)))
+    low, high = bounds if bounds is not None else (min(values), max(values))
+    return mean, float(max(mean - half_width, low)), float(min(mean + half_width, high))

@@ -81,9 +81,10 @@ def card_answers(results: dict, method: str) -> list[dict]:
 def add_answers(adapter_dir: Path, results_path: Path, method: str) -> dict:
     """Record in an existing card each sample's answer, from a fresh run of the card's own eval.
 
-    The run must be the card's eval (task, split, seed, n, max_new_tokens) and reproduce it (EM
-    inside the card's 95% CI); the card's results are kept as they were measured, and the
-    answers are labelled with the machine and date of the run that gave them.
+    The run must be the card's eval (models, adapter, task, split, seed, n, max_new_tokens, one
+    answer a sample) and reproduce it (EM inside the card's 95% CI), else nothing is written; the
+    card's results are kept as they were measured, and the answers are labelled with the machine
+    and date of the run that gave them.
     """
     path = adapter_dir / CARD_JSON
     card = json.loads(path.read_text())
@@ -95,14 +96,22 @@ def add_answers(adapter_dir: Path, results_path: Path, method: str) -> dict:
     ran = {"task": meta.get("task"), "split": meta.get("split"), "seed": meta.get("seed"),
            "n": rows[method]["n"], "max_new_tokens": meta.get("max_new_tokens")}  # fmt: skip
     wanted = {key: spec[key] for key in ran}
+    models, adapter = meta.get("models", {}), meta.get("adapters", {}).get(method, {}).get("path", "")
+    ran |= {"sharer": models.get("sharer"), "receiver": models.get("receiver"), "adapter": Path(adapter).name}
+    wanted |= {"sharer": card["sharer"], "receiver": card["receiver"], "adapter": card["adapter"]}
     if ran != wanted:
         raise ValueError(f"{results_path} is not the card's eval: ran {ran}, the card has {wanted}")
+    answers = card_answers(results, method)
+    if len(answers) != spec["n"]:
+        raise ValueError(
+            f"{results_path} holds {len(answers)} {method} answers; the card's eval has {spec['n']}"
+        )
     low, high = card["results"][method]["em_ci"]
     if not low - 1e-9 <= rows[method]["em"] <= high + 1e-9:
         raise ValueError(
             f"the run does not reproduce the card: EM {rows[method]['em']:.3f} outside [{low:.3f}, {high:.3f}]"
         )
-    spec["answers"] = card_answers(results, method)
+    spec["answers"] = answers
     spec["answers_run"] = {"em": rows[method]["em"], "machine": meta.get("machine"), "date": meta.get("date")}
     path.write_text(json.dumps(card, indent=2) + "\n")
     return spec["answers_run"]
@@ -305,6 +314,8 @@ def main() -> None:
             "give --eval (write the card), --answers-from (record its answers) and/or --codec-eval "
             "(choose its wire codec)"
         )
+    if any("=" not in item for item in args.codec_eval):  # checked before anything is written
+        parser.error("--codec-eval takes CODEC=RESULTS, e.g. int8=runs/x/results.json")
     if args.eval is not None:
         card = write_card(args.adapter, args.eval, args.method, args.command, args.diagnostics)
         print(json.dumps(card["results"][args.method]))
@@ -314,8 +325,6 @@ def main() -> None:
         except ValueError as err:
             parser.error(str(err))
     if args.codec_eval:
-        if any("=" not in item for item in args.codec_eval):
-            parser.error("--codec-eval takes CODEC=RESULTS, e.g. int8=runs/x/results.json")
         evals = dict(item.split("=", 1) for item in args.codec_eval)
         try:
             print(json.dumps(add_codec(args.adapter, args.method, evals)))

@@ -67,7 +67,7 @@ def paired_differences(records: list[dict]) -> list[dict]:
             if len(shared) < 2:
                 continue
             diffs = [em[method][i] - em[baseline][i] for i in shared]
-            mean, low, high = mean_with_ci(diffs)
+            mean, low, high = mean_with_ci(diffs, bounds=(-1.0, 1.0))  # a difference of two EMs
             rows.append(
                 {
                     "method": method,

@@ -48,7 +48,8 @@ def answer_ids(tokenizer, answer: str) -> torch.Tensor:
 
 def through_the_wire_straight(latents: Latents, wire: str) -> Latents:
     """The latents as the receiver would get them over a `wire` codec (evaluation.through_the_wire),
-    with the identity's gradient (straight-through): forward z + (wire(z) - z), backward dz."""
+    with the identity's gradient (straight-through): forward wire(z) + (z - z) = wire(z) exactly,
+    backward dz."""
     if wire == "exact":
         return latents
     from lcflow.evaluation import through_the_wire
@@ -56,7 +57,7 @@ def through_the_wire_straight(latents: Latents, wire: str) -> Latents:
     received = Latents(latents.mode, {layer: z.detach() for layer, z in latents.layers.items()})
     through_the_wire(received, wire)  # replaces each layer, leaving the encoder's tensors alone
     for layer, z in latents.layers.items():
-        latents.layers[layer] = z + (received.layers[layer] - z).detach()
+        latents.layers[layer] = received.layers[layer] + (z - z.detach())
     return latents
 
 

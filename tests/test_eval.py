@@ -426,12 +426,16 @@ def test_model_card_renders_packet_diagnostics(lcfx_dir, tmp_path):
 def test_card_records_each_answer_and_takes_them_only_from_a_run_that_reproduces_it(lcfx_dir, tmp_path):
     from lcflow.model_card import add_answers, write_card
 
-    def results(em: float, n: int = 4, seed: int = 0) -> dict:
+    config = json.loads((lcfx_dir / "adapter_config.json").read_text())
+
+    def results(em: float, n: int = 4, seed: int = 0, adapter=lcfx_dir, answers: int = 4) -> dict:
         row = {"method": "lcfx", "n": n, "em": em, "em_ci": [em - 0.25, em + 0.25], "f1": em, "f1_ci": [0, 1]}
         meta = {"task": "facts-cross", "split": "test", "seed": seed, "max_new_tokens": 8, "machine": "m"}
+        meta["models"] = {"sharer": config["sharer"]["name"], "receiver": config["receiver"]["name"]}
+        meta["adapters"] = {"lcfx": {"path": str(adapter)}}
         samples = [
             {"method": "lcfx", "sample_id": f"s{i}", "prediction": f"p{i}", "em": float(i < em * n)}
-            for i in range(n)
+            for i in range(answers)
         ] + [{"method": "text", "sample_id": "s0", "prediction": "t", "em": 0.0}]
         return {"meta": meta, "summary": [row], "samples": samples}
 
@@ -443,7 +447,13 @@ def test_card_records_each_answer_and_takes_them_only_from_a_run_that_reproduces
         {"id": "s2", "prediction": "p2", "em": 0.0},
         {"id": "s3", "prediction": "p3", "em": 0.0},
     ]
-    for bad, message in ((results(1.0), "does not reproduce"), (results(0.5, seed=1), "not the card's eval")):
+    refused = (
+        (results(1.0), "does not reproduce"),
+        (results(0.5, seed=1), "not the card's eval"),
+        (results(0.5, adapter=tmp_path / "another-adapter"), "not the card's eval"),
+        (results(0.5, answers=3), "holds 3 lcfx answers"),
+    )
+    for bad, message in refused:
         (tmp_path / "bad.json").write_text(json.dumps(bad))
         with pytest.raises(ValueError, match=message):
             add_answers(lcfx_dir, tmp_path / "bad.json", "lcfx")

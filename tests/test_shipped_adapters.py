@@ -68,8 +68,8 @@ def replay(method: str, adapter, pair, samples, max_new_tokens: int):
 @pytest.mark.parametrize("card_path", CARDS, ids=lambda p: p.parent.name)
 def test_shipped_adapter_reproduces_its_card(card_path, real_models):
     """The first REPLAY_SAMPLES of the card's eval give the answers the card recorded (all but
-    AGREEMENT_SLACK of them, for float differences between CPUs), hence the same EM on them; and
-    for LCF-X, another sample's packet loses most of what the right packet answered."""
+    AGREEMENT_SLACK of them, for float differences between CPUs; so the EM on them too), and for
+    LCF-X another sample's packet loses at least half of what the right packet answered."""
     card = json.loads(card_path.read_text())
     spec = card["eval"]
     assert len(spec.get("answers", [])) == spec["n"], (
@@ -88,10 +88,6 @@ def test_shipped_adapter_reproduces_its_card(card_path, real_models):
     ]
     assert len(differ) <= AGREEMENT_SLACK, (
         f"{len(differ)} of {len(recorded)} answers differ (card, now): {differ}"
-    )
-    em, recorded_em = sum(o.em for o in outcomes), sum(r["em"] for r in recorded)
-    assert abs(em - recorded_em) <= AGREEMENT_SLACK, (
-        f"EM {em} of {len(recorded)}, the card's answers {recorded_em}"
     )
     if "lcfx-wrong" in card["results"]:  # the packet must matter
         # on samples the card answered right (up to REPLAY_SAMPLES), another sample's packet must

@@ -8,7 +8,8 @@ a blob is exactly what `safetensors.torch.load` reads (tests check this).
 Both ends write the format themselves instead of calling safetensors: `save` -> bytes ->
 bytearray -> shuffle, and bytes -> `load`, cost four full copies of every segment, while
 writing the tensors' bytes straight into their (shuffled) place costs one, and reading an
-unshuffled blob costs none (its tensors are views of it, safetensors keeping data aligned).
+unshuffled blob costs none for each tensor whose offset suits its dtype (a view of the blob;
+the others are copied).
 The receiver checks the blob's header against what the LatentHeader declared (names, dtypes,
 shapes, offsets) *before* it reads a byte of tensor data, and never unpickles anything.
 """
@@ -130,8 +131,11 @@ def load_segment(
     for name, spec in specs.items():
         start, end = header[name]["data_offsets"]
         dtype = DTYPES[spec.dtype][0]
-        if flat is not None and start != end and (flat.data_ptr() + data_start + start) % spec.itemsize == 0:
-            tensors[name] = flat[data_start + start : data_start + end].view(dtype).reshape(spec.shape)
+        # Tensor.view(dtype) needs the offset divisible by the itemsize; the buffer's start is
+        # malloc-aligned (8 is the largest itemsize), checked to be safe
+        offset = data_start + start
+        if flat is not None and start != end and offset % spec.itemsize == 0 and flat.data_ptr() % 8 == 0:
+            tensors[name] = flat[offset : data_start + end].view(dtype).reshape(spec.shape)
             continue
         tensor = torch.empty(spec.shape, dtype=dtype)
         if start != end:
