@@ -69,6 +69,19 @@ def add_codec(adapter_dir: Path, method: str, evals: dict[str, Path]) -> dict:
     return card["codec"]
 
 
+def eval_spec(results: dict, method: str) -> dict:
+    """Which eval `results` holds for `method`: what a card records, and what a re-run must match."""
+    meta = results["meta"]
+    row = next(row for row in results["summary"] if row["method"] == method)
+    return {
+        "task": meta.get("task"),
+        "split": meta.get("split"),
+        "seed": meta.get("seed"),
+        "n": row["n"],
+        "max_new_tokens": meta.get("max_new_tokens"),
+    }
+
+
 def card_answers(results: dict, method: str) -> list[dict]:
     """Each sample's answer from `method`, in the eval's order: {"id", "prediction", "em"}."""
     return [
@@ -93,12 +106,18 @@ def add_answers(adapter_dir: Path, results_path: Path, method: str) -> dict:
     rows = {row["method"]: row for row in results["summary"]}
     if method != spec["method"] or method not in rows:
         raise ValueError(f"the card's method is {spec['method']!r}; {results_path} has {sorted(rows)}")
-    ran = {"task": meta.get("task"), "split": meta.get("split"), "seed": meta.get("seed"),
-           "n": rows[method]["n"], "max_new_tokens": meta.get("max_new_tokens")}  # fmt: skip
-    wanted = {key: spec[key] for key in ran}
     models, adapter = meta.get("models", {}), meta.get("adapters", {}).get(method, {}).get("path", "")
-    ran |= {"sharer": models.get("sharer"), "receiver": models.get("receiver"), "adapter": Path(adapter).name}
-    wanted |= {"sharer": card["sharer"], "receiver": card["receiver"], "adapter": card["adapter"]}
+    ran_eval = eval_spec(results, method)
+    ran = ran_eval | {
+        "sharer": models.get("sharer"),
+        "receiver": models.get("receiver"),
+        "adapter": Path(adapter).name,
+    }
+    wanted = {key: spec[key] for key in ran_eval} | {
+        "sharer": card["sharer"],
+        "receiver": card["receiver"],
+        "adapter": card["adapter"],
+    }
     if ran != wanted:
         raise ValueError(f"{results_path} is not the card's eval: ran {ran}, the card has {wanted}")
     answers = card_answers(results, method)
@@ -147,11 +166,7 @@ def build_card(
         "build_command": command,
         "eval": {
             "method": method,
-            "task": meta.get("task"),
-            "split": meta.get("split"),
-            "seed": meta.get("seed"),
-            "n": rows[method]["n"],
-            "max_new_tokens": meta.get("max_new_tokens"),
+            **eval_spec(results, method),
             "machine": meta.get("machine"),
             "latency": meta.get("latency", "in-process"),
             "answers": card_answers(results, method),  # replayed in part by tests/test_shipped_adapters.py

@@ -230,23 +230,20 @@ def aligned_span_adapter(tiny_pair, directory):
     return adapter
 
 
+def distill_config(tmp_path, out: str, **settings):
+    """A tiny distillation run from the span adapter aligned_span_adapter wrote to tmp_path/init."""
+    from lcflow.training import TrainConfig
+
+    base = dict(sharer="s", receiver="r", batch_size=2, lr=1e-2, init_adapter=str(tmp_path / "init"))
+    return TrainConfig(out=str(tmp_path / out), **(base | settings))
+
+
 def test_distillation_refines_a_span_adapter_and_resumes(tiny_pair, tmp_path):
     from lcflow.crosscontext.distill import SpanDistillTrainer
-    from lcflow.training import TrainConfig
 
     sharer, receiver = tiny_pair
     init = aligned_span_adapter(tiny_pair, tmp_path / "init")
-    cfg = TrainConfig(
-        sharer="s",
-        receiver="r",
-        out=str(tmp_path / "run"),
-        steps=2,
-        batch_size=2,
-        lr=1e-2,
-        checkpoint_every=1,
-        init_adapter=str(tmp_path / "init"),
-        kl_weight=1.0,
-    )
+    cfg = distill_config(tmp_path, "run", steps=2, checkpoint_every=1, kl_weight=1.0)
     trainer = SpanDistillTrainer(cfg, sharer, receiver)
     out = trainer.run()
     trained = LatentAdapter.from_pretrained(out)
@@ -266,24 +263,12 @@ def test_distillation_refines_a_span_adapter_and_resumes(tiny_pair, tmp_path):
 def test_distillation_with_the_wire_in_the_loop_trains_on_quantized_latents(tiny_pair, tmp_path):
     """--wire int4: the decoder reads int4-rounded latents, and the encoder still learns."""
     from lcflow.crosscontext.distill import SpanDistillTrainer
-    from lcflow.training import TrainConfig
 
     sharer, receiver = tiny_pair
     init = aligned_span_adapter(tiny_pair, tmp_path / "init")
     losses = {}
     for wire in ("exact", "int4"):
-        cfg = TrainConfig(
-            sharer="s",
-            receiver="r",
-            out=str(tmp_path / wire),
-            steps=1,
-            batch_size=2,
-            lr=1e-2,
-            checkpoint_every=1,
-            init_adapter=str(tmp_path / "init"),
-            kl_weight=1.0,
-            wire=wire,
-        )
+        cfg = distill_config(tmp_path, wire, steps=1, checkpoint_every=1, kl_weight=1.0, wire=wire)
         trainer = SpanDistillTrainer(cfg, sharer, receiver)
         trained = LatentAdapter.from_pretrained(trainer.run())
         losses[wire] = trainer.losses[0]
@@ -314,22 +299,10 @@ def test_contrast_hinge_is_the_margin_when_the_other_packet_is_the_same(tiny_pai
     """With the sample's own packet as the control the hinge is exactly the margin; with another
     sample's it is what the two answer losses say, and a step with it trains."""
     from lcflow.crosscontext.distill import SpanDistillTrainer
-    from lcflow.training import TrainConfig
 
     sharer, receiver = tiny_pair
     aligned_span_adapter(tiny_pair, tmp_path / "init")
-    cfg = TrainConfig(
-        sharer="s",
-        receiver="r",
-        out=str(tmp_path / "run"),
-        steps=1,
-        batch_size=2,
-        lr=1e-2,
-        init_adapter=str(tmp_path / "init"),
-        kl_weight=0.0,
-        contrast_weight=0.5,
-        contrast_margin=2.0,
-    )
+    cfg = distill_config(tmp_path, "run", steps=1, kl_weight=0.0, contrast_weight=0.5, contrast_margin=2.0)
     trainer = SpanDistillTrainer(cfg, sharer, receiver)
     trainer.adapter.eval()
     sample = trainer.samples[0]

@@ -124,17 +124,19 @@ def load_segment(
     blob alive), else a copy; shuffled, the bytes are unshuffled straight into each tensor."""
     data_start = header["__data_start__"]
     data = np.frombuffer(blob, dtype=np.uint8)[data_start:]
-    # only a blob of our own (the receiver's bytearray) is viewed: immutable bytes are copied
+    # only a blob of our own (the receiver's bytearray) is viewed: immutable bytes are copied;
+    # and only from a start aligned for every dtype (8 bytes, as malloc gives), so that an offset
+    # divisible by the itemsize, which Tensor.view(dtype) needs, is an aligned address too
     viewable = not byte_shuffle and isinstance(blob, bytearray) and len(blob) > 0
     flat = torch.frombuffer(blob, dtype=torch.uint8) if viewable else None
+    if flat is not None and flat.data_ptr() % 8:
+        flat = None
     tensors = {}
     for name, spec in specs.items():
         start, end = header[name]["data_offsets"]
         dtype = DTYPES[spec.dtype][0]
-        # Tensor.view(dtype) needs the offset divisible by the itemsize; the buffer's start is
-        # malloc-aligned (8 is the largest itemsize), checked to be safe
         offset = data_start + start
-        if flat is not None and start != end and offset % spec.itemsize == 0 and flat.data_ptr() % 8 == 0:
+        if flat is not None and start != end and offset % spec.itemsize == 0:
             tensors[name] = flat[offset : data_start + end].view(dtype).reshape(spec.shape)
             continue
         tensor = torch.empty(spec.shape, dtype=dtype)
