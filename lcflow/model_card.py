@@ -22,7 +22,8 @@ from pathlib import Path
 
 CARD_JSON = "model_card.json"
 # The wire codecs a card may choose, smallest last; "none" is bf16 (lcflow.transport.quantize).
-CODECS_BY_SIZE = ("none", "int8", "int4")
+# int4-hadamard is as small as int4 and costs a rotation at each end, so int4 wins a tie.
+CODECS_BY_SIZE = ("none", "int8", "int4-hadamard", "int4")
 CODEC_TOLERANCE = 0.01  # the rule: the smallest codec within 1 EM point of bf16
 
 
@@ -44,7 +45,9 @@ def add_codec(adapter_dir: Path, method: str, evals: dict[str, Path]) -> dict:
     for codec, results_path in evals.items():
         name = "none" if codec == "bf16" else codec
         if name not in CODECS_BY_SIZE:
-            raise ValueError(f"--codec-eval {codec}=...: the codecs are bf16, int8 and int4")
+            raise ValueError(
+                f"--codec-eval {codec}=...: the codecs are bf16, {', '.join(CODECS_BY_SIZE[1:])}"
+            )
         results = json.loads(Path(results_path).read_text())
         row = next((r for r in results["summary"] if r["method"] == method), None)
         if row is None:

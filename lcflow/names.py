@@ -33,8 +33,9 @@ DEFAULT_RUNGS = (
     "xlat-wrong-32",
 )
 
-# How a sharer sends latents (lcflow.transport.quantize, `--quantize`): as they are, or quantized.
-QUANTIZATIONS = ("none", "int8", "int4")
+# How a sharer sends latents (lcflow.transport.quantize, `--quantize`): as they are, or quantized;
+# "int4-hadamard" rotates each group of int4 values by a Hadamard matrix first (format version 3).
+QUANTIZATIONS = ("none", "int8", "int4", "int4-hadamard")
 # The sharer's `--quantize` setting: one of those, or "card": each adapter's model card names the
 # smallest codec measured within 1 EM point of bf16 for it (model_card.json "codec"), none without.
 QUANTIZE_SETTINGS = ("card", *QUANTIZATIONS)
@@ -43,7 +44,7 @@ QUANTIZE_SETTINGS = ("card", *QUANTIZATIONS)
 CODEC_SETTINGS = ("auto", "zstd", "none")
 
 # `lcflow eval --wire`: the latents' number format on the way to the receiver (lcflow.evaluation)
-WIRE_FORMS = ("exact", "bf16", "int8", "int4")
+WIRE_FORMS = ("exact", "bf16", *QUANTIZATIONS[1:])
 
 # Handoff modes that carry a latent payload (C2C: the sharer's own KV) ...
 LATENT_MODES = ("lcf", "lcfx", "c2c")

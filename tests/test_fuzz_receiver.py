@@ -86,7 +86,17 @@ def valid_streams():
         st.sampled_from(["zstd", "none"]),
         st.booleans(),
         st.sampled_from([16, 64, 333, 4096]),
-        st.sampled_from([("none", None), ("int8", None), ("int8", 4), ("int4", None), ("int4", 2)]),
+        st.sampled_from(
+            [
+                ("none", None),
+                ("int8", None),
+                ("int8", 4),
+                ("int4", None),
+                ("int4", 2),
+                ("int4-hadamard", None),
+                ("int4-hadamard", 2),
+            ]
+        ),
     )
 
 
@@ -209,15 +219,17 @@ def scale_specs():
 
 
 def codecs():
-    """Codec messages with every field drawn, quantization fields (version 2) included."""
+    """Codec messages with every field drawn, quantization fields (version 2) and the rotation
+    (version 3) included."""
     return st.builds(
-        lambda name, chunk, shuffle, quantization, group, scale_dtype: pb.Codec(
+        lambda name, chunk, shuffle, quantization, group, scale_dtype, rotation: pb.Codec(
             name=name,
             chunk_size=chunk,
             byte_shuffle=shuffle,
             quantization=quantization,
             group_size=group,
             scale_dtype=scale_dtype,
+            rotation=rotation,
         ),
         st.sampled_from(["zstd", "none", "gzip"]),
         st.one_of(st.integers(0, 1 << 17), st.just(2**32 - 1)),
@@ -225,6 +237,7 @@ def codecs():
         st.sampled_from(["", "none", "int8", "int4", "int3"]),
         SMALL_OR_HUGE,
         st.sampled_from(["", "float16", "bfloat16", "float32", "int32"]),
+        st.sampled_from(["", "none", "hadamard", "fourier"]),
     )
 
 
@@ -259,7 +272,7 @@ def headers():
             if total is not None
             else sum(_spec_bytes(t) for s in segments for t in s.tensors) % 2**64,
         ),
-        st.sampled_from([1, 1, 1, 0, 2, 2, 3]),
+        st.sampled_from([1, 1, 1, 0, 2, 2, 3, 3, 4]),
         st.one_of(st.sampled_from([pb.LCF, pb.LCF_X, pb.C2C, pb.TEXT, pb.NONE]), st.integers(0, 2**31 - 1)),
         st.lists(segment, max_size=6),
         codecs(),

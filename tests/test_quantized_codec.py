@@ -1,5 +1,5 @@
-"""Quantized latents (wire format version 2): each scheme within its error bound, every bad
-header refused before anything is allocated, versions 1 and 2 side by side, and handoffs
+"""Quantized latents (wire format versions 2 and 3): each scheme within its error bound, every
+bad header refused before anything is allocated, versions 1 to 3 side by side, and handoffs
 through both services with tiny models."""
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from lcflow.transport import (
     WireLimits,
     packet_messages,
 )
-from lcflow.transport.quantize import DEFAULT_INT4_GROUP, Quantization
+from lcflow.transport.quantize import DEFAULT_INT4_GROUP, Quantization, hadamard
 from lcflow.transport.segments import serialise_segment
 
 SCHEMES = [("int8", None), ("int8", 16), ("int4", None), ("int4", 16), ("int4", 128)]
@@ -68,6 +68,48 @@ def test_round_trip_is_within_half_a_scale_step(scheme, group, dtype):
     # and the bound is not vacuous: the error does reach a good part of it somewhere
     assert ((exact - got).abs() > step / 4).any()
     assert torch.equal(got[0, 0], torch.zeros_like(got[0, 0]))  # a zero row stays zero
+
+
+@pytest.mark.parametrize("group", [None, 16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_rotated_round_trip_is_within_half_a_step_per_group_in_norm(group, dtype):
+    """With rotated groups the half-step bound holds for y = H x, coordinate by coordinate, so it
+    holds in norm for x: ||x - x^|| = ||y - y^|| <= s / 2 sqrt(g) per group (H is orthonormal)."""
+    q = Quantization.named("int4-hadamard", group)
+    assert (q.scheme, q.rotation, q.name) == ("int4", "hadamard", "int4-hadamard")
+    x = hard_latents(dtype)
+    spec = TensorSpec.of(x)
+    codes, scales = q.quantize(x)
+    decoded = q.dequantize(codes, scales, spec, "cpu")
+    g = q.group_of(spec)
+    error = (x.float() - decoded.float()).reshape(*x.shape[:-1], -1, g).norm(dim=-1)
+    rounding = torch.finfo(dtype).eps / 2 * decoded.float().reshape(error.shape + (g,)).norm(dim=-1)
+    bound = scales.float() / 2 * g**0.5 * (1 + 1e-4) + rounding + 1e-30
+    assert (error <= bound).all(), (error - bound).max()
+    assert (error > bound / 8).any()  # not vacuous
+
+
+def test_rotation_spreads_an_outlier_channel_and_cuts_the_error():
+    """Why it exists: one channel 40x the rest sets every scale of its group; rotated, the
+    outlier's energy is spread over the group and the other channels keep their resolution."""
+    x = hard_latents(torch.float32)[:, 2:]  # rows of one magnitude each, channel 5 an outlier
+    spec = TensorSpec.of(x)
+
+    def relative_error(name: str) -> float:
+        q = Quantization.named(name)
+        decoded = q.dequantize(*q.quantize(x), spec, "cpu")
+        return ((x - decoded).norm() / x.norm()).item()
+
+    assert relative_error("int4-hadamard") < 0.7 * relative_error("int4")
+
+
+def test_hadamard_is_orthonormal_and_symmetric():
+    for n in (1, 2, 16, 64):
+        h = hadamard(n)
+        assert torch.equal(h, h.T) and torch.allclose(h @ h, torch.eye(n), atol=1e-6)
+        assert torch.allclose(h.abs(), torch.full((n, n), n**-0.5))
+    with pytest.raises(ValueError, match="power of two"):
+        Quantization.named("int4-hadamard", 48).group_of(TensorSpec("float32", (2, 96)))
 
 
 def test_codes_use_their_range_and_int4_packs_two_a_byte():
@@ -135,7 +177,23 @@ def test_a_version_1_reader_refuses_version_2_cleanly(monkeypatch):
     assert plain.layers == [0, 3]
 
 
-@pytest.mark.parametrize("scheme", ["int8", "int4"])
+def test_rotated_packets_are_version_3_and_older_readers_refuse_them(monkeypatch):
+    rotated = list(packet_messages(quantized_packet(), CodecConfig(quantization="int4-hadamard")))
+    header = rotated[0].header
+    assert (header.format_version, header.codec.quantization, header.codec.rotation) == (
+        3,
+        "int4",
+        "hadamard",
+    )
+    unrotated = list(packet_messages(quantized_packet(), CodecConfig(quantization="int4")))
+    assert unrotated[0].header.format_version == 2 and not unrotated[0].header.codec.rotation
+    monkeypatch.setattr(wire, "SUPPORTED_FORMAT_VERSIONS", frozenset({1, 2}))  # a version 2 receiver
+    err = expect_error(rotated, grpc.StatusCode.FAILED_PRECONDITION)
+    assert "version 3" in err.details
+    assert wire.assemble(unrotated).layers == [0, 3]
+
+
+@pytest.mark.parametrize("scheme", ["int8", "int4", "int4-hadamard"])
 @pytest.mark.parametrize("codec", ["zstd", "none"])
 def test_quantized_packets_round_trip_through_the_wire(scheme, codec):
     packet = quantized_packet()
@@ -147,16 +205,16 @@ def test_quantized_packets_round_trip_through_the_wire(scheme, codec):
     q = Quantization.named(scheme)
     for layer in packet.layers:
         sent = packet.tensors_per_layer[layer]["latent"]
-        _, scales = q.quantize(sent)
-        step = scales_per_element(q, scales, TensorSpec.of(sent))
+        expected = q.dequantize(*q.quantize(sent), TensorSpec.of(sent), "cpu")  # what the codec alone gives
         got = decoded.tensors_per_layer[layer]["latent"]
         assert got.dtype == sent.dtype and got.device.type == "cpu"
-        error = (got.float() - sent.float()).abs()
-        assert (error <= step / 2 * (1 + 1e-5) + 2**-8 * got.float().abs()).all()
+        assert torch.equal(got, expected)  # the wire adds nothing to the codec's own error
     assert torch.equal(decoded.shared_tensors["token_spans"], packet.shared_tensors["token_spans"])
     raw, wire_bytes = assembler.stats.bytes_raw, assembler.stats.bytes_wire
     assert raw == packet.raw_bytes()  # bytes_raw counts the declared bf16 tensors
-    smallest = {"int8": 1.8, "int4": 3.0}[scheme]  # 2x / 3.8x minus safetensors headers on 48 rows
+    smallest = {"int8": 1.8, "int4": 3.0, "int4-hadamard": 3.0}[
+        scheme
+    ]  # 2x / 3.8x minus safetensors headers on 48 rows
     assert raw / wire_bytes > smallest, (raw, wire_bytes)
 
 
@@ -223,6 +281,12 @@ DAMAGES = {
     "unknown-codec": set_codec(name="lz4"),
     "unknown-quantization": set_codec(quantization="int3"),
     "quantized-in-version-1": lambda h: setattr(h, "format_version", 1),
+    "rotated-in-version-2": set_codec(rotation="hadamard"),
+    "unknown-rotation": lambda h: (set_codec(rotation="fourier")(h), setattr(h, "format_version", 3)),
+    "rotation-without-quantization": lambda h: (
+        set_codec(quantization="", group_size=0, scale_dtype="", rotation="hadamard")(h),
+        setattr(h, "format_version", 3),
+    ),
     "group-not-dividing-the-row": set_codec(group_size=48),
     "scale-dtype-not-a-float": set_codec(scale_dtype="int32"),
     "group-size-without-quantization": set_codec(quantization="none"),
@@ -311,7 +375,7 @@ def adapter_dirs(tiny_pair, tmp_path_factory):
     return {mode: services_adapter_dir(tiny_pair, tmp_path_factory, mode) for mode in ("lcf", "lcfx")}
 
 
-@pytest.mark.parametrize("scheme", ["int8", "int4"])
+@pytest.mark.parametrize("scheme", ["int8", "int4", "int4-hadamard"])
 @pytest.mark.parametrize("mode", ["lcf", "lcfx"])
 def test_quantized_handoff_through_both_services(tiny_pair, adapter_dirs, spans_exporter, mode, scheme):
     """The sharer quantizes (--quantize), the receiver dequantizes: the answer is the in-process
@@ -362,6 +426,9 @@ def test_the_card_chooses_the_smallest_codec_within_one_point():
     assert choose_codec({"none": 0.82, "int8": 0.81, "int4": 0.62}) == "int8"  # exactly 1 point
     assert choose_codec({"none": 0.82, "int8": 0.80, "int4": 0.81}) == "int4"  # by EM, not by order
     assert choose_codec({"none": 0.82, "int8": 0.79}) == "none"
+    # as small as int4: chosen over int8 when within the point, and int4 wins a tie with it
+    assert choose_codec({"none": 0.82, "int8": 0.81, "int4-hadamard": 0.815, "int4": 0.62}) == "int4-hadamard"
+    assert choose_codec({"none": 0.865, "int4-hadamard": 0.865, "int4": 0.865}) == "int4"
 
 
 @pytest.mark.parametrize("scheme, bound", [("int8", 0.01), ("int4", 0.1)])

@@ -12,7 +12,15 @@ must divide n). For each group:
                                           two per byte, the even element in the low nibble
     x^ = q * s                            on the receiver, then cast to the declared dtype
 
-Error bound, per element: |x - x^| <= s / 2 (s as stored). Rounding to nearest is off by
+Rotated groups ("int4-hadamard", format version 3): each group is multiplied by the orthonormal
+Walsh-Hadamard matrix H_g (g a power of two; H_g H_g = I) before the steps above, and the
+receiver multiplies each dequantized group by H_g again: x^ = H_g (q * s). One outlier channel
+then no longer sets its group's scale alone: its energy is spread over all g coordinates, and
+the other channels keep their resolution (the idea of QuaRot / QuIP#'s incoherence processing).
+Bytes are exactly int4's; the cost is a g x g matrix product per group at each end.
+
+Error bound, per element: |x - x^| <= s / 2 (s as stored); with rotated groups it holds for
+H_g x per element, hence in norm for each group of x: ||x - x^|| <= s sqrt(g) / 2. Rounding to nearest is off by
 at most half a step, and clamping never bites: |x| / s <= Q (1 + e) < Q + 1/2 for both
 scale dtypes. The receiver's cast to the declared dtype adds half an ulp of that dtype
 (bfloat16: 2^-9 |x^|). tests/test_quantized_codec.py asserts exactly this bound.
@@ -56,6 +64,8 @@ answers is for the accuracy evaluation (issue 12, item 2); if it does, g = 32
 
 from __future__ import annotations
 
+import functools
+import math
 from dataclasses import dataclass
 
 import torch
@@ -64,6 +74,8 @@ from lcflow.names import QUANTIZATIONS
 from lcflow.transport.segments import DTYPES, TensorSpec
 
 QMAX = {"int8": 127, "int4": 7}
+ROTATIONS = ("none", "hadamard")
+ROTATED_SUFFIX = "-hadamard"  # "int4-hadamard": int4 with each group rotated first
 FLOAT_DTYPES = ("float16", "bfloat16", "float32")
 SCALE_DTYPES = ("float16", "bfloat16", "float32")
 SCALES_SUFFIX = ".scales"
@@ -75,24 +87,39 @@ INT4_OFFSET = 8  # int4 codes -7..7 travel as 1..15: an unsigned nibble
 class Quantization:
     """How float tensors become codes and scales; the same object checks a received header."""
 
-    scheme: str = "none"  # one of QUANTIZATIONS
+    scheme: str = "none"  # "none", "int8" or "int4" (QMAX)
     group_size: int = 0  # elements per scale along the last dimension; 0 = the whole row
     scale_dtype: str = "float16"  # one of SCALE_DTYPES
+    rotation: str = "none"  # "hadamard": each group is multiplied by H_g before it is quantized
 
     def __post_init__(self) -> None:
-        if self.scheme not in QUANTIZATIONS:
+        if self.scheme != "none" and self.scheme not in QMAX:
             raise ValueError(f"unknown quantization {self.scheme!r}: use one of {QUANTIZATIONS}")
+        if self.rotation not in ROTATIONS:
+            raise ValueError(f"unknown rotation {self.rotation!r}: use one of {ROTATIONS}")
+        if self.rotation != "none" and self.scheme == "none":
+            raise ValueError("a rotation is only for quantized tensors")
         if self.scale_dtype not in SCALE_DTYPES:
             raise ValueError(f"scale dtype {self.scale_dtype!r} is not one of {SCALE_DTYPES}")
         if self.group_size < 0:
             raise ValueError(f"group_size must be 0 (whole rows) or positive, not {self.group_size}")
 
     @classmethod
-    def named(cls, scheme: str, group_size: int | None = None, scale_dtype: str = "float16") -> Quantization:
-        """A scheme with its measured default group: int8 whole rows, int4 DEFAULT_INT4_GROUP."""
+    def named(cls, name: str, group_size: int | None = None, scale_dtype: str = "float16") -> Quantization:
+        """A named quantization (QUANTIZATIONS: "int4-hadamard" is int4 with rotated groups) with
+        its measured default group: int8 whole rows, int4 DEFAULT_INT4_GROUP."""
+        if name not in QUANTIZATIONS:
+            raise ValueError(f"unknown quantization {name!r}: use one of {QUANTIZATIONS}")
+        rotated = name.endswith(ROTATED_SUFFIX)
+        scheme = name.removesuffix(ROTATED_SUFFIX)
         if group_size is None:
             group_size = DEFAULT_INT4_GROUP if scheme == "int4" else 0
-        return cls(scheme, group_size, scale_dtype)
+        return cls(scheme, group_size, scale_dtype, "hadamard" if rotated else "none")
+
+    @property
+    def name(self) -> str:
+        """The name `named` takes: the scheme, with ROTATED_SUFFIX when groups are rotated."""
+        return self.scheme + (ROTATED_SUFFIX if self.rotation == "hadamard" else "")
 
     @property
     def enabled(self) -> bool:
@@ -116,6 +143,8 @@ class Quantization:
             raise ValueError(f"last dimension {row} is not a multiple of the group size {group}")
         if self.scheme == "int4" and row % 2:
             raise ValueError(f"int4 packs two codes a byte: last dimension {row} must be even")
+        if self.rotation == "hadamard" and group & (group - 1):
+            raise ValueError(f"a Hadamard rotation needs groups of a power of two, not {group}")
         return group
 
     def codes_spec(self, spec: TensorSpec) -> TensorSpec:
@@ -160,6 +189,8 @@ class Quantization:
         scale_dtype = DTYPES[self.scale_dtype][0]
         # a float32 copy of x, worked on in place (fewer passes over memory than fresh tensors)
         grouped = x.to(torch.float32, copy=True).reshape(*x.shape[:-1], -1, group)
+        if self.rotation == "hadamard":
+            grouped = grouped @ hadamard(group, grouped.device)
         absmax = grouped.abs().amax(dim=-1, keepdim=True)
         scales = (absmax / qmax).clamp_min(torch.finfo(scale_dtype).tiny).to(scale_dtype)
         codes = grouped.div_(scales.float()).round_().clamp_(-qmax, qmax).reshape(x.shape)
@@ -195,8 +226,21 @@ class Quantization:
             values = values.reshape(spec.shape).sub_(INT4_OFFSET)
         else:
             values = codes.float()
-        grouped = values.reshape(*spec.shape[:-1], -1, self.group_of(spec)).mul_(scales.float().unsqueeze(-1))
+        group = self.group_of(spec)
+        grouped = values.reshape(*spec.shape[:-1], -1, group).mul_(scales.float().unsqueeze(-1))
+        if self.rotation == "hadamard":  # H is symmetric and orthonormal: its own inverse
+            grouped = grouped @ hadamard(group, grouped.device)
         return grouped.reshape(spec.shape).to(DTYPES[spec.dtype][0])
+
+
+@functools.cache
+def hadamard(n: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """The n x n Walsh-Hadamard matrix scaled to be orthonormal (H H = I), n a power of two:
+    H_1 = [1], H_2k = [[H_k, H_k], [H_k, -H_k]] / sqrt(2) (Sylvester's construction)."""
+    h = torch.ones(1, 1)
+    while h.shape[0] < n:
+        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0) / math.sqrt(2)
+    return h.to(device)
 
 
 def _finite(scales: torch.Tensor, name: str) -> torch.Tensor:

@@ -61,16 +61,18 @@ from lcflow.transport.segments import (
     serialise_segment,
 )
 
-FORMAT_VERSION = 2  # the newest: 2 adds quantized payloads (Codec.quantization)
-SUPPORTED_FORMAT_VERSIONS = frozenset({1, 2})
+FORMAT_VERSION = 3  # the newest: 2 adds quantized payloads (Codec.quantization), 3 rotated groups
+SUPPORTED_FORMAT_VERSIONS = frozenset({1, 2, 3})
 
 MODE_TO_PROTO = {"lcf": pb.LCF, "lcfx": pb.LCF_X, "c2c": pb.C2C, "text": pb.TEXT, "none": pb.NONE}
 MODE_FROM_PROTO = {value: name for name, value in MODE_TO_PROTO.items()}
 
 
 def format_version(quantization: Quantization) -> int:
-    """The oldest version that carries such a payload: 1 unless it is quantized, so a sender
-    that does not quantize keeps working with receivers that read only version 1."""
+    """The oldest version that carries such a payload: 1 unless it is quantized, 2 unless its
+    groups are rotated, so a sender keeps working with every receiver that can read what it sends."""
+    if quantization.rotation != "none":
+        return 3
     return 2 if quantization.enabled else 1
 
 
@@ -239,6 +241,8 @@ class PacketWriter:
             codec.quantization = self.quantizer.scheme
             codec.group_size = self.quantizer.group_size
             codec.scale_dtype = self.quantizer.scale_dtype
+            if self.quantizer.rotation != "none":  # version 2 headers stay as they were too
+                codec.rotation = self.quantizer.rotation
         return codec
 
     def _tensor_spec(self, name: str, spec: TensorSpec) -> pb.TensorSpec:
@@ -479,13 +483,13 @@ class PacketAssembler:
         try:
             expected = self.quantizer.scales_spec(spec)
         except ValueError as err:
-            raise invalid(f"{what}: {tensor.name!r} cannot be {self.quantizer.scheme}: {err}") from err
+            raise invalid(f"{what}: {tensor.name!r} cannot be {self.quantizer.name}: {err}") from err
         scales = tensor.scales
         declared = (scales.name, scales.dtype, tuple(scales.shape), scales.HasField("scales"))
         if declared != (tensor.name + SCALES_SUFFIX, expected.dtype, expected.shape, False):
             raise invalid(
                 f"{what}: scales of {tensor.name!r} declared as {scales.name!r} {scales.dtype} "
-                f"{list(scales.shape)}; {self.quantizer.scheme} with group size {self.quantizer.group_size} "
+                f"{list(scales.shape)}; {self.quantizer.name} with group size {self.quantizer.group_size} "
                 f"needs {tensor.name + SCALES_SUFFIX!r} {expected.dtype} {list(expected.shape)}"
             )
 
@@ -638,17 +642,25 @@ class PacketAssembler:
 
 
 def _quantization_of(header: pb.LatentHeader) -> Quantization:
-    """The header's quantization; its fields must be unset in version 1 and without quantization."""
+    """The header's quantization; its fields must be unset in version 1 and without quantization,
+    and the rotation unset before version 3."""
     codec = header.codec
     scheme = codec.quantization or "none"
+    rotation = codec.rotation or "none"
     if scheme == "none":
-        if codec.group_size or codec.scale_dtype:
-            raise invalid("codec.group_size and codec.scale_dtype are only for a quantized payload")
+        if codec.group_size or codec.scale_dtype or rotation != "none":
+            raise invalid(
+                "codec.group_size, codec.scale_dtype and codec.rotation are only for a quantized payload"
+            )
         return Quantization()
     if header.format_version < 2:
         raise invalid(f"codec.quantization {scheme!r} needs latent format version 2, the header says 1")
+    if rotation != "none" and header.format_version < 3:
+        raise invalid(
+            f"codec.rotation {rotation!r} needs latent format version 3, the header says {header.format_version}"
+        )
     try:
-        return Quantization(scheme, codec.group_size, codec.scale_dtype)
+        return Quantization(scheme, codec.group_size, codec.scale_dtype, rotation)
     except ValueError as err:
         raise invalid(f"codec: {err}") from err
 

@@ -297,7 +297,7 @@ class ReceiverService(pb_grpc.ReceiverServicer):
             span.set_attribute("lcflow.bytes.raw", stats.bytes_raw)
             span.set_attribute("lcflow.bytes.wire", stats.bytes_wire)
             span.set_attribute("lcflow.compression_ratio", stats.bytes_raw / max(1, stats.bytes_wire))
-            span.set_attribute("lcflow.quantization", assembler.quantizer.scheme)  # as the header declared it
+            span.set_attribute("lcflow.quantization", assembler.quantizer.name)  # as the header declared it
             span.set_attribute("lcflow.chunks", stats.chunks)
             span.set_attribute("lcflow.layers", len(packet.layers))
         device = engine.receiver.model.device

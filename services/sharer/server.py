@@ -594,7 +594,7 @@ class _LatentStream:
             span.set_attribute("lcflow.bytes.raw", stats.bytes_raw)
             span.set_attribute("lcflow.bytes.wire", stats.bytes_wire)
             span.set_attribute("lcflow.compression_ratio", stats.bytes_raw / max(1, stats.bytes_wire))
-            span.set_attribute("lcflow.quantization", writer.quantizer.scheme)
+            span.set_attribute("lcflow.quantization", writer.quantizer.name)
             span.set_attribute("lcflow.chunks", stats.chunks)
             span.set_attribute("lcflow.encode_ms", self.encode_ms)
             span.set_attribute("lcflow.pack_ms", self.pack_ms)
