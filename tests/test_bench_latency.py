@@ -33,7 +33,7 @@ def test_bench_latency_times_every_method_stage_and_context(tmp_path, capsys):
     results = report["results"]
     cases = {(r["method"], r["context_tokens"], r["message_tokens"]) for r in results}
     expected = {("text", t, n) for t in CONTEXTS for n in MESSAGES}
-    expected |= {(m, t, None) for m in ("lcf", "lcfx") for t in CONTEXTS}
+    expected |= {(m, t, None) for m in ("lcf", "lcfx", "lcfx-spans") for t in CONTEXTS}
     assert cases == expected and len(results) == len(expected)
     for r in results:
         assert list(r["stages_ms"]) == list(STAGES[r["method"]])
@@ -49,13 +49,18 @@ def test_bench_latency_times_every_method_stage_and_context(tmp_path, capsys):
     # Receiver Qwen3 has 2 layers: LCF sends bf16 [T, b] per layer plus int32 [T, 2] spans, LCF-X [m, b].
     assert by_context("lcf", "bytes") == [2 * t * BOTTLENECK * 2 + t * 2 * 4 for t in CONTEXTS]
     assert by_context("lcfx", "bytes") == [2 * SLOTS * BOTTLENECK * 2] * len(CONTEXTS)
+    # a span packet: one row per selected position, at most m, never more than the context has
+    assert by_context("lcfx-spans", "bytes") == [2 * min(SLOTS, t - 1) * BOTTLENECK * 2 for t in CONTEXTS]
     lcf_wire = by_context("lcf", "wire_bytes")
     assert lcf_wire == sorted(lcf_wire) and lcf_wire[0] < lcf_wire[-1]
     assert {r["bytes"] for r in results if r["method"] == "text" and r["message_tokens"] == 4} == {16}
 
     growth = {(g["method"], g["message_tokens"]): g for g in report["growth"]["with_context"]}
-    assert set(growth) == {("lcf", None), ("lcfx", None)} | {("text", n) for n in MESSAGES}
+    assert set(growth) == {("lcf", None), ("lcfx", None), ("lcfx-spans", None)} | {
+        ("text", n) for n in MESSAGES
+    }
     assert growth[("lcfx", None)]["bytes_per_1k_context_tokens"] == 0
+    assert growth[("lcfx-spans", None)]["bytes_per_1k_context_tokens"] == 0
     assert growth[("lcf", None)]["bytes_per_1k_context_tokens"] == 1000 * (2 * BOTTLENECK * 2 + 8)
     assert all(g["ttft_ms_per_1k_context_tokens"] is not None for g in growth.values())
     per_message = report["growth"]["with_message"]

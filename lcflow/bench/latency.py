@@ -3,7 +3,7 @@
 The models have the paper pair's shapes (sharer Qwen2.5-0.5B-Instruct, receiver Qwen3-0.6B)
 with RANDOM WEIGHTS: the numbers are speed only, never accuracy. No tokenizer is involved:
 every prompt is random token ids of the requested length, and the adapters (LCF b=128,
-LCF-X b=128 m=32) are untrained; neither changes how long anything takes.
+LCF-X b=128 m=32, slots and spans) are untrained; neither changes how long anything takes.
 
     text   sharer_prefill (context + question) -> message_decode (exactly N tokens)
            -> receiver_prefill (own context + message + question) -> first_token
@@ -12,6 +12,10 @@ LCF-X b=128 m=32) are untrained; neither changes how long anything takes.
     lcfx   sharer_prefill (context) -> encode (pooled into m slots)
            -> prefix_decode (m prefix entries) -> receiver_prefill (own context + question)
            -> first_token
+    lcfx-spans  the span packet the shipped LCF-X adapters send (lcflow.adapter.spans):
+           sharer_prefill (context) -> encode (the question's attention in one selection head
+           picks m positions, each translated per token) -> prefix_decode (m entries after the
+           receiver's template head) -> receiver_prefill (own context + question) -> first_token
 
 Each stage is the median of --repeats timed runs (after one warm-up of each method); the
 time to first token is the median of the per-run totals, all stages run one after another
@@ -49,12 +53,19 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 LABEL = "random weights, speed only, no accuracy"
-METHODS = ("text", "lcf", "lcfx")
+METHODS = ("text", "lcf", "lcfx", "lcfx-spans")
+LATENT_METHODS = METHODS[1:]
 STAGES = {
     "text": ("sharer_prefill", "message_decode", "receiver_prefill", "first_token"),
     "lcf": ("sharer_prefill", "encode", "receiver_prefill", "fuse", "first_token"),
     "lcfx": ("sharer_prefill", "encode", "prefix_decode", "receiver_prefill", "first_token"),
+    "lcfx-spans": ("sharer_prefill", "encode", "prefix_decode", "receiver_prefill", "first_token"),
 }
+# The span packet's selection head: one head, a third of the way through the sharer (the
+# shipped Gemma3-270M span adapters select with layer 5 of 18, chosen by `lcflow heads`). The
+# question runs only through the layers up to it, so its depth is what costs time.
+SPAN_SELECTION_DEPTH = 1 / 3
+SPAN_HEAD_TOKENS = 8  # the receiver's template before the document slot (BOS, role markers)
 TEXT_BYTES_PER_TOKEN = 4  # UTF-8 bytes of an average BPE token of English text
 LATENT_DTYPE = "bfloat16"  # the torch dtype latents travel as
 CHARS_PER_TOKEN = 4  # synthetic character spans for LCF's span alignment
@@ -96,6 +107,7 @@ class Pair:
     receiver: torch.nn.Module
     lcf: LatentAdapter
     lcfx: LatentAdapter
+    spans: LatentAdapter  # LCF-X with a span packet
 
     def describe(self) -> dict:
         out = {}
@@ -115,7 +127,7 @@ class Pair:
             }
         out["adapters"] = {
             mode: {"retained_layers": len(a.config.retained_layers), **a.parameter_counts()}
-            for mode, a in (("lcf", self.lcf), ("lcfx", self.lcfx))
+            for mode, a in (("lcf", self.lcf), ("lcfx", self.lcfx), ("lcfx-spans", self.spans))
         }
         return out
 
@@ -160,9 +172,26 @@ def build_pair(
         ).requires_grad_(False)
         for mode in ("lcf", "lcfx")
     }
+    selection_layer = int(sharer.config.num_hidden_layers * SPAN_SELECTION_DEPTH)
+    adapters["lcfx-spans"] = LatentAdapter.for_models(
+        "lcfx",
+        *identities,
+        bottleneck=config.bottleneck,
+        slots=config.slots,
+        packet="spans",
+        selection="tokens",  # no text here to cut into sentences; the cost is the same
+        selection_heads=[[selection_layer, 0]],
+    ).requires_grad_(False)
     # The adapter runs in the models' dtype, on their device, as a served one would.
     adapters = {mode: a.to(device=device, dtype=dtype).eval() for mode, a in adapters.items()}
-    return Pair(names, sharer.to(device), receiver.to(device), adapters["lcf"], adapters["lcfx"])
+    return Pair(
+        names,
+        sharer.to(device),
+        receiver.to(device),
+        adapters["lcf"],
+        adapters["lcfx"],
+        adapters["lcfx-spans"],
+    )
 
 
 # ---------------------------------------------------------------------------------------------- timing
@@ -310,6 +339,47 @@ def run_lcfx(pair: Pair, generator, context: int, config: LatencyBenchConfig, cl
     return {"latents": slots, "token_spans": None}
 
 
+@_no_grad
+def run_lcfx_spans(pair: Pair, generator, context: int, config: LatencyBenchConfig, clock, head) -> dict:
+    """The span packet as Sharer.encode_layers and Receiver.prepare_spans run it; `head` is the
+    receiver's template head (ids, cache), prefilled once as Receiver caches it."""
+    import torch
+
+    from lcflow.crosscontext.placement import SlotLayout, slot_cache
+    from lcflow.crosscontext.selection import cache_from_captured, question_attention, top_tokens
+    from lcflow.kv import RopeCodec, run_backbone
+
+    sharer, receiver, adapter = pair.sharer, pair.receiver, pair.spans
+    sharer_ids = random_ids(generator, sharer, context)
+    question = random_ids(generator, sharer, config.question_tokens)
+    captured = clock("sharer_prefill", lambda: prefill_captured(sharer, sharer_ids))
+    encoder, heads = adapter.encoder, [tuple(h) for h in adapter.config.selection_heads]
+
+    def encode() -> dict:
+        cache = cache_from_captured(sharer, captured)
+        scores = question_attention(sharer, cache, question, captured.num_tokens, heads=heads)
+        positions = top_tokens(scores, config.slots)
+        return {t: encoder.encode_layer(captured, t, positions) for t in encoder.layers}
+
+    latents = clock("encode", encode)
+    head_ids, head_cache = head
+    tail = random_ids(generator, receiver, config.receiver_context_tokens + config.question_tokens)
+    layout = SlotLayout(head_ids, tail)
+    rope = RopeCodec(receiver)
+
+    def decode():
+        keys, values = adapter.decoder.entries(latents)
+        return slot_cache(receiver, rope, layout, keys, values, head_cache)
+
+    cache = clock("prefix_decode", decode)
+    rows = next(iter(latents.values())).shape[1]
+    filler = torch.full((1, rows), special_token(receiver), dtype=torch.long, device=receiver.device)
+    input_ids = torch.cat([head_ids, filler, tail], dim=1)
+    clock("receiver_prefill", lambda: run_backbone(receiver, tail[:, :-1], cache))
+    clock("first_token", lambda: generate_exactly(receiver, input_ids, cache, 1))
+    return {"latents": latents, "token_spans": None}
+
+
 # ---------------------------------------------------------------------------------------------- bytes
 
 
@@ -355,7 +425,7 @@ def _rounded(value: float | None, digits: int = 3) -> float | None:
 
 def growth(results: list[dict], config: LatencyBenchConfig) -> dict:
     """Slopes of time to first token and bytes: per 1k context tokens, and per message token."""
-    series = [("lcf", None), ("lcfx", None)] + [("text", n) for n in config.message_tokens]
+    series = [(method, None) for method in LATENT_METHODS] + [("text", n) for n in config.message_tokens]
     with_context = []
     for method, message in series:
         rows = [r for r in results if r["method"] == method and r.get("message_tokens") == message]
@@ -413,12 +483,16 @@ def run_latency_bench(config: LatencyBenchConfig, pair: Pair) -> dict:
     import torch
 
     from lcflow.adapter.lcfx import filler_prefix
+    from lcflow.kv import prefill
     from lcflow.provision.loading import pick_device
 
     device = pick_device(config.device)
     generator = torch.Generator().manual_seed(config.seed)
-    # The neutral LCF-X base prefix is built once, as Receiver caches it, so it is not timed.
+    # The neutral LCF-X base prefix and the span packet's template head are built once, as
+    # Receiver caches them, so they are not timed.
     filler = filler_prefix(pair.receiver, special_token(pair.receiver), config.slots)
+    head_ids = random_ids(generator, pair.receiver, SPAN_HEAD_TOKENS)
+    head = (head_ids, prefill(pair.receiver, head_ids))
 
     def timed(run: Callable[[StageClock], object]) -> tuple[list[dict[str, float]], object]:
         runs, out = [], None
@@ -433,6 +507,7 @@ def run_latency_bench(config: LatencyBenchConfig, pair: Pair) -> dict:
     run_text(pair, generator, smallest, shortest, config, StageClock(device))
     run_lcf(pair, generator, smallest, config, StageClock(device))
     run_lcfx(pair, generator, smallest, config, StageClock(device), filler)
+    run_lcfx_spans(pair, generator, smallest, config, StageClock(device), head)
 
     results = []
     for context in config.context_lengths:
@@ -449,6 +524,11 @@ def run_latency_bench(config: LatencyBenchConfig, pair: Pair) -> dict:
         log.info("bench latency: lcfx, context %d", context)
         runs, payload = timed(lambda clock, t=context: run_lcfx(pair, generator, t, config, clock, filler))
         results.append(_result("lcfx", context, None, runs, *latent_bytes("lcfx", payload)))
+        log.info("bench latency: lcfx with a span packet, context %d", context)
+        runs, payload = timed(
+            lambda clock, t=context: run_lcfx_spans(pair, generator, t, config, clock, head)
+        )
+        results.append(_result("lcfx-spans", context, None, runs, *latent_bytes("lcfx", payload)))
 
     return {
         "bench": "latency",
@@ -468,7 +548,7 @@ def run_latency_bench(config: LatencyBenchConfig, pair: Pair) -> dict:
 def _method_label(result: dict) -> str:
     if result["method"] == "text":
         return f"text N={result['message_tokens']}"
-    return {"lcf": "LCF", "lcfx": "LCF-X"}[result["method"]]
+    return {"lcf": "LCF", "lcfx": "LCF-X", "lcfx-spans": "LCF-X spans"}[result["method"]]
 
 
 def format_table(report: dict) -> str:

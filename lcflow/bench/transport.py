@@ -15,7 +15,8 @@ Stages, each timed on its own (best and median of --repeats; MB/s from the best)
     end_to_end_per_layer   the same, each layer's chunks sent at once (no batching)
     end_to_end_threaded    end_to_end with the packing in a worker thread, overlapping gRPC
 
-Each case runs once per --quantize scheme (none, int8, int4: lcflow/transport/quantize.py).
+Each case runs once per --quantize scheme (none, int8, int4, int4-hadamard:
+lcflow/transport/quantize.py).
 Both sides use grpc.aio.
 
 Links (`--link loopback,1gbit,100mbit`): besides loopback, the receiver end runs in a network

@@ -5,7 +5,8 @@
 - wire.py: LatentPacket, PacketWriter (sender), PacketAssembler (receiver), limits and versions.
 - segments.py: one layer's tensors <-> a checked safetensors blob.
 - codec.py: CodecConfig, byte-shuffle, zstd with a hard decompression bound.
-- quantize.py: int8 / int4 latents with absmax scales (format version 2), their error bound.
+- quantize.py: int8 / int4 latents with absmax scales (format version 2; rotated groups, version
+  3), their error bound.
 - link.py: LinkMeter, whether zstd pays on the link (the sharer's `--codec auto`).
 - errors.py: WireError, carrying the gRPC status code to answer with.
 """

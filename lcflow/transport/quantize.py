@@ -197,8 +197,11 @@ class Quantization:
         scales = scales.squeeze(-1)
         if self.scheme == "int8":
             return codes.to(torch.int8), scales
-        nibbles = codes.add_(INT4_OFFSET).to(torch.uint8).reshape(*x.shape[:-1], -1, 2)
-        return nibbles[..., 0] | (nibbles[..., 1] << 4), scales
+        # Packed while still float, (q_even + 8) + 16 (q_odd + 8), exact in float32: one pass
+        # over half the values and one cast, instead of a cast of all of them, a shift and an or.
+        pairs = codes.reshape(*x.shape[:-1], -1, 2)
+        packed = torch.add(pairs[..., 0], pairs[..., 1], alpha=16).add_(INT4_OFFSET * 17)
+        return packed.to(torch.uint8), scales
 
     # -- receiver --------------------------------------------------------------------------------
 
