@@ -236,8 +236,9 @@ HELP = {
     "zstd_level": "sharer only: zstd level of the latent stream",
     "quantize": "sharer only: latents on the wire as card (each adapter's model card names the smallest "
     "codec measured within 1 EM point of bf16 for it; bf16 where it names none), none (bf16), int8 (one "
-    "scale per row; an LCF packet ~2x smaller) or int4 (one scale per 64 elements; ~4.2x smaller); int8 "
-    "and int4 need receivers that read latent format version 2",
+    "scale per row; an LCF packet ~2x smaller), int4 (one scale per 64 elements; ~4.2x smaller) or "
+    "int4-hadamard (int4 with each group rotated first: as small, less error where a few channels are "
+    "large); int8 and int4 need receivers that read latent format version 2, int4-hadamard version 3",
     "codec": "sharer only: zstd over each latent segment (zstd), never (none), or auto: zstd only where "
     "compressing saves time on the link: judged from --link-mbit by a rule, or else by which of the two "
     "cost less on recent handoffs (both are tried); the summary and the trace say which ran and why",

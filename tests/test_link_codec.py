@@ -116,3 +116,11 @@ def test_the_summary_and_the_trace_say_which_codec_ran_and_why(
     assert span.attributes["lcflow.codec_reason"] == summary.codec_reason
     if not options:  # both handoffs were measured
         assert set(running.sharer_service.link.cost) == {("lcfx", "none", "zstd"), ("lcfx", "none", "none")}
+
+
+def test_every_quantization_has_a_zstd_prior():
+    """--link-mbit decides from PRIORS before any handoff: a scheme without one would fall back
+    to bf16's ratio (1.5), far above what quantized codes compress by."""
+    from lcflow.names import QUANTIZATIONS
+
+    assert set(QUANTIZATIONS) <= set(PRIORS)

@@ -182,6 +182,12 @@ def build_pair(
         selection="tokens",  # no text here to cut into sentences; the cost is the same
         selection_heads=[[selection_layer, 0]],
     ).requires_grad_(False)
+    # A fresh span map is all zeros (it starts from a fitted alignment), which would make every
+    # packet zeros and its zstd bytes meaningless: random values instead, as untrained as the rest.
+    generator = torch.Generator().manual_seed(config.seed)
+    with torch.no_grad():
+        for parameter in adapters["lcfx-spans"].parameters():
+            parameter.normal_(std=0.02, generator=generator)
     # The adapter runs in the models' dtype, on their device, as a served one would.
     adapters = {mode: a.to(device=device, dtype=dtype).eval() for mode, a in adapters.items()}
     return Pair(

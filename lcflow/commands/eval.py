@@ -112,8 +112,8 @@ def register(subparsers) -> None:
         choices=WIRE_FORMS,
         default="exact",
         help="in-process: put the latents through the wire's number format before the receiver "
-        "decodes them: exact (as encoded, float32), bf16 (the services' default), int8 or int4 (the "
-        "sharer's --quantize codecs, lcflow.transport.quantize); bytes sent counted accordingly",
+        "decodes them: exact (as encoded, float32), bf16, int8, int4 or int4-hadamard (the sharer's "
+        "--quantize codecs, lcflow.transport.quantize); bytes sent counted accordingly",
     )
     adapters = p.add_argument_group(
         "adapters (default: ADAPTERS/<pair>-<method>; for lcfx, else ADAPTERS/<pair>-lcfx-bridge, "

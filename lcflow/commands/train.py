@@ -97,7 +97,7 @@ def register(subparsers) -> None:
         choices=WIRE_FORMS,
         default=d.wire,
         help="the latents' number format on the way to the receiver while training: exact (as "
-        "encoded), or a wire codec (bf16, int8, int4) with a straight-through gradient, so the decoder "
+        "encoded), or a wire codec (bf16, int8, int4, int4-hadamard) with a straight-through gradient, so the decoder "
         "learns to read what the services send (e.g. refine a shipped adapter for --quantize int4)",
     )
     p.set_defaults(func=run)
