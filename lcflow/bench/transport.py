@@ -458,10 +458,10 @@ async def _auto_link_stages(target: str, packet: LatentPacket, quantize: str, co
     """`--codec auto` as a sharer runs it on a link it has not measured (lcflow.transport.link):
     handoffs with what a fresh LinkMeter picks, each one's cost fed back, until it has measured
     both codecs; then the timed runs with what it picks from those measurements."""
-    from lcflow.transport.link import LinkMeter
+    from lcflow.transport.link import PROBES, LinkMeter
 
     meter = LinkMeter()
-    for _ in range(2):  # zstd first, then none: what the first two handoffs of a sharer send
+    for _ in range(2 * PROBES):  # zstd, none, zstd, ...: what the first handoffs of a sharer send
         codec = _codec_of(config, quantize, meter.choose(quantize).name)
         probe = await _link_stages(target, packet, codec, repeats=1)
         meter.record(quantize, codec.name, packet.raw_bytes(), probe["last_ms"])

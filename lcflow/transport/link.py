@@ -6,10 +6,12 @@ fast ones. Two ways to tell which one this is:
 - **Measured** (no `--link-mbit`): the meter keeps, per payload (the handoff's mode: an LCF
   packet grows with the context, an LCF-X one is small and fixed, so their costs per byte differ),
   quantization scheme and codec, the time a handoff's latents cost beyond encoding (packing, the
-  link, unpacking: the receiver's latent window minus the sharer's encode time) per raw byte,
-  smoothed over recent handoffs. The first handoff of a kind goes with zstd, the next with none;
-  from then on the cheaper one, with the other tried again every EXPLORE_EVERY handoffs so that a
-  changed link shows. This is what decides on loopback and on this 2-core machine, where "the
+  link, unpacking: the receiver's latent window minus the sharer's encode time) per raw byte:
+  the least of its last WINDOW handoffs, since whatever else runs on the machine only ever adds
+  time (one slow handoff must not flip the choice; a link that got slow shows once WINDOW
+  handoffs in a row are slow). The first handoffs of a kind alternate zstd and none until each
+  has been measured PROBES times; from then on the cheaper one, with the other tried again every
+  EXPLORE_EVERY handoffs so that a changed link shows. This is what decides on loopback and on this 2-core machine, where "the
   link" is gRPC's own CPU time and no model of it held: the rule below said zstd pays at 161 MB/s,
   and none was faster.
 
@@ -36,9 +38,12 @@ the codec is chosen, so the costs are those of recent handoffs to any of them.
 from __future__ import annotations
 
 import threading
+from collections import deque
 from dataclasses import dataclass
 
-SMOOTHING = 0.5  # weight of the newest measurement: a changed link shows within a few handoffs
+SMOOTHING = 0.5  # weight of zstd's newest speed and ratio measurement (record_compression)
+PROBES = 2  # handoffs each codec is measured on before the meter compares them
+WINDOW = 3  # a codec's cost is the least over its last WINDOW handoffs
 EXPLORE_EVERY = 16  # once both codecs are measured, every 16th handoff tries the other one
 
 
@@ -93,7 +98,8 @@ class LinkMeter:
         self.configured = link_mbit * 1e6 / 8 if link_mbit > 0 else None  # bytes/s
         # (payload, scheme) -> zstd's speeds and ratio, from PRIORS[scheme] on
         self.compression: dict[tuple[str, str], Compression] = {}
-        self.cost: dict[tuple[str, str, str], float] = {}  # (payload, scheme, codec) -> ms per raw MB
+        # (payload, scheme, codec) -> ms per raw MB of its last WINDOW handoffs
+        self.costs: dict[tuple[str, str, str], deque[float]] = {}
         self._choices: dict[tuple[str, str], int] = {}  # handoffs chosen per kind, for exploration
         self._lock = threading.Lock()
 
@@ -104,7 +110,13 @@ class LinkMeter:
         per_mb = max(cost_ms, 0.0) / raw_bytes * 1e6
         key = (payload, scheme, codec)
         with self._lock:
-            self.cost[key] = _smooth(self.cost.get(key), per_mb)
+            self.costs.setdefault(key, deque(maxlen=WINDOW)).append(per_mb)
+
+    def cost(self, scheme: str, codec: str, payload: str = "") -> float | None:
+        """ms per raw MB that `codec` costs on this kind of payload: the least of its recent
+        handoffs (None before the first)."""
+        recent = self.costs.get((payload, scheme, codec))
+        return min(recent) if recent else None
 
     def record_compression(
         self, scheme: str, serialised_bytes: int, wire_bytes: int, compress_ms: float, payload: str = ""
@@ -144,15 +156,19 @@ class LinkMeter:
         )
 
     def _by_measurement(self, scheme: str, payload: str) -> CodecChoice:
-        zstd, none = self.cost.get((payload, scheme, "zstd")), self.cost.get((payload, scheme, "none"))
         kind = f"{payload} {scheme}".strip()
-        if zstd is None:
+        counts = {codec: len(self.costs.get((payload, scheme, codec), ())) for codec in ("zstd", "none")}
+        if counts["zstd"] == 0:
             return CodecChoice("zstd", f"first {kind} handoff: zstd (fewer bytes) until both are measured")
-        if none is None:
-            return CodecChoice("none", f"measuring none once on {kind} payloads (zstd: {zstd:.1f} ms/MB)")
+        if min(counts.values()) < PROBES:  # alternate until each has PROBES measurements
+            name = "none" if counts["none"] < counts["zstd"] else "zstd"
+            return CodecChoice(
+                name, f"measuring {name} on {kind} payloads ({counts[name] + 1} of {PROBES} handoffs)"
+            )
+        zstd, none = self.cost(scheme, "zstd", payload), self.cost(scheme, "none", payload)
         turn = self._choices[(payload, scheme)] = self._choices.get((payload, scheme), 0) + 1
         best, other = ("zstd", "none") if zstd <= none else ("none", "zstd")
-        costs = f"zstd {zstd:.1f} ms/MB, none {none:.1f} ms/MB on recent {kind} handoffs"
+        costs = f"zstd {zstd:.1f} ms/MB, none {none:.1f} ms/MB (least of recent {kind} handoffs)"
         if turn % EXPLORE_EVERY == 0:
             return CodecChoice(other, f"{costs}; trying {other} again (every {EXPLORE_EVERY}th handoff)")
         return CodecChoice(best, f"{costs}: {best} is cheaper")
