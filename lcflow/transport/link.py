@@ -11,9 +11,9 @@ fast ones. Two ways to tell which one this is:
   time (one slow handoff must not flip the choice; a link that got slow shows once WINDOW
   handoffs in a row are slow). The first handoffs of a kind alternate zstd and none until each
   has been measured PROBES times; from then on the cheaper one, with the other tried again every
-  EXPLORE_EVERY handoffs so that a changed link shows. This is what decides on loopback and on this 2-core machine, where "the
-  link" is gRPC's own CPU time and no model of it held: the rule below said zstd pays at 161 MB/s,
-  and none was faster.
+  EXPLORE_EVERY handoffs so that a changed link shows. This is what decides on loopback and on
+  this 2-core machine, where "the link" is gRPC's own CPU time and no model of it held: the rule
+  below said zstd pays at 161 MB/s, and none was faster.
 
 - **Configured** (`--link-mbit R`): a rule. Sending S serialised bytes takes S/R; compressing
   first at C bytes/s with ratio r, then decompressing at D, takes S/C + S/(r R) + S/D (on small

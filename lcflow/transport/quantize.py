@@ -19,10 +19,10 @@ then no longer sets its group's scale alone: its energy is spread over all g coo
 the other channels keep their resolution (the idea of QuaRot / QuIP#'s incoherence processing).
 Bytes are exactly int4's; the cost is a g x g matrix product per group at each end.
 
-Error bound, per element: |x - x^| <= s / 2 (s as stored); with rotated groups it holds for
-H_g x per element, hence in norm for each group of x: ||x - x^|| <= s sqrt(g) / 2. Rounding to nearest is off by
-at most half a step, and clamping never bites: |x| / s <= Q (1 + e) < Q + 1/2 for both
-scale dtypes. The receiver's cast to the declared dtype adds half an ulp of that dtype
+Error bound, per element: |x - x^| <= s / 2 (s as stored); with rotated groups it holds for H_g
+x per element, hence in norm for each group of x: ||x - x^|| <= s sqrt(g) / 2. Rounding to
+nearest is off by at most half a step, and clamping never bites: |x| / s <= Q (1 + e) < Q + 1/2
+for both scale dtypes. The receiver's cast to the declared dtype adds half an ulp of that dtype
 (bfloat16: 2^-9 |x^|). tests/test_quantized_codec.py asserts exactly this bound.
 
 Wire layout: the blob of a segment holds, in place of each float tensor NAME, its codes as
@@ -240,6 +240,8 @@ class Quantization:
 def hadamard(n: int, device: torch.device | str = "cpu") -> torch.Tensor:
     """The n x n Walsh-Hadamard matrix scaled to be orthonormal (H H = I), n a power of two:
     H_1 = [1], H_2k = [[H_k, H_k], [H_k, -H_k]] / sqrt(2) (Sylvester's construction)."""
+    if n < 1 or n & (n - 1):
+        raise ValueError(f"a Hadamard matrix here is of a power of two, not {n}")
     h = torch.ones(1, 1)
     while h.shape[0] < n:
         h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0) / math.sqrt(2)
