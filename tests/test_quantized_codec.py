@@ -282,6 +282,10 @@ DAMAGES = {
     "unknown-quantization": set_codec(quantization="int3"),
     "quantized-in-version-1": lambda h: setattr(h, "format_version", 1),
     "rotated-in-version-2": set_codec(rotation="hadamard"),
+    "rotation-in-the-scheme-name": lambda h: (
+        set_codec(quantization="int4-hadamard")(h),
+        setattr(h, "format_version", 3),
+    ),
     "unknown-rotation": lambda h: (set_codec(rotation="fourier")(h), setattr(h, "format_version", 3)),
     "rotation-without-quantization": lambda h: (
         set_codec(quantization="", group_size=0, scale_dtype="", rotation="hadamard")(h),

@@ -94,7 +94,10 @@ class Quantization:
 
     def __post_init__(self) -> None:
         if self.scheme != "none" and self.scheme not in QMAX:
-            raise ValueError(f"unknown quantization {self.scheme!r}: use one of {QUANTIZATIONS}")
+            raise ValueError(
+                f"unknown quantization scheme {self.scheme!r}: use none, {' or '.join(QMAX)} "
+                f"(a rotated int4 is scheme int4 with rotation hadamard)"
+            )
         if self.rotation not in ROTATIONS:
             raise ValueError(f"unknown rotation {self.rotation!r}: use one of {ROTATIONS}")
         if self.rotation != "none" and self.scheme == "none":
