@@ -53,11 +53,7 @@ def add_codec(adapter_dir: Path, method: str, evals: dict[str, Path]) -> dict:
         if row is None:
             raise ValueError(f"{results_path} has no {method!r} row")
         em[name] = row["em"]
-        metas[codec] = {
-            "task": results["meta"].get("task"),
-            "n": row["n"],
-            "seed": results["meta"].get("seed"),
-        }
+        metas[codec] = eval_spec(results, method)
     if len({json.dumps(m, sort_keys=True) for m in metas.values()}) > 1:  # the rule compares like with like
         raise ValueError(f"the codec evals were not run on the same samples: {metas}")
     meta = next(iter(metas.values()))

@@ -486,3 +486,34 @@ def test_eval_wire_forms_round_the_latents_as_the_services_would():
     numel = sum(z.numel() for z in original.values())
     assert sent["exact"] == sent["bf16"] == 2 * numel
     assert numel < sent["int8"] < 1.1 * numel and numel / 2 < sent["int4"] < sent["int8"]
+
+
+def test_a_card_chooses_its_codec_only_from_evals_of_the_same_samples(tmp_path):
+    """add_codec records each codec's EM and the choice; evals of other samples (another split
+    here) are refused and the card is left as it was."""
+    import json
+    import shutil
+    from pathlib import Path
+
+    from lcflow.model_card import CARD_JSON, add_codec
+
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    shutil.copy(Path(__file__).parents[1] / "adapters" / "gemma3-to-gemma3-lcfx" / CARD_JSON, adapter)
+    meta = {"task": "facts-cross", "split": "test", "seed": 0, "max_new_tokens": 12}
+
+    def results(name: str, em: float, **changed) -> Path:
+        path = tmp_path / f"{name}.json"
+        summary = [{"method": "lcfx", "n": 200, "em": em}]
+        path.write_text(json.dumps({"meta": meta | changed, "summary": summary}))
+        return path
+
+    evals = {"bf16": results("bf16", 0.82), "int8": results("int8", 0.81), "int4": results("int4", 0.62)}
+    codec = add_codec(adapter, "lcfx", evals)
+    assert codec["default"] == "int8" and codec["em"] == {"none": 0.82, "int8": 0.81, "int4": 0.62}
+    assert (codec["task"], codec["split"], codec["n"]) == ("facts-cross", "test", 200)
+    before = (adapter / CARD_JSON).read_text()
+    evals["int4"] = results("int4-val", 0.82, split="validation")
+    with pytest.raises(ValueError, match="not run on the same samples"):
+        add_codec(adapter, "lcfx", evals)
+    assert (adapter / CARD_JSON).read_text() == before
