@@ -59,11 +59,15 @@ class SpanEncoder(nn.Module):
         """Positions to send (document order), or None for the question-free chunk means."""
         if not question:
             return None
+        return self.select_by_ids(model, captured, question_ids(tokenizer, question), text, spans)
+
+    @torch.no_grad()
+    def select_by_ids(self, model, captured: CapturedKV, question: torch.Tensor, text: str = "", spans=None):
+        """`select` for a question already tokenised, [1, Q] (the latency bench has no tokenizer;
+        `text` and `spans` are only read by the sentence selections)."""
         cache = cache_from_captured(model, captured)
         heads = [(layer, head) for layer, head in self.config.selection_heads]
-        scores = question_attention(
-            model, cache, question_ids(tokenizer, question), captured.num_tokens, heads=heads
-        )
+        scores = question_attention(model, cache, question, captured.num_tokens, heads=heads)
         if self.config.selection == "tokens":
             return top_tokens(scores, self.config.slots)
         per_token = self.config.selection == "sentences-mean"

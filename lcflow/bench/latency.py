@@ -352,19 +352,16 @@ def run_lcfx_spans(pair: Pair, generator, context: int, config: LatencyBenchConf
     import torch
 
     from lcflow.crosscontext.placement import SlotLayout, slot_cache
-    from lcflow.crosscontext.selection import cache_from_captured, question_attention, top_tokens
     from lcflow.kv import RopeCodec, run_backbone
 
     sharer, receiver, adapter = pair.sharer, pair.receiver, pair.spans
     sharer_ids = random_ids(generator, sharer, context)
     question = random_ids(generator, sharer, config.question_tokens)
     captured = clock("sharer_prefill", lambda: prefill_captured(sharer, sharer_ids))
-    encoder, heads = adapter.encoder, [tuple(h) for h in adapter.config.selection_heads]
+    encoder = adapter.encoder
 
     def encode() -> dict:
-        cache = cache_from_captured(sharer, captured)
-        scores = question_attention(sharer, cache, question, captured.num_tokens, heads=heads)
-        positions = top_tokens(scores, config.slots)
+        positions = encoder.select_by_ids(sharer, captured, question)
         return {t: encoder.encode_layer(captured, t, positions) for t in encoder.layers}
 
     latents = clock("encode", encode)
