@@ -27,12 +27,16 @@ CODECS_BY_SIZE = ("none", "int8", "int4-hadamard", "int4")
 CODEC_TOLERANCE = 0.01  # the issue's rule: the smallest codec within 1 EM point of bf16
 
 
-def choose_codec(em: dict[str, float], tolerance: float = CODEC_TOLERANCE) -> str:
-    """The smallest codec whose EM is within `tolerance` of bf16's ("none"), of those measured."""
+def accurate_codecs(em: dict[str, float], tolerance: float = CODEC_TOLERANCE) -> list[str]:
+    """The measured codecs whose EM is within `tolerance` of bf16's ("none"), smallest last."""
     if "none" not in em:
         raise ValueError("choosing a codec needs the bf16 eval (--codec-eval bf16=...)")
-    within = [c for c in CODECS_BY_SIZE if c in em and em[c] >= em["none"] - tolerance - 1e-9]
-    return within[-1]
+    return [c for c in CODECS_BY_SIZE if c in em and em[c] >= em["none"] - tolerance - 1e-9]
+
+
+def choose_codec(em: dict[str, float], tolerance: float = CODEC_TOLERANCE) -> str:
+    """The smallest codec whose EM is within `tolerance` of bf16's ("none"), of those measured."""
+    return accurate_codecs(em, tolerance)[-1]
 
 
 def add_codec(adapter_dir: Path, method: str, evals: dict[str, Path]) -> dict:

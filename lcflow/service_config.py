@@ -47,8 +47,9 @@ class ServiceConfig:
     # docs/results/codecs; "none" for an adapter whose card names none), or "none", "int8" or
     # "int4" for every adapter (lcflow.transport.quantize)
     quantize: str = "card"
-    # sharer only: zstd over the segments, or "auto": only where it saves time on the link
-    # (lcflow.transport.link), judged by --link-mbit or else by what recent handoffs cost
+    # sharer only: zstd over the segments, or "auto": zstd and (with quantize "card") the
+    # quantization only where they save time on the link (lcflow.transport.link), judged by
+    # --link-mbit or else by what recent handoffs cost
     codec: str = "auto"
     link_mbit: float = 0.0  # sharer only: the link's rate to the receivers; 0 = measure it
     log_level: str = "INFO"
@@ -235,13 +236,15 @@ HELP = {
     "shutdown_grace_s": "on SIGTERM, seconds to let in-flight handoffs finish",
     "zstd_level": "sharer only: zstd level of the latent stream",
     "quantize": "sharer only: latents on the wire as card (each adapter's model card names the smallest "
-    "codec measured within 1 EM point of bf16 for it; bf16 where it names none), none (bf16), int8 (one "
+    "codec measured within 1 EM point of bf16 for it, bf16 where it names none; with --codec auto, bf16 and "
+    "the other codecs it measured within the point may go instead where they cost less time), none (bf16), int8 (one "
     "scale per row; an LCF packet ~2x smaller), int4 (one scale per 64 elements; ~4.2x smaller) or "
     "int4-hadamard (int4 with each group rotated first: as small, less error where a few channels are "
     "large); int8 and int4 need receivers that read latent format version 2, int4-hadamard version 3",
-    "codec": "sharer only: zstd over each latent segment (zstd), never (none), or auto: zstd only where "
-    "compressing saves time on the link: judged from --link-mbit by a rule, or else by which of the two "
-    "cost less on recent handoffs (both are tried); the summary and the trace say which ran and why",
+    "codec": "sharer only: zstd over each latent segment (zstd), never (none), or auto: zstd, and with "
+    "--quantize card the quantization among those the model card allows, only where they save time on "
+    "the link: judged from --link-mbit by a rule (the smallest quantization, zstd where it pays), or else "
+    "by which cost least on recent handoffs (each is tried); the summary and the trace say which ran and why",
     "link_mbit": "sharer only: the link's rate to the receivers in Mbit/s, for --codec auto; 0 = judge by "
     "what recent handoffs cost with each codec",
     "log_level": "DEBUG, INFO, WARNING or ERROR",

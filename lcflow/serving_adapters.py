@@ -37,6 +37,7 @@ import grpc
 
 from lcflow.adapter.config import CONFIG_NAME, AdapterConfig, AdapterMismatchError, service_half_file
 from lcflow.kv import ModelIdentity
+from lcflow.model_card import CODECS_BY_SIZE, accurate_codecs
 from lcflow.names import QUANTIZATIONS
 from lcflow.proto_gen.lcflow.v1 import lcflow_pb2 as pb
 from lcflow.serving import ServiceError, adapter_id, invalid
@@ -116,7 +117,8 @@ class AdapterInfo:
     size_bytes: int = 0  # all weight files, on disk
     memory_bytes: int = 0  # this service's half, loaded (measured once it is)
     card_em: float | None = None
-    card_codec: str = "none"  # the wire codec its model card chose ("none": bf16, or no card)
+    # the wire codecs its model card allows, largest first, its choice last (card_codecs)
+    card_codecs: tuple[str, ...] = ("none",)
     reason: str = ""
 
     @property
@@ -149,11 +151,32 @@ def card_codec(directory: Path) -> str:
     """The quantization its model card chose for the wire (card "codec": {"default": ...}, the
     smallest codec measured within 1 EM point of bf16); "none" without a card, a choice or a
     known name, so that an unreadable card can only make the packet larger, never lossy."""
+    return card_codecs(directory)[-1]
+
+
+def card_codecs(directory: Path) -> tuple[str, ...]:
+    """The quantizations a sharer's `--codec auto` may send this adapter's latents with, largest
+    first: bf16 ("none"), then each codec up to the card's choice that the card measured within
+    1 EM point of bf16, ending with that choice. A codec with a smaller one of the same bytes also
+    in the list is left out (int4-hadamard beside int4: the same bytes and a rotation at each end,
+    so it can never cost less). ("none",) without a readable card or a known choice, as card_codec;
+    the choice alone where the card has no EMs to judge the others by."""
     try:
-        chosen = json.loads((directory / CARD_NAME).read_text())["codec"]["default"]
+        codec = json.loads((directory / CARD_NAME).read_text())["codec"]
+        chosen = codec["default"]
     except (OSError, ValueError, KeyError, TypeError):
-        return "none"
-    return chosen if chosen in QUANTIZATIONS else "none"
+        return ("none",)
+    if chosen not in QUANTIZATIONS or chosen not in CODECS_BY_SIZE:
+        return ("none",)
+    try:
+        measured = set(accurate_codecs({name: float(em) for name, em in codec["em"].items()}))
+    except (ValueError, KeyError, TypeError, AttributeError):  # no EMs: the choice alone
+        return (chosen,)
+    larger = CODECS_BY_SIZE[: CODECS_BY_SIZE.index(chosen)]
+    codecs = [c for c in larger if c == "none" or c in measured] + [chosen]
+    if "int4" in codecs and "int4-hadamard" in codecs:
+        codecs.remove("int4-hadamard")
+    return tuple(codecs)
 
 
 def c2c_rope_problem(config: AdapterConfig) -> str:
@@ -179,7 +202,7 @@ def inspect_adapter(directory: Path, name: str, role: str, identity: ModelIdenti
     info.mode, info.sharer, info.receiver = config.mode, config.sharer, config.receiver
     info.adapter_id = adapter_id(config.to_dict())
     info.card_em = card_em(directory, config.mode)
-    info.card_codec = card_codec(directory)
+    info.card_codecs = card_codecs(directory)
     try:
         weights = sorted(directory.glob("*.safetensors"))
         counts = {path.name: safetensors_parameters(path) for path in weights}

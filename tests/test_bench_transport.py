@@ -83,6 +83,8 @@ def test_link_records_over_loopback_and_an_emulated_link(tmp_path, capsys):
         assert record["codec"] in ("zstd", "none") and record["codec_reason"]
     for auto in records[2::3]:  # compared with the better of the two fixed codecs, same link
         assert auto["codec_setting"] == "auto" and auto["auto_vs_best_fixed"] > 0
+        assert auto["offered"] == ["none"] and auto["quantization"] == "none"  # --quantize none alone
+        assert not auto["default"]  # the cards' default path is offered int8 and int4 as well
     if why:
         assert "skipping the emulated links 100mbit" in capsys.readouterr().out
         return
@@ -91,7 +93,7 @@ def test_link_records_over_loopback_and_an_emulated_link(tmp_path, capsys):
     assert shaped["link_limit_ms"] >= at_line_rate_ms
     assert shaped["end_to_end_ms"] >= 0.8 * at_line_rate_ms  # the bucket's 50 kB burst is ~5% of it
     # bf16 latents compress 1.5x: on 100 Mbit/s the handoffs measured say zstd pays
-    assert records[5]["codec"] == "zstd" and "zstd is cheaper" in records[5]["codec_reason"]
+    assert records[5]["codec"] == "zstd" and "none/zstd is cheapest" in records[5]["codec_reason"]
 
 
 def test_an_unknown_link_codec_is_refused_in_one_line(capsys):
@@ -104,14 +106,42 @@ def test_a_link_rate_that_is_not_one_is_refused_in_one_line(capsys):
     assert "is not a tc rate" in capsys.readouterr().err
 
 
-def test_the_bench_marks_as_default_what_the_shipped_cards_chose():
-    """CARD_DEFAULT_QUANTIZATION mirrors the shipped adapters' cards (the bench has random
-    payloads, no adapter): this fails when a card's codec changes and the bench does not."""
+def test_the_bench_offers_auto_what_the_shipped_cards_allow():
+    """CARD_CODECS mirrors the shipped adapters' cards (the bench has random payloads, no
+    adapter): this fails when a card's codecs change and the bench does not."""
     from pathlib import Path
 
-    from lcflow.bench.transport import CARD_DEFAULT_QUANTIZATION
-    from lcflow.serving_adapters import card_codec
+    from lcflow.bench.transport import CARD_CODECS
+    from lcflow.serving_adapters import card_codecs
 
     adapters = Path(__file__).resolve().parents[1] / "adapters"
     shipped = {"lcf": "smollm2-to-gemma3-lcf", "lcfx": "gemma3-to-gemma3-lcfx"}
-    assert {mode: card_codec(adapters / name) for mode, name in shipped.items()} == CARD_DEFAULT_QUANTIZATION
+    assert {mode: card_codecs(adapters / name) for mode, name in shipped.items()} == CARD_CODECS
+
+
+def test_auto_is_offered_the_cards_codecs_that_the_run_quantizes_with():
+    from lcflow.bench.transport import offered_schemes
+
+    assert offered_schemes("lcf", ["none", "int8", "int4"]) == ("none", "int8", "int4")
+    assert offered_schemes("lcf", ["none", "int4", "int4-hadamard"]) == ("none", "int4")
+    assert offered_schemes("lcfx", ["none", "int8", "int4"]) == ("none", "int8")
+    assert offered_schemes("lcfx", ["int4-hadamard"]) == ("int4-hadamard",)  # none of the card's
+
+
+def test_the_default_path_record_is_auto_offered_every_codec_the_card_allows(tmp_path):
+    """With --quantize covering the LCF card's codecs, the auto record is the services' default
+    path: offered bf16, int8 and int4, it sends one of them and is compared with the best fixed
+    codec among the three."""
+    records_path = tmp_path / "links.json"
+    args = ["bench", "transport", "--tokens", "64", "--dtype", "bfloat16", "--layers", "2", "--width", "128"]
+    args += ["--lcfx-slots", "0", "--repeats", "1", "--quantize", "none", "int8", "int4"]
+    assert main([*args, "--link", "loopback", "--json", str(records_path)]) == 0
+    records = json.loads(records_path.read_text())
+    assert [(r["quantization"], r["codec_setting"]) for r in records[:-1]] == [
+        (q, s) for q in ("none", "int8", "int4") for s in ("zstd", "none")
+    ]
+    auto = records[-1]
+    assert auto["codec_setting"] == "auto" and auto["default"] and auto["offered"] == ["none", "int8", "int4"]
+    assert auto["quantization"] in auto["offered"] and auto["auto_vs_best_fixed"] > 0
+    assert f"{auto['quantization']}/{auto['codec']} is cheapest" in auto["codec_reason"]
+    assert not any(r["default"] for r in records[:-1])

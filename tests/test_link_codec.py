@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from helpers import trace_spans
 from test_services import CONTEXT, PROMPT, Pair
@@ -55,7 +57,7 @@ def test_an_unmeasured_link_tries_both_codecs_then_keeps_the_cheaper():
     assert picks.count("none") == EXPLORE_EVERY - 1 and picks[-1] == "zstd"  # one turn re-tries zstd
     assert meter.choose("none").name == "zstd"  # each scheme is measured on its own...
     assert meter.choose("int4", payload="lcf").name == "zstd"  # ...and each payload (mode)
-    assert "first lcf int4 handoff" in meter.choose("int4", payload="lcf").reason
+    assert "first lcf handoff: int4/zstd" in meter.choose("int4", payload="lcf").reason
 
 
 def measured(zstd_ms: list[float], none_ms: list[float]) -> LinkMeter:
@@ -67,13 +69,73 @@ def measured(zstd_ms: list[float], none_ms: list[float]) -> LinkMeter:
     return meter
 
 
+def probe_all(meter: LinkMeter, schemes: tuple[str, ...], ms_per_mb: dict[tuple[str, str], float]) -> list:
+    """Answer the meter's probes with these costs (ms per raw MB) until it has measured every arm;
+    returns the arms it probed, in order."""
+    probed = []
+    while len(probed) < 2 * PROBES * len(schemes):
+        choice = meter.choose(schemes)
+        arm = (choice.quantization, choice.name)
+        probed.append(arm)
+        meter.record(*arm, 10 * MB, 10 * ms_per_mb[arm])
+    return probed
+
+
+def test_auto_also_picks_the_quantization_among_those_offered():
+    """Offered bf16 and int8 (an LCF-X card's accurate codecs), the meter probes every arm, fewest
+    bytes first, then sends with the cheapest: here bf16 without zstd (a fast link, where
+    quantizing costs more than the bytes it saves)."""
+    meter, schemes = LinkMeter(), ("none", "int8")
+    ms_per_mb = {("int8", "zstd"): 3.0, ("int8", "none"): 2.0, ("none", "zstd"): 4.0, ("none", "none"): 1.0}
+    probed = probe_all(meter, schemes, ms_per_mb)
+    assert probed[:4] == [("int8", "zstd"), ("int8", "none"), ("none", "zstd"), ("none", "none")]
+    assert sorted(probed) == sorted(list(ms_per_mb) * PROBES)
+    choice = meter.choose(schemes)
+    assert (choice.quantization, choice.name) == ("none", "none")
+    assert "none/none is cheapest" in choice.reason and "int8/none 2.0" in choice.reason
+    # a slow link: the bytes dominate, and the smallest scheme with zstd wins
+    slow = {("int8", "zstd"): 20.0, ("int8", "none"): 22.0, ("none", "zstd"): 30.0, ("none", "none"): 44.0}
+    meter = LinkMeter()
+    probe_all(meter, schemes, slow)
+    choice = meter.choose(schemes)
+    assert (choice.quantization, choice.name) == ("int8", "zstd")
+
+
+def test_re_measuring_favours_the_near_ties():
+    """Once measured, one handoff in EXPLORE_EVERY re-tries another arm, the longest untried for its
+    cost: over many handoffs an arm at 1.1x the best's cost is re-tried more often than one at 8x,
+    every arm is re-tried, and the best is sent the rest of the time."""
+    meter, schemes = LinkMeter(), ("none", "int8", "int4")
+    ms_per_mb = {
+        ("int4", "zstd"): 1.1,
+        ("int4", "none"): 1.0,
+        ("int8", "zstd"): 2.0,
+        ("int8", "none"): 1.5,
+        ("none", "zstd"): 8.0,
+        ("none", "none"): 4.0,
+    }
+    probe_all(meter, schemes, ms_per_mb)
+    sent = []
+    for _ in range(EXPLORE_EVERY * 60):
+        choice = meter.choose(schemes)
+        sent.append((choice.quantization, choice.name))
+    assert sent.count(("int4", "none")) == len(sent) - 60  # the best, but on the exploring turns
+    assert set(sent) == set(ms_per_mb)
+    assert sent.count(("int4", "zstd")) > sent.count(("int8", "none")) > sent.count(("none", "zstd"))
+
+
+def test_a_configured_link_sends_the_smallest_quantization_offered():
+    choice = LinkMeter(link_mbit=100).choose(("none", "int8", "int4"))
+    assert choice.quantization == "int4" and choice.name == "zstd" and "configured" in choice.reason
+
+
 def test_one_slow_handoff_does_not_flip_the_choice():
     """Interference only adds time, so a codec costs the least of its recent handoffs: one
     handoff slowed by something else running (300 ms) leaves none the cheaper."""
     meter = measured(zstd_ms=[50.0, 50.0], none_ms=[30.0, 300.0])
     assert meter.cost("none", "none") == 3.0
     choice = meter.choose("none")
-    assert choice.name == "none" and "none is cheaper" in choice.reason
+    assert choice.name == "none" and "none/none is cheapest" in choice.reason
 
 
 def test_the_choice_follows_a_link_that_got_slow():
@@ -82,7 +144,7 @@ def test_the_choice_follows_a_link_that_got_slow():
     for _ in range(WINDOW):  # the link got slow: every handoff sent without zstd now takes longer
         meter.record("none", "none", 10 * MB, 800.0)
     choice = meter.choose("none")
-    assert choice.name == "zstd" and "zstd is cheaper" in choice.reason
+    assert choice.name == "zstd" and "none/zstd is cheapest" in choice.reason
 
 
 def test_measured_compression_replaces_the_prior():
@@ -144,3 +206,79 @@ def test_every_quantization_has_a_zstd_prior():
     from lcflow.names import QUANTIZATIONS
 
     assert set(QUANTIZATIONS) <= set(PRIORS)
+
+
+def card_dir(tmp_path, card: object) -> Path:
+    import json
+
+    (tmp_path / "model_card.json").write_text(json.dumps(card))
+    return tmp_path
+
+
+@pytest.mark.parametrize(
+    "card, allowed",
+    [
+        (
+            {"codec": {"default": "int4", "em": {"none": 0.865, "int8": 0.865, "int4": 0.865}}},
+            ("none", "int8", "int4"),
+        ),
+        ({"codec": {"default": "int8", "em": {"none": 0.82, "int8": 0.81, "int4": 0.62}}}, ("none", "int8")),
+        # int8 measured 2 points down: not offered, though smaller codecs are
+        ({"codec": {"default": "int4", "em": {"none": 0.82, "int8": 0.80, "int4": 0.815}}}, ("none", "int4")),
+        # int4-hadamard has int4's bytes and a rotation more: never offered beside int4
+        (
+            {
+                "codec": {
+                    "default": "int4",
+                    "em": {"none": 0.565, "int8": 0.565, "int4-hadamard": 0.57, "int4": 0.565},
+                }
+            },
+            ("none", "int8", "int4"),
+        ),
+        ({"codec": {"default": "int8"}}, ("int8",)),  # no EMs to judge others by: the choice alone
+        ({"codec": {"default": "int2"}}, ("none",)),  # an unknown choice: bf16, never lossy
+        ({"results": {}}, ("none",)),
+        ("not an object", ("none",)),
+    ],
+)
+def test_a_card_offers_bf16_and_the_codecs_it_measured_within_one_point(tmp_path, card, allowed):
+    from lcflow.serving_adapters import card_codec, card_codecs
+
+    assert card_codecs(card_dir(tmp_path, card)) == allowed
+    assert card_codec(tmp_path) == allowed[-1]
+
+
+def test_a_missing_card_offers_bf16_alone(tmp_path):
+    from lcflow.serving_adapters import card_codecs
+
+    assert card_codecs(tmp_path) == ("none",)
+
+
+def test_auto_through_the_services_probes_each_codec_the_card_allows(
+    tiny_pair, tmp_path, tmp_path_factory, spans_exporter
+):
+    """A card allowing bf16 and int8: the sharer's first handoffs go round int8/zstd, int8/none,
+    bf16/zstd, bf16/none (fewest bytes first), and the receiver reads each; the meter then holds a
+    cost for each of the four."""
+    import shutil
+
+    directory = tmp_path / "carded"
+    shutil.copytree(services_adapter_dir(tiny_pair, tmp_path_factory, "lcfx"), directory)
+    card_dir(directory, {"codec": {"default": "int8", "em": {"none": 0.82, "int8": 0.81, "int4": 0.5}}})
+    running = Pair(tiny_pair, directory, "lcfx", spans_exporter)
+    try:
+        results = [
+            running.client.handoff(PROMPT, mode="lcfx", context=CONTEXT, max_new_tokens=2) for _ in range(4)
+        ]
+    finally:
+        running.stop()
+    assert [result.summary.codec for result in results] == [
+        "int8/zstd",
+        "int8/none",
+        "none/zstd",
+        "none/none",
+    ]
+    assert "none, int8 allowed by the model card" in results[0].summary.codec_reason
+    assert set(running.sharer_service.link.costs) == {
+        ("lcfx", q, c) for q in ("none", "int8") for c in ("zstd", "none")
+    }

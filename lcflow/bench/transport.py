@@ -24,11 +24,14 @@ namespace behind a veth pair shaped to each rate by tc's token bucket (lcflow.be
 root, iproute2 and tbf: skipped with the reason otherwise). Over each link, every case is sent
 end to end and compared with the link's limit for the bytes actually sent, measured in the same
 run: wire bytes / rate + one round trip (a 1-byte call over the same link). `--delay` would add
-latency with netem, where the kernel has it (skipped with the reason where not). Each link
-record is sent with each of `--link-codecs` (zstd, none, auto): auto runs as a sharer's
-`--codec auto` does on a link it has not measured (lcflow.transport.link: a handoff with zstd,
-one with none, then the cheaper), and its record says how it compares with the better fixed
-codec. `--json PATH` writes one record per payload, codec and link (see `_record`).
+latency with netem, where the kernel has it (skipped with the reason where not). Each case is
+sent with each fixed codec of `--link-codecs` (zstd, none); with auto, each payload once more as
+a sharer's `--codec auto` sends it on a link it has not measured (lcflow.transport.link: offered
+the quantizations the shipped cards allow, CARD_CODECS, that --quantize includes, it measures
+each with zstd and with none, then sends the cheapest), and its record says which quantization
+it chose and how it compares with the best fixed codec among those offered. The auto records
+offered all of CARD_CODECS are the services' default path ("default": true). `--json PATH`
+writes one record per payload, codec and link (see `_record`).
 MB/s are always raw tensor megabytes (1e6 bytes) per second, so stages compare directly.
 The server runs in its own process (spawned), as the receiver would, on 127.0.0.1.
 """
@@ -454,24 +457,32 @@ async def _link_stages(target: str, packet: LatentPacket, codec: CodecConfig, re
     }
 
 
-async def _auto_link_stages(target: str, packet: LatentPacket, quantize: str, config) -> dict:
-    """`--codec auto` as a sharer runs it on a link it has not measured (lcflow.transport.link):
-    handoffs with what a fresh LinkMeter picks, each one's cost fed back, until it has measured
-    both codecs; then the timed runs with what it picks from those measurements."""
+async def _auto_link_stages(target: str, packet: LatentPacket, schemes: tuple[str, ...], config) -> dict:
+    """`--codec auto` as a sharer runs it on a link it has not measured (lcflow.transport.link),
+    offered the quantizations `schemes`: handoffs with what a fresh LinkMeter picks, each one's
+    cost fed back, until it has measured every arm; then the timed runs with what it picks from
+    those measurements."""
     from lcflow.transport.link import PROBES, LinkMeter
 
     meter = LinkMeter()
-    for _ in range(2 * PROBES):  # zstd, none, zstd, ...: what the first handoffs of a sharer send
-        codec = _codec_of(config, quantize, meter.choose(quantize).name)
+    for _ in range(2 * PROBES * len(schemes)):  # each scheme with zstd and with none, PROBES times
+        choice = meter.choose(schemes)
+        codec = _codec_of(config, choice.quantization, choice.name)
         probe = await _link_stages(target, packet, codec, repeats=1)
-        meter.record(quantize, codec.name, packet.raw_bytes(), probe["last_ms"])
-        if codec.name == "zstd":
+        meter.record(choice.quantization, choice.name, packet.raw_bytes(), probe["last_ms"])
+        if choice.name == "zstd":
             meter.record_compression(
-                quantize, probe["serialised_bytes"], probe["wire_bytes"], probe["codec_ms"]
+                choice.quantization, probe["serialised_bytes"], probe["wire_bytes"], probe["codec_ms"]
             )
-    choice = meter.choose(quantize)
-    measured = await _link_stages(target, packet, _codec_of(config, quantize, choice.name), config.repeats)
-    return {**measured, "codec": choice.name, "codec_reason": choice.reason}
+    choice = meter.choose(schemes)
+    codec = _codec_of(config, choice.quantization, choice.name)
+    measured = await _link_stages(target, packet, codec, config.repeats)
+    return {
+        **measured,
+        "codec": choice.name,
+        "codec_reason": choice.reason,
+        "quantization": choice.quantization,
+    }
 
 
 def _codec_of(config: TransportBenchConfig, quantize: str, name: str = "") -> CodecConfig:
@@ -523,10 +534,18 @@ def machine_info() -> dict:
     }
 
 
-# What the sharer's default (--quantize card) sends for the shipped adapters of each mode, as their
-# model cards chose (docs/results/codecs): the bench marks those link records "default": true.
-CARD_DEFAULT_QUANTIZATION = {"lcf": "int4", "lcfx": "int8"}
+# The quantizations the shipped adapters' model cards allow a sharer's `--codec auto` to send,
+# largest first, their choice last (lcflow.serving_adapters.card_codecs of the LCF card
+# smollm2-to-gemma3-lcf and the LCF-X card gemma3-to-gemma3-lcfx): what the services' default
+# path (--quantize card, --codec auto) is offered. The bench's auto runs are offered these.
+CARD_CODECS = {"lcf": ("none", "int8", "int4"), "lcfx": ("none", "int8")}
 DEFAULT_CODEC_SETTING = ServiceConfig.codec  # the sharer's --codec default ("auto")
+
+
+def offered_schemes(mode: str, quantize: list[str]) -> tuple[str, ...]:
+    """What the bench's auto run of a `mode` payload is offered: the card's codecs that this run's
+    --quantize includes (all of them: the services' default path), or else --quantize itself."""
+    return tuple(q for q in CARD_CODECS[mode] if q in quantize) or tuple(quantize)
 
 
 def run_transport_bench(config: TransportBenchConfig) -> dict:
@@ -578,16 +597,16 @@ def _record(
 ) -> dict:
     """One record of `--json`: the fields the issue names, plus the dtype, the codec setting and why."""
     mode, tokens, dtype, quantize = case
-    return {
+    record = {
         "mode": mode,
         "tokens": tokens,
         "dtype": dtype,
         "codec": measured["codec"],  # the segment codec that ran, as named in the header
         "codec_setting": setting,  # --link-codecs: zstd, none or auto
         "codec_reason": measured["codec_reason"],
-        "quantization": quantize,
-        # the services' default path: --codec auto with the quantization the model cards chose
-        "default": setting == DEFAULT_CODEC_SETTING and CARD_DEFAULT_QUANTIZATION.get(mode) == quantize,
+        "quantization": quantize,  # auto: the one it chose
+        # the services' default path: --codec auto, offered the quantizations the model cards allow
+        "default": setting == DEFAULT_CODEC_SETTING and measured.get("offered") == CARD_CODECS[mode],
         "link": link,
         "raw_bf16_bytes": raw,
         "wire_bytes": measured["wire_bytes"],
@@ -596,52 +615,75 @@ def _record(
         "raw_loopback_ms": round(raw_loopback_ms, 3),
         "vs_limit": round(measured["end_to_end_ms"] / limit_ms, 3),
     }
-
-
-def _codec_runs(target: str, packet: LatentPacket, quantize: str, config: TransportBenchConfig):
-    """(setting, measurement) for each --link-codecs setting, over the link `target` sits behind."""
-    for setting in config.link_codecs:
-        if setting == "auto":
-            measured = asyncio.run(_auto_link_stages(target, packet, quantize, config))
-        else:
-            codec = _codec_of(config, quantize, setting)
-            measured = asyncio.run(_link_stages(target, packet, codec, config.repeats))
-            measured.update(codec=setting, codec_reason=f"--codec {setting}")
-        yield setting, measured
+    if "offered" in measured:
+        record["offered"] = list(measured["offered"])
+    return record
 
 
 def _link_records(
     link: str, target: str, cases: list, results: list[dict], config: TransportBenchConfig, bits_per_s=None
 ) -> list[dict]:
-    """Every case and codec setting sent to `target`. The link's limit: on loopback (no
-    `bits_per_s`) the raw gRPC baseline for the same bf16 bytes; on a shaped link, the bytes
-    actually sent at its rate plus one round trip, measured in the same run."""
+    """Every case with each fixed codec setting, then each payload once with auto (offered
+    offered_schemes), sent to `target`. The link's limit: on loopback (no `bits_per_s`) the raw
+    gRPC baseline for the same bf16 bytes; on a shaped link, the bytes actually sent at its rate
+    plus one round trip, measured in the same run."""
     records = []
-    for case, loopback in zip(cases, results, strict=True):
+    raw_ms = {
+        case[:3]: result["stages"]["raw_grpc"]["ms"] for case, result in zip(cases, results, strict=True)
+    }
+
+    def add(case: tuple, setting: str, measured: dict, packet: LatentPacket) -> None:
+        limit_ms = (
+            raw_ms[case[:3]]
+            if bits_per_s is None
+            else measured["wire_bytes"] * 8 / bits_per_s * 1000 + measured["rtt_ms"]
+        )
+        records.append(_record(case, setting, measured, link, packet.raw_bytes(), limit_ms, raw_ms[case[:3]]))
+
+    for case in cases:
         mode, tokens, dtype, quantize = case
         log.info("bench transport over %s: %s T=%d %s quantize %s", link, mode, tokens, dtype, quantize)
         packet = make_payload(mode, tokens, dtype, config.layers, config.width)
-        raw_ms = loopback["stages"]["raw_grpc"]["ms"]
-        for setting, measured in _codec_runs(target, packet, quantize, config):
-            limit_ms = (
-                raw_ms
-                if bits_per_s is None
-                else measured["wire_bytes"] * 8 / bits_per_s * 1000 + measured["rtt_ms"]
+        for setting in config.link_codecs:
+            if setting != "auto":
+                measured = asyncio.run(
+                    _link_stages(target, packet, _codec_of(config, quantize, setting), config.repeats)
+                )
+                add(
+                    case,
+                    setting,
+                    {**measured, "codec": setting, "codec_reason": f"--codec {setting}"},
+                    packet,
+                )
+    if "auto" in config.link_codecs:
+        for mode, tokens, dtype in dict.fromkeys(case[:3] for case in cases):
+            schemes = offered_schemes(mode, config.quantize)
+            log.info("bench transport over %s: %s T=%d %s auto among %s", link, mode, tokens, dtype, schemes)
+            packet = make_payload(mode, tokens, dtype, config.layers, config.width)
+            measured = asyncio.run(_auto_link_stages(target, packet, schemes, config))
+            add(
+                (mode, tokens, dtype, measured["quantization"]),
+                "auto",
+                {**measured, "offered": schemes},
+                packet,
             )
-            records.append(_record(case, setting, measured, link, packet.raw_bytes(), limit_ms, raw_ms))
     return _compare_auto(records)
 
 
 def _compare_auto(records: list[dict]) -> list[dict]:
-    """On each auto record: its time over the best fixed codec's for the same case and link."""
-    fixed: dict[tuple, float] = {}
-    key = lambda r: (r["link"], r["mode"], r["tokens"], r["dtype"], r["quantization"])  # noqa: E731
-    for r in records:
-        if r["codec_setting"] != "auto":
-            fixed[key(r)] = min(fixed.get(key(r), float("inf")), r["end_to_end_ms"])
-    for r in records:
-        if r["codec_setting"] == "auto" and key(r) in fixed:
-            r["auto_vs_best_fixed"] = round(r["end_to_end_ms"] / fixed[key(r)], 3)
+    """On each auto record: its time over the best fixed codec's for the same payload and link,
+    among the quantizations it was offered."""
+    key = lambda r: (r["link"], r["mode"], r["tokens"], r["dtype"])  # noqa: E731
+    for auto in records:
+        if auto["codec_setting"] != "auto":
+            continue
+        fixed = [
+            r["end_to_end_ms"]
+            for r in records
+            if r["codec_setting"] != "auto" and key(r) == key(auto) and r["quantization"] in auto["offered"]
+        ]
+        if fixed:
+            auto["auto_vs_best_fixed"] = round(auto["end_to_end_ms"] / min(fixed), 3)
     return records
 
 
@@ -751,9 +793,10 @@ def register(subparsers) -> None:
     p.add_argument(
         "--link-codecs",
         default=",".join(defaults.link_codecs),
-        help="segment codecs each link record is sent with, comma-separated: zstd, none, auto (as a "
-        "sharer with --codec auto runs it on an unmeasured link: a handoff with zstd, one with none, then "
-        "the cheaper); auto records also say how they compare with the best fixed codec",
+        help="segment codecs each case is sent with, comma-separated: zstd, none, auto (once per payload, "
+        "as a sharer with --codec auto runs it on an unmeasured link: offered the quantizations the shipped "
+        "cards allow that --quantize includes, each measured with zstd and none, then the cheapest); auto "
+        "records also say how they compare with the best fixed codec",
     )
     p.add_argument("--delay", default="", help="one-way delay to add on the emulated links (needs netem)")
     p.add_argument("--out", help="write the JSON report here")

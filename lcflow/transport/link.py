@@ -1,18 +1,24 @@
-"""Whether zstd pays on the link to the receiver: what the sharer's `--codec auto` picks, and why.
+"""What the sharer's `--codec auto` sends on the link to the receiver, and why: which quantization
+and whether zstd goes on top.
 
-zstd makes the bytes fewer and costs CPU on both ends, so it pays on slow links and loses on
-fast ones. Two ways to tell which one this is:
+Both make the bytes fewer and cost CPU on both ends, so they pay on slow links and can lose on
+fast ones: on this 2-core machine's loopback, quantizing a 2048-token LCF packet to int4 takes
+longer than sending its bf16 bytes. The quantizations offered are the accurate ones of the
+adapter's model card (within 1 EM point of bf16: lcflow.serving_adapters.card_codecs), so the
+choice moves time, never answers. Two ways to tell which link this is:
 
 - **Measured** (no `--link-mbit`): the meter keeps, per payload (the handoff's mode: an LCF
   packet grows with the context, an LCF-X one is small and fixed, so their costs per byte differ),
-  quantization scheme and codec, the time a handoff's latents cost beyond encoding (packing, the
-  link, unpacking: the receiver's latent window minus the sharer's encode time) per raw byte:
-  the least of its last WINDOW handoffs, since whatever else runs on the machine only ever adds
-  time (one slow handoff must not flip the choice; a link that got slow shows once WINDOW
-  handoffs in a row are slow). The first handoffs of a kind alternate zstd and none until each
-  has been measured PROBES times; from then on the cheaper one, with the other tried again every
-  EXPLORE_EVERY handoffs so that a changed link shows. This is what decides on loopback and on
-  this 2-core machine, where "the link" is gRPC's own CPU time and no model of it held: the rule
+  quantization scheme and codec (an "arm", written int4/none), the time a handoff's latents cost
+  beyond encoding (quantizing and packing, the link, unpacking: the receiver's latent window
+  minus the sharer's encode time) per raw byte: the least of its last WINDOW handoffs, since
+  whatever else runs on the machine only ever adds time (one slow handoff must not flip the
+  choice; a link that got slow shows once WINDOW handoffs in a row are slow). The first
+  handoffs of a kind go round the arms, fewest bytes first (one scheme: zstd, none, zstd, none),
+  until each has been measured PROBES times; from then on the cheapest, with one of the others
+  tried again every EXPLORE_EVERY handoffs so that a changed link shows (which one: the longest
+  untried for its cost, LinkMeter._stalest). This is what decides on loopback and on this
+  2-core machine, where "the link" is gRPC's own CPU time and no model of it held: the rule
   below said zstd pays at 161 MB/s, and none was faster.
 
 - **Configured** (`--link-mbit R`): a rule. Sending S serialised bytes takes S/R; compressing
@@ -31,6 +37,10 @@ fast ones. Two ways to tell which one this is:
       int8     753       768      1.07   ~25 MB/s  (200 Mbit/s)
       int4     747       711      1.16   ~50 MB/s  (400 Mbit/s)
 
+  A configured link is taken to be a network between nodes, so the rule sends the smallest
+  quantization offered (the card's choice): the bytes are what the link charges for, and on a
+  GPU sharer quantizing costs next to nothing.
+
 One meter per sharer: with several receivers behind one target, gRPC picks the receiver after
 the codec is chosen, so the costs are those of recent handoffs to any of them.
 """
@@ -39,6 +49,7 @@ from __future__ import annotations
 
 import threading
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 SMOOTHING = 0.5  # weight of zstd's newest speed and ratio measurement (record_compression)
@@ -75,10 +86,11 @@ PRIORS["int4-hadamard"] = PRIORS["int4"]
 
 @dataclass(frozen=True)
 class CodecChoice:
-    """The segment codec for one transfer and, in words, why (for the summary and the trace)."""
+    """The wire codec for one transfer, and in words why (for the summary and the trace)."""
 
-    name: str  # "zstd" or "none"
+    name: str  # the segment codec: "zstd" or "none"
     reason: str
+    quantization: str = "none"  # one of the schemes `choose` was offered
 
 
 def _mb(bytes_per_s: float) -> str:
@@ -100,7 +112,8 @@ class LinkMeter:
         self.compression: dict[tuple[str, str], Compression] = {}
         # (payload, scheme, codec) -> ms per raw MB of its last WINDOW handoffs
         self.costs: dict[tuple[str, str, str], deque[float]] = {}
-        self._choices: dict[tuple[str, str], int] = {}  # handoffs chosen per kind, for exploration
+        self._turns: dict[str, int] = {}  # handoffs chosen per payload, for exploration
+        self._tried_at: dict[tuple[str, tuple[str, str]], int] = {}  # (payload, arm) -> its last turn
         self._lock = threading.Lock()
 
     def record(self, scheme: str, codec: str, raw_bytes: int, cost_ms: float, payload: str = "") -> None:
@@ -133,18 +146,23 @@ class LinkMeter:
                 _smooth(old.ratio, serialised_bytes / wire_bytes),
             )
 
-    def choose(self, scheme: str, payload: str = "") -> CodecChoice:
-        """zstd or none for a `payload` (the handoff's mode) quantized with `scheme` ("none",
-        "int8", "int4")."""
+    def choose(self, schemes: str | Sequence[str], payload: str = "") -> CodecChoice:
+        """The quantization (one of `schemes`, largest first: the accurate ones of the adapter's
+        card, lcflow.serving_adapters.card_codecs) and zstd or none for a `payload` (the
+        handoff's mode)."""
+        schemes = (schemes,) if isinstance(schemes, str) else tuple(schemes)
         with self._lock:
             if self.configured is not None:
-                return self._by_rule(scheme, payload)
-            return self._by_measurement(scheme, payload)
+                return self._by_rule(schemes[-1], payload)
+            return self._by_measurement(schemes, payload)
 
     def _compression(self, payload: str, scheme: str) -> Compression:
         return self.compression.get((payload, scheme), PRIORS.get(scheme, PRIORS["none"]))
 
     def _by_rule(self, scheme: str, payload: str) -> CodecChoice:
+        """A configured link is a network between nodes: the fewest bytes, so the smallest
+        quantization offered (on a GPU sharer quantizing costs next to nothing), and zstd where
+        the rule says it pays."""
         compression = self._compression(payload, scheme)
         threshold = compression.pays_below()
         name = "zstd" if self.configured < threshold else "none"
@@ -153,22 +171,53 @@ class LinkMeter:
             f"link {_mb(self.configured)} configured; zstd pays below {_mb(threshold)} on {scheme} "
             f"payloads (ratio {compression.ratio:.2f}, compress {_mb(compression.compress_bytes_per_s)}, "
             f"decompress {_mb(compression.decompress_bytes_per_s)})",
+            scheme,
         )
 
-    def _by_measurement(self, scheme: str, payload: str) -> CodecChoice:
-        kind = f"{payload} {scheme}".strip()
-        counts = {codec: len(self.costs.get((payload, scheme, codec), ())) for codec in ("zstd", "none")}
-        if counts["zstd"] == 0:
-            return CodecChoice("zstd", f"first {kind} handoff: zstd (fewer bytes) until both are measured")
-        if min(counts.values()) < PROBES:  # alternate until each has PROBES measurements
-            name = "none" if counts["none"] < counts["zstd"] else "zstd"
-            return CodecChoice(
-                name, f"measuring {name} on {kind} payloads ({counts[name] + 1} of {PROBES} handoffs)"
-            )
-        zstd, none = self.cost(scheme, "zstd", payload), self.cost(scheme, "none", payload)
-        turn = self._choices[(payload, scheme)] = self._choices.get((payload, scheme), 0) + 1
-        best, other = ("zstd", "none") if zstd <= none else ("none", "zstd")
-        costs = f"zstd {zstd:.1f} ms/MB, none {none:.1f} ms/MB (least of recent {kind} handoffs)"
+    def _by_measurement(self, schemes: tuple[str, ...], payload: str) -> CodecChoice:
+        """Probe each (scheme, codec) arm, fewest bytes first, until each has PROBES handoffs; then
+        the cheapest, and every EXPLORE_EVERY-th handoff one of the others (_stalest)."""
+        arms = [(scheme, codec) for scheme in reversed(schemes) for codec in ("zstd", "none")]
+        counts = {arm: len(self.costs.get((payload, *arm), ())) for arm in arms}
+        unmeasured = [arm for arm in arms if counts[arm] < PROBES]
+        if unmeasured:  # the least measured, fewest bytes first: zstd, none, zstd, ... for one scheme
+            arm = min(unmeasured, key=counts.get)
+            turn = self._turns.get(payload, 0)
+            return self._tried(payload, arm, turn, self._probe_reason(payload, arm, counts, len(arms)))
+        turn = self._turns[payload] = self._turns.get(payload, 0) + 1  # handoffs since all were measured
+        costs = {arm: self.cost(*arm, payload) for arm in arms}
+        best = min(arms, key=costs.get)  # ties: the first, i.e. fewer bytes
+        listed = ", ".join(f"{_arm_name(arm)} {costs[arm]:.1f}" for arm in arms)
+        measured = f"ms/MB: {listed} (least of recent {payload + ' ' if payload else ''}handoffs)"
         if turn % EXPLORE_EVERY == 0:
-            return CodecChoice(other, f"{costs}; trying {other} again (every {EXPLORE_EVERY}th handoff)")
-        return CodecChoice(best, f"{costs}: {best} is cheaper")
+            other = self._stalest(payload, arms, best, costs, turn)
+            why = f"{measured}; trying {_arm_name(other)} again (every {EXPLORE_EVERY}th handoff)"
+            return self._tried(payload, other, turn, why)
+        return self._tried(payload, best, turn, f"{measured}: {_arm_name(best)} is cheapest")
+
+    def _stalest(self, payload: str, arms: list, best: tuple, costs: dict, turn: int) -> tuple[str, str]:
+        """The arm to re-measure: the longest untried for its cost, handoffs since it was last
+        tried over its cost relative to the best's. Near-ties come back often (a link that
+        changed shows there first) and an arm 4x as dear a quarter as often, so re-measuring
+        never costs more than ~1/EXPLORE_EVERY of a handoff on average per arm."""
+        others = [arm for arm in arms if arm != best]
+        costs = {arm: max(cost, 1e-9) for arm, cost in costs.items()}  # a handoff measured as free
+        return max(
+            others, key=lambda arm: (turn - self._tried_at.get((payload, arm), 0)) * costs[best] / costs[arm]
+        )
+
+    def _tried(self, payload: str, arm: tuple[str, str], turn: int, reason: str) -> CodecChoice:
+        self._tried_at[(payload, arm)] = turn
+        return CodecChoice(arm[1], reason, arm[0])
+
+    @staticmethod
+    def _probe_reason(payload: str, arm: tuple[str, str], counts: dict, arms: int) -> str:
+        kind = f"{payload} " if payload else ""
+        if not any(counts.values()):
+            return f"first {kind}handoff: {_arm_name(arm)} (fewest bytes) until each of {arms} codecs is measured"
+        return f"measuring {_arm_name(arm)} on {kind}payloads ({counts[arm] + 1} of {PROBES} handoffs)"
+
+
+def _arm_name(arm: tuple[str, str]) -> str:
+    """(quantization, segment codec) as the summary writes a codec: "int4/none"."""
+    return f"{arm[0]}/{arm[1]}"

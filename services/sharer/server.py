@@ -373,17 +373,19 @@ class SharerService(pb_grpc.SharerServicer):
     def _codec_for(self, choice: Choice, mode: str) -> tuple[CodecConfig, str]:
         """The wire codec for a `mode` handoff with this adapter, and why.
 
-        Quantization: --quantize, or with "card" (the default) what the adapter's model card
-        chose (bf16 where it chose none). Segment codec: --codec, or with "auto" (the default)
-        zstd only where the link is slow enough for it to save time (lcflow.transport.link)."""
+        Quantization: --quantize, or with "card" (the default) one the adapter's model card
+        allows (card_codecs: bf16, and each codec it measured within 1 EM point of bf16 up to
+        its choice). Segment codec: --codec. With "auto" (the default) the link meter picks both,
+        the quantization among those the card allows, so that they are used only where they save
+        time on the link (lcflow.transport.link); with zstd or none, the card's choice goes."""
         card = self.config.quantize == "card"
-        quantization = choice.entry.info.card_codec if card else self.config.quantize
-        why = f"{quantization} from {'the model card' if card else '--quantize'}; "
+        allowed = choice.entry.info.card_codecs if card else (self.config.quantize,)
+        why = f"{', '.join(allowed)} allowed by {'the model card' if card else '--quantize'}; "
         if self.config.codec == "auto":
-            picked = self.link.choose(quantization, payload=mode)
-            name, why = picked.name, why + picked.reason
+            picked = self.link.choose(allowed, payload=mode)
+            quantization, name, why = picked.quantization, picked.name, why + picked.reason
         else:
-            name, why = self.config.codec, why + f"--codec {self.config.codec}"
+            quantization, name, why = allowed[-1], self.config.codec, why + f"--codec {self.config.codec}"
         return dataclasses.replace(self.codec, name=name, quantization=quantization), why
 
     def _measure_link(self, stream: _LatentStream, window_ms: float) -> None:
