@@ -22,7 +22,8 @@ Both sides use grpc.aio.
 Links (`--link loopback,1gbit,100mbit`): besides loopback, the receiver end runs in a network
 namespace behind a veth pair shaped to each rate by tc's token bucket (lcflow.bench.netns; needs
 root, iproute2 and tbf: skipped with the reason otherwise). Over each link, every case is sent
-end to end and compared with the link's limit for the bytes actually sent, measured in the same
+as the sharer sends it (as end_to_end_per_layer: a message per segment chunk, no batching) and
+compared with the link's limit for the bytes actually sent, measured in the same
 run: wire bytes / rate + one round trip (a 1-byte call over the same link). `--delay` would add
 latency with netem, where the kernel has it (skipped with the reason where not). Each case is
 sent with each fixed codec of `--link-codecs` (zstd, none); with auto, each payload once more as
@@ -423,11 +424,14 @@ async def _grpc_stages(target: str, packet: LatentPacket, codec: CodecConfig, re
 
 
 async def _link_stages(target: str, packet: LatentPacket, codec: CodecConfig, repeats: int) -> dict:
-    """Over one (emulated) link: the packet end to end as `end_to_end` sends it, and one round trip
-    (a 1-byte call to the raw sink); best of `repeats` each, after a warm-up. Also what the
-    services' link meter reads from a handoff (the last run's): the time left for the link once
-    packing and unpacking are taken out, and zstd's bytes in, out and time."""
-    from lcflow.transport import PacketWriter, coalesce_chunks
+    """Over one (emulated) link: the packet end to end as the sharer sends it (a message per chunk
+    of each segment, each layer leaving as soon as it is packed: `end_to_end_per_layer`; batching
+    small segments as `end_to_end` does holds them back, and over a 1 Gbit/s link that cost a
+    2048-token int4 packet 1.33x the link's limit against 1.03x), and one round trip (a 1-byte
+    call to the raw sink); best of `repeats` each, after a warm-up. Also what the services' link
+    meter reads from a handoff (the last run's): the time left for the link once packing and
+    unpacking are taken out, and zstd's bytes in, out and time."""
+    from lcflow.transport import PacketWriter
 
     async with grpc.aio.insecure_channel(target) as channel:
         receiver = pb_grpc.ReceiverStub(channel)
@@ -437,8 +441,8 @@ async def _link_stages(target: str, packet: LatentPacket, codec: CodecConfig, re
 
         async def end_to_end() -> None:
             writers.append(PacketWriter.for_packet(packet, codec))
-            messages = coalesce_chunks(_writer_messages(packet, codec, writers[-1]), codec.chunk_size)
-            summaries.append([event async for event in receiver.Receive(iter(messages))][-1].summary)
+            messages = _writer_messages(packet, codec, writers[-1])
+            summaries.append([event async for event in receiver.Receive(messages)][-1].summary)
 
         async def round_trip() -> None:
             await raw_sink(iter([b"\0"]))
