@@ -68,6 +68,7 @@ if TYPE_CHECKING:
     import torch
 
     from lcflow.transport import CodecConfig, LatentPacket, PacketWriter
+    from lcflow.transport.link import CodecChoice
 
 log = logging.getLogger(__name__)
 
@@ -423,70 +424,76 @@ async def _grpc_stages(target: str, packet: LatentPacket, codec: CodecConfig, re
     return stages
 
 
-async def _link_stages(target: str, packet: LatentPacket, codec: CodecConfig, repeats: int) -> dict:
-    """Over one (emulated) link: the packet end to end as the sharer sends it (a message per chunk
-    of each segment, each layer leaving as soon as it is packed: `end_to_end_per_layer`; batching
-    small segments as `end_to_end` does holds them back, and over a 1 Gbit/s link that cost a
-    2048-token int4 packet 1.33x the link's limit against 1.03x), and one round trip (a 1-byte
-    call to the raw sink); best of `repeats` each, after a warm-up. Also what the services' link
-    meter reads from a handoff (the last run's): the time left for the link once packing and
-    unpacking are taken out, and zstd's bytes in, out and time."""
+async def _link_runs(
+    target: str, packet: LatentPacket, codecs: list[CodecConfig], repeats: int
+) -> list[dict]:
+    """Over one (emulated) link: the packet end to end with each of `codecs` as the sharer sends
+    it (a message per chunk of each segment, each layer leaving as soon as it is packed:
+    `end_to_end_per_layer`; batching small segments as `end_to_end` does holds them back, and over
+    a 1 Gbit/s link that cost a 2048-token int4 packet 1.33x the link's limit against 1.03x), and
+    one round trip (a 1-byte call to the raw sink). After a warm-up each, the codecs are sent in
+    `repeats` rounds, one of each per round, so that whatever slows this small machine for a
+    while slows them all alike (timed one codec after the other, the same codec once came out
+    1.6x slower in one series than in the next); best of the rounds each. Also what the services'
+    link meter reads from a handoff (each codec's last run): the time left for the link once
+    packing and unpacking are taken out, and zstd's bytes in, out and time."""
     from lcflow.transport import PacketWriter
 
     async with grpc.aio.insecure_channel(target) as channel:
         receiver = pb_grpc.ReceiverStub(channel)
         raw_sink = channel.stream_unary(RAW_METHOD)
-        summaries: list[pb.HandoffSummary] = []
-        writers: list[PacketWriter] = []
+        runs: list[list[tuple[float, pb.HandoffSummary, PacketWriter]]] = [[] for _ in codecs]
 
-        async def end_to_end() -> None:
-            writers.append(PacketWriter.for_packet(packet, codec))
-            messages = _writer_messages(packet, codec, writers[-1])
-            summaries.append([event async for event in receiver.Receive(messages)][-1].summary)
+        async def end_to_end(codec: CodecConfig) -> tuple[float, pb.HandoffSummary, PacketWriter]:
+            writer = PacketWriter.for_packet(packet, codec)
+            start = time.perf_counter()
+            events = [event async for event in receiver.Receive(_writer_messages(packet, codec, writer))]
+            return (time.perf_counter() - start) * 1000, events[-1].summary, writer
 
         async def round_trip() -> None:
             await raw_sink(iter([b"\0"]))
 
         rtt_ms = await _times_ms_async(round_trip, max(5, repeats))
-        e2e_ms = await _times_ms_async(end_to_end, repeats)
-    assert all(s.bytes_raw == packet.raw_bytes() for s in summaries), "the receiver lost part of the packet"
-    stats = writers[-1].stats
-    return {
-        "end_to_end_ms": min(e2e_ms),
-        "rtt_ms": min(rtt_ms),
-        "wire_bytes": summaries[-1].bytes_wire,
-        "last_ms": e2e_ms[-1],  # the last run alone, as a sharer's meter would see one handoff
-        "serialised_bytes": stats.bytes_serialised,
-        "codec_ms": stats.codec_ms,
-    }
+        for codec in codecs:  # warm-up
+            await end_to_end(codec)
+        for _ in range(repeats):
+            for i, codec in enumerate(codecs):
+                runs[i].append(await end_to_end(codec))
+    results = []
+    for codec_runs in runs:
+        assert all(s.bytes_raw == packet.raw_bytes() for _, s, _ in codec_runs), (
+            "the receiver lost part of the packet"
+        )
+        last_ms, summary, writer = codec_runs[-1]
+        results.append(
+            {
+                "end_to_end_ms": min(ms for ms, _, _ in codec_runs),
+                "rtt_ms": min(rtt_ms),
+                "wire_bytes": summary.bytes_wire,
+                "last_ms": last_ms,  # the last run alone, as a sharer's meter would see one handoff
+                "serialised_bytes": writer.stats.bytes_serialised,
+                "codec_ms": writer.stats.codec_ms,
+            }
+        )
+    return results
 
 
-async def _auto_link_stages(target: str, packet: LatentPacket, schemes: tuple[str, ...], config) -> dict:
-    """`--codec auto` as a sharer runs it on a link it has not measured (lcflow.transport.link),
-    offered the quantizations `schemes`: handoffs with what a fresh LinkMeter picks, each one's
-    cost fed back, until it has measured every arm; then the timed runs with what it picks from
-    those measurements."""
+async def _auto_choice(target: str, packet: LatentPacket, schemes: tuple[str, ...], config) -> CodecChoice:
+    """What `--codec auto` sends once a sharer has measured a link it did not know
+    (lcflow.transport.link), offered the quantizations `schemes`: handoffs with what a fresh
+    LinkMeter picks, each one's cost fed back, until it has measured every arm; then its pick."""
     from lcflow.transport.link import PROBES, LinkMeter
 
     meter = LinkMeter()
     for _ in range(2 * PROBES * len(schemes)):  # each scheme with zstd and with none, PROBES times
         choice = meter.choose(schemes)
-        codec = _codec_of(config, choice.quantization, choice.name)
-        probe = await _link_stages(target, packet, codec, repeats=1)
+        (probe,) = await _link_runs(target, packet, [_codec_of(config, choice.quantization, choice.name)], 1)
         meter.record(choice.quantization, choice.name, packet.raw_bytes(), probe["last_ms"])
         if choice.name == "zstd":
             meter.record_compression(
                 choice.quantization, probe["serialised_bytes"], probe["wire_bytes"], probe["codec_ms"]
             )
-    choice = meter.choose(schemes)
-    codec = _codec_of(config, choice.quantization, choice.name)
-    measured = await _link_stages(target, packet, codec, config.repeats)
-    return {
-        **measured,
-        "codec": choice.name,
-        "codec_reason": choice.reason,
-        "quantization": choice.quantization,
-    }
+    return meter.choose(schemes)
 
 
 def _codec_of(config: TransportBenchConfig, quantize: str, name: str = "") -> CodecConfig:
@@ -627,50 +634,39 @@ def _record(
 def _link_records(
     link: str, target: str, cases: list, results: list[dict], config: TransportBenchConfig, bits_per_s=None
 ) -> list[dict]:
-    """Every case with each fixed codec setting, then each payload once with auto (offered
-    offered_schemes), sent to `target`. The link's limit: on loopback (no `bits_per_s`) the raw
-    gRPC baseline for the same bf16 bytes; on a shaped link, the bytes actually sent at its rate
-    plus one round trip, measured in the same run."""
+    """Each payload sent to `target` with every quantization and fixed codec setting and, with
+    auto, with what auto chose once it had measured the link (offered offered_schemes); all of
+    these timed in the same rounds (_link_runs). The link's limit: on loopback (no `bits_per_s`)
+    the raw gRPC baseline for the same bf16 bytes; on a shaped link, the bytes actually sent at
+    its rate plus one round trip, measured in the same run."""
     records = []
     raw_ms = {
         case[:3]: result["stages"]["raw_grpc"]["ms"] for case, result in zip(cases, results, strict=True)
     }
-
-    def add(case: tuple, setting: str, measured: dict, packet: LatentPacket) -> None:
-        limit_ms = (
-            raw_ms[case[:3]]
-            if bits_per_s is None
-            else measured["wire_bytes"] * 8 / bits_per_s * 1000 + measured["rtt_ms"]
-        )
-        records.append(_record(case, setting, measured, link, packet.raw_bytes(), limit_ms, raw_ms[case[:3]]))
-
-    for case in cases:
-        mode, tokens, dtype, quantize = case
-        log.info("bench transport over %s: %s T=%d %s quantize %s", link, mode, tokens, dtype, quantize)
+    fixed = [setting for setting in config.link_codecs if setting != "auto"]
+    for payload in dict.fromkeys(case[:3] for case in cases):
+        mode, tokens, dtype = payload
+        log.info("bench transport over %s: %s T=%d %s", link, mode, tokens, dtype)
         packet = make_payload(mode, tokens, dtype, config.layers, config.width)
-        for setting in config.link_codecs:
-            if setting != "auto":
-                measured = asyncio.run(
-                    _link_stages(target, packet, _codec_of(config, quantize, setting), config.repeats)
-                )
-                add(
-                    case,
-                    setting,
-                    {**measured, "codec": setting, "codec_reason": f"--codec {setting}"},
-                    packet,
-                )
-    if "auto" in config.link_codecs:
-        for mode, tokens, dtype in dict.fromkeys(case[:3] for case in cases):
+        # (quantization, --link-codecs setting, segment codec, why)
+        runs = [(q, setting, setting, f"--codec {setting}") for q in config.quantize for setting in fixed]
+        if "auto" in config.link_codecs:
             schemes = offered_schemes(mode, config.quantize)
-            log.info("bench transport over %s: %s T=%d %s auto among %s", link, mode, tokens, dtype, schemes)
-            packet = make_payload(mode, tokens, dtype, config.layers, config.width)
-            measured = asyncio.run(_auto_link_stages(target, packet, schemes, config))
-            add(
-                (mode, tokens, dtype, measured["quantization"]),
-                "auto",
-                {**measured, "offered": schemes},
-                packet,
+            choice = asyncio.run(_auto_choice(target, packet, schemes, config))
+            runs.append((choice.quantization, "auto", choice.name, choice.reason))
+        codecs = [_codec_of(config, q, name) for q, _, name, _ in runs]
+        measured = asyncio.run(_link_runs(target, packet, codecs, config.repeats))
+        for (quantize, setting, _, reason), codec, m in zip(runs, codecs, measured, strict=True):
+            limit_ms = (
+                raw_ms[payload]
+                if bits_per_s is None
+                else m["wire_bytes"] * 8 / bits_per_s * 1000 + m["rtt_ms"]
             )
+            m = {**m, "codec": codec.name, "codec_reason": reason}
+            if setting == "auto":
+                m["offered"] = schemes
+            case = (*payload, quantize)
+            records.append(_record(case, setting, m, link, packet.raw_bytes(), limit_ms, raw_ms[payload]))
     return _compare_auto(records)
 
 
