@@ -424,76 +424,97 @@ async def _grpc_stages(target: str, packet: LatentPacket, codec: CodecConfig, re
     return stages
 
 
-async def _link_runs(
-    target: str, packet: LatentPacket, codecs: list[CodecConfig], repeats: int
-) -> list[dict]:
-    """Over one (emulated) link: the packet end to end with each of `codecs` as the sharer sends
-    it (a message per chunk of each segment, each layer leaving as soon as it is packed:
-    `end_to_end_per_layer`; batching small segments as `end_to_end` does holds them back, and over
-    a 1 Gbit/s link that cost a 2048-token int4 packet 1.33x the link's limit against 1.03x), and
-    one round trip (a 1-byte call to the raw sink). After a warm-up each, the codecs are sent in
-    `repeats` rounds, one of each per round, so that whatever slows this small machine for a
-    while slows them all alike (timed one codec after the other, the same codec once came out
-    1.6x slower in one series than in the next); best of the rounds each. Also what the services'
-    link meter reads from a handoff (each codec's last run): the time left for the link once
-    packing and unpacking are taken out, and zstd's bytes in, out and time."""
+def _connection(target: str) -> grpc.aio.Channel:
+    """A channel with a connection of its own: gRPC shares one connection among channels with the
+    same arguments, and a local subchannel pool each keeps them apart."""
+    return grpc.aio.insecure_channel(target, options=[("grpc.use_local_subchannel_pool", 1)])
+
+
+async def _send(channel: grpc.aio.Channel, packet: LatentPacket, codec: CodecConfig) -> tuple[float, dict]:
+    """One handoff's latents over `channel` as the sharer sends them (a message per chunk of each
+    segment, each layer leaving as soon as it is packed: `end_to_end_per_layer`; batching small
+    segments as `end_to_end` does holds them back, and over a 1 Gbit/s link that cost a 2048-token
+    int4 packet 1.33x the link's limit against 1.03x): ms end to end, and what the services' link
+    meter reads from it (wire bytes; zstd's bytes in, out and time)."""
     from lcflow.transport import PacketWriter
 
-    async with grpc.aio.insecure_channel(target) as channel:
-        receiver = pb_grpc.ReceiverStub(channel)
-        raw_sink = channel.stream_unary(RAW_METHOD)
-        runs: list[list[tuple[float, pb.HandoffSummary, PacketWriter]]] = [[] for _ in codecs]
-
-        async def end_to_end(codec: CodecConfig) -> tuple[float, pb.HandoffSummary, PacketWriter]:
-            writer = PacketWriter.for_packet(packet, codec)
-            start = time.perf_counter()
-            events = [event async for event in receiver.Receive(_writer_messages(packet, codec, writer))]
-            return (time.perf_counter() - start) * 1000, events[-1].summary, writer
-
-        async def round_trip() -> None:
-            await raw_sink(iter([b"\0"]))
-
-        rtt_ms = await _times_ms_async(round_trip, max(5, repeats))
-        for codec in codecs:  # warm-up
-            await end_to_end(codec)
-        for _ in range(repeats):
-            for i, codec in enumerate(codecs):
-                runs[i].append(await end_to_end(codec))
-    results = []
-    for codec_runs in runs:
-        assert all(s.bytes_raw == packet.raw_bytes() for _, s, _ in codec_runs), (
-            "the receiver lost part of the packet"
-        )
-        last_ms, summary, writer = codec_runs[-1]
-        results.append(
-            {
-                "end_to_end_ms": min(ms for ms, _, _ in codec_runs),
-                "rtt_ms": min(rtt_ms),
-                "wire_bytes": summary.bytes_wire,
-                "last_ms": last_ms,  # the last run alone, as a sharer's meter would see one handoff
-                "serialised_bytes": writer.stats.bytes_serialised,
-                "codec_ms": writer.stats.codec_ms,
-            }
-        )
-    return results
+    writer = PacketWriter.for_packet(packet, codec)
+    start = time.perf_counter()
+    events = [e async for e in pb_grpc.ReceiverStub(channel).Receive(_writer_messages(packet, codec, writer))]
+    ms, summary = (time.perf_counter() - start) * 1000, events[-1].summary
+    assert summary.bytes_raw == packet.raw_bytes(), "the receiver lost part of the packet"
+    stats = writer.stats
+    return ms, {
+        "wire_bytes": summary.bytes_wire,
+        "serialised_bytes": stats.bytes_serialised,
+        "codec_ms": stats.codec_ms,
+    }
 
 
-async def _auto_choice(target: str, packet: LatentPacket, schemes: tuple[str, ...], config) -> CodecChoice:
+async def _link_runs(
+    channels: list[grpc.aio.Channel], packet: LatentPacket, codecs: list[CodecConfig], repeats: int
+) -> list[dict]:
+    """Over one (emulated) link: the packet end to end with each of `codecs`, each over its own
+    connection of `channels` (a codec sent after a larger one on a shared connection is slowed
+    for several handoffs: see the README), and one round trip (a 1-byte call to the raw sink).
+    After a warm-up each, the codecs are sent in `repeats` rounds, one of each per round, so that
+    whatever slows this small machine for a while slows them all alike; best of the rounds each."""
+    raw_sink = channels[0].stream_unary(RAW_METHOD)
+
+    async def round_trip() -> None:
+        await raw_sink(iter([b"\0"]))
+
+    rtt_ms = min(await _times_ms_async(round_trip, max(5, repeats)))
+    for channel, codec in zip(channels, codecs, strict=True):  # warm-up
+        await _send(channel, packet, codec)
+    runs: list[list[tuple[float, dict]]] = [[] for _ in codecs]
+    for _ in range(repeats):
+        for i, (channel, codec) in enumerate(zip(channels, codecs, strict=True)):
+            runs[i].append(await _send(channel, packet, codec))
+    return [
+        {"end_to_end_ms": min(ms for ms, _ in series), "rtt_ms": rtt_ms, **series[-1][1]} for series in runs
+    ]
+
+
+async def _auto_choice(
+    channel: grpc.aio.Channel, packet: LatentPacket, schemes: tuple[str, ...], config
+) -> CodecChoice:
     """What `--codec auto` sends once a sharer has measured a link it did not know
-    (lcflow.transport.link), offered the quantizations `schemes`: handoffs with what a fresh
-    LinkMeter picks, each one's cost fed back, until it has measured every arm; then its pick."""
+    (lcflow.transport.link), offered the quantizations `schemes`: handoffs over `channel` (as a
+    sharer has one connection to its receiver) with what a fresh LinkMeter picks, each one's time
+    fed back, until it has measured every arm; then its pick."""
     from lcflow.transport.link import PROBES, LinkMeter
 
     meter = LinkMeter()
+    await _send(channel, packet, _codec_of(config, schemes[-1], "none"))  # connect: not a handoff's cost
     for _ in range(2 * PROBES * len(schemes)):  # each scheme with zstd and with none, PROBES times
         choice = meter.choose(schemes)
-        (probe,) = await _link_runs(target, packet, [_codec_of(config, choice.quantization, choice.name)], 1)
-        meter.record(choice.quantization, choice.name, packet.raw_bytes(), probe["last_ms"])
+        ms, probe = await _send(channel, packet, _codec_of(config, choice.quantization, choice.name))
+        meter.record(choice.quantization, choice.name, packet.raw_bytes(), ms)
         if choice.name == "zstd":
             meter.record_compression(
                 choice.quantization, probe["serialised_bytes"], probe["wire_bytes"], probe["codec_ms"]
             )
     return meter.choose(schemes)
+
+
+async def _payload_runs(
+    target: str, packet: LatentPacket, runs: list[tuple], auto_schemes: tuple[str, ...], config
+) -> tuple[list[tuple], list[dict]]:
+    """`runs` ((quantization, setting, segment codec, why) each) and, with `auto_schemes`, auto's
+    choice after it measured the link, all timed by _link_runs; returns the runs with auto's
+    appended, and their measurements."""
+    channels = [_connection(target) for _ in runs]
+    try:
+        if auto_schemes:
+            channels.append(_connection(target))  # auto's choice is timed on the connection it probed
+            choice = await _auto_choice(channels[-1], packet, auto_schemes, config)
+            runs = [*runs, (choice.quantization, "auto", choice.name, choice.reason)]
+        codecs = [_codec_of(config, q, name) for q, _, name, _ in runs]
+        return runs, await _link_runs(channels, packet, codecs, config.repeats)
+    finally:
+        for channel in channels:
+            await channel.close()
 
 
 def _codec_of(config: TransportBenchConfig, quantize: str, name: str = "") -> CodecConfig:
@@ -650,19 +671,15 @@ def _link_records(
         packet = make_payload(mode, tokens, dtype, config.layers, config.width)
         # (quantization, --link-codecs setting, segment codec, why)
         runs = [(q, setting, setting, f"--codec {setting}") for q in config.quantize for setting in fixed]
-        if "auto" in config.link_codecs:
-            schemes = offered_schemes(mode, config.quantize)
-            choice = asyncio.run(_auto_choice(target, packet, schemes, config))
-            runs.append((choice.quantization, "auto", choice.name, choice.reason))
-        codecs = [_codec_of(config, q, name) for q, _, name, _ in runs]
-        measured = asyncio.run(_link_runs(target, packet, codecs, config.repeats))
-        for (quantize, setting, _, reason), codec, m in zip(runs, codecs, measured, strict=True):
+        schemes = offered_schemes(mode, config.quantize) if "auto" in config.link_codecs else ()
+        runs, measured = asyncio.run(_payload_runs(target, packet, runs, schemes, config))
+        for (quantize, setting, name, reason), m in zip(runs, measured, strict=True):
             limit_ms = (
                 raw_ms[payload]
                 if bits_per_s is None
                 else m["wire_bytes"] * 8 / bits_per_s * 1000 + m["rtt_ms"]
             )
-            m = {**m, "codec": codec.name, "codec_reason": reason}
+            m = {**m, "codec": name, "codec_reason": reason}
             if setting == "auto":
                 m["offered"] = schemes
             case = (*payload, quantize)
