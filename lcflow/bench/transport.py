@@ -31,7 +31,10 @@ a sharer's `--codec auto` sends it on a link it has not measured (lcflow.transpo
 the quantizations the shipped cards allow, CARD_CODECS, that --quantize includes, it measures
 each with zstd and with none, then sends the cheapest), and its record says which quantization
 it chose and how it compares with the best fixed codec among those offered. The auto records
-offered all of CARD_CODECS are the services' default path ("default": true). `--json PATH`
+offered all of CARD_CODECS are the services' default path ("default": true). With
+`--steady N`, auto then sends N more handoffs as a sharer would (re-measuring the other codecs
+every so often), each followed by one with the best fixed codec, and the record compares their
+mean times ("steady"): what auto costs over many handoffs, not only its pick. `--json PATH`
 writes one record per payload, codec and link (see `_record`).
 MB/s are always raw tensor megabytes (1e6 bytes) per second, so stages compare directly.
 The server runs in its own process (spawned), as the receiver would, on 127.0.0.1.
@@ -41,6 +44,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import json
 import logging
 import multiprocessing
@@ -68,7 +72,7 @@ if TYPE_CHECKING:
     import torch
 
     from lcflow.transport import CodecConfig, LatentPacket, PacketWriter
-    from lcflow.transport.link import CodecChoice
+    from lcflow.transport.link import CodecChoice, LinkMeter
 
 log = logging.getLogger(__name__)
 
@@ -104,6 +108,9 @@ class TransportBenchConfig:
     delay: str = ""  # added one-way delay (netem), e.g. "1ms"; "" for none
     # segment codecs each link record is sent with: zstd, none, and auto as the sharer runs it
     link_codecs: list[str] = field(default_factory=lambda: ["zstd", "none", "auto"])
+    # handoffs auto sends after its probes, each followed by one with the best fixed codec (on a
+    # connection of its own), whose mean times are compared: auto's steady state, exploring included
+    steady: int = 0
 
 
 # ---------------------------------------------------------------------------------------------- payloads
@@ -478,24 +485,61 @@ async def _link_runs(
 
 async def _auto_choice(
     channel: grpc.aio.Channel, packet: LatentPacket, schemes: tuple[str, ...], config
-) -> CodecChoice:
+) -> tuple[CodecChoice, LinkMeter]:
     """What `--codec auto` sends once a sharer has measured a link it did not know
     (lcflow.transport.link), offered the quantizations `schemes`: handoffs over `channel` (as a
     sharer has one connection to its receiver) with what a fresh LinkMeter picks, each one's time
-    fed back, until it has measured every arm; then its pick."""
+    fed back, until it has measured every arm; then its pick, and the meter."""
     from lcflow.transport.link import PROBES, LinkMeter
 
     meter = LinkMeter()
     await _send(channel, packet, _codec_of(config, schemes[-1], "none"))  # connect: not a handoff's cost
     for _ in range(2 * PROBES * len(schemes)):  # each scheme with zstd and with none, PROBES times
-        choice = meter.choose(schemes)
-        ms, probe = await _send(channel, packet, _codec_of(config, choice.quantization, choice.name))
-        meter.record(choice.quantization, choice.name, packet.raw_bytes(), ms)
-        if choice.name == "zstd":
-            meter.record_compression(
-                choice.quantization, probe["serialised_bytes"], probe["wire_bytes"], probe["codec_ms"]
-            )
-    return meter.choose(schemes)
+        await _auto_handoff(channel, packet, meter, schemes, config)
+    return meter.choose(schemes), meter
+
+
+async def _auto_handoff(
+    channel: grpc.aio.Channel, packet: LatentPacket, meter: LinkMeter, schemes: tuple[str, ...], config
+) -> tuple[float, str]:
+    """One handoff as a sharer with `--codec auto` sends it: what the meter picks, its time fed
+    back (as SharerService._measure_link does); returns the time and the arm sent."""
+    choice = meter.choose(schemes)
+    ms, sent = await _send(channel, packet, _codec_of(config, choice.quantization, choice.name))
+    meter.record(choice.quantization, choice.name, packet.raw_bytes(), ms)
+    if choice.name == "zstd":
+        meter.record_compression(
+            choice.quantization, sent["serialised_bytes"], sent["wire_bytes"], sent["codec_ms"]
+        )
+    return ms, f"{choice.quantization}/{choice.name}"
+
+
+async def _steady(
+    channels: tuple[grpc.aio.Channel, grpc.aio.Channel],
+    packet: LatentPacket,
+    meter: LinkMeter,
+    schemes: tuple[str, ...],
+    best: CodecConfig,
+    handoffs: int,
+    config,
+) -> dict:
+    """Auto's steady state: `handoffs` more of its handoffs (re-measuring included) over the first
+    channel, each followed by one with the `best` fixed codec over the second; their mean times."""
+    auto_ms, best_ms, sent = [], [], []
+    for _ in range(handoffs):
+        ms, arm = await _auto_handoff(channels[0], packet, meter, schemes, config)
+        auto_ms.append(ms)
+        sent.append(arm)
+        best_ms.append((await _send(channels[1], packet, best))[0])
+    auto_mean, best_mean = statistics.mean(auto_ms), statistics.mean(best_ms)
+    return {
+        "handoffs": handoffs,
+        "auto_mean_ms": round(auto_mean, 3),
+        "best_fixed": f"{best.quantization}/{best.name}",
+        "best_fixed_mean_ms": round(best_mean, 3),
+        "auto_vs_best_fixed": round(auto_mean / best_mean, 3),
+        "sent": dict(sorted(collections.Counter(sent).items())),
+    }
 
 
 async def _payload_runs(
@@ -508,10 +552,18 @@ async def _payload_runs(
     try:
         if auto_schemes:
             channels.append(_connection(target))  # auto's choice is timed on the connection it probed
-            choice = await _auto_choice(channels[-1], packet, auto_schemes, config)
+            choice, meter = await _auto_choice(channels[-1], packet, auto_schemes, config)
             runs = [*runs, (choice.quantization, "auto", choice.name, choice.reason)]
         codecs = [_codec_of(config, q, name) for q, _, name, _ in runs]
-        return runs, await _link_runs(channels, packet, codecs, config.repeats)
+        measured = await _link_runs(channels, packet, codecs, config.repeats)
+        fixed = [i for i, run in enumerate(runs) if run[1] != "auto" and run[0] in auto_schemes]
+        if auto_schemes and config.steady and fixed:
+            best = min(fixed, key=lambda i: measured[i]["end_to_end_ms"])
+            pair = (channels[-1], channels[best])
+            measured[-1]["steady"] = await _steady(
+                pair, packet, meter, auto_schemes, codecs[best], config.steady, config
+            )
+        return runs, measured
     finally:
         for channel in channels:
             await channel.close()
@@ -649,6 +701,8 @@ def _record(
     }
     if "offered" in measured:
         record["offered"] = list(measured["offered"])
+    if "steady" in measured:
+        record["steady"] = measured["steady"]
     return record
 
 
@@ -753,6 +807,11 @@ def format_links(records: list[dict]) -> str:
             f"{r['link']:>9} {r['mode']:5} {r['tokens']:>5} {r['quantization']:5} {codec:11} "
             f"{r['wire_bytes'] / 1e6:>8.2f} {r['end_to_end_ms']:>9.1f} {r['link_limit_ms']:>9.1f} {r['vs_limit']:>7.2f}"
             + (f"  {r['auto_vs_best_fixed']:.2f}x best fixed" if "auto_vs_best_fixed" in r else "")
+            + (
+                f", steady {r['steady']['auto_vs_best_fixed']:.2f}x (mean of {r['steady']['handoffs']})"
+                if "steady" in r
+                else ""
+            )
             + ("  (default)" if r["default"] else "")
         )
     return "\n".join(lines)
@@ -815,6 +874,14 @@ def register(subparsers) -> None:
         "cards allow that --quantize includes, each measured with zstd and none, then the cheapest); auto "
         "records also say how they compare with the best fixed codec",
     )
+    p.add_argument(
+        "--steady",
+        type=int,
+        default=defaults.steady,
+        help="after auto's probes, this many more of its handoffs (re-measuring other codecs included), "
+        "each followed by one with the best fixed codec on a connection of its own; their mean times are "
+        "compared (auto's steady state). 0: skip",
+    )
     p.add_argument("--delay", default="", help="one-way delay to add on the emulated links (needs netem)")
     p.add_argument("--out", help="write the JSON report here")
     p.add_argument("--json", help="write one record per payload, codec and link here (a JSON list)")
@@ -837,6 +904,7 @@ def run(args) -> int:
         links=[link.strip() for link in args.link.split(",") if link.strip()],
         delay=args.delay,
         link_codecs=[codec.strip() for codec in args.link_codecs.split(",") if codec.strip()],
+        steady=args.steady,
     )
     from lcflow.cli import UsageError
 
