@@ -137,7 +137,7 @@ def test_the_default_path_record_is_auto_offered_every_codec_the_card_allows(tmp
     records_path = tmp_path / "links.json"
     args = ["bench", "transport", "--tokens", "64", "--dtype", "bfloat16", "--layers", "2", "--width", "128"]
     args += ["--lcfx-slots", "0", "--repeats", "1", "--quantize", "none", "int8", "int4"]
-    assert main([*args, "--link", "loopback", "--steady", "20", "--json", str(records_path)]) == 0
+    assert main([*args, "--link", "loopback", "--steady", "40", "--json", str(records_path)]) == 0
     records = json.loads(records_path.read_text())
     assert [(r["quantization"], r["codec_setting"]) for r in records[:-1]] == [
         (q, s) for q in ("none", "int8", "int4") for s in ("zstd", "none")
@@ -147,10 +147,10 @@ def test_the_default_path_record_is_auto_offered_every_codec_the_card_allows(tmp
     assert auto["quantization"] in auto["offered"] and auto["auto_vs_best_fixed"] > 0
     assert f"{auto['quantization']}/{auto['codec']} is cheapest" in auto["codec_reason"]
     assert not any(r["default"] for r in records[:-1])
-    # steady state: 20 more handoffs as a sharer sends them, the 16th re-measuring another codec,
+    # steady state: 40 more handoffs as a sharer sends them, the 32nd re-measuring another codec,
     # each paired with one of the best fixed codec's
     steady = auto["steady"]
-    assert steady["handoffs"] == 20 and sum(steady["sent"].values()) == 20 and len(steady["sent"]) >= 2
+    assert steady["handoffs"] == 40 and sum(steady["sent"].values()) == 40 and len(steady["sent"]) >= 2
     assert set(steady["sent"]) <= {f"{q}/{c}" for q in auto["offered"] for c in ("zstd", "none")}
     best = min(records[:-1], key=lambda r: r["end_to_end_ms"])
     assert steady["best_fixed"] == f"{best['quantization']}/{best['codec']}"
