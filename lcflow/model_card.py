@@ -267,7 +267,9 @@ def render_markdown(card: dict) -> str:
             "",
             f"Sent as **{'bf16' if codec['default'] == 'none' else codec['default']}** by a sharer with "
             f"`--quantize card` (the default): {codec['rule']}. EM on {codec['task']} (n={codec['n']}, "
-            f"the same samples for each): {measured}.",
+            f"the same samples for each): {measured}. With `--codec auto` (the default) the sharer may "
+            "send bf16 or another codec measured within the point instead, where that costs less time "
+            "on its link.",
         ]
     if card.get("packet_diagnostics"):
         from lcflow.crosscontext.diagnostics import markdown
