@@ -56,8 +56,9 @@ SMOOTHING = 0.5  # weight of zstd's newest speed and ratio measurement (record_c
 PROBES = 2  # handoffs each codec is measured on before the meter compares them
 WINDOW = 3  # a codec's cost is the least over its last WINDOW handoffs
 # Once every arm is measured, every 32nd handoff re-tries another. Measured (`lcflow bench transport
-# --steady 64`, the links bench's payloads): re-trying every 16th made auto's mean 1.02-1.10x the
-# best fixed codec's, every 32nd 0.77-1.03x; a re-tried arm can cost 3x the best on these links.
+# --steady 64`, the links bench's six payloads): re-trying every 16th made auto's mean 1.02-1.10x
+# the best fixed codec's in one run, every 32nd 0.77-1.07x over three; a re-tried arm can cost 3x
+# the best on these links.
 EXPLORE_EVERY = 32
 
 
