@@ -157,3 +157,21 @@ def test_the_default_path_record_is_auto_offered_every_codec_the_card_allows(tmp
     assert steady["auto_mean_ms"] > 0 and steady["best_fixed_mean_ms"] > 0
     ratio = steady["auto_mean_ms"] / steady["best_fixed_mean_ms"]
     assert steady["auto_vs_best_fixed"] == pytest.approx(ratio, abs=0.002)
+
+
+@pytest.mark.parametrize("device, why", [("gpu", "is not a device"), ("cuda:7", "no such CUDA device")])
+def test_a_device_the_machine_lacks_is_refused_in_one_line(capsys, device, why):
+    import torch
+
+    if device.startswith("cuda") and torch.cuda.device_count() > 7:
+        pytest.skip("this machine has a cuda:7")
+    assert main(["bench", "transport", "--device", device]) == 2
+    assert why in capsys.readouterr().err
+
+
+def test_the_report_names_the_device(tmp_path):
+    out = tmp_path / "transport.json"
+    args = ["bench", "transport", "--tokens", "8", "--dtype", "bfloat16", "--layers", "2", "--width", "16"]
+    assert main([*args, "--lcfx-slots", "0", "--repeats", "1", "--device", "cpu", "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["machine"]["device"] == "cpu" and report["config"]["device"] == "cpu"

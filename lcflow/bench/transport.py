@@ -54,7 +54,7 @@ import statistics
 import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -111,13 +111,19 @@ class TransportBenchConfig:
     # handoffs auto sends after its probes, each followed by one with the best fixed codec (on a
     # connection of its own), whose mean times are compared: auto's steady state, exploring included
     steady: int = 0
+    # where the latents are on both ends: the sharer quantizes there, the receiver dequantizes there
+    # and gets every tensor there (as its decoder reads them); "auto": CUDA when present
+    device: str = "auto"
 
 
 # ---------------------------------------------------------------------------------------------- payloads
 
 
-def make_payload(mode: str, tokens: int, dtype: str, layers: int, width: int) -> LatentPacket:
-    """Random latents of the given shape; `tokens` is T for LCF and the slot count for LCF-X."""
+def make_payload(
+    mode: str, tokens: int, dtype: str, layers: int, width: int, device: str = "cpu"
+) -> LatentPacket:
+    """Random latents of the given shape on `device` (as a sharer's encoder leaves them); `tokens`
+    is T for LCF and the slot count for LCF-X."""
     import torch
 
     from lcflow.transport import LatentPacket
@@ -126,7 +132,7 @@ def make_payload(mode: str, tokens: int, dtype: str, layers: int, width: int) ->
     generator = torch.Generator().manual_seed(tokens)
     torch_dtype = DTYPES[dtype][0]
     per_layer = {
-        layer: {"latent": torch.randn(1, tokens, width, generator=generator).to(torch_dtype)}
+        layer: {"latent": torch.randn(1, tokens, width, generator=generator).to(device, torch_dtype)}
         for layer in range(layers)
     }
     shared = {}
@@ -148,7 +154,12 @@ def _segments(packet: LatentPacket) -> list[dict[str, torch.Tensor]]:
 
 
 class BenchReceiver(pb_grpc.ReceiverServicer):
-    """Receiver.Receive without a model: assembles the packet (or only counts chunks) and reports."""
+    """Receiver.Receive without a model: assembles the packet (or only counts chunks) on `device`
+    and reports. On a GPU every tensor is moved there and the device synchronised before the
+    summary goes back, so the time counts the dequantizing and the host-to-device copies."""
+
+    def __init__(self, device: str = "cpu"):
+        self.device = device
 
     async def Receive(self, request_iterator, context):
         from lcflow.transport import PacketAssembler, WireError
@@ -156,7 +167,7 @@ class BenchReceiver(pb_grpc.ReceiverServicer):
         first = await anext(request_iterator)
         count_only = first.request.request_id == COUNT_ONLY
         start = time.perf_counter()
-        assembler = PacketAssembler()
+        assembler = PacketAssembler(device=self.device)
         wire_bytes = chunks = 0
         try:
             async for message in request_iterator:
@@ -169,7 +180,7 @@ class BenchReceiver(pb_grpc.ReceiverServicer):
                 wire_bytes += sum(len(piece.payload) for piece in pieces)
                 chunks += sum(1 for piece in pieces if piece.payload)
             if not count_only:
-                assembler.on_stream_end()
+                _on_device(assembler.on_stream_end(), self.device)
                 wire_bytes, chunks = assembler.stats.bytes_wire, assembler.stats.chunks
         except WireError as err:
             await context.abort(err.code, err.details)
@@ -183,6 +194,18 @@ class BenchReceiver(pb_grpc.ReceiverServicer):
         yield pb.HandoffEvent(summary=summary)
 
 
+def _on_device(packet: LatentPacket, device: str) -> None:
+    """Every tensor of `packet` on `device`, waited for (a no-op on the CPU)."""
+    if device == "cpu":
+        return
+    import torch
+
+    for tensors in _segments(packet):
+        for tensor in tensors.values():
+            tensor.to(device, non_blocking=True)
+    torch.cuda.synchronize(device)
+
+
 async def _raw_sink(request_iterator, context) -> bytes:
     total = 0
     async for message in request_iterator:
@@ -190,9 +213,9 @@ async def _raw_sink(request_iterator, context) -> bytes:
     return total.to_bytes(8, "little")
 
 
-async def _serve(connection, host: str) -> None:
+async def _serve(connection, host: str, device: str) -> None:
     server = grpc.aio.server()
-    pb_grpc.add_ReceiverServicer_to_server(BenchReceiver(), server)
+    pb_grpc.add_ReceiverServicer_to_server(BenchReceiver(device), server)
     raw = grpc.method_handlers_generic_handler(
         "lcflow.bench.RawLoopback", {"Sink": grpc.stream_unary_rpc_method_handler(_raw_sink)}
     )
@@ -204,7 +227,9 @@ async def _serve(connection, host: str) -> None:
     await server.stop(grace=None)
 
 
-def serve(connection, tune_malloc: bool = True, host: str = "127.0.0.1", namespace: str = "") -> None:
+def serve(
+    connection, tune_malloc: bool = True, host: str = "127.0.0.1", namespace: str = "", device: str = "cpu"
+) -> None:
     """Child process: serve the bench receiver and the raw sink (grpc.aio) until told to stop, in
     network namespace `namespace` when given (entered before any thread starts)."""
     if namespace:
@@ -218,20 +243,22 @@ def serve(connection, tune_malloc: bool = True, host: str = "127.0.0.1", namespa
     torch.set_num_threads(1)
     if tune_malloc:
         keep_freed_memory()
-    asyncio.run(_serve(connection, host))
+    asyncio.run(_serve(connection, host, device))
 
 
 class LoopbackServer:
     """Starts `serve` in a spawned process, as a separate receiver would be; gives the target address
     (on loopback, or at `host` inside network namespace `namespace`: the far end of an emulated link)."""
 
-    def __init__(self, tune_malloc: bool = True, host: str = "127.0.0.1", namespace: str = ""):
-        self.tune_malloc, self.host, self.namespace = tune_malloc, host, namespace
+    def __init__(
+        self, tune_malloc: bool = True, host: str = "127.0.0.1", namespace: str = "", device: str = "cpu"
+    ):
+        self.tune_malloc, self.host, self.namespace, self.device = tune_malloc, host, namespace, device
 
     def __enter__(self) -> str:
         context = multiprocessing.get_context("spawn")
         self.connection, child = context.Pipe()
-        args = (child, self.tune_malloc, self.host, self.namespace)
+        args = (child, self.tune_malloc, self.host, self.namespace, self.device)
         self.process = context.Process(target=serve, args=args, daemon=True)
         self.process.start()
         if not self.connection.poll(120):
@@ -272,8 +299,13 @@ def _stage(times_ms: list[float], raw_bytes: int, wire_bytes: int | None = None)
     return result
 
 
-def _codec_stages(packet: LatentPacket, codec: CodecConfig, repeats: int) -> tuple[dict, list[list[bytes]]]:
-    """serialise / compress / decompress / deserialise timed on their own; returns each segment's chunks."""
+def _codec_stages(
+    packet: LatentPacket, codec: CodecConfig, repeats: int, device: str = "cpu"
+) -> tuple[dict, list[list[bytes]]]:
+    """serialise / compress / decompress / deserialise (onto `device`) timed on their own; returns
+    each segment's chunks."""
+    import torch
+
     from lcflow.transport.codec import SegmentDecoder
     from lcflow.transport.segments import (
         TensorSpec,
@@ -316,7 +348,9 @@ def _codec_stages(packet: LatentPacket, codec: CodecConfig, repeats: int) -> tup
         out = []
         for blob, spec, wire_spec in zip(decoded, specs, wire_specs, strict=True):
             header = check_segment(blob, wire_spec, "bench segment")
-            out.append(quantizer.decode(load_segment(blob, header, wire_spec, shuffle), spec, "cpu"))
+            out.append(quantizer.decode(load_segment(blob, header, wire_spec, shuffle), spec, device))
+        if device != "cpu":
+            torch.cuda.synchronize(device)  # the dequantizing is queued, not done
         return out
 
     deserialise_ms = _times_ms(deserialise_all, repeats)
@@ -581,8 +615,8 @@ def bench_case(
     target: str, mode: str, tokens: int, dtype: str, quantize: str, config: TransportBenchConfig
 ) -> dict:
     codec = _codec_of(config, quantize)
-    packet = make_payload(mode, tokens, dtype, config.layers, config.width)
-    codec_stages, chunked = _codec_stages(packet, codec, config.repeats)
+    packet = make_payload(mode, tokens, dtype, config.layers, config.width, config.device)
+    codec_stages, chunked = _codec_stages(packet, codec, config.repeats, config.device)
     grpc_stages = asyncio.run(_grpc_stages(target, packet, codec, config.repeats))
     stages = {**codec_stages, **grpc_stages}
     raw, wire = packet.raw_bytes(), sum(len(c) for chunks in chunked for c in chunks)
@@ -603,10 +637,12 @@ def bench_case(
     }
 
 
-def machine_info() -> dict:
+def machine_info(device: str = "cpu") -> dict:
     import torch
 
     return {
+        "device": device,
+        "gpu": torch.cuda.get_device_name(device) if device.startswith("cuda") else "",
         "cpu_count": os.cpu_count(),
         "platform": platform.platform(),
         "processor": platform.processor() or platform.machine(),
@@ -635,7 +671,10 @@ def offered_schemes(mode: str, quantize: list[str]) -> tuple[str, ...]:
 def run_transport_bench(config: TransportBenchConfig) -> dict:
     """Every (mode, T, dtype, quantization) case on loopback, then over each emulated link; returns
     the JSON-ready report (`results`: the loopback stages; `links`: one record per case and link)."""
+    from lcflow.provision.loading import pick_device
     from lcflow.transport.memory import keep_freed_memory
+
+    config = replace(config, device=str(pick_device(config.device)))  # "auto" -> cuda or cpu
 
     cases = [("lcf", tokens) for tokens in config.tokens]
     if config.lcfx_slots:
@@ -645,7 +684,7 @@ def run_transport_bench(config: TransportBenchConfig) -> dict:
     if config.keep_freed_memory:
         keep_freed_memory()
     records = []
-    with LoopbackServer(config.keep_freed_memory) as target:
+    with LoopbackServer(config.keep_freed_memory, device=config.device) as target:
         for mode, tokens, dtype, quantize in cases:
             log.info("bench transport: %s T=%d %s quantize %s", mode, tokens, dtype, quantize)
             results.append(bench_case(target, mode, tokens, dtype, quantize, config))
@@ -666,7 +705,12 @@ def run_transport_bench(config: TransportBenchConfig) -> dict:
         print(f"not adding a delay of {config.delay}: {skipped[f'delay {config.delay}']}")
     for rate in rates:
         records += _shaped_link_records(rate, cases, results, config)
-    report = {"bench": "transport", "machine": machine_info(), "config": asdict(config), "results": results}
+    report = {
+        "bench": "transport",
+        "machine": machine_info(config.device),
+        "config": asdict(config),
+        "results": results,
+    }
     return {**report, "links": records, "links_skipped": skipped}
 
 
@@ -722,7 +766,7 @@ def _link_records(
     for payload in dict.fromkeys(case[:3] for case in cases):
         mode, tokens, dtype = payload
         log.info("bench transport over %s: %s T=%d %s", link, mode, tokens, dtype)
-        packet = make_payload(mode, tokens, dtype, config.layers, config.width)
+        packet = make_payload(mode, tokens, dtype, config.layers, config.width, config.device)
         # (quantization, --link-codecs setting, segment codec, why)
         runs = [(q, setting, setting, f"--codec {setting}") for q in config.quantize for setting in fixed]
         schemes = offered_schemes(mode, config.quantize) if "auto" in config.link_codecs else ()
@@ -765,7 +809,8 @@ def _shaped_link_records(
     from lcflow.bench.netns import rate_limited_link
 
     with rate_limited_link("lcfb", rate) as link:
-        with LoopbackServer(config.keep_freed_memory, host=link.remote, namespace=link.namespace) as target:
+        server = LoopbackServer(config.keep_freed_memory, link.remote, link.namespace, config.device)
+        with server as target:
             return _link_records(rate, target, cases, results, config, link.bits_per_s)
 
 
@@ -882,10 +927,35 @@ def register(subparsers) -> None:
         "each followed by one with the best fixed codec on a connection of its own; their mean times are "
         "compared (auto's steady state). 0: skip",
     )
+    p.add_argument(
+        "--device",
+        default=defaults.device,
+        help="where the latents are on both ends: cpu, cuda, cuda:N or auto (CUDA when present). The "
+        "sharer quantizes there; the receiver dequantizes there and gets every tensor there, synchronised "
+        "before it answers",
+    )
     p.add_argument("--delay", default="", help="one-way delay to add on the emulated links (needs netem)")
     p.add_argument("--out", help="write the JSON report here")
     p.add_argument("--json", help="write one record per payload, codec and link here (a JSON list)")
     p.set_defaults(func=run)
+
+
+def _check_device(device: str) -> None:
+    """--device names one this machine has (UsageError, one line, otherwise)."""
+    import torch
+
+    from lcflow.cli import UsageError
+
+    try:
+        resolved = torch.device("cpu" if device == "auto" else device)
+    except RuntimeError:
+        raise UsageError(f"--device: {device!r} is not a device: use cpu, cuda, cuda:N or auto") from None
+    if resolved.type == "cuda" and (
+        not torch.cuda.is_available() or (resolved.index or 0) >= torch.cuda.device_count()
+    ):
+        raise UsageError(f"--device {device}: this machine has no such CUDA device; use cpu or auto")
+    if resolved.type not in ("cpu", "cuda"):
+        raise UsageError(f"--device {device}: the bench runs on cpu or cuda")
 
 
 def run(args) -> int:
@@ -905,6 +975,7 @@ def run(args) -> int:
         delay=args.delay,
         link_codecs=[codec.strip() for codec in args.link_codecs.split(",") if codec.strip()],
         steady=args.steady,
+        device=args.device,
     )
     from lcflow.cli import UsageError
 
@@ -919,6 +990,7 @@ def run(args) -> int:
                 rate_bits_per_s(link)  # before anything runs
             except ValueError as err:
                 raise UsageError(f"--link: {err}") from None
+    _check_device(config.device)
     report = run_transport_bench(config)
     print(format_table(report))
     if report["links"]:
