@@ -147,20 +147,15 @@ def card_em(directory: Path, mode: str) -> float | None:
         return None
 
 
-def card_codec(directory: Path) -> str:
-    """The quantization its model card chose for the wire (card "codec": {"default": ...}, the
-    smallest codec measured within 1 EM point of bf16); "none" without a card, a choice or a
-    known name, so that an unreadable card can only make the packet larger, never lossy."""
-    return card_codecs(directory)[-1]
-
-
 def card_codecs(directory: Path) -> tuple[str, ...]:
     """The quantizations a sharer's `--codec auto` may send this adapter's latents with, largest
     first: bf16 ("none"), then each codec up to the card's choice that the card measured within
     1 EM point of bf16, ending with that choice. A codec with a smaller one of the same bytes also
     in the list is left out (int4-hadamard beside int4: the same bytes and a rotation at each end,
-    so it can never cost less). ("none",) without a readable card or a known choice, as card_codec;
-    the choice alone where the card has no EMs to judge the others by."""
+    so it can never cost less). The last is the card's choice (card "codec": {"default": ...}, the
+    smallest codec measured within 1 EM point of bf16). ("none",) without a readable card or a
+    known choice, so that an unreadable card can only make the packet larger, never lossy; the
+    choice alone where the card has no EMs to judge the others by."""
     try:
         codec = json.loads((directory / CARD_NAME).read_text())["codec"]
         chosen = codec["default"]

@@ -242,10 +242,9 @@ def card_dir(tmp_path, card: object) -> Path:
     ],
 )
 def test_a_card_offers_bf16_and_the_codecs_it_measured_within_one_point(tmp_path, card, allowed):
-    from lcflow.serving_adapters import card_codec, card_codecs
+    from lcflow.serving_adapters import card_codecs
 
     assert card_codecs(card_dir(tmp_path, card)) == allowed
-    assert card_codec(tmp_path) == allowed[-1]
 
 
 def test_a_missing_card_offers_bf16_alone(tmp_path):
