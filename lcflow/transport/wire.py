@@ -508,20 +508,23 @@ class PacketAssembler:
         if self.packet is not None:
             raise precondition("a LatentChunk arrived after the LatentTrailer")
         self._check_sequence(chunk)
-        if len(chunk.payload) == 0 or len(chunk.payload) > self.header.codec.chunk_size:
+        # Read once: protobuf (upb) hands out a fresh copy of a bytes field on every access, and
+        # reading a 512 KiB payload six times cost ~2 ms of a 2048-token bf16 packet's ~6 ms here.
+        payload = chunk.payload
+        if len(payload) == 0 or len(payload) > self.header.codec.chunk_size:
             raise invalid(
-                f"chunk {chunk.sequence} has {len(chunk.payload)} bytes; allowed 1..{self.header.codec.chunk_size}"
+                f"chunk {chunk.sequence} has {len(payload)} bytes; allowed 1..{self.header.codec.chunk_size}"
             )
-        if crc32(chunk.payload) != chunk.crc32:
+        if crc32(payload) != chunk.crc32:
             raise data_loss(f"chunk {chunk.sequence} failed its CRC-32 check: corrupted in transit; resend")
         self.next_sequence += 1
-        self.payload_crc = crc32(chunk.payload, self.payload_crc)
+        self.payload_crc = crc32(payload, self.payload_crc)
         self.stats.chunks += 1
-        self.stats.bytes_wire += len(chunk.payload)
+        self.stats.bytes_wire += len(payload)
 
         self._open_segment(chunk)
         start = time.perf_counter()
-        self.decoder.feed(chunk.payload)
+        self.decoder.feed(payload)
         self.stats.codec_ms += _ms_since(start)
         if chunk.last_in_segment:
             return self._close_segment()
