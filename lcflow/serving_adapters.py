@@ -40,7 +40,7 @@ from lcflow.kv import ModelIdentity
 from lcflow.model_card import CODECS_BY_SIZE, accurate_codecs
 from lcflow.names import QUANTIZATIONS
 from lcflow.proto_gen.lcflow.v1 import lcflow_pb2 as pb
-from lcflow.serving import ServiceError, adapter_id, invalid
+from lcflow.serving import ServiceError, adapter_id, invalid, status_on_error
 
 log = logging.getLogger(__name__)
 
@@ -658,3 +658,42 @@ def list_adapters_response(registry: AdapterRegistry, identity: ModelIdentity) -
         memory_limit_bytes=registry.memory_limit,
         memory_used_bytes=registry.used_bytes(),
     )
+
+
+class ModelService:
+    """What the sharer and receiver services share: a model that loads in the background
+    (`engine`, None until then) and the adapters that sit on it (`adapters`).
+
+    A subclass sets `role` ("sharer" or "receiver", also the name of its engine's model
+    attribute: SharerEngine.sharer, ReceiverEngine.receiver) and `engine_class` (whose
+    `from_loaded(model, tokenizer, adapter_dir, name)` puts another adapter's half on the model)."""
+
+    role: str
+    engine_class: type
+    engine = None
+    adapters: AdapterRegistry
+
+    def ready(self):
+        """The loaded engine; UNAVAILABLE while the model is still loading."""
+        if self.engine is None:
+            raise ServiceError(
+                grpc.StatusCode.UNAVAILABLE, f"the {self.role} model is still loading; retry shortly"
+            )
+        self.adapters.attach(self.engine)  # once: the registry checks adapters against this model
+        return self.engine
+
+    def engine_ready(self) -> None:
+        """The model is loaded: read the adapters (and load them all with --preload)."""
+        self.adapters.engine_ready(self.engine, self.config.preload)
+
+    def _engine_with(self, adapter_dir: Path):
+        """The loaded model with another adapter's half (checked against the model)."""
+        engine = self.ready()
+        loaded = getattr(engine, self.role)  # the Sharer or Receiver: its model and tokenizer
+        return self.engine_class.from_loaded(
+            loaded.model, loaded.tokenizer, str(adapter_dir), engine.identity.name
+        )
+
+    def ListAdapters(self, request, context):
+        with status_on_error(context, "ListAdapters"):
+            return list_adapters_response(self.adapters, self.ready().identity)

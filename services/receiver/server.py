@@ -50,7 +50,7 @@ from lcflow.serving import (
     serve_service,
     status_on_error,
 )
-from lcflow.serving_adapters import AdapterRegistry, default_adapter_path, list_adapters_response
+from lcflow.serving_adapters import AdapterRegistry, ModelService, default_adapter_path
 from lcflow.streaming import GenerationStream
 from lcflow.telemetry import current_trace_id
 from lcflow.transport import MODE_FROM_PROTO, PacketAssembler, WireLimits, WireStats, mode_name
@@ -96,7 +96,9 @@ class ReceiverEngine:
         require_adapter(self.adapter, mode, "receiver")
 
 
-class ReceiverService(pb_grpc.ReceiverServicer):
+class ReceiverService(ModelService, pb_grpc.ReceiverServicer):
+    role, engine_class = "receiver", ReceiverEngine  # ModelService: ready, ListAdapters, ...
+
     def __init__(self, config: ServiceConfig, tracer_provider, engine: ReceiverEngine | None = None):
         self.config = config
         self.tracer = tracer_provider.get_tracer("lcflow.receiver")
@@ -109,29 +111,6 @@ class ReceiverService(pb_grpc.ReceiverServicer):
         self.adapters = AdapterRegistry.for_service(config, self._engine_with)
         # LCF / C2C prefill the receiver's own input while the latents travel, one per admitted handoff
         self._prefills = futures.ThreadPoolExecutor(config.max_concurrent, thread_name_prefix="prefill")
-
-    def _engine_with(self, adapter_dir: Path) -> ReceiverEngine:
-        """The loaded model with another adapter's decoder half (checked against the model)."""
-        receiver = self.ready().receiver
-        return ReceiverEngine.from_loaded(
-            receiver.model, receiver.tokenizer, str(adapter_dir), self.ready().identity.name
-        )
-
-    def ready(self) -> ReceiverEngine:
-        if self.engine is None:
-            raise ServiceError(
-                grpc.StatusCode.UNAVAILABLE, "the receiver model is still loading; retry shortly"
-            )
-        self.adapters.attach(self.engine)  # once: the registry checks adapters against this model
-        return self.engine
-
-    def engine_ready(self) -> None:
-        """The model is loaded: read the adapters (and load them all with --preload)."""
-        self.adapters.engine_ready(self.engine, self.config.preload)
-
-    def ListAdapters(self, request, context):
-        with status_on_error(context, "ListAdapters"):
-            return list_adapters_response(self.adapters, self.ready().identity)
 
     def Receive(self, request_iterator, context):
         with status_on_error(context, "Receive"):

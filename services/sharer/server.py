@@ -57,9 +57,9 @@ from lcflow.serving_adapters import (
     AdapterInfo,
     AdapterRegistry,
     Choice,
+    ModelService,
     default_adapter_path,
     identity_hash,
-    list_adapters_response,
 )
 from lcflow.sessions import SessionNotFound, SessionStore, SessionTooLarge
 from lcflow.transport import MODE_FROM_PROTO, CodecConfig, PacketWriter, TensorSpec
@@ -110,7 +110,9 @@ class SharerEngine:
         require_adapter(self.adapter, mode, "sharer")
 
 
-class SharerService(pb_grpc.SharerServicer):
+class SharerService(ModelService, pb_grpc.SharerServicer):
+    role, engine_class = "sharer", SharerEngine  # ModelService: ready, ListAdapters, ...
+
     def __init__(
         self,
         config: ServiceConfig,
@@ -198,30 +200,7 @@ class SharerService(pb_grpc.SharerServicer):
                 log.info("receiver TLS files re-read: new channel to %s", self.config.receiver)
         return self.receiver
 
-    def _engine_with(self, adapter_dir: Path) -> SharerEngine:
-        """The loaded model with another adapter's encoder half (checked against the model)."""
-        sharer = self.ready().sharer
-        return SharerEngine.from_loaded(
-            sharer.model, sharer.tokenizer, str(adapter_dir), self.ready().identity.name
-        )
-
-    def ready(self) -> SharerEngine:
-        if self.engine is None:
-            raise ServiceError(
-                grpc.StatusCode.UNAVAILABLE, "the sharer model is still loading; retry shortly"
-            )
-        self.adapters.attach(self.engine)  # once: the registry checks adapters against this model
-        return self.engine
-
-    def engine_ready(self) -> None:
-        """The model is loaded: read the adapters (and load them all with --preload)."""
-        self.adapters.engine_ready(self.engine, self.config.preload)
-
     # --- adapters -------------------------------------------------------------------------------
-
-    def ListAdapters(self, request, context):
-        with status_on_error(context, "ListAdapters"):
-            return list_adapters_response(self.adapters, self.ready().identity)
 
     def _choose_adapter(self, request: pb.HandoffRequest, mode: str) -> Choice:
         """The adapter the request names, or the one its mode gets (lcflow.serving_adapters);
