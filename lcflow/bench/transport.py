@@ -73,6 +73,7 @@ if TYPE_CHECKING:
 
     from lcflow.transport import CodecConfig, LatentPacket, PacketWriter
     from lcflow.transport.link import CodecChoice, LinkMeter
+    from lcflow.transport.wire import WireStats
 
 log = logging.getLogger(__name__)
 
@@ -471,12 +472,14 @@ def _connection(target: str) -> grpc.aio.Channel:
     return grpc.aio.insecure_channel(target, options=[("grpc.use_local_subchannel_pool", 1)])
 
 
-async def _send(channel: grpc.aio.Channel, packet: LatentPacket, codec: CodecConfig) -> tuple[float, dict]:
+async def _send(
+    channel: grpc.aio.Channel, packet: LatentPacket, codec: CodecConfig
+) -> tuple[float, WireStats]:
     """One handoff's latents over `channel` as the sharer sends them (a message per chunk of each
     segment, each layer leaving as soon as it is packed: `end_to_end_per_layer`; batching small
     segments as `end_to_end` does holds them back, and over a 1 Gbit/s link that cost a 2048-token
-    int4 packet 1.33x the link's limit against 1.03x): ms end to end, and what the services' link
-    meter reads from it (wire bytes; zstd's bytes in, out and time)."""
+    int4 packet 1.33x the link's limit against 1.03x): ms end to end, and the sender's WireStats
+    (what the services' link meter reads: bytes raw, serialised and on the wire; zstd's time)."""
     from lcflow.transport import PacketWriter
 
     writer = PacketWriter.for_packet(packet, codec)
@@ -484,12 +487,8 @@ async def _send(channel: grpc.aio.Channel, packet: LatentPacket, codec: CodecCon
     events = [e async for e in pb_grpc.ReceiverStub(channel).Receive(_writer_messages(packet, codec, writer))]
     ms, summary = (time.perf_counter() - start) * 1000, events[-1].summary
     assert summary.bytes_raw == packet.raw_bytes(), "the receiver lost part of the packet"
-    stats = writer.stats
-    return ms, {
-        "wire_bytes": summary.bytes_wire,
-        "serialised_bytes": stats.bytes_serialised,
-        "codec_ms": stats.codec_ms,
-    }
+    assert summary.bytes_wire == writer.stats.bytes_wire, "the receiver got other bytes than were sent"
+    return ms, writer.stats
 
 
 async def _link_runs(
@@ -508,12 +507,17 @@ async def _link_runs(
     rtt_ms = min(await _times_ms_async(round_trip, max(5, repeats)))
     for channel, codec in zip(channels, codecs, strict=True):  # warm-up
         await _send(channel, packet, codec)
-    runs: list[list[tuple[float, dict]]] = [[] for _ in codecs]
+    runs: list[list[tuple[float, WireStats]]] = [[] for _ in codecs]
     for _ in range(repeats):
         for i, (channel, codec) in enumerate(zip(channels, codecs, strict=True)):
             runs[i].append(await _send(channel, packet, codec))
     return [
-        {"end_to_end_ms": min(ms for ms, _ in series), "rtt_ms": rtt_ms, **series[-1][1]} for series in runs
+        {
+            "end_to_end_ms": min(ms for ms, _ in series),
+            "rtt_ms": rtt_ms,
+            "wire_bytes": series[-1][1].bytes_wire,
+        }
+        for series in runs
     ]
 
 
@@ -539,12 +543,8 @@ async def _auto_handoff(
     """One handoff as a sharer with `--codec auto` sends it: what the meter picks, its time fed
     back (as SharerService._measure_link does); returns the time and the arm sent."""
     choice = meter.choose(schemes)
-    ms, sent = await _send(channel, packet, _codec_of(config, choice.quantization, choice.name))
-    meter.record(choice.quantization, choice.name, packet.raw_bytes(), ms)
-    if choice.name == "zstd":
-        meter.record_compression(
-            choice.quantization, sent["serialised_bytes"], sent["wire_bytes"], sent["codec_ms"]
-        )
+    ms, stats = await _send(channel, packet, _codec_of(config, choice.quantization, choice.name))
+    meter.record_handoff(choice.quantization, choice.name, stats, ms)
     return ms, f"{choice.quantization}/{choice.name}"
 
 
@@ -581,7 +581,8 @@ async def _payload_runs(
 ) -> tuple[list[tuple], list[dict]]:
     """`runs` ((quantization, setting, segment codec, why) each) and, with `auto_schemes`, auto's
     choice after it measured the link, all timed by _link_runs; returns the runs with auto's
-    appended, and their measurements."""
+    appended, and their measurements (auto's with its time over the best fixed codec's among
+    those it was offered, and with --steady its steady state against that codec)."""
     channels = [_connection(target) for _ in runs]
     try:
         if auto_schemes:
@@ -590,13 +591,16 @@ async def _payload_runs(
             runs = [*runs, (choice.quantization, "auto", choice.name, choice.reason)]
         codecs = [_codec_of(config, q, name) for q, _, name, _ in runs]
         measured = await _link_runs(channels, packet, codecs, config.repeats)
+        # the best fixed codec among the quantizations auto was offered, which auto is compared with
         fixed = [i for i, run in enumerate(runs) if run[1] != "auto" and run[0] in auto_schemes]
-        if auto_schemes and config.steady and fixed:
-            best = min(fixed, key=lambda i: measured[i]["end_to_end_ms"])
-            pair = (channels[-1], channels[best])
-            measured[-1]["steady"] = await _steady(
-                pair, packet, meter, auto_schemes, codecs[best], config.steady, config
-            )
+        if auto_schemes and fixed:
+            auto, best = measured[-1], min(fixed, key=lambda i: measured[i]["end_to_end_ms"])
+            auto["auto_vs_best_fixed"] = round(auto["end_to_end_ms"] / measured[best]["end_to_end_ms"], 3)
+            if config.steady:
+                pair = (channels[-1], channels[best])
+                auto["steady"] = await _steady(
+                    pair, packet, meter, auto_schemes, codecs[best], config.steady, config
+                )
         return runs, measured
     finally:
         for channel in channels:
@@ -745,8 +749,9 @@ def _record(
     }
     if "offered" in measured:
         record["offered"] = list(measured["offered"])
-    if "steady" in measured:
-        record["steady"] = measured["steady"]
+    for key in ("auto_vs_best_fixed", "steady"):  # auto's, from _payload_runs
+        if key in measured:
+            record[key] = measured[key]
     return record
 
 
@@ -755,7 +760,7 @@ def _link_records(
 ) -> list[dict]:
     """Each payload sent to `target` with every quantization and fixed codec setting and, with
     auto, with what auto chose once it had measured the link (offered offered_schemes); all of
-    these timed in the same rounds (_link_runs). The link's limit: on loopback (no `bits_per_s`)
+    these timed in the same rounds, and auto compared with the best fixed codec (_payload_runs). The link's limit: on loopback (no `bits_per_s`)
     the raw gRPC baseline for the same bf16 bytes; on a shaped link, the bytes actually sent at
     its rate plus one round trip, measured in the same run."""
     records = []
@@ -782,23 +787,6 @@ def _link_records(
                 m["offered"] = schemes
             case = (*payload, quantize)
             records.append(_record(case, setting, m, link, packet.raw_bytes(), limit_ms, raw_ms[payload]))
-    return _compare_auto(records)
-
-
-def _compare_auto(records: list[dict]) -> list[dict]:
-    """On each auto record: its time over the best fixed codec's for the same payload and link,
-    among the quantizations it was offered."""
-    key = lambda r: (r["link"], r["mode"], r["tokens"], r["dtype"])  # noqa: E731
-    for auto in records:
-        if auto["codec_setting"] != "auto":
-            continue
-        fixed = [
-            r["end_to_end_ms"]
-            for r in records
-            if r["codec_setting"] != "auto" and key(r) == key(auto) and r["quantization"] in auto["offered"]
-        ]
-        if fixed:
-            auto["auto_vs_best_fixed"] = round(auto["end_to_end_ms"] / min(fixed), 3)
     return records
 
 

@@ -7,7 +7,8 @@
 - codec.py: CodecConfig, byte-shuffle, zstd with a hard decompression bound.
 - quantize.py: int8 / int4 latents with absmax scales (format version 2; rotated groups, version
   3), their error bound.
-- link.py: LinkMeter, whether zstd pays on the link (the sharer's `--codec auto`).
+- link.py: LinkMeter, which quantization and whether zstd pay on the link (the sharer's
+  `--codec auto`).
 - errors.py: WireError, carrying the gRPC status code to answer with.
 """
 

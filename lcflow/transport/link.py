@@ -129,6 +129,13 @@ class LinkMeter:
         with self._lock:
             self.costs.setdefault(key, deque(maxlen=WINDOW)).append(per_mb)
 
+    def record_handoff(self, scheme: str, codec: str, stats, cost_ms: float, payload: str = "") -> None:
+        """One handoff sent as `scheme`/`codec`: its cost beyond encoding (record) and, with zstd,
+        what zstd did (record_compression). `stats`: the sender's WireStats of that handoff."""
+        self.record(scheme, codec, stats.bytes_raw, cost_ms, payload)
+        if codec == "zstd":
+            self.record_compression(scheme, stats.bytes_serialised, stats.bytes_wire, stats.codec_ms, payload)
+
     def cost(self, scheme: str, codec: str, payload: str = "") -> float | None:
         """ms per raw MB that `codec` costs on this kind of payload: the least of its recent
         handoffs (None before the first)."""

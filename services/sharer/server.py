@@ -373,13 +373,8 @@ class SharerService(ModelService, pb_grpc.SharerServicer):
         stats = stream.wire_stats
         if stats is None:
             return
-        scheme = stream.codec.quantization
-        cost_ms = window_ms - stream.encode_ms
-        self.link.record(scheme, stream.codec.name, stats.bytes_raw, cost_ms, payload=stream.mode)
-        if stream.codec.name == "zstd":
-            self.link.record_compression(
-                scheme, stats.bytes_serialised, stats.bytes_wire, stats.codec_ms, payload=stream.mode
-            )
+        codec, cost_ms = stream.codec, window_ms - stream.encode_ms
+        self.link.record_handoff(codec.quantization, codec.name, stats, cost_ms, payload=stream.mode)
 
     def _session(self, session_id: str):
         try:
