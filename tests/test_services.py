@@ -453,6 +453,40 @@ def test_bad_requests_are_invalid_argument(pair, options):
     still_serves(pair)
 
 
+def test_an_unknown_mode_number_is_named_with_the_valid_modes(pair):
+    """Mode 99 is not unset: the status says which number was sent and which modes exist, on the
+    sharer and on the receiver (which a sharer of another version may call directly)."""
+    for mode, said in ((99, "mode 99 is not a mode"), (0, "mode is unset")):
+        request = pair.client.request(PROMPT, mode="none")
+        request.mode = mode
+        with pytest.raises(grpc.RpcError) as err:
+            list(pair.sharer_stub.Handoff(request, timeout=30))
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert said in err.value.details() and "LCF_X (2)" in err.value.details()
+    opening = plain_request(pb.NONE)
+    opening.request.mode = 99
+    events, code, details = receive_events(pair, [opening])
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "mode 99" in details and events == []
+    still_serves(pair)
+
+
+def test_a_chat_role_outside_the_templates_roles_is_refused(pair):
+    good = pb.ChatMessages(messages=[pb.ChatMessage(role="user", content=PROMPT)])
+    request = pair.client.request(PROMPT, mode="none")
+    request.prompt_messages.CopyFrom(good)
+    assert list(pair.sharer_stub.Handoff(request, timeout=30))[-1].HasField("summary")
+    for role in ("wizard", ""):
+        bad = pb.ChatMessages(messages=[pb.ChatMessage(role="system", content="Be brief.")])
+        bad.messages.append(pb.ChatMessage(role=role, content=PROMPT))
+        request.prompt_messages.CopyFrom(bad)
+        with pytest.raises(grpc.RpcError) as err:
+            list(pair.sharer_stub.Handoff(request, timeout=30))
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        details = err.value.details()
+        assert f"prompt_messages[1] has role {role!r}" in details and "system, user, assistant" in details
+    still_serves(pair)
+
+
 def test_deadline_exceeded_stops_the_handoff(pair):
     client = HandoffClient(f"127.0.0.1:{pair.sharer_port}", timeout_s=0.3)
     with pytest.raises(grpc.RpcError) as err:

@@ -1,7 +1,7 @@
 """The adapters we ship, with the real demo models: they load, serve, and reproduce their cards.
 
-Needs the demo models (`lcflow models pull smollm2-135m-instruct` and `gemma3-270m`; .ci/run
-pulls them); skipped with the reason when they cannot be had. Adapters of both directions are
+Needs the demo models: the `demo_models` fixture pulls them once per machine (as `lcflow demo`
+does); skipped, with the reason repeated in the run's summary, only when that fails. Adapters of both directions are
 checked: each card names its sharer and receiver.
 """
 
@@ -29,14 +29,11 @@ AGREEMENT_SLACK = 2  # answers that may differ from the card's (float difference
 
 
 @pytest.fixture(scope="module")
-def real_models() -> dict:
+def real_models(demo_models) -> dict:
     """{name: (model, tokenizer)} for both demo models, loaded once for the module."""
-    from lcflow.provision import ModelNotCachedError, load_model_and_tokenizer
+    from lcflow.provision import load_model_and_tokenizer
 
-    try:
-        return {name: load_model_and_tokenizer(name, device="cpu") for name in (SHARER, RECEIVER)}
-    except ModelNotCachedError as err:
-        pytest.skip(f"demo models not provisioned: {err}")
+    return {name: load_model_and_tokenizer(name, device="cpu") for name in (SHARER, RECEIVER)}
 
 
 def load_adapter(name: str, pair, sharer: str, receiver: str):

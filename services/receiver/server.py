@@ -44,6 +44,7 @@ from lcflow.serving import (
     invalid,
     load_adapter_half,
     load_model_for,
+    mode_of,
     prompt_of,
     queue_span,
     require_adapter,
@@ -213,8 +214,7 @@ class ReceiverService(ModelService, pb_grpc.ReceiverServicer):
         first = next(messages, None)
         if first is None or first.WhichOneof("message") != "request":
             raise invalid("a Receive stream must open with a ReceiverRequest")
-        if MODE_FROM_PROTO.get(first.request.mode) is None:
-            raise invalid("mode is unset: choose LCF, LCF_X, C2C, TEXT or NONE")
+        mode_of(first.request.mode)  # unset or unknown: INVALID_ARGUMENT before anything else
         return first.request
 
     @staticmethod

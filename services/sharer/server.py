@@ -42,11 +42,11 @@ from lcflow.serving import (
     check_tokens,
     describe_texts,
     generation_settings,
-    invalid,
     keepalive_options,
     load_adapter_half,
     load_model_for,
     messages_text,
+    mode_of,
     prompt_of,
     queue_span,
     require_adapter,
@@ -62,7 +62,7 @@ from lcflow.serving_adapters import (
     identity_hash,
 )
 from lcflow.sessions import SessionNotFound, SessionStore, SessionTooLarge
-from lcflow.transport import MODE_FROM_PROTO, CodecConfig, PacketWriter, TensorSpec
+from lcflow.transport import CodecConfig, PacketWriter, TensorSpec
 from lcflow.transport.link import LinkMeter
 from services.receiver.server import SERVICE_NAME as RECEIVER_SERVICE
 from services.receiver.server import identity_id
@@ -238,7 +238,9 @@ class SharerService(ModelService, pb_grpc.SharerServicer):
             engine = self.ready()
             which = request.WhichOneof("context")
             text = (
-                request.context_text if which == "context_text" else messages_text(request.context_messages)
+                request.context_text
+                if which == "context_text"
+                else messages_text(request.context_messages, "context_messages")
             )
             context_text = check_text("context", text, self.config)
             with self.limit.slot(context), torch.inference_mode():
@@ -276,9 +278,7 @@ class SharerService(ModelService, pb_grpc.SharerServicer):
         """Yields the answer's text events; returns the summary event (sent by Handoff). The
         adapter's lease goes into `held` (an ExitStack closed once the call is over)."""
         handoff_span = trace.get_current_span()  # taken before the first yield
-        mode = MODE_FROM_PROTO.get(request.mode)
-        if mode is None:
-            raise invalid("mode is unset: choose LCF, LCF_X, C2C, TEXT or NONE")
+        mode = mode_of(request.mode)
         prompt = check_text("prompt", prompt_of(request), self.config)
         receiver_context = check_text(
             "receiver_context", request.receiver_context, self.config, required=False
@@ -387,7 +387,9 @@ class SharerService(ModelService, pb_grpc.SharerServicer):
         if which == "session_id":
             return self._session(request.session_id).context.text
         text = (
-            messages_text(request.context_messages) if which == "context_messages" else request.context_text
+            messages_text(request.context_messages, "context_messages")
+            if which == "context_messages"
+            else request.context_text
         )
         return check_text("sharer context", text, self.config)
 
