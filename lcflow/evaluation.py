@@ -2,20 +2,29 @@
 
 Methods (what the receiver gets before answering the question):
 
-    receiver     its own context only (same-context tasks: the document)
-    sharer       the sharer model answers alone from its own context (a reference, not a handoff)
-    skyline      every context as text: the upper bound of a perfect handoff
-    text         the sharer writes a message in words (C2C's prompt); the receiver reads it
-    c2c          the C2C baseline fuser (same-context tasks only)
-    lcf          LCF latents fused onto the shared context (same-context tasks only)
-    lcfx         LCF-X slots as a prefix (any task)
-    lcfx-pruned  the same with a pruned adapter
-    lcfx-wrong   a control: the lcfx adapter, but the packet another sample's sharer would send
-                 (its document, its question); must score clearly below lcfx
+    receiver      its own context only (same-context tasks: the document)
+    sharer        the sharer model answers alone from its own context (a reference, not a handoff)
+    forward       the sharer's document forwarded as text, read with the receiver's own context
+                  (named `skyline` before: on same-context tasks it is the document, once)
+    text          the note: the sharer writes one sentence for the receiver (lcflow.prompting: a
+                  chat instruction, or a few-shot prompt for a base model; <= 64 tokens)
+    text-c2c      the note in C2C's wording and budget (256 tokens), for comparisons with the papers
+    forward-selected
+                  the whole sentences holding the positions the lcfx adapter's packet would carry
+                  (its selection head, this question, its budget), forwarded as text; no latents
+    forward+reader, forward-selected+reader
+                  those two channels read by a text reader (lcflow.adapter.reader: a LoRA on the
+                  receiver trained with LCF-X's data, steps and loss), the control LCF-X must beat
+    c2c           the C2C baseline fuser (same-context tasks only)
+    lcf           LCF latents fused onto the shared context (same-context tasks only)
+    lcfx          LCF-X packet (any task)
+    lcfx-pruned   the same with a pruned adapter
+    lcfx-wrong    a control: the lcfx adapter, but the packet another sample's sharer would send
+                  (its document, its question); must score clearly below lcfx
 
 Each sample's stages are timed in-process (milliseconds): sharer prefill, message
-generation (text), encode, receiver prefill (with decoding into KV), time to the first answer
-token, total. Transfer time needs the services: see lcflow.commands.eval --services.
+generation (text), selection, encode, receiver prefill (with decoding into KV), time to the first
+answer token, total. Transfer time needs the services: see lcflow.commands.eval --services.
 """
 
 from __future__ import annotations
@@ -27,9 +36,16 @@ from dataclasses import asdict, dataclass, field
 import torch
 from tqdm import tqdm
 
-from lcflow.handoff import GenerationSettings, Receiver, Sharer, receiver_view, text_contexts
+from lcflow.handoff import (
+    GenerationSettings,
+    Receiver,
+    Sharer,
+    reader_contexts,
+    receiver_view,
+    text_contexts,
+)
 from lcflow.metrics import contains_answer, exact_match, extract_answer, mean_with_ci, token_f1
-from lcflow.names import LCFX_METHODS, METHODS, SAME_CONTEXT_ONLY
+from lcflow.names import LCFX_METHODS, METHODS, NOTE_METHODS, READER_METHODS, SAME_CONTEXT_ONLY
 from lcflow.tasks import QASample, format_question_prompt
 
 WIRE_BYTES_PER_LATENT = 2  # latents travel as bfloat16
@@ -41,9 +57,9 @@ class EvalModels:
 
     sharer: tuple  # (model, tokenizer)
     receiver: tuple
-    adapters: dict = field(
-        default_factory=dict
-    )  # "lcf" / "lcfx" / "lcfx-pruned" -> LatentAdapter, "c2c" -> fuser
+    # "lcf" / "lcfx" / "lcfx-pruned" -> LatentAdapter, "c2c" -> fuser, "forward+reader" /
+    # "forward-selected+reader" -> TextReader (forward-selected selects with "lcfx"'s adapter)
+    adapters: dict = field(default_factory=dict)
     wire: str = "exact"  # the latents' number format on the way to the receiver (names.WIRE_FORMS)
 
 
@@ -147,14 +163,28 @@ def run_sample(
         prepared = receiver.prepare_plain(prompt, [sample.sharer_context])
     elif method == "receiver":
         prepared = receiver.prepare_plain(prompt, [sample.receiver_context])
-    elif method == "skyline":
-        prepared = receiver.prepare_plain(prompt, _contexts(sample.sharer_context, sample.receiver_context))
-    elif method == "text":
+    elif method in ("forward", *READER_METHODS):
+        channel = READER_METHODS.get(method, method)
+        if method in READER_METHODS:
+            receiver = Receiver(models.adapters[method].model, models.receiver[1])
+        if channel == "forward":
+            forwarded = "" if sample.same_context else sample.sharer_context
+        else:
+            forwarded = _selected_text(models, sample, prompt, clock)
+        bytes_sent = len(forwarded.encode())
+        prepared = receiver.prepare_plain(
+            prompt, _contexts(*reader_contexts(forwarded, sample.receiver_context))
+        )
+    elif method == "forward-selected":
+        forwarded = _selected_text(models, sample, prompt, clock)
+        bytes_sent = len(forwarded.encode())
+        prepared = receiver.prepare_plain(prompt, reader_contexts(forwarded, sample.receiver_context))
+    elif method in NOTE_METHODS:
         if note is not None:
             message = note.text
             clock.add({"message_generate_batched": note.amortised_ms})
         else:
-            message = sharer.write_message(sample.sharer_context, sample.question)
+            message = sharer.write_message(sample.sharer_context, sample.question, style=NOTE_METHODS[method])
             clock.stage("message_generate")
         bytes_sent = len(message.encode())
         contexts = text_contexts(
@@ -195,7 +225,7 @@ def run_sample(
     clock.stage("generate")
     timings = clock.finish()
     timings.setdefault("time_to_first_token", timings["total"])  # no token at all: the wait was the whole run
-    if method == "text" and note is not None:  # the note was written before the clock started
+    if method in NOTE_METHODS and note is not None:  # the note was written before the clock started
         timings["time_to_first_token"] += note.amortised_ms
         timings["total"] += note.amortised_ms
     prediction = extract_answer(generated)
@@ -212,6 +242,17 @@ def run_sample(
     )
 
 
+def _selected_text(models: EvalModels, sample: QASample, prompt: str, clock: _Clock) -> str:
+    """forward-selected's text: the sentences the lcfx adapter's selection holds for this question."""
+    lcfx = models.adapters["lcfx"]
+    sharer = Sharer(*models.sharer, lcfx.encoder, lcfx.config)
+    context = sharer.prefill(sample.sharer_context)
+    clock.stage("sharer_prefill")
+    text = sharer.selected_text(context, prompt)
+    clock.stage("select")
+    return text
+
+
 @dataclass
 class BatchedNote:
     """A text message written in a batch: its text and the batch's time divided by its size."""
@@ -220,16 +261,18 @@ class BatchedNote:
     amortised_ms: float
 
 
-def write_notes(models: EvalModels, samples: list[QASample], batch_size: int) -> dict[str, BatchedNote]:
-    """The text baseline's messages for every sample, `batch_size` at a time (keyed by sample id).
+def write_notes(
+    models: EvalModels, samples: list[QASample], batch_size: int, style: str = "fair"
+) -> dict[str, BatchedNote]:
+    """A note method's messages for every sample, `batch_size` at a time (keyed by sample id).
 
     Accuracy only: the time recorded is amortised over the batch, not any handoff's latency."""
     sharer = Sharer(*models.sharer)
     notes: dict[str, BatchedNote] = {}
-    for start in tqdm(range(0, len(samples), batch_size), desc="text notes", unit="batch"):
+    for start in tqdm(range(0, len(samples), batch_size), desc=f"{style} notes", unit="batch"):
         chunk = samples[start : start + batch_size]
         began = time.perf_counter()
-        texts = sharer.write_messages([(s.sharer_context, s.question) for s in chunk])
+        texts = sharer.write_messages([(s.sharer_context, s.question) for s in chunk], style=style)
         each = (time.perf_counter() - began) * 1000 / len(chunk)
         notes.update({s.id: BatchedNote(t, each) for s, t in zip(chunk, texts, strict=True)})
     return notes
@@ -249,13 +292,17 @@ def evaluate(
     """Every method on every sample it applies to (methods interleaved per sample, so drift
     in machine load hits all methods alike). text_batch > 1 writes the text baseline's notes
     ahead, in batches (`write_notes`): its accuracy is measured, its latency is not."""
-    notes = write_notes(models, samples, text_batch) if text_batch > 1 and "text" in methods else {}
+    notes = {
+        method: write_notes(models, samples, text_batch, style)
+        for method, style in NOTE_METHODS.items()
+        if text_batch > 1 and method in methods
+    }
     outcomes = []
     for index, sample in enumerate(tqdm(samples, desc="eval", unit="sample")):
         other = samples[(index + 1) % len(samples)]
         for method in methods:
             if applicable(method, sample):
-                note = notes.get(sample.id) if method == "text" else None
+                note = notes[method].get(sample.id) if method in notes else None
                 outcomes.append(run_sample(method, models, sample, settings, other, note))
     return outcomes
 
@@ -273,6 +320,7 @@ def summarize(outcomes: list[SampleOutcome], models: EvalModels | None = None) -
         mine = [o for o in outcomes if o.method == method]
         em, em_lo, em_hi = mean_with_ci([o.em for o in mine])
         f1, f1_lo, f1_hi = mean_with_ci([o.f1 for o in mine])
+        contains, contains_lo, contains_hi = mean_with_ci([o.contains for o in mine])
         stages = sorted({s for o in mine for s in o.timings_ms})
         latency = {
             s: {
@@ -288,7 +336,8 @@ def summarize(outcomes: list[SampleOutcome], models: EvalModels | None = None) -
             "em_ci": [em_lo, em_hi],
             "f1": f1,
             "f1_ci": [f1_lo, f1_hi],
-            "contains": statistics.fmean(o.contains for o in mine),
+            "contains": contains,
+            "contains_ci": [contains_lo, contains_hi],
             "latency_ms": latency,
             "bytes_sent_median": statistics.median([o.bytes_sent for o in mine]),
         }

@@ -26,13 +26,17 @@ from lcflow.adapter.config import AdapterConfig
 from lcflow.adapter.lcfx import filler_prefix
 from lcflow.align import align_spans
 from lcflow.crosscontext.placement import finish_input, slot_cache, slot_layout
+from lcflow.crosscontext.selection import selected_sentences
 from lcflow.kv import CapturedKV, RopeCodec, capture_kv, full_cache, prefill, run_backbone
 from lcflow.names import SAME_CONTEXT_MODES
 from lcflow.prompting import (
     MESSAGE_PREFIX,
-    TEXT_MESSAGE_INSTRUCTION,
+    NOTE_MAX_TOKENS,
+    NOTE_STOPS,
     context_token_range,
     filler_token_id,
+    finish_note,
+    note_prompt,
     render_input,
     tokenize_context,
 )
@@ -191,24 +195,36 @@ class Sharer:
         spans = context.spans if self.config.mode in SAME_CONTEXT_MODES else None
         return Latents(self.config.mode, layers, spans)
 
-    def message_input(self, context_text: str, question: str) -> torch.Tensor:
-        """The text baseline's input: the sharer's context and the instruction to write a note, [1, T]."""
-        instruction = TEXT_MESSAGE_INSTRUCTION.format(question=question)
-        return render_input(self.tokenizer, instruction, [context_text]).input_ids
+    def message_input(self, context_text: str, question: str, style: str = "fair") -> torch.Tensor:
+        """The note's input: the sharer's context and the request to write one, [1, T]
+        (lcflow.prompting.note_prompt: the fair note, or C2C's wording with style "c2c")."""
+        text = note_prompt(self.tokenizer, context_text, question, style)
+        templated = bool(getattr(self.tokenizer, "chat_template", None))
+        return self.tokenizer(text, add_special_tokens=not templated, return_tensors="pt").input_ids
+
+    @staticmethod
+    def note_settings(style: str, max_new_tokens: int | None = None) -> GenerationSettings:
+        """Greedy; the style's length and stops (a fair note ends at its first sentence)."""
+        return GenerationSettings(max_new_tokens or NOTE_MAX_TOKENS[style], stop=list(NOTE_STOPS[style]))
 
     @torch.no_grad()
-    def write_message(self, context_text: str, question: str, max_new_tokens: int = 256) -> str:
-        """The text baseline: the sharer states the essential background in words."""
-        return generate_text(
+    def write_message(
+        self, context_text: str, question: str, max_new_tokens: int | None = None, style: str = "fair"
+    ) -> str:
+        """The note (TEXT mode): the sharer states in words what the receiver needs."""
+        generated = generate_text(
             self.model,
             self.tokenizer,
-            self.message_input(context_text, question),
+            self.message_input(context_text, question, style),
             None,
-            GenerationSettings(max_new_tokens),
+            self.note_settings(style, max_new_tokens),
         )
+        return finish_note(generated, style)
 
     @torch.no_grad()
-    def write_messages(self, pairs: list[tuple[str, str]], max_new_tokens: int = 256) -> list[str]:
+    def write_messages(
+        self, pairs: list[tuple[str, str]], max_new_tokens: int | None = None, style: str = "fair"
+    ) -> list[str]:
         """`write_message` for a batch of (context, question) pairs at once (greedy).
 
         For evaluations only: a CPU decodes a batch of notes for little more than one (each step
@@ -220,7 +236,7 @@ class Sharer:
             if self.tokenizer.pad_token_id is not None
             else self.tokenizer.eos_token_id
         )
-        rows = [self.message_input(c, q)[0] for c, q in pairs]
+        rows = [self.message_input(c, q, style)[0] for c, q in pairs]
         width = max(len(r) for r in rows)
         ids = torch.full((len(rows), width), pad, dtype=torch.long)
         mask = torch.zeros((len(rows), width), dtype=torch.long)
@@ -231,9 +247,18 @@ class Sharer:
             input_ids=ids.to(self.model.device),
             attention_mask=mask.to(self.model.device),
             pad_token_id=pad,
-            **GenerationSettings(max_new_tokens).generate_kwargs(self.tokenizer),
+            **self.note_settings(style, max_new_tokens).generate_kwargs(self.tokenizer),
         )
-        return self.tokenizer.batch_decode(output[:, width:], skip_special_tokens=True)
+        texts = self.tokenizer.batch_decode(output[:, width:], skip_special_tokens=True)
+        return [finish_note(text, style) for text in texts]
+
+    def selected_text(self, context: SharerContext, question: str, positions=None) -> str:
+        """forward-selected: the whole sentences of the context that hold the positions a span
+        packet would carry (the adapter's selection head, this question, the same budget), in
+        document order, as text. The channel LCF-X must beat once the selection is given to both."""
+        if positions is None:
+            positions = self.select(context, question=question)
+        return selected_sentences(context.text, context.spans, positions)
 
 
 class Receiver:
@@ -462,3 +487,9 @@ def receiver_view(receiver_context: str, prompt: str) -> str:
 def text_contexts(receiver_context: str, message: str) -> list[str]:
     """TEXT mode: the receiver reads its own context and the sharer's message."""
     return [receiver_context, MESSAGE_PREFIX + message]
+
+
+def reader_contexts(forwarded: str, receiver_context: str) -> list[str]:
+    """forward / forward-selected: the receiver reads the forwarded text where a document would
+    sit, then its own context (the same for a text reader and for its training)."""
+    return [text for text in (forwarded, receiver_context) if text]

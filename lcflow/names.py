@@ -10,10 +10,33 @@ list is written once.
 # attention per token ("sentences-mean": long sentences not favoured), or the m best tokens.
 SELECTIONS = ("sentences", "sentences-mean", "tokens")
 
-# What `lcflow eval` can compare, in the order its tables list them.
-METHODS = ("receiver", "sharer", "skyline", "text", "c2c", "lcf", "lcfx", "lcfx-pruned", "lcfx-wrong")
+# What `lcflow eval` can compare, in the order its tables list them (lcflow.evaluation says
+# what each is). The text channels: the note (text; text-c2c is the papers' wording), the
+# document forwarded (forward), the sentences LCF-X's selection holds forwarded
+# (forward-selected), and those two read by a receiver trained as LCF-X's reader was (+reader).
+METHODS = (
+    "receiver",
+    "sharer",
+    "forward",
+    "text",
+    "text-c2c",
+    "forward-selected",
+    "forward+reader",
+    "forward-selected+reader",
+    "c2c",
+    "lcf",
+    "lcfx",
+    "lcfx-pruned",
+    "lcfx-wrong",
+)
+METHOD_ALIASES = {"skyline": "forward"}  # the name `forward` had before the text channels
 LCFX_METHODS = ("lcfx", "lcfx-pruned", "lcfx-wrong")
 SAME_CONTEXT_ONLY = ("c2c", "lcf")
+NOTE_METHODS = {"text": "fair", "text-c2c": "c2c"}  # method -> note style (lcflow.prompting)
+# Methods that read with a trained text reader (lcflow.adapter.reader), and the channel each reads.
+READER_METHODS = {"forward+reader": "forward", "forward-selected+reader": "forward-selected"}
+# The text channels a TEXT handoff can take through the services (HandoffRequest.text_channel).
+TEXT_CHANNELS = ("note", "forward", "forward-selected")
 
 # The oracle ladder's rungs (lcflow.crosscontext.oracles), in the order `lcflow bench oracles` runs them.
 DEFAULT_RUNGS = (

@@ -7,18 +7,68 @@ the rendered text, because LCF fuses the sharer's latents onto exactly those cha
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 import torch
 
-# The text-to-text baseline's request to the sharer (C2C's wording: the most essential
-# background knowledge, in one clear sentence).
-TEXT_MESSAGE_INSTRUCTION = (
+# The note (TEXT mode): what the sharer is asked to write for the receiver. Two styles:
+#   "fair"  a note that reads as a note: one sentence of at most NOTE_MAX_TOKENS, ended at the
+#           first newline or sentence end; an instruction in the chat template where the model
+#           has one, else (a base model) a short few-shot prompt, since a base model asked in
+#           words mostly continues the instruction instead of following it.
+#   "c2c"   the paper protocol (C2C's wording: the most essential background knowledge, in one
+#           clear sentence, up to 256 tokens), kept for comparisons with the papers.
+NOTE_STYLES = ("fair", "c2c")
+NOTE_MAX_TOKENS = {"fair": 64, "c2c": 256}
+NOTE_STOPS = {"fair": ["\n", ". ", "? ", "! "], "c2c": []}
+C2C_NOTE_INSTRUCTION = (
     "Another assistant must answer this question: {question}\n"
     "In one clear sentence, state the most essential background knowledge from the text above "
     "that it needs to answer."
 )
+FAIR_NOTE_INSTRUCTION = (
+    "Another assistant must answer this question: {question}\n"
+    "It cannot see the text above. Write one short sentence from the text that it needs to answer, "
+    "and nothing else."
+)
+# Examples in no task family's vocabulary (a bakery, a library), so the prompt teaches the form
+# of a note and nothing of any family's answers.
+FEW_SHOT_NOTE_PROMPT = (
+    "Text: The bakery on Elm Street opens at seven. Its rye bread sells out by noon.\n"
+    "Question: What sells out by noon?\n"
+    "Note: The rye bread of the bakery on Elm Street sells out by noon.\n\n"
+    "Text: The town library lends bicycles in summer. Its reading room closes on Mondays.\n"
+    "Question: When is the reading room closed?\n"
+    "Note: The library's reading room is closed on Mondays.\n\n"
+    "Text: {document}\n"
+    "Question: {question}\n"
+    "Note:"
+)
 MESSAGE_PREFIX = "Note from another assistant: "
+_SENTENCE_END = re.compile(r"[.!?](?=\s|$)")
+
+
+def note_prompt(tokenizer, document: str, question: str, style: str = "fair") -> str:
+    """The sharer's input for writing a note about `document` for someone asked `question`."""
+    if style not in NOTE_STYLES:
+        raise ValueError(f"unknown note style {style!r}; choose from {', '.join(NOTE_STYLES)}")
+    if style == "fair" and not getattr(tokenizer, "chat_template", None):
+        return FEW_SHOT_NOTE_PROMPT.format(document=" ".join(document.split()), question=question)
+    instruction = (FAIR_NOTE_INSTRUCTION if style == "fair" else C2C_NOTE_INSTRUCTION).format(
+        question=question
+    )
+    return render_text(tokenizer, instruction, [document])
+
+
+def finish_note(generated: str, style: str = "fair") -> str:
+    """A fair note is its first line's first sentence (generation stops near there; this cuts the
+    token or two past the stop); a c2c note is kept whole, as the paper's protocol does."""
+    if style != "fair":
+        return generated.strip()
+    line = generated.strip().split("\n", 1)[0]
+    end = _SENTENCE_END.search(line)
+    return (line[: end.end()] if end else line).strip()
 
 
 @dataclass

@@ -9,7 +9,8 @@ bytes_sent_median and, for adapter methods, adapter_parameters / adapter_mb_bf16
 here is pure formatting over those rows, so it works the same for in-process and service timings.
 
 Every method runs on the same samples, so methods are also compared sample by sample
-(`paired_differences`): each against text, and LCF-X against another sample's packet.
+(`paired_differences`): LCF-X against every other method (each text channel, the receiver,
+another sample's packet); without LCF-X, each method against the note.
 """
 
 from __future__ import annotations
@@ -46,52 +47,67 @@ LATENCY_PLOT = "latency_breakdown.png"
 # --- numbers ---------------------------------------------------------------------------------------
 
 
-# baseline -> the methods compared with it (None: every other method)
-PAIRED_BASELINES: dict[str, tuple[str, ...] | None] = {"text": None, "lcfx-wrong": ("lcfx",)}
+def comparisons(methods: list[str]) -> list[tuple[str, str]]:
+    """(method, baseline) pairs to compare: lcfx against each other method where lcfx ran, else
+    each method against the note (text)."""
+    if "lcfx" in methods:
+        return [("lcfx", other) for other in methods if other != "lcfx"]
+    if "text" in methods:
+        return [(method, "text") for method in methods if method != "text"]
+    return []
 
 
 def paired_differences(records: list[dict]) -> list[dict]:
-    """EM of a method minus its baseline's on the samples both ran, d_i = em_i - em_base_i:
-    the mean of d with its 95% CI (normal approximation over the d_i, which is tighter than
-    two separate CIs when both methods get the same samples right) and how many samples only
-    the method (gained) or only the baseline (lost) answered."""
-    em: dict[str, dict[str, float]] = defaultdict(dict)
+    """EM (and `contains`) of a method minus its baseline's on the samples both ran,
+    d_i = em_i - em_base_i: the mean of d with its 95% CI (normal approximation over the d_i, which
+    is tighter than two separate CIs when both methods get the same samples right) and how many
+    samples only the method (gained) or only the baseline (lost) answered exactly."""
+    scores: dict[str, dict[str, dict[str, float]]] = {"em": defaultdict(dict), "contains": defaultdict(dict)}
     for record in records:
-        em[record["method"]][record["sample_id"]] = record["em"]
+        for score, by_method in scores.items():
+            if score in record:
+                by_method[record["method"]][record["sample_id"]] = record[score]
+    em = scores["em"]
     rows = []
-    for baseline, methods in PAIRED_BASELINES.items():
-        if baseline not in em:
+    for method, baseline in comparisons(list(em)):
+        shared = [i for i in em[method] if i in em[baseline]]
+        if len(shared) < 2:
             continue
-        for method in methods or [m for m in em if m not in PAIRED_BASELINES]:
-            shared = [i for i in em.get(method, {}) if i in em[baseline]]
-            if len(shared) < 2:
-                continue
-            diffs = [em[method][i] - em[baseline][i] for i in shared]
-            mean, low, high = mean_with_ci(diffs, bounds=(-1.0, 1.0))  # a difference of two EMs
-            rows.append(
-                {
-                    "method": method,
-                    "baseline": baseline,
-                    "n": len(shared),
-                    "em_difference": mean,
-                    "em_difference_ci": [low, high],
-                    "gained": sum(d > 0 for d in diffs),
-                    "lost": sum(d < 0 for d in diffs),
-                }
+        diffs = [em[method][i] - em[baseline][i] for i in shared]
+        mean, low, high = mean_with_ci(diffs, bounds=(-1.0, 1.0))  # a difference of two EMs
+        row = {
+            "method": method,
+            "baseline": baseline,
+            "n": len(shared),
+            "em_difference": mean,
+            "em_difference_ci": [low, high],
+            "gained": sum(d > 0 for d in diffs),
+            "lost": sum(d < 0 for d in diffs),
+        }
+        contains = scores["contains"]
+        if all(i in contains[method] and i in contains[baseline] for i in shared):
+            mean, low, high = mean_with_ci(
+                [contains[method][i] - contains[baseline][i] for i in shared], bounds=(-1.0, 1.0)
             )
+            row["contains_difference"], row["contains_difference_ci"] = mean, [low, high]
+        rows.append(row)
     return rows
 
 
 def paired_table(paired: list[dict]) -> str:
     lines = [
-        "| method | against | n | EM difference [95% CI] | gained | lost |",
-        "| --- | --- | --- | --- | --- | --- |",
+        "| method | against | n | EM difference [95% CI] | contains difference [95% CI] | gained | lost |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
     ]
     for row in paired:
         low, high = row["em_difference_ci"]
+        contains = ""
+        if "contains_difference" in row:
+            c_low, c_high = row["contains_difference_ci"]
+            contains = f"{row['contains_difference']:+.3f} [{c_low:+.3f}, {c_high:+.3f}]"
         lines.append(
             f"| {row['method']} | {row['baseline']} | {row['n']} | {row['em_difference']:+.3f} "
-            f"[{low:+.3f}, {high:+.3f}] | {row['gained']} | {row['lost']} |"
+            f"[{low:+.3f}, {high:+.3f}] | {contains} | {row['gained']} | {row['lost']} |"
         )
     return "\n".join(lines)
 
@@ -160,7 +176,16 @@ def markdown_table(rows: list[dict]) -> str:
     """One line per method: scores with 95% CIs, latency in ms (median unless marked), sizes."""
     stages = stage_names(rows)
     header = (
-        ["method", "n", "EM [95% CI]", "F1 [95% CI]", "TTFT ms", "TTFT p90 ms", "total ms"]
+        [
+            "method",
+            "n",
+            "EM [95% CI]",
+            "contains [95% CI]",
+            "F1 [95% CI]",
+            "TTFT ms",
+            "TTFT p90 ms",
+            "total ms",
+        ]
         + [f"{s} ms" for s in stages]
         + ["bytes sent", "adapter params", "adapter MB (bf16)"]
     )
@@ -170,7 +195,9 @@ def markdown_table(rows: list[dict]) -> str:
         no_token = " (no token: total)" if "time_to_first_token" not in row["latency_ms"] else ""
         params = row.get("adapter_parameters")
         cells = (
-            [row["method"], str(row["n"]), _score(row["em"], row["em_ci"]), _score(row["f1"], row["f1_ci"])]
+            [row["method"], str(row["n"]), _score(row["em"], row["em_ci"])]
+            + [_score(row["contains"], row.get("contains_ci", [None, None])) if "contains" in row else ""]
+            + [_score(row["f1"], row["f1_ci"])]
             + [_ms(ttft) + no_token, _ms(ttft_p90), _ms(median_ms(row, "total"))]
             + [_ms(median_ms(row, s)) for s in stages]
             + [

@@ -14,8 +14,12 @@ class TrainConfig:
     sharer: str
     receiver: str
     out: str
-    mode: str = "lcfx"  # lcf | lcfx | c2c
+    mode: str = "lcfx"  # lcf | lcfx | c2c | text-reader
     task: str = "facts-cross"
+    # The user's own samples instead of `task` (JSONL, the format `lcflow eval --task-file` reads):
+    # a seeded share of them is held out for validation, and the split is recorded (OUT/split.json).
+    task_file: str = ""
+    validation: float = 0.1
     steps: int = 300
     batch_size: int = 4
     lr: float = 1e-4
@@ -43,3 +47,7 @@ class TrainConfig:
     # them as encoded; "bf16" / "int8" / "int4" puts them through that wire codec, with a
     # straight-through gradient, so the decoder learns to read what the services send.
     wire: str = "exact"
+    # Text reader (mode text-reader, lcflow.reader_training): the channel it learns to read and the
+    # LoRA rank; forward-selected takes its selection from the LCF-X adapter `init_adapter`.
+    channel: str = "forward-selected"
+    rank: int = 16

@@ -150,7 +150,7 @@ class Trainer:
     adapter_class = LatentAdapter  # what `resume` loads the checkpointed weights with
 
     def __init__(self, cfg: TrainConfig, sharer_pair=None, receiver_pair=None):
-        from lcflow.tasks import format_question_prompt, get_task
+        from lcflow.tasks import format_question_prompt
 
         self.cfg = cfg
         self.out = Path(cfg.out)
@@ -162,7 +162,7 @@ class Trainer:
             receiver_pair or _load(cfg.receiver, cfg.device),
         )
         self.adapter = self.build_adapter((ms, ts), (mr, tr))
-        self.samples = get_task(cfg.task).samples("train", cfg.steps * cfg.batch_size, seed=cfg.seed)
+        self.samples, self.data = training_samples(cfg)
         self.optimizer = build_optimizer(self.adapter, cfg)
         warmup_steps = max(1, int(cfg.warmup * cfg.steps))
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -257,6 +257,7 @@ class Trainer:
             "seconds_per_step": round(self.seconds / max(1, self.step), 3),
             "final_loss_mean_last_10": round(sum(self.losses[-10:]) / max(1, len(self.losses[-10:])), 4),
             "first_loss_mean_first_10": round(sum(self.losses[:10]) / max(1, len(self.losses[:10])), 4),
+            **self.data,
         }
 
     def save_checkpoint(self) -> None:
@@ -295,8 +296,7 @@ class Trainer:
                 f"{path} was written by a run with other settings ({saved}); "
                 "use another --out directory or the same settings to resume"
             )
-        loaded = self.adapter_class.from_pretrained(self.out / CHECKPOINT_DIR)
-        self.adapter.load_state_dict(loaded.state_dict())
+        self.load_weights(self.out / CHECKPOINT_DIR)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["torch_rng"])
@@ -306,6 +306,11 @@ class Trainer:
         self.step, self.losses, self.seconds = state["step"], state["losses"], state["seconds"]
         log.info("resumed from %s at step %d", path, self.step)
 
+    def load_weights(self, directory: Path) -> None:
+        """Put a checkpoint's adapter weights into `self.adapter` (a subclass's adapter may store
+        them otherwise)."""
+        self.adapter.load_state_dict(self.adapter_class.from_pretrained(directory).state_dict())
+
     def save_final(self) -> Path:
         self.adapter.config.training = self.provenance()
         self.adapter.save_pretrained(self.out, dtype=torch.float32)
@@ -313,6 +318,43 @@ class Trainer:
             json.dumps({"losses": self.losses, **self.provenance()}, indent=1)
         )
         return self.out
+
+
+def training_samples(cfg: TrainConfig) -> tuple[list, dict]:
+    """(the cfg.steps * cfg.batch_size samples the steps take in order, what provenance records).
+
+    A built-in task draws that many fresh samples from its train split. A task file (the user's
+    own) is shuffled with the seed and split: `cfg.validation` of it is held out (never trained
+    on; `lcflow eval --task-file OUT/validation.jsonl` scores it), the rest is cycled through in
+    epochs. The split is written to OUT/split.json and OUT/validation.jsonl."""
+    needed = cfg.steps * cfg.batch_size
+    if not cfg.task_file:
+        from lcflow.tasks import get_task
+
+        return get_task(cfg.task).samples("train", needed, seed=cfg.seed), {}
+    from lcflow.tasks import load_task_file
+
+    samples = load_task_file(cfg.task_file)
+    if not 0 <= cfg.validation < 1:
+        raise ValueError(f"--validation is the share held out, in [0, 1); got {cfg.validation}")
+    order = list(range(len(samples)))
+    random.Random(cfg.seed).shuffle(order)
+    held = round(len(samples) * cfg.validation)
+    if len(samples) - held < 1:
+        raise ValueError(
+            f"{cfg.task_file} has {len(samples)} sample(s): none left to train on after validation"
+        )
+    validation = [samples[i] for i in order[:held]]
+    train = [samples[i] for i in order[held:]]
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    split = {"task_file": str(cfg.task_file), "seed": cfg.seed, "train": [s.id for s in train]}
+    split["validation"] = [s.id for s in validation]
+    (out / "split.json").write_text(json.dumps(split, indent=1) + "\n")
+    (out / "validation.jsonl").write_text("".join(json.dumps(s.to_dict()) + "\n" for s in validation))
+    record = {"task_file_samples": len(samples), "train_samples": len(train), "validation_samples": held}
+    record["epochs"] = round(needed / len(train), 2)
+    return [train[i % len(train)] for i in range(needed)], record
 
 
 def _load(name: str, device: str):

@@ -84,7 +84,7 @@ def cross_run(tiny_dir, lcfx_dir, tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
         # The text message is capped at 256 tokens, seconds per sample for a random model that
         # never stops; 8 tokens run the same code in a fraction of that.
-        mp.setattr(Sharer.write_message.__wrapped__, "__defaults__", (8,))  # under no_grad
+        mp.setattr(Sharer.write_message.__wrapped__, "__defaults__", (8, "fair"))  # under no_grad
         code, stdout, stderr = run_cli(argv)
     return SimpleNamespace(code=code, stdout=stdout, stderr=stderr, out=out, argv=argv)
 
@@ -93,7 +93,7 @@ def test_eval_writes_json_markdown_and_plots(cross_run, lcfx_dir):
     assert cross_run.code == 0, cross_run.stderr
     results = json.loads((cross_run.out / "results.json").read_text())
     rows = {row["method"]: row for row in results["summary"]}
-    assert list(rows) == ["receiver", "skyline", "text", "lcfx"]
+    assert list(rows) == ["receiver", "forward", "text", "lcfx"]  # skyline: forward's old name, accepted
     for row in rows.values():
         assert row["n"] == 3
         for score in ("em", "f1"):
@@ -121,12 +121,13 @@ def test_eval_writes_json_markdown_and_plots(cross_run, lcfx_dir):
     assert meta["adapters"]["lcfx"]["path"] == str(lcfx_dir)
     assert meta["adapters"]["lcfx"]["parameters"] == params
 
-    # every method but text against text, on the same 3 samples
+    # lcfx against every other method, on the same 3 samples, in EM and in contains
     assert [(p["method"], p["baseline"], p["n"]) for p in results["paired"]] == [
-        (method, "text", 3) for method in ("receiver", "skyline", "lcfx")
+        ("lcfx", method, 3) for method in ("receiver", "forward", "text")
     ]
+    assert all(-1 <= p["contains_difference"] <= 1 for p in results["paired"])
     markdown = (cross_run.out / "results.md").read_text()
-    assert "| method | n | EM [95% CI] | F1 [95% CI] | TTFT ms |" in markdown
+    assert "| method | n | EM [95% CI] | contains [95% CI] | F1 [95% CI] | TTFT ms |" in markdown
     assert "| lcfx | text | 3 |" in markdown
     for method in rows:
         assert f"\n| {method} | 3 |" in markdown
@@ -249,7 +250,7 @@ def test_services_time_the_methods_they_serve(tiny_pair, tiny_dir, lcfx_dir, tmp
     served = [r for (method, _), r in records.items() if method == "lcfx"]
     assert len(served) == 2 and all("transfer" in r["timings_ms"] and r["bytes_sent"] > 0 for r in served)
     assert all(r["timings_ms"]["sharer_prefill"] > 0 for r in served)
-    in_process = [r for (method, _), r in records.items() if method == "skyline"]
+    in_process = [r for (method, _), r in records.items() if method == "forward"]
     assert len(in_process) == 2 and all("transfer" not in r["timings_ms"] for r in in_process)
     held = json.loads((tmp_path / "held" / "results.json").read_text())
     assert "sessions" in held["meta"]["latency"]
@@ -383,7 +384,7 @@ def test_text_batch_records_amortised_note_time(tiny_dir, tmp_path):
     argv = ["eval", "--sharer", str(tiny_dir("llama", 300, 3)), "--receiver", str(tiny_dir("gemma3", 400, 2))]
     argv += ["--methods", "text", "--n", "3", "--max-new-tokens", "3", "--text-batch", "2", "--out", str(out)]
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(Sharer.write_messages.__wrapped__, "__defaults__", (6,))  # short notes
+        mp.setattr(Sharer.write_messages.__wrapped__, "__defaults__", (6, "fair"))  # short notes
         code, _, stderr = run_cli(argv)
     assert code == 0, stderr
     results = json.loads((out / "results.json").read_text())
@@ -471,20 +472,29 @@ def test_card_records_each_answer_and_takes_them_only_from_a_run_that_reproduces
 def test_paired_differences_count_what_each_side_alone_answered():
     from lcflow.report import paired_differences
 
-    def records(method: str, ems: list[float]) -> list[dict]:
-        return [{"method": method, "sample_id": f"s{i}", "em": em} for i, em in enumerate(ems)]
+    def records(method: str, ems: list[float], contains: list[float] | None = None) -> list[dict]:
+        contains = contains or ems
+        return [
+            {"method": method, "sample_id": f"s{i}", "em": em, "contains": c}
+            for i, (em, c) in enumerate(zip(ems, contains, strict=True))
+        ]
 
     rows = paired_differences(
-        records("text", [1, 0, 0, 0])
+        records("text", [1, 0, 0, 0], [1, 1, 0, 0])
         + records("lcfx", [1, 1, 1, 0])
         + records("lcfx-wrong", [0, 0, 1, 0])
         + records("receiver", [0, 0, 0])  # a method that ran on fewer samples: only those compared
     )
     by_pair = {(r["method"], r["baseline"]): r for r in rows}
-    assert set(by_pair) == {("lcfx", "text"), ("receiver", "text"), ("lcfx", "lcfx-wrong")}
+    # LCF-X against every other method
+    assert set(by_pair) == {("lcfx", "text"), ("lcfx", "receiver"), ("lcfx", "lcfx-wrong")}
     assert (by_pair["lcfx", "text"]["em_difference"], by_pair["lcfx", "text"]["gained"]) == (0.5, 2)
-    assert (by_pair["receiver", "text"]["n"], by_pair["receiver", "text"]["lost"]) == (3, 1)
+    assert by_pair["lcfx", "text"]["contains_difference"] == 0.25  # the note contained one more
+    assert (by_pair["lcfx", "receiver"]["n"], by_pair["lcfx", "receiver"]["gained"]) == (3, 3)
     lcfx_wrong = by_pair["lcfx", "lcfx-wrong"]
     assert (lcfx_wrong["em_difference"], lcfx_wrong["gained"], lcfx_wrong["lost"]) == (0.5, 2, 0)
+    # without LCF-X: each method against the note
+    rows = paired_differences(records("text", [1, 0, 0]) + records("forward", [1, 1, 0]))
+    assert [(r["method"], r["baseline"], r["em_difference"]) for r in rows] == [("forward", "text", 1 / 3)]
     low, high = lcfx_wrong["em_difference_ci"]
     assert -1 <= low < 0.5 < high <= 1

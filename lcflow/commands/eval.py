@@ -3,13 +3,18 @@
     lcflow eval --pair smollm2-to-gemma3 --task facts-cross --n 500 --out runs/cross
     lcflow eval --sharer DIR --receiver DIR --task-file mine.jsonl --adapter-lcfx DIR --out runs/mine
 
-Every method runs unless --methods picks some (receiver,sharer,skyline,text,c2c,lcf,lcfx,...).
+Every method runs unless --methods picks some (receiver, sharer, forward, text, text-c2c,
+forward-selected, forward+reader, forward-selected+reader, c2c, lcf, lcfx, ...; lcflow.evaluation
+says what each is). forward-selected forwards the sentences the lcfx adapter selects, so it
+needs that adapter; the +reader methods load a text reader (`lcflow train --mode text-reader`).
 
 Writes OUT/results.json (summary rows, per-sample records, meta), OUT/results.md (the table)
 and the plots OUT/accuracy_vs_ttft.png and OUT/latency_breakdown.png, and prints the table.
 
 Adapter methods (c2c, lcf, lcfx, lcfx-pruned) load `--adapter-METHOD DIR`, or by default
-ADAPTERS/<pair>-<method> (ADAPTERS: the repo's adapters/ directory). A method whose adapter is
+ADAPTERS/<pair>-<method> (ADAPTERS: the repo's adapters/ directory); the text readers load
+--adapter-reader-selected / --adapter-reader-forward, by default ADAPTERS/<pair>-reader-selected
+and ADAPTERS/<pair>-reader-forward. A method whose adapter is
 missing, does not fit the models or cannot apply to the task is skipped with its reason printed
 (and recorded in results.json), so one missing adapter does not cost the whole run.
 
@@ -31,7 +36,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from lcflow.commands.preflight import check_model
-from lcflow.names import METHODS, SAME_CONTEXT_ONLY, WIRE_FORMS
+from lcflow.names import METHOD_ALIASES, METHODS, READER_METHODS, SAME_CONTEXT_ONLY, WIRE_FORMS
 from lcflow.security import ClientSecurity, add_client_security_flags, client_security_from_args
 from lcflow.tasks import SPLITS, TASK_NAMES, QASample, get_task, load_task_file
 
@@ -52,9 +57,21 @@ PAIRS: dict[str, tuple[str, str]] = {
     # The same for SmolLM2: the reader half of the Gemma3 -> SmolLM2 bridge is trained on it.
     "smollm2-to-smollm2": ("smollm2-135m-instruct", "smollm2-135m-instruct"),
 }
-ADAPTER_MODES = {"c2c": "c2c", "lcf": "lcf", "lcfx": "lcfx", "lcfx-pruned": "lcfx", "lcfx-wrong": "lcfx"}
-# Methods that run another method's adapter: the wrong-packet control must use lcfx's own.
-SHARES_ADAPTER = {"lcfx-wrong": "lcfx"}
+ADAPTER_MODES = {
+    "c2c": "c2c",
+    "lcf": "lcf",
+    "lcfx": "lcfx",
+    "lcfx-pruned": "lcfx",
+    "lcfx-wrong": "lcfx",
+    "forward-selected": "lcfx",
+    "forward+reader": "text-reader",
+    "forward-selected+reader": "text-reader",
+}
+# Methods that run another method's adapter: the wrong-packet control must use lcfx's own, and
+# forward-selected forwards what lcfx's selection holds.
+SHARES_ADAPTER = {"lcfx-wrong": "lcfx", "forward-selected": "lcfx"}
+# The text readers' adapter names: the flag --adapter-NAME and the default ADAPTERS/<pair>-NAME.
+READER_ADAPTERS = {"forward+reader": "reader-forward", "forward-selected+reader": "reader-selected"}
 DEFAULT_N = 500  # samples drawn from a built-in task; a task file is used whole unless --n is given
 
 
@@ -119,8 +136,10 @@ def register(subparsers) -> None:
         "adapters (default: ADAPTERS/<pair>-<method>; for lcfx, else ADAPTERS/<pair>-lcfx-bridge, "
         "the design that works across families)"
     )
-    for method in [m for m in ADAPTER_MODES if m not in SHARES_ADAPTER]:
+    for method in [m for m in ADAPTER_MODES if m not in SHARES_ADAPTER and m not in READER_ADAPTERS]:
         adapters.add_argument(f"--adapter-{method}", metavar="DIR", help=f"adapter directory for {method}")
+    for method, name in READER_ADAPTERS.items():
+        adapters.add_argument(f"--adapter-{name}", metavar="DIR", help=f"text reader for {method}")
     adapters.add_argument(
         "--adapters",
         type=Path,
@@ -170,7 +189,8 @@ class EvalPlan:
 
 
 def parse_methods(text: str) -> list[str]:
-    methods = list(dict.fromkeys(m.strip() for m in text.split(",") if m.strip()))
+    named = (m.strip() for m in text.split(",") if m.strip())
+    methods = list(dict.fromkeys(METHOD_ALIASES.get(m, m) for m in named))
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         raise ValueError(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(METHODS)}")
@@ -228,7 +248,7 @@ def load_models(sharer: str, receiver: str, device: str) -> tuple[tuple, tuple]:
 
 def adapter_dir(method: str, args, pair: str | None) -> tuple[Path | None, str]:
     """(directory, "") for a method's adapter, or (None, why there is none)."""
-    method = SHARES_ADAPTER.get(method, method)
+    method = READER_ADAPTERS.get(method, SHARES_ADAPTER.get(method, method))
     flag = f"--adapter-{method}"
     explicit = getattr(args, f"adapter_{method.replace('-', '_')}")
     if explicit:
@@ -245,12 +265,25 @@ def adapter_dir(method: str, args, pair: str | None) -> tuple[Path | None, str]:
         # the slot packet `lcflow train --mode lcfx` makes from scratch carries nothing (docs/lcfx.md)
         "lcfx": "`lcflow align --identity` then `lcflow train --init-adapter` (one model family) "
         "or `lcflow bridge` (two families), as scripts/build_adapters.sh does",
-    }.get(method, f"`lcflow train --mode {ADAPTER_MODES[method]} ... --out {path}`")
+        "reader-selected": f"`lcflow train --mode text-reader --channel forward-selected --init-adapter "
+        f"{args.adapters / f'{pair}-lcfx'} ... --out {path}`",
+        "reader-forward": f"`lcflow train --mode text-reader --channel forward ... --out {path}`",
+    }.get(method, f"`lcflow train --mode {ADAPTER_MODES.get(method)} ... --out {path}`")
     return None, f"no adapter at {path} (make one with {make}, or pass {flag} DIR)"
 
 
-def load_adapter(method: str, path: Path, sharer_id, receiver_id, device):
-    """A method's adapter, checked against the models and the mode the method needs."""
+def load_adapter(method: str, path: Path, sharer_id, receiver_id, device, receiver=None):
+    """A method's adapter, checked against the models and the mode the method needs (a text
+    reader also needs the receiver (model, tokenizer) it wraps)."""
+    if method in READER_METHODS:
+        from lcflow.adapter.reader import TextReader
+
+        reader = TextReader.from_pretrained(path, *receiver, name=receiver_id.name)
+        if reader.config.channel != READER_METHODS[method]:
+            raise ValueError(
+                f"{path} reads {reader.config.channel}; {method} needs a reader of {READER_METHODS[method]}"
+            )
+        return reader
     if method == "c2c":
         # The harness needs c2c_prepare too; a partial C2C module means no c2c, not a crash mid-run.
         from lcflow.adapter.c2c import C2CFuser, c2c_prepare  # noqa: F401
@@ -271,35 +304,58 @@ def load_adapters(plan: EvalPlan, args, models: EvalModels) -> dict[str, dict]:
     Returns what results.json records per adapter (path, mode, parameter counts)."""
     from lcflow.kv import model_identity
 
-    sharer_id = model_identity(*models.sharer, name=plan.sharer)
-    receiver_id = model_identity(*models.receiver, name=plan.receiver)
-    device = models.receiver[0].device
+    ids = (
+        model_identity(*models.sharer, name=plan.sharer),
+        model_identity(*models.receiver, name=plan.receiver),
+    )
     info = {}
     for method in [m for m in plan.methods if m in ADAPTER_MODES]:
-        path, reason = adapter_dir(method, args, plan.pair)
-        if path is None:
+        if method in SELECTS_WITH_LCFX:  # the sentences forwarded are those lcfx's selection holds
+            reason = _load_into(plan, args, models, ids, "lcfx", info)
+            if reason:
+                plan.skip(method, f"it forwards what the lcfx adapter selects, and {reason}")
+                continue
+            if "lcfx" in models.adapters and models.adapters["lcfx"].config.packet not in ("spans", "bridge"):
+                plan.skip(method, f"{info['lcfx']['path']} packs slots, not a selection of sentences")
+                continue
+            if method == "forward-selected":
+                continue  # no adapter of its own
+        reason = _load_into(plan, args, models, ids, method, info)
+        if reason:
             plan.skip(method, reason)
-            continue
-        try:
-            adapter = load_adapter(method, path, sharer_id, receiver_id, device)
-        except ImportError as err:
-            plan.skip(method, f"{method} support is not available ({err})")
-            continue
-        except (ValueError, FileNotFoundError, OSError) as err:  # wrong models or mode, incomplete dir
-            plan.skip(method, f"cannot use {path}: {err}")
-            continue
-        if getattr(adapter, "encoder", None) is not None and adapter.config.packet == "bridge":
-            adapter.encoder.attach_receiver_tokenizer(models.receiver[1])  # it cuts text as the receiver does
-        models.adapters[method] = adapter
-        counts = adapter.parameter_counts()
-        info[method] = {
-            "path": str(path),
-            "mode": adapter.config.mode,
-            "parameters": counts["total"],
-            "parameter_counts": counts,
-            "mb_bf16": counts["total"] * 2 / 1e6,
-        }
     return info
+
+
+# forward-selected (and its reader) forward the sentences the lcfx adapter's selection holds.
+SELECTS_WITH_LCFX = ("forward-selected", "forward-selected+reader")
+
+
+def _load_into(plan: EvalPlan, args, models: EvalModels, ids: tuple, method: str, info: dict) -> str:
+    """Load `method`'s adapter into models.adapters (once), recording it in `info`; returns why
+    it cannot be had, or ""."""
+    if method in models.adapters:
+        return ""
+    path, reason = adapter_dir(method, args, plan.pair)
+    if path is None:
+        return reason
+    try:
+        adapter = load_adapter(method, path, *ids, models.receiver[0].device, models.receiver)
+    except ImportError as err:
+        return f"{method} support is not available ({err})"
+    except (ValueError, FileNotFoundError, OSError) as err:  # wrong models or mode, incomplete dir
+        return f"cannot use {path}: {err}"
+    if getattr(adapter, "encoder", None) is not None and adapter.config.packet == "bridge":
+        adapter.encoder.attach_receiver_tokenizer(models.receiver[1])  # it cuts text as the receiver does
+    models.adapters[method] = adapter
+    counts = adapter.parameter_counts()
+    info[method] = {
+        "path": str(path),
+        "mode": adapter.config.mode,
+        "parameters": counts["total"],
+        "parameter_counts": counts,
+        "mb_bf16": counts["total"] * 2 / 1e6,
+    }
+    return ""
 
 
 # --- measuring -------------------------------------------------------------------------------------

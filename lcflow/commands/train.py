@@ -1,4 +1,9 @@
-"""`lcflow train`: train an LCF, LCF-X or C2C adapter for a sharer/receiver pair."""
+"""`lcflow train`: train an LCF, LCF-X or C2C adapter, or a text reader, for a sharer/receiver pair.
+
+    lcflow train --sharer A --receiver B --mode lcfx --init-adapter ALIGNED --task facts-cross-words --out DIR
+    lcflow train --sharer A --receiver B --mode text-reader --channel forward-selected \
+        --init-adapter LCFX_DIR --task-file mine.jsonl --out READER_DIR
+"""
 
 from __future__ import annotations
 
@@ -28,14 +33,28 @@ def register(subparsers) -> None:
     )
     p.add_argument(
         "--mode",
-        choices=["lcf", "lcfx", "c2c"],
+        choices=["lcf", "lcfx", "c2c", "text-reader"],
         default=d.mode,
-        help="lcf: same context; lcfx: cross context; c2c: baseline",
+        help="lcf: same context; lcfx: cross context; c2c: baseline; text-reader: a LoRA reader of a "
+        "text channel (--channel), trained as the LCF-X adapter is, the control LCF-X must beat",
     )
     p.add_argument(
         "--task",
         default=d.task,
         help="training task: a task, a variant or a mix (see lcflow.tasks: facts-same, facts-cross, facts-twohop, facts-cross-words, facts-mix-words, ...)",
+    )
+    p.add_argument(
+        "--task-file",
+        default=d.task_file,
+        help="train on your own samples instead of --task: JSONL, one object per line with "
+        "sharer_context, receiver_context, question, answers (the format `lcflow eval --task-file` "
+        "reads); --validation of it is held out and written to OUT/validation.jsonl",
+    )
+    p.add_argument(
+        "--validation",
+        type=float,
+        default=d.validation,
+        help="with --task-file: the share of samples held out (seeded), never trained on",
     )
     p.add_argument("--steps", type=int, default=d.steps, help="optimizer steps")
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="samples per optimizer step")
@@ -71,8 +90,16 @@ def register(subparsers) -> None:
     p.add_argument(
         "--init-adapter",
         default=d.init_adapter,
-        help="LCF-X span packet: refine this adapter (from `lcflow align --adapter-out`) by distillation",
+        help="LCF-X span packet: refine this adapter (from `lcflow align --adapter-out`) by distillation; "
+        "text-reader with --channel forward-selected: the LCF-X adapter whose selection is forwarded",
     )
+    p.add_argument(
+        "--channel",
+        choices=["forward-selected", "forward"],
+        default=d.channel,
+        help="text-reader: what it reads, the sentences the LCF-X adapter selects or the whole document",
+    )
+    p.add_argument("--rank", type=int, default=d.rank, help="text-reader: LoRA rank r (alpha = 2r)")
     p.add_argument(
         "--kl-weight",
         type=float,
@@ -106,7 +133,11 @@ def register(subparsers) -> None:
 def run(args) -> int:
     names = {f.name for f in fields(TrainConfig)}
     cfg = TrainConfig(**{k: v for k, v in vars(args).items() if k in names})
-    if cfg.mode == "c2c":
+    if cfg.mode == "text-reader":
+        from lcflow.reader_training import ReaderTrainer
+
+        out = ReaderTrainer(cfg).run()
+    elif cfg.mode == "c2c":
         from lcflow.c2c_training import train_c2c
 
         out = train_c2c(cfg)

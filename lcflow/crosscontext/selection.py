@@ -218,6 +218,19 @@ def tokens_by_sentence(token_spans: torch.Tensor, text: str) -> list[list[int]]:
     return [g for g in groups if g]
 
 
+def selected_sentences(text: str, token_spans: torch.Tensor, positions: torch.Tensor) -> str:
+    """The whole sentences of `text` that hold any of the token `positions` (spans [T, 2] over
+    `text`), in document order, joined by a space: a span selection forwarded as text."""
+    bounds = sentence_spans(text)
+    chosen: set[int] = set()
+    for position in positions.tolist():
+        start, end = token_spans[position].tolist()
+        if end <= start:
+            continue  # BOS and other tokens with no text
+        chosen.update(i for i, (s, e) in enumerate(bounds) if start < e and end > s)
+    return " ".join(text[bounds[i][0] : bounds[i][1]].strip() for i in sorted(chosen))
+
+
 def top_sentences(
     scores: torch.Tensor, token_spans: torch.Tensor, text: str, m: int, per_token: bool = False
 ) -> torch.Tensor:
