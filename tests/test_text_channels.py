@@ -142,20 +142,28 @@ def test_training_on_a_task_file_holds_out_and_records_a_validation_split(tiny_p
     from lcflow.reader_training import ReaderTrainer
 
     task_file = write_task_file(tmp_path / "mine.jsonl", 10)
-    cfg = reader_config(tmp_path / "reader", steps=3, channel="forward", task_file=str(task_file), validation=0.2)
+    cfg = reader_config(
+        tmp_path / "reader", steps=3, channel="forward", task_file=str(task_file), validation=0.2
+    )
     trainer = ReaderTrainer(cfg, *tiny_pair)
     split = json.loads((tmp_path / "reader" / "split.json").read_text())
     assert len(split["train"]) == 8 and len(split["validation"]) == 2
     assert not set(split["train"]) & set(split["validation"])
     assert {s.id for s in trainer.samples} <= set(split["train"])  # never a held-out sample
     assert len(trainer.samples) == 6 and trainer.data["epochs"] == 0.75
-    held = [json.loads(line)["id"] for line in (tmp_path / "reader" / "validation.jsonl").read_text().splitlines()]
+    held = [
+        json.loads(line)["id"] for line in (tmp_path / "reader" / "validation.jsonl").read_text().splitlines()
+    ]
     assert held == split["validation"]
     trainer.run()
-    assert json.loads((tmp_path / "reader" / "reader_config.json").read_text())["training"]["train_samples"] == 8
+    assert (
+        json.loads((tmp_path / "reader" / "reader_config.json").read_text())["training"]["train_samples"] == 8
+    )
 
 
-def test_eval_runs_every_text_channel_beside_lcfx_on_the_same_samples(tiny_pair, tiny_dir, span_dir, tmp_path):
+def test_eval_runs_every_text_channel_beside_lcfx_on_the_same_samples(
+    tiny_pair, tiny_dir, span_dir, tmp_path
+):
     from lcflow.reader_training import ReaderTrainer
 
     readers = {}
