@@ -38,6 +38,11 @@ from lcflow.proto_gen.lcflow.v1 import lcflow_pb2_grpc as pb_grpc
 from lcflow.security import AUTH_HEADER, ClientSecurity, TokenFile
 
 MODE_NAMES = {"lcf": pb.LCF, "lcfx": pb.LCF_X, "c2c": pb.C2C, "text": pb.TEXT, "none": pb.NONE}
+TEXT_CHANNEL_NAMES = {
+    "note": pb.TEXT_CHANNEL_NOTE,
+    "forward": pb.TEXT_CHANNEL_FORWARD,
+    "forward-selected": pb.TEXT_CHANNEL_FORWARD_SELECTED,
+}
 
 
 def summary_stages(timings: pb.StageTimings) -> list[str]:
@@ -91,13 +96,18 @@ def handoff_request(
     seed: int | None = None,
     request_id: str = "",
     adapter: str = "",
+    text_channel: str = "note",
 ) -> pb.HandoffRequest:
     """The HandoffRequest for these options. The sharer's context is `session_id` (an open
     session, `open_session` / `session`) or else `context`; `mode` is one of MODE_NAMES;
     `adapter` names one inside the services' --adapters (unset: their --adapter when its mode is
-    `mode`, else their best-measured one of that mode; the summary's `adapter` says which ran)."""
+    `mode`, else their best-measured one of that mode; the summary's `adapter` says which ran).
+    `text_channel` (mode "text"): "note", "forward" (the whole context) or "forward-selected"
+    (the sentences an LCF-X span packet would carry, chosen with that adapter)."""
     if mode not in MODE_NAMES:
         raise ValueError(f"mode must be one of {list(MODE_NAMES)}, not {mode!r}")
+    if text_channel not in TEXT_CHANNEL_NAMES:
+        raise ValueError(f"text_channel must be one of {list(TEXT_CHANNEL_NAMES)}, not {text_channel!r}")
     generation = pb.GenerationSettings(
         max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, stop=stop or []
     )
@@ -109,6 +119,7 @@ def handoff_request(
         mode=MODE_NAMES[mode],
         generation=generation,
         request_id=request_id,
+        text_channel=TEXT_CHANNEL_NAMES[text_channel],
     )
     if adapter:
         request.adapter = adapter

@@ -27,6 +27,7 @@ from lcflow.metrics import mean_with_ci
 STAGE_ORDER = (
     "queue",
     "sharer_prefill",
+    "select",
     "message_generate",
     "encode",
     "pack",

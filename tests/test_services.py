@@ -148,6 +148,55 @@ def test_span_packet_lcfx_through_both_services(tiny_pair, tmp_path_factory, spa
         running.stop()
 
 
+def test_text_channels_through_both_services(tiny_pair, tmp_path_factory, spans):
+    """TEXT on each channel: the note, the context forwarded, and the sentences the span adapter
+    selects forwarded; each answer is the in-process one, and bytes_wire is the text sent. A slot
+    adapter has no sentences to forward: FAILED_PRECONDITION; an unknown channel: INVALID_ARGUMENT."""
+    from lcflow.handoff import GenerationSettings, Receiver, Sharer, reader_contexts
+
+    (ms, ts), (mr, tr) = tiny_pair
+    adapter_dir = make_adapter_dir(tiny_pair, tmp_path_factory, "lcfx", packet="spans")
+    running = Pair(tiny_pair, adapter_dir, "lcfx", spans)
+    adapter = LatentAdapter.from_pretrained(adapter_dir)
+    sharer, receiver = Sharer(ms, ts, adapter.encoder, adapter.config), Receiver(mr, tr)
+    document = " ".join(
+        f"{name} lives in {city}." for name, city in zip("ABCDEFGH", ["Oslo", "Rome"] * 4, strict=True)
+    )
+    try:
+        selected = sharer.selected_text(sharer.prefill(document), PROMPT)
+        for channel, sent in (("forward", document), ("forward-selected", selected)):
+            result = running.client.handoff(
+                PROMPT, mode="text", text_channel=channel, context=document,
+                receiver_context=RECEIVER_CONTEXT, max_new_tokens=5,
+            )  # fmt: skip
+            prepared = receiver.prepare_plain(PROMPT, reader_contexts(sent, RECEIVER_CONTEXT))
+            assert result.answer == receiver.generate(prepared, GenerationSettings(5))
+            assert result.summary.bytes_wire == len(sent.encode()) > 0
+            assert result.summary.timings.HasField("select") == (channel == "forward-selected")
+            assert result.summary.adapter == ("" if channel == "forward" else adapter_dir.name)
+        assert 0 < len(selected) < len(document)  # a selection (4 positions), not the whole document
+        note = running.client.handoff(PROMPT, mode="text", context=CONTEXT, max_new_tokens=5)
+        assert note.summary.timings.message_generate > 0 and not note.summary.timings.HasField("select")
+        request = running.client.request(PROMPT, mode="text", context=CONTEXT)
+        request.text_channel = 7
+        with pytest.raises(grpc.RpcError) as err:
+            list(running.sharer_stub.Handoff(request, timeout=30))
+        assert (
+            err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "text_channel 7" in err.value.details()
+        )
+    finally:
+        running.stop()
+    slots = Pair(tiny_pair, make_adapter_dir(tiny_pair, tmp_path_factory, "lcfx"), "lcfx", spans)
+    try:
+        with pytest.raises(grpc.RpcError) as err:
+            slots.client.handoff(PROMPT, mode="text", text_channel="forward-selected", context=CONTEXT)
+        assert (
+            err.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "packs slots" in err.value.details()
+        )
+    finally:
+        slots.stop()
+
+
 # --- every mode --------------------------------------------------------------------------------
 
 

@@ -151,7 +151,7 @@ def register(subparsers) -> None:
         "--services",
         metavar="SHARER_HOST:PORT",
         help=(
-            "time the methods the services serve (receiver, text, lcf, lcfx) through the running "
+            "time the methods the services serve (receiver, text, forward, forward-selected, lcf, lcfx) through the running "
             "sharer at this address instead of in-process; start both services with the same adapter first"
         ),
     )
@@ -361,7 +361,15 @@ def _load_into(plan: EvalPlan, args, models: EvalModels, ids: tuple, method: str
 # --- measuring -------------------------------------------------------------------------------------
 
 
-SERVICE_MODES = {"receiver": "none", "text": "text", "lcf": "lcf", "lcfx": "lcfx"}
+# method -> (mode, text channel) of the Handoff RPC that runs it through the services
+SERVICE_MODES = {
+    "receiver": ("none", "note"),
+    "text": ("text", "note"),
+    "forward": ("text", "forward"),
+    "forward-selected": ("text", "forward-selected"),
+    "lcf": ("lcf", "note"),
+    "lcfx": ("lcfx", "note"),
+}
 
 
 def evaluate_through_services(
@@ -374,7 +382,8 @@ def evaluate_through_services(
     sessions: bool = False,
 ) -> list[SampleOutcome]:
     """`--services SHARER_HOST:PORT`: the methods the running services serve (receiver = NONE,
-    text, lcf, lcfx: whichever the served adapter supports) go through the real Handoff RPC and
+    text, forward and forward-selected = TEXT on that channel, lcf, lcfx: whichever the served
+    adapters support) go through the real Handoff RPC and
     take their stage timings from its summary (pack, transfer and unpack included); the others
     stay in-process. With `sessions`, each sample's sharer context is opened as a session first
     (untimed: an agent's context is already prefilled) and the served methods hand off from it."""
@@ -393,9 +402,11 @@ def evaluate_through_services(
             if method not in SERVICE_MODES:
                 outcomes.append(run_sample(method, models, sample, settings))
                 continue
+            mode, channel = SERVICE_MODES[method]
             result = client.handoff(
                 question_prompt(sample.question),
-                mode=SERVICE_MODES[method],
+                mode=mode,
+                text_channel=channel,
                 context=sample.sharer_context,
                 session_id=session_id,
                 receiver_context=sample.receiver_context,

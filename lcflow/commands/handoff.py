@@ -8,6 +8,7 @@ from pathlib import Path
 
 from lcflow.cli import UsageError
 from lcflow.client import MODE_NAMES
+from lcflow.names import TEXT_CHANNELS
 from lcflow.security import add_client_security_flags, client_security_from_args
 
 
@@ -27,6 +28,14 @@ def register(subparsers) -> None:
     p.add_argument("--receiver-context", default="", help="text the receiver sees on its own")
     p.add_argument(
         "--mode", choices=list(MODE_NAMES), default="lcfx", help="lcf, lcfx, c2c (the baseline), text or none"
+    )
+    p.add_argument(
+        "--text-channel",
+        choices=TEXT_CHANNELS,
+        default="note",
+        help="with --mode text: what the sharer sends, a one-sentence note, its whole context "
+        "(forward), or the sentences an LCF-X span packet would carry (forward-selected; needs an "
+        "LCF-X span or bridge adapter on the sharer, chosen as --adapter says)",
     )
     p.add_argument(
         "--adapter",
@@ -75,6 +84,7 @@ def run(args) -> int:
             top_p=args.top_p,
             seed=args.seed,
             adapter=args.adapter,
+            text_channel=args.text_channel,
         ):
             if event.HasField("text"):
                 print(event.text.text, end="", flush=True)

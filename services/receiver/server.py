@@ -27,7 +27,7 @@ import torch
 from opentelemetry import context as otel_context
 
 from lcflow.adapter import LatentAdapter
-from lcflow.handoff import Latents, PreparedInput, Receiver, text_contexts
+from lcflow.handoff import Latents, PreparedInput, Receiver, reader_contexts, text_contexts
 from lcflow.kv import ModelIdentity
 from lcflow.names import LATENT_MODES, SAME_CONTEXT_MODES
 from lcflow.proto_gen.lcflow.v1 import lcflow_pb2 as pb
@@ -160,6 +160,8 @@ class ReceiverService(ModelService, pb_grpc.ReceiverServicer):
         else:
             if mode == "text":
                 check_text("text_message", request.text_message, self.config, required=False)  # may be empty
+                if request.text_channel not in pb.TextChannel.values():
+                    raise invalid(f"text_channel {request.text_channel} is not a channel this receiver knows")
             self._expect_end(messages, f"a {mode_name(request.mode)} ReceiverRequest")
         prefilled = early.result() if early is not None else None
         with torch.inference_mode():
@@ -410,6 +412,10 @@ class ReceiverService(ModelService, pb_grpc.ReceiverServicer):
                 prepared = receiver.prepare_c2c(latents, request.context_text, prompt, prefilled=prefilled)
             elif mode == "lcfx":
                 prepared = receiver.prepare_lcfx(latents, prompt, receiver_context)
+            elif mode == "text" and request.text_channel != pb.TEXT_CHANNEL_NOTE:  # forwarded text
+                prepared = receiver.prepare_plain(
+                    prompt, reader_contexts(request.text_message, receiver_context)
+                )
             elif mode == "text":
                 prepared = receiver.prepare_plain(
                     prompt, text_contexts(receiver_context, request.text_message)

@@ -42,6 +42,7 @@ from lcflow.serving import (
     check_tokens,
     describe_texts,
     generation_settings,
+    invalid,
     keepalive_options,
     load_adapter_half,
     load_model_for,
@@ -300,6 +301,22 @@ class SharerService(ModelService, pb_grpc.SharerServicer):
                     shared = self._prefill(engine, context_text)
             elif shared is None:
                 self._check_context_tokens(engine, context_text)  # refused before the receiver is called
+        elif mode == "text" and request.text_channel == pb.TEXT_CHANNEL_FORWARD_SELECTED:
+            # the sentences an LCF-X span packet would carry: that adapter's selection needs the KV
+            choice = self._choose_adapter(request, "lcfx")
+            engine = held.enter_context(self.adapters.lease(choice.entry))
+            engine.require_adapter("lcfx")
+            if engine.adapter.config.packet not in ("spans", "bridge"):
+                raise ServiceError(
+                    grpc.StatusCode.FAILED_PRECONDITION,
+                    f"TEXT_CHANNEL_FORWARD_SELECTED forwards what an LCF-X span packet selects, but "
+                    f"adapter {choice.name} packs slots; name a span or bridge adapter",
+                )
+            shared = self._session_context(request)
+            context_text = shared.text if shared is not None else self._context_text(request)
+            if shared is None:
+                with torch.inference_mode():
+                    shared = self._prefill(engine, context_text)
         elif mode == "text":  # the message is written from the text; no KV is needed
             context_text = self._context_text(request)
         receiver_request = pb.ReceiverRequest(
@@ -314,10 +331,12 @@ class SharerService(ModelService, pb_grpc.SharerServicer):
         else:
             receiver_request.prompt_text = prompt
         if mode == "text":
+            receiver_request.text_channel = request.text_channel
             with self.tracer.start_as_current_span("sharer.message") as span, torch.inference_mode():
-                begin = time.perf_counter()
-                receiver_request.text_message = engine.sharer.write_message(context_text, prompt)
-                timings["message_generate"] = (time.perf_counter() - begin) * 1000
+                receiver_request.text_message = self._text_message(
+                    engine, request.text_channel, context_text, prompt, shared, timings
+                )
+                span.set_attribute("lcflow.text_channel", pb.TextChannel.Name(request.text_channel))
                 span.set_attribute("lcflow.message.chars", len(receiver_request.text_message))
         stream = _LatentStream(
             self, engine, mode, receiver_request, shared, receiver_view(receiver_context, prompt)
@@ -326,6 +345,7 @@ class SharerService(ModelService, pb_grpc.SharerServicer):
         stream.prefill = lambda: self._prefill(engine, context_text, checked=True)
         if choice is not None:
             stream.adapter_name, stream.adapter_wire_name = choice.name, choice.wire_name
+        if choice is not None and mode in LATENT_MODES:
             stream.codec, stream.codec_reason = self._codec_for(choice, mode)
         call = self.receiver_stub().Receive(stream.messages(), timeout=context.time_remaining())
         context.add_callback(call.cancel)  # client gone: cancel downstream too
@@ -348,6 +368,25 @@ class SharerService(ModelService, pb_grpc.SharerServicer):
             call.cancel()
             stream.stop()
         return summary
+
+    @staticmethod
+    def _text_message(engine, channel: int, context_text: str, prompt: str, shared, timings) -> str:
+        """TEXT mode's message on `channel`, timing what it costs (message_generate or select)."""
+        begin = time.perf_counter()
+        if channel == pb.TEXT_CHANNEL_FORWARD:
+            return context_text
+        if channel == pb.TEXT_CHANNEL_FORWARD_SELECTED:
+            text = engine.sharer.selected_text(shared, prompt)
+            timings["select"] = (time.perf_counter() - begin) * 1000
+            return text
+        if channel != pb.TEXT_CHANNEL_NOTE:
+            raise invalid(
+                f"text_channel {channel} is not a channel this server knows: choose TEXT_CHANNEL_NOTE, "
+                "TEXT_CHANNEL_FORWARD or TEXT_CHANNEL_FORWARD_SELECTED"
+            )
+        note = engine.sharer.write_message(context_text, prompt)
+        timings["message_generate"] = (time.perf_counter() - begin) * 1000
+        return note
 
     def _codec_for(self, choice: Choice, mode: str) -> tuple[CodecConfig, str]:
         """The wire codec for a `mode` handoff with this adapter, and why.
@@ -472,7 +511,10 @@ class _LatentStream:
         self.error: BaseException | None = None
         self.done = threading.Event()
         self._stopping = threading.Event()  # set by stop(): no further torch work is started
-        self._busy = threading.Lock()  # held while prefilling or encoding
+        # Held while the latent generator runs (prefilling, encoding, packing), never across a
+        # yield; reentrant, for the torch work inside it (_torch_work).
+        self._busy = threading.RLock()
+        self._latent_messages = None  # the _latents generator, once started
         self.context_text = ""  # for the log line (its size only, unless --log-content)
         self.adapter_name = ""  # the adapter that encodes, for the summary and the trace
         self.adapter_wire_name = ""  # the name passed on to the receiver (Choice.wire_name)
@@ -481,11 +523,14 @@ class _LatentStream:
         self.wire_stats = None  # the writer's counts once the latents went out (for the link meter)
 
     def stop(self) -> None:
-        """Start no further prefill or encode, and wait for the one running (if any) to finish:
-        gRPC cannot interrupt the generator, and the handoff's slot and lease must outlast it."""
+        """Start no further prefill or encode, wait for the step running (if any) to finish, and
+        close the latent generator here: gRPC cannot interrupt it, may never resume it once the
+        call is over, and the handoff's slot, lease and trace (its sharer.stream span) must all
+        outlast it."""
         self._stopping.set()
         with self._busy:
-            pass
+            if self._latent_messages is not None:
+                self._latent_messages.close()  # ends its span now, not whenever it is collected
 
     @contextlib.contextmanager
     def _torch_work(self):
@@ -500,7 +545,15 @@ class _LatentStream:
         try:
             yield pb.LatentMessage(request=self.request)
             if self.mode in LATENT_MODES:
-                yield from self._latents()
+                self._latent_messages = self._latents()
+                while True:
+                    with self._busy:  # one step of the generator: stop() waits for it, or closes it
+                        if self._stopping.is_set():
+                            raise _StreamStopped
+                        message = next(self._latent_messages, None)
+                    if message is None:
+                        break
+                    yield message
         except _StreamStopped:
             pass  # the handoff is over (stop()): end the stream quietly
         except Exception as err:  # reported by Handoff; ending the stream makes the receiver stop
