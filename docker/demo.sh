@@ -7,7 +7,7 @@
 # Exits non-zero when any step or check fails; 77 (and nothing else) when Docker cannot run here at
 # all (no dockerd, not root, dockerd does not start, no compose tool), so a test can skip. Checks: the demo container exits 0 and answered
 # every question of both parts (cross-context through LCF-X, same-context through LCF, each beside
-# TEXT, from one pair of services serving every adapter in the image), and one LCF-X handoff's trace has spans from all three of
+# the note and the other text channels, from one pair of services serving every adapter in the image), and one LCF-X handoff's trace has spans from all three of
 # lcflow-demo, lcflow-sharer and lcflow-receiver (the services print their spans to their logs).
 #
 # Kept between runs, so a second run is quick: the images (an unchanged rebuild is all cache)
@@ -186,8 +186,9 @@ check() {  # check DESCRIPTION COMMAND...
 }
 check "demo container exit status 0" [ "$demo_status" = 0 ]
 # Cross-context questions go through LCF-X, same-context ones through LCF (the services serve
-# every adapter in the image), each beside TEXT: an answer line per question (indented), and one
-# summary line per part and mode ("facts-cross  LCFX: ...", not indented).
+# every adapter in the image), each beside the note (and cross-context beside FORWARD and
+# SELECTED too): an answer line per question (indented), and one summary line per part and
+# channel ("facts-cross     LCFX: ...", not indented).
 cross=$(grep -c '^ *LCFX: ' "$out/demo-output.txt" || true)
 same=$(grep -c '^ *LCF: ' "$out/demo-output.txt" || true)
 questions=$(grep -c '^question:' "$out/demo-output.txt" || true)
@@ -196,8 +197,10 @@ check "the demo asked questions in both parts ($cross cross-context, $same same-
   [ "$cross" -gt 0 -a "$same" -gt 0 -a "$questions" = $((cross + same)) ]
 if [ -n "$n" ]; then check "as many cross-context ones as --n $n" [ "$cross" = "$n" ]; fi
 if [ -n "$same_n" ]; then check "as many same-context ones as --same-n $same_n" [ "$same" = "$same_n" ]; fi
-check "a TEXT answer for each question and in each part's summary" \
-  [ "$(grep -c " TEXT: " "$out/demo-output.txt" || true)" = $((questions + parts)) ]
+check "a NOTE answer for each question and in each part's summary" \
+  [ "$(grep -c " NOTE: " "$out/demo-output.txt" || true)" = $((questions + parts)) ]
+check "a FORWARD and a SELECTED answer for each cross-context question" \
+  [ "$(grep -c '^ *FORWARD: ' "$out/demo-output.txt" || true)" = "$cross" -a "$(grep -c '^ *SELECTED: ' "$out/demo-output.txt" || true)" = "$cross" ]
 trace=$(sed -n 's/^ *LCFX: .* trace \([0-9a-f]\{32\}\)$/\1/p' "$out/demo-output.txt" | head -n 1)
 check "an LCF-X handoff printed its trace id (${trace:-none})" [ -n "$trace" ]
 for service in demo sharer receiver; do

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import re
 from dataclasses import dataclass
 
 import torch
@@ -211,14 +212,18 @@ def span_adapter(sharer, receiver, alignment, slots: int, selection: str = "sent
 
 def check_demo_output(out: str, questions: int, same: int = 0) -> None:
     """What `lcflow demo` prints for its questions, wherever it runs (two local processes, or
-    `--sharer` against the compose services): each question with its expected answer, a TEXT and
-    an LCF-X answer line for each cross-context one (a TEXT and an LCF line for each of `same`
-    same-context ones), each with its trace id, and one summary line per part and mode."""
+    `--sharer` against the compose services): each question with its expected answer; for each
+    cross-context one a NOTE, FORWARD, SELECTED and LCFX answer line, for each of `same`
+    same-context ones a NOTE and an LCF line, each with its trace id; and one summary line per
+    part and channel."""
     parts = 1 + (same > 0)
     assert out.count("question:") == questions + same and out.count("expected:") == questions + same, out
-    assert out.count(" TEXT: ") == questions + same + parts and out.count(" LCFX: ") == questions + 1, out
-    assert out.count("  LCF: ") == (same + 1 if same else 0), out
-    assert out.count("sooner than TEXT") == questions + same and "trace " in out, out
+    assert out.count("     NOTE: ") == questions + same + parts, out
+    for label in ("FORWARD", "SELECTED", "LCFX"):
+        assert out.count(f" {label}: ") == questions + 1, (label, out)
+    assert out.count("      LCF: ") == (same + 1 if same else 0), out
+    assert len(re.findall(r" trace [0-9a-f]{32}$", out, re.M)) == 4 * questions + 2 * same, out
+    assert "median time to first token" in out and "docs/results.md" in out, out
     if not same:
         assert "the same-context part is skipped" in out, out
 

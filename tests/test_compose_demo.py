@@ -27,7 +27,7 @@ from helpers import check_demo_output, console_spans
 
 ROOT = Path(__file__).resolve().parent.parent
 DEMO = ROOT / "docker" / "demo.sh"
-QUESTIONS = 1  # enough for the checks: each costs a TEXT handoff, ~2-3 min on 2 busy CPU cores
+QUESTIONS = 1  # enough for the checks: each costs a note, ~2-3 min on 2 busy CPU cores
 SERVICES = {"lcflow-demo", "lcflow-sharer", "lcflow-receiver"}
 
 

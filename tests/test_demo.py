@@ -1,4 +1,4 @@
-"""`lcflow demo` end to end with tiny models: two real service processes, TEXT vs LCF-X."""
+"""`lcflow demo` end to end with tiny models: two real service processes, every text channel beside LCF-X."""
 
 import shutil
 import subprocess
@@ -20,12 +20,13 @@ def tiny_adapter(tiny_dir, tmp_path_factory):
     sharer_dir, receiver_dir = tiny_dir("llama", 300, 3), tiny_dir("gemma3", 400, 2)
     s, r = load_tiny(sharer_dir), load_tiny(receiver_dir)
     adapters = tmp_path_factory.mktemp("demo-adapters")
-    for mode in ("lcfx", "lcf"):
+    for mode, options in (("lcfx", {"packet": "spans"}), ("lcf", {})):  # spans: SELECTED has sentences
         adapter = LatentAdapter.for_models(
-            mode, model_identity(*s), model_identity(*r), bottleneck=16, slots=4
+            mode, model_identity(*s), model_identity(*r), bottleneck=16, slots=4, **options
         )
-        up = next(p for n, p in adapter.named_parameters() if n.endswith("up.weight"))
-        torch.nn.init.normal_(up, std=0.3)
+        for name, weight in adapter.named_parameters():  # latents that move the answer
+            if name.endswith("up.weight") or (mode == "lcfx" and weight.dim() == 2):
+                torch.nn.init.normal_(weight, std=0.3)
         adapter.save_pretrained(adapters / f"tiny-{mode}")
     return sharer_dir, receiver_dir, adapters
 
@@ -39,7 +40,7 @@ def demo_command(tiny_adapter, run_dir, *extra: str) -> list[str]:
 
 
 def test_demo_runs_every_mode_from_one_pair_of_services(tiny_adapter, tmp_path):
-    """Cross-context questions through LCF-X and same-context ones through LCF, each beside TEXT,
+    """Cross-context questions through LCF-X and same-context ones through LCF, each beside the note,
     from one sharer and one receiver process serving the adapters directory."""
     _, _, adapters = tiny_adapter
     command = demo_command(tiny_adapter, tmp_path / "run", "--adapters", str(adapters), "--same-n", "1")

@@ -14,11 +14,11 @@ def register(subparsers) -> None:
     d = DemoOptions()
     p = subparsers.add_parser(
         "demo",
-        help="run the sharer and receiver on loopback and compare text with latent handoff",
+        help="run the sharer and receiver on loopback and compare every text channel with latent handoff",
         description="Provision the demo models if needed, start the sharer and the receiver as two processes "
-        "(serving the repository's adapters), ask cross-context questions in TEXT and LCF_X mode and, where "
-        "an LCF adapter fits the pair, same-context ones in TEXT and LCF mode; print answers, scores and "
-        "timings, stop both.",
+        "(serving the repository's adapters), ask cross-context questions through the note, the document "
+        "forwarded, the sentences LCF-X selects forwarded, and LCF_X and, where an LCF adapter fits the "
+        "pair, same-context ones through the note and LCF; print answers, scores, bytes and timings, stop both.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("--sharer-model", default=d.sharer_model, help="sharer model (name, directory or hub id)")
@@ -35,12 +35,12 @@ def register(subparsers) -> None:
         "repository's adapters/); the same-context part uses an LCF adapter from it",
     )
     p.add_argument("--sharer", default=d.sharer, help="HOST:PORT of running services: only ask the questions")
-    p.add_argument("--n", type=int, default=d.n, help="how many cross-context questions (TEXT vs LCF-X)")
+    p.add_argument("--n", type=int, default=d.n, help="how many cross-context questions (each through every channel)")
     p.add_argument(
         "--same-n",
         type=int,
         default=d.same_n,
-        help="how many same-context questions (TEXT vs LCF), where the services hold an LCF adapter for "
+        help="how many same-context questions (the note and LCF), where the services hold an LCF adapter for "
         "the pair; 0 skips them",
     )
     p.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens, help="longest answer, in tokens")
