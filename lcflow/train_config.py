@@ -33,6 +33,9 @@ class TrainConfig:
     slots: int = 32
     receiver_aware: bool = True
     layer_map: str = "monotonic"
+    # LCF-X without init_adapter: "spans" runs the whole span recipe (lcflow.lcfx_recipe:
+    # alignment, heads, distillation); "slots" trains the pooled slot packet from scratch.
+    packet: str = "spans"
     checkpoint_every: int = 50
     device: str = "auto"
     # Span-packet LCF-X: start from this adapter (`lcflow align --adapter-out`) and distil from

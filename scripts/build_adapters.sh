@@ -11,6 +11,8 @@
 #   DIRECTIONS=smollm2-pair bash scripts/build_adapters.sh  # SmolLM2 -> SmolLM2 span LCF-X (a reader for Gemma3 -> SmolLM2)
 #   DIRECTIONS=twohop bash scripts/build_adapters.sh    # Gemma3 -> Gemma3 LCF-X refined for two hops (needs spans)
 #   DIRECTIONS=bridge-twohop bash scripts/build_adapters.sh  # the SmolLM2 -> Gemma3 bridge reading with that (needs bridge, twohop)
+#   DIRECTIONS=readers bash scripts/build_adapters.sh   # the text readers LCF-X is compared with (needs spans)
+#   DIRECTIONS=recipe bash scripts/build_adapters.sh    # Gemma3 -> Gemma3 span LCF-X in one command (lcflow train --mode lcfx)
 # These are the settings the shipped adapters were built with. On the 2-core CPU development
 # machine, SmolLM2 -> Gemma3 took 13 min (LCF) and 18 min (C2C); the other times are in the
 # model cards and in the comments below.
@@ -226,6 +228,31 @@ build_bridge_twohop() {
     --adapter-lcfx "$out" --out "$RUNS/$pair-eval-twohop-bridge-twohop"
 }
 
+# build_readers: the text readers of Gemma3 -> Gemma3 (lcflow.adapter.reader: LoRA on the receiver),
+# trained with the LCF-X adapter's own data, steps, batch, learning rate and loss (its card's
+# `training`), reading the sentences its selection holds (reader-selected) or the whole document
+# (reader-forward): the controls that decide whether the latents add anything (docs/results.md).
+build_readers() {
+  local pair=gemma3-to-gemma3 lcfx="$A/gemma3-to-gemma3-lcfx"
+  for channel in forward-selected forward; do
+    local name=reader-${channel#forward-}
+    [ "$channel" = forward ] && name=reader-forward
+    lcflow train --sharer "$GEMMA" --receiver "$GEMMA" --mode text-reader --channel "$channel" \
+      --init-adapter "$lcfx" --task facts-cross-words --steps 120 --batch-size 16 --lr 3e-4 \
+      --kl-weight 0.25 --checkpoint-every 10 --out "$RUNS/$pair-$name"
+    mkdir -p "$A/$pair-$name"
+    cp "$RUNS/$pair-$name"/{adapter_config.json,adapter_model.safetensors,reader_config.json,train_log.json,loss_curve.png} \
+      "$A/$pair-$name/"
+  done
+}
+
+# build_recipe: the one-command span LCF-X recipe (lcflow.lcfx_recipe: alignment, retrieval heads
+# chosen on training samples, distillation), as a user runs it on their own data with --task-file.
+build_recipe() {
+  lcflow train --sharer "$GEMMA" --receiver "$GEMMA" --mode lcfx --task facts-cross-words --steps 120 \
+    --batch-size 16 --lr 3e-4 --kl-weight 0.25 --checkpoint-every 10 --out "$RUNS/gemma3-to-gemma3-recipe"
+}
+
 for direction in $DIRECTIONS; do
   case $direction in
     forward) build_direction smollm2-to-gemma3 "$SMOL" "$GEMMA" yes ;;
@@ -237,6 +264,8 @@ for direction in $DIRECTIONS; do
     reverse-bridge) build_bridge gemma3-to-smollm2 "$GEMMA" "$A/smollm2-to-smollm2-lcfx" ;;
     same-model) build_same_model ;;
     smollm2-pair) build_smollm2_pair ;;
-    *) echo "unknown direction '$direction' (use forward, reverse, spans, bridge, reverse-bridge, same-model, smollm2-pair, twohop and/or bridge-twohop)" >&2; exit 2 ;;
+    readers) build_readers ;;
+    recipe) build_recipe ;;
+    *) echo "unknown direction '$direction' (use forward, reverse, spans, bridge, reverse-bridge, same-model, smollm2-pair, twohop, bridge-twohop, readers and/or recipe)" >&2; exit 2 ;;
   esac
 done

@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import statistics
 import time
 from pathlib import Path
 
@@ -79,11 +78,9 @@ def held_out_documents(count: int) -> list[str]:
     return docs[:count]
 
 
-def mean_r2(r2: dict) -> float:
-    return statistics.fmean((v["k"] + v["v"]) / 2 for v in r2.values())
-
-
 def r2_table(results: dict[int, dict]) -> str:
+    from lcflow.crosscontext.alignment import mean_r2  # here: `lcflow --help` must not import torch
+
     windows = sorted(results)
     header = "| receiver layer | " + " | ".join(f"window {w}: K / V" for w in windows) + " |"
     lines = [header, "| --- |" + " --- |" * len(windows)]
@@ -105,9 +102,11 @@ def run(args) -> int:
         fit_alignment,
         held_out_r2,
         identity_alignment,
+        mean_r2,
     )
     from lcflow.crosscontext.corpus import alignment_corpus
     from lcflow.kv import kv_spec
+    from lcflow.lcfx_recipe import span_adapter_from_alignment
     from lcflow.provision.loading import load_model_and_tokenizer
 
     if args.threads:
@@ -130,7 +129,15 @@ def run(args) -> int:
             alignment = identity_alignment(kv_spec(sharer[0].config))
         else:
             alignment = KVAlignment.from_pretrained(args.from_alignment)
-        adapter = span_adapter_from_alignment(alignment, sharer, receiver, sharer_name, receiver_name, args)
+        adapter = span_adapter_from_alignment(
+            alignment,
+            sharer,
+            receiver,
+            (sharer_name, receiver_name),
+            args.layer_map,
+            args.slots,
+            args.selection,
+        )
         adapter.save_pretrained(args.adapter_out)
         print(f"saved an LCF-X span adapter (m={args.slots}, {args.selection}) to {args.adapter_out}")
         return 0
@@ -172,39 +179,15 @@ def run(args) -> int:
     print(table)
     print(f"saved the window-{best} alignment to {out}")
     if args.adapter_out:
-        adapter = span_adapter_from_alignment(alignment, sharer, receiver, sharer_name, receiver_name, args)
+        adapter = span_adapter_from_alignment(
+            alignment,
+            sharer,
+            receiver,
+            (sharer_name, receiver_name),
+            args.layer_map,
+            args.slots,
+            args.selection,
+        )
         adapter.save_pretrained(args.adapter_out)
         print(f"saved an LCF-X span adapter (m={args.slots}, {args.selection}) to {args.adapter_out}")
     return 0
-
-
-def span_adapter_from_alignment(alignment, sharer, receiver, sharer_name, receiver_name, args):
-    """An LCF-X span-packet adapter whose halves are the fitted alignment (no task training)."""
-    from lcflow.adapter import LatentAdapter
-    from lcflow.adapter.spans import load_alignment
-    from lcflow.kv import model_identity
-
-    adapter = LatentAdapter.for_models(
-        "lcfx",
-        model_identity(*sharer, name=sharer_name),
-        model_identity(*receiver, name=receiver_name),
-        layer_map_strategy=args.layer_map,
-        packet="spans",
-        slots=args.slots,
-        selection=args.selection,
-        bottleneck=alignment.config.bottleneck,
-        sharer_window=alignment.config.window,
-        receiver_aware=False,
-    )
-    load_alignment(adapter, alignment)
-    identity = not alignment.config.r2 and alignment.config.ridge == 0.0
-    adapter.config.training = {
-        "method": "the exact map (same model on both sides), no task training"
-        if identity
-        else "closed-form dense alignment (reduced-rank ridge), no task training",
-        "documents": alignment.config.documents,
-        "ridge": alignment.config.ridge,
-    }
-    if alignment.config.r2:
-        adapter.config.training["held_out_r2_mean"] = round(mean_r2(alignment.config.r2), 4)
-    return adapter

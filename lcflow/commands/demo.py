@@ -35,7 +35,9 @@ def register(subparsers) -> None:
         "repository's adapters/); the same-context part uses an LCF adapter from it",
     )
     p.add_argument("--sharer", default=d.sharer, help="HOST:PORT of running services: only ask the questions")
-    p.add_argument("--n", type=int, default=d.n, help="how many cross-context questions (each through every channel)")
+    p.add_argument(
+        "--n", type=int, default=d.n, help="how many cross-context questions (each through every channel)"
+    )
     p.add_argument(
         "--same-n",
         type=int,

@@ -1,5 +1,6 @@
 """`lcflow train`: train an LCF, LCF-X or C2C adapter, or a text reader, for a sharer/receiver pair.
 
+    lcflow train --sharer A --receiver B --mode lcfx --task-file mine.jsonl --out DIR   # the whole recipe
     lcflow train --sharer A --receiver B --mode lcfx --init-adapter ALIGNED --task facts-cross-words --out DIR
     lcflow train --sharer A --receiver B --mode text-reader --channel forward-selected \
         --init-adapter LCFX_DIR --task-file mine.jsonl --out READER_DIR
@@ -10,6 +11,7 @@ from __future__ import annotations
 import argparse
 from dataclasses import fields
 
+from lcflow.cli import UsageError
 from lcflow.names import WIRE_FORMS
 from lcflow.train_config import TrainConfig
 
@@ -88,6 +90,14 @@ def register(subparsers) -> None:
     )
     p.add_argument("--device", default=d.device, help="auto (cuda if present), cpu or cuda")
     p.add_argument(
+        "--packet",
+        choices=["spans", "slots"],
+        default=d.packet,
+        help="--mode lcfx without --init-adapter: spans runs the span recipe in one command (the closed-form "
+        "alignment, OUT/init; the sharer's retrieval heads chosen on training samples; the distillation), "
+        "each step resumable; slots trains the pooled slot packet from scratch (docs/lcfx.md: not readable)",
+    )
+    p.add_argument(
         "--init-adapter",
         default=d.init_adapter,
         help="LCF-X span packet: refine this adapter (from `lcflow align --adapter-out`) by distillation; "
@@ -133,6 +143,7 @@ def register(subparsers) -> None:
 def run(args) -> int:
     names = {f.name for f in fields(TrainConfig)}
     cfg = TrainConfig(**{k: v for k, v in vars(args).items() if k in names})
+    check_inputs(cfg)
     if cfg.mode == "text-reader":
         from lcflow.reader_training import ReaderTrainer
 
@@ -145,9 +156,35 @@ def run(args) -> int:
         from lcflow.crosscontext.distill import SpanDistillTrainer
 
         out = SpanDistillTrainer(cfg).run()
+    elif cfg.mode == "lcfx" and cfg.packet == "spans":
+        from lcflow.lcfx_recipe import train_lcfx
+
+        try:
+            out = train_lcfx(cfg)
+        except ValueError as err:
+            raise UsageError(str(err)) from err
     else:
         from lcflow.training import Trainer
 
         out = Trainer(cfg).run()
     print(f"adapter written to {out}")
     return 0
+
+
+def check_inputs(cfg: TrainConfig) -> None:
+    """Refuse a bad task file or setting in one message before any model loads."""
+    from pathlib import Path
+
+    if not 0 <= cfg.validation < 1:
+        raise UsageError(
+            f"--validation is the share of --task-file held out, in [0, 1); got {cfg.validation}"
+        )
+    if cfg.task_file:
+        from lcflow.tasks import load_task_file
+
+        if not Path(cfg.task_file).is_file():
+            raise UsageError(f"--task-file {cfg.task_file} does not exist; give a JSONL file of samples")
+        try:
+            load_task_file(cfg.task_file)
+        except ValueError as err:
+            raise UsageError(str(err)) from err

@@ -292,3 +292,8 @@ def held_out_r2(alignment: KVAlignment, sharer, receiver, documents: list[str]) 
         k, v = (1 - sse[t] / sst).tolist()
         r2[t] = {"k": round(k, 4), "v": round(v, 4)}
     return r2
+
+
+def mean_r2(r2: dict) -> float:
+    """The mean over receiver layers of the held-out R^2 of keys and values (KVAlignment.config.r2)."""
+    return sum((v["k"] + v["v"]) / 2 for v in r2.values()) / len(r2)
