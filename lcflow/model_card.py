@@ -21,6 +21,7 @@ import json
 from pathlib import Path
 
 CARD_JSON = "model_card.json"
+READER_CONFIG = "reader_config.json"  # lcflow.adapter.reader (not imported: this module stays light)
 # The wire codecs a card may choose, smallest last; "none" is bf16 (lcflow.transport.quantize).
 # int4-hadamard is as small as int4 and costs a rotation at each end, so int4 wins a tie.
 CODECS_BY_SIZE = ("none", "int8", "int4-hadamard", "int4")
@@ -142,11 +143,36 @@ def add_answers(adapter_dir: Path, results_path: Path, method: str) -> dict:
 def build_card(
     adapter_dir: Path, results: dict, method: str, command: str, diagnostics: dict | None = None
 ) -> dict:
-    config = json.loads((adapter_dir / "adapter_config.json").read_text())
     meta = results["meta"]
     rows = {row["method"]: row for row in results["summary"]}
     if method not in rows:
         raise SystemExit(f"method {method!r} is not in the eval results (have {sorted(rows)})")
+    evaluated = {
+        "method": method,
+        **eval_spec(results, method),
+        "machine": meta.get("machine"),
+        "latency": meta.get("latency", "in-process"),
+        "answers": card_answers(results, method),  # replayed in part by tests/test_shipped_adapters.py
+    }
+    results_by_method = {
+        name: {k: row[k] for k in ("n", "em", "em_ci", "f1", "f1_ci")} for name, row in rows.items()
+    }
+    if (adapter_dir / READER_CONFIG).is_file():  # a text reader: PEFT's files and ours
+        reader = json.loads((adapter_dir / READER_CONFIG).read_text())
+        return {
+            "adapter": adapter_dir.name,
+            "mode": reader["mode"],
+            "channel": reader["channel"],
+            "sharer": meta["models"]["sharer"],
+            "receiver": reader["receiver"]["name"],
+            "selection_adapter": reader.get("selection_adapter") or None,
+            "lora": {k: reader[k] for k in ("rank", "alpha", "target_modules")},
+            "training": reader.get("training", {}),
+            "build_command": command,
+            "eval": evaluated,
+            "results": results_by_method,
+        }
+    config = json.loads((adapter_dir / "adapter_config.json").read_text())
     return {
         "adapter": adapter_dir.name,
         "mode": config["mode"],
@@ -167,16 +193,8 @@ def build_card(
         "retained_layers": config["retained_layers"],
         "training": config.get("training", {}),
         "build_command": command,
-        "eval": {
-            "method": method,
-            **eval_spec(results, method),
-            "machine": meta.get("machine"),
-            "latency": meta.get("latency", "in-process"),
-            "answers": card_answers(results, method),  # replayed in part by tests/test_shipped_adapters.py
-        },
-        "results": {
-            name: {k: row[k] for k in ("n", "em", "em_ci", "f1", "f1_ci")} for name, row in rows.items()
-        },
+        "eval": evaluated,
+        "results": results_by_method,
         # `lcflow bench packets` (span-packet LCF-X): is the packet about its document, and read?
         "packet_diagnostics": {**diagnostics["summary"], "task": diagnostics.get("meta", {}).get("task")}
         if diagnostics
@@ -216,8 +234,52 @@ def _training_lines(training: dict) -> list[str]:
     ]
 
 
+def _reader_header(card: dict) -> list[str]:
+    lora = card["lora"]
+    selection = (
+        f", the sentences `{card['selection_adapter']}` selects" if card.get("selection_adapter") else ""
+    )
+    return [
+        f"# {card['adapter']}",
+        "",
+        f"Text reader of receiver `{card['receiver']}`: LoRA (r={lora['rank']}, alpha={lora['alpha']}, on "
+        f"{', '.join(lora['target_modules'])}) trained to read the `{card['channel']}` channel{selection}, "
+        "with the same data, steps, batch, learning rate and loss as the LCF-X adapter it is compared with "
+        "(lcflow.adapter.reader).",
+        "",
+        "## Training",
+        "",
+        *_training_lines(card["training"]),
+        f"- rebuild: `{card['build_command']}`",
+    ]
+
+
+def _evaluation_lines(card: dict) -> list[str]:
+    spec = card["eval"]
+    lines = [
+        "",
+        "## Evaluation",
+        "",
+        f"Task {spec['task']}, split {spec['split']}, seed {spec['seed']}, n={spec['n']}, greedy, "
+        f"{spec['max_new_tokens']} new tokens; EM and token F1 with 95% CIs.",
+        "",
+        "| method | n | EM [95% CI] | F1 [95% CI] |",
+        "| --- | --- | --- | --- |",
+    ]
+    for name, row in card["results"].items():
+        em_lo, em_hi = row["em_ci"]
+        f1_lo, f1_hi = row["f1_ci"]
+        lines.append(
+            f"| {name} | {row['n']} | {row['em']:.3f} [{em_lo:.3f}, {em_hi:.3f}] | "
+            f"{row['f1']:.3f} [{f1_lo:.3f}, {f1_hi:.3f}] |"
+        )
+    return lines
+
+
 def render_markdown(card: dict) -> str:
     training = card["training"]
+    if card["mode"] == "text-reader":
+        return "\n".join(_reader_header(card) + _evaluation_lines(card)) + "\n"
     lines = [
         f"# {card['adapter']}",
         "",
@@ -242,22 +304,8 @@ def render_markdown(card: dict) -> str:
         *_training_lines(training),
         f"- retained receiver layers: {card['retained_layers']}",
         f"- rebuild: `{card['build_command']}`",
-        "",
-        "## Evaluation",
-        "",
-        f"Task {card['eval']['task']}, split {card['eval']['split']}, seed {card['eval']['seed']}, "
-        f"n={card['eval']['n']}, greedy, {card['eval']['max_new_tokens']} new tokens; EM and token F1 with 95% CIs.",
-        "",
-        "| method | n | EM [95% CI] | F1 [95% CI] |",
-        "| --- | --- | --- | --- |",
+        *_evaluation_lines(card),
     ]
-    for name, row in card["results"].items():
-        em_lo, em_hi = row["em_ci"]
-        f1_lo, f1_hi = row["f1_ci"]
-        lines.append(
-            f"| {name} | {row['n']} | {row['em']:.3f} [{em_lo:.3f}, {em_hi:.3f}] | "
-            f"{row['f1']:.3f} [{f1_lo:.3f}, {f1_hi:.3f}] |"
-        )
     if card.get("codec"):
         codec = card["codec"]
         measured = ", ".join(f"{'bf16' if c == 'none' else c} {e:.3f}" for c, e in codec["em"].items())

@@ -50,12 +50,28 @@ def load_adapter(name: str, pair, sharer: str, receiver: str):
     return LatentAdapter.from_pretrained(ADAPTERS / name, **identities)
 
 
-def replay(method: str, adapter, pair, samples, max_new_tokens: int):
+def card_adapters(card: dict, pair) -> dict:
+    """What the card's method needs, keyed as EvalModels.adapters holds it: the adapter under its
+    method's name; a text reader of forward-selected also needs the LCF-X adapter whose selection
+    it reads (shipped beside it)."""
+    from lcflow.adapter.reader import TextReader
+
+    name, method = card["adapter"], card["eval"]["method"]
+    if card["mode"] != "text-reader":
+        return {method: load_adapter(name, pair, card["sharer"], card["receiver"])}
+    adapters = {method: TextReader.from_pretrained(ADAPTERS / name, *pair[1], name=card["receiver"])}
+    if card.get("selection_adapter"):
+        selection = Path(card["selection_adapter"]).name
+        adapters["lcfx"] = load_adapter(selection, pair, card["sharer"], card["receiver"])
+    return adapters
+
+
+def replay(method: str, adapters: dict, pair, samples, max_new_tokens: int):
     """The card's method on these samples, greedy, as `lcflow eval` ran it."""
     torch.set_num_threads(2)
     return evaluate(
         [method],
-        EvalModels(pair[0], pair[1], {method: adapter}),
+        EvalModels(pair[0], pair[1], adapters),
         samples,
         GenerationSettings(max_new_tokens=max_new_tokens),
     )
@@ -73,10 +89,10 @@ def test_shipped_adapter_reproduces_its_card(card_path, real_models):
         "the card has no per-sample answers: record them with scripts/record_card_answers.sh"
     )
     pair = real_models[card["sharer"]], real_models[card["receiver"]]
-    adapter = load_adapter(card["adapter"], pair, card["sharer"], card["receiver"])
+    adapters = card_adapters(card, pair)
     samples = get_task(spec["task"]).samples(spec["split"], spec["n"], seed=spec["seed"])
     recorded = spec["answers"][:REPLAY_SAMPLES]
-    outcomes = replay(spec["method"], adapter, pair, samples[: len(recorded)], spec["max_new_tokens"])
+    outcomes = replay(spec["method"], adapters, pair, samples[: len(recorded)], spec["max_new_tokens"])
     assert [o.sample_id for o in outcomes] == [r["id"] for r in recorded], "the task's samples changed"
     differ = [
         (r["prediction"], o.prediction)
@@ -93,7 +109,8 @@ def test_shipped_adapter_reproduces_its_card(card_path, real_models):
         assert len(right) >= 5, (
             f"the card answers only {len(right)} samples right: too few to test the packet"
         )
-        wrong = replay("lcfx-wrong", adapter, pair, [samples[i] for i in right], spec["max_new_tokens"])
+        adapters["lcfx-wrong"] = adapters[spec["method"]]
+        wrong = replay("lcfx-wrong", adapters, pair, [samples[i] for i in right], spec["max_new_tokens"])
         kept = sum(o.em for o in wrong)
         assert kept <= len(right) / 2, f"another sample's packet still answers {kept:.0f} of {len(right)}"
 
