@@ -97,13 +97,15 @@ def handoff_request(
     request_id: str = "",
     adapter: str = "",
     text_channel: str = "note",
+    text_reader: str = "",
 ) -> pb.HandoffRequest:
     """The HandoffRequest for these options. The sharer's context is `session_id` (an open
     session, `open_session` / `session`) or else `context`; `mode` is one of MODE_NAMES;
     `adapter` names one inside the services' --adapters (unset: their --adapter when its mode is
     `mode`, else their best-measured one of that mode; the summary's `adapter` says which ran).
     `text_channel` (mode "text"): "note", "forward" (the whole context) or "forward-selected"
-    (the sentences an LCF-X span packet would carry, chosen with that adapter)."""
+    (the sentences an LCF-X span packet would carry, chosen with that adapter); `text_reader` names
+    a text reader in the receiver's --adapters to read forwarded text with."""
     if mode not in MODE_NAMES:
         raise ValueError(f"mode must be one of {list(MODE_NAMES)}, not {mode!r}")
     if text_channel not in TEXT_CHANNEL_NAMES:
@@ -120,6 +122,7 @@ def handoff_request(
         generation=generation,
         request_id=request_id,
         text_channel=TEXT_CHANNEL_NAMES[text_channel],
+        text_reader=text_reader,
     )
     if adapter:
         request.adapter = adapter

@@ -190,6 +190,7 @@ class Channel:
     label: str
     mode: str  # "text", "lcfx" or "lcf"
     text_channel: str = "note"
+    text_reader: str = ""  # a text reader in the services' adapters, for forwarded text
 
 
 NOTE = Channel("NOTE", "text", "note")
@@ -213,15 +214,26 @@ class DemoPart:
     channels: tuple[Channel, ...]
 
 
-def demo_parts(options: DemoOptions, served_modes: set[str], out=print) -> list[DemoPart]:
-    """Cross-context questions through LCF-X; same-context ones through LCF where it is served."""
+def demo_parts(
+    options: DemoOptions, served_modes: set[str], readers: set[str] = (), out=print
+) -> list[DemoPart]:
+    """Cross-context questions through LCF-X (and, where the services hold the pair's text
+    reader, through it too); same-context ones through LCF where it is served."""
+    cross = CROSS_CHANNELS
+    reader = f"{pair_prefix(options)}-reader-selected"
+    if reader in readers:  # the control trained as LCF-X was, reading the selected sentences
+        cross = (
+            *CROSS_CHANNELS[:3],
+            Channel("READER", "text", "forward-selected", reader),
+            CROSS_CHANNELS[3],
+        )
     parts = [
         DemoPart(
             "cross-context: the answer is only in the sharer's document",
             "facts-cross",
             "lcfx",
             options.n,
-            CROSS_CHANNELS,
+            cross,
         )
     ]
     if options.same_n > 0 and "lcf" in served_modes:
@@ -244,6 +256,17 @@ def usable_modes(client) -> set[str]:
     return {a.mode for a in client.list_adapters().adapters if a.usable}
 
 
+def listed_readers(client) -> set[str]:
+    """The text readers in the services' adapter directory (the sharer lists them too)."""
+    return {a.name for a in client.list_adapters().adapters if a.mode == "text-reader"}
+
+
+def pair_prefix(options: DemoOptions) -> str:
+    """The adapters' pair name, from the LCF-X adapter's ("gemma3-to-gemma3-lcfx" -> "gemma3-to-gemma3")."""
+    name = Path(options.adapter).name if options.adapter else DEFAULT_ADAPTER
+    return name.split("-lcfx")[0]
+
+
 def run_questions(sharer_address: str, options: DemoOptions, out=print) -> list[dict]:
     """Every part's questions through each of its channels; prints and returns one row per question."""
     import grpc
@@ -254,7 +277,7 @@ def run_questions(sharer_address: str, options: DemoOptions, out=print) -> list[
     provider = make_tracer_provider("lcflow-demo-client")
     client = HandoffClient(sharer_address, provider, security=options.security)
     rows = []
-    for index, part in enumerate(demo_parts(options, usable_modes(client), out)):
+    for index, part in enumerate(demo_parts(options, usable_modes(client), listed_readers(client), out)):
         samples = part_samples(part, options)
         try:
             warm_up(client, part, samples[-1])
@@ -294,6 +317,7 @@ def warm_up(client, part: DemoPart, sample) -> None:
             question_prompt(sample.question),
             mode=channel.mode,
             text_channel=channel.text_channel,
+            text_reader=channel.text_reader,
             context=sample.sharer_context,
             receiver_context=sample.receiver_context,
             max_new_tokens=2,
@@ -316,6 +340,7 @@ def run_part(client, part: DemoPart, samples: list, options: DemoOptions, out=pr
                 question_prompt(sample.question),
                 mode=channel.mode,
                 text_channel=channel.text_channel,
+                text_reader=channel.text_reader,
                 context=sample.sharer_context,
                 receiver_context=sample.receiver_context,
                 max_new_tokens=options.max_new_tokens,

@@ -36,6 +36,7 @@ from pathlib import Path
 import grpc
 
 from lcflow.adapter.config import CONFIG_NAME, AdapterConfig, AdapterMismatchError, service_half_file
+from lcflow.adapter.reader import READER_CONFIG
 from lcflow.kv import ModelIdentity
 from lcflow.model_card import CODECS_BY_SIZE, accurate_codecs
 from lcflow.names import QUANTIZATIONS
@@ -189,6 +190,12 @@ def inspect_adapter(directory: Path, name: str, role: str, identity: ModelIdenti
     """What `directory` holds and whether a `role` service running `identity` can use it. Reads
     the config, the weight files' headers and the card; never raises for a bad directory."""
     info = AdapterInfo(name, directory)
+    if (directory / READER_CONFIG).is_file():  # lcflow.adapter.reader: named per request, never by mode
+        info.mode = "text-reader"
+        info.reason = (
+            "a text reader: a TEXT handoff of forwarded text names it (text_reader); it decodes no latents"
+        )
+        return info
     try:
         config = AdapterConfig.from_dict(json.loads((directory / CONFIG_NAME).read_text()))
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:  # not JSON, not an object, ...

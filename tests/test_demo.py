@@ -10,6 +10,7 @@ from helpers import check_demo_output
 
 from lcflow import demo
 from lcflow.adapter import LatentAdapter
+from lcflow.adapter.reader import TextReader
 from lcflow.kv import model_identity
 from lcflow.tiny import load_tiny
 
@@ -28,6 +29,8 @@ def tiny_adapter(tiny_dir, tmp_path_factory):
             if name.endswith("up.weight") or (mode == "lcfx" and weight.dim() == 2):
                 torch.nn.init.normal_(weight, std=0.3)
         adapter.save_pretrained(adapters / f"tiny-{mode}")
+    # the pair's text reader, as the shipped adapters hold one: the demo adds a READER line
+    TextReader.for_model(*r, "forward-selected", rank=4).save_pretrained(adapters / "tiny-reader-selected")
     return sharer_dir, receiver_dir, adapters
 
 
@@ -47,6 +50,7 @@ def test_demo_runs_every_mode_from_one_pair_of_services(tiny_adapter, tmp_path):
     done = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr
     check_demo_output(done.stdout, questions=2, same=1)
+    assert done.stdout.count("   READER: ") == 3  # the reader in --adapters: two answers and a summary
     assert done.stdout.count("started ") == 2  # one process per side served both parts
 
 

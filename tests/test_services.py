@@ -197,6 +197,56 @@ def test_text_channels_through_both_services(tiny_pair, tmp_path_factory, spans)
         slots.stop()
 
 
+def test_a_text_reader_reads_forwarded_text_on_the_receiver(tiny_pair, tmp_path_factory, spans):
+    """TEXT with text_reader: the receiver reads the forwarded sentences with the named reader (a
+    LoRA copy of its model) and answers as the reader does in-process; a reader is refused on
+    latents or a note, for another channel, or when the name is not a reader."""
+    from lcflow.adapter.reader import TextReader
+    from lcflow.handoff import GenerationSettings, Receiver, Sharer, reader_contexts
+
+    (ms, ts), (mr, tr) = tiny_pair
+    root = tmp_path_factory.mktemp("with-reader")
+    spans_dir = make_adapter_dir(tiny_pair, tmp_path_factory, "lcfx", packet="spans")
+    LatentAdapter.from_pretrained(spans_dir).save_pretrained(root / "spans")
+    reader = TextReader.for_model(mr, tr, "forward-selected", rank=4)
+    torch.manual_seed(5)
+    for name, weight in reader.model.named_parameters():
+        if "lora_B" in name:  # a trained reader: it reads otherwise than the receiver
+            torch.nn.init.normal_(weight, std=0.5)
+    reader.save_pretrained(root / "reader")
+    running = Pair(tiny_pair, root / "spans", "lcfx", spans, adapters=str(root))
+    try:
+        adapter = LatentAdapter.from_pretrained(root / "spans")
+        selected = Sharer(ms, ts, adapter.encoder, adapter.config).selected_text(
+            Sharer(ms, ts, adapter.encoder, adapter.config).prefill(CONTEXT), PROMPT
+        )
+        options = dict(mode="text", text_channel="forward-selected", context=CONTEXT, max_new_tokens=5)
+        options["receiver_context"] = RECEIVER_CONTEXT
+        read = running.client.handoff(PROMPT, text_reader="reader", **options)
+        loaded = Receiver(TextReader.from_pretrained(root / "reader", mr, tr).model, tr)
+        prepared = loaded.prepare_plain(PROMPT, reader_contexts(selected, RECEIVER_CONTEXT))
+        assert read.answer == loaded.generate(prepared, GenerationSettings(5))
+        plain = running.client.handoff(PROMPT, **options)
+        assert plain.answer != read.answer  # the reader was used, not the plain receiver
+        assert running.receiver_service.readers.loaded() == ["reader"]
+        refused = [
+            ({"mode": "lcfx", "context": CONTEXT}, "reader", grpc.StatusCode.INVALID_ARGUMENT),
+            ({"mode": "text", "context": CONTEXT}, "reader", grpc.StatusCode.INVALID_ARGUMENT),  # a note
+            ({**options, "text_channel": "forward"}, "reader", grpc.StatusCode.FAILED_PRECONDITION),
+            (options, "nobody", grpc.StatusCode.NOT_FOUND),
+            (options, "spans", grpc.StatusCode.FAILED_PRECONDITION),
+            (options, "../reader", grpc.StatusCode.INVALID_ARGUMENT),
+        ]
+        for request_options, name, code in refused:
+            with pytest.raises(grpc.RpcError) as err:
+                running.client.handoff(PROMPT, text_reader=name, **request_options)
+            assert err.value.code() == code, (name, request_options, err.value.details())
+        listed = {a.name: a for a in running.client.list_adapters().adapters}
+        assert listed["reader"].mode == "text-reader" and "text_reader" in listed["reader"].reason
+    finally:
+        running.stop()
+
+
 # --- every mode --------------------------------------------------------------------------------
 
 

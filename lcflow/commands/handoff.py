@@ -38,6 +38,13 @@ def register(subparsers) -> None:
         "LCF-X span or bridge adapter on the sharer, chosen as --adapter says)",
     )
     p.add_argument(
+        "--text-reader",
+        default="",
+        metavar="NAME",
+        help="with --text-channel forward or forward-selected: read the text with this text reader, a "
+        "name in the receiver's --adapters (`lcflow train --mode text-reader`), not the plain receiver",
+    )
+    p.add_argument(
         "--adapter",
         default="",
         metavar="NAME",
@@ -85,6 +92,7 @@ def run(args) -> int:
             seed=args.seed,
             adapter=args.adapter,
             text_channel=args.text_channel,
+            text_reader=args.text_reader,
         ):
             if event.HasField("text"):
                 print(event.text.text, end="", flush=True)

@@ -15,6 +15,7 @@ exactly the tensors this receiver's adapter decodes; nothing may follow the trai
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import socket
 import time
@@ -52,6 +53,7 @@ from lcflow.serving import (
     status_on_error,
 )
 from lcflow.serving_adapters import AdapterRegistry, ModelService, default_adapter_path
+from lcflow.serving_readers import TextReaders, check_reader_request
 from lcflow.streaming import GenerationStream
 from lcflow.telemetry import current_trace_id
 from lcflow.transport import MODE_FROM_PROTO, PacketAssembler, WireLimits, WireStats, mode_name
@@ -110,6 +112,7 @@ class ReceiverService(ModelService, pb_grpc.ReceiverServicer):
         # Said in every summary (HandoffSummary.receiver): which of several receivers answered.
         self.name = f"{socket.gethostname()}:{config.port}"
         self.adapters = AdapterRegistry.for_service(config, self._engine_with)
+        self.readers = TextReaders(config.adapters or None)  # text readers, named per request
         # LCF / C2C prefill the receiver's own input while the latents travel, one per admitted handoff
         self._prefills = futures.ThreadPoolExecutor(config.max_concurrent, thread_name_prefix="prefill")
 
@@ -163,6 +166,8 @@ class ReceiverService(ModelService, pb_grpc.ReceiverServicer):
                 if request.text_channel not in pb.TextChannel.values():
                     raise invalid(f"text_channel {request.text_channel} is not a channel this receiver knows")
             self._expect_end(messages, f"a {mode_name(request.mode)} ReceiverRequest")
+            if request.text_reader:
+                engine = self._with_reader(engine, request)
         prefilled = early.result() if early is not None else None
         with torch.inference_mode():
             prepared = self._prepare(engine, mode, prompt, receiver_context, request, latents, prefilled)
@@ -216,8 +221,24 @@ class ReceiverService(ModelService, pb_grpc.ReceiverServicer):
         first = next(messages, None)
         if first is None or first.WhichOneof("message") != "request":
             raise invalid("a Receive stream must open with a ReceiverRequest")
-        mode_of(first.request.mode)  # unset or unknown: INVALID_ARGUMENT before anything else
-        return first.request
+        request = first.request
+        mode = mode_of(request.mode)  # unset or unknown: INVALID_ARGUMENT before anything else
+        check_reader_request(request.text_reader, mode, request.text_channel == pb.TEXT_CHANNEL_NOTE)
+        return request
+
+    def _with_reader(self, engine: ReceiverEngine, request: pb.ReceiverRequest) -> ReceiverEngine:
+        """The engine with the named text reader in place of the plain receiver (forwarded text)."""
+        channel = "forward" if request.text_channel == pb.TEXT_CHANNEL_FORWARD else "forward-selected"
+        with self.tracer.start_as_current_span("receiver.text_reader") as span:
+            span.set_attribute("lcflow.text_reader", request.text_reader)
+            receiver = self.readers.receiver(
+                request.text_reader,
+                channel,
+                engine.receiver.model,
+                engine.receiver.tokenizer,
+                engine.identity.name,
+            )
+        return dataclasses.replace(engine, receiver=receiver)
 
     @staticmethod
     def _expect_end(messages, after: str) -> None:

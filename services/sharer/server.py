@@ -62,6 +62,7 @@ from lcflow.serving_adapters import (
     default_adapter_path,
     identity_hash,
 )
+from lcflow.serving_readers import check_reader_request
 from lcflow.sessions import SessionNotFound, SessionStore, SessionTooLarge
 from lcflow.transport import CodecConfig, PacketWriter, TensorSpec
 from lcflow.transport.link import LinkMeter
@@ -280,6 +281,7 @@ class SharerService(ModelService, pb_grpc.SharerServicer):
         adapter's lease goes into `held` (an ExitStack closed once the call is over)."""
         handoff_span = trace.get_current_span()  # taken before the first yield
         mode = mode_of(request.mode)
+        check_reader_request(request.text_reader, mode, request.text_channel == pb.TEXT_CHANNEL_NOTE)
         prompt = check_text("prompt", prompt_of(request), self.config)
         receiver_context = check_text(
             "receiver_context", request.receiver_context, self.config, required=False
@@ -332,6 +334,7 @@ class SharerService(ModelService, pb_grpc.SharerServicer):
             receiver_request.prompt_text = prompt
         if mode == "text":
             receiver_request.text_channel = request.text_channel
+            receiver_request.text_reader = request.text_reader
             with self.tracer.start_as_current_span("sharer.message") as span, torch.inference_mode():
                 receiver_request.text_message = self._text_message(
                     engine, request.text_channel, context_text, prompt, shared, timings
