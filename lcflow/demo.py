@@ -310,25 +310,30 @@ def part_samples(part: DemoPart, options: DemoOptions) -> list:
 def warm_up(client, part: DemoPart, sample) -> None:
     """One unprinted handoff on each channel, so first-call costs do not skew the timings (and a
     mode the services cannot serve is refused here, before anything is printed)."""
-    from lcflow.tasks import question_prompt
 
     for channel in sorted(part.channels, key=lambda c: c.mode == "text"):  # the latent mode first
-        client.handoff(
-            question_prompt(sample.question),
-            mode=channel.mode,
-            text_channel=channel.text_channel,
-            text_reader=channel.text_reader,
-            context=sample.sharer_context,
-            receiver_context=sample.receiver_context,
-            max_new_tokens=2,
-        )
+        ask(client, channel, sample, max_new_tokens=2)
+
+
+def ask(client, channel: Channel, sample, max_new_tokens: int):
+    """One handoff of `sample`'s question through `channel`."""
+    from lcflow.tasks import question_prompt
+
+    return client.handoff(
+        question_prompt(sample.question),
+        mode=channel.mode,
+        text_channel=channel.text_channel,
+        text_reader=channel.text_reader,
+        context=sample.sharer_context,
+        receiver_context=sample.receiver_context,
+        max_new_tokens=max_new_tokens,
+    )
 
 
 def run_part(client, part: DemoPart, samples: list, options: DemoOptions, out=print) -> list[dict]:
     """Each sample's question through each of the part's channels, printed one under another."""
     from lcflow.client import summary_stages
     from lcflow.metrics import contains_answer, exact_match, extract_answer
-    from lcflow.tasks import question_prompt
 
     rows = []
     for sample in samples:
@@ -336,15 +341,7 @@ def run_part(client, part: DemoPart, samples: list, options: DemoOptions, out=pr
         out(f"question: {sample.question}    expected: {sample.answers[0]}")
         row = {"part": part.task, "question": sample.question, "expected": sample.answers[0], "channels": {}}
         for channel in part.channels:
-            result = client.handoff(
-                question_prompt(sample.question),
-                mode=channel.mode,
-                text_channel=channel.text_channel,
-                text_reader=channel.text_reader,
-                context=sample.sharer_context,
-                receiver_context=sample.receiver_context,
-                max_new_tokens=options.max_new_tokens,
-            )
+            result = ask(client, channel, sample, options.max_new_tokens)
             t = result.summary.timings
             answer = extract_answer(result.answer)
             correct = exact_match(answer, sample.answers) == 1.0

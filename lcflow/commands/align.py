@@ -106,7 +106,6 @@ def run(args) -> int:
     )
     from lcflow.crosscontext.corpus import alignment_corpus
     from lcflow.kv import kv_spec
-    from lcflow.lcfx_recipe import span_adapter_from_alignment
     from lcflow.provision.loading import load_model_and_tokenizer
 
     if args.threads:
@@ -129,17 +128,7 @@ def run(args) -> int:
             alignment = identity_alignment(kv_spec(sharer[0].config))
         else:
             alignment = KVAlignment.from_pretrained(args.from_alignment)
-        adapter = span_adapter_from_alignment(
-            alignment,
-            sharer,
-            receiver,
-            (sharer_name, receiver_name),
-            args.layer_map,
-            args.slots,
-            args.selection,
-        )
-        adapter.save_pretrained(args.adapter_out)
-        print(f"saved an LCF-X span adapter (m={args.slots}, {args.selection}) to {args.adapter_out}")
+        save_span_adapter(alignment, sharer, receiver, (sharer_name, receiver_name), args)
         return 0
     if not args.out:
         raise SystemExit("lcflow align: give --out (where the fitted alignment goes)")
@@ -179,15 +168,16 @@ def run(args) -> int:
     print(table)
     print(f"saved the window-{best} alignment to {out}")
     if args.adapter_out:
-        adapter = span_adapter_from_alignment(
-            alignment,
-            sharer,
-            receiver,
-            (sharer_name, receiver_name),
-            args.layer_map,
-            args.slots,
-            args.selection,
-        )
-        adapter.save_pretrained(args.adapter_out)
-        print(f"saved an LCF-X span adapter (m={args.slots}, {args.selection}) to {args.adapter_out}")
+        save_span_adapter(alignment, sharer, receiver, (sharer_name, receiver_name), args)
     return 0
+
+
+def save_span_adapter(alignment, sharer, receiver, names: tuple[str, str], args) -> None:
+    """--adapter-out: the alignment as an LCF-X span adapter (lcflow.lcfx_recipe)."""
+    from lcflow.lcfx_recipe import span_adapter_from_alignment
+
+    adapter = span_adapter_from_alignment(
+        alignment, sharer, receiver, names, args.layer_map, args.slots, args.selection
+    )
+    adapter.save_pretrained(args.adapter_out)
+    print(f"saved an LCF-X span adapter (m={args.slots}, {args.selection}) to {args.adapter_out}")
