@@ -33,3 +33,42 @@ def test_generated_tables_are_up_to_date():
 
 def test_the_readme_is_a_five_minute_read():
     assert len(README.read_text().splitlines()) <= 250
+
+
+def test_the_unseen_family_is_re_scored_on_a_slice_of_its_samples():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "render_results", README.parent / "scripts" / "render_results.py"
+    )
+    render = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(render)
+    ems = {"lcfx": [1, 1, 0, 1], "forward": [0, 1, 0, 0]}
+    records = [
+        {"method": m, "sample_id": f"s{i}", "em": em, "contains": em, "f1": em}
+        for i in range(4)
+        for m, values in ems.items()
+        for em in [values[i]]
+    ]
+    latency = {"total": {"median": 9.0, "p90": 9.0}}
+    summary = [
+        {
+            "method": m,
+            "n": 4,
+            "em": 0.0,
+            "em_ci": [0, 0],
+            "f1": 0.0,
+            "bytes_sent_median": 9,
+            "latency_ms": latency,
+        }
+        for m in ems
+    ]
+    results = {"samples": records, "summary": summary, "meta": {"split": "file", "n": 4}}
+    again = render.rescored(results, 1, 3)  # samples s1 and s2
+    rows = {row["method"]: row for row in again["summary"]}
+    assert (rows["lcfx"]["n"], rows["lcfx"]["em"], rows["forward"]["em"]) == (2, 0.5, 0.5)
+    assert again["meta"]["n"] == 2 and "samples 1-2" in again["meta"]["split"]
+    assert [(p["method"], p["baseline"], p["em_difference"]) for p in again["paired"]] == [
+        ("lcfx", "forward", 0.0)
+    ]
+    assert "| LCF-X's sentences" not in render.channel_table(again)  # only the methods that ran
