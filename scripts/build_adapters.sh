@@ -240,9 +240,7 @@ build_readers() {
     lcflow train --sharer "$GEMMA" --receiver "$GEMMA" --mode text-reader --channel "$channel" \
       --init-adapter "$lcfx" --task facts-cross-words --steps 120 --batch-size 16 --lr 3e-4 \
       --kl-weight 0.25 --checkpoint-every 10 --out "$RUNS/$pair-$name"
-    mkdir -p "$A/$pair-$name"
-    cp "$RUNS/$pair-$name"/{adapter_config.json,adapter_model.safetensors,reader_config.json,train_log.json,loss_curve.png} \
-      "$A/$pair-$name/"
+    python scripts/ship_reader.py "$RUNS/$pair-$name" "$A/$pair-$name" "$GEMMA"  # bf16, with its log
   done
 }
 
