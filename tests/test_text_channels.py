@@ -197,3 +197,20 @@ def test_eval_runs_every_text_channel_beside_lcfx_on_the_same_samples(
     ]
     assert results["meta"]["adapters"]["forward-selected+reader"]["mode"] == "text-reader"
     assert "| forward-selected+reader | 3 |" in (tmp_path / "out" / "results.md").read_text()
+
+
+def test_stop_strings_stop_each_row_on_its_own_text(tiny_pair):
+    from lcflow.handoff import _StopOnStrings
+
+    _, (_, tokenizer) = tiny_pair
+    prompt = tokenizer("Where?", add_special_tokens=False).input_ids
+    rows = [prompt + tokenizer(text, add_special_tokens=False).input_ids for text in ("Rome. He", "Rome and")]
+    width = max(len(r) for r in rows)
+    ids = torch.tensor([r + [r[-1]] * (width - len(r)) for r in rows])
+    stop = _StopOnStrings(tokenizer, [". "], prompt_length=len(prompt))
+    assert stop(ids, None).tolist() == [True, False]
+    # the prompt's own text never counts: a stop string there does not end the answer
+    assert _StopOnStrings(tokenizer, ["Where"], prompt_length=len(prompt))(ids, None).tolist() == [
+        False,
+        False,
+    ]
