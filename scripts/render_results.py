@@ -135,7 +135,8 @@ def caption(results: dict, path: Path) -> str:
     machine = meta["machine"]
     return (
         f"{meta['task']} ({meta['split']}, n={meta['n']}), {models['sharer']} -> {models['receiver']}, "
-        f"in-process on {machine['cpu_count']} CPU cores ({machine['accelerator']}), greedy, "
+        f"in-process on {machine['cpu_count']} CPU cores ({machine['accelerator']}, {machine['torch_threads']} "
+        f"torch thread{'s' if machine['torch_threads'] != 1 else ''}), greedy, "
         f"{meta['date'][:10]}; file: [docs/results/{path.name}](results/{path.name})"
     )
 
