@@ -430,22 +430,19 @@ class _StopWhen(StoppingCriteria):
 
 
 class _StopOnStrings(StoppingCriteria):
-    """Stops each row once the text it generated contains one of `stops`.
+    """Stops each row once the text it generated, leading whitespace aside, contains one of `stops`
+    (so a note that opens with a newline is not ended before it says anything).
 
     Why not transformers' own `stop_strings`: its criterion tabulates every vocabulary entry on
-    each `generate` call, seconds for Gemma3's 262k tokens, more than a short note takes to write.
-    Only the last few tokens are decoded per step: a stop string appears at the end of the text
-    the step it is completed, and a string of L characters spans at most L tokens."""
+    each `generate` call, seconds for Gemma3's 262k tokens, more than a short note takes to write."""
 
     def __init__(self, tokenizer, stops: list[str], prompt_length: int):
         self.tokenizer, self.stops, self.prompt_length = tokenizer, list(stops), prompt_length
-        self.window = max(len(stop) for stop in self.stops) + 2
 
     def __call__(self, input_ids, scores, **kwargs) -> torch.BoolTensor:
-        start = max(self.prompt_length, input_ids.shape[1] - self.window)
-        tails = self.tokenizer.batch_decode(input_ids[:, start:], skip_special_tokens=True)
+        texts = self.tokenizer.batch_decode(input_ids[:, self.prompt_length :], skip_special_tokens=True)
         return torch.tensor(
-            [any(stop in tail for stop in self.stops) for tail in tails],
+            [any(stop in text.lstrip() for stop in self.stops) for text in texts],
             dtype=torch.bool,
             device=input_ids.device,
         )

@@ -204,13 +204,12 @@ def test_stop_strings_stop_each_row_on_its_own_text(tiny_pair):
 
     _, (_, tokenizer) = tiny_pair
     prompt = tokenizer("Where?", add_special_tokens=False).input_ids
-    rows = [prompt + tokenizer(text, add_special_tokens=False).input_ids for text in ("Rome. He", "Rome and")]
+    texts = ("Rome. He", "Rome and", "\n\nRome")  # the last: leading newlines do not end it
+    rows = [prompt + tokenizer(text, add_special_tokens=False).input_ids for text in texts]
     width = max(len(r) for r in rows)
     ids = torch.tensor([r + [r[-1]] * (width - len(r)) for r in rows])
-    stop = _StopOnStrings(tokenizer, [". "], prompt_length=len(prompt))
-    assert stop(ids, None).tolist() == [True, False]
+    stop = _StopOnStrings(tokenizer, [". ", "\n"], prompt_length=len(prompt))
+    assert stop(ids, None).tolist() == [True, False, False]
     # the prompt's own text never counts: a stop string there does not end the answer
-    assert _StopOnStrings(tokenizer, ["Where"], prompt_length=len(prompt))(ids, None).tolist() == [
-        False,
-        False,
-    ]
+    where = _StopOnStrings(tokenizer, ["Where"], prompt_length=len(prompt))
+    assert where(ids, None).tolist() == [False, False, False]
