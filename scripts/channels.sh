@@ -19,14 +19,17 @@ N=${N:-200}
 RUNS=${RUNS:-runs/channels}
 METHODS=${METHODS:-receiver,forward,text,forward-selected,forward-selected+reader,forward+reader,lcfx,lcfx-wrong}
 
-run() {  # run NAME TASK-ARGUMENTS...
+run() {  # run NAME TASK-ARGUMENTS...: one torch thread, as the recorded runs (two at once on 2 cores)
   local name=$1
   shift
-  lcflow eval --pair "$PAIR" "$@" --n "$N" --methods "$METHODS" --out "$RUNS/$PAIR-$name"
+  OMP_NUM_THREADS=${THREADS:-1} lcflow eval --pair "$PAIR" "$@" --n "$N" --methods "$METHODS" \
+    --out "$RUNS/$PAIR-$name" > "$RUNS/$PAIR-$name.log" 2>&1
   cp "$RUNS/$PAIR-$name/results.json" "docs/results/channels-$PAIR-$name.json"
 }
 
-run facts-cross --task facts-cross --split test
+mkdir -p "$RUNS"
+run facts-cross --task facts-cross --split test &
 # The unseen family: no adapter, reader or design choice trained on it.
-run ships --task-file lcflow/data/tasks/ships-cross.jsonl
+run ships --task-file lcflow/data/tasks/ships-cross.jsonl &
+wait
 python scripts/render_results.py
