@@ -19,6 +19,7 @@ docker-compose demo client does this).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import socket
@@ -280,7 +281,7 @@ def run_questions(sharer_address: str, options: DemoOptions, out=print) -> list[
     for index, part in enumerate(demo_parts(options, usable_modes(client), listed_readers(client), out)):
         samples = part_samples(part, options)
         try:
-            warm_up(client, part, samples[-1])
+            part = warm_up(client, part, samples[-1], out)
         except grpc.RpcError as err:
             # An adapter of this mode can fit the sharer's model but not the receiver's: only
             # the services know, so the optional parts ask them and step aside when refused.
@@ -307,12 +308,22 @@ def part_samples(part: DemoPart, options: DemoOptions) -> list:
     return get_task(part.task).samples("test", part.n + 1, seed=options.seed)
 
 
-def warm_up(client, part: DemoPart, sample) -> None:
+def warm_up(client, part: DemoPart, sample, out=print) -> DemoPart:
     """One unprinted handoff on each channel, so first-call costs do not skew the timings (and a
-    mode the services cannot serve is refused here, before anything is printed)."""
-
+    mode the services cannot serve is refused here, before anything is printed). A text channel
+    the services refuse (forwarding the selection needs a span adapter) is left out, saying why;
+    returns the part with the channels that answered."""
+    served = []
     for channel in sorted(part.channels, key=lambda c: c.mode == "text"):  # the latent mode first
-        ask(client, channel, sample, max_new_tokens=2)
+        try:
+            ask(client, channel, sample, max_new_tokens=2)
+        except grpc.RpcError as err:
+            if channel.mode != "text" or err.code() != grpc.StatusCode.FAILED_PRECONDITION:
+                raise
+            out(f"\n({channel.label} is left out: {err.details()})")
+            continue
+        served.append(channel)
+    return dataclasses.replace(part, channels=tuple(c for c in part.channels if c in served))
 
 
 def ask(client, channel: Channel, sample, max_new_tokens: int):

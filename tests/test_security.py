@@ -474,7 +474,8 @@ def test_the_demo_client_runs_against_mtls_services(mtls_pair, certs, capsys, mo
     monkeypatch.setenv("LCFLOW_TLS_CLIENT_KEY", str(certs / "client-key.pem"))
     assert main(["demo", "--sharer", mtls_pair.sharer, "--n", "1", "--max-new-tokens", "2"]) == 0
     out = capsys.readouterr().out
-    assert "TEXT:" in out and "LCFX:" in out
+    assert "NOTE:" in out and "FORWARD:" in out and "LCFX:" in out
+    assert "(SELECTED is left out: " in out  # a slot adapter has no sentences to forward
     # without them the same client is refused by the TLS sharer
     monkeypatch.delenv("LCFLOW_TLS_CA")
     monkeypatch.delenv("LCFLOW_TLS_CLIENT_CERT")
