@@ -163,7 +163,7 @@ def run_sample(
         prepared = receiver.prepare_plain(prompt, [sample.sharer_context])
     elif method == "receiver":
         prepared = receiver.prepare_plain(prompt, [sample.receiver_context])
-    elif method in ("forward", *READER_METHODS):
+    elif method in ("forward", "forward-selected", *READER_METHODS):
         channel = READER_METHODS.get(method, method)
         if method in READER_METHODS:
             receiver = Receiver(models.adapters[method].model, models.receiver[1])
@@ -175,10 +175,6 @@ def run_sample(
         prepared = receiver.prepare_plain(
             prompt, _contexts(*reader_contexts(forwarded, sample.receiver_context))
         )
-    elif method == "forward-selected":
-        forwarded = _selected_text(models, sample, prompt, clock)
-        bytes_sent = len(forwarded.encode())
-        prepared = receiver.prepare_plain(prompt, reader_contexts(forwarded, sample.receiver_context))
     elif method in NOTE_METHODS:
         if note is not None:
             message = note.text
