@@ -239,17 +239,27 @@ def _reader_header(card: dict) -> list[str]:
     selection = (
         f", the sentences `{card['selection_adapter']}` selects" if card.get("selection_adapter") else ""
     )
+    training = card["training"]
+    copied = training.get("copied_from")
+    summary = (
+        # a reader shipped for a second pair with the same receiver: its weights are another pair's
+        f"Text reader of receiver `{card['receiver']}` for the `{card['channel']}` channel{selection}: the "
+        f"weights of `{copied}` (LoRA r={lora['rank']}, alpha={lora['alpha']}), copied with no further "
+        f"training. {training.get('copy_reason', '')}"
+        if copied
+        else f"Text reader of receiver `{card['receiver']}`: LoRA (r={lora['rank']}, alpha={lora['alpha']}, "
+        f"on {', '.join(lora['target_modules'])}) trained to read the `{card['channel']}` channel{selection}, "
+        "with the same data, steps, batch, learning rate and loss as the LCF-X adapter it is compared with "
+        "(lcflow.adapter.reader)."
+    )
     return [
         f"# {card['adapter']}",
         "",
-        f"Text reader of receiver `{card['receiver']}`: LoRA (r={lora['rank']}, alpha={lora['alpha']}, on "
-        f"{', '.join(lora['target_modules'])}) trained to read the `{card['channel']}` channel{selection}, "
-        "with the same data, steps, batch, learning rate and loss as the LCF-X adapter it is compared with "
-        "(lcflow.adapter.reader).",
+        summary.strip(),
         "",
-        "## Training",
+        "## Training" + (f" (of `{copied}`)" if copied else ""),
         "",
-        *_training_lines(card["training"]),
+        *_training_lines(training),
         f"- rebuild: `{card['build_command']}`",
     ]
 

@@ -242,7 +242,16 @@ build_readers() {
       --kl-weight 0.25 --checkpoint-every 10 --out "$RUNS/$pair-$name"
     python scripts/ship_reader.py "$RUNS/$pair-$name" "$A/$pair-$name" "$GEMMA"  # bf16, with its log
   done
+  # SmolLM2 -> Gemma3: the bridge adapter reads with gemma3-to-gemma3-lcfx's reader, copied with no
+  # task training, so its text readers are the Gemma3 pair's, copied likewise (the same budget).
+  for name in reader-selected reader-forward; do
+    python scripts/ship_reader.py --copy "$A/$pair-$name" "$A/smollm2-to-gemma3-$name" \
+      --selection "$A/smollm2-to-gemma3-lcfx-bridge" --why "$READER_COPY_WHY"
+  done
 }
+READER_COPY_WHY="The pair's LCF-X adapter (smollm2-to-gemma3-lcfx-bridge) reads with the reader of \
+gemma3-to-gemma3-lcfx, copied in with no task training of its own; this text reader is the one \
+trained with that adapter's data, steps, batch and loss, so both sides carry the same training."
 
 # build_recipe: the one-command span LCF-X recipe (lcflow.lcfx_recipe: alignment, retrieval heads
 # chosen on training samples, distillation), as a user runs it on their own data with --task-file.

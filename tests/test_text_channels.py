@@ -125,6 +125,43 @@ def test_a_forward_selected_reader_trains_resumes_and_loads_as_an_adapter(tiny_p
     assert len(again.losses) == 3 and again.losses[:2] == trainer.losses
 
 
+def test_a_reader_copied_for_a_second_pair_says_so_and_reads_that_pairs_selection(tiny_pair, tmp_path):
+    """scripts/ship_reader.py --copy: the same weights, the second pair's selection adapter, and a
+    card that names where the weights came from instead of claiming a training run of their own."""
+    import subprocess
+    import sys
+
+    from lcflow.model_card import render_markdown
+
+    _, (model, tokenizer) = tiny_pair
+    source, target = tmp_path / "a-reader-selected", tmp_path / "b-reader-selected"
+    TextReader.for_model(model, tokenizer, "forward-selected", rank=4).save_pretrained(source)
+    script = Path(__file__).resolve().parents[1] / "scripts" / "ship_reader.py"
+    argv = [sys.executable, str(script), "--copy", str(source), str(target), "--selection", "b-lcfx"]
+    subprocess.run([*argv, "--why", "same budget"], check=True, capture_output=True)
+    copy = TextReader.from_pretrained(target, model, tokenizer)
+    assert copy.config.selection_adapter == "b-lcfx"
+    assert copy.config.training == {"copied_from": str(source), "copy_reason": "same budget"}
+    assert (target / "adapter_model.safetensors").read_bytes() == (
+        source / "adapter_model.safetensors"
+    ).read_bytes()
+    card = {
+        "adapter": target.name,
+        "mode": "text-reader",
+        "channel": "forward-selected",
+        "receiver": "r",
+        "selection_adapter": "b-lcfx",
+        "lora": {"rank": 4, "alpha": 8, "target_modules": ["q_proj"]},
+        "training": copy.config.training,
+        "build_command": "x",
+        "eval": {"task": "t", "split": "test", "seed": 0, "n": 0, "max_new_tokens": 1},
+        "results": {},
+    }
+    text = render_markdown(card)
+    assert f"the weights of `{source}`" in text and "copied with no further training" in text
+    assert "trained to read" not in text
+
+
 def test_forward_selected_needs_the_lcfx_adapter_whose_selection_it_forwards(tiny_pair, tmp_path):
     from lcflow.reader_training import ReaderTrainer
 
