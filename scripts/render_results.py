@@ -40,10 +40,14 @@ PURPOSE = {
     "gemma3-to-smollm2-lcfx-bridge": "LCF-X across families, the reverse direction",
     "smollm2-to-smollm2-lcfx": "SmolLM2's own span reader (the reverse bridge reads with it)",
 }
-# The README's headline tables: marker name -> results file (the strongest comparison per pair).
+# The README's headline tables, one per shipped pair: marker name -> the results files it puts side
+# by side (held-out questions of the training family, then the unseen family).
 README_TABLES = {
-    "gemma3-facts-cross": "channels-gemma3-to-gemma3-facts-cross.json",
-    "gemma3-ships": "channels-gemma3-to-gemma3-ships.json",
+    pair: {
+        "facts-cross": f"channels-{pair}-facts-cross.json",
+        "ships (unseen)": f"channels-{pair}-ships.json",
+    }
+    for pair in ("gemma3-to-gemma3", "smollm2-to-gemma3")
 }
 # What each method is, in a few words, for the tables.
 DESCRIBE = {
@@ -168,16 +172,56 @@ def render_doc(files: list[Path]) -> str:
     return "\n".join(parts) + "\n"
 
 
+def pair_table(named: list[tuple[str, dict]]) -> str:
+    """The README's compact table for one pair: per method, each task's EM with its CI and LCF-X's
+    paired difference over it, then the first task's bytes and TTFT (docs/results.md has the rest)."""
+    header = ["channel"]
+    for label, _ in named:
+        header += [f"{label}: EM [95% CI]", f"{label}: LCF-X minus this"]
+    lines = ["| " + " | ".join(header + ["bytes", "TTFT ms"]) + " |", "|" + " --- |" * (len(header) + 2)]
+    rows = [{row["method"]: row for row in results["summary"]} for _, results in named]
+    paired = [
+        {p["baseline"]: p for p in results.get("paired", []) if p["method"] == "lcfx"} for _, results in named
+    ]
+    for method, first in rows[0].items():
+        cells = [f"{DESCRIBE.get(method, method)} (`{method}`)"]
+        for by_method, by_baseline in zip(rows, paired, strict=True):
+            row, p = by_method.get(method), by_baseline.get(method)
+            cells.append(_ci(row["em"], row["em_ci"]) if row else "")
+            cells.append(
+                f"{p['em_difference']:+.3f} [{p['em_difference_ci'][0]:+.3f}, {p['em_difference_ci'][1]:+.3f}]"
+                if p
+                else ""
+            )
+        cells += [_bytes(first["bytes_sent_median"]), _ttft(first)]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def pair_caption(named: list[tuple[str, dict, Path]]) -> str:
+    meta = named[0][1]["meta"]
+    machine = meta["machine"]
+    tasks = ", ".join(f"{label} n={r['meta']['n']} ({r['meta']['split']})" for label, r, _ in named)
+    files = ", ".join(f"[{path.name}](docs/results/{path.name})" for _, _, path in named)
+    return (
+        f"{meta['models']['sharer']} -> {meta['models']['receiver']}; {tasks}; in-process on "
+        f"{machine['cpu_count']} CPU cores ({machine['torch_threads']} torch thread"
+        f"{'s' if machine['torch_threads'] != 1 else ''}), greedy, {meta['date'][:10]}; LCF-X minus this: "
+        f"paired on the same samples; bytes and TTFT (median): {named[0][0]}. Files: {files}"
+    )
+
+
 def render_readme(text: str) -> str:
-    for name, file in README_TABLES.items():
-        path = RESULTS / file
-        if not path.is_file():
+    for name, files in README_TABLES.items():
+        named = [
+            (label, json.loads((RESULTS / file).read_text()), RESULTS / file)
+            for label, file in files.items()
+            if (RESULTS / file).is_file()
+        ]
+        if not named:
             continue
-        results = json.loads(path.read_text())
-        block = (
-            f"<!-- channels:{name} -->\n{caption(results, path).replace('(results/', '(docs/results/')}\n\n"
-        )
-        block += channel_table(results) + "\n<!-- /channels -->"
+        block = f"<!-- channels:{name} -->\n{pair_caption(named)}\n\n"
+        block += pair_table([(label, results) for label, results, _ in named]) + "\n<!-- /channels -->"
         text = re.sub(
             rf"<!-- channels:{re.escape(name)} -->.*?<!-- /channels -->",
             lambda _, block=block: block,
