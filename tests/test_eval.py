@@ -261,6 +261,50 @@ def test_services_time_the_methods_they_serve(tiny_pair, tiny_dir, lcfx_dir, tmp
     ]
 
 
+def test_services_run_the_text_readers_as_in_process(tiny_pair, tiny_dir, tmp_path_factory, tmp_path):
+    """The +reader methods through the services: TEXT on the reader's channel with the reader named
+    by its directory (served from the receiver's --adapters), answering as the reader does
+    in-process, on the same samples."""
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+    from test_services import Pair, make_adapter_dir
+
+    from lcflow.adapter.reader import TextReader
+
+    root = tmp_path_factory.mktemp("served")
+    spans_dir = make_adapter_dir(tiny_pair, tmp_path_factory, "lcfx", packet="spans")
+    LatentAdapter.from_pretrained(spans_dir).save_pretrained(root / "spans")
+    torch.manual_seed(7)
+    for channel, name in (("forward", "reads-forward"), ("forward-selected", "reads-selected")):
+        reader = TextReader.for_model(*tiny_pair[1], channel, rank=4)
+        for weight_name, weight in reader.model.named_parameters():
+            if "lora_B" in weight_name:  # trained: it reads otherwise than the receiver
+                torch.nn.init.normal_(weight, std=0.5)
+        reader.save_pretrained(root / name)
+    argv = ["eval", "--sharer", str(tiny_dir("llama", 300, 3)), "--receiver", str(tiny_dir("gemma3", 400, 2))]
+    argv += ["--task", "facts-cross", "--methods", "forward+reader,forward-selected+reader"]
+    argv += ["--adapter-lcfx", str(root / "spans"), "--adapter-reader-forward", str(root / "reads-forward")]
+    argv += ["--adapter-reader-selected", str(root / "reads-selected"), "--n", "2", "--max-new-tokens", "4"]
+    code, _, stderr = run_cli([*argv, "--out", str(tmp_path / "local")])
+    assert code == 0, stderr
+    pair = Pair(tiny_pair, root / "spans", "lcfx", InMemorySpanExporter(), adapters=str(root))
+    try:
+        argv += ["--services", f"127.0.0.1:{pair.sharer_port}"]
+        code, _, stderr = run_cli([*argv, "--out", str(tmp_path / "served")])
+        assert code == 0, stderr
+        assert sorted(pair.receiver_service.readers.loaded()) == ["reads-forward", "reads-selected"]
+    finally:
+        pair.stop()
+    local, served = (json.loads((tmp_path / d / "results.json").read_text()) for d in ("local", "served"))
+    assert "services" in served["meta"]["latency"]
+    assert all(r["bytes_sent"] > 0 and "time_to_first_token" in r["timings_ms"] for r in served["samples"])
+    assert all(
+        "select" in r["timings_ms"] for r in served["samples"] if r["method"] == "forward-selected+reader"
+    )
+    answers = {(r["method"], r["sample_id"]): r["generated"] for r in local["samples"]}
+    assert len(answers) == 4
+    assert {(r["method"], r["sample_id"]): r["generated"] for r in served["samples"]} == answers
+
+
 def test_sharer_sessions_need_services(tmp_path, capsys):
     assert main(["eval", "--pair", "gemma3-to-gemma3", "--sharer-sessions", "--out", str(tmp_path)]) == 2
     assert "--sharer-sessions needs --services" in capsys.readouterr().err

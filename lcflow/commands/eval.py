@@ -19,7 +19,8 @@ missing, does not fit the models or cannot apply to the task is skipped with its
 (and recorded in results.json), so one missing adapter does not cost the whole run.
 
 Latency is measured in-process (see lcflow.evaluation), or with `--services SHARER_HOST:PORT`
-through running services for the methods they serve (receiver, text, lcf/lcfx), labelled so.
+through running services for the methods they serve (receiver, the text channels and their
+readers, lcf/lcfx), labelled so.
 """
 
 from __future__ import annotations
@@ -151,8 +152,10 @@ def register(subparsers) -> None:
         "--services",
         metavar="SHARER_HOST:PORT",
         help=(
-            "time the methods the services serve (receiver, text, forward, forward-selected, lcf, lcfx) through the running "
-            "sharer at this address instead of in-process; start both services with the same adapter first"
+            "time the methods the services serve (receiver, text, forward, forward-selected, their +reader "
+            "methods, lcf, lcfx) through the running sharer at this address instead of in-process; start both "
+            "services with the same adapters first (a text reader is named by its directory's basename, which "
+            "the receiver's --adapters must hold)"
         ),
     )
     p.add_argument(
@@ -361,12 +364,16 @@ def _load_into(plan: EvalPlan, args, models: EvalModels, ids: tuple, method: str
 # --- measuring -------------------------------------------------------------------------------------
 
 
-# method -> (mode, text channel) of the Handoff RPC that runs it through the services
+# method -> (mode, text channel) of the Handoff RPC that runs it through the services; a +reader
+# method also names its text reader (HandoffRequest.text_reader): the basename of the reader's
+# directory, which the receiver must serve in its --adapters.
 SERVICE_MODES = {
     "receiver": ("none", "note"),
     "text": ("text", "note"),
     "forward": ("text", "forward"),
     "forward-selected": ("text", "forward-selected"),
+    "forward+reader": ("text", "forward"),
+    "forward-selected+reader": ("text", "forward-selected"),
     "lcf": ("lcf", "note"),
     "lcfx": ("lcfx", "note"),
 }
@@ -380,10 +387,12 @@ def evaluate_through_services(
     settings,
     security: ClientSecurity | None = None,
     sessions: bool = False,
+    readers: dict[str, str] | None = None,
 ) -> list[SampleOutcome]:
     """`--services SHARER_HOST:PORT`: the methods the running services serve (receiver = NONE,
-    text, forward and forward-selected = TEXT on that channel, lcf, lcfx: whichever the served
-    adapters support) go through the real Handoff RPC and
+    text, forward and forward-selected = TEXT on that channel, the +reader methods the same with
+    the text reader `readers[method]` named, lcf, lcfx: whichever the served adapters support) go
+    through the real Handoff RPC and
     take their stage timings from its summary (pack, transfer and unpack included); the others
     stay in-process. With `sessions`, each sample's sharer context is opened as a session first
     (untimed: an agent's context is already prefilled) and the served methods hand off from it."""
@@ -411,6 +420,7 @@ def evaluate_through_services(
                 session_id=session_id,
                 receiver_context=sample.receiver_context,
                 max_new_tokens=settings.max_new_tokens,
+                text_reader=(readers or {}).get(method, ""),
             )
             timings = {field.name: value for field, value in result.summary.timings.ListFields()}
             prediction = extract_answer(result.answer)
@@ -433,14 +443,16 @@ def evaluate_through_services(
     return outcomes
 
 
-def measure(args, methods, models, samples, settings) -> tuple[list[SampleOutcome], str]:
-    """The outcomes and the label of where their latency was measured."""
+def measure(args, methods, models, samples, settings, adapters: dict) -> tuple[list[SampleOutcome], str]:
+    """The outcomes and the label of where their latency was measured (`adapters`: what
+    load_adapters loaded, by method, with its path)."""
     from lcflow.evaluation import evaluate
 
     if args.services:
         security = client_security_from_args(args)
+        readers = {m: Path(adapters[m]["path"]).name for m in READER_METHODS if m in adapters}
         outcomes = evaluate_through_services(
-            args.services, methods, models, samples, settings, security, args.sharer_sessions
+            args.services, methods, models, samples, settings, security, args.sharer_sessions, readers
         )
         held = "; sharer contexts held in sessions (prefill not timed)" if args.sharer_sessions else ""
         return outcomes, f"services at {args.services}{held}"
@@ -557,7 +569,7 @@ def run(args) -> int:
     settings = GenerationSettings(max_new_tokens=args.max_new_tokens, seed=args.seed)
     log.info("eval %s on %d samples of %s", ",".join(plan.methods), len(plan.samples), plan.task)
     try:
-        outcomes, latency = measure(args, plan.methods, models, plan.samples, settings)
+        outcomes, latency = measure(args, plan.methods, models, plan.samples, settings, adapters)
     except NotImplementedError as err:
         print(f"lcflow eval: {err}", file=sys.stderr)
         return 2
