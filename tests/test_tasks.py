@@ -179,14 +179,11 @@ def test_sample_fields(name):
         assert sample.task == name and sample.same_context == task.same_context
         assert sample.question.endswith("?")
         assert len(sample.answers) >= 1 and 1 <= len(sample.answers[0].split()) <= 2
-        long_sharer = getattr(task, "sharer_facts", 0)
-        for document in (sample.sharer_context, sample.receiver_context):
-            if long_sharer and document == sample.sharer_context:  # facts-cross-long
-                assert len(sentences(document)) == long_sharer
-                assert 700 <= len(document.split()) <= 1400  # roughly 1,000-1,300 tokens
-                continue
-            assert len(sentences(document)) == 7  # the default facts_per_document
-            assert 30 <= len(document.split()) <= 110  # short: roughly 60-150 tokens
+        # the long variants state sharer_facts; facts-referents adds one introduction per pair
+        sharer = getattr(task, "sharer_facts", 0) or task.facts_per_document + getattr(task, "pairs", 0)
+        for document, count in ((sample.sharer_context, sharer), (sample.receiver_context, 7)):
+            assert len(sentences(document)) == count
+            assert 4 * count <= len(document.split()) <= 16 * count  # sentences of a few words
 
 
 def test_facts_same_answer_in_the_shared_document():

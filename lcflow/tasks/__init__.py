@@ -4,7 +4,8 @@
     samples = get_task("facts-cross").samples("test", 200, seed=0)
     prompt = format_question_prompt(samples[0], include_context=False)
 
-Tasks: facts-same, facts-cross, facts-twohop, facts-cross-long (see lcflow.tasks.facts); training variants
+Tasks: facts-same, facts-cross, facts-twohop, facts-cross-long, facts-cross-longer (lcflow.tasks.facts),
+facts-referents (lcflow.tasks.referents), facts-inside-hops (lcflow.tasks.inside_hops); training variants
 and mixes of them (VARIANTS, MIXES); your own samples come from a JSONL file through load_task_file (see
 lcflow.tasks.jsonl).
 """
@@ -12,13 +13,31 @@ lcflow.tasks.jsonl).
 from __future__ import annotations
 
 from lcflow.tasks.base import SPLITS, QASample, Task
-from lcflow.tasks.facts import CrossContextFacts, LongCrossContextFacts, SameContextFacts, TwoHopFacts
+from lcflow.tasks.facts import (
+    CrossContextFacts,
+    LongCrossContextFacts,
+    LongerCrossContextFacts,
+    SameContextFacts,
+    TwoHopFacts,
+)
+from lcflow.tasks.inside_hops import InsideHopFacts
 from lcflow.tasks.jsonl import load_task_file, save_task_file
 from lcflow.tasks.mix import MixedTask
 from lcflow.tasks.prompts import ANSWER_INSTRUCTION, format_question_prompt, question_prompt
+from lcflow.tasks.referents import ReferentFacts
 
 TASKS = {
-    task.name: task for task in (SameContextFacts, CrossContextFacts, TwoHopFacts, LongCrossContextFacts)
+    task.name: task
+    for task in (
+        SameContextFacts,
+        CrossContextFacts,
+        TwoHopFacts,
+        LongCrossContextFacts,
+        # where the sharer's context matters beyond its tokens (the beyond-text issue)
+        ReferentFacts,
+        InsideHopFacts,
+        LongerCrossContextFacts,
+    )
 }
 # Training variants: named options of a task (`lcflow train --task facts-cross-pseudo`).
 VARIANTS = {

@@ -135,6 +135,8 @@ class Draft:
     attribute: str  # the attribute asked about
     who: str  # whom it is asked about: a name, or a relation path ("Ada Brook's mentor")
     answer: str
+    # How the sharer's people are grouped where the rendering needs it (facts-referents: pairs).
+    groups: tuple[tuple[str, ...], ...] = ()
 
 
 SYLLABLES = (
@@ -233,7 +235,7 @@ class FactsTask:
         elif self.word_values and rng.random() < self.word_values:
             vocab = with_word_values(vocab, rng)
         draft = self.draft(World(rng, vocab, reuse_values=self.reuse_values), templates)
-        sharer_context = render_document(draft.sharer_facts, templates, rng)
+        sharer_context = self.render_sharer(draft, templates, rng)
         receiver_context = (
             sharer_context if self.same_context else render_document(draft.receiver_facts, templates, rng)
         )
@@ -250,6 +252,10 @@ class FactsTask:
 
     def draft(self, world: World, templates: Templates) -> Draft:
         raise NotImplementedError
+
+    def render_sharer(self, draft: Draft, templates: Templates, rng: random.Random) -> str:
+        """The sharer's document: one sentence per fact, in a random order."""
+        return render_document(draft.sharer_facts, templates, rng)
 
 
 @dataclass(frozen=True)
@@ -379,3 +385,14 @@ class LongCrossContextFacts(CrossContextFacts):
     sharer_people: int = 15
     sharer_facts: int = 118
     reuse_values: bool = True
+
+
+@dataclass(frozen=True)
+class LongerCrossContextFacts(LongCrossContextFacts):
+    """facts-cross-long at 2,000-4,000 tokens: the asked fact among ~260 others about 34 people
+    (the most a split's 40 names allow with the receiver's people). Forwarding this document
+    costs the receiver a long prefill; a fixed-size packet does not grow with it."""
+
+    name: ClassVar[str] = "facts-cross-longer"
+    sharer_people: int = 34
+    sharer_facts: int = 260
