@@ -25,7 +25,7 @@ import sys
 import grpc
 
 from lcflow.client import MODE_NAMES, AsyncHandoffClient, HandoffClient
-from lcflow.security import add_client_security_flags, client_security_from_args
+from lcflow.serving.security import add_client_security_flags, client_security_from_args
 
 PLANNER_NOTES = (
     "Mira Volkov lives in Oslo. Otto Thorne is a sculptor. Xenia Hollis loves falafel. "

@@ -12,6 +12,8 @@ import importlib
 import logging
 import sys
 
+from lcflow.core.errors import UsageError  # noqa: F401 (raised by the commands; `lcflow.cli.UsageError` for callers)
+
 # Sub-command modules, in the order `lcflow --help` lists them.
 COMMAND_MODULES = [
     "lcflow.commands.demo",
@@ -31,18 +33,12 @@ COMMAND_MODULES = [
 ]
 
 
-class UsageError(Exception):
-    """A mistake the user can fix (a missing file, an unknown name, a bad setting): `lcflow` prints
-    its message as one line and exits 2, without a traceback unless --debug is given."""
-
-
 def user_errors() -> tuple[type[BaseException], ...]:
     """The exception types that mean "you gave me something I cannot use", not a bug."""
-    from lcflow import cli  # the commands' UsageError, not __main__'s copy under `python -m lcflow.cli`
     from lcflow.provision import ProvisionError
-    from lcflow.security import SecurityConfigError
+    from lcflow.serving.security import SecurityConfigError
 
-    return cli.UsageError, SecurityConfigError, ProvisionError
+    return UsageError, SecurityConfigError, ProvisionError
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -14,7 +14,7 @@ typed API. A handoff streams the answer's text, then a summary (stage timings, b
         async with client.session("the sharer's notes") as session_id:
             result = await client.handoff("Where does Mira live?", session_id=session_id)
 
-Both take the same options (`handoff_request`), security (lcflow.security.ClientSecurity: TLS,
+Both take the same options (`handoff_request`), security (lcflow.serving.security.ClientSecurity: TLS,
 mutual TLS, a bearer token) and retries (`retry_options`); errors are grpc.RpcError (for the
 async client grpc.aio.AioRpcError, a subclass) with the sharer's status code and details.
 
@@ -35,7 +35,7 @@ import grpc.aio
 
 from lcflow.proto_gen.lcflow.v1 import lcflow_pb2 as pb
 from lcflow.proto_gen.lcflow.v1 import lcflow_pb2_grpc as pb_grpc
-from lcflow.security import AUTH_HEADER, ClientSecurity, TokenFile
+from lcflow.serving.security import AUTH_HEADER, ClientSecurity, TokenFile
 
 MODE_NAMES = {"lcf": pb.LCF, "lcfx": pb.LCF_X, "c2c": pb.C2C, "text": pb.TEXT, "none": pb.NONE}
 TEXT_CHANNEL_NAMES = {
@@ -48,7 +48,7 @@ TEXT_CHANNEL_NAMES = {
 def summary_stages(timings: pb.StageTimings) -> list[str]:
     """The stages this handoff ran (set in its summary, even at 0 ms), in the order a handoff runs
     them; TTFT and total span them and are not listed."""
-    from lcflow.report import STAGE_ORDER
+    from lcflow.eval.report import STAGE_ORDER
 
     return [
         name for name in STAGE_ORDER if name in timings.DESCRIPTOR.fields_by_name and timings.HasField(name)
@@ -164,7 +164,7 @@ class _Collector:
 
 
 class HandoffClient:
-    """`security` (lcflow.security.ClientSecurity) turns on TLS, mutual TLS and a bearer token:
+    """`security` (lcflow.serving.security.ClientSecurity) turns on TLS, mutual TLS and a bearer token:
 
     HandoffClient("sharer:50051", security=ClientSecurity(tls_ca="ca.pem", auth_token_file="token"))
 
@@ -255,7 +255,7 @@ class HandoffClient:
 
 
 class _AioToken:
-    """lcflow.security.TokenClientInterceptor for grpc.aio: `authorization: Bearer <token>` on
+    """lcflow.serving.security.TokenClientInterceptor for grpc.aio: `authorization: Bearer <token>` on
     every call, the token re-read when its file changes. grpc.aio takes one interceptor object
     per kind of call, hence one subclass each (aio_token_interceptors)."""
 

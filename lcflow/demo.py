@@ -57,7 +57,9 @@ class DemoOptions:
     seed: int = 0
     run_dir: str = ""  # where service logs (with their trace spans) go
     startup_timeout_s: float = 600.0
-    security: object = None  # lcflow.security.ClientSecurity for --sharer (TLS, token); None: plaintext
+    security: object = (
+        None  # lcflow.serving.security.ClientSecurity for --sharer (TLS, token); None: plaintext
+    )
 
 
 def find_adapter(requested: str, out=print) -> Path:
@@ -273,7 +275,7 @@ def run_questions(sharer_address: str, options: DemoOptions, out=print) -> list[
     import grpc
 
     from lcflow.client import HandoffClient
-    from lcflow.telemetry import make_tracer_provider
+    from lcflow.serving.telemetry import make_tracer_provider
 
     provider = make_tracer_provider("lcflow-demo-client")
     client = HandoffClient(sharer_address, provider, security=options.security)
@@ -344,7 +346,7 @@ def ask(client, channel: Channel, sample, max_new_tokens: int):
 def run_part(client, part: DemoPart, samples: list, options: DemoOptions, out=print) -> list[dict]:
     """Each sample's question through each of the part's channels, printed one under another."""
     from lcflow.client import summary_stages
-    from lcflow.metrics import contains_answer, exact_match, extract_answer
+    from lcflow.eval.metrics import contains_answer, exact_match, extract_answer
 
     rows = []
     for sample in samples:

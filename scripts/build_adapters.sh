@@ -31,7 +31,7 @@ lcflow models pull "$GEMMA"
 # card ADAPTER EVAL_DIR METHOD [--diagnostics FILE]: the model card, naming the command that
 # rebuilds this direction.
 card() {
-  python -m lcflow.model_card "$A/$1" --eval "$RUNS/$2/results.json" --method "$3" "${@:4}" \
+  python -m lcflow.adapter.card "$A/$1" --eval "$RUNS/$2/results.json" --method "$3" "${@:4}" \
     --command "DIRECTIONS=$direction bash scripts/build_adapters.sh"
 }
 
@@ -253,7 +253,7 @@ READER_COPY_WHY="The pair's LCF-X adapter (smollm2-to-gemma3-lcfx-bridge) reads 
 gemma3-to-gemma3-lcfx, copied in with no task training of its own; this text reader is the one \
 trained with that adapter's data, steps, batch and loss, so both sides carry the same training."
 
-# build_recipe: the one-command span LCF-X recipe (lcflow.lcfx_recipe: alignment, retrieval heads
+# build_recipe: the one-command span LCF-X recipe (lcflow.training.lcfx_recipe: alignment, retrieval heads
 # chosen on training samples, distillation), as a user runs it on their own data with --task-file.
 build_recipe() {
   lcflow train --sharer "$GEMMA" --receiver "$GEMMA" --mode lcfx --task facts-cross-words --steps 120 \

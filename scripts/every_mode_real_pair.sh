@@ -27,7 +27,7 @@ python - "$RECEIVER_PORT" "$SHARER_PORT" "$N" "$OUT" "${N_TEXT:-3}" <<'PY'
 import json, sys
 
 from lcflow.client import HandoffClient
-from lcflow.metrics import exact_match, extract_answer
+from lcflow.eval.metrics import exact_match, extract_answer
 from lcflow.tasks import get_task, question_prompt
 
 receiver_port, sharer_port, n, out, n_text = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4], int(sys.argv[5])

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Record each shipped card's per-sample answers (model_card.json eval.answers) by re-running the
 # card's own eval, for cards written before answers were recorded (new cards get them from
-# lcflow.model_card --eval) or after a change of torch or CPU moves answers beyond the test's slack.
+# lcflow.adapter.card --eval) or after a change of torch or CPU moves answers beyond the test's slack.
 # tests/test_shipped_adapters.py replays the first samples of each and compares answers.
 #
 #   bash scripts/record_card_answers.sh                     every card without answers
@@ -39,5 +39,5 @@ EOF
   echo "== $name ($method)"
   # shellcheck disable=SC2086  # $flags is a list of flags
   lcflow eval $flags --methods "$method" "--adapter-$method" "$dir" --out "$RUNS/$name"
-  python -m lcflow.model_card "$dir" --method "$method" --answers-from "$RUNS/$name/results.json"
+  python -m lcflow.adapter.card "$dir" --method "$method" --answers-from "$RUNS/$name/results.json"
 done

@@ -74,8 +74,8 @@ def rescored(results: dict, start: int, stop: int) -> dict:
     """The same results on samples start..stop-1 of the run's order only: summary rows and LCF-X's
     paired differences recomputed from the per-sample records (latency and bytes kept per method)."""
     sys.path.insert(0, str(ROOT))
-    from lcflow.metrics import mean_with_ci
-    from lcflow.report import paired_differences
+    from lcflow.eval.metrics import mean_with_ci
+    from lcflow.eval.report import paired_differences
 
     order = list(dict.fromkeys(r["sample_id"] for r in results["samples"]))[start:stop]
     keep = set(order)
@@ -154,7 +154,7 @@ def render_doc(files: list[Path]) -> str:
         "are LCF-X's EM minus the method's, sample by sample, with a 95% normal-approximation CI. "
         "`contains`: the answer's first line contains an accepted answer. TTFT: median time to the "
         "first answer token, in-process (no network), including the sharer's work (the note's "
-        "generation, the selection). What each method is: `lcflow eval --help` and lcflow/evaluation.py.",
+        "generation, the selection). What each method is: `lcflow eval --help` and lcflow/eval/harness.py.",
     ]
     for path in files:
         results = json.loads(path.read_text())

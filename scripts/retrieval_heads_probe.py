@@ -22,10 +22,15 @@ import time
 import torch
 from tqdm import tqdm
 
-from lcflow.crosscontext.diagnostics import answer_selected
-from lcflow.crosscontext.selection import head_attention, question_ids, tokens_by_sentence, top_sentences
-from lcflow.kv import full_cache, prefill
-from lcflow.prompting import tokenize_context
+from lcflow.core.kv import full_cache, prefill
+from lcflow.core.prompting import tokenize_context
+from lcflow.packets.selection import (
+    answer_selected,
+    head_attention,
+    question_ids,
+    tokens_by_sentence,
+    top_sentences,
+)
 from lcflow.provision.loading import load_model_and_tokenizer
 from lcflow.tasks import format_question_prompt, get_task, load_task_file
 

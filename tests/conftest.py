@@ -17,7 +17,7 @@ torch.set_num_threads(1)
 @pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory):
     """Returns make(family, vocab_size, num_layers) -> a saved tiny model directory (cached per session)."""
-    from lcflow.tiny import make_tiny_model
+    from lcflow.testing.tiny import make_tiny_model
 
     root = tmp_path_factory.mktemp("tiny_models")
     made: dict = {}
@@ -37,7 +37,7 @@ def tiny_dir(tmp_path_factory):
 def tiny_pair(tiny_dir):
     """A sharer (Llama, 3 layers, vocab 300) and a receiver (Gemma3, 2 layers, vocab 400):
     different families, depths and tokenizers, as in the real demo pair."""
-    from lcflow.tiny import load_tiny
+    from lcflow.testing.tiny import load_tiny
 
     sharer = load_tiny(tiny_dir("llama", 300, 3))
     receiver = load_tiny(tiny_dir("gemma3", 400, 2))

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
-from lcflow.handoff import receiver_view
+from lcflow.handoff.pair import receiver_view
 from lcflow.proto_gen.lcflow.v1 import lcflow_pb2 as pb
 from lcflow.transport import CodecConfig, LatentPacket, packet_messages
 
@@ -17,9 +17,9 @@ def latent_stream(engine, context: str, prompt: str, meta: dict | None = None) -
     """A valid Receive stream made by a sharer engine, in its adapter's mode (LCF-X, LCF or C2C):
     the request, then the packet in 64-byte chunks (many chunks, so tests can damage one); the
     same-context modes send the context and the token spans too. `meta` goes into the header."""
-    from lcflow.names import SAME_CONTEXT_MODES
+    from lcflow.core.kv import identity_id
+    from lcflow.core.names import SAME_CONTEXT_MODES
     from lcflow.transport import MODE_TO_PROTO
-    from services.receiver.server import identity_id
 
     mode = engine.adapter.config.mode
     same_context = mode in SAME_CONTEXT_MODES
@@ -60,7 +60,7 @@ def tiny_adapter_dir(tiny_pair, directory, mode: str = "lcfx") -> str:
     """A tiny adapter (b=16, 4 slots, seeded random weights) for the `tiny_pair` fixture's models,
     saved in `directory`: enough for the services to run LCF / LCF-X handoffs."""
     from lcflow.adapter import LatentAdapter
-    from lcflow.kv import model_identity
+    from lcflow.core.kv import model_identity
 
     (ms, ts), (mr, tr) = tiny_pair
     torch.manual_seed(3)
@@ -75,7 +75,7 @@ def tiny_c2c_adapter_dir(tiny_pair, directory, with_rope: bool = True) -> str:
     answer) for the `tiny_pair` models, saved in `directory`; without the sharer's RoPE
     (`with_rope=False`) as adapters trained before C2C was served."""
     from lcflow.adapter.c2c import C2CFuser, record_sharer_rope
-    from lcflow.kv import model_identity
+    from lcflow.core.kv import model_identity
 
     (ms, ts), (mr, tr) = tiny_pair
     torch.manual_seed(5)
@@ -92,7 +92,7 @@ def tiny_c2c_adapter_dir(tiny_pair, directory, with_rope: bool = True) -> str:
 @dataclass
 class Services:
     sharer: str  # the sharer's address, HOST:PORT
-    sharer_service: object  # services.sharer.server.SharerService (its `sessions`, ...)
+    sharer_service: object  # lcflow.serving.sharer.SharerService (its `sessions`, ...)
     receiver_service: object
     receiver: str = ""  # the receiver's address, HOST:PORT
 
@@ -105,12 +105,12 @@ def running_services(
     Without `adapter_dir` (the default adapter) only TEXT and NONE handoffs run, unless `sharer`
     and `receiver` give `adapters`. `spans`: an exporter for both services' spans; `sharer`,
     `receiver`: more ServiceConfig fields for each (TLS, a token, adapters, ...)."""
-    from lcflow.service_config import ServiceConfig
-    from lcflow.telemetry import make_tracer_provider
-    from services.receiver.server import ReceiverEngine
-    from services.receiver.server import serve as serve_receiver
-    from services.sharer.server import SharerEngine
-    from services.sharer.server import serve as serve_sharer
+    from lcflow.serving.config import ServiceConfig
+    from lcflow.serving.receiver import ReceiverEngine
+    from lcflow.serving.receiver import serve as serve_receiver
+    from lcflow.serving.sharer import SharerEngine
+    from lcflow.serving.sharer import serve as serve_sharer
+    from lcflow.serving.telemetry import make_tracer_provider
 
     (ms, ts), (mr, tr) = tiny_pair
     receiver_port, sharer_port = free_port(), free_port()
@@ -180,9 +180,9 @@ def trace_spans(exporter, trace_id: str) -> dict:
 
 def same_model_alignment(model_and_tok, bottleneck: int, documents: int = 24):
     """A dense alignment of a tiny model with itself (near exact at full width, ridge 1e-6)."""
-    from lcflow.crosscontext.alignment import collect_stats, fit_alignment
-    from lcflow.crosscontext.corpus import alignment_corpus
-    from lcflow.layer_map import build_layer_map
+    from lcflow.core.layer_map import build_layer_map
+    from lcflow.packets.alignment import collect_stats, fit_alignment
+    from lcflow.training.corpus import alignment_corpus
 
     layers = model_and_tok[0].config.num_hidden_layers
     layer_map = build_layer_map(layers, layers)
@@ -194,7 +194,7 @@ def span_adapter(sharer, receiver, alignment, slots: int, selection: str = "sent
     """An LCF-X span adapter whose halves are `alignment` (no task training)."""
     from lcflow.adapter import LatentAdapter
     from lcflow.adapter.spans import load_alignment
-    from lcflow.kv import model_identity
+    from lcflow.core.kv import model_identity
 
     adapter = LatentAdapter.for_models(
         "lcfx",

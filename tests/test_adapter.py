@@ -4,11 +4,11 @@ import pytest
 import torch
 
 from lcflow.adapter import AdapterMismatchError, LatentAdapter
-from lcflow.align import align_spans
-from lcflow.handoff import GenerationSettings, Receiver, Sharer
-from lcflow.kv import model_identity
-from lcflow.prompting import context_token_range, render_input, tokenize_context
-from lcflow.tiny import load_tiny
+from lcflow.core.kv import model_identity
+from lcflow.core.prompting import context_token_range, render_input, tokenize_context
+from lcflow.core.tokens import align_spans
+from lcflow.handoff.pair import GenerationSettings, Receiver, Sharer
+from lcflow.testing.tiny import load_tiny
 
 CONTEXT = "Mira Volkov lives in Oslo. Lior Senn plays the violin and owns a cat."
 PROMPT = "Where does Mira Volkov live?"

@@ -14,17 +14,17 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 
 from lcflow.adapter import LatentAdapter
 from lcflow.client import HandoffClient
-from lcflow.kv import model_identity
+from lcflow.core.kv import model_identity
 from lcflow.proto_gen.lcflow.v1 import lcflow_pb2 as pb
 from lcflow.proto_gen.lcflow.v1 import lcflow_pb2_grpc as pb_grpc
-from lcflow.service_config import ServiceConfig
-from lcflow.serving import ServiceError
-from lcflow.serving_adapters import resolve_adapter_name
-from lcflow.telemetry import make_tracer_provider
-from services.receiver.server import ReceiverEngine
-from services.receiver.server import serve as serve_receiver
-from services.sharer.server import SharerEngine
-from services.sharer.server import serve as serve_sharer
+from lcflow.serving.config import ServiceConfig
+from lcflow.serving.receiver import ReceiverEngine
+from lcflow.serving.receiver import serve as serve_receiver
+from lcflow.serving.registry import resolve_adapter_name
+from lcflow.serving.server import ServiceError
+from lcflow.serving.sharer import SharerEngine
+from lcflow.serving.sharer import serve as serve_sharer
+from lcflow.serving.telemetry import make_tracer_provider
 
 CONTEXT = "Mira Volkov lives in Oslo. Lior Senn plays the violin."
 PROMPT = "Where does Mira Volkov live?"

@@ -1,4 +1,4 @@
-"""Many adapters per service (lcflow.serving_adapters): one sharer and one receiver started with
+"""Many adapters per service (lcflow.serving.registry): one sharer and one receiver started with
 --adapters DIR serve every adapter in it that fits their models, chosen per request by name or
 by mode; adapters load on first use and are evicted least recently used under a memory bound,
 never while a handoff holds them; ListAdapters and `lcflow adapters` show them all, unusable
@@ -18,21 +18,22 @@ from helpers import running_services, tiny_adapter_dir, tiny_c2c_adapter_dir
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from lcflow.adapter import LatentAdapter
-from lcflow.cli import UsageError, main
+from lcflow.cli import main
 from lcflow.client import HandoffClient
 from lcflow.commands.preflight import check_adapter_directory
-from lcflow.kv import model_identity
+from lcflow.core.errors import UsageError
+from lcflow.core.kv import model_identity
 from lcflow.proto_gen.lcflow.v1 import lcflow_pb2 as pb
 from lcflow.proto_gen.lcflow.v1 import lcflow_pb2_grpc as pb_grpc
-from lcflow.service_config import ServiceConfig, add_service_flags, config_from_args
-from lcflow.serving import ServiceError
-from lcflow.serving_adapters import (
+from lcflow.serving.config import ServiceConfig, add_service_flags, config_from_args
+from lcflow.serving.receiver import ReceiverEngine
+from lcflow.serving.registry import (
     AdapterRegistry,
     identity_hash,
     inspect_adapter,
     safetensors_parameters,
 )
-from services.receiver.server import ReceiverEngine
+from lcflow.serving.server import ServiceError
 
 CONTEXT = "Mira Volkov lives in Oslo. Lior Senn plays the violin."
 PROMPT = "Where does Mira Volkov live?"

@@ -7,7 +7,7 @@ import json
 
 from lcflow.bench.latency import LABEL, METHODS, STAGES, slope
 from lcflow.cli import main
-from lcflow.tiny import tiny_config
+from lcflow.testing.tiny import tiny_config
 
 CONTEXTS, MESSAGES, BOTTLENECK, SLOTS = [8, 16, 32], [2, 4], 16, 4
 

@@ -14,13 +14,13 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 
 from lcflow.adapter import LatentAdapter
 from lcflow.bench.load import run_load
-from lcflow.kv import model_identity
-from lcflow.service_config import ServiceConfig
-from lcflow.telemetry import make_tracer_provider
-from services.receiver.server import ReceiverEngine
-from services.receiver.server import serve as serve_receiver
-from services.sharer.server import SharerEngine
-from services.sharer.server import serve as serve_sharer
+from lcflow.core.kv import model_identity
+from lcflow.serving.config import ServiceConfig
+from lcflow.serving.receiver import ReceiverEngine
+from lcflow.serving.receiver import serve as serve_receiver
+from lcflow.serving.sharer import SharerEngine
+from lcflow.serving.sharer import serve as serve_sharer
+from lcflow.serving.telemetry import make_tracer_provider
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

@@ -1,5 +1,5 @@
 """The bridge packet (LCF-X across families): soft tokens in the receiver's input space, read by
-the receiver's own span adapter (lcflow.adapter.bridge, lcflow.crosscontext.bridge)."""
+the receiver's own span adapter (lcflow.adapter.bridge, lcflow.training.bridge_fit)."""
 
 from __future__ import annotations
 
@@ -9,13 +9,13 @@ from helpers import running_services, same_model_alignment, span_adapter
 
 from lcflow.adapter import LatentAdapter
 from lcflow.adapter.bridge import INPUT_LAYER, reader_config
-from lcflow.crosscontext import bridge
-from lcflow.crosscontext.corpus import alignment_corpus
-from lcflow.crosscontext.placement import document_ids
-from lcflow.handoff import Latents, Receiver, Sharer
-from lcflow.kv import model_identity
-from lcflow.prompting import render_input
+from lcflow.core.kv import model_identity
+from lcflow.core.prompting import render_input
+from lcflow.handoff.pair import Latents, Receiver, Sharer
+from lcflow.packets.placement import document_ids
 from lcflow.tasks import question_prompt
+from lcflow.training import bridge_fit as bridge
+from lcflow.training.corpus import alignment_corpus
 
 DOC = (
     "Mira Volkov lives in Oslo. Lior Senn plays the violin and owns a cat. "
@@ -115,7 +115,7 @@ def test_bridge_handoff_through_the_services_gives_the_in_process_answer(fitted,
     of soft tokens (its rows declared in the header before encoding) and answers exactly as the
     same handoff in-process does (soft tokens rounded to bf16, as on the wire)."""
     from lcflow.client import HandoffClient
-    from lcflow.handoff import GenerationSettings
+    from lcflow.handoff.pair import GenerationSettings
 
     directory, _ = fitted
     sharer, receiver = tiny_pair
@@ -143,8 +143,8 @@ def test_within_sharer_cutting_keeps_every_receiver_token_inside_one_sharer_toke
     """`bridge_tokens: within-sharer`: the pieces spell the text again, each lies in one sharer
     token, and the position features tell the pieces of one sharer token apart."""
     from lcflow.adapter.bridge import POSITION_SCALE, piece_positions, within_sharer_ids
-    from lcflow.align import align_spans
-    from lcflow.prompting import tokenize_context
+    from lcflow.core.prompting import tokenize_context
+    from lcflow.core.tokens import align_spans
 
     (_, s_tok), (_, r_tok) = tiny_pair
     _, sharer_spans = tokenize_context(s_tok, DOC)
@@ -205,7 +205,7 @@ def test_within_sharer_bridge_sends_at_most_bridge_rows(tiny_pair):
 
 
 def test_vocabulary_documents_sweep_the_vocabulary_before_repeating(tiny_pair):
-    from lcflow.crosscontext.corpus import vocabulary_documents
+    from lcflow.training.corpus import vocabulary_documents
 
     (_, s_tok), _ = tiny_pair
     documents = vocabulary_documents(s_tok, 3, tokens_per_document=20, seed=1)

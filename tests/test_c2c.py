@@ -4,13 +4,14 @@ import pytest
 import torch
 
 from lcflow.adapter import AdapterMismatchError, LatentAdapter
-from lcflow.adapter.c2c import C2CFuser, aligned_sharer_kv, c2c_prepare, record_sharer_rope
-from lcflow.align import align_spans
-from lcflow.handoff import Receiver, Sharer
-from lcflow.kv import RopeCodec, StoredRope, model_identity, prefill
-from lcflow.paper_pair import paper_pair_identities
-from lcflow.prompting import context_token_range, render_input
-from lcflow.tiny import load_tiny
+from lcflow.adapter.c2c import C2CFuser, aligned_sharer_kv, record_sharer_rope
+from lcflow.core.kv import RopeCodec, StoredRope, model_identity, prefill
+from lcflow.core.prompting import context_token_range, render_input
+from lcflow.core.tokens import align_spans
+from lcflow.handoff.c2c import c2c_prepare
+from lcflow.handoff.pair import Receiver, Sharer
+from lcflow.testing.paper_pair import paper_pair_identities
+from lcflow.testing.tiny import load_tiny
 
 CONTEXT = "Mira Volkov lives in Oslo. Lior Senn plays the violin and owns a cat."
 PROMPT = "Where does Mira Volkov live?"
@@ -207,7 +208,7 @@ def test_the_receiver_half_alone_prepares_what_the_in_process_handoff_does(tiny_
     """Served C2C: the receiver gets the sharer's KV as the C2C packet carries it and re-rotates
     with the RoPE recorded in the adapter; its cache equals the in-process one's (sharer model at hand)."""
     from lcflow.adapter.c2c import C2CSender
-    from lcflow.handoff import Latents
+    from lcflow.handoff.pair import Latents
 
     (ms, ts), (mr, tr) = tiny_pair
     fuser = make_fuser(tiny_pair)

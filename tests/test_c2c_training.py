@@ -6,11 +6,11 @@ import pytest
 import torch
 
 from lcflow.adapter.c2c import TEMPERATURE_END, TEMPERATURE_START, C2CFuser
-from lcflow.c2c_training import C2CTrainer, train_c2c
 from lcflow.cli import main
-from lcflow.kv import model_identity
+from lcflow.core.kv import model_identity
 from lcflow.tasks import get_task
-from lcflow.training import TrainConfig
+from lcflow.training.c2c import C2CTrainer, train_c2c
+from lcflow.training.train import TrainConfig
 
 
 def make_config(out, steps: int, **overrides) -> TrainConfig:

@@ -13,10 +13,11 @@ import pytest
 from helpers import tiny_c2c_adapter_dir
 
 from lcflow.adapter import LatentAdapter
-from lcflow.cli import UsageError, main
+from lcflow.cli import main
 from lcflow.commands.preflight import check_service
-from lcflow.kv import model_identity
-from lcflow.service_config import ServiceConfig
+from lcflow.core.errors import UsageError
+from lcflow.core.kv import model_identity
+from lcflow.serving.config import ServiceConfig
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -24,8 +25,8 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.fixture
 def no_serving(monkeypatch):
     """Starting a service (and so loading its model) fails the test: every check must come first."""
-    import services.receiver.server as receiver
-    import services.sharer.server as sharer
+    import lcflow.serving.receiver as receiver
+    import lcflow.serving.sharer as sharer
 
     for module in (receiver, sharer):
         monkeypatch.setattr(module, "serve", lambda *a, **k: pytest.fail("the service started"))

@@ -13,8 +13,8 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 
 from lcflow.client import MODE_NAMES, AsyncHandoffClient, HandoffClient
 from lcflow.proto_gen.lcflow.v1 import lcflow_pb2 as pb
-from lcflow.security import ClientSecurity
-from lcflow.telemetry import make_tracer_provider
+from lcflow.serving.security import ClientSecurity
+from lcflow.serving.telemetry import make_tracer_provider
 
 CONTEXT = "Mira Volkov lives in Oslo. Lior Senn plays the violin and owns a cat."
 PROMPT = "Where does Mira Volkov live?"

@@ -10,7 +10,7 @@ import time
 import grpc
 import pytest
 
-from lcflow.serving import ConcurrencyLimit, ServiceError
+from lcflow.serving.server import ConcurrencyLimit, ServiceError
 
 LIMIT, QUEUE = 4, 8
 

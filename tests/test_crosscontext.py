@@ -10,11 +10,13 @@ from helpers import same_model_alignment, span_adapter
 from transformers import AutoModelForCausalLM
 
 from lcflow.adapter import LatentAdapter
-from lcflow.crosscontext.alignment import KVAlignment, collect_stats, fit_alignment, held_out_r2
-from lcflow.crosscontext.corpus import alignment_corpus
-from lcflow.crosscontext.oracles import OracleModels, run_ladder, summarize
-from lcflow.crosscontext.placement import finish_input, own_document_kv, slot_cache, slot_layout
-from lcflow.crosscontext.selection import (
+from lcflow.core.kv import RopeCodec, full_cache, model_identity, prefill
+from lcflow.core.layer_map import build_layer_map
+from lcflow.core.prompting import render_input, tokenize_context
+from lcflow.handoff.pair import GenerationSettings, Receiver, Sharer
+from lcflow.packets.alignment import KVAlignment, collect_stats, fit_alignment, held_out_r2
+from lcflow.packets.placement import finish_input, own_document_kv, slot_cache, slot_layout
+from lcflow.packets.selection import (
     chunk_means,
     head_attention,
     question_attention,
@@ -22,11 +24,9 @@ from lcflow.crosscontext.selection import (
     top_sentences,
     top_tokens,
 )
-from lcflow.handoff import GenerationSettings, Receiver, Sharer
-from lcflow.kv import RopeCodec, full_cache, model_identity, prefill
-from lcflow.layer_map import build_layer_map
-from lcflow.prompting import render_input, tokenize_context
+from lcflow.research.oracles import OracleModels, run_ladder, summarize
 from lcflow.tasks import QASample, question_prompt
+from lcflow.training.corpus import alignment_corpus
 
 DOC = (
     "Mira Volkov lives in Oslo. Lior Senn plays the violin and owns a cat. "
@@ -232,14 +232,14 @@ def aligned_span_adapter(tiny_pair, directory):
 
 def distill_config(tmp_path, out: str, **settings):
     """A tiny distillation run from the span adapter aligned_span_adapter wrote to tmp_path/init."""
-    from lcflow.training import TrainConfig
+    from lcflow.training.train import TrainConfig
 
     base = dict(sharer="s", receiver="r", batch_size=2, lr=1e-2, init_adapter=str(tmp_path / "init"))
     return TrainConfig(out=str(tmp_path / out), **(base | settings))
 
 
 def test_distillation_refines_a_span_adapter_and_resumes(tiny_pair, tmp_path):
-    from lcflow.crosscontext.distill import SpanDistillTrainer
+    from lcflow.training.distill import SpanDistillTrainer
 
     sharer, receiver = tiny_pair
     init = aligned_span_adapter(tiny_pair, tmp_path / "init")
@@ -262,7 +262,7 @@ def test_distillation_refines_a_span_adapter_and_resumes(tiny_pair, tmp_path):
 
 def test_distillation_with_the_wire_in_the_loop_trains_on_quantized_latents(tiny_pair, tmp_path):
     """--wire int4: the decoder reads int4-rounded latents, and the encoder still learns."""
-    from lcflow.crosscontext.distill import SpanDistillTrainer
+    from lcflow.training.distill import SpanDistillTrainer
 
     sharer, receiver = tiny_pair
     init = aligned_span_adapter(tiny_pair, tmp_path / "init")
@@ -283,8 +283,8 @@ def test_distillation_with_the_wire_in_the_loop_trains_on_quantized_latents(tiny
 
 
 def test_packet_donors_are_other_samples_of_the_same_task():
-    from lcflow.crosscontext.distill import packet_donors
     from lcflow.tasks import get_task
+    from lcflow.training.distill import packet_donors
 
     samples = get_task("facts-mix-words").samples("train", 12, seed=1)
     assert len({s.task for s in samples}) == 2  # both parts of the mix drawn
@@ -298,7 +298,7 @@ def test_packet_donors_are_other_samples_of_the_same_task():
 def test_contrast_hinge_is_the_margin_when_the_other_packet_is_the_same(tiny_pair, tmp_path):
     """With the sample's own packet as the control the hinge is exactly the margin; with another
     sample's it is what the two answer losses say, and a step with it trains."""
-    from lcflow.crosscontext.distill import SpanDistillTrainer
+    from lcflow.training.distill import SpanDistillTrainer
 
     sharer, receiver = tiny_pair
     aligned_span_adapter(tiny_pair, tmp_path / "init")
@@ -323,8 +323,8 @@ def test_contrast_hinge_is_the_margin_when_the_other_packet_is_the_same(tiny_pai
 
 @torch.no_grad()
 def test_identity_alignment_reproduces_a_models_own_kv(tiny_pair):
-    from lcflow.crosscontext.alignment import identity_alignment
-    from lcflow.kv import capture_kv, kv_spec
+    from lcflow.core.kv import capture_kv, kv_spec
+    from lcflow.packets.alignment import identity_alignment
 
     _, (model, tok) = tiny_pair
     alignment = identity_alignment(kv_spec(model.config))
@@ -359,12 +359,12 @@ def test_question_attention_is_right_while_other_threads_use_the_model(tiny_pair
 
 @torch.no_grad()
 def test_packet_diagnostics_tell_a_collapsed_packet_from_a_real_one(tiny_pair):
-    """lcflow.crosscontext.diagnostics on the exact map: packets differ between samples, the
+    """lcflow.research.diagnostics on the exact map: packets differ between samples, the
     receiver attends to them and the wrong packet changes the answer's NLL; an encoder whose
     projection is zero sends one packet for every document, and its share is 0."""
-    from lcflow.crosscontext.alignment import identity_alignment
-    from lcflow.crosscontext.diagnostics import diagnose
-    from lcflow.kv import kv_spec
+    from lcflow.core.kv import kv_spec
+    from lcflow.packets.alignment import identity_alignment
+    from lcflow.research.diagnostics import diagnose
     from lcflow.tasks import get_task
 
     _, receiver = tiny_pair
@@ -395,9 +395,9 @@ def test_packet_diagnostics_tell_a_collapsed_packet_from_a_real_one(tiny_pair):
 def test_answer_recall_says_whether_selection_covers_the_answer(tiny_pair):
     """A budget larger than the document selects everything: the answer is always covered; a
     budget of one token can cover at most one token; a two-hop answer is not in the document."""
-    from lcflow.crosscontext.alignment import identity_alignment
-    from lcflow.crosscontext.diagnostics import packet_for
-    from lcflow.kv import kv_spec
+    from lcflow.core.kv import kv_spec
+    from lcflow.packets.alignment import identity_alignment
+    from lcflow.research.diagnostics import packet_for
     from lcflow.tasks import get_task
 
     _, receiver = tiny_pair
@@ -443,7 +443,7 @@ def _fact_samples(count: int) -> list[QASample]:
 def test_retrieval_heads_are_ranked_on_samples_and_steer_the_span_selection(tiny_pair, tmp_path):
     """`choose_heads` ranks every head, keeps the fewest within the tolerance of the best count,
     and an adapter that stores them selects with those heads alone."""
-    from lcflow.crosscontext.heads import HEAD_COUNTS, choose_heads
+    from lcflow.training.heads import HEAD_COUNTS, choose_heads
 
     sharer, receiver = tiny_pair
     samples = _fact_samples(6)
@@ -474,7 +474,7 @@ def test_retrieval_heads_are_ranked_on_samples_and_steer_the_span_selection(tiny
 
 
 def test_retrieval_heads_need_samples_whose_answer_is_in_the_document(tiny_pair):
-    from lcflow.crosscontext.heads import choose_heads
+    from lcflow.training.heads import choose_heads
 
     sharer, _ = tiny_pair
     sample = dataclasses.replace(_fact_samples(1)[0], answers=["Atlantis"])

@@ -11,8 +11,8 @@ from helpers import check_demo_output
 from lcflow import demo
 from lcflow.adapter import LatentAdapter
 from lcflow.adapter.reader import TextReader
-from lcflow.kv import model_identity
-from lcflow.tiny import load_tiny
+from lcflow.core.kv import model_identity
+from lcflow.testing.tiny import load_tiny
 
 
 @pytest.fixture(scope="module")

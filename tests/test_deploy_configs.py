@@ -50,7 +50,7 @@ CONTRACT_ENV = {
     "LCFLOW_MAX_CONCURRENT",
     "LCFLOW_REFLECTION",
     "LCFLOW_MODEL_CACHE",
-    # TLS, mutual TLS and the bearer token (lcflow.security), and the plaintext health port
+    # TLS, mutual TLS and the bearer token (lcflow.serving.security), and the plaintext health port
     "LCFLOW_TLS_CERT",
     "LCFLOW_TLS_KEY",
     "LCFLOW_TLS_CLIENT_CA",
@@ -94,12 +94,12 @@ def _check_env_names(names, where: str) -> None:
 
 
 def test_contract_env_names_match_the_service_config():
-    """The LCFLOW_* names the configs use are the ones lcflow.service_config actually reads."""
-    service_config = pytest.importorskip("lcflow.service_config")
+    """The LCFLOW_* names the configs use are the ones lcflow.serving.config actually reads."""
+    service_config = pytest.importorskip("lcflow.serving.config")
     read = {service_config.env_name(f.name) for f in fields(service_config.ServiceConfig) if f.name != "role"}
     missing = (CONTRACT_ENV - {"LCFLOW_MODEL_CACHE"} - CLIENT_ONLY_ENV) - read
     assert not missing, f"the service config no longer reads {sorted(missing)}"
-    security = pytest.importorskip("lcflow.security")
+    security = pytest.importorskip("lcflow.serving.security")
     client_read = {env for env, _ in security.CLIENT_FLAGS.values()}
     assert CLIENT_ONLY_ENV <= client_read, (
         f"the client flags no longer read {sorted(CLIENT_ONLY_ENV - client_read)}"

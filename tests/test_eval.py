@@ -12,12 +12,12 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from lcflow import report
 from lcflow.adapter import LatentAdapter
 from lcflow.cli import main
 from lcflow.commands import eval as eval_cmd
-from lcflow.handoff import Sharer
-from lcflow.kv import model_identity
+from lcflow.core.kv import model_identity
+from lcflow.eval import report
+from lcflow.handoff.pair import Sharer
 
 SLOTS, BOTTLENECK = 4, 16
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -404,7 +404,7 @@ def test_lcfx_defaults_to_the_pairs_bridge_when_it_has_no_span_adapter(tmp_path)
 def test_batched_notes_equal_the_notes_written_one_at_a_time(tiny_dir):
     """`--text-batch`: left-padded batches of different lengths give each note its own greedy text."""
     from lcflow.tasks import get_task
-    from lcflow.tiny import load_tiny
+    from lcflow.testing.tiny import load_tiny
 
     model, tokenizer = load_tiny(tiny_dir("llama", 300, 3))  # a private copy: its weights change
     with torch.no_grad():  # a random model at init answers every input alike; louder weights do not
@@ -440,7 +440,7 @@ def test_text_batch_records_amortised_note_time(tiny_dir, tmp_path):
 
 
 def test_model_card_renders_packet_diagnostics(lcfx_dir, tmp_path):
-    from lcflow.model_card import write_card
+    from lcflow.adapter.card import write_card
 
     row = {"method": "lcfx", "n": 4, "em": 0.5, "em_ci": [0.0, 1.0], "f1": 0.5, "f1_ci": [0.0, 1.0]}
     meta = {"task": "facts-cross", "split": "test", "seed": 0, "max_new_tokens": 8}
@@ -469,7 +469,7 @@ def test_model_card_renders_packet_diagnostics(lcfx_dir, tmp_path):
 
 
 def test_card_records_each_answer_and_takes_them_only_from_a_run_that_reproduces_it(lcfx_dir, tmp_path):
-    from lcflow.model_card import add_answers, write_card
+    from lcflow.adapter.card import add_answers, write_card
 
     config = json.loads((lcfx_dir / "adapter_config.json").read_text())
 
@@ -514,7 +514,7 @@ def test_card_records_each_answer_and_takes_them_only_from_a_run_that_reproduces
 
 
 def test_paired_differences_count_what_each_side_alone_answered():
-    from lcflow.report import paired_differences
+    from lcflow.eval.report import paired_differences
 
     def records(method: str, ems: list[float], contains: list[float] | None = None) -> list[dict]:
         contains = contains or ems

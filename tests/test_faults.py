@@ -29,10 +29,10 @@ from helpers import latent_stream, stop_processes
 from lcflow.adapter import LatentAdapter
 from lcflow.bench.netns import two_hosts, why_netns_unavailable
 from lcflow.client import HandoffClient
-from lcflow.kv import model_identity
+from lcflow.core.kv import model_identity
 from lcflow.proto_gen.lcflow.v1 import lcflow_pb2 as pb
 from lcflow.proto_gen.lcflow.v1 import lcflow_pb2_grpc as pb_grpc
-from lcflow.tiny import load_tiny
+from lcflow.testing.tiny import load_tiny
 
 pytestmark = pytest.mark.slow
 
@@ -248,7 +248,7 @@ def process_usage(pid: int) -> tuple[int, int]:
 
 def faulty_streams(services, tiny_pair, adapter_dir) -> list[list[pb.LatentMessage]]:
     """Streams the receiver must refuse: truncated, corrupted, out of order, bad header."""
-    from services.sharer.server import SharerEngine
+    from lcflow.serving.sharer import SharerEngine
 
     (ms, ts), _ = tiny_pair
     valid = latent_stream(SharerEngine.from_loaded(ms, ts, str(adapter_dir)), CONTEXT, PROMPT)

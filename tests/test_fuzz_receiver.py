@@ -25,7 +25,7 @@ from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 from lcflow.proto_gen.lcflow.v1 import lcflow_pb2 as pb  # noqa: E402
-from lcflow.serving import ServiceError  # noqa: E402
+from lcflow.serving.server import ServiceError  # noqa: E402
 from lcflow.transport import (  # noqa: E402
     CodecConfig,
     LatentPacket,
@@ -387,10 +387,10 @@ def receiver_engine(request, tiny_pair, tmp_path_factory):
     from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
     from lcflow.adapter import LatentAdapter
-    from lcflow.kv import model_identity
-    from lcflow.service_config import ServiceConfig
-    from lcflow.telemetry import make_tracer_provider
-    from services.receiver.server import ReceiverEngine, ReceiverService
+    from lcflow.core.kv import model_identity
+    from lcflow.serving.config import ServiceConfig
+    from lcflow.serving.receiver import ReceiverEngine, ReceiverService
+    from lcflow.serving.telemetry import make_tracer_provider
 
     (ms, ts), (mr, tr) = tiny_pair
     if request.param == "c2c":

@@ -5,7 +5,7 @@ import torch
 from lcflow.adapter import LatentAdapter
 from lcflow.adapter.c2c import C2CFuser
 from lcflow.cli import main
-from lcflow.kv import model_identity
+from lcflow.core.kv import model_identity
 
 
 def run_info(capsys, *argv: str) -> tuple[int, str]:
@@ -84,7 +84,7 @@ def test_info_needs_exactly_one_target(tmp_path, capsys):
 
 
 def test_paper_pair_configs_give_the_published_sizes_and_matching_identities():
-    from lcflow.paper_pair import (
+    from lcflow.testing.paper_pair import (
         PAPER_PAIR_TOKENIZER_HASH,
         build_paper_pair_models,
         model_parameter_count,

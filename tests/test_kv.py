@@ -2,7 +2,7 @@ import pytest
 import torch
 from transformers import GPT2Config
 
-from lcflow.kv import (
+from lcflow.core.kv import (
     RopeCodec,
     UnsupportedModelError,
     cache_kv,
@@ -13,7 +13,7 @@ from lcflow.kv import (
     prefill,
     split_joint,
 )
-from lcflow.tiny import load_tiny
+from lcflow.testing.tiny import load_tiny
 
 FAMILIES = ["llama", "qwen2", "qwen3", "gemma3"]
 

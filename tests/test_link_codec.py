@@ -10,7 +10,7 @@ from helpers import trace_spans
 from test_services import CONTEXT, PROMPT, Pair
 from test_services import make_adapter_dir as services_adapter_dir
 
-from lcflow.service_config import ServiceConfig
+from lcflow.serving.config import ServiceConfig
 from lcflow.transport.link import EXPLORE_EVERY, PRIORS, PROBES, WINDOW, Compression, LinkMeter
 
 MB = 1_000_000
@@ -203,7 +203,7 @@ def test_the_summary_and_the_trace_say_which_codec_ran_and_why(
 def test_every_quantization_has_a_zstd_prior():
     """--link-mbit decides from PRIORS before any handoff: a scheme without one would fall back
     to bf16's ratio (1.5), far above what quantized codes compress by."""
-    from lcflow.names import QUANTIZATIONS
+    from lcflow.core.names import QUANTIZATIONS
 
     assert set(QUANTIZATIONS) <= set(PRIORS)
 
@@ -242,13 +242,13 @@ def card_dir(tmp_path, card: object) -> Path:
     ],
 )
 def test_a_card_offers_bf16_and_the_codecs_it_measured_within_one_point(tmp_path, card, allowed):
-    from lcflow.serving_adapters import card_codecs
+    from lcflow.serving.registry import card_codecs
 
     assert card_codecs(card_dir(tmp_path, card)) == allowed
 
 
 def test_a_missing_card_offers_bf16_alone(tmp_path):
-    from lcflow.serving_adapters import card_codecs
+    from lcflow.serving.registry import card_codecs
 
     assert card_codecs(tmp_path) == ("none",)
 

@@ -7,7 +7,7 @@ import random
 
 import pytest
 
-from lcflow.metrics import exact_match, extract_answer, mean_with_ci, normalize_answer, token_f1
+from lcflow.eval.metrics import exact_match, extract_answer, mean_with_ci, normalize_answer, token_f1
 
 
 def test_normalize_answer():
@@ -92,7 +92,7 @@ def test_mean_with_ci_edges():
 
 
 def test_contains_answer_reads_whole_words_of_the_first_line_only():
-    from lcflow.metrics import contains_answer
+    from lcflow.eval.metrics import contains_answer
 
     assert contains_answer("Otto Thorne is a sculptor by profession", ["sculptor"]) == 1.0
     assert contains_answer("The Sitar.", ["sitar"]) == 1.0

@@ -37,7 +37,7 @@ from lcflow.provision import (
     pull,
     resolve_model,
 )
-from lcflow.tiny import CHAT_TEMPLATE, train_tokenizer
+from lcflow.testing.tiny import CHAT_TEMPLATE, train_tokenizer
 
 TINY = dict(hidden=64, heads=4, kv_heads=2, layers=2, ffn=128)
 TINY_NAME = "tiny-test-llama"

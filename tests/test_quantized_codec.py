@@ -424,7 +424,7 @@ def test_by_default_each_adapter_goes_with_the_codec_its_card_chose(
 
 
 def test_the_card_chooses_the_smallest_codec_within_one_point():
-    from lcflow.model_card import choose_codec
+    from lcflow.adapter.card import choose_codec
 
     assert choose_codec({"none": 0.865, "int8": 0.865, "int4": 0.865}) == "int4"
     assert choose_codec({"none": 0.82, "int8": 0.81, "int4": 0.62}) == "int8"  # exactly 1 point
@@ -459,8 +459,8 @@ def test_quantization_moves_the_first_token_logits_little(tiny_pair, adapter_dir
 def test_eval_wire_forms_round_the_latents_as_the_services_would():
     """`lcflow eval --wire`: bf16 rounds, int8/int4 quantize within their bounds (per row / per
     group of the bf16 values), and the bytes counted are those of the tensors the codec sends."""
-    from lcflow.evaluation import through_the_wire
-    from lcflow.handoff import Latents
+    from lcflow.eval.harness import through_the_wire
+    from lcflow.handoff.pair import Latents
 
     torch.manual_seed(0)
     original = {3: torch.randn(1, 4, 10, 128), 5: torch.randn(1, 4, 10, 128) * 3}
@@ -495,7 +495,7 @@ def test_a_card_chooses_its_codec_only_from_evals_of_the_same_samples(tmp_path):
     import shutil
     from pathlib import Path
 
-    from lcflow.model_card import CARD_JSON, add_codec
+    from lcflow.adapter.card import CARD_JSON, add_codec
 
     adapter = tmp_path / "adapter"
     adapter.mkdir()

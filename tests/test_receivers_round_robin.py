@@ -28,8 +28,8 @@ from helpers import free_port, mutual_tls_server_settings, stop_processes, tiny_
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from lcflow.client import HandoffClient
-from lcflow.service_config import ServiceConfig, add_service_flags, config_from_args, parse_receivers
-from lcflow.telemetry import make_tracer_provider
+from lcflow.serving.config import ServiceConfig, add_service_flags, config_from_args, parse_receivers
+from lcflow.serving.telemetry import make_tracer_provider
 
 CONTEXT = "Mira Volkov lives in Oslo. Lior Senn plays the violin and owns a cat."
 PROMPT = "Where does Mira Volkov live?"
@@ -116,10 +116,10 @@ def adapter_dir(tiny_pair, tmp_path_factory):
 def two_receivers_one_sharer(tiny_pair, adapter_dir, host="127.0.0.1", receiver=None, sharer=None):
     """Two receivers and a sharer whose --receiver lists both; yields (sharer target, [running
     receivers], [their ports], sharer service, span exporter)."""
-    from services.receiver.server import ReceiverEngine
-    from services.receiver.server import serve as serve_receiver
-    from services.sharer.server import SharerEngine
-    from services.sharer.server import serve as serve_sharer
+    from lcflow.serving.receiver import ReceiverEngine
+    from lcflow.serving.receiver import serve as serve_receiver
+    from lcflow.serving.sharer import SharerEngine
+    from lcflow.serving.sharer import serve as serve_sharer
 
     (ms, ts), (mr, tr) = tiny_pair
     spans = InMemorySpanExporter()
@@ -309,10 +309,10 @@ class Watched:
 @pytest.mark.slow
 def test_two_receiver_processes_one_killed_mid_run(tiny_dir, tmp_path):
     from lcflow.adapter import LatentAdapter
-    from lcflow.kv import model_identity
-    from lcflow.tiny import load_tiny
-    from services.sharer.server import SharerEngine
-    from services.sharer.server import serve as serve_sharer
+    from lcflow.core.kv import model_identity
+    from lcflow.serving.sharer import SharerEngine
+    from lcflow.serving.sharer import serve as serve_sharer
+    from lcflow.testing.tiny import load_tiny
 
     # A 16-layer receiver: generating 2,000 tokens takes long enough to be killed in the middle.
     sharer_dir, receiver_dir = tiny_dir("llama", 300, 3), tiny_dir("gemma3", 400, 16)

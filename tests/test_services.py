@@ -17,18 +17,18 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 
 from lcflow.adapter import LatentAdapter
 from lcflow.client import HandoffClient
-from lcflow.handoff import GenerationSettings, Receiver, Sharer, receiver_view
-from lcflow.kv import model_identity
+from lcflow.core.kv import identity_id, model_identity
+from lcflow.handoff.pair import GenerationSettings, Receiver, Sharer, receiver_view
 from lcflow.proto_gen.lcflow.v1 import lcflow_pb2 as pb
 from lcflow.proto_gen.lcflow.v1 import lcflow_pb2_grpc as pb_grpc
-from lcflow.service_config import ServiceConfig
-from lcflow.serving import ConcurrencyLimit
-from lcflow.telemetry import make_tracer_provider
+from lcflow.serving.config import ServiceConfig
+from lcflow.serving.receiver import ReceiverEngine
+from lcflow.serving.receiver import serve as serve_receiver
+from lcflow.serving.server import ConcurrencyLimit
+from lcflow.serving.sharer import SharerEngine
+from lcflow.serving.sharer import serve as serve_sharer
+from lcflow.serving.telemetry import make_tracer_provider
 from lcflow.transport import CodecConfig, LatentPacket, PacketWriter, TensorSpec, packet_messages
-from services.receiver.server import ReceiverEngine, identity_id
-from services.receiver.server import serve as serve_receiver
-from services.sharer.server import SharerEngine
-from services.sharer.server import serve as serve_sharer
 
 CONTEXT = "Mira Volkov lives in Oslo. Lior Senn plays the violin and owns a cat."
 PROMPT = "Where does Mira Volkov live?"
@@ -152,7 +152,7 @@ def test_text_channels_through_both_services(tiny_pair, tmp_path_factory, spans)
     """TEXT on each channel: the note, the context forwarded, and the sentences the span adapter
     selects forwarded; each answer is the in-process one, and bytes_wire is the text sent. A slot
     adapter has no sentences to forward: FAILED_PRECONDITION; an unknown channel: INVALID_ARGUMENT."""
-    from lcflow.handoff import GenerationSettings, Receiver, Sharer, reader_contexts
+    from lcflow.handoff.pair import GenerationSettings, Receiver, Sharer, reader_contexts
 
     (ms, ts), (mr, tr) = tiny_pair
     adapter_dir = make_adapter_dir(tiny_pair, tmp_path_factory, "lcfx", packet="spans")
@@ -202,7 +202,7 @@ def test_a_text_reader_reads_forwarded_text_on_the_receiver(tiny_pair, tmp_path_
     LoRA copy of its model) and answers as the reader does in-process; a reader is refused on
     latents or a note, for another channel, or when the name is not a reader."""
     from lcflow.adapter.reader import TextReader
-    from lcflow.handoff import GenerationSettings, Receiver, Sharer, reader_contexts
+    from lcflow.handoff.pair import GenerationSettings, Receiver, Sharer, reader_contexts
 
     (ms, ts), (mr, tr) = tiny_pair
     root = tmp_path_factory.mktemp("with-reader")
@@ -827,7 +827,7 @@ def test_graceful_shutdown_finishes_in_flight_handoffs(tiny_pair, tmp_path_facto
 def test_health_is_not_serving_until_the_model_loads(tiny_dir, tmp_path):
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-    from services.receiver.server import serve
+    from lcflow.serving.receiver import serve
 
     port = free_port()
 
@@ -881,7 +881,7 @@ def test_reflection_is_off_by_default(pair):
 def test_service_logs_carry_the_trace_id(pair, caplog):
     import logging
 
-    from lcflow.telemetry import TraceIdLogFilter
+    from lcflow.serving.telemetry import TraceIdLogFilter
 
     handler_records = []
 
@@ -891,7 +891,7 @@ def test_service_logs_carry_the_trace_id(pair, caplog):
 
     collector = Collect()
     collector.addFilter(TraceIdLogFilter())
-    logger = logging.getLogger("lcflow.serving")
+    logger = logging.getLogger("lcflow.serving.server")
     logger.addHandler(collector)
     try:
         with pytest.raises(grpc.RpcError):

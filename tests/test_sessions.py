@@ -1,9 +1,9 @@
 import pytest
 import torch
 
-from lcflow.handoff import SharerContext
-from lcflow.kv import CapturedKV
-from lcflow.sessions import SessionNotFound, SessionStore, SessionTooLarge
+from lcflow.core.kv import CapturedKV
+from lcflow.handoff.pair import SharerContext
+from lcflow.handoff.sessions import SessionNotFound, SessionStore, SessionTooLarge
 
 
 def fake_context(tokens: int) -> SharerContext:

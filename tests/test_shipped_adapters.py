@@ -14,9 +14,9 @@ import pytest
 import torch
 
 from lcflow.adapter import LatentAdapter
-from lcflow.evaluation import EvalModels, evaluate
-from lcflow.handoff import GenerationSettings
-from lcflow.kv import model_identity
+from lcflow.core.kv import model_identity
+from lcflow.eval.harness import EvalModels, evaluate
+from lcflow.handoff.pair import GenerationSettings
 from lcflow.tasks import get_task
 
 pytestmark = pytest.mark.real_model

@@ -2,9 +2,9 @@ import threading
 
 import pytest
 
-from lcflow.handoff import GenerationSettings, Receiver
-from lcflow.streaming import GenerationStream
-from lcflow.tiny import load_tiny
+from lcflow.handoff.pair import GenerationSettings, Receiver
+from lcflow.handoff.streaming import GenerationStream
+from lcflow.testing.tiny import load_tiny
 
 
 def test_stream_yields_the_same_text_as_generate(tiny_dir):

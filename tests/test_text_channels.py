@@ -15,14 +15,14 @@ from test_eval import run_cli
 
 from lcflow.adapter import AdapterMismatchError
 from lcflow.adapter.reader import TextReader
-from lcflow.crosscontext.alignment import collect_stats, fit_alignment
-from lcflow.crosscontext.corpus import alignment_corpus
-from lcflow.crosscontext.selection import selected_sentences
-from lcflow.handoff import Sharer
-from lcflow.layer_map import build_layer_map
-from lcflow.prompting import C2C_NOTE_INSTRUCTION, finish_note, note_prompt
+from lcflow.core.layer_map import build_layer_map
+from lcflow.core.prompting import C2C_NOTE_INSTRUCTION, finish_note, note_prompt
+from lcflow.handoff.pair import Sharer
+from lcflow.packets.alignment import collect_stats, fit_alignment
+from lcflow.packets.selection import selected_sentences
 from lcflow.tasks import get_task
-from lcflow.train_config import TrainConfig
+from lcflow.training.config import TrainConfig
+from lcflow.training.corpus import alignment_corpus
 
 DOC = "Ann is here. Bob lives in Rome. Cy has a dog."
 
@@ -94,7 +94,7 @@ def reader_config(out: Path, **settings) -> TrainConfig:
 
 
 def test_a_forward_selected_reader_trains_resumes_and_loads_as_an_adapter(tiny_pair, span_dir, tmp_path):
-    from lcflow.reader_training import ReaderTrainer
+    from lcflow.training.reader import ReaderTrainer
 
     sharer, (model, tokenizer) = tiny_pair
     before = {k: v.clone() for k, v in model.state_dict().items()}
@@ -131,7 +131,7 @@ def test_a_reader_copied_for_a_second_pair_says_so_and_reads_that_pairs_selectio
     import subprocess
     import sys
 
-    from lcflow.model_card import render_markdown
+    from lcflow.adapter.card import render_markdown
 
     _, (model, tokenizer) = tiny_pair
     source, target = tmp_path / "a-reader-selected", tmp_path / "b-reader-selected"
@@ -163,7 +163,7 @@ def test_a_reader_copied_for_a_second_pair_says_so_and_reads_that_pairs_selectio
 
 
 def test_forward_selected_needs_the_lcfx_adapter_whose_selection_it_forwards(tiny_pair, tmp_path):
-    from lcflow.reader_training import ReaderTrainer
+    from lcflow.training.reader import ReaderTrainer
 
     with pytest.raises(ValueError, match="--init-adapter"):
         ReaderTrainer(reader_config(tmp_path / "r", steps=1), *tiny_pair)
@@ -176,7 +176,7 @@ def write_task_file(path: Path, count: int) -> Path:
 
 
 def test_training_on_a_task_file_holds_out_and_records_a_validation_split(tiny_pair, tmp_path):
-    from lcflow.reader_training import ReaderTrainer
+    from lcflow.training.reader import ReaderTrainer
 
     task_file = write_task_file(tmp_path / "mine.jsonl", 10)
     cfg = reader_config(
@@ -201,7 +201,7 @@ def test_training_on_a_task_file_holds_out_and_records_a_validation_split(tiny_p
 def test_eval_runs_every_text_channel_beside_lcfx_on_the_same_samples(
     tiny_pair, tiny_dir, span_dir, tmp_path
 ):
-    from lcflow.reader_training import ReaderTrainer
+    from lcflow.training.reader import ReaderTrainer
 
     readers = {}
     for channel, name in (("forward-selected", "reader-selected"), ("forward", "reader-forward")):
@@ -237,7 +237,7 @@ def test_eval_runs_every_text_channel_beside_lcfx_on_the_same_samples(
 
 
 def test_stop_strings_stop_each_row_on_its_own_text(tiny_pair):
-    from lcflow.handoff import _StopOnStrings
+    from lcflow.handoff.pair import _StopOnStrings
 
     _, (_, tokenizer) = tiny_pair
     prompt = tokenizer("Where?", add_special_tokens=False).input_ids

@@ -13,7 +13,7 @@ from test_text_channels import write_task_file
 
 from lcflow.adapter import AdapterConfig, LatentAdapter
 from lcflow.adapter.reader import TextReader
-from lcflow.tiny import load_tiny
+from lcflow.testing.tiny import load_tiny
 
 
 def train(tiny_dir, out: Path, task_file: Path, *extra: str) -> tuple[int, str, str]:

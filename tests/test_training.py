@@ -5,7 +5,7 @@ import torch
 
 from lcflow.adapter import LatentAdapter
 from lcflow.tasks import get_task
-from lcflow.training import TrainConfig, Trainer
+from lcflow.training.train import TrainConfig, Trainer
 
 
 def make_trainer(tiny_pair, tmp_path, mode, steps, **overrides):
@@ -55,9 +55,9 @@ def test_resume_refuses_other_settings(tiny_pair, tmp_path):
 
 
 def test_wire_in_the_loop_forwards_what_the_receiver_gets_and_passes_gradients_straight():
-    from lcflow.evaluation import through_the_wire
-    from lcflow.handoff import Latents
-    from lcflow.training import through_the_wire_straight
+    from lcflow.eval.harness import through_the_wire
+    from lcflow.handoff.pair import Latents
+    from lcflow.training.train import through_the_wire_straight
 
     torch.manual_seed(0)
     z = torch.randn(1, 4, 64, requires_grad=True)

@@ -21,9 +21,17 @@ from lcflow.transport import (
     coalesce_chunks,
     packet_messages,
 )
-from lcflow.transport.codec import SHUFFLE_BLOCK, SegmentDecoder, crc32, shuffle_into, unshuffle_into
+from lcflow.transport.codec import SegmentDecoder, crc32
 from lcflow.transport.memory import keep_freed_memory
-from lcflow.transport.segments import check_segment, load_segment, max_blob_bytes, serialise_segment
+from lcflow.transport.segments import (
+    SHUFFLE_BLOCK,
+    check_segment,
+    load_segment,
+    max_blob_bytes,
+    serialise_segment,
+    shuffle_into,
+    unshuffle_into,
+)
 
 DTYPES = [torch.float16, torch.bfloat16, torch.float32, torch.int32]
 

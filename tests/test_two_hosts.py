@@ -29,8 +29,8 @@ import torch
 
 from lcflow.adapter import LatentAdapter
 from lcflow.bench.netns import Host, two_hosts, why_netns_unavailable
-from lcflow.kv import model_identity
-from lcflow.tiny import load_tiny
+from lcflow.core.kv import model_identity
+from lcflow.testing.tiny import load_tiny
 
 pytestmark = pytest.mark.two_hosts
 

@@ -18,8 +18,8 @@ from lcflow.adapter.config import DECODER_FILE, ENCODER_FILE, AdapterConfig
 from lcflow.adapter.lcf import LCFDecoder, LCFEncoder
 from lcflow.adapter.lcfx import LCFXDecoder, LCFXEncoder
 from lcflow.adapter.spans import SpanDecoder, SpanEncoder
-from lcflow.kv import ModelIdentity
-from lcflow.layer_map import build_layer_map
+from lcflow.core.kv import ModelIdentity
+from lcflow.core.layer_map import build_layer_map
 
 ADAPTER_PARTS = ("both", "encoder", "decoder")
 

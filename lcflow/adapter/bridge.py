@@ -30,7 +30,7 @@ its own, so every receiver token lies inside one sharer token, which the transla
 training however rare the word is; the pieces of one sharer token differ by their position
 features (first, last, split, fraction), scaled by POSITION_SCALE so that the ridge map's
 penalty, set by the K/V features' variance, does not drown them.
-B is a ridge regression; the MLP is trained on a dense per-token signal (lcflow.crosscontext.bridge).
+B is a ridge regression; the MLP is trained on a dense per-token signal (lcflow.training.bridge_fit).
 """
 
 from __future__ import annotations
@@ -40,9 +40,9 @@ from torch import nn
 
 from lcflow.adapter.config import AdapterConfig
 from lcflow.adapter.spans import SpanDecoder, SpanEncoder, sharer_inputs
-from lcflow.align import SpanAlignment, align_spans
-from lcflow.crosscontext.placement import document_ids
-from lcflow.kv import CapturedKV, capture_kv, full_cache, tokenizer_hash
+from lcflow.core.kv import CapturedKV, capture_kv, full_cache, tokenizer_hash
+from lcflow.core.tokens import SpanAlignment, align_spans
+from lcflow.packets.placement import document_ids
 
 INPUT_LAYER = 0  # the packet's one segment: the receiver's input (embedding) layer
 HIDDEN = 1024  # width of the translator's residual MLP

@@ -21,7 +21,7 @@ so an untrained fuser is closed at inference: it leaves the receiver's cache unt
 Keys are fused as stored, i.e. *with* RoPE, as C2C does: this works only when sharer and
 receiver keys carry the same positions. C2C runs both models over the same tokens; here
 the sharer's de-rotated keys are aligned to the receiver's tokens by character spans
-(lcflow.align) and re-rotated with the sharer's own RoPE at the receiver's positions
+(lcflow.core.tokens) and re-rotated with the sharer's own RoPE at the receiver's positions
 (`aligned_sharer_kv`), so the fuser sees what the sharer would have stored had it read the
 receiver's tokens at the receiver's positions.
 
@@ -48,9 +48,9 @@ from transformers import DynamicCache
 
 from lcflow.adapter.blocks import RMSNorm, parameter_count
 from lcflow.adapter.config import FUSER_FILE, AdapterConfig
-from lcflow.align import SpanAlignment
-from lcflow.kv import CapturedKV, ModelIdentity, RopeCodec, StoredRope, split_joint
-from lcflow.layer_map import build_layer_map
+from lcflow.core.kv import CapturedKV, ModelIdentity, StoredRope, split_joint
+from lcflow.core.layer_map import build_layer_map
+from lcflow.core.tokens import SpanAlignment
 
 C2C_DROPOUT = 0.1  # inside every ffn block, training only
 TEMPERATURE_START, TEMPERATURE_END = 1.0, 0.001
@@ -359,21 +359,3 @@ def aligned_sharer_kv(
         pos = positions.to(k.device).unsqueeze(0).expand(k.shape[0], -1)
         aligned[layer] = (rope.rotate(k, pos, layer), v)
     return aligned
-
-
-def c2c_prepare(fuser: C2CFuser, sharer: tuple, receiver, context: str, prompt: str):
-    """Same-context C2C handoff in-process: both models read `context`; the receiver's cache of it
-    is fused (`Receiver.prepare_c2c`, as the receiver service does with the sharer's packet).
-
-    sharer: (model, tokenizer); receiver: a lcflow.handoff.Receiver (of the receiver model). Returns the
-    prepared receiver input and the bytes the sharer's KV (the layers the fuser reads) takes in bf16.
-    """
-    from lcflow.handoff import Latents, Sharer  # the handoff imports the adapters, not vice versa
-
-    sharer_model, sharer_tokenizer = sharer
-    shared = Sharer(sharer_model, sharer_tokenizer).prefill(context)
-    latents = Latents("c2c", dict(C2CSender(fuser.config).encode_layers(shared.captured)), shared.spans)
-    prepared = receiver.prepare_c2c(latents, context, prompt, fuser=fuser, rope=RopeCodec(sharer_model))
-    prepared.timings_ms["sharer_prefill"] = shared.prefill_ms
-    sent = sum(z.numel() for z in latents.layers.values()) * WIRE_BYTES_PER_VALUE
-    return prepared, sent

@@ -6,8 +6,8 @@ import json
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
-from lcflow.kv import ModelIdentity
-from lcflow.names import SELECTIONS
+from lcflow.core.kv import ModelIdentity
+from lcflow.core.names import SELECTIONS
 
 ADAPTER_FORMAT_VERSION = 1
 ADAPTER_MODES = ("lcf", "lcfx", "c2c")
@@ -73,7 +73,7 @@ class AdapterConfig:
     # before reading them: the reader was trained on real embeddings, and the translator's small
     # residual errors cost more answers than its rare wrong tokens (docs/lcfx.md, section 9).
     bridge_snap: bool = False
-    # c2c: the sharer's RoPE (lcflow.kv.StoredRope.to_dict), recorded at training: a receiver
+    # c2c: the sharer's RoPE (lcflow.core.kv.StoredRope.to_dict), recorded at training: a receiver
     # service re-rotates the sharer's keys at its own positions without the sharer model.
     sharer_rope: dict = field(default_factory=dict)
     dtype: str = "float32"  # dtype the weights are stored in

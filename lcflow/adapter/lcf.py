@@ -17,7 +17,7 @@ from transformers import DynamicCache
 
 from lcflow.adapter.blocks import KVProjection, LayerGate, RMSNorm
 from lcflow.adapter.config import AdapterConfig
-from lcflow.kv import CapturedKV, RopeCodec, split_joint
+from lcflow.core.kv import CapturedKV, RopeCodec, split_joint
 
 
 def joint_encoder(in_dim: int, bottleneck: int) -> nn.Module:

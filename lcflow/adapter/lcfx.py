@@ -27,7 +27,7 @@ from transformers import DynamicCache
 from lcflow.adapter.blocks import KVProjection, LayerGate, RMSNorm
 from lcflow.adapter.config import AdapterConfig
 from lcflow.adapter.lcf import joint_encoder
-from lcflow.kv import CapturedKV, RopeCodec, run_backbone, split_joint
+from lcflow.core.kv import CapturedKV, RopeCodec, run_backbone, split_joint
 
 
 class SlotPooling(nn.Module):

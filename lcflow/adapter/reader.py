@@ -7,7 +7,7 @@ samples, steps, batch and loss: answer cross-entropy + kl_weight * KL to the rec
 the whole document), but the sharer's knowledge reaches it as text:
 
     channel "forward-selected"   the sentences that hold LCF-X's selected positions (the same
-                                 selection head, question and budget), lcflow.handoff.Sharer.selected_text
+                                 selection head, question and budget), lcflow.handoff.pair.Sharer.selected_text
     channel "forward"            the sharer's whole document
 
 LoRA on the receiver's attention projections: W' = W + (alpha / r) B A, with A [r, d_in] and
@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 
 from lcflow.adapter.config import AdapterMismatchError
-from lcflow.kv import ModelIdentity, model_identity
+from lcflow.core.kv import ModelIdentity, model_identity
 
 READER_CONFIG = "reader_config.json"
 CHANNELS = ("forward-selected", "forward")
@@ -128,7 +128,7 @@ class TextReader:
         reader_model.eval()
         return cls(reader_model, tokenizer, config)
 
-    # --- what the trainer needs (lcflow.reader_training) ---------------------------------------
+    # --- what the trainer needs (lcflow.training.reader) ---------------------------------------
 
     def named_parameters(self):
         """The LoRA weights only: the receiver's own stay frozen."""

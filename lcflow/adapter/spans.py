@@ -5,12 +5,12 @@ a document's KV, kept in order, about as well as the document itself, but not po
 So the packet is m latent vectors per receiver layer, one per selected sharer position:
 
     positions = the sentences the question attends to most, at most m tokens   (sharer side,
-                (lcflow.crosscontext.selection; no question: m chunk means)      its own attention)
+                (lcflow.packets.selection; no question: m chunk means)      its own attention)
     z[t]      = (x[t] - mu_x) E_t            x: sharer K/V (no RoPE) of layers near t, [rows, b]
     K, V      = split(mu_y + z[t] D_t)       the receiver's own K/V, predicted; RoPE re-applied
                                              at the document's place in the receiver's input
 
-E_t and D_t start as the closed-form dense alignment (lcflow.crosscontext.alignment) and are
+E_t and D_t start as the closed-form dense alignment (lcflow.packets.alignment) and are
 ordinary parameters, so task training can refine them. The packet holds latent tensors only:
 no token ids, no text of the sharer's context, and never more than m rows per layer.
 """
@@ -21,7 +21,8 @@ import torch
 from torch import nn
 
 from lcflow.adapter.config import AdapterConfig
-from lcflow.crosscontext.selection import (
+from lcflow.core.kv import CapturedKV
+from lcflow.packets.selection import (
     cache_from_captured,
     chunk_means,
     question_attention,
@@ -29,7 +30,6 @@ from lcflow.crosscontext.selection import (
     top_sentences,
     top_tokens,
 )
-from lcflow.kv import CapturedKV
 
 
 def sharer_inputs(config: AdapterConfig, layer: int) -> list[int]:
@@ -120,7 +120,7 @@ class SpanDecoder(nn.Module):
 
 
 def load_alignment(adapter, alignment) -> None:
-    """Copy a fitted lcflow.crosscontext.alignment.KVAlignment into a span adapter's halves."""
+    """Copy a fitted lcflow.packets.alignment.KVAlignment into a span adapter's halves."""
     config = adapter.config
     if alignment.config.window != config.sharer_window or alignment.config.layer_map != config.layer_map:
         raise ValueError("the alignment was fitted with another layer map or sharer window than the adapter")

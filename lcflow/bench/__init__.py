@@ -1,1 +1,10 @@
-"""Benchmarks behind `lcflow bench <name>`; each module exposes `register(subparsers)` like a command."""
+"""Benchmarks behind `lcflow bench <name>`; each module exposes `register(subparsers)` like a command.
+
+- latency.py: time to first answer token of the text channels, LCF and LCF-X, stage by stage.
+- load.py: many handoffs at once against running services.
+- transport.py: MB/s of each stage of the latent transport, against raw gRPC loopback.
+- packets.py: is a span packet about its document, and read? (lcflow.research.diagnostics)
+- oracles.py: the oracle ladder (lcflow.research.oracles).
+- samples.py: the samples a model-quality benchmark runs on.
+- netns.py: network namespaces for link-shaped benchmarks and tests.
+"""

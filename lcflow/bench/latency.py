@@ -143,7 +143,8 @@ def build_pair(
     from transformers import AutoModelForCausalLM
 
     from lcflow.adapter.adapter import LatentAdapter
-    from lcflow.paper_pair import (
+    from lcflow.provision.loading import pick_device
+    from lcflow.testing.paper_pair import (
         PAPER_PAIR_TOKENIZER_HASH,
         RECEIVER_NAME,
         SHARER_NAME,
@@ -151,7 +152,6 @@ def build_pair(
         identity_from_config,
         paper_pair_configs,
     )
-    from lcflow.provision.loading import pick_device
 
     names = names or (SHARER_NAME, RECEIVER_NAME)
     device, dtype = pick_device(config.device), getattr(torch, config.dtype)
@@ -274,14 +274,14 @@ def generate_exactly(model, input_ids: torch.Tensor, cache: DynamicCache, tokens
 @_no_grad
 def prefill_captured(model, ids: torch.Tensor):
     """What Sharer.prefill does after tokenising: full cache, then keys with RoPE removed."""
-    from lcflow.kv import capture_kv, full_cache, prefill
+    from lcflow.core.kv import capture_kv, full_cache, prefill
 
     return capture_kv(model, prefill(model, ids, full_cache()))
 
 
 @_no_grad
 def run_text(pair: Pair, generator, context: int, message: int, config: LatencyBenchConfig, clock) -> None:
-    from lcflow.kv import prefill
+    from lcflow.core.kv import prefill
 
     sharer, receiver = pair.sharer, pair.receiver
     sharer_ids = random_ids(generator, sharer, context + config.question_tokens)
@@ -299,8 +299,8 @@ def run_text(pair: Pair, generator, context: int, message: int, config: LatencyB
 def run_lcf(pair: Pair, generator, context: int, config: LatencyBenchConfig, clock) -> dict:
     import torch
 
-    from lcflow.align import align_spans
-    from lcflow.kv import RopeCodec, prefill
+    from lcflow.core.kv import RopeCodec, prefill
+    from lcflow.core.tokens import align_spans
 
     sharer, receiver, adapter = pair.sharer, pair.receiver, pair.lcf
     sharer_ids = random_ids(generator, sharer, context)
@@ -327,7 +327,7 @@ def run_lcf(pair: Pair, generator, context: int, config: LatencyBenchConfig, clo
 def run_lcfx(pair: Pair, generator, context: int, config: LatencyBenchConfig, clock, filler) -> dict:
     import torch
 
-    from lcflow.kv import RopeCodec, run_backbone
+    from lcflow.core.kv import RopeCodec, run_backbone
 
     sharer, receiver, adapter = pair.sharer, pair.receiver, pair.lcfx
     sharer_ids = random_ids(generator, sharer, context)
@@ -351,8 +351,8 @@ def run_lcfx_spans(pair: Pair, generator, context: int, config: LatencyBenchConf
     receiver's template head (ids, cache), prefilled once as Receiver caches it."""
     import torch
 
-    from lcflow.crosscontext.placement import SlotLayout, slot_cache
-    from lcflow.kv import RopeCodec, run_backbone
+    from lcflow.core.kv import RopeCodec, run_backbone
+    from lcflow.packets.placement import SlotLayout, slot_cache
 
     sharer, receiver, adapter = pair.sharer, pair.receiver, pair.spans
     sharer_ids = random_ids(generator, sharer, context)
@@ -486,7 +486,7 @@ def run_latency_bench(config: LatencyBenchConfig, pair: Pair) -> dict:
     import torch
 
     from lcflow.adapter.lcfx import filler_prefix
-    from lcflow.kv import prefill
+    from lcflow.core.kv import prefill
     from lcflow.provision.loading import pick_device
 
     device = pick_device(config.device)
@@ -647,7 +647,7 @@ def register(subparsers) -> None:
 
 
 def _configs(args) -> tuple[tuple[PretrainedConfig, PretrainedConfig] | None, tuple[str, str]]:
-    from lcflow.paper_pair import RECEIVER_NAME, SHARER_NAME
+    from lcflow.testing.paper_pair import RECEIVER_NAME, SHARER_NAME
 
     if bool(args.sharer) != bool(args.receiver):
         raise SystemExit("give both --sharer and --receiver config files, or neither (the paper pair)")

@@ -35,7 +35,7 @@ PROMPT = "Where does Mira Volkov live?"
 
 def register(subparsers) -> None:
     from lcflow.client import MODE_NAMES
-    from lcflow.security import add_client_security_flags
+    from lcflow.serving.security import add_client_security_flags
 
     p = subparsers.add_parser(
         "load",
@@ -306,8 +306,8 @@ def format_summary(summary: dict) -> str:
 
 
 def run(args) -> int:
-    from lcflow.cli import UsageError
-    from lcflow.security import client_security_from_args
+    from lcflow.core.errors import UsageError
+    from lcflow.serving.security import client_security_from_args
 
     if args.concurrency < 1 or args.requests < 1:
         raise UsageError("--concurrency and --requests must be at least 1")

@@ -3,7 +3,7 @@
     lcflow bench oracles --pair smollm2-to-gemma3 --task facts-cross --n 60 \\
         --alignment runs/align-smollm2-to-gemma3 --out runs/oracles-cross
 
-Every rung (lcflow.crosscontext.oracles) runs on the same held-out samples; EM with a 95% CI,
+Every rung (lcflow.research.oracles) runs on the same held-out samples; EM with a 95% CI,
 F1, "contains the answer" and the answer's NLL are reported per rung, with the packet's
 length. `xlat-*` rungs need a dense alignment (`lcflow align`); without --alignment they are
 skipped, and the report says so. Nothing is trained here.
@@ -17,11 +17,11 @@ import platform
 from pathlib import Path
 
 from lcflow.bench.samples import add_sample_flags, samples_from_flags, samples_label
-from lcflow.names import DEFAULT_RUNGS
+from lcflow.core.names import DEFAULT_RUNGS
 
 
 def register(subparsers) -> None:
-    from lcflow.commands.eval import PAIRS
+    from lcflow.core.names import PAIRS
 
     p = subparsers.add_parser(
         "oracles",
@@ -42,11 +42,11 @@ def register(subparsers) -> None:
 def run(args) -> int:
     import torch  # here, not at the top: `lcflow --help` must not import torch
 
-    from lcflow.commands.eval import PAIRS
-    from lcflow.crosscontext.alignment import KVAlignment
-    from lcflow.crosscontext.oracles import OracleModels, markdown_table, run_ladder, summarize
-    from lcflow.handoff import GenerationSettings
+    from lcflow.core.names import PAIRS
+    from lcflow.handoff.pair import GenerationSettings
+    from lcflow.packets.alignment import KVAlignment
     from lcflow.provision.loading import load_model_and_tokenizer
+    from lcflow.research.oracles import OracleModels, markdown_table, run_ladder, summarize
 
     if args.threads:
         torch.set_num_threads(args.threads)

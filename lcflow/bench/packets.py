@@ -2,7 +2,7 @@
 
     lcflow bench packets --adapter adapters/gemma3-to-gemma3-lcfx-spans --task facts-cross --n 40
 
-On held-out samples (lcflow.crosscontext.diagnostics): the share of the packet's variance
+On held-out samples (lcflow.research.diagnostics): the share of the packet's variance
 that lies between samples, per receiver layer; the attention the receiver's last prompt token
 puts on the packet; and the answer's NLL, each with the sample's own packet and with another
 sample's. The models are the ones the adapter's config names (`lcflow models list`).
@@ -36,10 +36,11 @@ def run(args) -> int:
     import torch  # here, not at the top: `lcflow --help` must not import torch
 
     from lcflow.adapter import AdapterConfig, LatentAdapter
-    from lcflow.crosscontext.diagnostics import diagnose, markdown
-    from lcflow.handoff import Receiver, Sharer
-    from lcflow.kv import model_identity
+    from lcflow.adapter.card import diagnostics_markdown as markdown
+    from lcflow.core.kv import model_identity
+    from lcflow.handoff.pair import Receiver, Sharer
     from lcflow.provision.loading import load_model_and_tokenizer
+    from lcflow.research.diagnostics import diagnose
 
     try:
         config = AdapterConfig.load(args.adapter)

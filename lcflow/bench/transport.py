@@ -61,10 +61,10 @@ from typing import TYPE_CHECKING
 import grpc
 import zstandard
 
-from lcflow.names import CODEC_SETTINGS, QUANTIZATIONS
+from lcflow.core.names import CODEC_SETTINGS, QUANTIZATIONS
 from lcflow.proto_gen.lcflow.v1 import lcflow_pb2 as pb
 from lcflow.proto_gen.lcflow.v1 import lcflow_pb2_grpc as pb_grpc
-from lcflow.service_config import ServiceConfig
+from lcflow.serving.config import ServiceConfig
 
 # torch and lcflow.transport (which imports torch) are imported in the functions that use them:
 # `lcflow --help` builds this parser and must not import torch.
@@ -659,7 +659,7 @@ def machine_info(device: str = "cpu") -> dict:
 
 
 # The quantizations the shipped adapters' model cards allow a sharer's `--codec auto` to send,
-# largest first, their choice last (lcflow.serving_adapters.card_codecs of the LCF card
+# largest first, their choice last (lcflow.serving.registry.card_codecs of the LCF card
 # smollm2-to-gemma3-lcf and the LCF-X card gemma3-to-gemma3-lcfx): what the services' default
 # path (--quantize card, --codec auto) is offered. The bench's auto runs are offered these.
 CARD_CODECS = {"lcf": ("none", "int8", "int4"), "lcfx": ("none", "int8")}
@@ -932,7 +932,7 @@ def _check_device(device: str) -> None:
     """--device names one this machine has (UsageError, one line, otherwise)."""
     import torch
 
-    from lcflow.cli import UsageError
+    from lcflow.core.errors import UsageError
 
     try:
         resolved = torch.device("cpu" if device == "auto" else device)
@@ -965,7 +965,7 @@ def run(args) -> int:
         steady=args.steady,
         device=args.device,
     )
-    from lcflow.cli import UsageError
+    from lcflow.core.errors import UsageError
 
     unknown = sorted(set(config.link_codecs) - set(CODEC_SETTINGS))
     if unknown or not config.link_codecs:

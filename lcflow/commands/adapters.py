@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from lcflow.security import add_client_security_flags, client_security_from_args
+from lcflow.serving.security import add_client_security_flags, client_security_from_args
 
 COLUMNS = ("", "name", "mode", "sharer", "receiver", "params", "size", "card EM", "loaded", "usable")
 

@@ -2,10 +2,10 @@
 
     lcflow align --pair smollm2-to-gemma3 --out runs/align-smollm2-to-gemma3
 
-Runs both frozen models over a broad corpus (lcflow.crosscontext.corpus: task documents of
+Runs both frozen models over a broad corpus (lcflow.training.corpus: task documents of
 the train split, random-word sentences, stdlib prose), keeps the moments of (sharer K/V,
 receiver K/V of the same characters) per receiver layer, and solves a reduced-rank ridge
-regression through a bottleneck of width b (lcflow.crosscontext.alignment). Every window of
+regression through a bottleneck of width b (lcflow.packets.alignment). Every window of
 sharer layers up to --window is fitted from the same pass; the one with the best mean
 held-out R^2 (test-split documents, never trained on) is saved to OUT with all R^2 figures
 in OUT/alignment_config.json and OUT/alignment.md. No backward pass: ~0.35 s a document on
@@ -20,15 +20,15 @@ import logging
 import time
 from pathlib import Path
 
-from lcflow.layer_map import LAYER_MAP_STRATEGIES, build_layer_map
-from lcflow.names import SELECTIONS
+from lcflow.core.layer_map import LAYER_MAP_STRATEGIES, build_layer_map
+from lcflow.core.names import SELECTIONS
 from lcflow.tasks import get_task
 
 log = logging.getLogger(__name__)
 
 
 def register(subparsers) -> None:
-    from lcflow.commands.eval import PAIRS
+    from lcflow.core.names import PAIRS
 
     p = subparsers.add_parser(
         "align",
@@ -79,7 +79,7 @@ def held_out_documents(count: int) -> list[str]:
 
 
 def r2_table(results: dict[int, dict]) -> str:
-    from lcflow.crosscontext.alignment import mean_r2  # here: `lcflow --help` must not import torch
+    from lcflow.packets.alignment import mean_r2  # here: `lcflow --help` must not import torch
 
     windows = sorted(results)
     header = "| receiver layer | " + " | ".join(f"window {w}: K / V" for w in windows) + " |"
@@ -95,8 +95,9 @@ def run(args) -> int:
     # Imported here, not at the top: `lcflow --help` must not import torch.
     import torch
 
-    from lcflow.commands.eval import PAIRS
-    from lcflow.crosscontext.alignment import (
+    from lcflow.core.kv import kv_spec
+    from lcflow.core.names import PAIRS
+    from lcflow.packets.alignment import (
         KVAlignment,
         collect_stats,
         fit_alignment,
@@ -104,9 +105,8 @@ def run(args) -> int:
         identity_alignment,
         mean_r2,
     )
-    from lcflow.crosscontext.corpus import alignment_corpus
-    from lcflow.kv import kv_spec
     from lcflow.provision.loading import load_model_and_tokenizer
+    from lcflow.training.corpus import alignment_corpus
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -121,7 +121,7 @@ def run(args) -> int:
                 "lcflow align: --from-alignment/--identity only write an adapter; give --adapter-out"
             )
         if args.identity:
-            from lcflow.kv import model_identity
+            from lcflow.core.kv import model_identity
 
             if not model_identity(*sharer).same_model(model_identity(*receiver)):
                 raise SystemExit("lcflow align: --identity needs the same model on both sides")
@@ -173,8 +173,8 @@ def run(args) -> int:
 
 
 def save_span_adapter(alignment, sharer, receiver, names: tuple[str, str], args) -> None:
-    """--adapter-out: the alignment as an LCF-X span adapter (lcflow.lcfx_recipe)."""
-    from lcflow.lcfx_recipe import span_adapter_from_alignment
+    """--adapter-out: the alignment as an LCF-X span adapter (lcflow.training.lcfx_recipe)."""
+    from lcflow.training.lcfx_recipe import span_adapter_from_alignment
 
     adapter = span_adapter_from_alignment(
         alignment, sharer, receiver, names, args.layer_map, args.slots, args.selection

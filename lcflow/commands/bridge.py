@@ -7,7 +7,7 @@
 The packet is the sentences the sharer selects, sent as soft tokens in the receiver's input space;
 the receiver reads them with its own model and the reader, a receiver -> receiver span adapter
 (lcflow.adapter.bridge). This fits the translator on --documents alignment-corpus documents
-(a ridge map, then --steps of a residual MLP on a dense per-token loss; lcflow.crosscontext.bridge),
+(a ridge map, then --steps of a residual MLP on a dense per-token loss; lcflow.training.bridge_fit),
 reports the held-out R^2 and nearest-token accuracy on --held-out further documents, and saves the
 adapter with the reader's weights copied in. Nothing task-specific is trained here.
 
@@ -24,7 +24,7 @@ from __future__ import annotations
 import argparse
 import time
 
-from lcflow.cli import UsageError
+from lcflow.core.errors import UsageError
 
 
 def register(subparsers) -> None:
@@ -94,10 +94,10 @@ def run(args) -> int:
     # Imported here, not at the top: `lcflow --help` must not import torch.
     from tqdm import tqdm
 
-    from lcflow.crosscontext import bridge
-    from lcflow.crosscontext.corpus import alignment_corpus, vocabulary_documents
-    from lcflow.kv import model_identity
+    from lcflow.core.kv import model_identity
     from lcflow.provision.loading import load_model_and_tokenizer
+    from lcflow.training import bridge_fit as bridge
+    from lcflow.training.corpus import alignment_corpus, vocabulary_documents
 
     if args.documents < 1 or args.held_out < 1 or min(args.steps, args.vocabulary_documents, args.rows) < 0:
         raise UsageError(
@@ -166,7 +166,7 @@ def run(args) -> int:
 
 def swap_reader(args, reader) -> int:
     """--translator-from: the existing bridge's translator with --reader's weights and config."""
-    from lcflow.crosscontext import bridge
+    from lcflow.training import bridge_fit as bridge
 
     if args.sharer:
         raise UsageError("--sharer comes from --translator-from's bridge; give only one")

@@ -27,7 +27,7 @@ import ipaddress
 import os
 from pathlib import Path
 
-from lcflow.cli import UsageError
+from lcflow.core.errors import UsageError
 
 DEFAULT_HOSTS = "localhost,127.0.0.1,::1"
 FILES = ("ca.pem", "ca-key.pem", "server.pem", "server-key.pem", "client.pem", "client-key.pem")

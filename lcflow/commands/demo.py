@@ -5,9 +5,9 @@ from __future__ import annotations
 import argparse
 from dataclasses import fields
 
-from lcflow.cli import UsageError
+from lcflow.core.errors import UsageError
 from lcflow.demo import DemoOptions
-from lcflow.security import add_client_security_flags, client_security_from_args
+from lcflow.serving.security import add_client_security_flags, client_security_from_args
 
 
 def register(subparsers) -> None:

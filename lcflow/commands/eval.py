@@ -4,7 +4,7 @@
     lcflow eval --sharer DIR --receiver DIR --task-file mine.jsonl --adapter-lcfx DIR --out runs/mine
 
 Every method runs unless --methods picks some (receiver, sharer, forward, text, text-c2c,
-forward-selected, forward+reader, forward-selected+reader, c2c, lcf, lcfx, ...; lcflow.evaluation
+forward-selected, forward+reader, forward-selected+reader, c2c, lcf, lcfx, ...; lcflow.eval.harness
 says what each is). forward-selected forwards the sentences the lcfx adapter selects, so it
 needs that adapter; the +reader methods load a text reader (`lcflow train --mode text-reader`).
 
@@ -18,7 +18,7 @@ and ADAPTERS/<pair>-reader-forward. A method whose adapter is
 missing, does not fit the models or cannot apply to the task is skipped with its reason printed
 (and recorded in results.json), so one missing adapter does not cost the whole run.
 
-Latency is measured in-process (see lcflow.evaluation), or with `--services SHARER_HOST:PORT`
+Latency is measured in-process (see lcflow.eval.harness), or with `--services SHARER_HOST:PORT`
 through running services for the methods they serve (receiver, the text channels and their
 readers, lcf/lcfx), labelled so.
 """
@@ -37,27 +37,17 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from lcflow.commands.preflight import check_model
-from lcflow.names import METHOD_ALIASES, METHODS, READER_METHODS, SAME_CONTEXT_ONLY, WIRE_FORMS
-from lcflow.security import ClientSecurity, add_client_security_flags, client_security_from_args
+from lcflow.core.names import METHOD_ALIASES, METHODS, PAIRS, READER_METHODS, SAME_CONTEXT_ONLY, WIRE_FORMS
+from lcflow.serving.security import ClientSecurity, add_client_security_flags, client_security_from_args
 from lcflow.tasks import SPLITS, TASK_NAMES, QASample, get_task, load_task_file
 
 if TYPE_CHECKING:  # torch and the harness are imported where used: `lcflow --help` stays fast
     import torch
 
-    from lcflow.evaluation import EvalModels, SampleOutcome
+    from lcflow.eval.harness import EvalModels, SampleOutcome
 
 log = logging.getLogger(__name__)
 
-# Named pairs: (sharer, receiver), names from `lcflow models list`. The pair name is also the
-# prefix of the default adapter directories, adapters/<pair>-<method>.
-PAIRS: dict[str, tuple[str, str]] = {
-    "smollm2-to-gemma3": ("smollm2-135m-instruct", "gemma3-270m"),
-    "gemma3-to-smollm2": ("gemma3-270m", "smollm2-135m-instruct"),
-    # Two agents on one base model with different contexts: the paper's cross-context setting.
-    "gemma3-to-gemma3": ("gemma3-270m", "gemma3-270m"),
-    # The same for SmolLM2: the reader half of the Gemma3 -> SmolLM2 bridge is trained on it.
-    "smollm2-to-smollm2": ("smollm2-135m-instruct", "smollm2-135m-instruct"),
-}
 ADAPTER_MODES = {
     "c2c": "c2c",
     "lcf": "lcf",
@@ -289,7 +279,8 @@ def load_adapter(method: str, path: Path, sharer_id, receiver_id, device, receiv
         return reader
     if method == "c2c":
         # The harness needs c2c_prepare too; a partial C2C module means no c2c, not a crash mid-run.
-        from lcflow.adapter.c2c import C2CFuser, c2c_prepare  # noqa: F401
+        from lcflow.adapter.c2c import C2CFuser
+        from lcflow.handoff.c2c import c2c_prepare  # noqa: F401
 
         return C2CFuser.from_pretrained(path, sharer=sharer_id, receiver=receiver_id, device=device)
     from lcflow.adapter import LatentAdapter
@@ -305,7 +296,7 @@ def load_adapter(method: str, path: Path, sharer_id, receiver_id, device, receiv
 def load_adapters(plan: EvalPlan, args, models: EvalModels) -> dict[str, dict]:
     """Fill models.adapters for the planned adapter methods; skip the ones that cannot load.
     Returns what results.json records per adapter (path, mode, parameter counts)."""
-    from lcflow.kv import model_identity
+    from lcflow.core.kv import model_identity
 
     ids = (
         model_identity(*models.sharer, name=plan.sharer),
@@ -397,8 +388,8 @@ def evaluate_through_services(
     stay in-process. With `sessions`, each sample's sharer context is opened as a session first
     (untimed: an agent's context is already prefilled) and the served methods hand off from it."""
     from lcflow.client import HandoffClient
-    from lcflow.evaluation import SampleOutcome, applicable, run_sample
-    from lcflow.metrics import contains_answer, exact_match, extract_answer, token_f1
+    from lcflow.eval.harness import SampleOutcome, applicable, run_sample
+    from lcflow.eval.metrics import contains_answer, exact_match, extract_answer, token_f1
     from lcflow.tasks import question_prompt
 
     client = HandoffClient(address, security=security)
@@ -446,7 +437,7 @@ def evaluate_through_services(
 def measure(args, methods, models, samples, settings, adapters: dict) -> tuple[list[SampleOutcome], str]:
     """The outcomes and the label of where their latency was measured (`adapters`: what
     load_adapters loaded, by method, with its path)."""
-    from lcflow.evaluation import evaluate
+    from lcflow.eval.harness import evaluate
 
     if args.services:
         security = client_security_from_args(args)
@@ -486,7 +477,7 @@ def machine_info(device: torch.device) -> dict:
 
 
 def make_meta(args, plan: EvalPlan, models: EvalModels, adapters: dict, latency: str) -> dict:
-    from lcflow.kv import model_identity
+    from lcflow.core.kv import model_identity
 
     def identity(name: str, pair: tuple) -> dict:
         found = model_identity(*pair, name=name)
@@ -524,10 +515,10 @@ def make_meta(args, plan: EvalPlan, models: EvalModels, adapters: dict, latency:
 def run(args) -> int:
     import torch
 
-    from lcflow.evaluation import EvalModels, outcome_records, summarize
-    from lcflow.handoff import GenerationSettings
+    from lcflow.eval.harness import EvalModels, outcome_records, summarize
+    from lcflow.eval.report import markdown_table, write_report
+    from lcflow.handoff.pair import GenerationSettings
     from lcflow.provision import ProvisionError
-    from lcflow.report import markdown_table, write_report
 
     if args.sharer_sessions and not args.services:
         print(

@@ -6,10 +6,10 @@ import argparse
 import sys
 from pathlib import Path
 
-from lcflow.cli import UsageError
 from lcflow.client import MODE_NAMES
-from lcflow.names import TEXT_CHANNELS
-from lcflow.security import add_client_security_flags, client_security_from_args
+from lcflow.core.errors import UsageError
+from lcflow.core.names import TEXT_CHANNELS
+from lcflow.serving.security import add_client_security_flags, client_security_from_args
 
 
 def register(subparsers) -> None:
@@ -70,7 +70,7 @@ def run(args) -> int:
     import grpc
 
     from lcflow.client import HandoffClient
-    from lcflow.telemetry import make_tracer_provider
+    from lcflow.serving.telemetry import make_tracer_provider
 
     context = read_context(args.context_file) if args.context_file else (args.context or "")
     security = client_security_from_args(args)

@@ -5,7 +5,7 @@
 
 Reads --train samples of a training task's *train* split with the adapter's sharer model and
 ranks every attention head by how often its question attention alone selects sentences that
-cover the answer (lcflow.crosscontext.heads). No weights change; the choice is stored as
+cover the answer (lcflow.training.heads). No weights change; the choice is stored as
 `selection_heads` and used by every later handoff with this adapter. Measure the effect on
 held-out samples with `lcflow bench packets` (answer recall) and `lcflow eval`.
 """
@@ -16,7 +16,7 @@ import argparse
 import json
 from dataclasses import asdict
 
-from lcflow.cli import UsageError
+from lcflow.core.errors import UsageError
 from lcflow.tasks import TASK_NAMES
 
 
@@ -46,9 +46,9 @@ def register(subparsers) -> None:
 def run(args) -> int:
     # Imported here, not at the top: `lcflow --help` must not import torch.
     from lcflow.adapter import AdapterConfig
-    from lcflow.crosscontext.heads import choose_heads
     from lcflow.provision.loading import load_model_and_tokenizer
     from lcflow.tasks import get_task
+    from lcflow.training.heads import choose_heads
 
     try:
         config = AdapterConfig.load(args.adapter)

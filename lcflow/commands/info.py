@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:  # torch and the adapters are imported where used: `lcflow --help` stays fast
     from torch import nn
 
-    from lcflow.kv import ModelIdentity
+    from lcflow.core.kv import ModelIdentity
 
 # The paper's figures for the pair, and the acceptance bounds.
 PAPER_LCF_PARAMS = 19_400_000
@@ -208,7 +208,7 @@ def paper_pair_adapters() -> dict[str, tuple[str, nn.Module]]:
 
     from lcflow.adapter import LatentAdapter
     from lcflow.adapter.c2c import C2CFuser
-    from lcflow.paper_pair import paper_pair_identities
+    from lcflow.testing.paper_pair import paper_pair_identities
 
     sharer, receiver = paper_pair_identities()
     with torch.device("meta"):

@@ -11,7 +11,7 @@ from __future__ import annotations
 import types
 from pathlib import Path
 
-from lcflow.cli import UsageError
+from lcflow.core.errors import UsageError
 
 
 def looks_like_path(name: str) -> bool:
@@ -77,12 +77,12 @@ def check_adapter(adapter_dir: str, role: str, model: str = "", model_dir: str =
             "copy the whole adapter directory"
         )
     if config.mode == "c2c" and role == "receiver":
-        from lcflow.serving_adapters import c2c_rope_problem
+        from lcflow.serving.registry import c2c_rope_problem
 
         if why := c2c_rope_problem(config):  # the receiver re-rotates the sharer's keys with it
             raise UsageError(f"--adapter {adapter_dir}: {why}")
     if model_dir and Path(model_dir).is_dir():
-        from lcflow.kv import model_identity
+        from lcflow.core.kv import model_identity
 
         try:
             identity = model_identity(*_stand_in(model_dir), name=model or None)
@@ -98,7 +98,7 @@ def check_service(config) -> None:
     if config.adapters:
         check_adapter_directory(config.adapters, config.adapter)
     if config.adapter:
-        from lcflow.serving_adapters import default_adapter_path
+        from lcflow.serving.registry import default_adapter_path
 
         try:
             default = default_adapter_path(config.adapter, config.adapters)
@@ -118,7 +118,7 @@ def check_adapter_directory(adapters: str, adapter: str) -> None:
         )
     if not adapter:
         return
-    from lcflow.serving_adapters import is_plain_name
+    from lcflow.serving.registry import is_plain_name
 
     path = Path(adapter).expanduser()
     in_root = is_plain_name(adapter) and (root / adapter).is_dir()

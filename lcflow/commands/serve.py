@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from lcflow.service_config import ROLES, add_service_flags, config_from_args
+from lcflow.serving.config import ROLES, add_service_flags, config_from_args
 
 
 def register(subparsers) -> None:
@@ -27,17 +27,17 @@ def register(subparsers) -> None:
 
 def run(args) -> int:
     from lcflow.commands.preflight import check_service
-    from lcflow.serving import serve_until_signal
-    from lcflow.telemetry import configure_service_logging, make_tracer_provider
+    from lcflow.serving.server import serve_until_signal
+    from lcflow.serving.telemetry import configure_service_logging, make_tracer_provider
 
     config = config_from_args(args.role, args)
     check_service(config)  # a typo in --model or --adapter: one line now, not a traceback after loading
     configure_service_logging(config.log_level)
     provider = make_tracer_provider(f"lcflow-{config.role}")
     if config.role == "sharer":
-        from services.sharer.server import serve
+        from lcflow.serving.sharer import serve
     else:
-        from services.receiver.server import serve
+        from lcflow.serving.receiver import serve
     running, _ = serve(config, provider)
     serve_until_signal(running, config.shutdown_grace_s)
     provider.shutdown()  # flush spans still in the batch exporter

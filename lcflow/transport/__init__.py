@@ -3,13 +3,14 @@
     from lcflow.transport import LatentPacket, PacketWriter, PacketAssembler, packet_messages, assemble
 
 - wire.py: LatentPacket, PacketWriter (sender), PacketAssembler (receiver), limits and versions.
-- segments.py: one layer's tensors <-> a checked safetensors blob.
-- codec.py: CodecConfig, byte-shuffle, zstd with a hard decompression bound.
+- segments.py: one layer's tensors <-> a checked safetensors blob, byte-shuffled by plane.
+- codec.py: CodecConfig, zstd with a hard decompression bound.
 - quantize.py: int8 / int4 latents with absmax scales (format version 2; rotated groups, version
   3), their error bound.
 - link.py: LinkMeter, which quantization and whether zstd pay on the link (the sharer's
   `--codec auto`).
 - errors.py: WireError, carrying the gRPC status code to answer with.
+- memory.py: lets a process reuse the memory it frees (large packets) instead of returning it to the kernel at once.
 """
 
 from lcflow.transport.codec import MAX_CHUNK_BYTES, CodecConfig

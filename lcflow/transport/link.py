@@ -4,7 +4,7 @@ and whether zstd goes on top.
 Both make the bytes fewer and cost CPU on both ends, so they pay on slow links and can lose on
 fast ones: on this 2-core machine's loopback, quantizing a 2048-token LCF packet to int4 takes
 longer than sending its bf16 bytes. The quantizations offered are the accurate ones of the
-adapter's model card (within 1 EM point of bf16: lcflow.serving_adapters.card_codecs), so the
+adapter's model card (within 1 EM point of bf16: lcflow.serving.registry.card_codecs), so the
 choice moves time, never answers. Two ways to tell which link this is:
 
 - **Measured** (no `--link-mbit`): the meter keeps, per payload (the handoff's mode: an LCF
@@ -159,7 +159,7 @@ class LinkMeter:
 
     def choose(self, schemes: str | Sequence[str], payload: str = "") -> CodecChoice:
         """The quantization (one of `schemes`, largest first: the accurate ones of the adapter's
-        card, lcflow.serving_adapters.card_codecs) and zstd or none for a `payload` (the
+        card, lcflow.serving.registry.card_codecs) and zstd or none for a `payload` (the
         handoff's mode)."""
         schemes = (schemes,) if isinstance(schemes, str) else tuple(schemes)
         with self._lock:

@@ -70,7 +70,7 @@ from dataclasses import dataclass
 
 import torch
 
-from lcflow.names import QUANTIZATIONS
+from lcflow.core.names import QUANTIZATIONS
 from lcflow.transport.segments import DTYPES, TensorSpec
 
 QMAX = {"int8": 127, "int4": 7}

@@ -45,7 +45,7 @@ from dataclasses import dataclass, field
 import torch
 import zstandard
 
-from lcflow.names import LATENT_MODES, SAME_CONTEXT_MODES  # noqa: F401 (re-exported)
+from lcflow.core.names import LATENT_MODES, SAME_CONTEXT_MODES  # noqa: F401 (re-exported)
 from lcflow.proto_gen.lcflow.v1 import lcflow_pb2 as pb
 from lcflow.transport.codec import CODECS, MAX_CHUNK_BYTES, CodecConfig, SegmentDecoder, crc32
 from lcflow.transport.errors import data_loss, invalid, precondition

@@ -1,0 +1,115 @@
+"""Task training on top of the dense alignment: distillation from the receiver reading the text.
+
+The span adapter starts as the closed-form alignment (`lcflow align --adapter-out`); this
+refines both halves with the LLMs frozen. For each training sample:
+
+    teacher  = the receiver reading [sharer document, own context, question] as text
+    student  = the receiver reading [span packet, own context, question]
+    loss     = CE(answer | student) + kl_weight * KL(teacher || student)   over the answer's tokens
+             + contrast_weight * max(0, contrast_margin + CE(answer | student)
+                                        - CE(answer | student given another sample's packet))
+
+The teacher's distribution is dense (every vocabulary entry at every answer position), so a
+few hundred samples carry far more signal than the answer's identity alone; the teacher runs
+without gradients on the fly (one prefill per sample). Only answer positions get logits.
+The hinge (off by default) is for answers that must *use* the packet without being a word of
+it (facts-twohop: the packet holds the link, the receiver's own document the answer). Trained on
+CE and KL alone, a mix of such samples taught the receiver to guess a value of the asked kind
+from its own document, as well with any packet (docs/lcfx.md section 6); the hinge is zero only
+where the right packet explains the answer by `contrast_margin` nats more than another's.
+The other packet is the next training sample's of the same task (its own question selects it).
+Samples are drawn from the train split (vocabulary disjoint from the test split); the
+held-out ships-cross family is never read. Seeded, resumable (lcflow.training.train.Trainer).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.nn import functional as F
+
+from lcflow.adapter import LatentAdapter
+from lcflow.core.kv import model_identity
+from lcflow.handoff.pair import Receiver, Sharer
+from lcflow.training.train import Trainer, answer_ids, prepare_for_sample
+
+
+def answer_logits(model, prepared, target: torch.Tensor) -> torch.Tensor:
+    """Logits [answer tokens, vocab] with the answer teacher-forced on top of a prepared cache."""
+    tail = torch.cat([prepared.input_ids[:, -1:], target[None, :-1]], dim=1).to(model.device)
+    out = model(input_ids=tail, past_key_values=prepared.cache, use_cache=True, logits_to_keep=len(target))
+    return out.logits[0].float()
+
+
+def packet_donors(samples: list) -> dict:
+    """For each sample id, the next sample (cyclically) of the same task: whose packet to send
+    as the control. Same task, so a two-hop sample is contrasted with another link; a task with
+    a single sample borrows the next sample of the list."""
+    by_task: dict[str, list[int]] = {}
+    for index, sample in enumerate(samples):
+        by_task.setdefault(sample.task, []).append(index)
+    donors = {}
+    for indices in by_task.values():
+        for position, index in enumerate(indices):
+            donor = indices[(position + 1) % len(indices)] if len(indices) > 1 else (index + 1) % len(samples)
+            donors[samples[index].id] = samples[donor]
+    return donors
+
+
+class SpanDistillTrainer(Trainer):
+    """Trains a span-packet LCF-X adapter from its alignment initialisation (cfg.init_adapter)."""
+
+    def __init__(self, cfg, sharer_pair=None, receiver_pair=None):
+        super().__init__(cfg, sharer_pair, receiver_pair)
+        self.donors = packet_donors(self.samples) if cfg.contrast_weight > 0 else {}
+
+    def build_adapter(self, sharer_pair: tuple, receiver_pair: tuple):
+        (ms, ts), (mr, tr) = sharer_pair, receiver_pair
+        adapter = LatentAdapter.from_pretrained(
+            self.cfg.init_adapter,
+            sharer=model_identity(ms, ts, name=self.cfg.sharer),
+            receiver=model_identity(mr, tr, name=self.cfg.receiver),
+        )
+        if adapter.config.packet != "spans":
+            raise ValueError(f"{self.cfg.init_adapter} is not a span-packet LCF-X adapter")
+        adapter.requires_grad_(True)
+        adapter = adapter.to(mr.device)
+        self.sharer = Sharer(ms, ts, adapter.encoder, adapter.config)
+        self.receiver = Receiver(mr, tr, adapter.decoder, adapter.config)
+        return adapter
+
+    def gate_penalty(self) -> torch.Tensor:
+        return torch.zeros(())  # span packets have no gates
+
+    def packet_donor(self, sample):
+        """The training sample whose packet is the control: the next one of the same task."""
+        return self.donors[sample.id]
+
+    def sample_loss(self, sample) -> torch.Tensor:
+        prompt = self.format_prompt(sample, include_context=False)
+        target = answer_ids(self.receiver.tokenizer, sample.answers[0]).to(self.receiver.model.device)
+        student = answer_logits(self.receiver.model, self.prepare(sample), target)
+        loss = F.cross_entropy(student, target)
+        if self.cfg.contrast_weight > 0:
+            other = prepare_for_sample(
+                self.sharer,
+                self.receiver,
+                "lcfx",
+                sample,
+                prompt,
+                packet_from=self.packet_donor(sample),
+                wire=self.cfg.wire,
+            )
+            other_ce = F.cross_entropy(answer_logits(self.receiver.model, other, target), target)
+            hinge = F.relu(self.cfg.contrast_margin + loss - other_ce)
+            loss = loss + self.cfg.contrast_weight * hinge
+        if self.cfg.kl_weight > 0:
+            with torch.no_grad():
+                teacher_input = self.receiver.prepare_plain(
+                    prompt, [sample.sharer_context, sample.receiver_context]
+                )
+                teacher = answer_logits(self.receiver.model, teacher_input, target)
+            kl = F.kl_div(
+                student.log_softmax(-1), teacher.log_softmax(-1), log_target=True, reduction="batchmean"
+            )
+            loss = loss + self.cfg.kl_weight * kl
+        return loss

@@ -1,0 +1,103 @@
+"""The import rule of lcflow/__init__.py: a module imports only from its own package or from a
+lower layer, checked over every import in the package (inside functions too), and no package
+imports itself in a circle."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import lcflow
+
+PACKAGE = Path(lcflow.__file__).parent
+# Lowest first; the packages of one line are one layer (lcflow/__init__.py says what each holds).
+LAYERS = [
+    ("core", "tasks", "provision", "proto_gen"),
+    ("packets", "transport", "testing"),
+    ("adapter",),
+    ("handoff",),
+    ("eval", "serving"),
+    ("training", "client"),
+    ("research", "demo"),
+    ("bench",),
+    ("commands",),
+    ("cli",),
+]
+LAYER_OF = {name: level for level, names in enumerate(LAYERS) for name in names}
+
+
+def part_of(module: str) -> str:
+    """lcflow.serving.sharer -> serving; lcflow.cli -> cli."""
+    return module.split(".")[1]
+
+
+def lcflow_imports(path: Path) -> list[tuple[int, str]]:
+    """(line, module) for every import of an lcflow module in a file, wherever it stands."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.ImportFrom) and node.level == 0 and (node.module or "").startswith("lcflow."):
+            found.append((node.lineno, node.module))
+        elif isinstance(node, ast.ImportFrom) and node.module == "lcflow":
+            found += [(node.lineno, f"lcflow.{alias.name}") for alias in node.names]
+        elif isinstance(node, ast.Import):
+            found += [(node.lineno, a.name) for a in node.names if a.name.startswith("lcflow.")]
+    return found
+
+
+def modules() -> list[tuple[str, Path]]:
+    """(part, file) for every module of the package but the generated protobuf code and data."""
+    found = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        relative = path.relative_to(PACKAGE)
+        if (
+            relative.parts[0] in ("proto_gen", "data")
+            or relative.name == "__init__.py"
+            and len(relative.parts) == 1
+        ):
+            continue
+        found.append((relative.parts[0].removesuffix(".py"), path))
+    return found
+
+
+def test_every_part_of_the_package_has_a_layer():
+    parts = {part for part, _ in modules()}
+    assert parts <= set(LAYER_OF), (
+        f"give these a layer in LAYERS and lcflow/__init__.py: {parts - set(LAYER_OF)}"
+    )
+    documented = lcflow.__doc__
+    assert all(f" {part} " in documented for part in parts), "lcflow/__init__.py names every part"
+
+
+def upward_imports(part: str, path: Path) -> list[str]:
+    """The imports in `path` (of package part `part`) that do not go down a layer."""
+    upward = []
+    for line, module in lcflow_imports(path):
+        target = part_of(module)
+        if target != part and LAYER_OF.get(target, len(LAYERS)) >= LAYER_OF[part]:
+            upward.append(f"{path.name}:{line} ({part}) imports {module} ({target})")
+    return upward
+
+
+def test_no_module_imports_a_layer_above_its_own():
+    upward = [found for part, path in modules() for found in upward_imports(part, path)]
+    assert not upward, "imports that do not go down a layer:\n" + "\n".join(upward)
+
+
+def test_the_rule_sees_an_upward_import_inside_a_function(tmp_path):
+    module = tmp_path / "kv_helpers.py"
+    module.write_text("import torch\n\n\ndef f():\n    from lcflow.serving.sharer import serve\n")
+    assert upward_imports("core", module) == [
+        "kv_helpers.py:5 (core) imports lcflow.serving.sharer (serving)"
+    ]
+    module.write_text("from lcflow.core.names import PAIRS\nfrom lcflow.tasks import QASample\n")
+    assert upward_imports("packets", module) == []
+
+
+def test_each_subpackage_names_its_modules_in_its_docstring():
+    for init in sorted(PACKAGE.glob("*/__init__.py")):
+        if init.parent.name in ("proto_gen",):
+            continue
+        doc = ast.get_docstring(ast.parse(init.read_text())) or ""
+        for module in sorted(init.parent.glob("*.py")):
+            if module.name != "__init__.py":
+                assert module.name in doc, f"{init.relative_to(PACKAGE.parent)} does not name {module.name}"
