@@ -407,3 +407,35 @@ def test_an_unknown_mode_value_is_invalid_argument_not_a_crash():
     with pytest.raises(WireError) as err:
         assemble(messages)
     assert err.value.code == grpc.StatusCode.INVALID_ARGUMENT and "unknown mode 12345" in err.value.details
+
+
+def test_the_connector_primitives_carry_a_packet_layer_by_layer():
+    """lcflow.transport.connector: a sender called in its documented order (header, shared, one
+    layer at a time, trailer) and a receiver fed each message hand back every layer as it
+    completes, then the same packet; an engine needs nothing else of the wire format."""
+    from lcflow.transport import LatentReceiver, LatentSender
+
+    packet = make_packet()
+    sender: LatentSender = PacketWriter.for_packet(packet)
+    receiver: LatentReceiver = PacketAssembler()
+    receiver.on_header(sender.header().header)
+    completed = [s.layer for m in sender.shared(packet.shared_tensors) for s in receiver.on_message(m)]
+    for layer in packet.layers:
+        for message in sender.layer(layer, packet.tensors_per_layer[layer]):
+            completed += [segment.layer for segment in receiver.on_message(message)]
+        assert completed[-1] == layer  # the layer is there before the next one is sent
+    assert receiver.on_message(sender.trailer()) == [] and receiver.packet is not None
+    assert completed == [None, *packet.layers]
+    assert_same(packet, receiver.on_stream_end())
+    assert receiver.stats.bytes_wire == sender.stats.bytes_wire
+
+
+def test_a_connector_must_implement_every_primitive():
+    from lcflow.transport import LatentReceiver
+
+    class HeaderOnly(LatentReceiver):
+        def on_header(self, header):
+            pass
+
+    with pytest.raises(TypeError, match="on_message"):
+        HeaderOnly()

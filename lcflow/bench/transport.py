@@ -71,7 +71,7 @@ from lcflow.serving.config import ServiceConfig
 if TYPE_CHECKING:
     import torch
 
-    from lcflow.transport import CodecConfig, LatentPacket, PacketWriter
+    from lcflow.transport import CodecConfig, LatentPacket, LatentSender
     from lcflow.transport.link import CodecChoice, LinkMeter
     from lcflow.transport.wire import WireStats
 
@@ -163,12 +163,12 @@ class BenchReceiver(pb_grpc.ReceiverServicer):
         self.device = device
 
     async def Receive(self, request_iterator, context):
-        from lcflow.transport import PacketAssembler, WireError
+        from lcflow.transport import LatentReceiver, PacketAssembler, WireError
 
         first = await anext(request_iterator)
         count_only = first.request.request_id == COUNT_ONLY
         start = time.perf_counter()
-        assembler = PacketAssembler(device=self.device)
+        assembler: LatentReceiver = PacketAssembler(device=self.device)
         wire_bytes = chunks = 0
         try:
             async for message in request_iterator:
@@ -366,7 +366,7 @@ def _codec_stages(
 
 
 def _writer_messages(
-    packet: LatentPacket, codec: CodecConfig, writer: PacketWriter | None = None
+    packet: LatentPacket, codec: CodecConfig, writer: LatentSender | None = None
 ) -> Iterator[pb.LatentMessage]:
     """What a sharer streams: request, header, then each segment packed as it is reached."""
     from lcflow.transport import packet_messages

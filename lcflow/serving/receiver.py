@@ -57,7 +57,14 @@ from lcflow.serving.server import (
     status_on_error,
 )
 from lcflow.serving.telemetry import current_trace_id
-from lcflow.transport import MODE_FROM_PROTO, PacketAssembler, WireLimits, WireStats, mode_name
+from lcflow.transport import (
+    MODE_FROM_PROTO,
+    LatentReceiver,
+    PacketAssembler,
+    WireLimits,
+    WireStats,
+    mode_name,
+)
 
 log = logging.getLogger(__name__)
 
@@ -252,7 +259,7 @@ class ReceiverService(ModelService, pb_grpc.ReceiverServicer):
         window ms, the adapter's name), verifying all of it (WireError on any fault). The header
         may name the adapter (meta "adapter"); it resolves only inside --adapters. Without a
         name, the adapter whose id the header carries decodes (lcflow.serving.registry)."""
-        assembler = PacketAssembler(self.wire_limits)
+        assembler: LatentReceiver = PacketAssembler(self.wire_limits)
         first = next(messages, None)
         if first is None or first.WhichOneof("message") != "header":
             kind = "the end of the stream" if first is None else f"a {first.WhichOneof('message')} message"

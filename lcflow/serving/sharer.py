@@ -66,7 +66,7 @@ from lcflow.serving.server import (
     serve_service,
     status_on_error,
 )
-from lcflow.transport import CodecConfig, PacketWriter, TensorSpec
+from lcflow.transport import CodecConfig, LatentSender, PacketWriter, TensorSpec
 from lcflow.transport.link import LinkMeter
 
 log = logging.getLogger(__name__)
@@ -586,7 +586,7 @@ class _LatentStream:
             spec = {
                 "latent": TensorSpec(str(WIRE_DTYPE).removeprefix("torch."), (1, rows, config.packet_width()))
             }
-            writer = PacketWriter(
+            writer: LatentSender = PacketWriter(
                 mode=self.mode,
                 adapter_id=engine.adapter_id,
                 sharer_id=identity_id(engine.identity),

@@ -2,7 +2,8 @@
 
     from lcflow.transport import LatentPacket, PacketWriter, PacketAssembler, packet_messages, assemble
 
-- wire.py: LatentPacket, PacketWriter (sender), PacketAssembler (receiver), limits and versions.
+- connector.py: LatentSender / LatentReceiver, the engine's side of the transport, primitive by primitive.
+- wire.py: LatentPacket, PacketWriter (the LatentSender), PacketAssembler (the LatentReceiver), limits and versions.
 - segments.py: one layer's tensors <-> a checked safetensors blob, byte-shuffled by plane.
 - codec.py: CodecConfig, zstd with a hard decompression bound.
 - quantize.py: int8 / int4 latents with absmax scales (format version 2; rotated groups, version
@@ -14,6 +15,7 @@
 """
 
 from lcflow.transport.codec import MAX_CHUNK_BYTES, CodecConfig
+from lcflow.transport.connector import LatentReceiver, LatentSender
 from lcflow.transport.errors import WireError
 from lcflow.transport.segments import TensorSpec
 from lcflow.transport.wire import (
@@ -41,6 +43,8 @@ __all__ = [
     "SUPPORTED_FORMAT_VERSIONS",
     "CodecConfig",
     "LatentPacket",
+    "LatentReceiver",
+    "LatentSender",
     "PacketAssembler",
     "PacketWriter",
     "Segment",

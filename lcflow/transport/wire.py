@@ -48,6 +48,7 @@ import zstandard
 from lcflow.core.names import LATENT_MODES, SAME_CONTEXT_MODES  # noqa: F401 (re-exported)
 from lcflow.proto_gen.lcflow.v1 import lcflow_pb2 as pb
 from lcflow.transport.codec import CODECS, MAX_CHUNK_BYTES, CodecConfig, SegmentDecoder, crc32
+from lcflow.transport.connector import LatentReceiver, LatentSender
 from lcflow.transport.errors import data_loss, invalid, precondition
 from lcflow.transport.quantize import SCALES_SUFFIX, Quantization
 from lcflow.transport.segments import (
@@ -144,7 +145,7 @@ def _ms_since(start: float) -> float:
 # ----------------------------------------------------------------------------------------------
 
 
-class PacketWriter:
+class PacketWriter(LatentSender):
     """Turns a header and per-layer tensors into LatentMessages; segments can be fed as they are ready."""
 
     def __init__(
@@ -382,7 +383,7 @@ def _segment_name(key: int | None) -> str:
     return "shared-tensors segment" if key is None else f"segment of layer {key}"
 
 
-class PacketAssembler:
+class PacketAssembler(LatentReceiver):
     """Checks and decodes a latent stream message by message; layers are available as they complete."""
 
     def __init__(self, limits: WireLimits | None = None, device: torch.device | str = "cpu"):
