@@ -8,7 +8,7 @@ answer with a word from the packet, which fails when the answer is in the receiv
 document (two hops, docs/lcfx.md section 6); interpolating keeps part of the base's reading.
 
     python scripts/interpolate_adapters.py adapters/gemma3-to-gemma3-lcfx \\
-        adapters/gemma3-to-gemma3-lcfx-spans --alpha 0.5 --out runs/wise-0.5
+        runs/build/gemma3-to-gemma3-lcfx-spans --alpha 0.5 --out runs/wise-0.5
 
 The config (selection, heads, ...) is the tuned adapter's; `training` records the recipe.
 """

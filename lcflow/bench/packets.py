@@ -1,6 +1,6 @@
 """`lcflow bench packets`: is a span-packet LCF-X adapter's packet about its document, and read?
 
-    lcflow bench packets --adapter adapters/gemma3-to-gemma3-lcfx-spans --task facts-cross --n 40
+    lcflow bench packets --adapter adapters/gemma3-to-gemma3-lcfx --task facts-cross --n 40
 
 On held-out samples (lcflow.research.diagnostics): the share of the packet's variance
 that lies between samples, per receiver layer; the attention the receiver's last prompt token
