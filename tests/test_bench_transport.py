@@ -114,7 +114,7 @@ def test_the_bench_offers_auto_what_the_shipped_cards_allow():
     from pathlib import Path
 
     from lcflow.bench.transport import CARD_CODECS
-    from lcflow.serving.registry import card_codecs
+    from lcflow.serving.inspection import card_codecs
 
     adapters = Path(__file__).resolve().parents[1] / "adapters"
     shipped = {"lcf": "smollm2-to-gemma3-lcf", "lcfx": "gemma3-to-gemma3-lcfx"}

@@ -242,13 +242,13 @@ def card_dir(tmp_path, card: object) -> Path:
     ],
 )
 def test_a_card_offers_bf16_and_the_codecs_it_measured_within_one_point(tmp_path, card, allowed):
-    from lcflow.serving.registry import card_codecs
+    from lcflow.serving.inspection import card_codecs
 
     assert card_codecs(card_dir(tmp_path, card)) == allowed
 
 
 def test_a_missing_card_offers_bf16_alone(tmp_path):
-    from lcflow.serving.registry import card_codecs
+    from lcflow.serving.inspection import card_codecs
 
     assert card_codecs(tmp_path) == ("none",)
 

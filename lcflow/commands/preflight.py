@@ -77,7 +77,7 @@ def check_adapter(adapter_dir: str, role: str, model: str = "", model_dir: str =
             "copy the whole adapter directory"
         )
     if config.mode == "c2c" and role == "receiver":
-        from lcflow.serving.registry import c2c_rope_problem
+        from lcflow.serving.inspection import c2c_rope_problem
 
         if why := c2c_rope_problem(config):  # the receiver re-rotates the sharer's keys with it
             raise UsageError(f"--adapter {adapter_dir}: {why}")
@@ -98,7 +98,7 @@ def check_service(config) -> None:
     if config.adapters:
         check_adapter_directory(config.adapters, config.adapter)
     if config.adapter:
-        from lcflow.serving.registry import default_adapter_path
+        from lcflow.serving.adapter_names import default_adapter_path
 
         try:
             default = default_adapter_path(config.adapter, config.adapters)
@@ -118,7 +118,7 @@ def check_adapter_directory(adapters: str, adapter: str) -> None:
         )
     if not adapter:
         return
-    from lcflow.serving.registry import is_plain_name
+    from lcflow.serving.adapter_names import is_plain_name
 
     path = Path(adapter).expanduser()
     in_root = is_plain_name(adapter) and (root / adapter).is_dir()

@@ -4,7 +4,10 @@
 - receiver.py: the receiver service: a latent stream in, decoded into its cache, generation out.
 - server.py: errors with gRPC statuses, request checks, the concurrency bound, building a server.
 - config.py: ServiceConfig, the one typed configuration, from flags and LCFLOW_* variables.
-- registry.py: the adapters a service can use, named per request, loaded on first use.
+- servicer.py: what both servicers share: the model loading in the background, ListAdapters.
+- registry.py: the adapters a service can use, chosen per request, loaded on first use.
+- adapter_names.py: how a request names an adapter (plain names inside --adapters).
+- inspection.py: what an adapter directory is, read from its files without loading weights.
 - readers.py: the text readers a receiver serves (HandoffRequest.text_reader).
 - security.py: TLS, mutual TLS and bearer tokens on both hops.
 - telemetry.py: OpenTelemetry tracing and logging set-up.

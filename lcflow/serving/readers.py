@@ -23,7 +23,7 @@ import grpc
 from lcflow.adapter.config import AdapterMismatchError
 from lcflow.adapter.reader import TextReader, is_reader_dir
 from lcflow.handoff.pair import Receiver
-from lcflow.serving.registry import resolve_adapter_name
+from lcflow.serving.adapter_names import resolve_adapter_name
 from lcflow.serving.server import ServiceError, invalid
 
 DEFAULT_KEEP = 2

@@ -34,9 +34,10 @@ from lcflow.handoff.pair import Latents, PreparedInput, Receiver, reader_context
 from lcflow.handoff.streaming import GenerationStream
 from lcflow.proto_gen.lcflow.v1 import lcflow_pb2 as pb
 from lcflow.proto_gen.lcflow.v1 import lcflow_pb2_grpc as pb_grpc
+from lcflow.serving.adapter_names import default_adapter_path
 from lcflow.serving.config import ServiceConfig
 from lcflow.serving.readers import TextReaders, check_reader_request
-from lcflow.serving.registry import AdapterRegistry, ModelService, default_adapter_path
+from lcflow.serving.registry import AdapterRegistry
 from lcflow.serving.server import (
     RECEIVER_SERVICE,
     ConcurrencyLimit,
@@ -56,6 +57,7 @@ from lcflow.serving.server import (
     serve_service,
     status_on_error,
 )
+from lcflow.serving.servicer import ModelService
 from lcflow.serving.telemetry import current_trace_id
 from lcflow.transport import (
     MODE_FROM_PROTO,

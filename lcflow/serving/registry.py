@@ -18,16 +18,17 @@ loaded with the model) and the subdirectories of `--adapters DIR`, one adapter e
 - `lease` holds one for a handoff, loading it first if needed; while the loaded halves together
   exceed --adapter-memory-mb the least recently used are evicted, never one a handoff holds,
   nor the default (it is part of the loaded model).
+
+How a request names an adapter is lcflow.serving.adapter_names; what a directory holds,
+lcflow.serving.inspection; the ListAdapters RPC and the servicers' shared base,
+lcflow.serving.servicer.
 """
 
 from __future__ import annotations
 
 import contextlib
 import itertools
-import json
 import logging
-import math
-import struct
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -35,204 +36,13 @@ from pathlib import Path
 
 import grpc
 
-from lcflow.adapter.card import CODECS_BY_SIZE, accurate_codecs
-from lcflow.adapter.config import CONFIG_NAME, AdapterConfig, AdapterMismatchError, service_half_file
-from lcflow.adapter.reader import READER_CONFIG
+from lcflow.adapter.config import CONFIG_NAME
 from lcflow.core.kv import ModelIdentity
-from lcflow.core.names import QUANTIZATIONS
-from lcflow.proto_gen.lcflow.v1 import lcflow_pb2 as pb
-from lcflow.serving.server import ServiceError, adapter_id, invalid, status_on_error
+from lcflow.serving.adapter_names import check_plain_name, is_plain_name, resolve_adapter_name
+from lcflow.serving.inspection import AdapterInfo, inspect_adapter, loaded_bytes
+from lcflow.serving.server import ServiceError
 
 log = logging.getLogger(__name__)
-
-ADAPTER_NAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-")
-MAX_ADAPTER_NAME = 128
-LOADED_BYTES_PER_PARAMETER = 4  # halves are loaded in float32 (LatentAdapter.from_pretrained)
-MAX_SAFETENSORS_HEADER = 100 << 20
-CARD_NAME = "model_card.json"
-
-
-# --- names ------------------------------------------------------------------------------------
-
-
-def is_plain_name(name: str) -> bool:
-    return 0 < len(name) <= MAX_ADAPTER_NAME and set(name) <= ADAPTER_NAME_CHARS and not name.startswith(".")
-
-
-def check_plain_name(name: str) -> None:
-    """INVALID_ARGUMENT unless `name` is one plain name: no separators, no `..`, not absolute."""
-    if not is_plain_name(name):
-        raise invalid(
-            f"adapter name {name[:MAX_ADAPTER_NAME]!r} is not a plain name: use 1-{MAX_ADAPTER_NAME} "
-            "letters, digits, '.', '_' or '-', not starting with '.' (no paths)"
-        )
-
-
-def resolve_adapter_name(root: str | Path, name: str) -> Path:
-    """The directory of the adapter a request names: one plain name inside `root`, nothing else.
-
-    A name from the network must never reach a path outside the directory the operator chose:
-    not by `..`, an absolute path, a separator, nor a symlink inside `root` pointing out of it
-    (both sides are resolved before they are compared). INVALID_ARGUMENT for such a name,
-    NOT_FOUND for a good name with no adapter behind it."""
-    check_plain_name(name)
-    base = Path(root).resolve()
-    try:
-        candidate = (base / name).resolve()
-    except (OSError, RuntimeError) as err:  # a symlink loop
-        raise invalid(f"adapter {name!r} cannot be resolved ({err}); refused") from None
-    if candidate == base or not candidate.is_relative_to(base):
-        raise invalid(f"adapter {name!r} resolves outside the adapter directory; refused")
-    if not (candidate / CONFIG_NAME).is_file():
-        raise ServiceError(grpc.StatusCode.NOT_FOUND, f"no adapter {name!r} in the adapter directory")
-    return candidate
-
-
-def default_adapter_path(adapter: str, adapters: str) -> str:
-    """A service's --adapter as a directory: a name inside --adapters when there is one by that
-    name, else the path it is (as before --adapters existed); "" for none."""
-    if adapter and adapters and is_plain_name(adapter) and (Path(adapters) / adapter).is_dir():
-        return str(resolve_adapter_name(adapters, adapter))
-    return adapter
-
-
-def identity_hash(identity: ModelIdentity) -> str:
-    """A model's hashes as the wire writes them (LatentHeader.sharer_id after the "@")."""
-    return f"{identity.config_hash[:16]}.{identity.tokenizer_hash[:16]}"
-
-
-# --- what an adapter is, read from its files ------------------------------------------------------
-
-
-@dataclass
-class AdapterInfo:
-    """One adapter as ListAdapters reports it; `reason` says why this service cannot use it."""
-
-    name: str
-    path: Path | None
-    mode: str = ""
-    sharer: ModelIdentity | None = None
-    receiver: ModelIdentity | None = None
-    adapter_id: str = ""
-    parameters: int = 0  # all weight files
-    size_bytes: int = 0  # all weight files, on disk
-    memory_bytes: int = 0  # this service's half, loaded (measured once it is)
-    card_em: float | None = None
-    # the wire codecs its model card allows, largest first, its choice last (card_codecs)
-    card_codecs: tuple[str, ...] = ("none",)
-    reason: str = ""
-
-    @property
-    def usable(self) -> bool:
-        return not self.reason
-
-
-def safetensors_parameters(path: Path) -> int:
-    """Parameters in a safetensors file, from its header alone (8 bytes of length, then JSON)."""
-    with path.open("rb") as f:
-        (length,) = struct.unpack("<Q", f.read(8))
-        if length > MAX_SAFETENSORS_HEADER:
-            raise ValueError(f"{path.name}: a header of {length} bytes is not a safetensors header")
-        header = json.loads(f.read(length))
-    return sum(math.prod(t["shape"]) for key, t in header.items() if key != "__metadata__")
-
-
-def card_em(directory: Path, mode: str) -> float | None:
-    """The exact match its model card reports (results[eval method].em), None without a card."""
-    try:
-        card = json.loads((directory / CARD_NAME).read_text())
-        results = card.get("results") or {}
-        row = results.get((card.get("eval") or {}).get("method") or mode) or results.get(mode) or {}
-        return float(row["em"])
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
-        return None
-
-
-def card_codecs(directory: Path) -> tuple[str, ...]:
-    """The quantizations a sharer's `--codec auto` may send this adapter's latents with, largest
-    first: bf16 ("none"), then each codec up to the card's choice that the card measured within
-    1 EM point of bf16, ending with that choice. A codec with a smaller one of the same bytes also
-    in the list is left out (int4-hadamard beside int4: the same bytes and a rotation at each end,
-    so it can never cost less). The last is the card's choice (card "codec": {"default": ...}, the
-    smallest codec measured within 1 EM point of bf16). ("none",) without a readable card or a
-    known choice, so that an unreadable card can only make the packet larger, never lossy; the
-    choice alone where the card has no EMs to judge the others by."""
-    try:
-        codec = json.loads((directory / CARD_NAME).read_text())["codec"]
-        chosen = codec["default"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return ("none",)
-    if chosen not in QUANTIZATIONS or chosen not in CODECS_BY_SIZE:
-        return ("none",)
-    try:
-        measured = set(accurate_codecs({name: float(em) for name, em in codec["em"].items()}))
-    except (ValueError, KeyError, TypeError, AttributeError):  # no EMs: the choice alone
-        return (chosen,)
-    larger = CODECS_BY_SIZE[: CODECS_BY_SIZE.index(chosen)]
-    codecs = [c for c in larger if c == "none" or c in measured] + [chosen]
-    if "int4" in codecs and "int4-hadamard" in codecs:
-        codecs.remove("int4-hadamard")
-    return tuple(codecs)
-
-
-def c2c_rope_problem(config: AdapterConfig) -> str:
-    """Why a receiver cannot serve this C2C adapter's sharer RoPE ("" when it can)."""
-    from lcflow.adapter.c2c import stored_sharer_rope
-
-    try:
-        stored_sharer_rope(config)
-    except ValueError as err:
-        return str(err)
-    return ""
-
-
-def inspect_adapter(directory: Path, name: str, role: str, identity: ModelIdentity | None) -> AdapterInfo:
-    """What `directory` holds and whether a `role` service running `identity` can use it. Reads
-    the config, the weight files' headers and the card; never raises for a bad directory."""
-    info = AdapterInfo(name, directory)
-    if (directory / READER_CONFIG).is_file():  # lcflow.adapter.reader: named per request, never by mode
-        info.mode = "text-reader"
-        info.reason = (
-            "a text reader: a TEXT handoff of forwarded text names it (text_reader); it decodes no latents"
-        )
-        return info
-    try:
-        config = AdapterConfig.from_dict(json.loads((directory / CONFIG_NAME).read_text()))
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:  # not JSON, not an object, ...
-        info.reason = f"its {CONFIG_NAME} cannot be used: {err}"
-        return info
-    info.mode, info.sharer, info.receiver = config.mode, config.sharer, config.receiver
-    info.adapter_id = adapter_id(config.to_dict())
-    info.card_em = card_em(directory, config.mode)
-    info.card_codecs = card_codecs(directory)
-    try:
-        weights = sorted(directory.glob("*.safetensors"))
-        counts = {path.name: safetensors_parameters(path) for path in weights}
-        info.size_bytes = sum(path.stat().st_size for path in weights)
-    except (OSError, ValueError, KeyError, TypeError, AttributeError, struct.error) as err:
-        info.reason = f"its weights cannot be read: {err}"
-        return info
-    info.parameters = sum(counts.values())
-    half = service_half_file(config.mode, role)
-    info.memory_bytes = counts.get(half, 0) * LOADED_BYTES_PER_PARAMETER
-    if half is not None and half not in counts:
-        info.reason = f"it has no {half}, the half a {role} loads"
-    elif config.mode == "c2c" and role == "receiver" and (why := c2c_rope_problem(config)):
-        info.reason = why
-    elif identity is not None:
-        try:
-            config.check_models(**{role: identity})
-        except AdapterMismatchError as err:
-            info.reason = str(err)
-    return info
-
-
-def loaded_bytes(module) -> int:
-    """Bytes held by a loaded adapter half (its parameters and buffers)."""
-    return sum(t.numel() * t.element_size() for t in module.state_dict().values())
-
-
-# --- the registry ---------------------------------------------------------------------------------
 
 
 @dataclass(eq=False)
@@ -625,82 +435,3 @@ def _stamp(directory: Path) -> tuple:
         )
     except OSError:
         return ()
-
-
-# --- ListAdapters ---------------------------------------------------------------------------------
-
-
-def model_proto(identity: ModelIdentity | None) -> pb.ModelIdentity:
-    if identity is None:
-        return pb.ModelIdentity()
-    return pb.ModelIdentity(name=identity.name, hash=identity_hash(identity))
-
-
-def list_adapters_response(registry: AdapterRegistry, identity: ModelIdentity) -> pb.ListAdaptersResponse:
-    """The ListAdapters answer of a service running `identity` with `registry`."""
-    adapters = []
-    for view in registry.list():
-        info = view.info
-        message = pb.AdapterInfo(
-            name=info.name,
-            mode=info.mode,
-            sharer=model_proto(info.sharer),
-            receiver=model_proto(info.receiver),
-            parameters=info.parameters,
-            size_bytes=info.size_bytes,
-            memory_bytes=info.memory_bytes,
-            loaded=view.loaded,
-            usable=info.usable,
-            reason=info.reason,
-            is_default=view.is_default,
-        )
-        if info.card_em is not None:
-            message.card_em = info.card_em
-        adapters.append(message)
-    return pb.ListAdaptersResponse(
-        role=registry.role,
-        model=model_proto(identity),
-        default_adapter=registry.default.info.name if registry.default is not None else "",
-        adapters=adapters,
-        memory_limit_bytes=registry.memory_limit,
-        memory_used_bytes=registry.used_bytes(),
-    )
-
-
-class ModelService:
-    """What the sharer and receiver services share: a model that loads in the background
-    (`engine`, None until then) and the adapters that sit on it (`adapters`).
-
-    A subclass sets `role` ("sharer" or "receiver", also the name of its engine's model
-    attribute: SharerEngine.sharer, ReceiverEngine.receiver) and `engine_class` (whose
-    `from_loaded(model, tokenizer, adapter_dir, name)` puts another adapter's half on the model)."""
-
-    role: str
-    engine_class: type
-    engine = None
-    adapters: AdapterRegistry
-
-    def ready(self):
-        """The loaded engine; UNAVAILABLE while the model is still loading."""
-        if self.engine is None:
-            raise ServiceError(
-                grpc.StatusCode.UNAVAILABLE, f"the {self.role} model is still loading; retry shortly"
-            )
-        self.adapters.attach(self.engine)  # once: the registry checks adapters against this model
-        return self.engine
-
-    def engine_ready(self) -> None:
-        """The model is loaded: read the adapters (and load them all with --preload)."""
-        self.adapters.engine_ready(self.engine, self.config.preload)
-
-    def _engine_with(self, adapter_dir: Path):
-        """The loaded model with another adapter's half (checked against the model)."""
-        engine = self.ready()
-        loaded = getattr(engine, self.role)  # the Sharer or Receiver: its model and tokenizer
-        return self.engine_class.from_loaded(
-            loaded.model, loaded.tokenizer, str(adapter_dir), engine.identity.name
-        )
-
-    def ListAdapters(self, request, context):
-        with status_on_error(context, "ListAdapters"):
-            return list_adapters_response(self.adapters, self.ready().identity)

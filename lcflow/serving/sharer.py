@@ -34,16 +34,11 @@ from lcflow.handoff.pair import Sharer, SharerContext, receiver_view
 from lcflow.handoff.sessions import SessionNotFound, SessionStore, SessionTooLarge
 from lcflow.proto_gen.lcflow.v1 import lcflow_pb2 as pb
 from lcflow.proto_gen.lcflow.v1 import lcflow_pb2_grpc as pb_grpc
+from lcflow.serving.adapter_names import default_adapter_path, identity_hash
 from lcflow.serving.config import ServiceConfig
+from lcflow.serving.inspection import AdapterInfo
 from lcflow.serving.readers import check_reader_request
-from lcflow.serving.registry import (
-    AdapterInfo,
-    AdapterRegistry,
-    Choice,
-    ModelService,
-    default_adapter_path,
-    identity_hash,
-)
+from lcflow.serving.registry import AdapterRegistry, Choice
 from lcflow.serving.security import SecurityConfigError
 from lcflow.serving.server import (
     RECEIVER_SERVICE,
@@ -66,6 +61,7 @@ from lcflow.serving.server import (
     serve_service,
     status_on_error,
 )
+from lcflow.serving.servicer import ModelService
 from lcflow.transport import CodecConfig, LatentSender, PacketWriter, TensorSpec
 from lcflow.transport.link import LinkMeter
 

@@ -1,0 +1,151 @@
+"""What an adapter directory is, read from its files (config, safetensors headers, model card),
+never by loading its weights: the registry lists adapters by this, and marks the unusable ones
+with the reason.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+from lcflow.adapter.card import CODECS_BY_SIZE, accurate_codecs
+from lcflow.adapter.config import CONFIG_NAME, AdapterConfig, AdapterMismatchError, service_half_file
+from lcflow.adapter.reader import READER_CONFIG
+from lcflow.core.kv import ModelIdentity
+from lcflow.core.names import QUANTIZATIONS
+from lcflow.serving.server import adapter_id
+
+LOADED_BYTES_PER_PARAMETER = 4  # halves are loaded in float32 (LatentAdapter.from_pretrained)
+MAX_SAFETENSORS_HEADER = 100 << 20
+CARD_NAME = "model_card.json"
+
+
+@dataclass
+class AdapterInfo:
+    """One adapter as ListAdapters reports it; `reason` says why this service cannot use it."""
+
+    name: str
+    path: Path | None
+    mode: str = ""
+    sharer: ModelIdentity | None = None
+    receiver: ModelIdentity | None = None
+    adapter_id: str = ""
+    parameters: int = 0  # all weight files
+    size_bytes: int = 0  # all weight files, on disk
+    memory_bytes: int = 0  # this service's half, loaded (measured once it is)
+    card_em: float | None = None
+    # the wire codecs its model card allows, largest first, its choice last (card_codecs)
+    card_codecs: tuple[str, ...] = ("none",)
+    reason: str = ""
+
+    @property
+    def usable(self) -> bool:
+        return not self.reason
+
+
+def safetensors_parameters(path: Path) -> int:
+    """Parameters in a safetensors file, from its header alone (8 bytes of length, then JSON)."""
+    with path.open("rb") as f:
+        (length,) = struct.unpack("<Q", f.read(8))
+        if length > MAX_SAFETENSORS_HEADER:
+            raise ValueError(f"{path.name}: a header of {length} bytes is not a safetensors header")
+        header = json.loads(f.read(length))
+    return sum(math.prod(t["shape"]) for key, t in header.items() if key != "__metadata__")
+
+
+def card_em(directory: Path, mode: str) -> float | None:
+    """The exact match its model card reports (results[eval method].em), None without a card."""
+    try:
+        card = json.loads((directory / CARD_NAME).read_text())
+        results = card.get("results") or {}
+        row = results.get((card.get("eval") or {}).get("method") or mode) or results.get(mode) or {}
+        return float(row["em"])
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
+
+
+def card_codecs(directory: Path) -> tuple[str, ...]:
+    """The quantizations a sharer's `--codec auto` may send this adapter's latents with, largest
+    first: bf16 ("none"), then each codec up to the card's choice that the card measured within
+    1 EM point of bf16, ending with that choice. A codec with a smaller one of the same bytes also
+    in the list is left out (int4-hadamard beside int4: the same bytes and a rotation at each end,
+    so it can never cost less). The last is the card's choice (card "codec": {"default": ...}, the
+    smallest codec measured within 1 EM point of bf16). ("none",) without a readable card or a
+    known choice, so that an unreadable card can only make the packet larger, never lossy; the
+    choice alone where the card has no EMs to judge the others by."""
+    try:
+        codec = json.loads((directory / CARD_NAME).read_text())["codec"]
+        chosen = codec["default"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return ("none",)
+    if chosen not in QUANTIZATIONS or chosen not in CODECS_BY_SIZE:
+        return ("none",)
+    try:
+        measured = set(accurate_codecs({name: float(em) for name, em in codec["em"].items()}))
+    except (ValueError, KeyError, TypeError, AttributeError):  # no EMs: the choice alone
+        return (chosen,)
+    larger = CODECS_BY_SIZE[: CODECS_BY_SIZE.index(chosen)]
+    codecs = [c for c in larger if c == "none" or c in measured] + [chosen]
+    if "int4" in codecs and "int4-hadamard" in codecs:
+        codecs.remove("int4-hadamard")
+    return tuple(codecs)
+
+
+def c2c_rope_problem(config: AdapterConfig) -> str:
+    """Why a receiver cannot serve this C2C adapter's sharer RoPE ("" when it can)."""
+    from lcflow.adapter.c2c import stored_sharer_rope
+
+    try:
+        stored_sharer_rope(config)
+    except ValueError as err:
+        return str(err)
+    return ""
+
+
+def inspect_adapter(directory: Path, name: str, role: str, identity: ModelIdentity | None) -> AdapterInfo:
+    """What `directory` holds and whether a `role` service running `identity` can use it. Reads
+    the config, the weight files' headers and the card; never raises for a bad directory."""
+    info = AdapterInfo(name, directory)
+    if (directory / READER_CONFIG).is_file():  # lcflow.adapter.reader: named per request, never by mode
+        info.mode = "text-reader"
+        info.reason = (
+            "a text reader: a TEXT handoff of forwarded text names it (text_reader); it decodes no latents"
+        )
+        return info
+    try:
+        config = AdapterConfig.from_dict(json.loads((directory / CONFIG_NAME).read_text()))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:  # not JSON, not an object, ...
+        info.reason = f"its {CONFIG_NAME} cannot be used: {err}"
+        return info
+    info.mode, info.sharer, info.receiver = config.mode, config.sharer, config.receiver
+    info.adapter_id = adapter_id(config.to_dict())
+    info.card_em = card_em(directory, config.mode)
+    info.card_codecs = card_codecs(directory)
+    try:
+        weights = sorted(directory.glob("*.safetensors"))
+        counts = {path.name: safetensors_parameters(path) for path in weights}
+        info.size_bytes = sum(path.stat().st_size for path in weights)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, struct.error) as err:
+        info.reason = f"its weights cannot be read: {err}"
+        return info
+    info.parameters = sum(counts.values())
+    half = service_half_file(config.mode, role)
+    info.memory_bytes = counts.get(half, 0) * LOADED_BYTES_PER_PARAMETER
+    if half is not None and half not in counts:
+        info.reason = f"it has no {half}, the half a {role} loads"
+    elif config.mode == "c2c" and role == "receiver" and (why := c2c_rope_problem(config)):
+        info.reason = why
+    elif identity is not None:
+        try:
+            config.check_models(**{role: identity})
+        except AdapterMismatchError as err:
+            info.reason = str(err)
+    return info
+
+
+def loaded_bytes(module) -> int:
+    """Bytes held by a loaded adapter half (its parameters and buffers)."""
+    return sum(t.numel() * t.element_size() for t in module.state_dict().values())
