@@ -12,15 +12,15 @@ from a lower layer (tests/test_layers.py checks every import, inside functions t
     2  adapter     the adapter families (LCF, LCF-X spans and bridge, C2C, text readers), their
                    config and model cards
     3  handoff     the in-process handoff (sharer, receiver), C2C's, sessions, streaming
-    4  eval        the harness, metrics and reports
-       serving     the two services, their config, adapter registry, security and telemetry
-    5  training    adapter, bridge, reader and C2C training, the LCF-X recipe
-       client      the Python client of the Handoff RPC
-    6  research    probes behind design choices: the oracle ladder, packet diagnostics
+    4  serving     the two services, their config, adapter registry, security and telemetry
+    5  client      the Python client of the Handoff RPC
+    6  eval        the harness, metrics and reports, in-process or through the services
+    7  training    adapter, bridge, reader and C2C training, the LCF-X recipe, their corpus and heads
+    8  research    probes behind design choices: the oracle ladder, packet diagnostics
        demo        `lcflow demo`
-    7  bench       `lcflow bench`: latency, load, transport, packets, oracles
-    8  commands    one module per `lcflow` sub-command: argument parsing, then a call below
-    9  cli         the `lcflow` entry point
+    9  bench       `lcflow bench`: latency, load, transport, packets, oracles
+   10  commands    one module per `lcflow` sub-command: argument parsing, then a call below
+   11  cli         the `lcflow` entry point
 """
 
 __version__ = "0.1.0"

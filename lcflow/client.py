@@ -33,6 +33,7 @@ from dataclasses import dataclass
 import grpc
 import grpc.aio
 
+from lcflow.core.names import STAGE_ORDER
 from lcflow.proto_gen.lcflow.v1 import lcflow_pb2 as pb
 from lcflow.proto_gen.lcflow.v1 import lcflow_pb2_grpc as pb_grpc
 from lcflow.serving.security import AUTH_HEADER, ClientSecurity, TokenFile
@@ -48,8 +49,6 @@ TEXT_CHANNEL_NAMES = {
 def summary_stages(timings: pb.StageTimings) -> list[str]:
     """The stages this handoff ran (set in its summary, even at 0 ms), in the order a handoff runs
     them; TTFT and total span them and are not listed."""
-    from lcflow.eval.report import STAGE_ORDER
-
     return [
         name for name in STAGE_ORDER if name in timings.DESCRIPTOR.fields_by_name and timings.HasField(name)
     ]

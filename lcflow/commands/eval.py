@@ -38,7 +38,8 @@ from typing import TYPE_CHECKING
 
 from lcflow.commands.preflight import check_model
 from lcflow.core.names import METHOD_ALIASES, METHODS, PAIRS, READER_METHODS, SAME_CONTEXT_ONLY, WIRE_FORMS
-from lcflow.serving.security import ClientSecurity, add_client_security_flags, client_security_from_args
+from lcflow.eval.services import evaluate_through_services
+from lcflow.serving.security import add_client_security_flags, client_security_from_args
 from lcflow.tasks import SPLITS, TASK_NAMES, QASample, get_task, load_task_file
 
 if TYPE_CHECKING:  # torch and the harness are imported where used: `lcflow --help` stays fast
@@ -353,85 +354,6 @@ def _load_into(plan: EvalPlan, args, models: EvalModels, ids: tuple, method: str
 
 
 # --- measuring -------------------------------------------------------------------------------------
-
-
-# method -> (mode, text channel) of the Handoff RPC that runs it through the services; a +reader
-# method also names its text reader (HandoffRequest.text_reader): the basename of the reader's
-# directory, which the receiver must serve in its --adapters.
-SERVICE_MODES = {
-    "receiver": ("none", "note"),
-    "text": ("text", "note"),
-    "forward": ("text", "forward"),
-    "forward-selected": ("text", "forward-selected"),
-    "forward+reader": ("text", "forward"),
-    "forward-selected+reader": ("text", "forward-selected"),
-    "lcf": ("lcf", "note"),
-    "lcfx": ("lcfx", "note"),
-}
-
-
-def evaluate_through_services(
-    address: str,
-    methods: list[str],
-    models: EvalModels,
-    samples: list[QASample],
-    settings,
-    security: ClientSecurity | None = None,
-    sessions: bool = False,
-    readers: dict[str, str] | None = None,
-) -> list[SampleOutcome]:
-    """`--services SHARER_HOST:PORT`: the methods the running services serve (receiver = NONE,
-    text, forward and forward-selected = TEXT on that channel, the +reader methods the same with
-    the text reader `readers[method]` named, lcf, lcfx: whichever the served adapters support) go
-    through the real Handoff RPC and
-    take their stage timings from its summary (pack, transfer and unpack included); the others
-    stay in-process. With `sessions`, each sample's sharer context is opened as a session first
-    (untimed: an agent's context is already prefilled) and the served methods hand off from it."""
-    from lcflow.client import HandoffClient
-    from lcflow.eval.harness import SampleOutcome, applicable, run_sample
-    from lcflow.eval.metrics import contains_answer, exact_match, extract_answer, token_f1
-    from lcflow.tasks import question_prompt
-
-    client = HandoffClient(address, security=security)
-    outcomes = []
-    for sample in samples:
-        session_id = client.open_session(sample.sharer_context).session_id if sessions else ""
-        for method in methods:
-            if not applicable(method, sample):
-                continue
-            if method not in SERVICE_MODES:
-                outcomes.append(run_sample(method, models, sample, settings))
-                continue
-            mode, channel = SERVICE_MODES[method]
-            result = client.handoff(
-                question_prompt(sample.question),
-                mode=mode,
-                text_channel=channel,
-                context=sample.sharer_context,
-                session_id=session_id,
-                receiver_context=sample.receiver_context,
-                max_new_tokens=settings.max_new_tokens,
-                text_reader=(readers or {}).get(method, ""),
-            )
-            timings = {field.name: value for field, value in result.summary.timings.ListFields()}
-            prediction = extract_answer(result.answer)
-            outcomes.append(
-                SampleOutcome(
-                    method=method,
-                    sample_id=sample.id,
-                    prediction=prediction,
-                    generated=result.answer,
-                    em=exact_match(prediction, sample.answers),
-                    f1=token_f1(prediction, sample.answers),
-                    bytes_sent=result.summary.bytes_wire,
-                    contains=contains_answer(result.answer, sample.answers),
-                    timings_ms=timings,
-                )
-            )
-        if session_id:
-            client.close_session(session_id)
-    client.close()
-    return outcomes
 
 
 def measure(args, methods, models, samples, settings, adapters: dict) -> tuple[list[SampleOutcome], str]:

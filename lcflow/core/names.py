@@ -84,3 +84,19 @@ PAIRS: dict[str, tuple[str, str]] = {
     # The same for SmolLM2: the reader half of the Gemma3 -> SmolLM2 bridge is trained on it.
     "smollm2-to-smollm2": ("smollm2-135m-instruct", "smollm2-135m-instruct"),
 }
+
+# A handoff's stages in the order they run (StageTimings in the .proto): how reports and the
+# client order per-stage timings.
+STAGE_ORDER = (
+    "queue",
+    "sharer_prefill",
+    "select",
+    "message_generate",
+    "encode",
+    "pack",
+    "transfer",
+    "unpack",
+    "decode_kv",
+    "receiver_prefill",
+    "generate",
+)

@@ -20,23 +20,11 @@ import math
 from collections import defaultdict
 from pathlib import Path
 
+from lcflow.core.names import STAGE_ORDER
 from lcflow.eval.metrics import mean_with_ci
 
-# Stages in the order a handoff runs them; stages a backend adds (e.g. transfer over the
-# services) are placed after these, alphabetically. TTFT and total are not stages: they span them.
-STAGE_ORDER = (
-    "queue",
-    "sharer_prefill",
-    "select",
-    "message_generate",
-    "encode",
-    "pack",
-    "transfer",
-    "unpack",
-    "decode_kv",
-    "receiver_prefill",
-    "generate",
-)
+# Not stages: they span them. (The stages' order is core.names.STAGE_ORDER; a stage a backend adds
+# goes after those, alphabetically.)
 SPANNING = ("time_to_first_token", "total")
 
 RESULTS_JSON = "results.json"
