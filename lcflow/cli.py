@@ -13,6 +13,8 @@ import logging
 import sys
 
 from lcflow.core.errors import UsageError  # noqa: F401 (raised by the commands; `lcflow.cli.UsageError` for callers)
+from lcflow.provision import ProvisionError
+from lcflow.serving.security import SecurityConfigError
 
 # Sub-command modules, in the order `lcflow --help` lists them.
 COMMAND_MODULES = [
@@ -35,8 +37,6 @@ COMMAND_MODULES = [
 
 def user_errors() -> tuple[type[BaseException], ...]:
     """The exception types that mean "you gave me something I cannot use", not a bug."""
-    from lcflow.provision import ProvisionError
-    from lcflow.serving.security import SecurityConfigError
 
     return UsageError, SecurityConfigError, ProvisionError
 

@@ -32,6 +32,12 @@ from pathlib import Path
 
 import grpc
 
+from lcflow.client import HandoffClient, summary_stages
+from lcflow.eval.metrics import contains_answer, exact_match, extract_answer
+from lcflow.provision import KNOWN_MODELS, pull
+from lcflow.serving.telemetry import make_tracer_provider
+from lcflow.tasks import get_task, question_prompt
+
 log = logging.getLogger(__name__)
 
 REPO_ADAPTERS = Path(__file__).resolve().parent.parent / "adapters"
@@ -85,7 +91,6 @@ def find_adapter(requested: str, out=print) -> Path:
 
 
 def ensure_models(*names: str, out=print) -> None:
-    from lcflow.provision import KNOWN_MODELS, pull
 
     for name in dict.fromkeys(names):  # one model on both sides is pulled (and said) once
         if name in KNOWN_MODELS:
@@ -274,9 +279,6 @@ def run_questions(sharer_address: str, options: DemoOptions, out=print) -> list[
     """Every part's questions through each of its channels; prints and returns one row per question."""
     import grpc
 
-    from lcflow.client import HandoffClient
-    from lcflow.serving.telemetry import make_tracer_provider
-
     provider = make_tracer_provider("lcflow-demo-client")
     client = HandoffClient(sharer_address, provider, security=options.security)
     rows = []
@@ -305,7 +307,6 @@ def run_questions(sharer_address: str, options: DemoOptions, out=print) -> list[
 
 def part_samples(part: DemoPart, options: DemoOptions) -> list:
     """The part's `n` held-out questions, and one more (the last) for the warm-up."""
-    from lcflow.tasks import get_task
 
     return get_task(part.task).samples("test", part.n + 1, seed=options.seed)
 
@@ -330,7 +331,6 @@ def warm_up(client, part: DemoPart, sample, out=print) -> DemoPart:
 
 def ask(client, channel: Channel, sample, max_new_tokens: int):
     """One handoff of `sample`'s question through `channel`."""
-    from lcflow.tasks import question_prompt
 
     return client.handoff(
         question_prompt(sample.question),
@@ -345,8 +345,6 @@ def ask(client, channel: Channel, sample, max_new_tokens: int):
 
 def run_part(client, part: DemoPart, samples: list, options: DemoOptions, out=print) -> list[dict]:
     """Each sample's question through each of the part's channels, printed one under another."""
-    from lcflow.client import summary_stages
-    from lcflow.eval.metrics import contains_answer, exact_match, extract_answer
 
     rows = []
     for sample in samples:

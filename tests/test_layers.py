@@ -103,3 +103,18 @@ def test_each_subpackage_names_its_modules_in_its_docstring():
         for module in sorted(init.parent.glob("*.py")):
             if module.name != "__init__.py":
                 assert module.name in doc, f"{init.relative_to(PACKAGE.parent)} does not name {module.name}"
+
+
+def test_an_import_inside_a_function_says_why():
+    """lcflow imports go at the top of the file; the only ones inside functions keep `lcflow --help`
+    from importing torch (a command module's parser is built at every start), and say so."""
+    silent = []
+    for _, path in modules():
+        lines = path.read_text().split("\n")
+        for node in ast.walk(ast.parse("\n".join(lines))):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                for sub in ast.walk(node):
+                    if isinstance(sub, ast.ImportFrom) and (sub.module or "").startswith("lcflow"):
+                        if "--help" not in lines[sub.lineno - 1]:
+                            silent.append(f"{path.relative_to(PACKAGE.parent)}:{sub.lineno}")
+    assert not silent, "move these to the top of their file, or say why not:\n" + "\n".join(silent)

@@ -43,6 +43,7 @@ from lcflow.adapter.spans import SpanDecoder, SpanEncoder, sharer_inputs
 from lcflow.core.kv import CapturedKV, capture_kv, full_cache, tokenizer_hash
 from lcflow.core.tokens import SpanAlignment, align_spans
 from lcflow.packets.placement import document_ids
+from lcflow.provision.store import resolve_model
 
 INPUT_LAYER = 0  # the packet's one segment: the receiver's input (embedding) layer
 HIDDEN = 1024  # width of the translator's residual MLP
@@ -132,8 +133,6 @@ class BridgeEncoder(SpanEncoder):
         """The receiver's tokenizer (loaded by the receiver model's name if none was attached)."""
         if self.receiver_tokenizer is None:
             from transformers import AutoTokenizer
-
-            from lcflow.provision.store import resolve_model
 
             self.attach_receiver_tokenizer(
                 AutoTokenizer.from_pretrained(resolve_model(self.config.receiver.name))

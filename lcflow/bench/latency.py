@@ -142,9 +142,9 @@ def build_pair(
     import torch
     from transformers import AutoModelForCausalLM
 
-    from lcflow.adapter.adapter import LatentAdapter
-    from lcflow.provision.loading import pick_device
-    from lcflow.testing.paper_pair import (
+    from lcflow.adapter.adapter import LatentAdapter  # keeps --help fast
+    from lcflow.provision.loading import pick_device  # keeps --help fast
+    from lcflow.testing.paper_pair import (  # keeps --help fast
         PAPER_PAIR_TOKENIZER_HASH,
         RECEIVER_NAME,
         SHARER_NAME,
@@ -274,14 +274,14 @@ def generate_exactly(model, input_ids: torch.Tensor, cache: DynamicCache, tokens
 @_no_grad
 def prefill_captured(model, ids: torch.Tensor):
     """What Sharer.prefill does after tokenising: full cache, then keys with RoPE removed."""
-    from lcflow.core.kv import capture_kv, full_cache, prefill
+    from lcflow.core.kv import capture_kv, full_cache, prefill  # keeps --help fast
 
     return capture_kv(model, prefill(model, ids, full_cache()))
 
 
 @_no_grad
 def run_text(pair: Pair, generator, context: int, message: int, config: LatencyBenchConfig, clock) -> None:
-    from lcflow.core.kv import prefill
+    from lcflow.core.kv import prefill  # keeps --help fast
 
     sharer, receiver = pair.sharer, pair.receiver
     sharer_ids = random_ids(generator, sharer, context + config.question_tokens)
@@ -299,8 +299,8 @@ def run_text(pair: Pair, generator, context: int, message: int, config: LatencyB
 def run_lcf(pair: Pair, generator, context: int, config: LatencyBenchConfig, clock) -> dict:
     import torch
 
-    from lcflow.core.kv import RopeCodec, prefill
-    from lcflow.core.tokens import align_spans
+    from lcflow.core.kv import RopeCodec, prefill  # keeps --help fast
+    from lcflow.core.tokens import align_spans  # keeps --help fast
 
     sharer, receiver, adapter = pair.sharer, pair.receiver, pair.lcf
     sharer_ids = random_ids(generator, sharer, context)
@@ -327,7 +327,7 @@ def run_lcf(pair: Pair, generator, context: int, config: LatencyBenchConfig, clo
 def run_lcfx(pair: Pair, generator, context: int, config: LatencyBenchConfig, clock, filler) -> dict:
     import torch
 
-    from lcflow.core.kv import RopeCodec, run_backbone
+    from lcflow.core.kv import RopeCodec, run_backbone  # keeps --help fast
 
     sharer, receiver, adapter = pair.sharer, pair.receiver, pair.lcfx
     sharer_ids = random_ids(generator, sharer, context)
@@ -351,8 +351,8 @@ def run_lcfx_spans(pair: Pair, generator, context: int, config: LatencyBenchConf
     receiver's template head (ids, cache), prefilled once as Receiver caches it."""
     import torch
 
-    from lcflow.core.kv import RopeCodec, run_backbone
-    from lcflow.packets.placement import SlotLayout, slot_cache
+    from lcflow.core.kv import RopeCodec, run_backbone  # keeps --help fast
+    from lcflow.packets.placement import SlotLayout, slot_cache  # keeps --help fast
 
     sharer, receiver, adapter = pair.sharer, pair.receiver, pair.spans
     sharer_ids = random_ids(generator, sharer, context)
@@ -390,7 +390,7 @@ def latent_bytes(mode: str, payload: dict) -> tuple[int, int]:
     """(raw bytes at bfloat16 plus token spans, bytes on the wire as PacketWriter packs them)."""
     import torch
 
-    from lcflow.transport import CodecConfig, LatentPacket, PacketWriter
+    from lcflow.transport import CodecConfig, LatentPacket, PacketWriter  # keeps --help fast
 
     dtype = getattr(torch, LATENT_DTYPE)
     layers = {t: {"latent": z.detach().to("cpu", dtype).contiguous()} for t, z in payload["latents"].items()}
@@ -485,9 +485,9 @@ def run_latency_bench(config: LatencyBenchConfig, pair: Pair) -> dict:
     """Every method at every context length (text also at every message length); JSON-ready."""
     import torch
 
-    from lcflow.adapter.lcfx import filler_prefix
-    from lcflow.core.kv import prefill
-    from lcflow.provision.loading import pick_device
+    from lcflow.adapter.lcfx import filler_prefix  # keeps --help fast
+    from lcflow.core.kv import prefill  # keeps --help fast
+    from lcflow.provision.loading import pick_device  # keeps --help fast
 
     device = pick_device(config.device)
     generator = torch.Generator().manual_seed(config.seed)
@@ -647,7 +647,7 @@ def register(subparsers) -> None:
 
 
 def _configs(args) -> tuple[tuple[PretrainedConfig, PretrainedConfig] | None, tuple[str, str]]:
-    from lcflow.testing.paper_pair import RECEIVER_NAME, SHARER_NAME
+    from lcflow.testing.paper_pair import RECEIVER_NAME, SHARER_NAME  # keeps --help fast
 
     if bool(args.sharer) != bool(args.receiver):
         raise SystemExit("give both --sharer and --receiver config files, or neither (the paper pair)")

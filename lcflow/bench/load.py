@@ -26,6 +26,10 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from lcflow.client import MODE_NAMES, HandoffClient
+from lcflow.core.errors import UsageError
+from lcflow.serving.security import add_client_security_flags, client_security_from_args
+
 CONTEXT = (
     "Mira Volkov lives in Oslo and works as a baker. Lior Senn plays the violin and owns a cat. "
     "Ada Brook's mentor is Lior Senn; she lives in Porto and collects old maps."
@@ -34,8 +38,6 @@ PROMPT = "Where does Mira Volkov live?"
 
 
 def register(subparsers) -> None:
-    from lcflow.client import MODE_NAMES
-    from lcflow.serving.security import add_client_security_flags
 
     p = subparsers.add_parser(
         "load",
@@ -173,8 +175,6 @@ def run_load(
 ) -> LoadResult:
     import grpc
 
-    from lcflow.client import HandoffClient
-
     if concurrency < 1 or requests < 1:
         raise ValueError("--concurrency and --requests must be at least 1")
     client = HandoffClient(target, timeout_s=timeout_s, security=security, retries=retries)
@@ -306,8 +306,6 @@ def format_summary(summary: dict) -> str:
 
 
 def run(args) -> int:
-    from lcflow.core.errors import UsageError
-    from lcflow.serving.security import client_security_from_args
 
     if args.concurrency < 1 or args.requests < 1:
         raise UsageError("--concurrency and --requests must be at least 1")

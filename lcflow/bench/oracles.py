@@ -17,11 +17,10 @@ import platform
 from pathlib import Path
 
 from lcflow.bench.samples import add_sample_flags, samples_from_flags, samples_label
-from lcflow.core.names import DEFAULT_RUNGS
+from lcflow.core.names import DEFAULT_RUNGS, PAIRS
 
 
 def register(subparsers) -> None:
-    from lcflow.core.names import PAIRS
 
     p = subparsers.add_parser(
         "oracles",
@@ -42,11 +41,15 @@ def register(subparsers) -> None:
 def run(args) -> int:
     import torch  # here, not at the top: `lcflow --help` must not import torch
 
-    from lcflow.core.names import PAIRS
-    from lcflow.handoff.pair import GenerationSettings
-    from lcflow.packets.alignment import KVAlignment
-    from lcflow.provision.loading import load_model_and_tokenizer
-    from lcflow.research.oracles import OracleModels, markdown_table, run_ladder, summarize
+    from lcflow.handoff.pair import GenerationSettings  # keeps --help fast
+    from lcflow.packets.alignment import KVAlignment  # keeps --help fast
+    from lcflow.provision.loading import load_model_and_tokenizer  # keeps --help fast
+    from lcflow.research.oracles import (  # keeps --help fast
+        OracleModels,
+        markdown_table,
+        run_ladder,
+        summarize,
+    )
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -35,12 +35,12 @@ def register(subparsers) -> None:
 def run(args) -> int:
     import torch  # here, not at the top: `lcflow --help` must not import torch
 
-    from lcflow.adapter import AdapterConfig, LatentAdapter
-    from lcflow.adapter.card import diagnostics_markdown as markdown
-    from lcflow.core.kv import model_identity
-    from lcflow.handoff.pair import Receiver, Sharer
-    from lcflow.provision.loading import load_model_and_tokenizer
-    from lcflow.research.diagnostics import diagnose
+    from lcflow.adapter import AdapterConfig, LatentAdapter  # keeps --help fast
+    from lcflow.adapter.card import diagnostics_markdown as markdown  # keeps --help fast
+    from lcflow.core.kv import model_identity  # keeps --help fast
+    from lcflow.handoff.pair import Receiver, Sharer  # keeps --help fast
+    from lcflow.provision.loading import load_model_and_tokenizer  # keeps --help fast
+    from lcflow.research.diagnostics import diagnose  # keeps --help fast
 
     try:
         config = AdapterConfig.load(args.adapter)

@@ -56,6 +56,7 @@ from typing import TYPE_CHECKING
 import grpc
 import zstandard
 
+from lcflow.bench.netns import rate_bits_per_s, rate_limited_link, why_rate_limit_unavailable
 from lcflow.bench.transport_server import LoopbackServer, make_payload
 from lcflow.bench.transport_stages import (
     TransportBenchConfig,
@@ -64,6 +65,7 @@ from lcflow.bench.transport_stages import (
     _payload_runs,
     codec_of,
 )
+from lcflow.core.errors import UsageError
 from lcflow.core.names import CODEC_SETTINGS, QUANTIZATIONS
 from lcflow.serving.config import ServiceConfig
 
@@ -147,8 +149,8 @@ def offered_schemes(mode: str, quantize: list[str]) -> tuple[str, ...]:
 def run_transport_bench(config: TransportBenchConfig) -> dict:
     """Every (mode, T, dtype, quantization) case on loopback, then over each emulated link; returns
     the JSON-ready report (`results`: the loopback stages; `links`: one record per case and link)."""
-    from lcflow.provision.loading import pick_device
-    from lcflow.transport.memory import keep_freed_memory
+    from lcflow.provision.loading import pick_device  # keeps --help fast
+    from lcflow.transport.memory import keep_freed_memory  # keeps --help fast
 
     config = replace(config, device=str(pick_device(config.device)))  # "auto" -> cuda or cpu
 
@@ -169,8 +171,6 @@ def run_transport_bench(config: TransportBenchConfig) -> dict:
     skipped = {}
     rates = [link for link in config.links if link != "loopback"]
     if rates:
-        from lcflow.bench.netns import why_rate_limit_unavailable
-
         why = why_rate_limit_unavailable()
         if why is not None:
             skipped = {rate: why for rate in rates}
@@ -266,7 +266,6 @@ def _shaped_link_records(
     rate: str, cases: list, results: list[dict], config: TransportBenchConfig
 ) -> list[dict]:
     """Every case over a veth link shaped to `rate`, the receiver end in its own namespace."""
-    from lcflow.bench.netns import rate_limited_link
 
     with rate_limited_link("lcfb", rate) as link:
         server = LoopbackServer(config.keep_freed_memory, link.remote, link.namespace, config.device)
@@ -404,8 +403,6 @@ def _check_device(device: str) -> None:
     """--device names one this machine has (UsageError, one line, otherwise)."""
     import torch
 
-    from lcflow.core.errors import UsageError
-
     try:
         resolved = torch.device("cpu" if device == "auto" else device)
     except RuntimeError:
@@ -437,15 +434,12 @@ def run(args) -> int:
         steady=args.steady,
         device=args.device,
     )
-    from lcflow.core.errors import UsageError
 
     unknown = sorted(set(config.link_codecs) - set(CODEC_SETTINGS))
     if unknown or not config.link_codecs:
         raise UsageError(f"--link-codecs: use some of {', '.join(CODEC_SETTINGS)}, not {args.link_codecs!r}")
     for link in config.links:
         if link != "loopback":
-            from lcflow.bench.netns import rate_bits_per_s
-
             try:
                 rate_bits_per_s(link)  # before anything runs
             except ValueError as err:

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 
 import grpc
 
+from lcflow.bench.netns import enter_namespace
 from lcflow.proto_gen.lcflow.v1 import lcflow_pb2 as pb
 from lcflow.proto_gen.lcflow.v1 import lcflow_pb2_grpc as pb_grpc
 
@@ -35,8 +36,8 @@ def make_payload(
     is T for LCF and the slot count for LCF-X."""
     import torch
 
-    from lcflow.transport import LatentPacket
-    from lcflow.transport.segments import DTYPES
+    from lcflow.transport import LatentPacket  # keeps --help fast
+    from lcflow.transport.segments import DTYPES  # keeps --help fast
 
     generator = torch.Generator().manual_seed(tokens)
     torch_dtype = DTYPES[dtype][0]
@@ -71,7 +72,7 @@ class BenchReceiver(pb_grpc.ReceiverServicer):
         self.device = device
 
     async def Receive(self, request_iterator, context):
-        from lcflow.transport import LatentReceiver, PacketAssembler, WireError
+        from lcflow.transport import LatentReceiver, PacketAssembler, WireError  # keeps --help fast
 
         first = await anext(request_iterator)
         count_only = first.request.request_id == COUNT_ONLY
@@ -142,12 +143,10 @@ def serve(
     """Child process: serve the bench receiver and the raw sink (grpc.aio) until told to stop, in
     network namespace `namespace` when given (entered before any thread starts)."""
     if namespace:
-        from lcflow.bench.netns import enter_namespace
-
         enter_namespace(namespace)
     import torch
 
-    from lcflow.transport.memory import keep_freed_memory
+    from lcflow.transport.memory import keep_freed_memory  # keeps --help fast
 
     torch.set_num_threads(1)
     if tune_malloc:

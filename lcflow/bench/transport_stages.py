@@ -56,7 +56,7 @@ class TransportBenchConfig:
 
 def codec_of(config: TransportBenchConfig, quantize: str, name: str = "") -> CodecConfig:
     """The segment codec of one case: the bench's settings with this quantization (and codec name)."""
-    from lcflow.transport import CodecConfig
+    from lcflow.transport import CodecConfig  # keeps --help fast
 
     return CodecConfig(
         name=name or config.codec, level=config.level, byte_shuffle=config.byte_shuffle, quantization=quantize
@@ -97,8 +97,8 @@ def _codec_stages(
     each segment's chunks."""
     import torch
 
-    from lcflow.transport.codec import SegmentDecoder
-    from lcflow.transport.segments import (
+    from lcflow.transport.codec import SegmentDecoder  # keeps --help fast
+    from lcflow.transport.segments import (  # keeps --help fast
         TensorSpec,
         check_segment,
         load_segment,
@@ -159,7 +159,7 @@ def _writer_messages(
     packet: LatentPacket, codec: CodecConfig, writer: LatentSender | None = None
 ) -> Iterator[pb.LatentMessage]:
     """What a sharer streams: request, header, then each segment packed as it is reached."""
-    from lcflow.transport import packet_messages
+    from lcflow.transport import packet_messages  # keeps --help fast
 
     yield pb.LatentMessage(request=pb.ReceiverRequest(prompt_text="bench", mode=pb.LCF))
     yield from packet_messages(packet, codec, writer)
@@ -200,8 +200,8 @@ async def _times_ms_async(fn: Callable[[], Awaitable[object]], repeats: int) -> 
 
 
 async def _grpc_stages(target: str, packet: LatentPacket, codec: CodecConfig, repeats: int) -> dict:
-    from lcflow.transport import coalesce_chunks
-    from lcflow.transport.codec import MAX_CHUNK_BYTES
+    from lcflow.transport import coalesce_chunks  # keeps --help fast
+    from lcflow.transport.codec import MAX_CHUNK_BYTES  # keeps --help fast
 
     raw = packet.raw_bytes()
     prepared = list(coalesce_chunks(_writer_messages(packet, codec), codec.chunk_size))
@@ -270,7 +270,7 @@ async def _send(
     segments as `end_to_end` does holds them back, and over a 1 Gbit/s link that cost a 2048-token
     int4 packet 1.33x the link's limit against 1.03x): ms end to end, and the sender's WireStats
     (what the services' link meter reads: bytes raw, serialised and on the wire; zstd's time)."""
-    from lcflow.transport import PacketWriter
+    from lcflow.transport import PacketWriter  # keeps --help fast
 
     writer = PacketWriter.for_packet(packet, codec)
     start = time.perf_counter()
@@ -318,7 +318,7 @@ async def _auto_choice(
     (lcflow.transport.link), offered the quantizations `schemes`: handoffs over `channel` (as a
     sharer has one connection to its receiver) with what a fresh LinkMeter picks, each one's time
     fed back, until it has measured every arm; then its pick, and the meter."""
-    from lcflow.transport.link import PROBES, LinkMeter
+    from lcflow.transport.link import PROBES, LinkMeter  # keeps --help fast
 
     meter = LinkMeter()
     await _send(channel, packet, codec_of(config, schemes[-1], "none"))  # connect: not a handoff's cost

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from lcflow.proto_gen.lcflow.v1 import lcflow_pb2 as pb
+from lcflow.proto_gen.lcflow.v1 import lcflow_pb2_grpc as pb_grpc
 from lcflow.serving.security import add_client_security_flags, client_security_from_args
 
 COLUMNS = ("", "name", "mode", "sharer", "receiver", "params", "size", "card EM", "loaded", "usable")
@@ -38,8 +40,6 @@ def run(args) -> int:
 
 def list_adapters(role: str, target: str, security, timeout_s: float):
     """The ListAdaptersResponse of the `role` service at `target`."""
-    from lcflow.proto_gen.lcflow.v1 import lcflow_pb2 as pb
-    from lcflow.proto_gen.lcflow.v1 import lcflow_pb2_grpc as pb_grpc
 
     channel = security.channel(target)
     try:

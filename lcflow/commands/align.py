@@ -21,14 +21,14 @@ import time
 from pathlib import Path
 
 from lcflow.core.layer_map import LAYER_MAP_STRATEGIES, build_layer_map
-from lcflow.core.names import SELECTIONS
+from lcflow.core.names import PAIRS, SELECTIONS
 from lcflow.tasks import get_task
+from lcflow.training.corpus import alignment_corpus
 
 log = logging.getLogger(__name__)
 
 
 def register(subparsers) -> None:
-    from lcflow.core.names import PAIRS
 
     p = subparsers.add_parser(
         "align",
@@ -95,9 +95,8 @@ def run(args) -> int:
     # Imported here, not at the top: `lcflow --help` must not import torch.
     import torch
 
-    from lcflow.core.kv import kv_spec
-    from lcflow.core.names import PAIRS
-    from lcflow.packets.alignment import (
+    from lcflow.core.kv import kv_spec  # keeps --help fast
+    from lcflow.packets.alignment import (  # keeps --help fast
         KVAlignment,
         collect_stats,
         fit_alignment,
@@ -105,8 +104,7 @@ def run(args) -> int:
         identity_alignment,
         mean_r2,
     )
-    from lcflow.provision.loading import load_model_and_tokenizer
-    from lcflow.training.corpus import alignment_corpus
+    from lcflow.provision.loading import load_model_and_tokenizer  # keeps --help fast
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -121,7 +119,7 @@ def run(args) -> int:
                 "lcflow align: --from-alignment/--identity only write an adapter; give --adapter-out"
             )
         if args.identity:
-            from lcflow.core.kv import model_identity
+            from lcflow.core.kv import model_identity  # keeps --help fast
 
             if not model_identity(*sharer).same_model(model_identity(*receiver)):
                 raise SystemExit("lcflow align: --identity needs the same model on both sides")
@@ -174,7 +172,7 @@ def run(args) -> int:
 
 def save_span_adapter(alignment, sharer, receiver, names: tuple[str, str], args) -> None:
     """--adapter-out: the alignment as an LCF-X span adapter (lcflow.training.lcfx_recipe)."""
-    from lcflow.training.lcfx_recipe import span_adapter_from_alignment
+    from lcflow.training.lcfx_recipe import span_adapter_from_alignment  # keeps --help fast
 
     adapter = span_adapter_from_alignment(
         alignment, sharer, receiver, names, args.layer_map, args.slots, args.selection

@@ -25,6 +25,7 @@ import argparse
 import time
 
 from lcflow.core.errors import UsageError
+from lcflow.training.corpus import alignment_corpus, vocabulary_documents
 
 
 def register(subparsers) -> None:
@@ -94,10 +95,9 @@ def run(args) -> int:
     # Imported here, not at the top: `lcflow --help` must not import torch.
     from tqdm import tqdm
 
-    from lcflow.core.kv import model_identity
-    from lcflow.provision.loading import load_model_and_tokenizer
-    from lcflow.training import bridge_fit as bridge
-    from lcflow.training.corpus import alignment_corpus, vocabulary_documents
+    from lcflow.core.kv import model_identity  # keeps --help fast
+    from lcflow.provision.loading import load_model_and_tokenizer  # keeps --help fast
+    from lcflow.training import bridge_fit as bridge  # keeps --help fast
 
     if args.documents < 1 or args.held_out < 1 or min(args.steps, args.vocabulary_documents, args.rows) < 0:
         raise UsageError(
@@ -166,7 +166,7 @@ def run(args) -> int:
 
 def swap_reader(args, reader) -> int:
     """--translator-from: the existing bridge's translator with --reader's weights and config."""
-    from lcflow.training import bridge_fit as bridge
+    from lcflow.training import bridge_fit as bridge  # keeps --help fast
 
     if args.sharer:
         raise UsageError("--sharer comes from --translator-from's bridge; give only one")
@@ -186,7 +186,7 @@ def swap_reader(args, reader) -> int:
 
 
 def _load_adapter(path: str, flag: str):
-    from lcflow.adapter import LatentAdapter
+    from lcflow.adapter import LatentAdapter  # keeps --help fast
 
     try:
         return LatentAdapter.from_pretrained(path)

@@ -6,7 +6,7 @@ import argparse
 from dataclasses import fields
 
 from lcflow.core.errors import UsageError
-from lcflow.demo import DemoOptions
+from lcflow.demo import DemoOptions, run_demo
 from lcflow.serving.security import add_client_security_flags, client_security_from_args
 
 
@@ -56,7 +56,6 @@ def register(subparsers) -> None:
 
 
 def run(args) -> int:
-    from lcflow.demo import run_demo
 
     names = {f.name for f in fields(DemoOptions)} - {"security"}
     security = client_security_from_args(args)

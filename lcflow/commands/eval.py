@@ -38,7 +38,9 @@ from typing import TYPE_CHECKING
 
 from lcflow.commands.preflight import check_model
 from lcflow.core.names import METHOD_ALIASES, METHODS, PAIRS, READER_METHODS, SAME_CONTEXT_ONLY, WIRE_FORMS
+from lcflow.eval.report import markdown_table, write_report
 from lcflow.eval.services import evaluate_through_services
+from lcflow.provision import ProvisionError
 from lcflow.serving.security import add_client_security_flags, client_security_from_args
 from lcflow.tasks import SPLITS, TASK_NAMES, QASample, get_task, load_task_file
 
@@ -233,7 +235,7 @@ def make_plan(args) -> EvalPlan:
 
 def load_models(sharer: str, receiver: str, device: str) -> tuple[tuple, tuple]:
     """((sharer model, tokenizer), (receiver model, tokenizer)); the seam tests may replace."""
-    from lcflow.provision import load_model_and_tokenizer
+    from lcflow.provision import load_model_and_tokenizer  # keeps --help fast
 
     check_model(sharer, "--sharer")  # both names first: a typo is one line, not a hub retried for 20 s
     check_model(receiver, "--receiver")
@@ -270,7 +272,7 @@ def load_adapter(method: str, path: Path, sharer_id, receiver_id, device, receiv
     """A method's adapter, checked against the models and the mode the method needs (a text
     reader also needs the receiver (model, tokenizer) it wraps)."""
     if method in READER_METHODS:
-        from lcflow.adapter.reader import TextReader
+        from lcflow.adapter.reader import TextReader  # keeps --help fast
 
         reader = TextReader.from_pretrained(path, *receiver, name=receiver_id.name)
         if reader.config.channel != READER_METHODS[method]:
@@ -280,11 +282,11 @@ def load_adapter(method: str, path: Path, sharer_id, receiver_id, device, receiv
         return reader
     if method == "c2c":
         # The harness needs c2c_prepare too; a partial C2C module means no c2c, not a crash mid-run.
-        from lcflow.adapter.c2c import C2CFuser
-        from lcflow.handoff.c2c import c2c_prepare  # noqa: F401
+        from lcflow.adapter.c2c import C2CFuser  # keeps --help fast
+        from lcflow.handoff.c2c import c2c_prepare  # noqa: F401 (keeps --help fast)
 
         return C2CFuser.from_pretrained(path, sharer=sharer_id, receiver=receiver_id, device=device)
-    from lcflow.adapter import LatentAdapter
+    from lcflow.adapter import LatentAdapter  # keeps --help fast
 
     adapter = LatentAdapter.from_pretrained(path, sharer=sharer_id, receiver=receiver_id, device=device)
     if adapter.config.mode != ADAPTER_MODES[method]:
@@ -297,7 +299,7 @@ def load_adapter(method: str, path: Path, sharer_id, receiver_id, device, receiv
 def load_adapters(plan: EvalPlan, args, models: EvalModels) -> dict[str, dict]:
     """Fill models.adapters for the planned adapter methods; skip the ones that cannot load.
     Returns what results.json records per adapter (path, mode, parameter counts)."""
-    from lcflow.core.kv import model_identity
+    from lcflow.core.kv import model_identity  # keeps --help fast
 
     ids = (
         model_identity(*models.sharer, name=plan.sharer),
@@ -359,7 +361,7 @@ def _load_into(plan: EvalPlan, args, models: EvalModels, ids: tuple, method: str
 def measure(args, methods, models, samples, settings, adapters: dict) -> tuple[list[SampleOutcome], str]:
     """The outcomes and the label of where their latency was measured (`adapters`: what
     load_adapters loaded, by method, with its path)."""
-    from lcflow.eval.harness import evaluate
+    from lcflow.eval.harness import evaluate  # keeps --help fast
 
     if args.services:
         security = client_security_from_args(args)
@@ -399,7 +401,7 @@ def machine_info(device: torch.device) -> dict:
 
 
 def make_meta(args, plan: EvalPlan, models: EvalModels, adapters: dict, latency: str) -> dict:
-    from lcflow.core.kv import model_identity
+    from lcflow.core.kv import model_identity  # keeps --help fast
 
     def identity(name: str, pair: tuple) -> dict:
         found = model_identity(*pair, name=name)
@@ -437,10 +439,8 @@ def make_meta(args, plan: EvalPlan, models: EvalModels, adapters: dict, latency:
 def run(args) -> int:
     import torch
 
-    from lcflow.eval.harness import EvalModels, outcome_records, summarize
-    from lcflow.eval.report import markdown_table, write_report
-    from lcflow.handoff.pair import GenerationSettings
-    from lcflow.provision import ProvisionError
+    from lcflow.eval.harness import EvalModels, outcome_records, summarize  # keeps --help fast
+    from lcflow.handoff.pair import GenerationSettings  # keeps --help fast
 
     if args.sharer_sessions and not args.services:
         print(

@@ -6,10 +6,12 @@ import argparse
 import sys
 from pathlib import Path
 
-from lcflow.client import MODE_NAMES
+from lcflow.client import MODE_NAMES, HandoffClient, summary_stages
 from lcflow.core.errors import UsageError
 from lcflow.core.names import TEXT_CHANNELS
+from lcflow.proto_gen.lcflow.v1 import lcflow_pb2 as pb
 from lcflow.serving.security import add_client_security_flags, client_security_from_args
+from lcflow.serving.telemetry import make_tracer_provider
 
 
 def register(subparsers) -> None:
@@ -69,9 +71,6 @@ def register(subparsers) -> None:
 def run(args) -> int:
     import grpc
 
-    from lcflow.client import HandoffClient
-    from lcflow.serving.telemetry import make_tracer_provider
-
     context = read_context(args.context_file) if args.context_file else (args.context or "")
     security = client_security_from_args(args)
     provider = make_tracer_provider("lcflow-client")
@@ -122,14 +121,12 @@ def read_context(path: Path) -> str:
 
 def format_summary(summary) -> str:
     timings = summary.timings
-    from lcflow.proto_gen.lcflow.v1 import lcflow_pb2 as pb
 
     lines = [
         f"mode {pb.Mode.Name(summary.mode)}"
         + (f", adapter {summary.adapter}" if summary.adapter else "")
         + (f", receiver {summary.receiver}" if summary.receiver else "")
     ]
-    from lcflow.client import summary_stages
 
     stages = (*summary_stages(timings), "time_to_first_token", "total")
     lines += [f"  {name:<20} {getattr(timings, name):9.1f} ms" for name in stages if timings.HasField(name)]

@@ -17,7 +17,7 @@ import json
 from dataclasses import asdict
 
 from lcflow.core.errors import UsageError
-from lcflow.tasks import TASK_NAMES
+from lcflow.tasks import TASK_NAMES, get_task
 
 
 def register(subparsers) -> None:
@@ -45,10 +45,9 @@ def register(subparsers) -> None:
 
 def run(args) -> int:
     # Imported here, not at the top: `lcflow --help` must not import torch.
-    from lcflow.adapter import AdapterConfig
-    from lcflow.provision.loading import load_model_and_tokenizer
-    from lcflow.tasks import get_task
-    from lcflow.training.heads import choose_heads
+    from lcflow.adapter import AdapterConfig  # keeps --help fast
+    from lcflow.provision.loading import load_model_and_tokenizer  # keeps --help fast
+    from lcflow.training.heads import choose_heads  # keeps --help fast
 
     try:
         config = AdapterConfig.load(args.adapter)

@@ -105,7 +105,7 @@ def identity_info(identity: ModelIdentity) -> dict:
 
 
 def _latent_part(directory: Path) -> str:
-    from lcflow.adapter.adapter import DECODER_FILE, ENCODER_FILE
+    from lcflow.adapter.adapter import DECODER_FILE, ENCODER_FILE  # keeps --help fast
 
     has_encoder, has_decoder = (directory / ENCODER_FILE).is_file(), (directory / DECODER_FILE).is_file()
     if has_encoder and not has_decoder:
@@ -119,8 +119,8 @@ def adapter_info(directory: str | Path) -> dict:
     directory = Path(directory)
     import torch
 
-    from lcflow.adapter import AdapterConfig, LatentAdapter
-    from lcflow.adapter.c2c import C2CFuser
+    from lcflow.adapter import AdapterConfig, LatentAdapter  # keeps --help fast
+    from lcflow.adapter.c2c import C2CFuser  # keeps --help fast
 
     config = AdapterConfig.load(directory)
     bytes_per_parameter = torch.empty(0, dtype=getattr(torch, config.dtype)).element_size()
@@ -206,9 +206,9 @@ def paper_pair_adapters() -> dict[str, tuple[str, nn.Module]]:
     """The three adapters for the paper pair, on the meta device (shapes, no memory, no weights)."""
     import torch
 
-    from lcflow.adapter import LatentAdapter
-    from lcflow.adapter.c2c import C2CFuser
-    from lcflow.testing.paper_pair import paper_pair_identities
+    from lcflow.adapter import LatentAdapter  # keeps --help fast
+    from lcflow.adapter.c2c import C2CFuser  # keeps --help fast
+    from lcflow.testing.paper_pair import paper_pair_identities  # keeps --help fast
 
     sharer, receiver = paper_pair_identities()
     with torch.device("meta"):

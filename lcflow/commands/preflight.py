@@ -12,6 +12,7 @@ import types
 from pathlib import Path
 
 from lcflow.core.errors import UsageError
+from lcflow.provision import KNOWN_MODELS, ProvisionError, resolve_model
 
 
 def looks_like_path(name: str) -> bool:
@@ -24,7 +25,6 @@ def check_model(name: str, flag: str = "--model") -> str:
     A bare name that is neither a known model nor a local directory is a typo far more often than
     a hub id (the hub's ids are `org/name`): say so at once instead of retrying the hub for 20 s.
     A known name must have been pulled."""
-    from lcflow.provision import KNOWN_MODELS, ProvisionError, resolve_model
 
     if not name:
         raise UsageError(f"no model given: pass {flag} NAME (see `lcflow models list`)")
@@ -56,7 +56,7 @@ def _stand_in(model_dir: str):
 def check_adapter(adapter_dir: str, role: str, model: str = "", model_dir: str = "") -> None:
     """A service's --adapter: a directory with a readable config of a mode the services serve, the
     half this role loads, and (when the model is a local directory) trained for this model."""
-    from lcflow.adapter.config import AdapterConfig, service_half_file
+    from lcflow.adapter.config import AdapterConfig, service_half_file  # keeps --help fast
 
     path = Path(adapter_dir).expanduser()
     if not path.is_dir():
@@ -77,12 +77,12 @@ def check_adapter(adapter_dir: str, role: str, model: str = "", model_dir: str =
             "copy the whole adapter directory"
         )
     if config.mode == "c2c" and role == "receiver":
-        from lcflow.serving.inspection import c2c_rope_problem
+        from lcflow.serving.inspection import c2c_rope_problem  # keeps --help fast
 
         if why := c2c_rope_problem(config):  # the receiver re-rotates the sharer's keys with it
             raise UsageError(f"--adapter {adapter_dir}: {why}")
     if model_dir and Path(model_dir).is_dir():
-        from lcflow.core.kv import model_identity
+        from lcflow.core.kv import model_identity  # keeps --help fast
 
         try:
             identity = model_identity(*_stand_in(model_dir), name=model or None)
@@ -98,7 +98,7 @@ def check_service(config) -> None:
     if config.adapters:
         check_adapter_directory(config.adapters, config.adapter)
     if config.adapter:
-        from lcflow.serving.adapter_names import default_adapter_path
+        from lcflow.serving.adapter_names import default_adapter_path  # keeps --help fast
 
         try:
             default = default_adapter_path(config.adapter, config.adapters)
@@ -118,7 +118,7 @@ def check_adapter_directory(adapters: str, adapter: str) -> None:
         )
     if not adapter:
         return
-    from lcflow.serving.adapter_names import is_plain_name
+    from lcflow.serving.adapter_names import is_plain_name  # keeps --help fast
 
     path = Path(adapter).expanduser()
     in_root = is_plain_name(adapter) and (root / adapter).is_dir()

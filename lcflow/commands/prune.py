@@ -22,7 +22,7 @@ def register(subparsers) -> None:
 def run(args) -> int:
     import torch  # here, not at the top: `lcflow --help` must not import torch
 
-    from lcflow.adapter import LatentAdapter
+    from lcflow.adapter import LatentAdapter  # keeps --help fast
 
     adapter = LatentAdapter.from_pretrained(args.adapter)
     gates = adapter.gates()

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 
+from lcflow.commands.preflight import check_service
 from lcflow.serving.config import ROLES, add_service_flags, config_from_args
+from lcflow.serving.telemetry import configure_service_logging, make_tracer_provider
 
 
 def register(subparsers) -> None:
@@ -26,18 +28,16 @@ def register(subparsers) -> None:
 
 
 def run(args) -> int:
-    from lcflow.commands.preflight import check_service
-    from lcflow.serving.server import serve_until_signal
-    from lcflow.serving.telemetry import configure_service_logging, make_tracer_provider
+    from lcflow.serving.server import serve_until_signal  # keeps --help fast
 
     config = config_from_args(args.role, args)
     check_service(config)  # a typo in --model or --adapter: one line now, not a traceback after loading
     configure_service_logging(config.log_level)
     provider = make_tracer_provider(f"lcflow-{config.role}")
     if config.role == "sharer":
-        from lcflow.serving.sharer import serve
+        from lcflow.serving.sharer import serve  # keeps --help fast
     else:
-        from lcflow.serving.receiver import serve
+        from lcflow.serving.receiver import serve  # keeps --help fast
     running, _ = serve(config, provider)
     serve_until_signal(running, config.shutdown_grace_s)
     provider.shutdown()  # flush spans still in the batch exporter

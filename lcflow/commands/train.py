@@ -13,6 +13,7 @@ from dataclasses import fields
 
 from lcflow.core.errors import UsageError
 from lcflow.core.names import WIRE_FORMS
+from lcflow.tasks import load_task_file
 from lcflow.training.config import TrainConfig
 
 
@@ -145,26 +146,26 @@ def run(args) -> int:
     cfg = TrainConfig(**{k: v for k, v in vars(args).items() if k in names})
     check_inputs(cfg)
     if cfg.mode == "text-reader":
-        from lcflow.training.reader import ReaderTrainer
+        from lcflow.training.reader import ReaderTrainer  # keeps --help fast
 
         out = ReaderTrainer(cfg).run()
     elif cfg.mode == "c2c":
-        from lcflow.training.c2c import train_c2c
+        from lcflow.training.c2c import train_c2c  # keeps --help fast
 
         out = train_c2c(cfg)
     elif cfg.init_adapter:
-        from lcflow.training.distill import SpanDistillTrainer
+        from lcflow.training.distill import SpanDistillTrainer  # keeps --help fast
 
         out = SpanDistillTrainer(cfg).run()
     elif cfg.mode == "lcfx" and cfg.packet == "spans":
-        from lcflow.training.lcfx_recipe import train_lcfx
+        from lcflow.training.lcfx_recipe import train_lcfx  # keeps --help fast
 
         try:
             out = train_lcfx(cfg)
         except ValueError as err:
             raise UsageError(str(err)) from err
     else:
-        from lcflow.training.train import Trainer
+        from lcflow.training.train import Trainer  # keeps --help fast
 
         out = Trainer(cfg).run()
     print(f"adapter written to {out}")
@@ -180,8 +181,6 @@ def check_inputs(cfg: TrainConfig) -> None:
             f"--validation is the share of --task-file held out, in [0, 1); got {cfg.validation}"
         )
     if cfg.task_file:
-        from lcflow.tasks import load_task_file
-
         if not Path(cfg.task_file).is_file():
             raise UsageError(f"--task-file {cfg.task_file} does not exist; give a JSONL file of samples")
         try:

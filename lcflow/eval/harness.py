@@ -38,6 +38,7 @@ from tqdm import tqdm
 
 from lcflow.core.names import LCFX_METHODS, METHODS, NOTE_METHODS, READER_METHODS, SAME_CONTEXT_ONLY
 from lcflow.eval.metrics import contains_answer, exact_match, extract_answer, mean_with_ci, token_f1
+from lcflow.handoff.c2c import c2c_prepare
 from lcflow.handoff.pair import (
     GenerationSettings,
     Receiver,
@@ -47,6 +48,8 @@ from lcflow.handoff.pair import (
     text_contexts,
 )
 from lcflow.tasks import QASample, format_question_prompt
+from lcflow.transport.quantize import Quantization
+from lcflow.transport.segments import TensorSpec
 
 WIRE_BYTES_PER_LATENT = 2  # latents travel as bfloat16
 
@@ -68,8 +71,6 @@ def through_the_wire(latents, wire: str) -> int:
     send them ("bf16": rounded to bfloat16; "int8" / "int4": bf16, then the sharer's quantizer and
     the receiver's dequantizer); returns the bytes those tensors take on the wire ("exact": the
     layers are left as encoded, counted as bf16)."""
-    from lcflow.transport.quantize import Quantization
-    from lcflow.transport.segments import TensorSpec
 
     if wire == "exact":
         return sum(z.numel() for z in latents.layers.values()) * WIRE_BYTES_PER_LATENT
@@ -188,8 +189,6 @@ def run_sample(
         )
         prepared = receiver.prepare_plain(prompt, contexts)
     elif method == "c2c":
-        from lcflow.handoff.c2c import c2c_prepare
-
         prepared, bytes_sent = c2c_prepare(
             models.adapters["c2c"], models.sharer, receiver, sample.sharer_context, prompt
         )

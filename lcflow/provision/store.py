@@ -94,7 +94,7 @@ def pull(
         timings["extract_gguf"] = time.perf_counter() - mark
 
         out = work / name
-        from lcflow.provision.convert import convert_gguf  # imports torch: only when converting
+        from lcflow.provision.convert import convert_gguf  # imports torch: keeps --help fast
 
         report = convert_gguf(gguf, out)
         timings.update(
@@ -114,7 +114,7 @@ def pull(
 def _write_marker(out: Path, model: KnownModel, report, licenses: list[str], timings: dict) -> None:
     import transformers
 
-    from lcflow.provision.convert import STORAGE_DTYPE
+    from lcflow.provision.convert import STORAGE_DTYPE  # keeps --help fast
 
     provenance = {
         "name": model.name,

@@ -13,6 +13,7 @@ import re
 from dataclasses import dataclass, fields
 
 from lcflow.core.names import CODEC_SETTINGS, QUANTIZE_SETTINGS
+from lcflow.serving.security import ClientSecurity, ServerSecurity
 
 ROLES = ("sharer", "receiver")
 DEFAULT_PORTS = {"sharer": 50051, "receiver": 50052}
@@ -126,13 +127,11 @@ class ServiceConfig:
         return parse_receivers(self.receiver)
 
     def server_security(self):
-        from lcflow.serving.security import ServerSecurity
 
         return ServerSecurity(self.tls_cert, self.tls_key, self.tls_client_ca, self.auth_token_file)
 
     def receiver_security(self):
         """Sharer: TLS / token settings of its channel to the receiver (files are read when it is made)."""
-        from lcflow.serving.security import ClientSecurity
 
         return ClientSecurity(
             self.receiver_tls_ca,

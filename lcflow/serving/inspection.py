@@ -11,6 +11,7 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
+from lcflow.adapter.c2c import stored_sharer_rope
 from lcflow.adapter.card import CODECS_BY_SIZE, accurate_codecs
 from lcflow.adapter.config import CONFIG_NAME, AdapterConfig, AdapterMismatchError, service_half_file
 from lcflow.adapter.reader import READER_CONFIG
@@ -96,7 +97,6 @@ def card_codecs(directory: Path) -> tuple[str, ...]:
 
 def c2c_rope_problem(config: AdapterConfig) -> str:
     """Why a receiver cannot serve this C2C adapter's sharer RoPE ("" when it can)."""
-    from lcflow.adapter.c2c import stored_sharer_rope
 
     try:
         stored_sharer_rope(config)

@@ -23,8 +23,13 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from opentelemetry.instrumentation.grpc import server_interceptor
 
+from lcflow.adapter import LatentAdapter
+from lcflow.adapter.c2c import C2CFuser, C2CSender
+from lcflow.adapter.config import AdapterConfig
+from lcflow.core.kv import model_identity
 from lcflow.handoff.pair import GenerationSettings
 from lcflow.proto_gen.lcflow.v1 import lcflow_pb2 as pb
+from lcflow.provision import load_model_and_tokenizer
 from lcflow.serving.config import ServiceConfig
 from lcflow.serving.security import CertificateFiles
 from lcflow.transport import MODE_FROM_PROTO, WireError
@@ -176,7 +181,6 @@ def adapter_id(config_dict: dict) -> str:
 
 def load_model_for(config: ServiceConfig):
     """The service's model and tokenizer, as its flags say (name, device, dtype)."""
-    from lcflow.provision import load_model_and_tokenizer
 
     return load_model_and_tokenizer(config.model, device=config.device, dtype=config.dtype)
 
@@ -184,9 +188,6 @@ def load_model_for(config: ServiceConfig):
 def load_adapter_half(model, tokenizer, adapter_dir: str, part: str, name: str | None):
     """(model identity, adapter half or None, adapter id) for a service: the encoder half for the
     sharer, the decoder half for the receiver, refused if trained for another model."""
-    from lcflow.adapter import LatentAdapter
-    from lcflow.adapter.config import AdapterConfig
-    from lcflow.core.kv import model_identity
 
     identity = model_identity(model, tokenizer, name=name)
     if not adapter_dir:
@@ -217,8 +218,6 @@ class ServedC2C:
 
 
 def load_c2c_half(adapter_dir: str, part: str, device, **models) -> ServedC2C:
-    from lcflow.adapter.c2c import C2CFuser, C2CSender
-    from lcflow.adapter.config import AdapterConfig
 
     if part == "encoder":
         config = AdapterConfig.load(adapter_dir)

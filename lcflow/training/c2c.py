@@ -26,6 +26,7 @@ from lcflow.adapter.c2c import C2CFuser, record_sharer_rope
 from lcflow.core.kv import model_identity
 from lcflow.handoff.c2c import c2c_prepare
 from lcflow.handoff.pair import PreparedInput, Receiver, Sharer
+from lcflow.tasks import get_task
 from lcflow.training.train import TrainConfig, Trainer
 
 
@@ -80,7 +81,6 @@ class C2CTrainer(Trainer):
 
 def check_c2c_config(cfg: TrainConfig) -> None:
     """Refuse settings C2C cannot train with, before any model is loaded."""
-    from lcflow.tasks import get_task
 
     if cfg.mode != "c2c":
         raise ValueError(f"train_c2c trains mode 'c2c', not {cfg.mode!r}; use lcflow.training.train.Trainer")

@@ -27,7 +27,10 @@ from tqdm import tqdm
 
 from lcflow.adapter import LatentAdapter
 from lcflow.core.kv import model_identity
+from lcflow.eval.harness import through_the_wire
 from lcflow.handoff.pair import Latents, PreparedInput, Receiver, Sharer, receiver_view
+from lcflow.provision import load_model_and_tokenizer
+from lcflow.tasks import format_question_prompt, get_task, load_task_file
 from lcflow.training.config import TrainConfig
 
 log = logging.getLogger(__name__)
@@ -52,7 +55,6 @@ def through_the_wire_straight(latents: Latents, wire: str) -> Latents:
     backward dz."""
     if wire == "exact":
         return latents
-    from lcflow.eval.harness import through_the_wire
 
     received = Latents(latents.mode, {layer: z.detach() for layer, z in latents.layers.items()})
     through_the_wire(received, wire)  # replaces each layer, leaving the encoder's tensors alone
@@ -73,8 +75,6 @@ def prepare_for_sample(
         latents = through_the_wire_straight(sharer.encode(sharer.prefill(sample.sharer_context)), wire)
         return receiver.prepare_lcf(latents, sample.sharer_context, prompt)
     if mode == "lcfx":
-        from lcflow.tasks import format_question_prompt
-
         source = packet_from or sample
         source_prompt = (
             prompt if packet_from is None else format_question_prompt(source, include_context=False)
@@ -150,7 +150,6 @@ class Trainer:
     adapter_class = LatentAdapter  # what `resume` loads the checkpointed weights with
 
     def __init__(self, cfg: TrainConfig, sharer_pair=None, receiver_pair=None):
-        from lcflow.tasks import format_question_prompt
 
         self.cfg = cfg
         self.out = Path(cfg.out)
@@ -329,10 +328,7 @@ def training_samples(cfg: TrainConfig) -> tuple[list, dict]:
     epochs. The split is written to OUT/split.json and OUT/validation.jsonl."""
     needed = cfg.steps * cfg.batch_size
     if not cfg.task_file:
-        from lcflow.tasks import get_task
-
         return get_task(cfg.task).samples("train", needed, seed=cfg.seed), {}
-    from lcflow.tasks import load_task_file
 
     samples = load_task_file(cfg.task_file)
     if not 0 <= cfg.validation < 1:
@@ -358,6 +354,5 @@ def training_samples(cfg: TrainConfig) -> tuple[list, dict]:
 
 
 def _load(name: str, device: str):
-    from lcflow.provision import load_model_and_tokenizer
 
     return load_model_and_tokenizer(name, device=device)

@@ -42,6 +42,8 @@ from typing import TYPE_CHECKING
 
 import zstandard
 
+from lcflow.transport.quantize import Quantization
+
 try:  # the same CRC-32 as zlib.crc32, ~13x faster (0.02 vs 0.26 ms/MiB here); zlib where ISA-L is missing
     from isal.isal_zlib import crc32 as crc32  # re-exported for wire.py
 except ImportError:  # pragma: no cover
@@ -84,7 +86,6 @@ class CodecConfig:
 
     def quantizer(self) -> Quantization:
         # Imported here: quantize.py builds on segments.py, which imports this module.
-        from lcflow.transport.quantize import Quantization
 
         return Quantization.named(self.quantization, self.group_size)
 
