@@ -15,7 +15,7 @@ from test_services import bf16 as bf16_on_the_wire
 from test_services import make_adapter_dir as services_adapter_dir
 from test_wire import _with_segment_payload, expect_error, make_packet
 
-import lcflow.transport.wire as wire
+import lcflow.transport.assembler as assembler_module  # its version check reads this module's set
 from lcflow.proto_gen.lcflow.v1 import lcflow_pb2 as pb
 from lcflow.transport import (
     CodecConfig,
@@ -24,6 +24,7 @@ from lcflow.transport import (
     TensorSpec,
     WireError,
     WireLimits,
+    assemble,
     packet_messages,
 )
 from lcflow.transport.quantize import DEFAULT_INT4_GROUP, Quantization, hadamard
@@ -169,11 +170,11 @@ def test_unquantized_packets_stay_version_1_and_quantized_ones_are_version_2():
 def test_a_version_1_reader_refuses_version_2_cleanly(monkeypatch):
     """What a receiver from before quantization does: its version check (unchanged) answers
     FAILED_PRECONDITION, before it looks at anything else in the header."""
-    monkeypatch.setattr(wire, "SUPPORTED_FORMAT_VERSIONS", frozenset({1}))
+    monkeypatch.setattr(assembler_module, "SUPPORTED_FORMAT_VERSIONS", frozenset({1}))
     quantized = list(packet_messages(quantized_packet(), CodecConfig(quantization="int8")))
     err = expect_error(quantized, grpc.StatusCode.FAILED_PRECONDITION)
     assert "version 2" in err.details
-    plain = wire.assemble(packet_messages(quantized_packet()))  # version 1 still reads
+    plain = assemble(packet_messages(quantized_packet()))  # version 1 still reads
     assert plain.layers == [0, 3]
 
 
@@ -187,10 +188,12 @@ def test_rotated_packets_are_version_3_and_older_readers_refuse_them(monkeypatch
     )
     unrotated = list(packet_messages(quantized_packet(), CodecConfig(quantization="int4")))
     assert unrotated[0].header.format_version == 2 and not unrotated[0].header.codec.rotation
-    monkeypatch.setattr(wire, "SUPPORTED_FORMAT_VERSIONS", frozenset({1, 2}))  # a version 2 receiver
+    monkeypatch.setattr(
+        assembler_module, "SUPPORTED_FORMAT_VERSIONS", frozenset({1, 2})
+    )  # a version 2 receiver
     err = expect_error(rotated, grpc.StatusCode.FAILED_PRECONDITION)
     assert "version 3" in err.details
-    assert wire.assemble(unrotated).layers == [0, 3]
+    assert assemble(unrotated).layers == [0, 3]
 
 
 @pytest.mark.parametrize("scheme", ["int8", "int4", "int4-hadamard"])

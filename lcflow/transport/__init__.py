@@ -3,7 +3,9 @@
     from lcflow.transport import LatentPacket, PacketWriter, PacketAssembler, packet_messages, assemble
 
 - connector.py: LatentSender / LatentReceiver, the engine's side of the transport, primitive by primitive.
-- wire.py: LatentPacket, PacketWriter (the LatentSender), PacketAssembler (the LatentReceiver), limits and versions.
+- wire.py: the format: LatentPacket, limits, versions, mode names, statistics.
+- writer.py: PacketWriter (the LatentSender), packet_messages, coalesce_chunks.
+- assembler.py: PacketAssembler (the LatentReceiver), assemble.
 - segments.py: one layer's tensors <-> a checked safetensors blob, byte-shuffled by plane.
 - codec.py: CodecConfig, zstd with a hard decompression bound.
 - quantize.py: int8 / int4 latents with absmax scales (format version 2; rotated groups, version
@@ -14,6 +16,7 @@
 - memory.py: lets a process reuse the memory it frees (large packets) instead of returning it to the kernel at once.
 """
 
+from lcflow.transport.assembler import PacketAssembler, assemble
 from lcflow.transport.codec import MAX_CHUNK_BYTES, CodecConfig
 from lcflow.transport.connector import LatentReceiver, LatentSender
 from lcflow.transport.errors import WireError
@@ -24,16 +27,12 @@ from lcflow.transport.wire import (
     MODE_TO_PROTO,
     SUPPORTED_FORMAT_VERSIONS,
     LatentPacket,
-    PacketAssembler,
-    PacketWriter,
     Segment,
     WireLimits,
     WireStats,
-    assemble,
-    coalesce_chunks,
     mode_name,
-    packet_messages,
 )
+from lcflow.transport.writer import PacketWriter, coalesce_chunks, packet_messages
 
 __all__ = [
     "FORMAT_VERSION",

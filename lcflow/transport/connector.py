@@ -2,8 +2,9 @@
 
 In the style of vLLM's KV connector: two small interfaces, each primitive named with who calls
 it, so an engine never touches the wire format and the wire format never touches a model. The
-wire format itself (LatentMessage, chunks, codecs, checks) is lcflow.transport.wire, which
-implements both: PacketWriter is the LatentSender, PacketAssembler the LatentReceiver.
+wire format itself (LatentMessage, chunks, codecs, checks) is lcflow.transport.wire; its two
+halves implement these: PacketWriter (writer.py) is the LatentSender, PacketAssembler
+(assembler.py) the LatentReceiver.
 
 Sender side, called by the sharer service's latent stream (lcflow.serving.sharer) and by the
 transport bench (lcflow.bench.transport), in this order:
