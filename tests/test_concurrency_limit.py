@@ -10,7 +10,8 @@ import time
 import grpc
 import pytest
 
-from lcflow.serving.server import ConcurrencyLimit, ServiceError
+from lcflow.serving.concurrency import ConcurrencyLimit
+from lcflow.serving.server import ServiceError
 
 LIMIT, QUEUE = 4, 8
 

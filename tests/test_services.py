@@ -21,10 +21,10 @@ from lcflow.core.kv import identity_id, model_identity
 from lcflow.handoff.pair import GenerationSettings, Receiver, Sharer, receiver_view
 from lcflow.proto_gen.lcflow.v1 import lcflow_pb2 as pb
 from lcflow.proto_gen.lcflow.v1 import lcflow_pb2_grpc as pb_grpc
+from lcflow.serving.concurrency import ConcurrencyLimit
 from lcflow.serving.config import ServiceConfig
 from lcflow.serving.receiver import ReceiverEngine
 from lcflow.serving.receiver import serve as serve_receiver
-from lcflow.serving.server import ConcurrencyLimit
 from lcflow.serving.sharer import SharerEngine
 from lcflow.serving.sharer import serve as serve_sharer
 from lcflow.serving.telemetry import make_tracer_provider

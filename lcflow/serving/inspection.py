@@ -17,7 +17,7 @@ from lcflow.adapter.config import CONFIG_NAME, AdapterConfig, AdapterMismatchErr
 from lcflow.adapter.reader import READER_CONFIG
 from lcflow.core.kv import ModelIdentity
 from lcflow.core.names import QUANTIZATIONS
-from lcflow.serving.server import adapter_id
+from lcflow.serving.requests import adapter_id
 
 LOADED_BYTES_PER_PARAMETER = 4  # halves are loaded in float32 (LatentAdapter.from_pretrained)
 MAX_SAFETENSORS_HEADER = 100 << 20

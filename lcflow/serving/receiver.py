@@ -35,28 +35,20 @@ from lcflow.handoff.streaming import GenerationStream
 from lcflow.proto_gen.lcflow.v1 import lcflow_pb2 as pb
 from lcflow.proto_gen.lcflow.v1 import lcflow_pb2_grpc as pb_grpc
 from lcflow.serving.adapter_names import default_adapter_path
+from lcflow.serving.concurrency import ConcurrencyLimit, queue_span
 from lcflow.serving.config import ServiceConfig
+from lcflow.serving.loading import ServedC2C, load_adapter_half, load_model_for, require_adapter
 from lcflow.serving.readers import TextReaders, check_reader_request
 from lcflow.serving.registry import AdapterRegistry
-from lcflow.serving.server import (
-    RECEIVER_SERVICE,
-    ConcurrencyLimit,
-    ServedC2C,
-    ServiceError,
+from lcflow.serving.requests import (
     check_text,
     check_tokens,
     describe_texts,
     generation_settings,
-    invalid,
-    load_adapter_half,
-    load_model_for,
     mode_of,
     prompt_of,
-    queue_span,
-    require_adapter,
-    serve_service,
-    status_on_error,
 )
+from lcflow.serving.server import RECEIVER_SERVICE, ServiceError, invalid, serve_service, status_on_error
 from lcflow.serving.servicer import ModelService
 from lcflow.serving.telemetry import current_trace_id
 from lcflow.transport import (

@@ -35,29 +35,28 @@ from lcflow.handoff.sessions import SessionNotFound, SessionStore, SessionTooLar
 from lcflow.proto_gen.lcflow.v1 import lcflow_pb2 as pb
 from lcflow.proto_gen.lcflow.v1 import lcflow_pb2_grpc as pb_grpc
 from lcflow.serving.adapter_names import default_adapter_path, identity_hash
+from lcflow.serving.concurrency import ConcurrencyLimit, queue_span
 from lcflow.serving.config import ServiceConfig
 from lcflow.serving.inspection import AdapterInfo
+from lcflow.serving.loading import load_adapter_half, load_model_for, require_adapter
 from lcflow.serving.readers import check_reader_request
 from lcflow.serving.registry import AdapterRegistry, Choice
-from lcflow.serving.security import SecurityConfigError
-from lcflow.serving.server import (
-    RECEIVER_SERVICE,
-    SHARER_SERVICE,
-    ConcurrencyLimit,
-    ServiceError,
+from lcflow.serving.requests import (
     check_text,
     check_tokens,
     describe_texts,
     generation_settings,
-    invalid,
-    keepalive_options,
-    load_adapter_half,
-    load_model_for,
     messages_text,
     mode_of,
     prompt_of,
-    queue_span,
-    require_adapter,
+)
+from lcflow.serving.security import SecurityConfigError
+from lcflow.serving.server import (
+    RECEIVER_SERVICE,
+    SHARER_SERVICE,
+    ServiceError,
+    invalid,
+    keepalive_options,
     serve_service,
     status_on_error,
 )

@@ -1,0 +1,78 @@
+"""What a service runs on: its model, and an adapter's half (or C2C's) checked against it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import grpc
+
+from lcflow.adapter import LatentAdapter
+from lcflow.adapter.c2c import C2CFuser, C2CSender
+from lcflow.adapter.config import AdapterConfig
+from lcflow.core.kv import model_identity
+from lcflow.provision import load_model_and_tokenizer
+from lcflow.serving.config import ServiceConfig
+from lcflow.serving.requests import adapter_id
+from lcflow.serving.server import ServiceError
+
+# --- engines -------------------------------------------------------------------------------
+
+
+def load_model_for(config: ServiceConfig):
+    """The service's model and tokenizer, as its flags say (name, device, dtype)."""
+
+    return load_model_and_tokenizer(config.model, device=config.device, dtype=config.dtype)
+
+
+def load_adapter_half(model, tokenizer, adapter_dir: str, part: str, name: str | None):
+    """(model identity, adapter half or None, adapter id) for a service: the encoder half for the
+    sharer, the decoder half for the receiver, refused if trained for another model."""
+
+    identity = model_identity(model, tokenizer, name=name)
+    if not adapter_dir:
+        return identity, None, ""
+    role = "sharer" if part == "encoder" else "receiver"
+    if AdapterConfig.load(adapter_dir).mode == "c2c":
+        adapter = load_c2c_half(adapter_dir, part, model.device, **{role: identity})
+        return identity, adapter, adapter_id(adapter.config.to_dict())
+    adapter = LatentAdapter.from_pretrained(adapter_dir, part=part, device=model.device, **{role: identity})
+    if part == "encoder" and adapter.config.packet == "bridge":
+        adapter.encoder.tokenizer()  # the receiver's tokenizer, by name: fail at start, not mid-request
+    return identity, adapter, adapter_id(adapter.config.to_dict())
+
+
+@dataclass
+class ServedC2C:
+    """A C2C adapter as a service holds it, shaped like a LatentAdapter (config, encoder, decoder):
+    the sharer's half is a C2CSender (no weights: it sends the sharer's KV), the receiver's the
+    C2CFuser."""
+
+    config: object  # AdapterConfig
+    encoder: object | None = None
+    decoder: object | None = None
+
+    def state_dict(self) -> dict:
+        """The loaded weights (for the registry's memory bound): the fuser's, none on the sharer."""
+        return self.decoder.state_dict() if self.decoder is not None else {}
+
+
+def load_c2c_half(adapter_dir: str, part: str, device, **models) -> ServedC2C:
+
+    if part == "encoder":
+        config = AdapterConfig.load(adapter_dir)
+        config.check_models(**models)
+        return ServedC2C(config, encoder=C2CSender(config))
+    fuser = C2CFuser.from_pretrained(adapter_dir, device=device, **models)
+    fuser.sharer_rope()  # refuse an adapter without the sharer's RoPE now, not at the first request
+    return ServedC2C(fuser.config, decoder=fuser)
+
+
+def require_adapter(adapter, mode: str, role: str) -> None:
+    """FAILED_PRECONDITION unless this engine holds an adapter of the requested latent mode."""
+    have = f"a {adapter.config.mode} adapter" if adapter is not None else "no adapter"
+    if adapter is None or adapter.config.mode != mode:
+        raise ServiceError(
+            grpc.StatusCode.FAILED_PRECONDITION,
+            f"mode {mode} needs a {mode} adapter but this {role} has {have}; "
+            "start it with --adapter pointing at one or --adapters DIR holding one, or use TEXT or NONE",
+        )
