@@ -106,9 +106,8 @@ def running_services(
     and `receiver` give `adapters`. `spans`: an exporter for both services' spans; `sharer`,
     `receiver`: more ServiceConfig fields for each (TLS, a token, adapters, ...)."""
     from lcflow.serving.config import ServiceConfig
-    from lcflow.serving.receiver import ReceiverEngine
+    from lcflow.serving.loading import ReceiverEngine, SharerEngine
     from lcflow.serving.receiver import serve as serve_receiver
-    from lcflow.serving.sharer import SharerEngine
     from lcflow.serving.sharer import serve as serve_sharer
     from lcflow.serving.telemetry import make_tracer_provider
 

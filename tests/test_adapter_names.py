@@ -19,10 +19,9 @@ from lcflow.proto_gen.lcflow.v1 import lcflow_pb2 as pb
 from lcflow.proto_gen.lcflow.v1 import lcflow_pb2_grpc as pb_grpc
 from lcflow.serving.adapter_names import resolve_adapter_name
 from lcflow.serving.config import ServiceConfig
-from lcflow.serving.receiver import ReceiverEngine
+from lcflow.serving.loading import ReceiverEngine, SharerEngine
 from lcflow.serving.receiver import serve as serve_receiver
 from lcflow.serving.server import ServiceError
-from lcflow.serving.sharer import SharerEngine
 from lcflow.serving.sharer import serve as serve_sharer
 from lcflow.serving.telemetry import make_tracer_provider
 

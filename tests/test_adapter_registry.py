@@ -28,7 +28,7 @@ from lcflow.proto_gen.lcflow.v1 import lcflow_pb2_grpc as pb_grpc
 from lcflow.serving.adapter_names import identity_hash
 from lcflow.serving.config import ServiceConfig, add_service_flags, config_from_args
 from lcflow.serving.inspection import inspect_adapter, safetensors_parameters
-from lcflow.serving.receiver import ReceiverEngine
+from lcflow.serving.loading import ReceiverEngine
 from lcflow.serving.registry import AdapterRegistry
 from lcflow.serving.server import ServiceError
 

@@ -16,9 +16,8 @@ from lcflow.adapter import LatentAdapter
 from lcflow.bench.load import run_load
 from lcflow.core.kv import model_identity
 from lcflow.serving.config import ServiceConfig
-from lcflow.serving.receiver import ReceiverEngine
+from lcflow.serving.loading import ReceiverEngine, SharerEngine
 from lcflow.serving.receiver import serve as serve_receiver
-from lcflow.serving.sharer import SharerEngine
 from lcflow.serving.sharer import serve as serve_sharer
 from lcflow.serving.telemetry import make_tracer_provider
 

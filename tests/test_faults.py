@@ -248,7 +248,7 @@ def process_usage(pid: int) -> tuple[int, int]:
 
 def faulty_streams(services, tiny_pair, adapter_dir) -> list[list[pb.LatentMessage]]:
     """Streams the receiver must refuse: truncated, corrupted, out of order, bad header."""
-    from lcflow.serving.sharer import SharerEngine
+    from lcflow.serving.loading import SharerEngine
 
     (ms, ts), _ = tiny_pair
     valid = latent_stream(SharerEngine.from_loaded(ms, ts, str(adapter_dir)), CONTEXT, PROMPT)

@@ -389,7 +389,8 @@ def receiver_engine(request, tiny_pair, tmp_path_factory):
     from lcflow.adapter import LatentAdapter
     from lcflow.core.kv import model_identity
     from lcflow.serving.config import ServiceConfig
-    from lcflow.serving.receiver import ReceiverEngine, ReceiverService
+    from lcflow.serving.loading import ReceiverEngine
+    from lcflow.serving.receiver import ReceiverService
     from lcflow.serving.telemetry import make_tracer_provider
 
     (ms, ts), (mr, tr) = tiny_pair

@@ -116,9 +116,8 @@ def adapter_dir(tiny_pair, tmp_path_factory):
 def two_receivers_one_sharer(tiny_pair, adapter_dir, host="127.0.0.1", receiver=None, sharer=None):
     """Two receivers and a sharer whose --receiver lists both; yields (sharer target, [running
     receivers], [their ports], sharer service, span exporter)."""
-    from lcflow.serving.receiver import ReceiverEngine
+    from lcflow.serving.loading import ReceiverEngine, SharerEngine
     from lcflow.serving.receiver import serve as serve_receiver
-    from lcflow.serving.sharer import SharerEngine
     from lcflow.serving.sharer import serve as serve_sharer
 
     (ms, ts), (mr, tr) = tiny_pair
@@ -310,7 +309,7 @@ class Watched:
 def test_two_receiver_processes_one_killed_mid_run(tiny_dir, tmp_path):
     from lcflow.adapter import LatentAdapter
     from lcflow.core.kv import model_identity
-    from lcflow.serving.sharer import SharerEngine
+    from lcflow.serving.loading import SharerEngine
     from lcflow.serving.sharer import serve as serve_sharer
     from lcflow.testing.tiny import load_tiny
 

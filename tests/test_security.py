@@ -21,10 +21,9 @@ from lcflow.core.kv import model_identity
 from lcflow.proto_gen.lcflow.v1 import lcflow_pb2 as pb
 from lcflow.proto_gen.lcflow.v1 import lcflow_pb2_grpc as pb_grpc
 from lcflow.serving.config import ServiceConfig
-from lcflow.serving.receiver import ReceiverEngine
+from lcflow.serving.loading import ReceiverEngine, SharerEngine
 from lcflow.serving.receiver import serve as serve_receiver
 from lcflow.serving.security import CertificateFiles, ClientSecurity, SecurityConfigError, TokenFile
-from lcflow.serving.sharer import SharerEngine
 from lcflow.serving.sharer import serve as serve_sharer
 from lcflow.serving.telemetry import make_tracer_provider
 

@@ -1,11 +1,12 @@
 """The two services and what they share (entry points: `lcflow serve sharer|receiver`).
 
-- sharer.py: the sharer service: the client-facing Handoff RPC, sessions, the latent stream out.
+- sharer.py: the sharer service: the client-facing Handoff RPC and sessions.
+- latent_stream.py: the sharer's latent stream to the receiver, encoded layer by layer.
 - receiver.py: the receiver service: a latent stream in, decoded into its cache, generation out.
 - server.py: errors with gRPC statuses, building, running and stopping a server.
 - requests.py: checks of what a request asks for (texts, tokens, roles, mode, settings).
 - concurrency.py: the concurrency bound and its queue.
-- loading.py: the model and an adapter's half, checked against each other.
+- loading.py: the engine (one class for both roles): the model with its half of an adapter.
 - config.py: ServiceConfig, the one typed configuration, from flags and LCFLOW_* variables.
 - servicer.py: what both servicers share: the model loading in the background, ListAdapters.
 - registry.py: the adapters a service can use, chosen per request, loaded on first use.

@@ -20,24 +20,22 @@ import logging
 import socket
 import time
 from concurrent import futures
-from dataclasses import dataclass
-from pathlib import Path
 
 import grpc
 import torch
 from opentelemetry import context as otel_context
 
-from lcflow.adapter import LatentAdapter
-from lcflow.core.kv import ModelIdentity, identity_id, same_identity
+from lcflow.core.kv import identity_id, same_identity
 from lcflow.core.names import LATENT_MODES, SAME_CONTEXT_MODES
-from lcflow.handoff.pair import Latents, PreparedInput, Receiver, reader_contexts, text_contexts
+from lcflow.handoff.pair import Latents, PreparedInput, reader_contexts, text_contexts
 from lcflow.handoff.streaming import GenerationStream
 from lcflow.proto_gen.lcflow.v1 import lcflow_pb2 as pb
 from lcflow.proto_gen.lcflow.v1 import lcflow_pb2_grpc as pb_grpc
-from lcflow.serving.adapter_names import default_adapter_path
 from lcflow.serving.concurrency import ConcurrencyLimit, queue_span
 from lcflow.serving.config import ServiceConfig
-from lcflow.serving.loading import ServedC2C, load_adapter_half, load_model_for, require_adapter
+from lcflow.serving.loading import (
+    ReceiverEngine,
+)
 from lcflow.serving.readers import TextReaders, check_reader_request
 from lcflow.serving.registry import AdapterRegistry
 from lcflow.serving.requests import (
@@ -63,32 +61,6 @@ from lcflow.transport import (
 log = logging.getLogger(__name__)
 
 FLOAT_DTYPES = ("bfloat16", "float16", "float32")  # what a latent may travel as
-
-
-@dataclass
-class ReceiverEngine:
-    """The receiver model and, when serving latents, the adapter's decoder half."""
-
-    receiver: Receiver
-    identity: ModelIdentity
-    adapter: LatentAdapter | ServedC2C | None = None  # a C2C adapter's decoder is its C2CFuser
-    adapter_id: str = ""
-    adapter_path: Path | None = None  # the adapter's directory
-
-    @classmethod
-    def load(cls, config: ServiceConfig) -> ReceiverEngine:
-        adapter_dir = default_adapter_path(config.adapter, config.adapters)
-        return cls.from_loaded(*load_model_for(config), adapter_dir, name=config.model)
-
-    @classmethod
-    def from_loaded(cls, model, tokenizer, adapter_dir: str = "", name: str | None = None) -> ReceiverEngine:
-        identity, adapter, adapter_id = load_adapter_half(model, tokenizer, adapter_dir, "decoder", name)
-        decoder, config = (adapter.decoder, adapter.config) if adapter else (None, None)
-        path = Path(adapter_dir) if adapter_dir else None
-        return cls(Receiver(model, tokenizer, decoder, config), identity, adapter, adapter_id, path)
-
-    def require_adapter(self, mode: str) -> None:
-        require_adapter(self.adapter, mode, "receiver")
 
 
 class ReceiverService(ModelService, pb_grpc.ReceiverServicer):
@@ -230,7 +202,7 @@ class ReceiverService(ModelService, pb_grpc.ReceiverServicer):
                 engine.receiver.tokenizer,
                 engine.identity.name,
             )
-        return dataclasses.replace(engine, receiver=receiver)
+        return dataclasses.replace(engine, runner=receiver)
 
     @staticmethod
     def _expect_end(messages, after: str) -> None:

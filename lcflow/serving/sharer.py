@@ -16,29 +16,25 @@ import json
 import logging
 import threading
 import time
-from dataclasses import dataclass
-from pathlib import Path
 
 import grpc
 import torch
 from google.protobuf.timestamp_pb2 import Timestamp
-from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.instrumentation.grpc import client_interceptor
 from opentelemetry.instrumentation.grpc.grpcext import intercept_channel
 
-from lcflow.adapter import LatentAdapter
-from lcflow.core.kv import ModelIdentity, identity_id
 from lcflow.core.names import LATENT_MODES, SAME_CONTEXT_MODES
-from lcflow.handoff.pair import Sharer, SharerContext, receiver_view
+from lcflow.handoff.pair import SharerContext, receiver_view
 from lcflow.handoff.sessions import SessionNotFound, SessionStore, SessionTooLarge
 from lcflow.proto_gen.lcflow.v1 import lcflow_pb2 as pb
 from lcflow.proto_gen.lcflow.v1 import lcflow_pb2_grpc as pb_grpc
-from lcflow.serving.adapter_names import default_adapter_path, identity_hash
+from lcflow.serving.adapter_names import identity_hash
 from lcflow.serving.concurrency import ConcurrencyLimit, queue_span
 from lcflow.serving.config import ServiceConfig
 from lcflow.serving.inspection import AdapterInfo
-from lcflow.serving.loading import load_adapter_half, load_model_for, require_adapter
+from lcflow.serving.latent_stream import LatentStream
+from lcflow.serving.loading import SharerEngine
 from lcflow.serving.readers import check_reader_request
 from lcflow.serving.registry import AdapterRegistry, Choice
 from lcflow.serving.requests import (
@@ -61,12 +57,11 @@ from lcflow.serving.server import (
     status_on_error,
 )
 from lcflow.serving.servicer import ModelService
-from lcflow.transport import CodecConfig, LatentSender, PacketWriter, TensorSpec
+from lcflow.transport import CodecConfig
 from lcflow.transport.link import LinkMeter
 
 log = logging.getLogger(__name__)
 
-WIRE_DTYPE = torch.bfloat16  # latents travel as bf16: half of fp32, and zstd packs it better than fp16
 # How long the sharer trusts what the receiver said its model is (ListAdapters), when choosing an
 # adapter by mode among several; while the receiver cannot be asked, it asks again this soon.
 RECEIVER_MODEL_TTL_S, RECEIVER_MODEL_RETRY_S = 60.0, 5.0
@@ -78,32 +73,6 @@ RECEIVER_SERVICE_CONFIG = {
     "loadBalancingConfig": [{"round_robin": {}}],
     "healthCheckConfig": {"serviceName": RECEIVER_SERVICE},
 }
-
-
-@dataclass
-class SharerEngine:
-    """The sharer model and, for latent modes, the adapter's encoder half."""
-
-    sharer: Sharer
-    identity: ModelIdentity
-    adapter: LatentAdapter | None = None
-    adapter_id: str = ""
-    adapter_path: Path | None = None  # the adapter's directory
-
-    @classmethod
-    def load(cls, config: ServiceConfig) -> SharerEngine:
-        adapter_dir = default_adapter_path(config.adapter, config.adapters)
-        return cls.from_loaded(*load_model_for(config), adapter_dir, name=config.model)
-
-    @classmethod
-    def from_loaded(cls, model, tokenizer, adapter_dir: str = "", name: str | None = None) -> SharerEngine:
-        identity, adapter, adapter_id = load_adapter_half(model, tokenizer, adapter_dir, "encoder", name)
-        encoder, config = (adapter.encoder, adapter.config) if adapter else (None, None)
-        path = Path(adapter_dir) if adapter_dir else None
-        return cls(Sharer(model, tokenizer, encoder, config), identity, adapter, adapter_id, path)
-
-    def require_adapter(self, mode: str) -> None:
-        require_adapter(self.adapter, mode, "sharer")
 
 
 class SharerService(ModelService, pb_grpc.SharerServicer):
@@ -335,7 +304,7 @@ class SharerService(ModelService, pb_grpc.SharerServicer):
                 )
                 span.set_attribute("lcflow.text_channel", pb.TextChannel.Name(request.text_channel))
                 span.set_attribute("lcflow.message.chars", len(receiver_request.text_message))
-        stream = _LatentStream(
+        stream = LatentStream(
             self, engine, mode, receiver_request, shared, receiver_view(receiver_context, prompt)
         )
         stream.context_text = context_text
@@ -403,7 +372,7 @@ class SharerService(ModelService, pb_grpc.SharerServicer):
             quantization, name, why = allowed[-1], self.config.codec, why + f"--codec {self.config.codec}"
         return dataclasses.replace(self.codec, name=name, quantization=quantization), why
 
-    def _measure_link(self, stream: _LatentStream, window_ms: float) -> None:
+    def _measure_link(self, stream: LatentStream, window_ms: float) -> None:
         """Teach the link meter what this handoff's latents cost beyond encoding (the receiver's
         latent window less the sharer's encode time: packing, the link, unpacking) and in zstd."""
         stats = stream.wire_stats
@@ -488,145 +457,6 @@ class SharerService(ModelService, pb_grpc.SharerServicer):
             ),
         )
         return pb.HandoffEvent(summary=merged)
-
-
-class _StreamStopped(Exception):
-    """Raised inside a latent stream whose handoff has ended, instead of starting torch work."""
-
-
-class _LatentStream:
-    """The request side of one Receive call. gRPC pulls these messages from its own thread, so
-    each layer is encoded just before it is sent and the receiver unpacks while we encode."""
-
-    def __init__(self, service: SharerService, engine: SharerEngine, mode, request, shared, receiver_text):
-        self.service, self.engine, self.mode = service, engine, mode
-        self.request, self.shared, self.receiver_text = request, shared, receiver_text
-        self.parent = otel_context.get_current()  # spans made in gRPC's thread belong to this trace
-        self.encode_ms = self.pack_ms = 0.0
-        # () -> SharerContext: the context's prefill, when `shared` is not given (see _latents)
-        self.prefill = None
-        self.error: BaseException | None = None
-        self.done = threading.Event()
-        self._stopping = threading.Event()  # set by stop(): no further torch work is started
-        # Held while the latent generator runs (prefilling, encoding, packing), never across a
-        # yield; reentrant, for the torch work inside it (_torch_work).
-        self._busy = threading.RLock()
-        self._latent_messages = None  # the _latents generator, once started
-        self.context_text = ""  # for the log line (its size only, unless --log-content)
-        self.adapter_name = ""  # the adapter that encodes, for the summary and the trace
-        self.adapter_wire_name = ""  # the name passed on to the receiver (Choice.wire_name)
-        self.codec = service.codec  # the wire codec (SharerService._codec_for) and why it was chosen
-        self.codec_reason = ""
-        self.wire_stats = None  # the writer's counts once the latents went out (for the link meter)
-
-    def stop(self) -> None:
-        """Start no further prefill or encode, wait for the step running (if any) to finish, and
-        close the latent generator here: gRPC cannot interrupt it, may never resume it once the
-        call is over, and the handoff's slot, lease and trace (its sharer.stream span) must all
-        outlast it."""
-        self._stopping.set()
-        with self._busy:
-            if self._latent_messages is not None:
-                self._latent_messages.close()  # ends its span now, not whenever it is collected
-
-    @contextlib.contextmanager
-    def _torch_work(self):
-        """Hold the stream busy for one piece of torch work; _StreamStopped once the handoff stopped."""
-        with self._busy:
-            if self._stopping.is_set():
-                raise _StreamStopped  # the call is over: nobody reads what would be produced
-            with torch.inference_mode():
-                yield
-
-    def messages(self):
-        try:
-            yield pb.LatentMessage(request=self.request)
-            if self.mode in LATENT_MODES:
-                self._latent_messages = self._latents()
-                while True:
-                    with self._busy:  # one step of the generator: stop() waits for it, or closes it
-                        if self._stopping.is_set():
-                            raise _StreamStopped
-                        message = next(self._latent_messages, None)
-                    if message is None:
-                        break
-                    yield message
-        except _StreamStopped:
-            pass  # the handoff is over (stop()): end the stream quietly
-        except Exception as err:  # reported by Handoff; ending the stream makes the receiver stop
-            # (GeneratorExit is not caught: it means gRPC closed this stream, not that it failed)
-            log.exception("latent stream failed")
-            self.error = err
-        finally:
-            self.done.set()
-
-    def _latents(self):
-        engine, config = self.engine, self.engine.adapter.config
-        tracer = self.service.tracer
-        with tracer.start_as_current_span("sharer.stream", context=self.parent) as span:
-            if self.shared is None:  # after the request went out: the receiver prefills meanwhile
-                with self._torch_work():
-                    self.shared = self.prefill()
-            positions = None
-            if getattr(config, "packet", "") == "bridge":  # its rows are the receiver tokens of
-                begin = time.perf_counter()  # what is selected: select before the header
-                with self._torch_work():
-                    positions = engine.sharer.select(
-                        self.shared, self.receiver_text, self.request.prompt_text
-                    )
-                self.encode_ms += (time.perf_counter() - begin) * 1000
-            rows = engine.sharer.latent_rows(self.shared, positions)
-            # C2C sends the sharer's KV of the layers its fuser reads; the others, latents per receiver layer
-            wire_layers = config.packet_layers()
-            spec = {
-                "latent": TensorSpec(str(WIRE_DTYPE).removeprefix("torch."), (1, rows, config.packet_width()))
-            }
-            writer: LatentSender = PacketWriter(
-                mode=self.mode,
-                adapter_id=engine.adapter_id,
-                sharer_id=identity_id(engine.identity),
-                receiver_id=identity_id(config.receiver),
-                layer_specs={t: spec for t in wire_layers},
-                shared_specs={"token_spans": TensorSpec.of(self.shared.spans)}
-                if self.mode in SAME_CONTEXT_MODES
-                else None,
-                codec=self.codec,
-                # the receiver picks the same adapter by this name (resolved inside its --adapters)
-                meta={"adapter": self.adapter_wire_name} if self.adapter_wire_name else None,
-            )
-            yield writer.header()
-            if self.mode in SAME_CONTEXT_MODES:
-                yield from writer.shared({"token_spans": self.shared.spans})
-            layers = engine.sharer.encode_layers(
-                self.shared, self.receiver_text, question=self.request.prompt_text, positions=positions
-            )
-            while True:
-                begin = time.perf_counter()
-                with self._torch_work():
-                    item = next(layers, None)
-                    if item is None:
-                        break
-                    layer, latent = item
-                    # still on the model's device: a quantizing writer quantizes it there
-                    latent = latent.to(WIRE_DTYPE).contiguous()
-                self.encode_ms += (time.perf_counter() - begin) * 1000
-                yield from writer.layer(layer, {"latent": latent})
-            trailer = writer.trailer()
-            stats = self.wire_stats = writer.stats
-            self.pack_ms = stats.serialise_ms + stats.codec_ms
-            span.set_attribute("lcflow.codec", self.codec.name)
-            span.set_attribute("lcflow.codec_reason", self.codec_reason)
-            span.set_attribute("lcflow.adapter", self.adapter_name)
-            span.set_attribute("lcflow.layers", len(wire_layers))
-            span.set_attribute("lcflow.tokens.context", self.shared.input_ids.shape[1])
-            span.set_attribute("lcflow.bytes.raw", stats.bytes_raw)
-            span.set_attribute("lcflow.bytes.wire", stats.bytes_wire)
-            span.set_attribute("lcflow.compression_ratio", stats.bytes_raw / max(1, stats.bytes_wire))
-            span.set_attribute("lcflow.quantization", writer.quantizer.name)
-            span.set_attribute("lcflow.chunks", stats.chunks)
-            span.set_attribute("lcflow.encode_ms", self.encode_ms)
-            span.set_attribute("lcflow.pack_ms", self.pack_ms)
-        yield trailer  # last: the receiver may answer at once, and our timings must be final by then
 
 
 def serve(config: ServiceConfig, tracer_provider, engine: SharerEngine | None = None, on_load_error=None):
