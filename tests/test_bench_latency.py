@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import json
 
-from lcflow.bench.latency import LABEL, METHODS, STAGES, slope
+from lcflow.bench.latency import slope
+from lcflow.bench.latency_runs import LABEL, METHODS, STAGES
 from lcflow.cli import main
 from lcflow.testing.tiny import tiny_config
 

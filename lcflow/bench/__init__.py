@@ -1,6 +1,7 @@
 """Benchmarks behind `lcflow bench <name>`; each module exposes `register(subparsers)` like a command.
 
-- latency.py: time to first answer token of the text channels, LCF and LCF-X, stage by stage.
+- latency.py: time to first answer token of the text channels, LCF and LCF-X, stage by stage;
+  what it times (the model pair, the clock, each method's run) is latency_runs.py.
 - load.py: many handoffs at once against running services.
 - transport.py: MB/s of each stage of the latent transport, against raw gRPC loopback; its
   payloads and loopback server are transport_server.py, the timed stages transport_stages.py.
