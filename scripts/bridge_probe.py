@@ -33,7 +33,8 @@ from lcflow.adapter import LatentAdapter
 from lcflow.adapter.bridge import INPUT_LAYER, snap_to_vocabulary
 from lcflow.core.kv import prefill
 from lcflow.eval.metrics import contains_answer, exact_match, extract_answer
-from lcflow.handoff.pair import GenerationSettings, Latents, Receiver, Sharer, generate_text
+from lcflow.handoff.generation import GenerationSettings, generate_text
+from lcflow.handoff.pair import Latents, Receiver, Sharer
 from lcflow.packets.placement import finish_input, slot_layout
 from lcflow.provision.loading import load_model_and_tokenizer
 from lcflow.tasks import get_task, load_task_file, question_prompt

@@ -7,7 +7,8 @@ from lcflow.adapter import AdapterMismatchError, LatentAdapter
 from lcflow.core.kv import model_identity
 from lcflow.core.prompting import context_token_range, render_input, tokenize_context
 from lcflow.core.tokens import align_spans
-from lcflow.handoff.pair import GenerationSettings, Receiver, Sharer
+from lcflow.handoff.generation import GenerationSettings
+from lcflow.handoff.pair import Receiver, Sharer
 from lcflow.testing.tiny import load_tiny
 
 CONTEXT = "Mira Volkov lives in Oslo. Lior Senn plays the violin and owns a cat."

@@ -115,7 +115,7 @@ def test_bridge_handoff_through_the_services_gives_the_in_process_answer(fitted,
     of soft tokens (its rows declared in the header before encoding) and answers exactly as the
     same handoff in-process does (soft tokens rounded to bf16, as on the wire)."""
     from lcflow.client import HandoffClient
-    from lcflow.handoff.pair import GenerationSettings
+    from lcflow.handoff.generation import GenerationSettings
 
     directory, _ = fitted
     sharer, receiver = tiny_pair

@@ -13,7 +13,8 @@ from lcflow.adapter import LatentAdapter
 from lcflow.core.kv import RopeCodec, full_cache, model_identity, prefill
 from lcflow.core.layer_map import build_layer_map
 from lcflow.core.prompting import render_input, tokenize_context
-from lcflow.handoff.pair import GenerationSettings, Receiver, Sharer
+from lcflow.handoff.generation import GenerationSettings
+from lcflow.handoff.pair import Receiver, Sharer
 from lcflow.packets.alignment import KVAlignment, collect_stats, fit_alignment, held_out_r2
 from lcflow.packets.placement import finish_input, own_document_kv, slot_cache, slot_layout
 from lcflow.packets.selection import (

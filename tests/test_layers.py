@@ -118,3 +118,28 @@ def test_an_import_inside_a_function_says_why():
                         if "--help" not in lines[sub.lineno - 1]:
                             silent.append(f"{path.relative_to(PACKAGE.parent)}:{sub.lineno}")
     assert not silent, "move these to the top of their file, or say why not:\n" + "\n".join(silent)
+
+
+def test_every_lcflow_import_names_something_its_module_has():
+    """Imports inside functions run only when their function does: a name moved to another module
+    would fail there, at run time. Every `from lcflow.x import name` in the package resolves."""
+    import importlib
+
+    missing = []
+    for _, path in modules():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if (
+                isinstance(node, ast.ImportFrom)
+                and node.level == 0
+                and (node.module or "").startswith("lcflow.")
+            ):
+                module = importlib.import_module(node.module)
+                for alias in node.names:
+                    if not hasattr(module, alias.name):
+                        try:
+                            importlib.import_module(f"{node.module}.{alias.name}")
+                        except ImportError:
+                            missing.append(
+                                f"{path.relative_to(PACKAGE.parent)}:{node.lineno} {node.module}.{alias.name}"
+                            )
+    assert not missing, "imports of names their module does not have:\n" + "\n".join(missing)

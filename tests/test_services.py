@@ -18,7 +18,8 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from lcflow.adapter import LatentAdapter
 from lcflow.client import HandoffClient
 from lcflow.core.kv import identity_id, model_identity
-from lcflow.handoff.pair import GenerationSettings, Receiver, Sharer, receiver_view
+from lcflow.handoff.generation import GenerationSettings
+from lcflow.handoff.pair import Receiver, Sharer, receiver_view
 from lcflow.proto_gen.lcflow.v1 import lcflow_pb2 as pb
 from lcflow.proto_gen.lcflow.v1 import lcflow_pb2_grpc as pb_grpc
 from lcflow.serving.concurrency import ConcurrencyLimit
@@ -151,7 +152,8 @@ def test_text_channels_through_both_services(tiny_pair, tmp_path_factory, spans)
     """TEXT on each channel: the note, the context forwarded, and the sentences the span adapter
     selects forwarded; each answer is the in-process one, and bytes_wire is the text sent. A slot
     adapter has no sentences to forward: FAILED_PRECONDITION; an unknown channel: INVALID_ARGUMENT."""
-    from lcflow.handoff.pair import GenerationSettings, Receiver, Sharer, reader_contexts
+    from lcflow.handoff.generation import GenerationSettings
+    from lcflow.handoff.pair import Receiver, Sharer, reader_contexts
 
     (ms, ts), (mr, tr) = tiny_pair
     adapter_dir = make_adapter_dir(tiny_pair, tmp_path_factory, "lcfx", packet="spans")
@@ -201,7 +203,8 @@ def test_a_text_reader_reads_forwarded_text_on_the_receiver(tiny_pair, tmp_path_
     LoRA copy of its model) and answers as the reader does in-process; a reader is refused on
     latents or a note, for another channel, or when the name is not a reader."""
     from lcflow.adapter.reader import TextReader
-    from lcflow.handoff.pair import GenerationSettings, Receiver, Sharer, reader_contexts
+    from lcflow.handoff.generation import GenerationSettings
+    from lcflow.handoff.pair import Receiver, Sharer, reader_contexts
 
     (ms, ts), (mr, tr) = tiny_pair
     root = tmp_path_factory.mktemp("with-reader")

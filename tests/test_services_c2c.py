@@ -13,7 +13,8 @@ from helpers import latent_stream, running_services, set_shape, tiny_c2c_adapter
 
 from lcflow.adapter.c2c import C2CFuser, C2CSender
 from lcflow.client import HandoffClient
-from lcflow.handoff.pair import GenerationSettings, Latents, Receiver, Sharer
+from lcflow.handoff.generation import GenerationSettings
+from lcflow.handoff.pair import Latents, Receiver, Sharer
 from lcflow.proto_gen.lcflow.v1 import lcflow_pb2 as pb
 from lcflow.proto_gen.lcflow.v1 import lcflow_pb2_grpc as pb_grpc
 

@@ -16,7 +16,7 @@ import torch
 from lcflow.adapter import LatentAdapter
 from lcflow.core.kv import model_identity
 from lcflow.eval.harness import EvalModels, evaluate
-from lcflow.handoff.pair import GenerationSettings
+from lcflow.handoff.generation import GenerationSettings
 from lcflow.tasks import get_task
 
 pytestmark = pytest.mark.real_model

@@ -2,7 +2,8 @@ import threading
 
 import pytest
 
-from lcflow.handoff.pair import GenerationSettings, Receiver
+from lcflow.handoff.generation import GenerationSettings
+from lcflow.handoff.pair import Receiver
 from lcflow.handoff.streaming import GenerationStream
 from lcflow.testing.tiny import load_tiny
 

@@ -237,7 +237,7 @@ def test_eval_runs_every_text_channel_beside_lcfx_on_the_same_samples(
 
 
 def test_stop_strings_stop_each_row_on_its_own_text(tiny_pair):
-    from lcflow.handoff.pair import _StopOnStrings
+    from lcflow.handoff.generation import _StopOnStrings
 
     _, (_, tokenizer) = tiny_pair
     prompt = tokenizer("Where?", add_special_tokens=False).input_ids

@@ -41,7 +41,7 @@ def register(subparsers) -> None:
 def run(args) -> int:
     import torch  # here, not at the top: `lcflow --help` must not import torch
 
-    from lcflow.handoff.pair import GenerationSettings  # keeps --help fast
+    from lcflow.handoff.generation import GenerationSettings  # keeps --help fast
     from lcflow.packets.alignment import KVAlignment  # keeps --help fast
     from lcflow.provision.loading import load_model_and_tokenizer  # keeps --help fast
     from lcflow.research.oracles import (  # keeps --help fast

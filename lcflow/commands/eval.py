@@ -440,7 +440,7 @@ def run(args) -> int:
     import torch
 
     from lcflow.eval.harness import EvalModels, outcome_records, summarize  # keeps --help fast
-    from lcflow.handoff.pair import GenerationSettings  # keeps --help fast
+    from lcflow.handoff.generation import GenerationSettings  # keeps --help fast
 
     if args.sharer_sessions and not args.services:
         print(

@@ -39,14 +39,8 @@ from tqdm import tqdm
 from lcflow.core.names import LCFX_METHODS, METHODS, NOTE_METHODS, READER_METHODS, SAME_CONTEXT_ONLY
 from lcflow.eval.metrics import contains_answer, exact_match, extract_answer, mean_with_ci, token_f1
 from lcflow.handoff.c2c import c2c_prepare
-from lcflow.handoff.pair import (
-    GenerationSettings,
-    Receiver,
-    Sharer,
-    reader_contexts,
-    receiver_view,
-    text_contexts,
-)
+from lcflow.handoff.generation import GenerationSettings
+from lcflow.handoff.pair import Receiver, Sharer, reader_contexts, receiver_view, text_contexts
 from lcflow.tasks import QASample, format_question_prompt
 from lcflow.transport.quantize import Quantization
 from lcflow.transport.segments import TensorSpec

@@ -35,7 +35,8 @@ from lcflow.core.kv import CapturedKV, capture_kv, full_cache, prefill
 from lcflow.core.names import DEFAULT_RUNGS
 from lcflow.core.prompting import tokenize_context
 from lcflow.eval.metrics import contains_answer, exact_match, extract_answer, mean_with_ci, token_f1
-from lcflow.handoff.pair import GenerationSettings, PreparedInput, Receiver, generate_text
+from lcflow.handoff.generation import GenerationSettings, generate_text
+from lcflow.handoff.pair import PreparedInput, Receiver
 from lcflow.packets.alignment import KVAlignment
 from lcflow.packets.placement import document_cache, finish_input, slot_cache, slot_layout
 from lcflow.packets.selection import (

@@ -8,7 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 
-from lcflow.handoff.pair import GenerationSettings
+from lcflow.handoff.generation import GenerationSettings
 from lcflow.proto_gen.lcflow.v1 import lcflow_pb2 as pb
 from lcflow.serving.config import ServiceConfig
 from lcflow.serving.server import DEFAULT_MAX_NEW_TOKENS, MAX_NEW_TOKENS_LIMIT, invalid
