@@ -1,7 +1,7 @@
 """Latent Cache Flow: model-to-model communication through compressed KV caches.
 
 The package is laid out by layer, lowest first; a module imports only from its own package or
-from a lower layer (tests/test_layers.py checks every import, inside functions too):
+from a lower layer (tests/unit/test_layers.py checks every import, inside functions too):
 
     0  core        KV capture and RoPE, prompting, token alignment, layer maps, names, errors
        tasks       the QA task families and task files

@@ -82,7 +82,7 @@ PY
 # Evaluated on held-out samples with the wrong-packet control: n=200 on facts-cross, the unseen
 # ships-cross family and facts-twohop, n=100 on facts-cross-long (the text baseline's notes are
 # written 16 at a time: its accuracy is measured there, its latency in the n=60 run). The cards
-# come from n=60 evals, whose first answers tests/test_shipped_adapters.py replays. SmolLM2 -> Gemma3 has no span
+# come from n=60 evals, whose first answers tests/real_model/test_shipped_adapters.py replays. SmolLM2 -> Gemma3 has no span
 # adapter: its oracle ladder (docs/lcfx.md) shows the receiver cannot read the translated packet
 # (`lcflow align --pair smollm2-to-gemma3` fits it).
 build_spans() {
@@ -113,7 +113,7 @@ c = C.load(sys.argv[1]); c.selection = 'sentences-mean'; c.save(sys.argv[1])" "$
   mkdir -p "$small"
   cp "$RUNS/$pair-spans-distill"/{adapter_config.json,encoder.safetensors,decoder.safetensors,train_log.json,loss_curve.png} \
     "$RUNS/$pair-align"/{alignment.md,alignment_report.json} "$small/"
-  # The cards' evals (n=60, each answer recorded; tests/test_shipped_adapters.py replays the first) and the tuned adapter's diagnostics.
+  # The cards' evals (n=60, each answer recorded; tests/real_model/test_shipped_adapters.py replays the first) and the tuned adapter's diagnostics.
   lcflow eval --pair "$pair" --task facts-cross --n 60 --methods receiver,text,lcfx,lcfx-wrong \
     --adapter-lcfx "$full" --out "$RUNS/$pair-eval-cross-spans"
   lcflow eval --pair "$pair" --task facts-cross --n 60 --methods lcfx,lcfx-wrong --adapter-lcfx "$small" \

@@ -2,7 +2,7 @@
 # Record each shipped card's per-sample answers (model_card.json eval.answers) by re-running the
 # card's own eval, for cards written before answers were recorded (new cards get them from
 # lcflow.adapter.card --eval) or after a change of torch or CPU moves answers beyond the test's slack.
-# tests/test_shipped_adapters.py replays the first samples of each and compares answers.
+# tests/real_model/test_shipped_adapters.py replays the first samples of each and compares answers.
 #
 #   bash scripts/record_card_answers.sh                     every card without answers
 #   bash scripts/record_card_answers.sh adapters/X ...      these adapters (re-recorded)

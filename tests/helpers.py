@@ -3,47 +3,24 @@
 from __future__ import annotations
 
 import contextlib
-import re
-from dataclasses import dataclass
+import io
+import json
+import sys
+import zlib
+from pathlib import Path
 
+import grpc
+import pytest
 import torch
 
-from lcflow.handoff.pair import receiver_view
+from lcflow.adapter import LatentAdapter
+from lcflow.cli import main
+from lcflow.core.kv import model_identity
+from lcflow.handoff.generation import GenerationSettings
+from lcflow.handoff.pair import Receiver, Sharer, receiver_view
 from lcflow.proto_gen.lcflow.v1 import lcflow_pb2 as pb
-from lcflow.transport import CodecConfig, LatentPacket, packet_messages
-
-
-def latent_stream(engine, context: str, prompt: str, meta: dict | None = None) -> list[pb.LatentMessage]:
-    """A valid Receive stream made by a sharer engine, in its adapter's mode (LCF-X, LCF or C2C):
-    the request, then the packet in 64-byte chunks (many chunks, so tests can damage one); the
-    same-context modes send the context and the token spans too. `meta` goes into the header."""
-    from lcflow.core.kv import identity_id
-    from lcflow.core.names import SAME_CONTEXT_MODES
-    from lcflow.transport import MODE_TO_PROTO
-
-    mode = engine.adapter.config.mode
-    same_context = mode in SAME_CONTEXT_MODES
-    with torch.inference_mode():
-        shared = engine.sharer.prefill(context)
-        layers = dict(engine.sharer.encode_layers(shared, receiver_view("", prompt)))
-    packet = LatentPacket(
-        mode=mode,
-        adapter_id=engine.adapter_id,
-        sharer_id=identity_id(engine.identity),
-        receiver_id=identity_id(engine.adapter.config.receiver),
-        layers=list(layers),
-        tensors_per_layer={t: {"latent": z.to(torch.bfloat16).contiguous()} for t, z in layers.items()},
-        shared_tensors={"token_spans": shared.spans} if same_context else {},
-        meta=meta or {},
-    )
-    request = pb.ReceiverRequest(
-        prompt_text=prompt,
-        context_text=context if same_context else "",
-        mode=MODE_TO_PROTO[mode],
-        generation=pb.GenerationSettings(max_new_tokens=2),
-    )
-    return [pb.LatentMessage(request=request), *packet_messages(packet, CodecConfig(chunk_size=64))]
-
+from lcflow.tasks import get_task
+from lcflow.transport import LatentPacket, WireError, WireLimits, assemble
 
 # --- both services on loopback, in this process (tests of the clients and the examples) -------------
 
@@ -89,94 +66,6 @@ def tiny_c2c_adapter_dir(tiny_pair, directory, with_rope: bool = True) -> str:
     return str(fuser.save_pretrained(directory))
 
 
-@dataclass
-class Services:
-    sharer: str  # the sharer's address, HOST:PORT
-    sharer_service: object  # lcflow.serving.sharer.SharerService (its `sessions`, ...)
-    receiver_service: object
-    receiver: str = ""  # the receiver's address, HOST:PORT
-
-
-@contextlib.contextmanager
-def running_services(
-    tiny_pair, adapter_dir: str = "", spans=None, sharer: dict | None = None, receiver: dict | None = None
-):
-    """A receiver and a sharer on the `tiny_pair` models, on loopback ports, stopped on exit.
-    Without `adapter_dir` (the default adapter) only TEXT and NONE handoffs run, unless `sharer`
-    and `receiver` give `adapters`. `spans`: an exporter for both services' spans; `sharer`,
-    `receiver`: more ServiceConfig fields for each (TLS, a token, adapters, ...)."""
-    from lcflow.serving.config import ServiceConfig
-    from lcflow.serving.loading import ReceiverEngine, SharerEngine
-    from lcflow.serving.receiver import serve as serve_receiver
-    from lcflow.serving.sharer import serve as serve_sharer
-    from lcflow.serving.telemetry import make_tracer_provider
-
-    (ms, ts), (mr, tr) = tiny_pair
-    receiver_port, sharer_port = free_port(), free_port()
-    receiver_running, receiver_service = serve_receiver(
-        ServiceConfig("receiver", model="tiny", port=receiver_port, **(receiver or {})),
-        make_tracer_provider("lcflow-receiver", spans),
-        ReceiverEngine.from_loaded(mr, tr, str(adapter_dir)),
-    )
-    try:
-        sharer_running, sharer_service = serve_sharer(
-            ServiceConfig(
-                "sharer",
-                model="tiny",
-                port=sharer_port,
-                receiver=f"127.0.0.1:{receiver_port}",
-                **(sharer or {}),
-            ),
-            make_tracer_provider("lcflow-sharer", spans),
-            SharerEngine.from_loaded(ms, ts, str(adapter_dir)),
-        )
-        try:
-            yield Services(
-                f"127.0.0.1:{sharer_port}", sharer_service, receiver_service, f"127.0.0.1:{receiver_port}"
-            )
-        finally:
-            sharer_running.stop(1)
-    finally:
-        receiver_running.stop(1)
-
-
-def stop_processes(processes) -> None:
-    """SIGTERM every process still running, then wait for each (SIGKILL after 15 s)."""
-    import signal
-    import subprocess
-
-    for process in processes:
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-    for process in processes:
-        try:
-            process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=10)
-
-
-def mutual_tls_server_settings(directory, token: str) -> dict:
-    """A private CA, server and client certificates and a token file written to `directory`, and
-    the server settings (ServiceConfig fields) that require them."""
-    from lcflow.commands.certs import make_certs
-
-    make_certs(directory, ["localhost", "127.0.0.1"])
-    (directory / "token").write_text(token + "\n")
-    return {
-        "tls_cert": str(directory / "server.pem"),
-        "tls_key": str(directory / "server-key.pem"),
-        "tls_client_ca": str(directory / "ca.pem"),
-        "auth_token_file": str(directory / "token"),
-    }
-
-
-def trace_spans(exporter, trace_id: str) -> dict:
-    """The finished spans of one trace (hex id, as a summary gives it), by (service, span name)."""
-    finished = [s for s in exporter.get_finished_spans() if format(s.context.trace_id, "032x") == trace_id]
-    return {(s.resource.attributes["service.name"], s.name): s for s in finished}
-
-
 def same_model_alignment(model_and_tok, bottleneck: int, documents: int = 24):
     """A dense alignment of a tiny model with itself (near exact at full width, ridge 1e-6)."""
     from lcflow.core.layer_map import build_layer_map
@@ -209,44 +98,6 @@ def span_adapter(sharer, receiver, alignment, slots: int, selection: str = "sent
     return adapter.eval()
 
 
-def check_demo_output(out: str, questions: int, same: int = 0) -> None:
-    """What `lcflow demo` prints for its questions, wherever it runs (two local processes, or
-    `--sharer` against the compose services): each question with its expected answer; for each
-    cross-context one a NOTE, FORWARD, SELECTED and LCFX answer line, for each of `same`
-    same-context ones a NOTE and an LCF line, each with its trace id; and one summary line per
-    part and channel."""
-    parts = 1 + (same > 0)
-    assert out.count("question:") == questions + same and out.count("expected:") == questions + same, out
-    assert out.count("     NOTE: ") == questions + same + parts, out
-    for label in ("FORWARD", "SELECTED", "LCFX"):
-        assert out.count(f" {label}: ") == questions + 1, (label, out)
-    assert out.count("      LCF: ") == (same + 1 if same else 0), out
-    readers = out.count("   READER: ")  # the pair's text reader, where the services hold one
-    assert readers in (0, questions + 1), out
-    per_question = 4 + (readers > 0)
-    assert len(re.findall(r" trace [0-9a-f]{32}$", out, re.M)) == per_question * questions + 2 * same, out
-    assert "median time to first token" in out and "docs/results.md" in out, out
-    if not same:
-        assert "the same-context part is skipped" in out, out
-
-
-def console_spans(text: str) -> list[dict]:
-    """The spans the OpenTelemetry console exporter printed into a log (each a JSON object from a
-    line "{" to a line "}"), other lines skipped."""
-    import json
-
-    spans, lines = [], None
-    for line in text.splitlines():
-        if line == "{":
-            lines = []
-        if lines is not None:
-            lines.append(line)
-        if line == "}" and lines is not None:
-            spans.append(json.loads("\n".join(lines)))
-            lines = None
-    return spans
-
-
 def set_shape(header: pb.LatentHeader, segment: int, shape) -> None:
     """Change one tensor's declared shape and keep total_raw_bytes consistent with it, so that
     only the shape itself is wrong."""
@@ -259,3 +110,122 @@ def set_shape(header: pb.LatentHeader, segment: int, shape) -> None:
     header.total_raw_bytes = sum(
         ITEMSIZE[t.dtype] * math.prod(t.shape) for s in header.segments for t in s.tensors
     )
+
+
+# --- moved from the test modules that other test modules borrowed them from ---
+
+
+CONTEXT = "Mira Volkov lives in Oslo. Lior Senn plays the violin and owns a cat."
+
+
+PROMPT = "Where does Mira Volkov live?"
+
+
+RECEIVER_CONTEXT = "Ada Brook owns a turtle."
+
+
+def make_adapter_dir(tiny_pair, tmp_path_factory, mode, **options):
+    (ms, ts), (mr, tr) = tiny_pair
+    adapter = LatentAdapter.for_models(
+        mode, model_identity(ms, ts), model_identity(mr, tr), bottleneck=16, slots=4, **options
+    )
+    torch.manual_seed(3)
+    for name, p in adapter.named_parameters():  # make the latents matter to the answer
+        if name.endswith("up.weight") or name.startswith(("encoder.proj", "decoder.proj")):
+            torch.nn.init.normal_(p, std=0.3)
+    return adapter.save_pretrained(tmp_path_factory.mktemp(f"adapter-{mode}"))
+
+
+def bf16(latent: torch.Tensor) -> torch.Tensor:
+    """What the wire does to a latent without quantization."""
+    return latent.to(torch.bfloat16).float()
+
+
+def in_process_prepared(tiny_pair, adapter_dir, mode, on_the_wire=bf16):
+    """(receiver, its prepared input) for the handoff without the services, each latent passed
+    through `on_the_wire` (rounded to bf16 as on the wire, by default)."""
+    (ms, ts), (mr, tr) = tiny_pair
+    adapter = LatentAdapter.from_pretrained(adapter_dir)
+    sharer, receiver = (
+        Sharer(ms, ts, adapter.encoder, adapter.config),
+        Receiver(mr, tr, adapter.decoder, adapter.config),
+    )
+    with torch.inference_mode():
+        latents = sharer.encode(
+            sharer.prefill(CONTEXT), receiver_view(RECEIVER_CONTEXT, PROMPT), question=PROMPT
+        )
+        latents.layers = {t: on_the_wire(z) for t, z in latents.layers.items()}
+        prepared = receiver.prepare(mode, PROMPT, latents, context=CONTEXT, receiver_context=RECEIVER_CONTEXT)
+    return receiver, prepared
+
+
+def in_process_answer(tiny_pair, adapter_dir, mode, max_new_tokens, on_the_wire=bf16):
+    """The same handoff's answer without the services."""
+    receiver, prepared = in_process_prepared(tiny_pair, adapter_dir, mode, on_the_wire)
+    with torch.inference_mode():
+        return receiver.generate(prepared, GenerationSettings(max_new_tokens=max_new_tokens))
+
+
+def run_cli(argv: list[str]) -> tuple[int, str, str]:
+    """Run `lcflow ARGV` as the shell would (sys.argv set); returns (exit code, stdout, stderr)."""
+    out, err = io.StringIO(), io.StringIO()
+    saved = sys.argv
+    sys.argv = ["lcflow", *argv]
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            code = main(argv)
+    finally:
+        sys.argv = saved
+    return code, out.getvalue(), err.getvalue()
+
+
+def write_task_file(path: Path, count: int) -> Path:
+    samples = get_task("facts-cross").samples("train", count, seed=3)
+    path.write_text("".join(json.dumps(s.to_dict()) + "\n" for s in samples))
+    return path
+
+
+def make_packet(dtype=torch.bfloat16, tokens: int = 64, width: int = 16, layers=(0, 3, 5)) -> LatentPacket:
+    generator = torch.Generator().manual_seed(0)
+
+    def latent() -> torch.Tensor:
+        if dtype == torch.int32:
+            return torch.randint(-1000, 1000, (1, tokens, width), generator=generator, dtype=torch.int32)
+        return torch.randn(1, tokens, width, generator=generator).to(dtype)
+
+    return LatentPacket(
+        mode="lcf",
+        adapter_id="adapter-test",
+        sharer_id="sharer-test",
+        receiver_id="receiver-test",
+        layers=list(layers),
+        tensors_per_layer={layer: {"latent": latent()} for layer in layers},
+        shared_tensors={"token_spans": torch.arange(tokens * 2, dtype=torch.int32).view(tokens, 2)},
+        meta={"tokens": str(tokens)},
+    )
+
+
+def expect_error(messages, code: grpc.StatusCode, limits: WireLimits | None = None) -> WireError:
+    with pytest.raises(WireError) as caught:
+        assemble(messages, limits)
+    assert caught.value.code == code, caught.value.details
+    return caught.value
+
+
+def with_segment_payload(messages, payload: bytes) -> list[pb.LatentMessage]:
+    """The stream with the first chunk's payload replaced, every CRC recomputed (a lying sender)."""
+    first = chunk_indices(messages)[0]
+    assert messages[first].chunk.last_in_segment, "the test needs a segment sent as one chunk"
+    messages[first].chunk.payload = payload
+    messages[first].chunk.crc32 = zlib.crc32(payload)
+    payloads = [messages[i].chunk.payload for i in chunk_indices(messages)]
+    messages[-1].trailer.crc32 = zlib.crc32(b"".join(payloads))
+    messages[-1].trailer.total_wire_bytes = sum(len(p) for p in payloads)
+    return messages
+
+
+def chunk_indices(messages) -> list[int]:
+    return [i for i, m in enumerate(messages) if m.WhichOneof("message") == "chunk"]
+
+
+# --- a latent stream sent by hand to a running receiver (the service tests) ---

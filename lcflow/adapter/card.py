@@ -7,7 +7,7 @@
 
 The card records the pair, the training provenance (from adapter_config.json), the exact eval
 it was measured with (task, split, seed, n, max_new_tokens), the result with its 95% CI, and
-each sample's answer (`eval.answers`), so tests/test_shipped_adapters.py can replay some of
+each sample's answer (`eval.answers`), so tests/real_model/test_shipped_adapters.py can replay some of
 those samples and check the adapter gives the same answers. A card written before answers were
 recorded gets them from a fresh run of its eval, which must reproduce its EM:
 
@@ -152,7 +152,7 @@ def build_card(
         **eval_spec(results, method),
         "machine": meta.get("machine"),
         "latency": meta.get("latency", "in-process"),
-        "answers": card_answers(results, method),  # replayed in part by tests/test_shipped_adapters.py
+        "answers": card_answers(results, method),  # replayed in part by tests/real_model/test_shipped_adapters.py
     }
     results_by_method = {
         name: {k: row[k] for k in ("n", "em", "em_ci", "f1", "f1_ci")} for name, row in rows.items()

@@ -23,7 +23,7 @@ Error bound, per element: |x - x^| <= s / 2 (s as stored); with rotated groups i
 x per element, hence in norm for each group of x: ||x - x^|| <= s sqrt(g) / 2. Rounding to
 nearest is off by at most half a step, and clamping never bites: |x| / s <= Q (1 + e) < Q + 1/2
 for both scale dtypes. The receiver's cast to the declared dtype adds half an ulp of that dtype
-(bfloat16: 2^-9 |x^|). tests/test_quantized_codec.py asserts exactly this bound.
+(bfloat16: 2^-9 |x^|). tests/unit/test_quantized_codec.py asserts exactly this bound.
 
 Wire layout: the blob of a segment holds, in place of each float tensor NAME, its codes as
 NAME (int8 [..., n] or uint8 [..., n/2]) and its scales as NAME.scales ([..., n/g] in the

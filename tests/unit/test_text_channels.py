@@ -10,8 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import span_adapter
-from test_eval import run_cli
+from helpers import run_cli, span_adapter, write_task_file
 
 from lcflow.adapter import AdapterMismatchError
 from lcflow.adapter.reader import TextReader
@@ -136,7 +135,7 @@ def test_a_reader_copied_for_a_second_pair_says_so_and_reads_that_pairs_selectio
     _, (model, tokenizer) = tiny_pair
     source, target = tmp_path / "a-reader-selected", tmp_path / "b-reader-selected"
     TextReader.for_model(model, tokenizer, "forward-selected", rank=4).save_pretrained(source)
-    script = Path(__file__).resolve().parents[1] / "scripts" / "ship_reader.py"
+    script = Path(__file__).resolve().parents[2] / "scripts" / "ship_reader.py"
     argv = [sys.executable, str(script), "--copy", str(source), str(target), "--selection", "b-lcfx"]
     subprocess.run([*argv, "--why", "same budget"], check=True, capture_output=True)
     copy = TextReader.from_pretrained(target, model, tokenizer)
@@ -167,12 +166,6 @@ def test_forward_selected_needs_the_lcfx_adapter_whose_selection_it_forwards(tin
 
     with pytest.raises(ValueError, match="--init-adapter"):
         ReaderTrainer(reader_config(tmp_path / "r", steps=1), *tiny_pair)
-
-
-def write_task_file(path: Path, count: int) -> Path:
-    samples = get_task("facts-cross").samples("train", count, seed=3)
-    path.write_text("".join(json.dumps(s.to_dict()) + "\n" for s in samples))
-    return path
 
 
 def test_training_on_a_task_file_holds_out_and_records_a_validation_split(tiny_pair, tmp_path):

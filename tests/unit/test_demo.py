@@ -6,7 +6,7 @@ import sys
 
 import pytest
 import torch
-from helpers import check_demo_output
+from service_helpers import check_demo_output
 
 from lcflow import demo
 from lcflow.adapter import LatentAdapter

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import running_services, same_model_alignment, span_adapter
+from helpers import same_model_alignment, span_adapter
+from service_helpers import running_services
 
 from lcflow.adapter import LatentAdapter
 from lcflow.adapter.bridge import INPUT_LAYER, reader_config

@@ -34,7 +34,7 @@ from lcflow.testing.tiny import load_tiny
 
 pytestmark = pytest.mark.two_hosts
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 HEALTHCHECK = REPO / "docker" / "healthcheck.py"
 SHARER_ADDR, RECEIVER_ADDR = "10.213.7.1", "10.213.7.2"
 SHARER_PORT, RECEIVER_PORT = 50051, 50052

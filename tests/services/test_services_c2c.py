@@ -9,7 +9,8 @@ from __future__ import annotations
 import grpc
 import pytest
 import torch
-from helpers import latent_stream, running_services, set_shape, tiny_c2c_adapter_dir
+from helpers import set_shape, tiny_c2c_adapter_dir
+from service_helpers import latent_stream, running_services
 
 from lcflow.adapter.c2c import C2CFuser, C2CSender
 from lcflow.client import HandoffClient

@@ -14,8 +14,9 @@ import struct
 import grpc
 import pytest
 import torch
-from helpers import running_services, tiny_adapter_dir, tiny_c2c_adapter_dir
+from helpers import tiny_adapter_dir, tiny_c2c_adapter_dir
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from service_helpers import running_services
 
 from lcflow.adapter import LatentAdapter
 from lcflow.cli import main

@@ -19,7 +19,7 @@ from lcflow.core.errors import UsageError
 from lcflow.core.kv import model_identity
 from lcflow.serving.config import ServiceConfig
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture

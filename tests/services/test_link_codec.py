@@ -6,9 +6,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from helpers import trace_spans
-from test_services import CONTEXT, PROMPT, Pair
-from test_services import make_adapter_dir as services_adapter_dir
+from helpers import CONTEXT, PROMPT
+from helpers import make_adapter_dir as services_adapter_dir
+from service_helpers import Pair, trace_spans
 
 from lcflow.serving.config import ServiceConfig
 from lcflow.transport.link import EXPLORE_EVERY, PRIORS, PROBES, WINDOW, Compression, LinkMeter

@@ -9,6 +9,7 @@ import grpc
 import pytest
 import torch
 import zstandard
+from helpers import chunk_indices, expect_error, make_packet, with_segment_payload
 
 from lcflow.proto_gen.lcflow.v1 import lcflow_pb2 as pb
 from lcflow.transport import (
@@ -28,26 +29,6 @@ from lcflow.transport import (
 DTYPES = [torch.float16, torch.bfloat16, torch.float32, torch.int32]
 
 
-def make_packet(dtype=torch.bfloat16, tokens: int = 64, width: int = 16, layers=(0, 3, 5)) -> LatentPacket:
-    generator = torch.Generator().manual_seed(0)
-
-    def latent() -> torch.Tensor:
-        if dtype == torch.int32:
-            return torch.randint(-1000, 1000, (1, tokens, width), generator=generator, dtype=torch.int32)
-        return torch.randn(1, tokens, width, generator=generator).to(dtype)
-
-    return LatentPacket(
-        mode="lcf",
-        adapter_id="adapter-test",
-        sharer_id="sharer-test",
-        receiver_id="receiver-test",
-        layers=list(layers),
-        tensors_per_layer={layer: {"latent": latent()} for layer in layers},
-        shared_tensors={"token_spans": torch.arange(tokens * 2, dtype=torch.int32).view(tokens, 2)},
-        meta={"tokens": str(tokens)},
-    )
-
-
 def assert_same(a: LatentPacket, b: LatentPacket) -> None:
     assert (b.mode, b.adapter_id, b.sharer_id, b.receiver_id) == (
         a.mode,
@@ -61,17 +42,6 @@ def assert_same(a: LatentPacket, b: LatentPacket) -> None:
             got = b.tensors_per_layer[layer][name]
             assert got.dtype == tensor.dtype and torch.equal(got, tensor)
     assert torch.equal(b.shared_tensors["token_spans"], a.shared_tensors["token_spans"])
-
-
-def expect_error(messages, code: grpc.StatusCode, limits: WireLimits | None = None) -> WireError:
-    with pytest.raises(WireError) as caught:
-        assemble(messages, limits)
-    assert caught.value.code == code, caught.value.details
-    return caught.value
-
-
-def chunk_indices(messages) -> list[int]:
-    return [i for i, m in enumerate(messages) if m.WhichOneof("message") == "chunk"]
 
 
 # ---------------------------------------------------------------------------------------------- round trips
@@ -288,18 +258,6 @@ def test_zstd_bomb_is_refused_without_allocating_it(write_content_size):
     assert peak < 4 << 20, f"peak Python allocation {peak} bytes while refusing a 256 MiB bomb"
 
 
-def _with_segment_payload(messages, payload: bytes) -> list[pb.LatentMessage]:
-    """The stream with the first chunk's payload replaced, every CRC recomputed (a lying sender)."""
-    first = chunk_indices(messages)[0]
-    assert messages[first].chunk.last_in_segment, "the test needs a segment sent as one chunk"
-    messages[first].chunk.payload = payload
-    messages[first].chunk.crc32 = zlib.crc32(payload)
-    payloads = [messages[i].chunk.payload for i in chunk_indices(messages)]
-    messages[-1].trailer.crc32 = zlib.crc32(b"".join(payloads))
-    messages[-1].trailer.total_wire_bytes = sum(len(p) for p in payloads)
-    return messages
-
-
 def _first_segment_blob(messages) -> bytes:
     return zstandard.ZstdDecompressor().decompress(messages[chunk_indices(messages)[0]].chunk.payload)
 
@@ -309,7 +267,7 @@ def test_segment_of_two_zstd_frames_is_invalid_argument():
     messages = list(packet_messages(make_packet(tokens=8)))
     frame = messages[chunk_indices(messages)[0]].chunk.payload
     unchecked = zstandard.ZstdCompressor(write_checksum=False).compress(b"x" * 64)
-    err = expect_error(_with_segment_payload(messages, frame + unchecked), grpc.StatusCode.INVALID_ARGUMENT)
+    err = expect_error(with_segment_payload(messages, frame + unchecked), grpc.StatusCode.INVALID_ARGUMENT)
     assert "one frame" in err.details
 
 
@@ -318,7 +276,7 @@ def test_segment_frame_cut_short_is_data_loss(cut):
     # Cutting the 4-byte checksum leaves every content byte in place; it must still be refused.
     messages = list(packet_messages(make_packet(tokens=8)))
     frame = messages[chunk_indices(messages)[0]].chunk.payload
-    err = expect_error(_with_segment_payload(messages, frame[:-cut]), grpc.StatusCode.DATA_LOSS)
+    err = expect_error(with_segment_payload(messages, frame[:-cut]), grpc.StatusCode.DATA_LOSS)
     assert "truncated" in err.details
 
 
@@ -326,7 +284,7 @@ def test_zstd_frame_without_content_size_is_invalid_argument():
     messages = list(packet_messages(make_packet(tokens=8)))
     blob = _first_segment_blob(messages)
     frame = zstandard.ZstdCompressor(write_checksum=True, write_content_size=False).compress(blob)
-    err = expect_error(_with_segment_payload(messages, frame), grpc.StatusCode.INVALID_ARGUMENT)
+    err = expect_error(with_segment_payload(messages, frame), grpc.StatusCode.INVALID_ARGUMENT)
     assert "content size" in err.details
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from lcflow.tasks import load_task_file
 
-KVCOMM = Path(__file__).resolve().parents[1] / "lcflow" / "data" / "tasks" / "kvcomm"
+KVCOMM = Path(__file__).resolve().parents[2] / "lcflow" / "data" / "tasks" / "kvcomm"
 
 
 def load_converter():

@@ -116,7 +116,7 @@ def test_the_bench_offers_auto_what_the_shipped_cards_allow():
     from lcflow.bench.transport import CARD_CODECS
     from lcflow.serving.inspection import card_codecs
 
-    adapters = Path(__file__).resolve().parents[1] / "adapters"
+    adapters = Path(__file__).resolve().parents[2] / "adapters"
     shipped = {"lcf": "smollm2-to-gemma3-lcf", "lcfx": "gemma3-to-gemma3-lcfx"}
     assert {mode: card_codecs(adapters / name) for mode, name in shipped.items()} == CARD_CODECS
 

@@ -21,7 +21,7 @@ from lcflow.tasks import get_task
 
 pytestmark = pytest.mark.real_model
 
-ADAPTERS = Path(__file__).resolve().parents[1] / "adapters"
+ADAPTERS = Path(__file__).resolve().parents[2] / "adapters"
 CARDS = sorted(ADAPTERS.glob("*/model_card.json"))
 SHARER, RECEIVER = "smollm2-135m-instruct", "gemma3-270m"
 REPLAY_SAMPLES = 20  # of each card's eval, from the first
@@ -127,7 +127,7 @@ def test_real_pair_through_the_services(real_models, name, mode, task):
     """Both services in this process with the real models and a shipped adapter (the bridge's
     sharer loads the receiver's tokenizer by its name; C2C's receiver re-rotates SmolLM2's keys
     with the RoPE its config records), each beside TEXT."""
-    from helpers import running_services
+    from service_helpers import running_services
 
     from lcflow.client import HandoffClient
     from lcflow.tasks import question_prompt

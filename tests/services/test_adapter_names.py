@@ -9,21 +9,15 @@ import socket
 import grpc
 import pytest
 import torch
-from helpers import latent_stream
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from service_helpers import Pair as ServicePair
+from service_helpers import latent_stream
 
 from lcflow.adapter import LatentAdapter
-from lcflow.client import HandoffClient
 from lcflow.core.kv import model_identity
 from lcflow.proto_gen.lcflow.v1 import lcflow_pb2 as pb
-from lcflow.proto_gen.lcflow.v1 import lcflow_pb2_grpc as pb_grpc
 from lcflow.serving.adapter_names import resolve_adapter_name
-from lcflow.serving.config import ServiceConfig
-from lcflow.serving.loading import ReceiverEngine, SharerEngine
-from lcflow.serving.receiver import serve as serve_receiver
 from lcflow.serving.server import ServiceError
-from lcflow.serving.sharer import serve as serve_sharer
-from lcflow.serving.telemetry import make_tracer_provider
 
 CONTEXT = "Mira Volkov lives in Oslo. Lior Senn plays the violin."
 PROMPT = "Where does Mira Volkov live?"
@@ -57,26 +51,13 @@ def layout(tiny_pair, tmp_path_factory):
     return root
 
 
-class Pair:
+class Pair(ServicePair):
+    """Both services with a default adapter and an --adapters directory (the same on each)."""
+
     def __init__(self, tiny_pair, adapter: str, adapter_dir: str):
-        (ms, ts), (mr, tr) = tiny_pair
-        spans = InMemorySpanExporter()
-        self.receiver_port, self.sharer_port = free_port(), free_port()
-        common = {"model": "tiny", "adapter": adapter, "adapters": adapter_dir}
-        self.receiver_running, self.receiver_service = serve_receiver(
-            ServiceConfig("receiver", port=self.receiver_port, **common),
-            make_tracer_provider("lcflow-receiver", spans),
-            ReceiverEngine.from_loaded(mr, tr, adapter),
+        super().__init__(
+            tiny_pair, adapter, "", InMemorySpanExporter(), adapter=adapter, adapters=adapter_dir
         )
-        self.sharer_running, self.sharer_service = serve_sharer(
-            ServiceConfig(
-                "sharer", port=self.sharer_port, receiver=f"127.0.0.1:{self.receiver_port}", **common
-            ),
-            make_tracer_provider("lcflow-sharer", spans),
-            SharerEngine.from_loaded(ms, ts, adapter),
-        )
-        self.client = HandoffClient(f"127.0.0.1:{self.sharer_port}", timeout_s=30)
-        self.receiver_stub = pb_grpc.ReceiverStub(grpc.insecure_channel(f"127.0.0.1:{self.receiver_port}"))
 
     def status(self, adapter: str, mode: str):
         try:
@@ -86,10 +67,6 @@ class Pair:
         except grpc.RpcError as err:
             return err.code(), err.details()
         return grpc.StatusCode.OK, result.summary
-
-    def stop(self):
-        self.sharer_running.stop(1)
-        self.receiver_running.stop(1)
 
 
 @pytest.fixture(scope="module")

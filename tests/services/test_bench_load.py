@@ -11,15 +11,11 @@ import socket
 import pytest
 import torch
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from service_helpers import running_services
 
 from lcflow.adapter import LatentAdapter
 from lcflow.bench.load import run_load
 from lcflow.core.kv import model_identity
-from lcflow.serving.config import ServiceConfig
-from lcflow.serving.loading import ReceiverEngine, SharerEngine
-from lcflow.serving.receiver import serve as serve_receiver
-from lcflow.serving.sharer import serve as serve_sharer
-from lcflow.serving.telemetry import make_tracer_provider
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -39,21 +35,8 @@ def sharer_target(tiny_pair, tmp_path_factory):
     )
     torch.manual_seed(3)
     directory = str(adapter.save_pretrained(tmp_path_factory.mktemp("load-adapter")))
-    spans = InMemorySpanExporter()
-    receiver_port, sharer_port = free_port(), free_port()
-    receiver, _ = serve_receiver(
-        ServiceConfig("receiver", model="tiny", port=receiver_port),
-        make_tracer_provider("r", spans),
-        ReceiverEngine.from_loaded(mr, tr, directory),
-    )
-    sharer, _ = serve_sharer(
-        ServiceConfig("sharer", model="tiny", port=sharer_port, receiver=f"127.0.0.1:{receiver_port}"),
-        make_tracer_provider("s", spans),
-        SharerEngine.from_loaded(ms, ts, directory),
-    )
-    yield f"127.0.0.1:{sharer_port}"
-    sharer.stop(1)
-    receiver.stop(1)
+    with running_services(tiny_pair, directory, InMemorySpanExporter()) as services:
+        yield services.sharer
 
 
 def test_a_burst_of_12_at_max_concurrent_4_is_all_served(sharer_target):

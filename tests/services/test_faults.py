@@ -24,7 +24,7 @@ import grpc
 import pytest
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from helpers import latent_stream, stop_processes
+from service_helpers import latent_stream, stop_processes
 
 from lcflow.adapter import LatentAdapter
 from lcflow.bench.netns import two_hosts, why_netns_unavailable

@@ -23,9 +23,9 @@ import sys
 from pathlib import Path
 
 import pytest
-from helpers import check_demo_output, console_spans
+from service_helpers import check_demo_output, console_spans
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 DEMO = ROOT / "docker" / "demo.sh"
 QUESTIONS = 1  # enough for the checks: each costs a note, ~2-3 min on 2 busy CPU cores
 SERVICES = {"lcflow-demo", "lcflow-sharer", "lcflow-receiver"}

@@ -8,8 +8,7 @@ import json
 from pathlib import Path
 
 import pytest
-from test_eval import run_cli
-from test_text_channels import write_task_file
+from helpers import run_cli, write_task_file
 
 from lcflow.adapter import AdapterConfig, LatentAdapter
 from lcflow.adapter.reader import TextReader

@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import math
-import sys
 from types import SimpleNamespace
 
 import pytest
 import torch
+from helpers import run_cli
 
 from lcflow.adapter import LatentAdapter
 from lcflow.cli import main
@@ -41,19 +39,6 @@ def lcfx_dir(tiny_pair, tmp_path_factory):
         "lcfx", model_identity(ms, ts), model_identity(mr, tr), bottleneck=BOTTLENECK, slots=SLOTS
     )
     return adapter.save_pretrained(tmp_path_factory.mktemp("adapter") / "lcfx")
-
-
-def run_cli(argv: list[str]) -> tuple[int, str, str]:
-    """Run `lcflow ARGV` as the shell would (sys.argv set); returns (exit code, stdout, stderr)."""
-    out, err = io.StringIO(), io.StringIO()
-    saved = sys.argv
-    sys.argv = ["lcflow", *argv]
-    try:
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            code = main(argv)
-    finally:
-        sys.argv = saved
-    return code, out.getvalue(), err.getvalue()
 
 
 @pytest.fixture(scope="module")
@@ -230,7 +215,7 @@ def test_bad_flags_are_refused_before_loading(monkeypatch, tmp_path, argv, messa
 
 def test_services_time_the_methods_they_serve(tiny_pair, tiny_dir, lcfx_dir, tmp_path):
     from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
-    from test_services import Pair
+    from service_helpers import Pair
 
     pair = Pair(tiny_pair, lcfx_dir, "lcfx", InMemorySpanExporter())
     argv = ["eval", "--sharer", str(tiny_dir("llama", 300, 3)), "--receiver", str(tiny_dir("gemma3", 400, 2))]
@@ -265,8 +250,9 @@ def test_services_run_the_text_readers_as_in_process(tiny_pair, tiny_dir, tmp_pa
     """The +reader methods through the services: TEXT on the reader's channel with the reader named
     by its directory (served from the receiver's --adapters), answering as the reader does
     in-process, on the same samples."""
+    from helpers import make_adapter_dir
     from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
-    from test_services import Pair, make_adapter_dir
+    from service_helpers import Pair
 
     from lcflow.adapter.reader import TextReader
 

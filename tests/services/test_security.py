@@ -13,6 +13,7 @@ import pytest
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from service_helpers import start_services
 
 from lcflow.adapter import LatentAdapter
 from lcflow.client import HandoffClient
@@ -21,11 +22,7 @@ from lcflow.core.kv import model_identity
 from lcflow.proto_gen.lcflow.v1 import lcflow_pb2 as pb
 from lcflow.proto_gen.lcflow.v1 import lcflow_pb2_grpc as pb_grpc
 from lcflow.serving.config import ServiceConfig
-from lcflow.serving.loading import ReceiverEngine, SharerEngine
-from lcflow.serving.receiver import serve as serve_receiver
 from lcflow.serving.security import CertificateFiles, ClientSecurity, SecurityConfigError, TokenFile
-from lcflow.serving.sharer import serve as serve_sharer
-from lcflow.serving.telemetry import make_tracer_provider
 
 CONTEXT = "Mira Volkov lives in Oslo. Lior Senn plays the violin."
 PROMPT = "Where does Mira Volkov live?"
@@ -75,49 +72,11 @@ def adapter_dir(tiny_pair, tmp_path_factory):
     return adapter.save_pretrained(tmp_path_factory.mktemp("adapter-lcfx"))
 
 
-class SecurePair:
+def SecurePair(tiny_pair, adapter_dir, receiver: dict, sharer: dict):  # noqa: N802 (reads as the pair it starts)
     """Receiver + sharer with the given security settings on each (ServiceConfig fields)."""
-
-    def __init__(self, tiny_pair, adapter_dir, receiver: dict, sharer: dict):
-        (ms, ts), (mr, tr) = tiny_pair
-        spans = InMemorySpanExporter()
-        self.receiver_port, self.sharer_port = free_port(), free_port()
-        self.receiver_tracer = make_tracer_provider("lcflow-receiver", spans)
-        self.receiver_running, self.receiver_service = serve_receiver(
-            ServiceConfig("receiver", model="tiny", port=self.receiver_port, **receiver),
-            self.receiver_tracer,
-            ReceiverEngine.from_loaded(mr, tr, str(adapter_dir)),
-        )
-        self.sharer_running, self.sharer_service = serve_sharer(
-            ServiceConfig(
-                "sharer",
-                model="tiny",
-                port=self.sharer_port,
-                receiver=f"127.0.0.1:{self.receiver_port}",
-                **sharer,
-            ),
-            make_tracer_provider("lcflow-sharer", spans),
-            SharerEngine.from_loaded(ms, ts, str(adapter_dir)),
-        )
-
-    def restart_receiver(self) -> None:
-        """Stop the receiver and start it again on the same port, with the same settings."""
-        self.receiver_running.stop(1)
-        self.receiver_running, self.receiver_service = serve_receiver(
-            self.receiver_service.config, self.receiver_tracer, self.receiver_service.engine
-        )
-
-    @property
-    def sharer(self) -> str:
-        return f"127.0.0.1:{self.sharer_port}"
-
-    @property
-    def receiver(self) -> str:
-        return f"127.0.0.1:{self.receiver_port}"
-
-    def stop(self):
-        self.sharer_running.stop(1)
-        self.receiver_running.stop(1)
+    return start_services(
+        tiny_pair, str(adapter_dir), InMemorySpanExporter(), sharer=sharer, receiver=receiver
+    )
 
 
 def handoff_status(target: str, security: ClientSecurity | None = None, mode: str = "lcfx"):

@@ -8,8 +8,9 @@ import asyncio
 
 import grpc
 import pytest
-from helpers import mutual_tls_server_settings, running_services, tiny_adapter_dir, trace_spans
+from helpers import tiny_adapter_dir
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from service_helpers import mutual_tls_server_settings, running_services, trace_spans
 
 from lcflow.client import MODE_NAMES, AsyncHandoffClient, HandoffClient
 from lcflow.proto_gen.lcflow.v1 import lcflow_pb2 as pb

@@ -6,7 +6,7 @@ Each case must end cleanly: a LatentPacket, or WireError / ServiceError with a g
 never another exception; within a time bound (hypothesis' deadline); and without allocating
 past the limits (traced peak memory stays far below what a hostile size asks for).
 
-A bounded number of cases runs by default; `LCFLOW_FUZZ_EXAMPLES=20000 pytest tests/test_fuzz_receiver.py`
+A bounded number of cases runs by default; `LCFLOW_FUZZ_EXAMPLES=20000 pytest tests/services/test_fuzz_receiver.py`
 runs a longer campaign.
 """
 

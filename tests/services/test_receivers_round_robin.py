@@ -24,8 +24,9 @@ import grpc
 import pytest
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from helpers import free_port, mutual_tls_server_settings, stop_processes, tiny_adapter_dir
+from helpers import free_port, tiny_adapter_dir
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from service_helpers import mutual_tls_server_settings, stop_processes
 
 from lcflow.client import HandoffClient
 from lcflow.serving.config import ServiceConfig, add_service_flags, config_from_args, parse_receivers

@@ -9,11 +9,19 @@ import tracemalloc
 import grpc
 import pytest
 import torch
-from helpers import trace_spans
-from test_services import CONTEXT, PROMPT, RECEIVER_CONTEXT, Pair, in_process_answer, in_process_prepared
-from test_services import bf16 as bf16_on_the_wire
-from test_services import make_adapter_dir as services_adapter_dir
-from test_wire import _with_segment_payload, expect_error, make_packet
+from helpers import (
+    CONTEXT,
+    PROMPT,
+    RECEIVER_CONTEXT,
+    expect_error,
+    in_process_answer,
+    in_process_prepared,
+    make_packet,
+    with_segment_payload,
+)
+from helpers import bf16 as bf16_on_the_wire
+from helpers import make_adapter_dir as services_adapter_dir
+from service_helpers import Pair, trace_spans
 
 import lcflow.transport.assembler as assembler_module  # its version check reads this module's set
 from lcflow.proto_gen.lcflow.v1 import lcflow_pb2 as pb
@@ -352,7 +360,7 @@ def test_a_blob_whose_scales_disagree_with_the_header_is_invalid_argument():
     lying = serialise_segment(
         {"latent": codes, "latent.scales": scales.reshape(1, 1, 48)}, codec.byte_shuffle
     )
-    err = expect_error(_with_segment_payload(messages, bytes(lying)), grpc.StatusCode.INVALID_ARGUMENT)
+    err = expect_error(with_segment_payload(messages, bytes(lying)), grpc.StatusCode.INVALID_ARGUMENT)
     assert "latent.scales" in err.details
 
 
@@ -502,7 +510,7 @@ def test_a_card_chooses_its_codec_only_from_evals_of_the_same_samples(tmp_path):
 
     adapter = tmp_path / "adapter"
     adapter.mkdir()
-    shutil.copy(Path(__file__).parents[1] / "adapters" / "gemma3-to-gemma3-lcfx" / CARD_JSON, adapter)
+    shutil.copy(Path(__file__).parents[2] / "adapters" / "gemma3-to-gemma3-lcfx" / CARD_JSON, adapter)
     meta = {"task": "facts-cross", "split": "test", "seed": 0, "max_new_tokens": 12}
 
     def results(name: str, em: float, **changed) -> Path:
