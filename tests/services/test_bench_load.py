@@ -9,13 +9,11 @@ import os
 import socket
 
 import pytest
-import torch
+from helpers import tiny_adapter_dir
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from service_helpers import running_services
 
-from lcflow.adapter import LatentAdapter
 from lcflow.bench.load import run_load
-from lcflow.core.kv import model_identity
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -29,12 +27,7 @@ def free_port() -> int:
 @pytest.fixture(scope="module")
 def sharer_target(tiny_pair, tmp_path_factory):
     """Both services with the default limits (4 at once, 8 queued), LCF-X."""
-    (ms, ts), (mr, tr) = tiny_pair
-    adapter = LatentAdapter.for_models(
-        "lcfx", model_identity(ms, ts), model_identity(mr, tr), bottleneck=16, slots=4
-    )
-    torch.manual_seed(3)
-    directory = str(adapter.save_pretrained(tmp_path_factory.mktemp("load-adapter")))
+    directory = tiny_adapter_dir(tiny_pair, tmp_path_factory.mktemp("load-adapter"))
     with running_services(tiny_pair, directory, InMemorySpanExporter()) as services:
         yield services.sharer
 

@@ -10,15 +10,13 @@ import stat
 
 import grpc
 import pytest
-import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from helpers import tiny_adapter_dir
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from service_helpers import start_services
 
-from lcflow.adapter import LatentAdapter
 from lcflow.client import HandoffClient
 from lcflow.commands.certs import make_certs
-from lcflow.core.kv import model_identity
 from lcflow.proto_gen.lcflow.v1 import lcflow_pb2 as pb
 from lcflow.proto_gen.lcflow.v1 import lcflow_pb2_grpc as pb_grpc
 from lcflow.serving.config import ServiceConfig
@@ -64,12 +62,7 @@ def tokens(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def adapter_dir(tiny_pair, tmp_path_factory):
-    (ms, ts), (mr, tr) = tiny_pair
-    adapter = LatentAdapter.for_models(
-        "lcfx", model_identity(ms, ts), model_identity(mr, tr), bottleneck=16, slots=4
-    )
-    torch.manual_seed(3)
-    return adapter.save_pretrained(tmp_path_factory.mktemp("adapter-lcfx"))
+    return tiny_adapter_dir(tiny_pair, tmp_path_factory.mktemp("adapter-lcfx"))
 
 
 def SecurePair(tiny_pair, adapter_dir, receiver: dict, sharer: dict):  # noqa: N802 (reads as the pair it starts)
