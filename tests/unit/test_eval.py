@@ -12,7 +12,6 @@ from helpers import run_cli
 from lcflow.adapter import LatentAdapter
 from lcflow.cli import main
 from lcflow.commands import eval as eval_cmd
-from lcflow.core.kv import model_identity
 from lcflow.handoff.pair import Sharer
 
 SLOTS, BOTTLENECK = 4, 16
@@ -27,16 +26,6 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def lcfx_dir(tiny_pair, tmp_path_factory):
-    """An untrained LCF-X adapter for the tiny pair, saved as a directory."""
-    (ms, ts), (mr, tr) = tiny_pair
-    adapter = LatentAdapter.for_models(
-        "lcfx", model_identity(ms, ts), model_identity(mr, tr), bottleneck=BOTTLENECK, slots=SLOTS
-    )
-    return adapter.save_pretrained(tmp_path_factory.mktemp("adapter") / "lcfx")
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,5 @@
-"""lcflow.eval.report: the tables, paired differences, plots and model cards an eval writes."""
+"""What `lcflow eval` writes and decides around its runs: the report (tables, paired differences,
+plots), model cards from its results, default adapter directories, batched notes."""
 
 from __future__ import annotations
 
