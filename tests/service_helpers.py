@@ -61,6 +61,14 @@ class Services:
     servers: list = field(default_factory=list)  # the running servers: sharer, receiver
     receiver_tracer: object = None
 
+    @property
+    def sharer_running(self):
+        return self.servers[0]
+
+    @property
+    def receiver_running(self):
+        return self.servers[1]
+
     def stop(self, grace_s: float = 1) -> None:
         for server in self.servers:
             server.stop(grace_s)
@@ -155,6 +163,14 @@ class Pair:
         self.client = HandoffClient(self.running.sharer, make_tracer_provider("client", spans), timeout_s=60)
         self.receiver_stub = pb_grpc.ReceiverStub(grpc.insecure_channel(self.running.receiver))
         self.sharer_stub = pb_grpc.SharerStub(grpc.insecure_channel(self.running.sharer))
+
+    @property
+    def sharer_running(self):
+        return self.running.sharer_running
+
+    @property
+    def receiver_running(self):
+        return self.running.receiver_running
 
     def stop(self):
         self.running.stop()
