@@ -152,7 +152,8 @@ def build_card(
         **eval_spec(results, method),
         "machine": meta.get("machine"),
         "latency": meta.get("latency", "in-process"),
-        "answers": card_answers(results, method),  # replayed in part by tests/real_model/test_shipped_adapters.py
+        # replayed in part by tests/real_model/test_shipped_adapters.py
+        "answers": card_answers(results, method),
     }
     results_by_method = {
         name: {k: row[k] for k in ("n", "em", "em_ci", "f1", "f1_ci")} for name, row in rows.items()

@@ -9,7 +9,7 @@ import contextlib
 import logging
 import threading
 import time
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import torch
 from opentelemetry import context as otel_context
@@ -18,15 +18,19 @@ from lcflow.core.kv import identity_id
 from lcflow.core.names import LATENT_MODES, SAME_CONTEXT_MODES
 from lcflow.proto_gen.lcflow.v1 import lcflow_pb2 as pb
 from lcflow.serving.loading import SharerEngine
-from lcflow.transport import LatentSender, PacketWriter, TensorSpec
-
-if TYPE_CHECKING:  # the service that starts a stream; it imports this module
-    from lcflow.serving.sharer import SharerService
+from lcflow.transport import CodecConfig, LatentSender, PacketWriter, TensorSpec
 
 log = logging.getLogger(__name__)
 
 
 WIRE_DTYPE = torch.bfloat16  # latents travel as bf16: half of fp32, and zstd packs it better than fp16
+
+
+class StreamOwner(Protocol):
+    """What a latent stream reads of the sharer service that starts it (lcflow.serving.sharer)."""
+
+    codec: CodecConfig  # the service's default wire codec
+    tracer: object  # its OpenTelemetry tracer
 
 
 class _StreamStopped(Exception):
@@ -37,7 +41,7 @@ class LatentStream:
     """The request side of one Receive call. gRPC pulls these messages from its own thread, so
     each layer is encoded just before it is sent and the receiver unpacks while we encode."""
 
-    def __init__(self, service: SharerService, engine: SharerEngine, mode, request, shared, receiver_text):
+    def __init__(self, service: StreamOwner, engine: SharerEngine, mode, request, shared, receiver_text):
         self.service, self.engine, self.mode = service, engine, mode
         self.request, self.shared, self.receiver_text = request, shared, receiver_text
         self.parent = otel_context.get_current()  # spans made in gRPC's thread belong to this trace

@@ -143,3 +143,33 @@ def test_every_lcflow_import_names_something_its_module_has():
                                 f"{path.relative_to(PACKAGE.parent)}:{node.lineno} {node.module}.{alias.name}"
                             )
     assert not missing, "imports of names their module does not have:\n" + "\n".join(missing)
+
+
+def test_no_two_modules_import_each_other_in_a_circle():
+    """Module-level imports (type-checking ones too) form no circle, inside a layer either."""
+    graph: dict[str, set[str]] = {}
+    for _, path in modules():
+        name = ".".join(path.relative_to(PACKAGE.parent).with_suffix("").parts).removesuffix(".__init__")
+        targets = set()
+        for node in ast.parse(path.read_text()).body:
+            statements = node.body if isinstance(node, ast.If) else [node]
+            for statement in statements:
+                if isinstance(statement, ast.ImportFrom) and (statement.module or "").startswith("lcflow."):
+                    targets.add(statement.module)
+        graph[name] = targets
+    state: dict[str, int] = {}  # 1 = on the current path, 2 = done
+
+    def visit(module: str, path: list[str]) -> list[str] | None:
+        state[module] = 1
+        for target in sorted(graph.get(module, ())):
+            if state.get(target) == 1:
+                return [*path, module, target]
+            if target in graph and target not in state and (found := visit(target, [*path, module])):
+                return found
+        state[module] = 2
+        return None
+
+    for module in sorted(graph):
+        if module not in state:
+            circle = visit(module, [])
+            assert circle is None, "an import circle: " + " -> ".join(circle)
