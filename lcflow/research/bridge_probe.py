@@ -15,7 +15,7 @@ retrieval heads) on held-out test samples, greedy, 8 new tokens:
                  on the receiver's side: what is left of `soft`'s loss once the receiver snaps
 
     lcflow bridge --sharer smollm2-135m-instruct --reader adapters/gemma3-to-gemma3-lcfx --out DIR
-    python scripts/bridge_probe.py --adapter DIR [--n 60] [--task facts-cross | --task-file F.jsonl]
+    python -m lcflow.research.bridge_probe --adapter DIR [--n 60] [--task facts-cross | --task-file F.jsonl]
         [--rungs own-emb,soft]
 
 (The ridge-only translator of docs/lcfx.md's "soft tokens" rung is `lcflow bridge --steps 0`.)

@@ -7,7 +7,7 @@ of the selected sentences) fine-tuned on single-hop questions (tuned). Fine-tuni
 answer with a word from the packet, which fails when the answer is in the receiver's own
 document (two hops, docs/lcfx.md section 6); interpolating keeps part of the base's reading.
 
-    python scripts/interpolate_adapters.py adapters/gemma3-to-gemma3-lcfx \\
+    python -m lcflow.research.interpolate_adapters adapters/gemma3-to-gemma3-lcfx \\
         runs/build/gemma3-to-gemma3-lcfx-spans --alpha 0.5 --out runs/wise-0.5
 
 The config (selection, heads, ...) is the tuned adapter's; `training` records the recipe.

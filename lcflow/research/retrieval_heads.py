@@ -9,7 +9,7 @@ few heads that copy from where the asked fact sits. This probe scores every head
 attention cover the answer? It then averages the best K heads and measures answer recall on
 held-out samples (facts-cross test, the long variant, and the unseen ships family).
 
-    python scripts/retrieval_heads_probe.py --model smollm2-135m-instruct [--train 150] [--n 100]
+    python -m lcflow.research.retrieval_heads --model smollm2-135m-instruct [--train 150] [--n 100]
 """
 
 from __future__ import annotations
