@@ -69,7 +69,7 @@ def add_codec(adapter_dir: Path, method: str, evals: dict[str, Path]) -> dict:
         **meta,
     }
     path.write_text(json.dumps(card, indent=2) + "\n")
-    (adapter_dir / "README.md").write_text(render_markdown(card))
+    (adapter_dir / "README.md").write_text(render_markdown(card, adapter_dir))
     return card["codec"]
 
 
@@ -163,12 +163,8 @@ def build_card(
         return {
             "adapter": adapter_dir.name,
             "mode": reader["mode"],
-            "channel": reader["channel"],
-            "sharer": meta["models"]["sharer"],
+            "sharer": meta["models"]["sharer"],  # the pair it was evaluated with
             "receiver": reader["receiver"]["name"],
-            "selection_adapter": reader.get("selection_adapter") or None,
-            "lora": {k: reader[k] for k in ("rank", "alpha", "target_modules")},
-            "training": reader.get("training", {}),
             "build_command": command,
             "eval": evaluated,
             "results": results_by_method,
@@ -179,20 +175,6 @@ def build_card(
         "mode": config["mode"],
         "sharer": config["sharer"]["name"],
         "receiver": config["receiver"]["name"],
-        "bottleneck": config["bottleneck"],
-        "slots": config["slots"] if config["mode"] == "lcfx" else None,
-        # span and bridge packets: which positions travel (lcflow.adapter.spans, .bridge)
-        "packet": config.get("packet") if config["mode"] == "lcfx" else None,
-        "selection": config.get("selection") if config.get("packet") in ("spans", "bridge") else None,
-        "selection_heads": config.get("selection_heads") or None,
-        # bridge packets: how the text is cut into receiver tokens, and the packet's most rows
-        "bridge_tokens": config.get("bridge_tokens", "whole") if config.get("packet") == "bridge" else None,
-        "bridge_rows": (config.get("bridge_rows") or config["slots"])
-        if config.get("packet") == "bridge"
-        else None,
-        "bridge_snap": config.get("bridge_snap", False) if config.get("packet") == "bridge" else None,
-        "retained_layers": config["retained_layers"],
-        "training": config.get("training", {}),
         "build_command": command,
         "eval": evaluated,
         "results": results_by_method,
@@ -287,7 +269,41 @@ def _evaluation_lines(card: dict) -> list[str]:
     return lines
 
 
-def render_markdown(card: dict) -> str:
+def config_view(adapter_dir: Path) -> dict:
+    """What a card shows of the adapter's own files (its architecture, its training), read from
+    them when the card is rendered: the card holds provenance and results only, never a copy of the
+    config that could go stale."""
+    if (adapter_dir / READER_CONFIG).is_file():
+        reader = json.loads((adapter_dir / READER_CONFIG).read_text())
+        return {
+            "channel": reader["channel"],
+            "selection_adapter": reader.get("selection_adapter") or None,
+            "lora": {k: reader[k] for k in ("rank", "alpha", "target_modules")},
+            "training": reader.get("training", {}),
+        }
+    config = json.loads((adapter_dir / "adapter_config.json").read_text())
+    packet = config.get("packet") if config["mode"] == "lcfx" else None
+    bridge = packet == "bridge"
+    return {
+        "bottleneck": config["bottleneck"],
+        "slots": config["slots"] if config["mode"] == "lcfx" else None,
+        # span and bridge packets: which positions travel (lcflow.adapter.spans, .bridge)
+        "packet": packet,
+        "selection": config.get("selection") if packet in ("spans", "bridge") else None,
+        "selection_heads": config.get("selection_heads") or None,
+        # bridge packets: how the text is cut into receiver tokens, and the packet's most rows
+        "bridge_tokens": config.get("bridge_tokens", "whole") if bridge else None,
+        "bridge_rows": (config.get("bridge_rows") or config["slots"]) if bridge else None,
+        "bridge_snap": config.get("bridge_snap", False) if bridge else None,
+        "retained_layers": config["retained_layers"],
+        "training": config.get("training", {}),
+    }
+
+
+def render_markdown(card: dict, adapter_dir: Path | None = None) -> str:
+    """The card's README.md; with `adapter_dir`, what it shows of the config is read from there."""
+    if adapter_dir is not None:
+        card = {**config_view(Path(adapter_dir)), **card}
     training = card["training"]
     if card["mode"] == "text-reader":
         return "\n".join(_reader_header(card) + _evaluation_lines(card)) + "\n"
@@ -351,7 +367,7 @@ def write_card(
     diagnostics = json.loads(diagnostics_path.read_text()) if diagnostics_path else None
     card = build_card(adapter_dir, json.loads(results_path.read_text()), method, command, diagnostics)
     (adapter_dir / CARD_JSON).write_text(json.dumps(card, indent=2) + "\n")
-    (adapter_dir / "README.md").write_text(render_markdown(card))
+    (adapter_dir / "README.md").write_text(render_markdown(card, adapter_dir))
     return card
 
 

@@ -60,8 +60,11 @@ def card_adapters(card: dict, pair) -> dict:
     if card["mode"] != "text-reader":
         return {method: load_adapter(name, pair, card["sharer"], card["receiver"])}
     adapters = {method: TextReader.from_pretrained(ADAPTERS / name, *pair[1], name=card["receiver"])}
-    if card.get("selection_adapter"):
-        selection = Path(card["selection_adapter"]).name
+    selection_adapter = json.loads((ADAPTERS / name / "reader_config.json").read_text()).get(
+        "selection_adapter"
+    )
+    if selection_adapter:  # the card holds no copy of the reader's config: read it
+        selection = Path(selection_adapter).name
         adapters["lcfx"] = load_adapter(selection, pair, card["sharer"], card["receiver"])
     return adapters
 

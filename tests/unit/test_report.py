@@ -175,6 +175,27 @@ def test_model_card_renders_packet_diagnostics(lcfx_dir, tmp_path):
     )
 
 
+def test_a_card_holds_provenance_and_results_and_reads_the_config_it_shows(lcfx_dir, tmp_path):
+    """No copy of adapter_config.json in model_card.json: the README shows what the config says
+    now, so a card cannot go stale when the config changes (e.g. `lcflow heads --write`)."""
+    import shutil
+
+    from lcflow.adapter.card import render_markdown, write_card
+
+    adapter = tmp_path / "adapter"
+    shutil.copytree(lcfx_dir, adapter)
+    row = {"method": "lcfx", "n": 4, "em": 0.5, "em_ci": [0.0, 1.0], "f1": 0.5, "f1_ci": [0.0, 1.0]}
+    meta = {"task": "facts-cross", "split": "test", "seed": 0, "max_new_tokens": 8}
+    (tmp_path / "results.json").write_text(json.dumps({"meta": meta, "summary": [row]}))
+    card = write_card(adapter, tmp_path / "results.json", "lcfx", "cmd")
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    assert set(card) & {"bottleneck", "slots", "retained_layers", "training", "selection"} == set()
+    assert f"bottleneck b={config['bottleneck']}" in (adapter / "README.md").read_text()
+    config["bottleneck"] = 7
+    (adapter / "adapter_config.json").write_text(json.dumps(config))
+    assert "bottleneck b=7" in render_markdown(card, adapter)
+
+
 def test_card_records_each_answer_and_takes_them_only_from_a_run_that_reproduces_it(lcfx_dir, tmp_path):
     from lcflow.adapter.card import add_answers, write_card
 
