@@ -167,7 +167,9 @@ def test_a_card_chooses_its_codec_only_from_evals_of_the_same_samples(tmp_path):
 
     adapter = tmp_path / "adapter"
     adapter.mkdir()
-    shutil.copy(Path(__file__).parents[2] / "adapters" / "gemma3-to-gemma3-lcfx" / CARD_JSON, adapter)
+    shipped = Path(__file__).parents[2] / "adapters" / "gemma3-to-gemma3-lcfx"
+    for name in (CARD_JSON, "adapter_config.json"):  # the card's README shows what the config says
+        shutil.copy(shipped / name, adapter)
     meta = {"task": "facts-cross", "split": "test", "seed": 0, "max_new_tokens": 12}
 
     def results(name: str, em: float, **changed) -> Path:
