@@ -335,6 +335,33 @@ class CrossContextFacts(FactsTask):
 
 
 @dataclass(frozen=True)
+class TwoHopCast:
+    """Who a two-hop question is about, shared by facts-twohop and facts-inside-hops: the subject's
+    `relation` is the bridge (the asked path), its `decoy_relation` is the decoy, and another person's
+    `relation` is someone else (a rival path); `attribute` is what is asked of the bridge."""
+
+    people: tuple[str, str, str, str, str]  # subject, bridge, decoy, other, other's bridge
+    relation: str
+    decoy_relation: str
+    attribute: str
+
+    @classmethod
+    def draw(cls, world: World, templates: Templates) -> TwoHopCast:
+        people = tuple(world.new_people(5))
+        relation, decoy_relation = world.rng.sample(templates.relations, 2)
+        return cls(people, relation, decoy_relation, world.rng.choice(world.attributes))
+
+    def relation_facts(self, world: World) -> list[Fact]:
+        """The three relation facts: the asked path, the subject's decoy, the rival path."""
+        subject, bridge, decoy, other, others_bridge = self.people
+        return [
+            world.relation(subject, self.relation, bridge),
+            world.relation(subject, self.decoy_relation, decoy),
+            world.relation(other, self.relation, others_bridge),
+        ]
+
+
+@dataclass(frozen=True)
 class TwoHopFacts(FactsTask):
     """Sharer: "S's mentor is B." (plus S's other relation to a decoy D, and another person's
     mentor). Receiver: B's attribute (plus D's and that other person's mentor's, as decoys).
@@ -348,16 +375,12 @@ class TwoHopFacts(FactsTask):
             raise ValueError("facts-twohop needs facts_per_document >= 3")
 
     def draft(self, world: World, templates: Templates) -> Draft:
-        subject, bridge, decoy, other, others_bridge = world.new_people(5)
-        relation, decoy_relation = world.rng.sample(templates.relations, 2)
-        attribute = world.rng.choice(world.attributes)
+        hops = TwoHopCast.draw(world, templates)
+        subject, bridge, decoy, other, others_bridge = hops.people
+        relation, attribute = hops.relation, hops.attribute
         sharer_facts = fill_document(
             world,
-            [
-                world.relation(subject, relation, bridge),
-                world.relation(subject, decoy_relation, decoy),
-                world.relation(other, relation, others_bridge),
-            ],
+            hops.relation_facts(world),
             [subject, bridge, other],
             self.facts_per_document,
             forbidden=[(bridge, attribute)],  # the answer must come from the receiver's side

@@ -17,7 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from lcflow.tasks.facts import Draft, FactsTask, World, fill_document
+from lcflow.tasks.facts import Draft, FactsTask, TwoHopCast, World, fill_document
 from lcflow.tasks.vocab import Templates
 
 
@@ -32,17 +32,15 @@ class InsideHopFacts(FactsTask):
             raise ValueError("facts-inside-hops needs facts_per_document >= 6 (two hops and their decoys)")
 
     def draft(self, world: World, templates: Templates) -> Draft:
-        subject, bridge, decoy, other, others_bridge = world.new_people(5)
-        relation, decoy_relation = world.rng.sample(templates.relations, 2)
-        attribute = world.rng.choice(world.attributes)
+        hops = TwoHopCast.draw(world, templates)
+        subject, bridge, decoy, other, others_bridge = hops.people
+        relation, attribute = hops.relation, hops.attribute
         asked = world.attribute(bridge, attribute)
         world.protected.add(asked.value)
         sharer_facts = fill_document(
             world,
             [
-                world.relation(subject, relation, bridge),
-                world.relation(subject, decoy_relation, decoy),
-                world.relation(other, relation, others_bridge),
+                *hops.relation_facts(world),
                 asked,
                 world.attribute(decoy, attribute),
                 world.attribute(others_bridge, attribute),
