@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import re
 from dataclasses import dataclass, field
 
@@ -313,3 +314,27 @@ def plain_request(mode) -> pb.LatentMessage:
             generation={"max_new_tokens": 2},
         )
     )
+
+
+def handoff_outcome(client, mode: str, adapter: str = ""):
+    """(status, summary) of one short handoff of the shared prompt, or (status, details) if refused."""
+    try:
+        result = client.handoff(PROMPT, mode=mode, context=CONTEXT, max_new_tokens=2, adapter=adapter)
+    except grpc.RpcError as err:
+        return err.code(), err.details()
+    return grpc.StatusCode.OK, result.summary
+
+
+def service_process_env(keepalive_s: str, grace_s: str, **settings: str) -> dict[str, str]:
+    """The environment of an `lcflow serve` process a test starts: the test's own without LCFLOW_*,
+    OTEL_* or proxy settings, one thread, offline, the given keepalive and shutdown grace, plus
+    `settings`."""
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("LCFLOW_", "OTEL_")) and "proxy" not in k.lower()
+    }
+    env.update(OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
+    env.update(OTEL_TRACES_EXPORTER="none", LCFLOW_KEEPALIVE_S=keepalive_s, LCFLOW_SHUTDOWN_GRACE_S=grace_s)
+    env.update(settings)
+    return env

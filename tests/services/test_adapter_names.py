@@ -11,7 +11,7 @@ import pytest
 import torch
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from service_helpers import Pair as ServicePair
-from service_helpers import latent_stream
+from service_helpers import handoff_outcome, latent_stream
 
 from lcflow.adapter import LatentAdapter
 from lcflow.core.kv import model_identity
@@ -60,13 +60,7 @@ class Pair(ServicePair):
         )
 
     def status(self, adapter: str, mode: str):
-        try:
-            result = self.client.handoff(
-                PROMPT, mode=mode, context=CONTEXT, max_new_tokens=2, adapter=adapter
-            )
-        except grpc.RpcError as err:
-            return err.code(), err.details()
-        return grpc.StatusCode.OK, result.summary
+        return handoff_outcome(self.client, mode, adapter)
 
 
 @pytest.fixture(scope="module")

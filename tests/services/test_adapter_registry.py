@@ -16,7 +16,7 @@ import pytest
 import torch
 from helpers import tiny_adapter_dir, tiny_c2c_adapter_dir
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
-from service_helpers import running_services
+from service_helpers import handoff_outcome, running_services
 
 from lcflow.adapter import LatentAdapter
 from lcflow.cli import main
@@ -114,13 +114,7 @@ def services(tiny_pair, layout, spans):
 
 def handoff(services, mode: str, adapter: str = ""):
     """(status, summary or details) of one handoff."""
-    try:
-        result = services.client.handoff(
-            PROMPT, mode=mode, context=CONTEXT, max_new_tokens=2, adapter=adapter
-        )
-    except grpc.RpcError as err:
-        return err.code(), err.details()
-    return grpc.StatusCode.OK, result.summary
+    return handoff_outcome(services.client, mode, adapter)
 
 
 def receiver_listing(services) -> pb.ListAdaptersResponse:

@@ -11,7 +11,6 @@ Keepalive is set to 2 s (LCFLOW_KEEPALIVE_S), so a dead peer is noticed in secon
 
 from __future__ import annotations
 
-import os
 import signal
 import socket
 import subprocess
@@ -24,7 +23,7 @@ import grpc
 import pytest
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from service_helpers import latent_stream, stop_processes
+from service_helpers import latent_stream, service_process_env, stop_processes
 
 from lcflow.adapter import LatentAdapter
 from lcflow.bench.netns import two_hosts, why_netns_unavailable
@@ -49,16 +48,8 @@ def free_port() -> int:
 
 
 def clean_env(**settings: str) -> dict[str, str]:
-    """The test's environment without LCFLOW_*, OTEL_* or proxy settings, plus the given ones."""
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if not k.startswith(("LCFLOW_", "OTEL_")) and "proxy" not in k.lower()
-    }
-    env.update(OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
-    env.update(OTEL_TRACES_EXPORTER="none", LCFLOW_KEEPALIVE_S=KEEPALIVE_S, LCFLOW_SHUTDOWN_GRACE_S="2")
-    env.update(settings)
-    return env
+    """The environment of the service processes this module starts (service_process_env)."""
+    return service_process_env(KEEPALIVE_S, "2", **settings)
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,6 @@ on the other, and the restarted one gets handoffs again.
 from __future__ import annotations
 
 import contextlib
-import os
 import signal
 import socket
 import subprocess
@@ -26,7 +25,7 @@ import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from helpers import free_port, tiny_adapter_dir
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
-from service_helpers import mutual_tls_server_settings, stop_processes
+from service_helpers import mutual_tls_server_settings, service_process_env, stop_processes
 
 from lcflow.client import HandoffClient
 from lcflow.serving.config import ServiceConfig, add_service_flags, config_from_args, parse_receivers
@@ -220,15 +219,7 @@ def test_mutual_tls_and_a_token_over_a_list_of_receivers(tiny_pair, adapter_dir,
 
 
 def process_env(**settings: str) -> dict[str, str]:
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if not k.startswith(("LCFLOW_", "OTEL_")) and "proxy" not in k.lower()
-    }
-    env.update(OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
-    env.update(OTEL_TRACES_EXPORTER="none", LCFLOW_KEEPALIVE_S="2", LCFLOW_SHUTDOWN_GRACE_S="1")
-    env.update(settings)
-    return env
+    return service_process_env("2", "1", **settings)
 
 
 def health(port: int) -> int | None:
