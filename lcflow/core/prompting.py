@@ -45,6 +45,9 @@ FEW_SHOT_NOTE_PROMPT = (
     "Question: {question}\n"
     "Note:"
 )
+# The few-shot prompt's field names: a note that opens with one of them is the base model skipping
+# its note and starting the next example ("Question: ..."), so it wrote no note at all.
+FEW_SHOT_FIELDS = ("Text:", "Question:", "Note:")
 MESSAGE_PREFIX = "Note from another assistant: "
 _SENTENCE_END = re.compile(r"[.!?](?=\s|$)")
 
@@ -63,10 +66,13 @@ def note_prompt(tokenizer, document: str, question: str, style: str = "fair") ->
 
 def finish_note(generated: str, style: str = "fair") -> str:
     """A fair note is its first line's first sentence (generation stops near there; this cuts the
-    token or two past the stop); a c2c note is kept whole, as the paper's protocol does."""
+    token or two past the stop), and empty when that line opens a new few-shot example; a c2c
+    note is kept whole, as the paper's protocol does."""
     if style != "fair":
         return generated.strip()
     line = generated.strip().split("\n", 1)[0]
+    if line.startswith(FEW_SHOT_FIELDS):
+        return ""
     end = _SENTENCE_END.search(line)
     return (line[: end.end()] if end else line).strip()
 

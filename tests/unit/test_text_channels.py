@@ -48,6 +48,8 @@ def test_a_fair_note_is_one_sentence_of_its_first_line():
     assert finish_note(" Bob lives in Rome. He also has a cat.\nQuestion: x") == "Bob lives in Rome."
     assert finish_note("Bob lives in Rome\nNote: more") == "Bob lives in Rome"
     assert finish_note("Is it Rome? Yes.") == "Is it Rome?"
+    # a base model that skips its note and starts the next few-shot example wrote no note
+    assert finish_note("\nQuestion: Where does Bob live?") == ""
     assert finish_note(" whole note.\nkept ", style="c2c") == "whole note.\nkept"  # the paper's, untouched
 
 
