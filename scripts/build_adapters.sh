@@ -13,6 +13,7 @@
 #   DIRECTIONS=bridge-twohop bash scripts/build_adapters.sh  # the SmolLM2 -> Gemma3 bridge reading with that (needs bridge, twohop)
 #   DIRECTIONS=readers bash scripts/build_adapters.sh   # the text readers LCF-X is compared with (needs spans)
 #   DIRECTIONS=recipe bash scripts/build_adapters.sh    # Gemma3 -> Gemma3 span LCF-X in one command (lcflow train --mode lcfx)
+#   DIRECTIONS=task-file bash scripts/build_adapters.sh  # both from a user's JSONL (lcflow train --task-file), measured
 # These are the settings the shipped adapters were built with. On the 2-core CPU development
 # machine, SmolLM2 -> Gemma3 took 13 min (LCF) and 18 min (C2C); the other times are in the
 # model cards and in the comments below.
@@ -259,6 +260,33 @@ build_recipe() {
     --batch-size 16 --lr 3e-4 --kl-weight 0.25 --checkpoint-every 10 --out "$RUNS/gemma3-to-gemma3-recipe"
 }
 
+# build_task_file: what a user with their own data runs. A JSONL of facts-cross-words training
+# samples (seed 1: not the samples the shipped adapters drew) stands in for the user's file; one
+# command makes the LCF-X adapter and one the text reader of the sentences it selects, both with
+# TASK_FILE_STEPS steps at the shipped batch, lr and loss; then both, and the shipped adapters, are
+# scored on the file's held-out validation split and on facts-cross test, the same samples for all.
+build_task_file() {
+  local dir=$RUNS/task-file steps=${TASK_FILE_STEPS:-120}
+  mkdir -p "$dir"
+  python -c "import sys; from lcflow.tasks import get_task, save_task_file
+save_task_file(get_task('facts-cross-words').samples('train', int(sys.argv[2]), seed=1), sys.argv[1])" \
+    "$dir/facts-cross-words.jsonl" "${TASK_FILE_SAMPLES:-2000}"
+  local common=(--sharer "$GEMMA" --receiver "$GEMMA" --task-file "$dir/facts-cross-words.jsonl"
+    --steps "$steps" --batch-size 16 --lr 3e-4 --kl-weight 0.25 --checkpoint-every 10)
+  lcflow train "${common[@]}" --mode lcfx --out "$dir/lcfx"
+  lcflow train "${common[@]}" --mode text-reader --channel forward-selected --init-adapter "$dir/lcfx" \
+    --out "$dir/reader-selected"
+  local methods=receiver,forward,forward-selected,forward-selected+reader,lcfx,lcfx-wrong
+  for test in validation test; do
+    local data=(--task-file "$dir/lcfx/validation.jsonl")
+    [[ $test == test ]] && data=(--task facts-cross --split test)
+    lcflow eval --pair gemma3-to-gemma3 "${data[@]}" --n "${TASK_FILE_EVAL_N:-200}" --methods "$methods" \
+      --adapter-lcfx "$dir/lcfx" --adapter-reader-selected "$dir/reader-selected" --out "$dir/eval-$test"
+    lcflow eval --pair gemma3-to-gemma3 "${data[@]}" --n "${TASK_FILE_EVAL_N:-200}" \
+      --methods forward-selected+reader,lcfx --out "$dir/eval-$test-shipped"
+  done
+}
+
 for direction in $DIRECTIONS; do
   case $direction in
     forward) build_direction smollm2-to-gemma3 "$SMOL" "$GEMMA" yes ;;
@@ -272,6 +300,7 @@ for direction in $DIRECTIONS; do
     smollm2-pair) build_smollm2_pair ;;
     readers) build_readers ;;
     recipe) build_recipe ;;
-    *) echo "unknown direction '$direction' (use forward, reverse, spans, bridge, reverse-bridge, same-model, smollm2-pair, twohop, bridge-twohop, readers and/or recipe)" >&2; exit 2 ;;
+    task-file) build_task_file ;;
+    *) echo "unknown direction '$direction' (use forward, reverse, spans, bridge, reverse-bridge, same-model, smollm2-pair, twohop, bridge-twohop, readers, recipe and/or task-file)" >&2; exit 2 ;;
   esac
 done
