@@ -173,11 +173,12 @@ def render_doc(files: list[Path]) -> str:
 
 
 def pair_table(named: list[tuple[str, dict]]) -> str:
-    """The README's compact table for one pair: per method, each task's EM with its CI and LCF-X's
-    paired difference over it, then the first task's bytes and TTFT (docs/results.md has the rest)."""
+    """The README's compact table for one pair: per method, each task's EM and contains with their
+    CIs and LCF-X's paired EM difference over it, then the first task's bytes and TTFT
+    (docs/results.md has the rest)."""
     header = ["channel"]
     for label, _ in named:
-        header += [f"{label}: EM [95% CI]", f"{label}: LCF-X minus this"]
+        header += [f"{label}: EM [95% CI]", f"{label}: contains [95% CI]", f"{label}: LCF-X EM minus this"]
     lines = ["| " + " | ".join(header + ["bytes", "TTFT ms"]) + " |", "|" + " --- |" * (len(header) + 2)]
     rows = [{row["method"]: row for row in results["summary"]} for _, results in named]
     paired = [
@@ -188,6 +189,7 @@ def pair_table(named: list[tuple[str, dict]]) -> str:
         for by_method, by_baseline in zip(rows, paired, strict=True):
             row, p = by_method.get(method), by_baseline.get(method)
             cells.append(_ci(row["em"], row["em_ci"]) if row else "")
+            cells.append(_ci(row["contains"], row["contains_ci"]) if row else "")
             cells.append(
                 f"{p['em_difference']:+.3f} [{p['em_difference_ci'][0]:+.3f}, {p['em_difference_ci'][1]:+.3f}]"
                 if p
