@@ -207,9 +207,10 @@ def _training_lines(training: dict) -> list[str]:
                 f"mean held-out R^2 {training.get('held_out_r2_mean')}"
             )
         return lines
+    gates = "" if training.get("mode") == "text-reader" else f" (gates {training.get('gate_lr')})"  # a LoRA has none
     return [
         f"- task: {training.get('task')}; steps: {training.get('steps_done')} x batch {training.get('batch_size')}; "
-        f"lr {training.get('lr')} (gates {training.get('gate_lr')}); seed {training.get('seed')}",
+        f"lr {training.get('lr')}{gates}; seed {training.get('seed')}",
         f"- time: {training.get('train_seconds')} s ({training.get('seconds_per_step')} s/step) on the CPU of the "
         "development machine (2 cores)",
         f"- loss: {training.get('first_loss_mean_first_10')} (first 10 steps) -> "

@@ -89,8 +89,9 @@ class TextReader:
     """The receiver with a LoRA adapter: `model` is a PEFT model while training, and a plain model
     with the LoRA merged in once loaded for use (`from_pretrained`)."""
 
-    def __init__(self, model, tokenizer, config: ReaderConfig):
+    def __init__(self, model, tokenizer, config: ReaderConfig, lora_parameters: int = 0):
         self.model, self.tokenizer, self.config = model, tokenizer, config
+        self.lora_parameters = lora_parameters  # the LoRA's size, still known once merged in
 
     @classmethod
     def for_model(
@@ -124,9 +125,10 @@ class TextReader:
                 "`lcflow train --mode text-reader`"
             )
         peft_model = PeftModel.from_pretrained(copy.deepcopy(model), str(directory), is_trainable=not merge)
+        lora = sum(p.numel() for n, p in peft_model.named_parameters() if "lora_" in n)
         reader_model = peft_model.merge_and_unload() if merge else peft_model
         reader_model.eval()
-        return cls(reader_model, tokenizer, config)
+        return cls(reader_model, tokenizer, config, lora_parameters=lora)
 
     # --- what the trainer needs (lcflow.training.reader) ---------------------------------------
 
@@ -138,7 +140,8 @@ class TextReader:
         return (p for _, p in self.named_parameters())
 
     def parameter_counts(self) -> dict[str, int]:
-        return {"total": sum(p.numel() for p in self.parameters())}
+        """The LoRA's parameters (those being trained, or those merged into the loaded copy)."""
+        return {"total": sum(p.numel() for p in self.parameters()) or self.lora_parameters}
 
     def train(self) -> None:
         self.model.train()

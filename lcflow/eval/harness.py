@@ -340,7 +340,7 @@ def summarize(outcomes: list[SampleOutcome], models: EvalModels | None = None) -
 
 
 def adapter_parameters(adapter) -> int:
-    return sum(p.numel() for p in adapter.parameters())
+    return adapter.parameter_counts()["total"]
 
 
 def outcome_records(outcomes: list[SampleOutcome]) -> list[dict]:

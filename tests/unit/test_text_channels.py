@@ -114,6 +114,8 @@ def test_a_forward_selected_reader_trains_resumes_and_loads_as_an_adapter(tiny_p
     reader = TextReader.from_pretrained(out, model, tokenizer)
     assert reader.config.channel == "forward-selected" and reader.config.selection_adapter == str(span_dir)
     assert reader.config.training["steps_done"] == 2
+    # merged in, the LoRA still reports its size (eval tables and cards show it)
+    assert reader.parameter_counts()["total"] == trainer.adapter.parameter_counts()["total"] > 0
     ids = torch.tensor([[1, 5, 9, 13]])
     with torch.no_grad():  # trained: it reads differently from the receiver it started as
         assert not torch.allclose(reader.model(ids).logits, model(ids).logits)
