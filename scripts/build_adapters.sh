@@ -263,9 +263,9 @@ build_recipe() {
 # build_task_file: what a user with their own data runs. A JSONL of facts-cross-words training
 # samples (seed 1: not the samples the shipped adapters drew) stands in for the user's file; one
 # command makes the LCF-X adapter and one the text reader of the sentences it selects, at the
-# shipped batch, lr and loss (TASK_FILE_STEPS steps); both are scored on facts-cross test (the
+# shipped batch, lr and loss (TASK_FILE_STEPS steps); both are scored on facts-cross test, the
 # samples of docs/results/channels-gemma3-to-gemma3-facts-cross.json, so the shipped adapters pair
-# with them sample by sample) and on the file's own held-out validation split.
+# with them sample by sample (OUT/validation.jsonl, the file's held-out part, is there to score too).
 build_task_file() {
   local dir=$RUNS/task-file
   mkdir -p "$dir"
@@ -277,11 +277,11 @@ save_task_file(get_task('facts-cross-words').samples('train', int(sys.argv[2]), 
   lcflow train "${common[@]}" --mode lcfx --out "$dir/lcfx"
   lcflow train "${common[@]}" --mode text-reader --channel forward-selected --init-adapter "$dir/lcfx" \
     --out "$dir/reader-selected"
-  local trained=(--methods receiver,forward-selected,forward-selected+reader,lcfx,lcfx-wrong --n 200
-    --adapter-lcfx "$dir/lcfx" --adapter-reader-selected "$dir/reader-selected")
-  lcflow eval --pair gemma3-to-gemma3 --task facts-cross --split test "${trained[@]}" --out "$dir/eval-test"
-  lcflow eval --pair gemma3-to-gemma3 --task-file "$dir/lcfx/validation.jsonl" "${trained[@]}" \
-    --out "$dir/eval-validation"
+  # What the two trained pieces answer (receiver and forward, which no adapter touches, are the
+  # channel table's, on the same samples).
+  lcflow eval --pair gemma3-to-gemma3 --task facts-cross --split test --n 200 \
+    --methods forward-selected+reader,lcfx,lcfx-wrong --adapter-lcfx "$dir/lcfx" \
+    --adapter-reader-selected "$dir/reader-selected" --out "$dir/eval-test"
 }
 
 for direction in $DIRECTIONS; do
