@@ -207,7 +207,8 @@ def _training_lines(training: dict) -> list[str]:
                 f"mean held-out R^2 {training.get('held_out_r2_mean')}"
             )
         return lines
-    gates = "" if training.get("mode") == "text-reader" else f" (gates {training.get('gate_lr')})"  # a LoRA has none
+    # a text reader (a LoRA) has no gates
+    gates = "" if training.get("mode") == "text-reader" else f" (gates {training.get('gate_lr')})"
     return [
         f"- task: {training.get('task')}; steps: {training.get('steps_done')} x batch {training.get('batch_size')}; "
         f"lr {training.get('lr')}{gates}; seed {training.get('seed')}",
