@@ -25,12 +25,24 @@ from lcflow.transport import LatentPacket, WireError, WireLimits, assemble
 # --- both services on loopback, in this process (tests of the clients and the examples) -------------
 
 
+_PORTS_GIVEN: set[int] = set()
+
+
 def free_port() -> int:
+    """A loopback port free now, and never one this process was given before.
+
+    grpcio shares subchannels between channels to one address, process-wide: a port reused after
+    an earlier test stopped its server there can find that subchannel in connect backoff, and a
+    new channel to the new server fails at once with the old "Connection refused"."""
     import socket
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port not in _PORTS_GIVEN:
+            _PORTS_GIVEN.add(port)
+            return port
 
 
 def tiny_adapter_dir(tiny_pair, directory, mode: str = "lcfx") -> str:

@@ -4,8 +4,6 @@ sharer and the receiver alike."""
 
 from __future__ import annotations
 
-import socket
-
 import grpc
 import pytest
 import torch
@@ -21,12 +19,6 @@ from lcflow.serving.server import ServiceError
 
 CONTEXT = "Mira Volkov lives in Oslo. Lior Senn plays the violin."
 PROMPT = "Where does Mira Volkov live?"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

@@ -6,22 +6,15 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 
 import pytest
-from helpers import tiny_adapter_dir
+from helpers import free_port, tiny_adapter_dir
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from service_helpers import running_services
 
 from lcflow.bench.load import run_load
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,6 @@ Keepalive is set to 2 s (LCFLOW_KEEPALIVE_S), so a dead peer is noticed in secon
 from __future__ import annotations
 
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -23,6 +22,7 @@ import grpc
 import pytest
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from helpers import free_port
 from service_helpers import latent_stream, service_process_env, stop_processes
 
 from lcflow.adapter import LatentAdapter
@@ -39,12 +39,6 @@ CONTEXT = "Mira Volkov lives in Oslo. Lior Senn plays the violin and owns a cat.
 PROMPT = "Where does Mira Volkov live?"
 STARTUP_S = 120.0
 KEEPALIVE_S = "2"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def clean_env(**settings: str) -> dict[str, str]:

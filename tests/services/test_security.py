@@ -5,13 +5,12 @@ and rotated certificate and token files are picked up without a restart."""
 from __future__ import annotations
 
 import shutil
-import socket
 import stat
 
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from helpers import tiny_adapter_dir
+from helpers import free_port, tiny_adapter_dir
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from service_helpers import start_services
 
@@ -25,12 +24,6 @@ from lcflow.serving.security import CertificateFiles, ClientSecurity, SecurityCo
 CONTEXT = "Mira Volkov lives in Oslo. Lior Senn plays the violin."
 PROMPT = "Where does Mira Volkov live?"
 HOSTS = ["localhost", "127.0.0.1"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
