@@ -9,6 +9,7 @@ import grpc
 import pytest
 import torch
 from google.protobuf import descriptor_pb2
+from helpers import free_port
 
 from lcflow.proto_gen import DEFAULT_PROTO_ROOT, generate
 from lcflow.proto_gen.lcflow.v1 import lcflow_pb2 as pb
@@ -146,7 +147,8 @@ class AssemblingReceiver(pb_grpc.ReceiverServicer):
 def receiver_stub():
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
     pb_grpc.add_ReceiverServicer_to_server(AssemblingReceiver(), server)
-    port = server.add_insecure_port("127.0.0.1:0")
+    port = free_port()  # not port 0: the kernel may hand back a port an earlier test's server had
+    assert server.add_insecure_port(f"127.0.0.1:{port}") == port
     server.start()
     with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
         yield pb_grpc.ReceiverStub(channel)
