@@ -66,6 +66,9 @@ ADAPTER_MODES = {
 SHARES_ADAPTER = {"lcfx-wrong": "lcfx", "forward-selected": "lcfx"}
 # The text readers' adapter names: the flag --adapter-NAME and the default ADAPTERS/<pair>-NAME.
 READER_ADAPTERS = {"forward+reader": "reader-forward", "forward-selected+reader": "reader-selected"}
+# KVComm's defaults: the fraction of layers sent whole and the calibration samples that choose them.
+KVCOMM_FRACTION = 0.5
+KVCOMM_CALIBRATION = 8
 DEFAULT_N = 500  # samples drawn from a built-in task; a task file is used whole unless --n is given
 
 
@@ -140,6 +143,23 @@ def register(subparsers) -> None:
         default=default_adapter_root(),
         metavar="ADAPTERS",
         help="where default adapter directories are looked for (default: the repo's adapters/)",
+    )
+    kvcomm = p.add_argument_group("kvcomm (the training-free KV baseline; same-model pairs only)")
+    kvcomm.add_argument(
+        "--kvcomm-fraction",
+        type=float,
+        default=KVCOMM_FRACTION,
+        metavar="F",
+        help="the fraction of layers that get the sharer's whole KV prefix, chosen by KVComm's "
+        "attention rule (layer 0 always; the rest keep only the first position); default %(default)s",
+    )
+    kvcomm.add_argument(
+        "--kvcomm-calibration",
+        type=int,
+        default=KVCOMM_CALIBRATION,
+        metavar="N",
+        help="samples the layer choice reads: the first N of the built-in task's train split (a task "
+        "file: its first N samples, which are also evaluated); default %(default)s",
     )
     p.add_argument(
         "--services",
@@ -224,6 +244,10 @@ def make_plan(args) -> EvalPlan:
     methods = parse_methods(args.methods)
     task, split, samples = load_samples(args)
     plan = EvalPlan(sharer, receiver, pair, task, split, samples, methods)
+    if "kvcomm" in methods and not 0 < args.kvcomm_fraction <= 1:
+        raise ValueError(f"--kvcomm-fraction must be in (0, 1], not {args.kvcomm_fraction}")
+    if "kvcomm" in methods and args.kvcomm_calibration < 1:
+        raise ValueError(f"--kvcomm-calibration must be at least 1, not {args.kvcomm_calibration}")
     if not any(s.same_context for s in samples):
         for method in [m for m in plan.methods if m in SAME_CONTEXT_ONLY]:
             plan.skip(method, f"same-context tasks only, and no sample of {task} shares its context")
@@ -355,6 +379,41 @@ def _load_into(plan: EvalPlan, args, models: EvalModels, ids: tuple, method: str
     return ""
 
 
+def calibrate_kvcomm(plan: EvalPlan, args, models: EvalModels) -> dict:
+    """KVComm's layer choice, into models.kvcomm_layers (make_plan checked its flags); skips
+    kvcomm when the two sides are not one model. Returns what results.json records of it."""
+    from lcflow.core.kv import model_identity  # keeps --help fast
+    from lcflow.handoff.kvcomm import calibrate  # keeps --help fast
+    from lcflow.tasks import format_question_prompt  # keeps --help fast
+
+    sharer, receiver = model_identity(*models.sharer), model_identity(*models.receiver)
+    same = (sharer.config_hash, sharer.tokenizer_hash) == (receiver.config_hash, receiver.tokenizer_hash)
+    if not same:
+        plan.skip("kvcomm", "same-model pairs only: the receiver reads the sharer's KV as its own")
+        return {}
+    if args.task_file:
+        source, samples = f"{plan.task}, its first samples", plan.samples[: args.kvcomm_calibration]
+    else:
+        source = f"{plan.task} train split"
+        samples = get_task(plan.task).samples("train", args.kvcomm_calibration, seed=args.seed)
+    triples = [
+        (
+            format_question_prompt(s, include_context=False),
+            s.sharer_context,
+            "" if s.same_context else s.receiver_context,
+        )
+        for s in samples
+    ]
+    layers = calibrate(*models.receiver, triples, args.kvcomm_fraction)
+    models.kvcomm_layers = frozenset(layers)
+    print(f"kvcomm: layers {sorted(layers)} get the whole prefix (calibrated on {len(samples)} of {source})")
+    return {
+        "fraction": args.kvcomm_fraction,
+        "calibration": f"{len(samples)} of {source}",
+        "layers": sorted(layers),
+    }
+
+
 # --- measuring -------------------------------------------------------------------------------------
 
 
@@ -474,6 +533,7 @@ def run(args) -> int:
         return 2
     models = EvalModels(sharer=sharer, receiver=receiver, wire=args.wire)
     adapters = load_adapters(plan, args, models)
+    kvcomm = calibrate_kvcomm(plan, args, models) if "kvcomm" in plan.methods else {}
     if not plan.methods:
         print("lcflow eval: no method left to run (see the reasons above)", file=sys.stderr)
         return 2
@@ -489,6 +549,8 @@ def run(args) -> int:
 
     rows = summarize(outcomes, models)
     meta = make_meta(args, plan, models, adapters, latency)
+    if kvcomm:
+        meta["kvcomm"] = kvcomm
     paths = write_report(args.out, rows, outcome_records(outcomes), meta)
     print()
     print(markdown_table(rows))

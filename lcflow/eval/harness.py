@@ -16,6 +16,9 @@ Methods (what the receiver gets before answering the question):
                   those two channels read by a text reader (lcflow.adapter.reader: a LoRA on the
                   receiver trained with LCF-X's data, steps and loss), the control LCF-X must beat
     c2c           the C2C baseline fuser (same-context tasks only)
+    kvcomm        KVComm, training-free (same-model pairs only): the sharer's KV of the document as
+                  the receiver's prefix in the layers its attention rule chose, only the attention
+                  sink in the others (lcflow.handoff.kvcomm)
     lcf           LCF latents fused onto the shared context (same-context tasks only)
     lcfx          LCF-X packet (any task)
     lcfx-pruned   the same with a pruned adapter
@@ -40,6 +43,7 @@ from lcflow.core.names import LCFX_METHODS, METHODS, NOTE_METHODS, READER_METHOD
 from lcflow.eval.metrics import contains_answer, exact_match, extract_answer, mean_with_ci, token_f1
 from lcflow.handoff.c2c import c2c_prepare
 from lcflow.handoff.generation import GenerationSettings
+from lcflow.handoff.kvcomm import kvcomm_input, prepare_receiver, send_layers, sharer_prefix
 from lcflow.handoff.pair import Receiver, Sharer, reader_contexts, receiver_view, text_contexts
 from lcflow.tasks import QASample, format_question_prompt
 from lcflow.transport.quantize import Quantization
@@ -58,6 +62,7 @@ class EvalModels:
     # "forward-selected+reader" -> TextReader (forward-selected selects with "lcfx"'s adapter)
     adapters: dict = field(default_factory=dict)
     wire: str = "exact"  # the latents' number format on the way to the receiver (names.WIRE_FORMS)
+    kvcomm_layers: frozenset[int] = frozenset()  # the layers KVComm sends whole (its calibration)
 
 
 def through_the_wire(latents, wire: str) -> int:
@@ -187,6 +192,15 @@ def run_sample(
             models.adapters["c2c"], models.sharer, receiver, sample.sharer_context, prompt
         )
         clock.add(prepared.timings_ms)
+    elif method == "kvcomm":
+        # Same context: the document is shared, so the prefix is the whole of what the receiver reads.
+        own = "" if sample.same_context else sample.receiver_context
+        handoff = kvcomm_input(receiver.tokenizer, prompt, sample.sharer_context, own)
+        cache = sharer_prefix(models.sharer[0], handoff)
+        clock.stage("sharer_prefill")
+        bytes_sent = send_layers(cache, models.kvcomm_layers, handoff.prefix_length)
+        clock.stage("encode")
+        prepared = prepare_receiver(receiver.model, handoff, cache, models.kvcomm_layers)
     elif method in ("lcf", *LCFX_METHODS):
         source = other if method == "lcfx-wrong" and other is not None else sample
         source_prompt = format_question_prompt(source, include_context=False)

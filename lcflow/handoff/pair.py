@@ -14,6 +14,7 @@ The same `prepare` path runs with gradients for training (see lcflow.training.tr
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -89,6 +90,9 @@ class PreparedInput:
     cache: DynamicCache
     prompt_tokens: int  # tokens of the receiver's own prompt
     timings_ms: dict[str, float] = field(default_factory=dict)
+    # A context that must hold while the receiver continues from this cache (KVComm: the layers
+    # that keep only the prefix's sink mask the rest of it; lcflow.handoff.kvcomm). None: none.
+    attention_restriction: Callable[[], contextlib.AbstractContextManager] | None = None
 
 
 def _ms(start: float) -> float:
@@ -386,16 +390,18 @@ class Receiver:
         should_stop: Callable[[], bool] | None = None,
         on_first_token: Callable[[], None] | None = None,
     ) -> str:
-        return generate_text(
-            self.model,
-            self.tokenizer,
-            prepared.input_ids,
-            prepared.cache,
-            settings,
-            on_text,
-            should_stop,
-            on_first_token,
-        )
+        restriction = prepared.attention_restriction or contextlib.nullcontext
+        with restriction():
+            return generate_text(
+                self.model,
+                self.tokenizer,
+                prepared.input_ids,
+                prepared.cache,
+                settings,
+                on_text,
+                should_stop,
+                on_first_token,
+            )
 
 
 def receiver_view(receiver_context: str, prompt: str) -> str:

@@ -192,6 +192,8 @@ def test_wrong_mode_adapter_skipped_and_nothing_left_is_an_error(loaded_tiny_pai
         (["--sharer", "x"], "give --pair"),
         (["--pair", "smollm2-to-gemma3", "--sharer", "x"], "not both"),
         (["--pair", "smollm2-to-gemma3", "--n", "0"], "--n must be at least 1"),
+        (["--pair", "gemma3-to-gemma3", "--methods", "kvcomm", "--kvcomm-fraction", "0"], "in (0, 1]"),
+        (["--pair", "gemma3-to-gemma3", "--methods", "kvcomm", "--kvcomm-calibration", "0"], "at least 1"),
     ],
 )
 def test_bad_flags_are_refused_before_loading(monkeypatch, tmp_path, argv, message):
@@ -281,3 +283,36 @@ def test_services_run_the_text_readers_as_in_process(tiny_pair, tiny_dir, tmp_pa
 def test_sharer_sessions_need_services(tmp_path, capsys):
     assert main(["eval", "--pair", "gemma3-to-gemma3", "--sharer-sessions", "--out", str(tmp_path)]) == 2
     assert "--sharer-sessions needs --services" in capsys.readouterr().err
+
+
+def test_kvcomm_runs_on_one_model_and_records_its_layers(monkeypatch, tiny_dir, tiny_pair, tmp_path):
+    """KVComm on a same-model pair (the tiny Llama on both sides): calibrated on the train split,
+    its layers recorded, its bytes those of the layers sent whole plus one sink row per other."""
+    monkeypatch.setattr(
+        eval_cmd, "load_models", lambda sharer, receiver, device: (tiny_pair[0], tiny_pair[0])
+    )
+    out = tmp_path / "out"
+    code, stdout, stderr = run_cli(
+        ["eval", "--sharer", "a", "--receiver", "a", "--task", "facts-cross", "--methods", "forward,kvcomm"]
+        + ["--kvcomm-fraction", "0.3", "--kvcomm-calibration", "2", "--n", "2", "--max-new-tokens", "2"]
+        + ["--out", str(out)]
+    )
+    assert code == 0, stderr
+    results = json.loads((out / "results.json").read_text())
+    meta, rows = results["meta"]["kvcomm"], {r["method"]: r for r in results["summary"]}
+    assert meta["calibration"] == "2 of facts-cross train split" and meta["fraction"] == 0.3
+    assert 0 in meta["layers"] and len(meta["layers"]) in (1, 2)  # layer 0 and the best of 3 layers
+    assert f"kvcomm: layers {meta['layers']}" in stdout
+    config = tiny_pair[0][0].config
+    row_bytes = config.num_key_value_heads * config.head_dim * 2 * 2  # K and V, bf16
+    sent = [s["bytes_sent"] for s in results["samples"] if s["method"] == "kvcomm"]
+    assert all(b % row_bytes == 0 and b // row_bytes > 3 for b in sent)  # a whole prefix, not 3 sinks
+    assert rows["kvcomm"]["latency_ms"]["sharer_prefill"]["median"] > 0
+
+
+def test_kvcomm_is_skipped_across_models(loaded_tiny_pair, tmp_path):
+    code, stdout, _ = run_cli(
+        ["eval", "--pair", "smollm2-to-gemma3", "--methods", "receiver,kvcomm", "--n", "1"]
+        + ["--max-new-tokens", "2", "--out", str(tmp_path / "out")]
+    )
+    assert code == 0 and "skipping kvcomm: same-model pairs only" in stdout
