@@ -14,6 +14,7 @@ lcflow.tasks.jsonl).
 - referents.py: facts-referents, facts stated by "the former" / "the latter".
 - inside_hops.py: facts-inside-hops, both hops in the sharer's document.
 - unseen.py: the held-out ships family (a task file).
+- unseen_variants.py: the referent and inside-hop families' unseen variants, in the ships world (task files).
 - mix.py: training mixes of several tasks.
 - jsonl.py: task files, your own samples.
 - prompts.py: the one wording of a question put to a receiver.
