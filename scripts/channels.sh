@@ -10,26 +10,51 @@
 #
 # (the LCF-X adapter's own recipe: its model card's `training`, with the text reader's channel).
 #
-#   bash scripts/channels.sh                 # both tasks for Gemma3 -> Gemma3
+#   bash scripts/channels.sh                 # facts-cross and ships for Gemma3 -> Gemma3
 #   PAIR=smollm2-to-gemma3 bash scripts/channels.sh
+#   TASKS="referents ships-referents" bash scripts/channels.sh   # any names of task_arguments below
+#
+# Tasks run two at a time (one torch thread each: 2 cores). kvcomm runs on same-model pairs only
+# (`lcflow eval` skips it on the others, saying why).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PAIR=${PAIR:-gemma3-to-gemma3}
 N=${N:-200}
 RUNS=${RUNS:-runs/channels}
-METHODS=${METHODS:-receiver,forward,text,forward-selected,forward-selected+reader,forward+reader,lcfx,lcfx-wrong}
+TASKS=${TASKS:-facts-cross ships}
+METHODS=${METHODS:-receiver,forward,text,forward-selected,forward-selected+reader,forward+reader,kvcomm,lcfx,lcfx-wrong}
 
-run() {  # run NAME TASK-ARGUMENTS...: one torch thread, as the recorded runs (two at once on 2 cores)
-  local name=$1
-  shift
-  OMP_NUM_THREADS=${THREADS:-1} lcflow eval --pair "$PAIR" "$@" --n "$N" --methods "$METHODS" \
+task_arguments() {  # a short name -> its `lcflow eval` sample flags
+  case $1 in
+    facts-cross) echo --task facts-cross --split test ;;
+    referents) echo --task facts-referents --split test ;;
+    inside-hops) echo --task facts-inside-hops --split test ;;
+    longer) echo --task facts-cross-longer --split test ;;
+    # The unseen families: no adapter, reader or design choice trained on them.
+    ships) echo --task-file lcflow/data/tasks/ships-cross.jsonl ;;
+    ships-referents | ships-inside-hops) echo --task-file "lcflow/data/tasks/$1.jsonl" ;;
+    *) echo "unknown task name $1" >&2 && exit 2 ;;
+  esac
+}
+
+run() {  # run NAME: one torch thread, as the recorded runs; this checkout's code (python -m)
+  local name=$1 arguments
+  arguments=$(task_arguments "$name")
+  # shellcheck disable=SC2086 # the flags are words
+  OMP_NUM_THREADS=${THREADS:-1} python -m lcflow.cli eval --pair "$PAIR" $arguments --n "$N" --methods "$METHODS" \
     --out "$RUNS/$PAIR-$name" > "$RUNS/$PAIR-$name.log" 2>&1
   cp "$RUNS/$PAIR-$name/results.json" "docs/results/channels-$PAIR-$name.json"
 }
 
 mkdir -p "$RUNS"
-run facts-cross --task facts-cross --split test &
-# The unseen family: no adapter, reader or design choice trained on it.
-run ships --task-file lcflow/data/tasks/ships-cross.jsonl &
-wait
+set -- $TASKS
+while [ $# -gt 0 ]; do  # two at a time; a failed run stops the script (set -e, at its wait)
+  pids=()
+  for name in "${@:1:2}"; do
+    run "$name" &
+    pids+=($!)
+  done
+  for pid in "${pids[@]}"; do wait "$pid"; done
+  shift $(( $# > 1 ? 2 : 1 ))
+done
 python scripts/render_results.py

@@ -58,6 +58,7 @@ DESCRIBE = {
     "forward-selected": "LCF-X's sentences forwarded as text",
     "forward+reader": "document, trained text reader",
     "forward-selected+reader": "LCF-X's sentences, trained text reader",
+    "kvcomm": "KVComm: the document's KV, chosen layers",
     "lcfx": "**LCF-X packet**",
     "lcfx-wrong": "LCF-X, another sample's packet",
 }
@@ -159,6 +160,8 @@ def render_doc(files: list[Path]) -> str:
     for path in files:
         results = json.loads(path.read_text())
         parts += ["", f"## {results['meta']['task']}: {results['meta']['models']['pair'] or ''}", ""]
+        if path.stem.endswith("-kvcomm"):  # a run of KVComm beside forward and LCF-X only
+            parts[-2] += " (KVComm's run)"
         parts += [caption(results, path), "", channel_table(results)]
         if path.name in RESCORED:
             start, stop = RESCORED[path.name]
