@@ -4,9 +4,11 @@
     lcflow eval --sharer DIR --receiver DIR --task-file mine.jsonl --adapter-lcfx DIR --out runs/mine
 
 Every method runs unless --methods picks some (receiver, sharer, forward, text, text-c2c,
-forward-selected, forward+reader, forward-selected+reader, c2c, lcf, lcfx, ...; lcflow.eval.harness
-says what each is). forward-selected forwards the sentences the lcfx adapter selects, so it
-needs that adapter; the +reader methods load a text reader (`lcflow train --mode text-reader`).
+forward-selected, forward+reader, forward-selected+reader, c2c, kvcomm, lcf, lcfx, ...;
+lcflow.eval.harness says what each is). forward-selected forwards the sentences the lcfx adapter
+selects, so it needs that adapter; the +reader methods load a text reader (`lcflow train --mode
+text-reader`); kvcomm needs no adapter, one model on both sides, and chooses its layers on
+calibration samples first (--kvcomm-fraction, --kvcomm-calibration).
 
 Writes OUT/results.json (summary rows, per-sample records, meta), OUT/results.md (the table)
 and the plots OUT/accuracy_vs_ttft.png and OUT/latency_breakdown.png, and prints the table.
@@ -66,7 +68,9 @@ ADAPTER_MODES = {
 SHARES_ADAPTER = {"lcfx-wrong": "lcfx", "forward-selected": "lcfx"}
 # The text readers' adapter names: the flag --adapter-NAME and the default ADAPTERS/<pair>-NAME.
 READER_ADAPTERS = {"forward+reader": "reader-forward", "forward-selected+reader": "reader-selected"}
-# KVComm's defaults: the fraction of layers sent whole and the calibration samples that choose them.
+# KVComm's defaults: the fraction of layers sent whole (the best of four on facts-cross train
+# samples, Gemma3: docs/results/kvcomm-fraction-gemma3-to-gemma3-facts-cross-train.json) and the
+# calibration samples that choose them.
 KVCOMM_FRACTION = 0.5
 KVCOMM_CALIBRATION = 8
 DEFAULT_N = 500  # samples drawn from a built-in task; a task file is used whole unless --n is given
