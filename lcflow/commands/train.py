@@ -118,6 +118,13 @@ def register(subparsers) -> None:
         help="with --init-adapter: weight of KL(teacher reading the text || student) beside the answer CE",
     )
     p.add_argument(
+        "--teacher-adapter",
+        default=d.teacher_adapter,
+        metavar="DIR",
+        help="with --init-adapter: the KL's teacher is the receiver reading this span adapter's packet "
+        "instead of the document (distil a narrow --bottleneck adapter from a full-width one)",
+    )
+    p.add_argument(
         "--contrast-weight",
         type=float,
         default=d.contrast_weight,
@@ -179,6 +186,14 @@ def check_inputs(cfg: TrainConfig) -> None:
     if not 0 <= cfg.validation < 1:
         raise UsageError(
             f"--validation is the share of --task-file held out, in [0, 1); got {cfg.validation}"
+        )
+    if cfg.teacher_adapter and not (cfg.init_adapter and cfg.mode == "lcfx"):
+        raise UsageError(
+            "--teacher-adapter distils an LCF-X span adapter: give --mode lcfx --init-adapter DIR too"
+        )
+    if cfg.teacher_adapter and not Path(cfg.teacher_adapter).is_dir():
+        raise UsageError(
+            f"--teacher-adapter {cfg.teacher_adapter} is not a directory; give an adapter directory"
         )
     if cfg.task_file:
         if not Path(cfg.task_file).is_file():

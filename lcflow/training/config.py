@@ -42,6 +42,9 @@ class TrainConfig:
     # the receiver reading the document (lcflow.training.distill); KL weight beside the CE.
     init_adapter: str = ""
     kl_weight: float = 1.0
+    # Span-packet LCF-X with init_adapter: the KL's teacher is the receiver reading this adapter's
+    # packet (a full-width one, to distil a narrower bottleneck from it) instead of the document.
+    teacher_adapter: str = ""
     # Span-packet LCF-X: hinge that asks the right packet to explain the answer better than
     # another sample's packet by `contrast_margin` nats (lcflow.training.distill); 0 = off.
     contrast_weight: float = 0.0

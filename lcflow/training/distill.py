@@ -3,7 +3,8 @@
 The span adapter starts as the closed-form alignment (`lcflow align --adapter-out`); this
 refines both halves with the LLMs frozen. For each training sample:
 
-    teacher  = the receiver reading [sharer document, own context, question] as text
+    teacher  = the receiver reading [sharer document, own context, question] as text, or, with
+               cfg.teacher_adapter, [that adapter's span packet, own context, question]
     student  = the receiver reading [span packet, own context, question]
     loss     = CE(answer | student) + kl_weight * KL(teacher || student)   over the answer's tokens
              + contrast_weight * max(0, contrast_margin + CE(answer | student)
@@ -18,6 +19,9 @@ CE and KL alone, a mix of such samples taught the receiver to guess a value of t
 from its own document, as well with any packet (docs/lcfx.md section 6); the hinge is zero only
 where the right packet explains the answer by `contrast_margin` nats more than another's.
 The other packet is the next training sample's of the same task (its own question selects it).
+A teacher adapter (frozen) is how a compressed packet learns from a full-width one: a student of
+bottleneck b < K/V width starts from the reduced-rank alignment and matches what the receiver
+reads from the wide packet, which the document-reading teacher does not say.
 Samples are drawn from the train split (vocabulary disjoint from the test split); the
 held-out ships-cross family is never read. Seeded, resumable (lcflow.training.train.Trainer).
 """
@@ -75,7 +79,29 @@ class SpanDistillTrainer(Trainer):
         adapter = adapter.to(mr.device)
         self.sharer = Sharer(ms, ts, adapter.encoder, adapter.config)
         self.receiver = Receiver(mr, tr, adapter.decoder, adapter.config)
+        self.teacher = self.build_teacher(sharer_pair, receiver_pair) if self.cfg.teacher_adapter else None
         return adapter
+
+    def build_teacher(self, sharer_pair: tuple, receiver_pair: tuple) -> tuple[Sharer, Receiver]:
+        """The frozen teacher adapter's two halves (cfg.teacher_adapter), on the same models."""
+        (ms, ts), (mr, tr) = sharer_pair, receiver_pair
+        teacher = LatentAdapter.from_pretrained(
+            self.cfg.teacher_adapter,
+            sharer=model_identity(ms, ts, name=self.cfg.sharer),
+            receiver=model_identity(mr, tr, name=self.cfg.receiver),
+        )
+        if teacher.config.mode != "lcfx" or teacher.config.packet != "spans":
+            raise ValueError(f"{self.cfg.teacher_adapter} is not a span-packet LCF-X adapter")
+        teacher = teacher.to(mr.device).eval().requires_grad_(False)
+        return Sharer(ms, ts, teacher.encoder, teacher.config), Receiver(
+            mr, tr, teacher.decoder, teacher.config
+        )
+
+    def teacher_input(self, sample, prompt: str):
+        """What the KL's teacher reads: the teacher adapter's packet, or the document as text."""
+        if self.teacher is not None:
+            return prepare_for_sample(*self.teacher, "lcfx", sample, prompt)
+        return self.receiver.prepare_plain(prompt, [sample.sharer_context, sample.receiver_context])
 
     def gate_penalty(self) -> torch.Tensor:
         return torch.zeros(())  # span packets have no gates
@@ -104,10 +130,7 @@ class SpanDistillTrainer(Trainer):
             loss = loss + self.cfg.contrast_weight * hinge
         if self.cfg.kl_weight > 0:
             with torch.no_grad():
-                teacher_input = self.receiver.prepare_plain(
-                    prompt, [sample.sharer_context, sample.receiver_context]
-                )
-                teacher = answer_logits(self.receiver.model, teacher_input, target)
+                teacher = answer_logits(self.receiver.model, self.teacher_input(sample, prompt), target)
             kl = F.kl_div(
                 student.log_softmax(-1), teacher.log_softmax(-1), log_target=True, reduction="batchmean"
             )

@@ -296,6 +296,32 @@ def test_packet_donors_are_other_samples_of_the_same_task():
         assert donor.sharer_context != sample.sharer_context
 
 
+def test_a_teacher_adapter_replaces_the_document_as_the_kls_teacher(tiny_pair, tmp_path):
+    """--teacher-adapter: with the student's own starting weights as the (frozen) teacher, the KL
+    is 0 and the loss is the answer CE alone; the document-reading teacher gives a KL above 0."""
+    from lcflow.training.distill import SpanDistillTrainer
+
+    sharer, receiver = tiny_pair
+    aligned_span_adapter(tiny_pair, tmp_path / "init")
+    losses, trainers = {}, {}
+    for name, settings in {
+        "own": dict(teacher_adapter=str(tmp_path / "init")),
+        "document": {},
+        "ce": dict(kl_weight=0.0),
+    }.items():
+        trainer = SpanDistillTrainer(distill_config(tmp_path, name, steps=1, **settings), sharer, receiver)
+        trainer.adapter.eval()
+        with torch.no_grad():
+            losses[name] = trainer.sample_loss(trainer.samples[0]).item()
+        trainers[name] = trainer
+    assert losses["own"] == pytest.approx(losses["ce"], abs=1e-5)
+    assert losses["document"] > losses["ce"] + 1e-4
+    teacher_sharer, teacher_receiver = trainers["own"].teacher
+    frozen = [*teacher_sharer.encoder.parameters(), *teacher_receiver.decoder.parameters()]
+    assert frozen and not any(p.requires_grad for p in frozen)
+    assert trainers["document"].teacher is None
+
+
 def test_contrast_hinge_is_the_margin_when_the_other_packet_is_the_same(tiny_pair, tmp_path):
     """With the sample's own packet as the control the hinge is exactly the margin; with another
     sample's it is what the two answer losses say, and a step with it trains."""

@@ -98,3 +98,16 @@ def test_a_validation_share_outside_0_1_is_refused(tiny_dir, tmp_path, validatio
         validation,
     )
     assert code == 2 and "--validation" in stderr
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--mode", "lcfx", "--teacher-adapter", "."], "give --mode lcfx --init-adapter DIR too"),
+        (["--mode", "lcfx", "--init-adapter", ".", "--teacher-adapter", "nowhere"], "is not a directory"),
+    ],
+)
+def test_a_teacher_adapter_needs_a_student_to_distil(tiny_dir, tmp_path, extra, message):
+    task_file = write_task_file(tmp_path / "mine.jsonl", 4)
+    code, _, stderr = train(tiny_dir, tmp_path / "out", task_file, *extra)
+    assert code == 2 and message in stderr and "Traceback" not in stderr
