@@ -93,7 +93,8 @@ def restricted_prefix(model, kept: set[int], prefix_length: int):
 
     The hook edits the call's attention mask (bool: True attends; float: 0 attends, a large
     negative does not); a call without a mask (transformers leaves it out when plain causal
-    attention will do) gets one built first."""
+    attention will do) gets one built first. The hooks act on every call through the model while
+    inside, so one handoff at a time per model (as `lcflow eval` runs them; no service serves KVComm)."""
 
     def hook(module, args, kwargs):
         mask = kwargs.get("attention_mask")
