@@ -98,7 +98,7 @@ class RopeCodec:
     """Applies and removes a model's own RoPE, per layer (Gemma3 uses two RoPE bases)."""
 
     def __init__(self, model):
-        self.backbone = model.get_decoder() if hasattr(model, "get_decoder") else model.model
+        self.backbone = decoder_backbone(model)
         self.rotary = self.backbone.rotary_emb
         self.spec = kv_spec(model.config)
         # Gemma3's rotary module takes the layer type; the others have one RoPE for all layers.
@@ -246,11 +246,16 @@ def full_cache() -> DynamicCache:
     return DynamicCache()
 
 
+def decoder_backbone(model):
+    """The model's transformer layers without the LM head (`model.model` where there is no
+    `get_decoder`)."""
+    return model.get_decoder() if hasattr(model, "get_decoder") else model.model
+
+
 def run_backbone(model, input_ids: torch.Tensor, cache: DynamicCache) -> None:
     """Fill `cache` with the transformer layers only: the LM head is skipped, since a prefill
     needs no logits (a 262k-vocabulary head over every prompt token costs more than the layers)."""
-    backbone = model.get_decoder() if hasattr(model, "get_decoder") else model.model
-    backbone(input_ids=input_ids.to(model.device), past_key_values=cache, use_cache=True)
+    decoder_backbone(model)(input_ids=input_ids.to(model.device), past_key_values=cache, use_cache=True)
 
 
 @torch.no_grad()

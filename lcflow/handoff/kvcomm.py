@@ -33,7 +33,7 @@ from dataclasses import dataclass
 import torch
 from transformers import DynamicCache
 
-from lcflow.core.kv import full_cache, prefill, run_backbone
+from lcflow.core.kv import decoder_backbone, full_cache, prefill, run_backbone
 from lcflow.core.prompting import context_token_range, render_input
 from lcflow.handoff.pair import PreparedInput, reader_contexts
 
@@ -83,8 +83,7 @@ def send_layers(cache: DynamicCache, kept: set[int], prefix_length: int) -> int:
 
 
 def _attention_modules(model) -> list[torch.nn.Module]:
-    backbone = model.get_decoder() if hasattr(model, "get_decoder") else model.model
-    return [layer.self_attn for layer in backbone.layers]
+    return [layer.self_attn for layer in decoder_backbone(model).layers]
 
 
 @contextlib.contextmanager
@@ -147,8 +146,7 @@ def layer_scores(model, handoff: KVCommInput) -> torch.Tensor:
     previous = model.config._attn_implementation
     model.set_attn_implementation("eager")  # attention weights: only the eager kernel returns them
     try:
-        backbone = model.get_decoder() if hasattr(model, "get_decoder") else model.model
-        out = backbone(
+        out = decoder_backbone(model)(
             input_ids=handoff.input_ids[:, handoff.prefix_length :].to(model.device),
             past_key_values=cache,
             use_cache=True,

@@ -26,7 +26,7 @@ from itertools import pairwise
 import torch
 from transformers import DynamicCache
 
-from lcflow.core.kv import CapturedKV, RopeCodec, run_backbone
+from lcflow.core.kv import CapturedKV, RopeCodec, decoder_backbone, run_backbone
 from lcflow.tasks import QASample
 
 _SENTENCE = re.compile(r"[^.!?]+(?:[.!?]+|$)")
@@ -43,7 +43,7 @@ def _capture_queries(model, layers: int):
 
     Only this thread's forward passes are recorded (or stopped): a service runs handoffs on one
     model from several threads at once, and their passes fire every registered hook."""
-    backbone = model.get_decoder() if hasattr(model, "get_decoder") else model.model
+    backbone = decoder_backbone(model)
     queries: dict[int, torch.Tensor] = {}
     handles = []
     owner = threading.get_ident()
@@ -110,7 +110,7 @@ def head_attention(
     copy of a sliding-window cache, which cannot be cropped once its window is full).
     """
     rope = RopeCodec(model)
-    backbone = model.get_decoder() if hasattr(model, "get_decoder") else model.model
+    backbone = decoder_backbone(model)
     layers = min(layers or len(backbone.layers), len(backbone.layers))
     start = cache.get_seq_length()
     with _capture_queries(model, layers) as queries:
