@@ -66,17 +66,23 @@ class SpanDistillTrainer(Trainer):
         super().__init__(cfg, sharer_pair, receiver_pair)
         self.donors = packet_donors(self.samples) if cfg.contrast_weight > 0 else {}
 
-    def build_adapter(self, sharer_pair: tuple, receiver_pair: tuple):
+    def load_span_adapter(self, path: str, sharer_pair: tuple, receiver_pair: tuple) -> LatentAdapter:
+        """A span-packet LCF-X adapter from `path`, checked against the two models, on the
+        receiver's device (the student and the teacher load alike)."""
         (ms, ts), (mr, tr) = sharer_pair, receiver_pair
         adapter = LatentAdapter.from_pretrained(
-            self.cfg.init_adapter,
+            path,
             sharer=model_identity(ms, ts, name=self.cfg.sharer),
             receiver=model_identity(mr, tr, name=self.cfg.receiver),
         )
-        if adapter.config.packet != "spans":
-            raise ValueError(f"{self.cfg.init_adapter} is not a span-packet LCF-X adapter")
+        if adapter.config.mode != "lcfx" or adapter.config.packet != "spans":
+            raise ValueError(f"{path} is not a span-packet LCF-X adapter")
+        return adapter.to(mr.device)
+
+    def build_adapter(self, sharer_pair: tuple, receiver_pair: tuple):
+        (ms, ts), (mr, tr) = sharer_pair, receiver_pair
+        adapter = self.load_span_adapter(self.cfg.init_adapter, sharer_pair, receiver_pair)
         adapter.requires_grad_(True)
-        adapter = adapter.to(mr.device)
         self.sharer = Sharer(ms, ts, adapter.encoder, adapter.config)
         self.receiver = Receiver(mr, tr, adapter.decoder, adapter.config)
         self.teacher = self.build_teacher(sharer_pair, receiver_pair) if self.cfg.teacher_adapter else None
@@ -85,14 +91,8 @@ class SpanDistillTrainer(Trainer):
     def build_teacher(self, sharer_pair: tuple, receiver_pair: tuple) -> tuple[Sharer, Receiver]:
         """The frozen teacher adapter's two halves (cfg.teacher_adapter), on the same models."""
         (ms, ts), (mr, tr) = sharer_pair, receiver_pair
-        teacher = LatentAdapter.from_pretrained(
-            self.cfg.teacher_adapter,
-            sharer=model_identity(ms, ts, name=self.cfg.sharer),
-            receiver=model_identity(mr, tr, name=self.cfg.receiver),
-        )
-        if teacher.config.mode != "lcfx" or teacher.config.packet != "spans":
-            raise ValueError(f"{self.cfg.teacher_adapter} is not a span-packet LCF-X adapter")
-        teacher = teacher.to(mr.device).eval().requires_grad_(False)
+        teacher = self.load_span_adapter(self.cfg.teacher_adapter, sharer_pair, receiver_pair)
+        teacher = teacher.eval().requires_grad_(False)
         return Sharer(ms, ts, teacher.encoder, teacher.config), Receiver(
             mr, tr, teacher.decoder, teacher.config
         )
