@@ -33,7 +33,6 @@ METHODS = (
 METHOD_ALIASES = {"skyline": "forward"}  # the name `forward` had before the text channels
 LCFX_METHODS = ("lcfx", "lcfx-pruned", "lcfx-wrong")
 SAME_CONTEXT_ONLY = ("c2c", "lcf")
-SAME_MODEL_ONLY = ("kvcomm",)  # the receiver reads the sharer's KV as its own: one model on both sides
 NOTE_METHODS = {"text": "fair", "text-c2c": "c2c"}  # method -> note style (lcflow.core.prompting)
 # Methods that read with a trained text reader (lcflow.adapter.reader), and the channel each reads.
 READER_METHODS = {"forward+reader": "forward", "forward-selected+reader": "forward-selected"}

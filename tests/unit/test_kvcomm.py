@@ -4,6 +4,8 @@ alone would, after the sink; the bytes and the layer choice follow KVComm's rule
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 from helpers import CONTEXT, PROMPT, RECEIVER_CONTEXT
@@ -27,7 +29,7 @@ def _next_logits(model, prepared, steps: int = 2) -> list[torch.Tensor]:
     """Greedy decoding by hand from a prepared input, under its restriction: each step's logits."""
     restriction = prepared.attention_restriction
     token, logits = prepared.input_ids[:, -1:], []
-    with restriction() if restriction else torch.no_grad():
+    with restriction() if restriction else contextlib.nullcontext():
         for _ in range(steps):
             out = model(input_ids=token, past_key_values=prepared.cache, use_cache=True)
             logits.append(out.logits[0, -1])
