@@ -112,6 +112,14 @@ def register(subparsers) -> None:
     )
     p.add_argument("--rank", type=int, default=d.rank, help="text-reader: LoRA rank r (alpha = 2r)")
     p.add_argument(
+        "--init-reader",
+        default=d.init_reader,
+        metavar="DIR",
+        help="text-reader: start from this trained reader (same --channel and --rank) instead of "
+        "an untrained LoRA, e.g. to give it the same further training as an LCF-X adapter refined "
+        "with --init-adapter",
+    )
+    p.add_argument(
         "--kl-weight",
         type=float,
         default=d.kl_weight,
@@ -194,6 +202,12 @@ def check_inputs(cfg: TrainConfig) -> None:
     if cfg.teacher_adapter and not Path(cfg.teacher_adapter).is_dir():
         raise UsageError(
             f"--teacher-adapter {cfg.teacher_adapter} is not a directory; give an adapter directory"
+        )
+    if cfg.init_reader and cfg.mode != "text-reader":
+        raise UsageError("--init-reader starts a text reader: give --mode text-reader too")
+    if cfg.init_reader and not Path(cfg.init_reader, "reader_config.json").is_file():
+        raise UsageError(
+            f"--init-reader {cfg.init_reader} is not a text reader's directory (no reader_config.json)"
         )
     if cfg.task_file:
         if not Path(cfg.task_file).is_file():

@@ -57,6 +57,7 @@ VARIANTS = {
     "facts-same-words": ("facts-same", {"word_values": 0.8}),
     "facts-cross-words": ("facts-cross", {"word_values": 0.8}),
     "facts-twohop-words": ("facts-twohop", {"word_values": 0.8}),
+    "facts-referents-words": ("facts-referents", {"word_values": 0.8}),
 }
 # Training mixes (lcflow.tasks.mix): samples drawn from several tasks by weight.
 MIXES = {

@@ -57,3 +57,7 @@ class TrainConfig:
     # LoRA rank; forward-selected takes its selection from the LCF-X adapter `init_adapter`.
     channel: str = "forward-selected"
     rank: int = 16
+    # Text reader: start from this trained reader's LoRA weights (same channel and rank) instead of
+    # zero, e.g. to give a reader the same further training as an LCF-X adapter refined from a
+    # shipped one (the fair control for `--init-adapter` fine-tuning on a new family).
+    init_reader: str = ""

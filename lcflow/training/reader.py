@@ -22,7 +22,7 @@ import torch
 from torch.nn import functional as F
 
 from lcflow.adapter import LatentAdapter
-from lcflow.adapter.reader import TextReader
+from lcflow.adapter.reader import ReaderConfig, TextReader
 from lcflow.core.kv import model_identity
 from lcflow.core.prompting import render_input
 from lcflow.handoff.pair import Receiver, Sharer, reader_contexts
@@ -36,6 +36,26 @@ def answer_logits_from_text(model, tokenizer, prompt: str, contexts: list[str], 
     ids = torch.cat([rendered.input_ids[0], target[:-1].cpu()])[None].to(model.device)
     out = model(input_ids=ids, logits_to_keep=len(target))
     return out.logits[0].float()
+
+
+def start_from_reader(reader: TextReader, directory: str) -> None:
+    """Put a trained reader's LoRA weights into `reader`, refusing one that reads another channel,
+    has another rank or was trained for another receiver (its weights would not fit or mean)."""
+    from safetensors.torch import load_file
+
+    trained = ReaderConfig.load(directory)
+    want = reader.config
+    if (trained.channel, trained.rank) != (want.channel, want.rank):
+        raise ValueError(
+            f"--init-reader {directory} reads {trained.channel} with rank {trained.rank}; this run "
+            f"trains {want.channel} with rank {want.rank}: give the same --channel and --rank"
+        )
+    if not trained.receiver.same_model(want.receiver):
+        raise ValueError(
+            f"--init-reader {directory} was trained for {trained.receiver.short()}, not "
+            f"{want.receiver.short()}; give a reader of this receiver"
+        )
+    reader.load_state_dict(load_file(Path(directory) / "adapter_model.safetensors"))
 
 
 class ReaderTrainer(Trainer):
@@ -62,6 +82,8 @@ class ReaderTrainer(Trainer):
                 raise ValueError(f"{self.cfg.init_adapter} is not a span or bridge LCF-X adapter")
             self.sharer = Sharer(ms, ts, lcfx.encoder, lcfx.config)
         reader = TextReader.for_model(mr, tr, self.cfg.channel, rank=self.cfg.rank, name=self.cfg.receiver)
+        if self.cfg.init_reader:
+            start_from_reader(reader, self.cfg.init_reader)
         reader.config.selection_adapter = self.cfg.init_adapter if self.sharer is not None else ""
         self.teacher_model = mr  # the receiver itself (the reader works on a copy), reading the document
         self.receiver = Receiver(reader.model, tr)
