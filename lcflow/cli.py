@@ -25,6 +25,7 @@ COMMAND_MODULES = [
     "lcflow.commands.train",
     "lcflow.commands.prune",
     "lcflow.commands.align",
+    "lcflow.commands.compress",
     "lcflow.commands.heads",
     "lcflow.commands.bridge",
     "lcflow.commands.info",

@@ -8,6 +8,7 @@ checks, then a call into the layers below.
 - train.py: `lcflow train`, any adapter or a text reader.
 - prune.py: `lcflow prune`, drop closed layers.
 - align.py: `lcflow align`, the closed-form KV alignment.
+- compress.py: `lcflow compress`, a span packet narrowed to b numbers a row.
 - heads.py: `lcflow heads`, a span adapter's retrieval heads.
 - bridge.py: `lcflow bridge`, an LCF-X bridge adapter.
 - info.py: `lcflow info`, what an adapter is.

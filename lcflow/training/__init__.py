@@ -9,4 +9,5 @@
 - bridge_fit.py: a bridge adapter's translator, fitted on corpus documents.
 - corpus.py: the seeded text corpus alignments and bridges are fitted on.
 - heads.py: the sharer's retrieval heads, ranked on training samples.
+- narrow.py: a compressed span adapter narrowed from a full-width one in closed form.
 """

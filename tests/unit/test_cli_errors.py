@@ -167,3 +167,27 @@ def test_packet_diagnostics_refuse_a_slot_adapter_before_loading_models(adapter_
     assert "is not a span-packet LCF-X adapter" in one_line_error(capsys)
     assert main(["bench", "packets", "--adapter", str(tmp_path)]) == 2
     assert "adapter_config.json" in one_line_error(capsys)
+
+
+def test_compress_refuses_a_slot_adapter_and_a_bottleneck_that_is_not_narrower(
+    adapter_dir, tiny_pair, capsys, tmp_path
+):
+    from helpers import same_model_alignment, span_adapter
+
+    out = str(tmp_path / "out")
+    assert main(["compress", str(adapter_dir), "--bottleneck", "8", "--out", out]) == 2
+    assert "only those can be narrowed" in one_line_error(capsys)
+    _, receiver = tiny_pair
+    spans = span_adapter(receiver, receiver, same_model_alignment(receiver, bottleneck=16), slots=4)
+    spans.save_pretrained(tmp_path / "spans")
+    assert main(["compress", str(tmp_path / "spans"), "--bottleneck", "16", "--out", out]) == 2
+    assert "--bottleneck must be between 1 and" in one_line_error(capsys)
+    assert not (tmp_path / "out").exists()  # nothing half-written
+
+
+def test_init_reader_needs_a_reader_directory_and_the_text_reader_mode(capsys, tmp_path):
+    base = ["train", "--sharer", "s", "--receiver", "r", "--out", str(tmp_path / "o")]
+    assert main([*base, "--init-reader", str(tmp_path)]) == 2
+    assert "give --mode text-reader too" in one_line_error(capsys)
+    assert main([*base, "--mode", "text-reader", "--init-reader", str(tmp_path)]) == 2
+    assert "not a text reader's directory" in one_line_error(capsys)

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from helpers import run_cli, span_adapter, write_task_file
+from safetensors.torch import load_file
 
 from lcflow.adapter import AdapterMismatchError
 from lcflow.adapter.reader import TextReader
@@ -126,6 +127,32 @@ def test_a_forward_selected_reader_trains_resumes_and_loads_as_an_adapter(tiny_p
     again = ReaderTrainer(cfg, sharer, (model, tokenizer))
     again.run()
     assert len(again.losses) == 3 and again.losses[:2] == trainer.losses
+
+
+def test_init_reader_starts_from_a_trained_readers_weights_and_refuses_another_channel(
+    tiny_pair, span_dir, tmp_path
+):
+    """--init-reader: the fair control for an LCF-X adapter refined with --init-adapter starts
+    where the trained reader left off (its LoRA weights), not from an untrained LoRA."""
+    from lcflow.training.reader import ReaderTrainer
+
+    sharer, receiver = tiny_pair
+    first = reader_config(tmp_path / "first", steps=1, init_adapter=str(span_dir))
+    trained = ReaderTrainer(first, sharer, receiver).run()
+    again = reader_config(
+        tmp_path / "again", steps=1, init_adapter=str(span_dir), init_reader=str(trained), seed=1
+    )
+    start = ReaderTrainer(again, sharer, receiver).adapter.state_dict()
+    fresh = ReaderTrainer(
+        reader_config(tmp_path / "fresh", steps=1, init_adapter=str(span_dir)), sharer, receiver
+    )
+    saved = load_file(trained / "adapter_model.safetensors")
+    assert start.keys() == saved.keys()
+    assert all(torch.equal(start[k], saved[k]) for k in saved)
+    assert not all(torch.equal(fresh.adapter.state_dict()[k], saved[k]) for k in saved)
+    other = reader_config(tmp_path / "other", steps=1, channel="forward", init_reader=str(trained))
+    with pytest.raises(ValueError, match="give the same --channel and --rank"):
+        ReaderTrainer(other, sharer, receiver)
 
 
 def test_a_reader_copied_for_a_second_pair_says_so_and_reads_that_pairs_selection(tiny_pair, tmp_path):

@@ -1,0 +1,100 @@
+"""The compressed span packet: a full-width span adapter narrowed to b numbers a row in closed
+form (lcflow.packets.narrowing, lcflow.training.narrow, `lcflow compress`)."""
+
+import pytest
+import torch
+from helpers import same_model_alignment, span_adapter
+
+from lcflow.handoff.pair import Receiver, Sharer
+from lcflow.packets.narrowing import narrow_map
+from lcflow.tasks import QASample, question_prompt
+from lcflow.training.narrow import narrowed_adapter, packet_rows
+
+
+def low_rank_map(rank: int, width_in=10, width=12, kv=8, rows=40, seed=0):
+    """Sharer features x of `rank` directions (plus an offset), and a random full-width map."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(rows, rank, generator=g) @ torch.randn(rank, width_in, generator=g)
+    x = x + torch.randn(width_in, generator=g)
+    e, d = torch.randn(width_in, width, generator=g), torch.randn(width, kv, generator=g)
+    return x, e, d, torch.randn(kv, generator=g)
+
+
+def rebuilt(x, fitted):
+    """The receiver's K/V from the narrowed halves: mu_y' + (x E') D'."""
+    return fitted.mu_y + (x @ fitted.encoder) @ fitted.decoder
+
+
+def test_rows_of_rank_b_are_rebuilt_exactly_through_b_numbers():
+    x, e, d, mu = low_rank_map(rank=3)
+    fitted = narrow_map(x @ e, e, d, mu, bottleneck=3)
+    assert fitted.encoder.shape == (10, 3) and fitted.decoder.shape == (3, 8)
+    torch.testing.assert_close(rebuilt(x, fitted), mu + x @ e @ d, rtol=1e-4, atol=1e-4)
+    assert fitted.kept_k == pytest.approx(1.0, abs=1e-6) and fitted.kept_v == pytest.approx(1.0, abs=1e-6)
+
+
+def test_a_narrower_packet_keeps_less_and_the_full_width_keeps_all():
+    x, e, d, mu = low_rank_map(rank=10)
+    kept = [narrow_map(x @ e, e, d, mu, b) for b in (2, 4, 8)]
+    shares = [f.kept_k + f.kept_v for f in kept]
+    assert shares[0] < shares[1] < shares[2] and 0 < shares[0]
+    torch.testing.assert_close(rebuilt(x, kept[2]), mu + x @ e @ d, rtol=1e-4, atol=1e-4)
+
+
+def test_weighting_keys_and_values_alike_stops_large_keys_taking_every_direction():
+    x, e, d, mu = low_rank_map(rank=10)
+    d = d.clone()
+    d[:, :4] *= 100  # keys a hundred times the values' scale, as raw keys' outlier channels are
+    raw = narrow_map(x @ e, e, d, mu, 3, balance=False)
+    balanced = narrow_map(x @ e, e, d, mu, 3, balance=True)
+    assert balanced.kept_v > raw.kept_v + 0.1
+    assert raw.kept_k > balanced.kept_k  # the price: the keys keep less
+
+
+def test_too_few_rows_or_a_bottleneck_wider_than_the_packet_is_refused():
+    x, e, d, mu = low_rank_map(rank=3, rows=4)
+    with pytest.raises(ValueError, match="more samples"):
+        narrow_map(x @ e, e, d, mu, bottleneck=6)
+    with pytest.raises(ValueError, match="bottleneck must be"):
+        narrow_map(x @ e, e, d, mu, bottleneck=9)
+
+
+SAMPLES = [
+    QASample(
+        f"s{i}",
+        f"Mira Volkov lives in Oslo. Lior Senn plays the violin. Ada Brook bakes bread {i} times a week.",
+        "Lior Senn owns a cat.",
+        question,
+        ["Oslo"],
+        "t",
+        False,
+    )
+    for i, question in enumerate(["Where does Mira Volkov live?", "What does Lior Senn play?"] * 3)
+]
+
+
+@torch.no_grad()
+def test_a_narrowed_adapter_sends_b_numbers_a_row_and_rebuilds_the_teachers_kv(tiny_pair):
+    _, receiver = tiny_pair
+    teacher = span_adapter(receiver, receiver, same_model_alignment(receiver, bottleneck=64), slots=12)
+    width = teacher.config.bottleneck
+    student, kept = narrowed_adapter(teacher, receiver, SAMPLES, bottleneck=width // 2)
+    assert student.config.bottleneck == width // 2 and set(kept) == set(teacher.config.retained_layers)
+    assert all(0 < k <= 1 and 0 < v <= 1 for k, v in kept.values())
+    sharers = [Sharer(*receiver, a.encoder, a.config) for a in (teacher, student)]
+    receivers = [Receiver(*receiver, a.decoder, a.config) for a in (teacher, student)]
+    prompt = question_prompt(SAMPLES[0].question)
+    packets = [s.encode(s.prefill(SAMPLES[0].sharer_context), question=prompt) for s in sharers]
+    assert all(z.shape[-1] == width // 2 for z in packets[1].layers.values())
+    assert packets[1].num_bytes() * 2 == packets[0].num_bytes()
+    # The K/V the receiver writes: close to the teacher's, as close as the variance kept says.
+    (k_full, v_full), (k_narrow, v_narrow) = (
+        r.decoder.entries(p.layers) for r, p in zip(receivers, packets, strict=True)
+    )
+    for t, (full, narrow) in enumerate(zip(v_full, v_narrow, strict=True)):
+        centred = full - full.mean(dim=2, keepdim=True)
+        error = (full - narrow).pow(2).sum() / centred.pow(2).sum()
+        assert error < 1 - kept[t][1] + 0.1, (t, error, kept[t])
+    with pytest.raises(ValueError, match="not narrower"):
+        narrowed_adapter(teacher, receiver, SAMPLES, bottleneck=width)
+    assert set(packet_rows(teacher, receiver, SAMPLES[:1])) == set(teacher.config.retained_layers)
