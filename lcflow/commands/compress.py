@@ -1,6 +1,8 @@
 """`lcflow compress`: narrow a full-width span adapter's packet to b numbers a row, in closed form.
 
     lcflow compress adapters/gemma3-to-gemma3-lcfx --bottleneck 128 --out runs/lcfx-b128
+    lcflow compress adapters/gemma3-to-gemma3-lcfx --bottleneck 64 128 256 --out runs/lcfx
+        # several widths from one pass over the samples: runs/lcfx/b64, runs/lcfx/b128, ...
     lcflow train ... --mode lcfx --init-adapter runs/lcfx-b128 --bottleneck 128 \\
         --teacher-adapter adapters/gemma3-to-gemma3-lcfx        # then distil it (optional)
 
@@ -14,6 +16,7 @@ heads and slots stay the adapter's. No backward pass; prints the variance kept p
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from lcflow.core.errors import UsageError
 from lcflow.tasks import TASK_NAMES, VARIANTS, get_task
@@ -27,8 +30,16 @@ def register(subparsers) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("adapter", help="a full-width span-packet LCF-X adapter directory")
-    p.add_argument("--bottleneck", type=int, required=True, help="b: numbers a packet row carries per layer")
-    p.add_argument("--out", required=True, help="directory for the narrowed adapter")
+    p.add_argument(
+        "--bottleneck",
+        type=int,
+        nargs="+",
+        required=True,
+        help="b: numbers a packet row carries per layer; several widths share one pass over the samples",
+    )
+    p.add_argument(
+        "--out", required=True, help="directory for the narrowed adapter (several widths: OUT/b<width> each)"
+    )
     p.add_argument(
         "--task",
         default="facts-cross-words",
@@ -52,7 +63,7 @@ def run(args) -> int:
 
     from lcflow.adapter import LatentAdapter  # keeps --help fast
     from lcflow.provision.loading import load_model_and_tokenizer  # keeps --help fast
-    from lcflow.training.narrow import narrowed_adapter  # keeps --help fast
+    from lcflow.training.narrow import narrowed_adapter, packet_rows  # keeps --help fast
 
     if args.samples < 1:
         raise UsageError(f"--samples must be at least 1, not {args.samples}")
@@ -63,33 +74,35 @@ def run(args) -> int:
     config = teacher.config
     if config.mode != "lcfx" or config.packet != "spans":
         raise UsageError(f"{args.adapter} is not a span-packet LCF-X adapter; only those can be narrowed")
-    if not 0 < args.bottleneck < config.bottleneck:
+    too_wide = [b for b in args.bottleneck if not 0 < b < config.bottleneck]
+    if too_wide:
         raise UsageError(
             f"--bottleneck must be between 1 and the adapter's width minus one ({config.bottleneck - 1}), "
-            f"not {args.bottleneck}"
+            f"not {', '.join(map(str, too_wide))}"
         )
     sharer = load_model_and_tokenizer(config.sharer.name, "cpu")
     samples = get_task(args.task).samples("train", args.samples, seed=args.seed)
-    student, kept = narrowed_adapter(teacher, sharer, samples, args.bottleneck, not args.no_balance)
-    student.config.training = {
-        "method": f"closed-form narrowing of {args.adapter} to b={args.bottleneck} "
-        f"({'keys and values weighted alike' if not args.no_balance else 'raw K/V'}), no task training",
-        "narrowed_from": args.adapter,
-        "teacher_training": config.training,
-        "task": args.task,
-        "split": "train",
-        "samples": len(samples),
-        "seed": args.seed,
-        "variance_kept_k_v": {str(t): list(v) for t, v in kept.items()},
-    }
-    student.save_pretrained(args.out, dtype=getattr(torch, config.dtype))
-    mean_k = sum(k for k, _ in kept.values()) / len(kept)
-    mean_v = sum(v for _, v in kept.values()) / len(kept)
-    print(
-        "variance kept per layer (keys / values): "
-        + ", ".join(f"{t}:{k:.3f}/{v:.3f}" for t, (k, v) in kept.items())
-    )
-    print(
-        f"mean kept: keys {mean_k:.3f}, values {mean_v:.3f}; b={args.bottleneck} adapter written to {args.out}"
-    )
+    rows = packet_rows(teacher, sharer, samples)
+    for width in args.bottleneck:
+        out = Path(args.out) if len(args.bottleneck) == 1 else Path(args.out, f"b{width}")
+        student, kept = narrowed_adapter(teacher, rows, width, not args.no_balance)
+        student.config.training = {
+            "method": f"closed-form narrowing of {args.adapter} to b={width} "
+            f"({'raw K/V' if args.no_balance else 'keys and values weighted alike'}), no task training",
+            "narrowed_from": args.adapter,
+            "teacher_training": config.training,
+            "task": args.task,
+            "split": "train",
+            "samples": len(samples),
+            "seed": args.seed,
+            "variance_kept_k_v": {str(t): list(v) for t, v in kept.items()},
+        }
+        student.save_pretrained(out, dtype=getattr(torch, config.dtype))
+        mean_k = sum(k for k, _ in kept.values()) / len(kept)
+        mean_v = sum(v for _, v in kept.values()) / len(kept)
+        print(
+            f"b={width}: variance kept per layer (keys / values): "
+            + ", ".join(f"{t}:{k:.3f}/{v:.3f}" for t, (k, v) in kept.items())
+        )
+        print(f"b={width}: mean kept: keys {mean_k:.3f}, values {mean_v:.3f}; written to {out}")
     return 0

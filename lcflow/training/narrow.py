@@ -1,6 +1,7 @@
 """A compressed span adapter from a full-width one, in closed form (lcflow.packets.narrowing).
 
-    adapter = narrowed_adapter(teacher, sharer_pair, samples, bottleneck=128)
+    rows = packet_rows(teacher, sharer_pair, samples)          # once, for any number of widths
+    adapter, kept = narrowed_adapter(teacher, rows, bottleneck=128)
 
 Runs the teacher's sharer half over training samples exactly as a handoff does (prefill, select
 with the question, encode), keeps every packet row per receiver layer, and replaces each layer's
@@ -37,16 +38,16 @@ def packet_rows(teacher: LatentAdapter, sharer_pair: tuple, samples) -> dict[int
 
 
 def narrowed_adapter(
-    teacher: LatentAdapter, sharer_pair: tuple, samples, bottleneck: int, balance: bool = True
+    teacher: LatentAdapter, rows: dict[int, torch.Tensor], bottleneck: int, balance: bool = True
 ) -> tuple[LatentAdapter, dict[int, tuple[float, float]]]:
-    """(the teacher narrowed to `bottleneck`, {layer: (keys' variance kept, values' kept)})."""
+    """(the teacher narrowed to `bottleneck`, {layer: (keys' variance kept, values' kept)});
+    `rows`: the teacher's packet rows per layer (packet_rows)."""
     if teacher.config.mode != "lcfx" or teacher.config.packet != "spans":
         raise ValueError("only a span-packet LCF-X adapter can be narrowed")
     if bottleneck >= teacher.config.bottleneck:
         raise ValueError(
             f"--bottleneck {bottleneck} is not narrower than the adapter's {teacher.config.bottleneck}"
         )
-    rows = packet_rows(teacher, sharer_pair, samples)
     config = copy.deepcopy(teacher.config)
     config.bottleneck = bottleneck
     student = LatentAdapter(config)

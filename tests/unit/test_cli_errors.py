@@ -180,8 +180,10 @@ def test_compress_refuses_a_slot_adapter_and_a_bottleneck_that_is_not_narrower(
     _, receiver = tiny_pair
     spans = span_adapter(receiver, receiver, same_model_alignment(receiver, bottleneck=16), slots=4)
     spans.save_pretrained(tmp_path / "spans")
-    assert main(["compress", str(tmp_path / "spans"), "--bottleneck", "16", "--out", out]) == 2
-    assert "--bottleneck must be between 1 and" in one_line_error(capsys)
+    assert main(["compress", str(tmp_path / "spans"), "--bottleneck", "8", "16", "--out", out]) == 2
+    assert "--bottleneck must be between 1 and the adapter's width minus one (15), not 16" in one_line_error(
+        capsys
+    )
     assert not (tmp_path / "out").exists()  # nothing half-written
 
 

@@ -1,6 +1,8 @@
 """The compressed span packet: a full-width span adapter narrowed to b numbers a row in closed
 form (lcflow.packets.narrowing, lcflow.training.narrow, `lcflow compress`)."""
 
+import dataclasses
+
 import pytest
 import torch
 from helpers import same_model_alignment, span_adapter
@@ -78,7 +80,9 @@ def test_a_narrowed_adapter_sends_b_numbers_a_row_and_rebuilds_the_teachers_kv(t
     _, receiver = tiny_pair
     teacher = span_adapter(receiver, receiver, same_model_alignment(receiver, bottleneck=64), slots=12)
     width = teacher.config.bottleneck
-    student, kept = narrowed_adapter(teacher, receiver, SAMPLES, bottleneck=width // 2)
+    rows = packet_rows(teacher, receiver, SAMPLES)
+    assert set(rows) == set(teacher.config.retained_layers)
+    student, kept = narrowed_adapter(teacher, rows, bottleneck=width // 2)
     assert student.config.bottleneck == width // 2 and set(kept) == set(teacher.config.retained_layers)
     assert all(0 < k <= 1 and 0 < v <= 1 for k, v in kept.values())
     sharers = [Sharer(*receiver, a.encoder, a.config) for a in (teacher, student)]
@@ -96,5 +100,26 @@ def test_a_narrowed_adapter_sends_b_numbers_a_row_and_rebuilds_the_teachers_kv(t
         error = (full - narrow).pow(2).sum() / centred.pow(2).sum()
         assert error < 1 - kept[t][1] + 0.1, (t, error, kept[t])
     with pytest.raises(ValueError, match="not narrower"):
-        narrowed_adapter(teacher, receiver, SAMPLES, bottleneck=width)
-    assert set(packet_rows(teacher, receiver, SAMPLES[:1])) == set(teacher.config.retained_layers)
+        narrowed_adapter(teacher, rows, bottleneck=width)
+
+
+def test_compress_writes_one_adapter_per_width_from_one_pass(tiny_dir, capsys, tmp_path):
+    from lcflow.adapter import LatentAdapter
+    from lcflow.cli import main
+    from lcflow.testing.tiny import load_tiny
+
+    directory = tiny_dir("gemma3", 400, 2)
+    receiver = load_tiny(directory)
+    teacher = span_adapter(receiver, receiver, same_model_alignment(receiver, bottleneck=64), slots=12)
+    named = dataclasses.replace(teacher.config.sharer, name=str(directory))  # loadable by name
+    teacher.config.sharer = teacher.config.receiver = named
+    teacher.save_pretrained(tmp_path / "teacher")
+    out = tmp_path / "narrow"
+    args = ["compress", str(tmp_path / "teacher"), "--bottleneck", "8", "32", "--out", str(out)]
+    assert main([*args, "--task", "facts-cross", "--samples", "3"]) == 0
+    for width in (8, 32):
+        narrowed = LatentAdapter.from_pretrained(out / f"b{width}")
+        assert narrowed.config.bottleneck == width and narrowed.config.packet == "spans"
+        assert narrowed.config.training["narrowed_from"] == str(tmp_path / "teacher")
+        assert narrowed.config.selection == teacher.config.selection
+    assert "b=8: mean kept" in capsys.readouterr().out
