@@ -3,8 +3,8 @@
 A full-width span adapter sends, per receiver layer, z = (x - mu_x) E (B numbers a row) and the
 receiver rebuilds its keys and values as y = mu_y + z D. Over the rows Z of real packets, those
 K/V vary in fewer directions than B; keep the b that carry most of it. With W a diagonal weight
-that makes the keys' and the values' total variance count alike (keys carry outlier channels
-that would otherwise take every direction):
+that makes the keys' and the values' variance count alike (keys carry outlier channels that
+would otherwise take every direction) while keeping the K/V's overall scale:
 
     Yc        = (Z - zbar) D W                      the packets' K/V, centred and weighted
     Yc        = U S V^T,  V_b = V[:, :b]            its b principal directions
@@ -36,13 +36,17 @@ class NarrowedMap:
 
 
 def half_weights(yc: torch.Tensor, key_width: int, balance: bool) -> torch.Tensor:
-    """[d]: 1 / sqrt(total variance) of each half (keys, values), or ones without `balance`."""
+    """[d]: per half (keys, values), sqrt(mean variance / the half's mean variance), or ones
+    without `balance`. The halves then count alike and the weighted K/V keep their overall scale,
+    so the narrowed encoder's weights are of the teacher's size (an optimizer's steps stay small
+    against them when distillation refines them)."""
     if not balance:
         return torch.ones(yc.shape[1], dtype=yc.dtype)
-    k_var = yc[:, :key_width].pow(2).sum() / len(yc)
-    v_var = yc[:, key_width:].pow(2).sum() / len(yc)
+    variance = yc.pow(2).mean(0)
+    overall, k_var, v_var = variance.mean(), variance[:key_width].mean(), variance[key_width:].mean()
     w = torch.empty(yc.shape[1], dtype=yc.dtype)
-    w[:key_width], w[key_width:] = k_var.clamp_min(1e-12).rsqrt(), v_var.clamp_min(1e-12).rsqrt()
+    w[:key_width] = (overall / k_var.clamp_min(1e-12)).sqrt()
+    w[key_width:] = (overall / v_var.clamp_min(1e-12)).sqrt()
     return w
 
 

@@ -123,3 +123,16 @@ def test_compress_writes_one_adapter_per_width_from_one_pass(tiny_dir, capsys, t
         assert narrowed.config.training["narrowed_from"] == str(tmp_path / "teacher")
         assert narrowed.config.selection == teacher.config.selection
     assert "b=8: mean kept" in capsys.readouterr().out
+
+
+def test_the_narrowed_encoder_keeps_the_teachers_scale():
+    """Balanced weights keep the K/V's overall scale: the new encoder's weights are of the size
+    of E D V_b (an orthonormal V_b), not shrunk by the variance (which made distillation's first
+    steps overshoot)."""
+    x, e, d, mu = low_rank_map(rank=10)
+    d = d.clone()
+    d[:, :4] *= 30
+    raw = narrow_map(x @ e, e, d, mu, 6, balance=False)
+    balanced = narrow_map(x @ e, e, d, mu, 6, balance=True)
+    ratio = balanced.encoder.norm() / raw.encoder.norm()
+    assert 0.1 < ratio < 10, ratio
