@@ -162,6 +162,8 @@ def render_doc(files: list[Path]) -> str:
         parts += ["", f"## {results['meta']['task']}: {results['meta']['models']['pair'] or ''}", ""]
         if path.stem.endswith("-kvcomm"):  # a run of KVComm beside forward and LCF-X only
             parts[-2] += " (KVComm's run)"
+        if path.stem.endswith("-trained"):  # LCF-X and its text reader refined on the family itself
+            parts[-2] += " (LCF-X and its text reader refined on this family, the same budget)"
         parts += [caption(results, path), "", channel_table(results)]
         if path.name in RESCORED:
             start, stop = RESCORED[path.name]
