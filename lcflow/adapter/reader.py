@@ -9,6 +9,9 @@ the whole document), but the sharer's knowledge reaches it as text:
     channel "forward-selected"   the sentences that hold LCF-X's selected positions (the same
                                  selection head, question and budget), lcflow.handoff.pair.Sharer.selected_text
     channel "forward"            the sharer's whole document
+    channel "lcfx"               no text: the LCF-X packet itself; a span adapter trained with
+                                 `--receiver-lora` keeps such a LoRA in its RECEIVER_READER folder,
+                                 so latents get the same receiver-side capacity a text reader has
 
 LoRA on the receiver's attention projections: W' = W + (alpha / r) B A, with A [r, d_in] and
 B [d_out, r], B = 0 at the start (so an untrained reader is the receiver itself).
@@ -37,7 +40,10 @@ from lcflow.adapter.config import AdapterMismatchError
 from lcflow.core.kv import ModelIdentity, model_identity
 
 READER_CONFIG = "reader_config.json"
-CHANNELS = ("forward-selected", "forward")
+# "lcfx": not a text channel but the LCF-X packet itself: a LoRA trained beside a span adapter's
+# decoder (`lcflow train --receiver-lora`), kept in that adapter's RECEIVER_READER folder.
+CHANNELS = ("forward-selected", "forward", "lcfx")
+RECEIVER_READER = "receiver-reader"
 # The attention projections every supported family names alike (Llama, Gemma3, Qwen).
 TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
 
@@ -171,3 +177,15 @@ class TextReader:
             save_file({k: v.to(dtype).contiguous() for k, v in load_file(weights).items()}, weights)
         (directory / READER_CONFIG).write_text(json.dumps(self.config.to_dict(), indent=1) + "\n")
         return directory
+
+
+def receiver_reader_model(adapter_dir: str | Path, model, tokenizer, name: str | None = None):
+    """The receiver with a span adapter's own LoRA merged in (its RECEIVER_READER folder), or
+    None when the adapter has none (its decoder alone reads the packet)."""
+    directory = Path(adapter_dir) / RECEIVER_READER
+    if not directory.is_dir():
+        return None
+    reader = TextReader.from_pretrained(directory, model, tokenizer, name=name)
+    if reader.config.channel != "lcfx":
+        raise ValueError(f"{directory} reads {reader.config.channel}, not an LCF-X packet")
+    return reader.model

@@ -39,7 +39,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from lcflow.commands.preflight import check_model
-from lcflow.core.names import METHOD_ALIASES, METHODS, PAIRS, READER_METHODS, SAME_CONTEXT_ONLY, WIRE_FORMS
+from lcflow.core.names import (
+    LCFX_METHODS,
+    METHOD_ALIASES,
+    METHODS,
+    PAIRS,
+    READER_METHODS,
+    SAME_CONTEXT_ONLY,
+    WIRE_FORMS,
+)
 from lcflow.eval.report import markdown_table, write_report
 from lcflow.eval.services import evaluate_through_services
 from lcflow.provision import ProvisionError
@@ -372,6 +380,16 @@ def _load_into(plan: EvalPlan, args, models: EvalModels, ids: tuple, method: str
     if getattr(adapter, "encoder", None) is not None and adapter.config.packet == "bridge":
         adapter.encoder.attach_receiver_tokenizer(models.receiver[1])  # it cuts text as the receiver does
     models.adapters[method] = adapter
+    if method in LCFX_METHODS:
+        from lcflow.adapter.reader import receiver_reader_model  # keeps --help fast
+
+        try:
+            reader = receiver_reader_model(path, *models.receiver, name=ids[1].name)
+        except (ValueError, FileNotFoundError, OSError) as err:
+            del models.adapters[method]
+            return f"cannot use {path}'s receiver-side LoRA: {err}"
+        if reader is not None:
+            models.packet_readers[method] = reader
     counts = adapter.parameter_counts()
     info[method] = {
         "path": str(path),
@@ -380,6 +398,8 @@ def _load_into(plan: EvalPlan, args, models: EvalModels, ids: tuple, method: str
         "parameter_counts": counts,
         "mb_bf16": counts["total"] * 2 / 1e6,
     }
+    if method in models.packet_readers:
+        info[method]["receiver_lora"] = str(path / "receiver-reader")
     return ""
 
 

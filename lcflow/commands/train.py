@@ -140,6 +140,15 @@ def register(subparsers) -> None:
         "sample's packet)), which rewards answers that depend on the packet (0 = off)",
     )
     p.add_argument(
+        "--receiver-lora",
+        type=int,
+        default=d.receiver_lora,
+        metavar="RANK",
+        help="with --init-adapter: also train a LoRA of this rank on the receiver beside the decoder "
+        "(the capacity a text reader has), saved in OUT/receiver-reader; `lcflow eval` reads the "
+        "packet through it; 0 = the decoder alone",
+    )
+    p.add_argument(
         "--contrast-margin",
         type=float,
         default=d.contrast_margin,
@@ -203,6 +212,12 @@ def check_inputs(cfg: TrainConfig) -> None:
         raise UsageError(
             f"--teacher-adapter {cfg.teacher_adapter} is not a directory; give an adapter directory"
         )
+    if cfg.receiver_lora and not (cfg.init_adapter and cfg.mode == "lcfx"):
+        raise UsageError(
+            "--receiver-lora trains beside a span adapter: give --mode lcfx --init-adapter DIR too"
+        )
+    if cfg.receiver_lora < 0:
+        raise UsageError(f"--receiver-lora is a LoRA rank (0 = none), not {cfg.receiver_lora}")
     if cfg.init_reader and cfg.mode != "text-reader":
         raise UsageError("--init-reader starts a text reader: give --mode text-reader too")
     if cfg.init_reader and not Path(cfg.init_reader, "reader_config.json").is_file():

@@ -61,6 +61,9 @@ class EvalModels:
     # "lcf" / "lcfx" / "lcfx-pruned" -> LatentAdapter, "c2c" -> fuser, "forward+reader" /
     # "forward-selected+reader" -> TextReader (forward-selected selects with "lcfx"'s adapter)
     adapters: dict = field(default_factory=dict)
+    # LCF-X methods whose span adapter carries a receiver-side LoRA (`lcflow train --receiver-lora`):
+    # the receiver model, LoRA merged, that reads their packet
+    packet_readers: dict = field(default_factory=dict)
     wire: str = "exact"  # the latents' number format on the way to the receiver (names.WIRE_FORMS)
     kvcomm_layers: frozenset[int] = frozenset()  # the layers KVComm sends whole (its calibration)
 
@@ -140,7 +143,10 @@ def _halves(models: EvalModels, method: str) -> tuple[Sharer, Receiver]:
     encoder = adapter.encoder if adapter is not None else None
     decoder = adapter.decoder if adapter is not None else None
     config = adapter.config if adapter is not None else None
-    return Sharer(*models.sharer, encoder, config), Receiver(*models.receiver, decoder, config)
+    receiver_model = models.packet_readers.get(method, models.receiver[0])
+    return Sharer(*models.sharer, encoder, config), Receiver(
+        receiver_model, models.receiver[1], decoder, config
+    )
 
 
 @torch.inference_mode()

@@ -13,6 +13,7 @@ import grpc
 from lcflow.adapter import LatentAdapter
 from lcflow.adapter.c2c import C2CFuser, C2CSender
 from lcflow.adapter.config import AdapterConfig
+from lcflow.adapter.reader import RECEIVER_READER
 from lcflow.core.kv import ModelIdentity, model_identity
 from lcflow.handoff.pair import Receiver, Sharer
 from lcflow.provision import load_model_and_tokenizer
@@ -37,6 +38,12 @@ def load_adapter_half(model, tokenizer, adapter_dir: str, part: str, name: str |
     if AdapterConfig.load(adapter_dir).mode == "c2c":
         adapter = load_c2c_half(adapter_dir, part, model.device, **{role: identity})
         return identity, adapter, adapter_id(adapter.config.to_dict())
+    if part == "decoder" and (Path(adapter_dir) / RECEIVER_READER).is_dir():
+        raise ValueError(
+            f"{adapter_dir} carries a receiver-side LoRA ({RECEIVER_READER}/, from `lcflow train "
+            "--receiver-lora`), which the receiver service does not apply yet: its decoder alone would "
+            "read the packet wrongly. Evaluate it with `lcflow eval`, or serve an adapter without one"
+        )
     adapter = LatentAdapter.from_pretrained(adapter_dir, part=part, device=model.device, **{role: identity})
     if part == "encoder" and adapter.config.packet == "bridge":
         adapter.encoder.tokenizer()  # the receiver's tokenizer, by name: fail at start, not mid-request

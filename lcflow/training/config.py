@@ -49,6 +49,9 @@ class TrainConfig:
     # another sample's packet by `contrast_margin` nats (lcflow.training.distill); 0 = off.
     contrast_weight: float = 0.0
     contrast_margin: float = 1.0
+    # Span-packet LCF-X with init_adapter: also train a LoRA of this rank on the receiver (the
+    # capacity a text reader has), saved in OUT/receiver-reader; 0 = the decoder alone reads.
+    receiver_lora: int = 0
     # The latents' number format on the way to the receiver (names.WIRE_FORMS): "exact" trains on
     # them as encoded; "bf16" / "int8" / "int4" puts them through that wire codec, with a
     # straight-through gradient, so the decoder learns to read what the services send.

@@ -19,6 +19,9 @@ CE and KL alone, a mix of such samples taught the receiver to guess a value of t
 from its own document, as well with any packet (docs/lcfx.md section 6); the hinge is zero only
 where the right packet explains the answer by `contrast_margin` nats more than another's.
 The other packet is the next training sample's of the same task (its own question selects it).
+With cfg.receiver_lora, a LoRA on the receiver (lcflow.adapter.reader, channel "lcfx") trains
+beside the decoder, so the packet is read by a receiver as trainable as a text reader's; the
+teacher stays the plain receiver. It is saved in OUT/receiver-reader.
 A teacher adapter (frozen) is how a compressed packet learns from a full-width one: a student of
 bottleneck b < K/V width starts from the reduced-rank alignment and matches what the receiver
 reads from the wide packet, which the document-reading teacher does not say.
@@ -28,13 +31,16 @@ held-out ships-cross family is never read. Seeded, resumable (lcflow.training.tr
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from torch.nn import functional as F
 
 from lcflow.adapter import LatentAdapter
+from lcflow.adapter.reader import RECEIVER_READER, TextReader
 from lcflow.core.kv import model_identity
 from lcflow.handoff.pair import Receiver, Sharer
-from lcflow.training.train import Trainer, answer_ids, prepare_for_sample
+from lcflow.training.train import CHECKPOINT_DIR, Trainer, answer_ids, prepare_for_sample
 
 
 def answer_logits(model, prepared, target: torch.Tensor) -> torch.Tensor:
@@ -84,6 +90,13 @@ class SpanDistillTrainer(Trainer):
         adapter = self.load_span_adapter(self.cfg.init_adapter, sharer_pair, receiver_pair)
         adapter.requires_grad_(True)
         self.sharer = Sharer(ms, ts, adapter.encoder, adapter.config)
+        self.teacher_model, self.plain = mr, Receiver(mr, tr)  # the KL's teacher: the plain receiver
+        self.reader = None
+        if self.cfg.receiver_lora:
+            self.reader = TextReader.for_model(
+                mr, tr, "lcfx", rank=self.cfg.receiver_lora, name=self.cfg.receiver
+            )
+            mr = self.reader.model  # the student reads through its own LoRA'd copy
         self.receiver = Receiver(mr, tr, adapter.decoder, adapter.config)
         self.teacher = self.build_teacher(sharer_pair, receiver_pair) if self.cfg.teacher_adapter else None
         return adapter
@@ -101,10 +114,34 @@ class SpanDistillTrainer(Trainer):
         """What the KL's teacher reads: the teacher adapter's packet, or the document as text."""
         if self.teacher is not None:
             return prepare_for_sample(*self.teacher, "lcfx", sample, prompt)
-        return self.receiver.prepare_plain(prompt, [sample.sharer_context, sample.receiver_context])
+        return self.plain.prepare_plain(prompt, [sample.sharer_context, sample.receiver_context])
 
     def gate_penalty(self) -> torch.Tensor:
         return torch.zeros(())  # span packets have no gates
+
+    # --- the receiver-side LoRA (cfg.receiver_lora), trained, saved and resumed with the adapter ---
+
+    def extra_parameters(self) -> list:
+        return list(self.reader.parameters()) if getattr(self, "reader", None) is not None else []
+
+    def save_checkpoint(self) -> None:
+        super().save_checkpoint()
+        if self.reader is not None:
+            self.reader.save_pretrained(self.out / CHECKPOINT_DIR / RECEIVER_READER, dtype=torch.float32)
+
+    def save_final(self) -> Path:
+        out = super().save_final()
+        if self.reader is not None:
+            self.reader.config.training = self.provenance()
+            self.reader.save_pretrained(out / RECEIVER_READER, dtype=torch.float32)
+        return out
+
+    def load_weights(self, directory: Path) -> None:
+        super().load_weights(directory)
+        if self.reader is not None:
+            from safetensors.torch import load_file
+
+            self.reader.load_state_dict(load_file(directory / RECEIVER_READER / "adapter_model.safetensors"))
 
     def packet_donor(self, sample):
         """The training sample whose packet is the control: the next one of the same task."""
@@ -130,7 +167,7 @@ class SpanDistillTrainer(Trainer):
             loss = loss + self.cfg.contrast_weight * hinge
         if self.cfg.kl_weight > 0:
             with torch.no_grad():
-                teacher = answer_logits(self.receiver.model, self.teacher_input(sample, prompt), target)
+                teacher = answer_logits(self.teacher_model, self.teacher_input(sample, prompt), target)
             kl = F.kl_div(
                 student.log_softmax(-1), teacher.log_softmax(-1), log_target=True, reduction="batchmean"
             )

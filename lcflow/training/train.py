@@ -105,9 +105,11 @@ def cosine_with_warmup(step: int, total: int, warmup_steps: int) -> float:
     return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def build_optimizer(adapter, cfg: TrainConfig):
+def build_optimizer(adapter, cfg: TrainConfig, extra: list | None = None):
+    """AdamW over the adapter (gate logits at their own rate) and `extra` parameters trained
+    beside it (a receiver-side LoRA)."""
     gates = [p for n, p in adapter.named_parameters() if n.endswith("logit")]
-    rest = [p for n, p in adapter.named_parameters() if not n.endswith("logit")]
+    rest = [p for n, p in adapter.named_parameters() if not n.endswith("logit")] + list(extra or [])
     return torch.optim.AdamW(
         [
             {"params": rest, "lr": cfg.lr, "weight_decay": cfg.weight_decay},
@@ -162,7 +164,7 @@ class Trainer:
         )
         self.adapter = self.build_adapter((ms, ts), (mr, tr))
         self.samples, self.data = training_samples(cfg)
-        self.optimizer = build_optimizer(self.adapter, cfg)
+        self.optimizer = build_optimizer(self.adapter, cfg, self.extra_parameters())
         warmup_steps = max(1, int(cfg.warmup * cfg.steps))
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: cosine_with_warmup(s, cfg.steps, warmup_steps)
@@ -188,6 +190,10 @@ class Trainer:
         self.sharer = Sharer(ms, ts, adapter.encoder, adapter.config)
         self.receiver = Receiver(mr, tr, adapter.decoder, adapter.config)
         return adapter
+
+    def extra_parameters(self) -> list:
+        """Parameters trained beside the adapter's (none here)."""
+        return []
 
     def prepare(self, sample) -> PreparedInput:
         """The receiver's cache for one sample, with gradients through the adapter."""
@@ -217,7 +223,7 @@ class Trainer:
                 loss = loss + self.cfg.gate_l1 * self.gate_penalty()
             (loss / len(batch)).backward()
             total += loss.item() / len(batch)
-        torch.nn.utils.clip_grad_norm_(self.adapter.parameters(), self.cfg.clip)
+        torch.nn.utils.clip_grad_norm_([*self.adapter.parameters(), *self.extra_parameters()], self.cfg.clip)
         self.optimizer.step()
         self.scheduler.step()
         self.step += 1

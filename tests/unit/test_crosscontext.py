@@ -519,3 +519,43 @@ def test_selection_heads_must_be_layer_head_pairs(tiny_pair):
             packet="spans",
             selection_heads=[[1]],
         )
+
+
+def test_a_receiver_side_lora_trains_beside_the_decoder_resumes_and_is_read_by_eval(tiny_pair, tmp_path):
+    """--receiver-lora: the packet's reader gets a text reader's capacity (a LoRA on the
+    receiver), saved in OUT/receiver-reader; eval reads the packet through it; the receiver
+    service refuses such an adapter instead of reading it with the decoder alone."""
+    from lcflow.adapter.reader import RECEIVER_READER, TextReader, receiver_reader_model
+    from lcflow.eval.harness import EvalModels, _halves
+    from lcflow.serving.loading import load_adapter_half
+    from lcflow.training.distill import SpanDistillTrainer
+
+    sharer, receiver = tiny_pair
+    aligned_span_adapter(tiny_pair, tmp_path / "init")
+    before = {k: v.clone() for k, v in receiver[0].state_dict().items()}
+    cfg = distill_config(tmp_path, "run", steps=2, checkpoint_every=1, receiver_lora=4)
+    trainer = SpanDistillTrainer(cfg, sharer, receiver)
+    out = trainer.run()
+    assert trainer.receiver.model is trainer.reader.model and trainer.teacher_model is receiver[0]
+    lora = TextReader.from_pretrained(out / RECEIVER_READER, *receiver)
+    assert lora.config.channel == "lcfx" and lora.config.rank == 4
+    trained = {k: v for k, v in trainer.reader.state_dict().items() if "lora_B" in k}
+    assert trained and any(v.abs().sum() > 0 for v in trained.values())  # B starts at 0
+    assert all(torch.equal(before[k], v) for k, v in receiver[0].state_dict().items())  # base untouched
+    cfg.steps = 3  # resume: the LoRA comes back from the checkpoint too
+    again = SpanDistillTrainer(cfg, sharer, receiver)
+    again.resume()
+    resumed = {k: v for k, v in again.reader.state_dict().items() if "lora_B" in k}
+    assert all(torch.equal(resumed[k], trained[k]) for k in trained)
+
+    model = receiver_reader_model(out, *receiver)
+    ids = torch.tensor([[1, 5, 9, 13]])
+    with torch.no_grad():
+        assert not torch.allclose(model(ids).logits, receiver[0](ids).logits)
+    assert receiver_reader_model(tmp_path / "init", *receiver) is None
+    adapter = LatentAdapter.from_pretrained(out)
+    models = EvalModels(sharer, receiver, adapters={"lcfx": adapter}, packet_readers={"lcfx": model})
+    assert _halves(models, "lcfx")[1].model is model
+    assert _halves(EvalModels(sharer, receiver, adapters={"lcfx": adapter}), "lcfx")[1].model is receiver[0]
+    with pytest.raises(ValueError, match="receiver-side LoRA"):
+        load_adapter_half(*receiver, str(out), "decoder", None)
