@@ -316,3 +316,28 @@ def test_kvcomm_is_skipped_across_models(loaded_tiny_pair, tmp_path):
         + ["--max-new-tokens", "2", "--out", str(tmp_path / "out")]
     )
     assert code == 0 and "skipping kvcomm: same-model pairs only" in stdout
+
+
+def test_an_lcfx_adapter_with_a_receiver_lora_is_read_through_it(
+    loaded_tiny_pair, tiny_pair, lcfx_dir, tmp_path
+):
+    """An adapter trained with --receiver-lora carries receiver-reader/: eval loads it for every
+    LCF-X method and records it; a reader of another channel there is refused with its reason."""
+    import shutil
+
+    from lcflow.adapter.reader import RECEIVER_READER, TextReader
+
+    adapter = tmp_path / "lcfx-lora"
+    shutil.copytree(lcfx_dir, adapter)
+    reader = TextReader.for_model(*tiny_pair[1], "lcfx", rank=4)
+    reader.save_pretrained(adapter / RECEIVER_READER)
+    argv = ["eval", "--pair", "smollm2-to-gemma3", "--task", "facts-cross", "--n", "2"]
+    argv += ["--methods", "lcfx,lcfx-wrong", "--adapter-lcfx", str(adapter), "--max-new-tokens", "2"]
+    code, _, stderr = run_cli([*argv, "--out", str(tmp_path / "out")])
+    assert code == 0, stderr
+    meta = json.loads((tmp_path / "out" / "results.json").read_text())["meta"]
+    for method in ("lcfx", "lcfx-wrong"):
+        assert meta["adapters"][method]["receiver_lora"] == str(adapter / RECEIVER_READER)
+    TextReader.for_model(*tiny_pair[1], "forward", rank=4).save_pretrained(adapter / RECEIVER_READER)
+    code, stdout, _ = run_cli([*argv, "--methods", "receiver,lcfx", "--out", str(tmp_path / "again")])
+    assert code == 0 and "reads forward, not an LCF-X packet" in stdout
