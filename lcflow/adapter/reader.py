@@ -165,6 +165,12 @@ class TextReader:
 
         set_peft_model_state_dict(self.model, state)
 
+    def load_weights(self, directory: str | Path) -> None:
+        """Put the LoRA weights a reader directory holds (save_pretrained's) into this reader."""
+        from safetensors.torch import load_file
+
+        self.load_state_dict(load_file(Path(directory) / "adapter_model.safetensors"))
+
     def save_pretrained(self, directory: str | Path, dtype: torch.dtype | None = None) -> Path:
         """PEFT's files (adapter_config.json, adapter_model.safetensors) and reader_config.json."""
         directory = Path(directory)

@@ -383,8 +383,14 @@ def _load_into(plan: EvalPlan, args, models: EvalModels, ids: tuple, method: str
     if method in LCFX_METHODS:
         from lcflow.adapter.reader import receiver_reader_model  # keeps --help fast
 
+        # lcfx-wrong reads with lcfx's adapter: one merged copy of the receiver serves both
+        shared = [m for m in models.packet_readers if info[m]["path"] == str(path)]
         try:
-            reader = receiver_reader_model(path, *models.receiver, name=ids[1].name)
+            reader = (
+                models.packet_readers[shared[0]]
+                if shared
+                else receiver_reader_model(path, *models.receiver, name=ids[1].name)
+            )
         except (ValueError, FileNotFoundError, OSError) as err:
             del models.adapters[method]
             return f"cannot use {path}'s receiver-side LoRA: {err}"
@@ -399,7 +405,9 @@ def _load_into(plan: EvalPlan, args, models: EvalModels, ids: tuple, method: str
         "mb_bf16": counts["total"] * 2 / 1e6,
     }
     if method in models.packet_readers:
-        info[method]["receiver_lora"] = str(path / "receiver-reader")
+        from lcflow.adapter.reader import RECEIVER_READER  # keeps --help fast
+
+        info[method]["receiver_lora"] = str(path / RECEIVER_READER)
     return ""
 
 

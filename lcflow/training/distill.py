@@ -122,7 +122,7 @@ class SpanDistillTrainer(Trainer):
     # --- the receiver-side LoRA (cfg.receiver_lora), trained, saved and resumed with the adapter ---
 
     def extra_parameters(self) -> list:
-        return list(self.reader.parameters()) if getattr(self, "reader", None) is not None else []
+        return list(self.reader.parameters()) if self.reader is not None else []
 
     def save_checkpoint(self) -> None:
         super().save_checkpoint()
@@ -139,9 +139,7 @@ class SpanDistillTrainer(Trainer):
     def load_weights(self, directory: Path) -> None:
         super().load_weights(directory)
         if self.reader is not None:
-            from safetensors.torch import load_file
-
-            self.reader.load_state_dict(load_file(directory / RECEIVER_READER / "adapter_model.safetensors"))
+            self.reader.load_weights(directory / RECEIVER_READER)
 
     def packet_donor(self, sample):
         """The training sample whose packet is the control: the next one of the same task."""

@@ -41,8 +41,6 @@ def answer_logits_from_text(model, tokenizer, prompt: str, contexts: list[str], 
 def start_from_reader(reader: TextReader, directory: str) -> None:
     """Put a trained reader's LoRA weights into `reader`, refusing one that reads another channel,
     has another rank or was trained for another receiver (its weights would not fit or mean)."""
-    from safetensors.torch import load_file
-
     trained = ReaderConfig.load(directory)
     want = reader.config
     if (trained.channel, trained.rank) != (want.channel, want.rank):
@@ -55,7 +53,7 @@ def start_from_reader(reader: TextReader, directory: str) -> None:
             f"--init-reader {directory} was trained for {trained.receiver.short()}, not "
             f"{want.receiver.short()}; give a reader of this receiver"
         )
-    reader.load_state_dict(load_file(Path(directory) / "adapter_model.safetensors"))
+    reader.load_weights(directory)
 
 
 class ReaderTrainer(Trainer):
@@ -122,6 +120,4 @@ class ReaderTrainer(Trainer):
         return loss
 
     def load_weights(self, directory: Path) -> None:
-        from safetensors.torch import load_file
-
-        self.adapter.load_state_dict(load_file(directory / "adapter_model.safetensors"))
+        self.adapter.load_weights(directory)
