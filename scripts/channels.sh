@@ -13,6 +13,7 @@
 #   bash scripts/channels.sh                 # facts-cross and ships for Gemma3 -> Gemma3
 #   PAIR=smollm2-to-gemma3 bash scripts/channels.sh
 #   TASKS="referents ships-referents" bash scripts/channels.sh   # any names of task_arguments below
+#   TASKS="countries tipsheets" bash scripts/channels.sh         # the peer benchmarks
 #
 # Tasks run two at a time (one torch thread each: 2 cores). kvcomm runs on same-model pairs only
 # (`lcflow eval` skips it on the others, saying why).
@@ -33,6 +34,8 @@ task_arguments() {  # a short name -> its `lcflow eval` sample flags
     # The unseen families: no adapter, reader or design choice trained on them.
     ships) echo --task-file lcflow/data/tasks/ships-cross.jsonl ;;
     ships-referents | ships-inside-hops) echo --task-file "lcflow/data/tasks/$1.jsonl" ;;
+    # The public peer benchmarks (KVComm's Countries and TipSheets; never trained on).
+    countries | tipsheets) echo --task-file "lcflow/data/tasks/kvcomm/$1.jsonl" ;;
     *) echo "unknown task name $1" >&2 && exit 2 ;;
   esac
 }

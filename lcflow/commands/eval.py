@@ -81,6 +81,8 @@ READER_ADAPTERS = {"forward+reader": "reader-forward", "forward-selected+reader"
 # calibration samples that choose them.
 KVCOMM_FRACTION = 0.5
 KVCOMM_CALIBRATION = 8
+SHORT_ANSWER_TOKENS = 12  # "Answer with one or two words."
+OPEN_ANSWER_TOKENS = 80  # "Answer in two or three sentences."
 DEFAULT_N = 500  # samples drawn from a built-in task; a task file is used whole unless --n is given
 
 
@@ -123,7 +125,13 @@ def register(subparsers) -> None:
         default=",".join(METHODS),
         help="comma-separated, from: %(default)s (the default: all of them)",
     )
-    p.add_argument("--max-new-tokens", type=int, default=12, help="longest answer, in tokens")
+    p.add_argument(
+        "--max-new-tokens",
+        type=int,
+        default=None,
+        help=f"longest answer, in tokens (default {SHORT_ANSWER_TOKENS}, or {OPEN_ANSWER_TOKENS} when the"
+        " samples are open prompts such as facts-open's)",
+    )
     p.add_argument(
         "--text-batch",
         type=int,
@@ -571,6 +579,9 @@ def run(args) -> int:
         return 2
 
     torch.manual_seed(args.seed)
+    if args.max_new_tokens is None:
+        open_prompts = any(sample.open_ended for sample in plan.samples)
+        args.max_new_tokens = OPEN_ANSWER_TOKENS if open_prompts else SHORT_ANSWER_TOKENS
     settings = GenerationSettings(max_new_tokens=args.max_new_tokens, seed=args.seed)
     log.info("eval %s on %d samples of %s", ",".join(plan.methods), len(plan.samples), plan.task)
     try:

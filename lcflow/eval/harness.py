@@ -40,7 +40,14 @@ import torch
 from tqdm import tqdm
 
 from lcflow.core.names import LCFX_METHODS, METHODS, NOTE_METHODS, READER_METHODS, SAME_CONTEXT_ONLY
-from lcflow.eval.metrics import contains_answer, exact_match, extract_answer, mean_with_ci, token_f1
+from lcflow.eval.metrics import (
+    contains_answer,
+    exact_match,
+    extract_answer,
+    facts_stated,
+    mean_with_ci,
+    token_f1,
+)
 from lcflow.handoff.c2c import c2c_prepare
 from lcflow.handoff.generation import GenerationSettings
 from lcflow.handoff.kvcomm import kvcomm_input, prepare_receiver, send_layers, sharer_prefix
@@ -101,6 +108,9 @@ class SampleOutcome:
     bytes_sent: int
     contains: float  # the answer's first line contains an accepted answer (lcflow.eval.metrics)
     timings_ms: dict[str, float]
+    empty: bool = False  # nothing but whitespace generated
+    # An open prompt (QASample.open_ended): the share of the document's facts the answer states.
+    facts_stated: float | None = None
 
 
 class _Clock:
@@ -237,6 +247,13 @@ def run_sample(
     if method in NOTE_METHODS and note is not None:  # the note was written before the clock started
         timings["time_to_first_token"] += note.amortised_ms
         timings["total"] += note.amortised_ms
+    return scored(method, sample, generated, bytes_sent, timings)
+
+
+def scored(
+    method: str, sample: QASample, generated: str, bytes_sent: int, timings: dict[str, float]
+) -> SampleOutcome:
+    """One method's answer to one sample, scored (in-process or through the services)."""
     prediction = extract_answer(generated)
     return SampleOutcome(
         method=method,
@@ -248,6 +265,8 @@ def run_sample(
         bytes_sent=bytes_sent,
         contains=contains_answer(generated, sample.answers),
         timings_ms=timings,
+        empty=not generated.strip(),
+        facts_stated=facts_stated(generated, sample.answers) if sample.open_ended else None,
     )
 
 
@@ -323,7 +342,8 @@ def percentile(values: list[float], q: float) -> float:
 
 
 def summarize(outcomes: list[SampleOutcome], models: EvalModels | None = None) -> list[dict]:
-    """Per method: EM and F1 with 95% CIs, median and p90 of every stage, bytes, adapter size."""
+    """Per method: EM and F1 with 95% CIs, median and p90 of every stage, bytes, adapter size, the
+    share of empty answers, and on open prompts the share of the document's facts stated."""
     rows = []
     for method in dict.fromkeys(o.method for o in outcomes):
         mine = [o for o in outcomes if o.method == method]
@@ -349,7 +369,12 @@ def summarize(outcomes: list[SampleOutcome], models: EvalModels | None = None) -
             "contains_ci": [contains_lo, contains_hi],
             "latency_ms": latency,
             "bytes_sent_median": statistics.median([o.bytes_sent for o in mine]),
+            "empty_rate": sum(o.empty for o in mine) / len(mine),
         }
+        stated = [o.facts_stated for o in mine if o.facts_stated is not None]
+        if stated:  # open prompts
+            mean, low, high = mean_with_ci(stated, bounds=(0.0, 1.0))
+            row["facts_stated"], row["facts_stated_ci"] = mean, [low, high]
         adapter = (models.adapters.get(method) if models else None) or None
         if adapter is not None:
             params = adapter_parameters(adapter)

@@ -55,6 +55,18 @@ def contains_answer(generated: str, answers: Sequence[str]) -> float:
     return float(any(normalize_answer(a) and f" {normalize_answer(a)} " in text for a in answers))
 
 
+def facts_stated(generated: str, facts: Sequence[str]) -> float:
+    """The share of `facts` an open answer states: each normalised fact found, as whole words,
+    anywhere in the normalised generation (every line: an open answer runs over sentences).
+    "She lives in Oslo and plays the harp." states 2 of ["Oslo", "harp", "Finnish"]: 0.667."""
+    if isinstance(facts, str):
+        facts = [facts]
+    if not facts:
+        raise ValueError("facts_stated needs at least one fact")
+    text = f" {normalize_answer(generated)} "
+    return sum(bool(normalize_answer(f)) and f" {normalize_answer(f)} " in text for f in facts) / len(facts)
+
+
 def _f1(prediction_tokens: list[str], answer_tokens: list[str]) -> float:
     if not prediction_tokens or not answer_tokens:
         # SQuAD v2: an empty answer scores 1 only against an empty prediction.

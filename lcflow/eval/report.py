@@ -164,6 +164,7 @@ def _bytes(value: float) -> str:
 def markdown_table(rows: list[dict]) -> str:
     """One line per method: scores with 95% CIs, latency in ms (median unless marked), sizes."""
     stages = stage_names(rows)
+    open_prompts = any("facts_stated" in row for row in rows)  # their two columns, only then
     header = (
         [
             "method",
@@ -171,6 +172,9 @@ def markdown_table(rows: list[dict]) -> str:
             "EM [95% CI]",
             "contains [95% CI]",
             "F1 [95% CI]",
+        ]
+        + (["facts stated [95% CI]", "empty answers"] if open_prompts else [])
+        + [
             "TTFT ms",
             "TTFT p90 ms",
             "total ms",
@@ -187,6 +191,12 @@ def markdown_table(rows: list[dict]) -> str:
             [row["method"], str(row["n"]), _score(row["em"], row["em_ci"])]
             + [_score(row["contains"], row.get("contains_ci", [None, None])) if "contains" in row else ""]
             + [_score(row["f1"], row["f1_ci"])]
+            + (
+                [_score(row["facts_stated"], row["facts_stated_ci"]) if "facts_stated" in row else ""]
+                + [f"{row.get('empty_rate', 0.0):.3f}"]
+                if open_prompts
+                else []
+            )
             + [_ms(ttft) + no_token, _ms(ttft_p90), _ms(median_ms(row, "total"))]
             + [_ms(median_ms(row, s)) for s in stages]
             + [

@@ -8,9 +8,8 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from lcflow.client import HandoffClient
-from lcflow.eval.metrics import contains_answer, exact_match, extract_answer, token_f1
 from lcflow.serving.security import ClientSecurity
-from lcflow.tasks import QASample, question_prompt
+from lcflow.tasks import QASample, format_question_prompt
 
 if TYPE_CHECKING:  # torch and the harness are imported where used: `lcflow --help` stays fast
     from lcflow.eval.harness import EvalModels, SampleOutcome
@@ -48,7 +47,7 @@ def evaluate_through_services(
     take their stage timings from its summary (pack, transfer and unpack included); the others
     stay in-process. With `sessions`, each sample's sharer context is opened as a session first
     (untimed: an agent's context is already prefilled) and the served methods hand off from it."""
-    from lcflow.eval.harness import SampleOutcome, applicable, run_sample  # torch: keeps --help fast
+    from lcflow.eval.harness import applicable, run_sample, scored  # torch: keeps --help fast
 
     client = HandoffClient(address, security=security)
     outcomes = []
@@ -62,7 +61,7 @@ def evaluate_through_services(
                 continue
             mode, channel = SERVICE_MODES[method]
             result = client.handoff(
-                question_prompt(sample.question),
+                format_question_prompt(sample),
                 mode=mode,
                 text_channel=channel,
                 context=sample.sharer_context,
@@ -72,20 +71,7 @@ def evaluate_through_services(
                 text_reader=(readers or {}).get(method, ""),
             )
             timings = {field.name: value for field, value in result.summary.timings.ListFields()}
-            prediction = extract_answer(result.answer)
-            outcomes.append(
-                SampleOutcome(
-                    method=method,
-                    sample_id=sample.id,
-                    prediction=prediction,
-                    generated=result.answer,
-                    em=exact_match(prediction, sample.answers),
-                    f1=token_f1(prediction, sample.answers),
-                    bytes_sent=result.summary.bytes_wire,
-                    contains=contains_answer(result.answer, sample.answers),
-                    timings_ms=timings,
-                )
-            )
+            outcomes.append(scored(method, sample, result.answer, result.summary.bytes_wire, timings))
         if session_id:
             client.close_session(session_id)
     client.close()

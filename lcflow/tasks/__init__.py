@@ -5,7 +5,8 @@
     prompt = format_question_prompt(samples[0], include_context=False)
 
 Tasks: facts-same, facts-cross, facts-twohop, facts-cross-long, facts-cross-longer (lcflow.tasks.facts),
-facts-referents (lcflow.tasks.referents), facts-inside-hops (lcflow.tasks.inside_hops); training variants
+facts-referents (lcflow.tasks.referents), facts-inside-hops (lcflow.tasks.inside_hops), facts-open
+(lcflow.tasks.open_prompts, open prompts such as "Summarize what you know about X."); training variants
 and mixes of them (VARIANTS, MIXES); your own samples come from a JSONL file through load_task_file (see
 lcflow.tasks.jsonl).
 
@@ -13,6 +14,7 @@ lcflow.tasks.jsonl).
 - facts.py: the facts families (same, cross, two-hop, long, longer).
 - referents.py: facts-referents, facts stated by "the former" / "the latter".
 - inside_hops.py: facts-inside-hops, both hops in the sharer's document.
+- open_prompts.py: facts-open, open prompts scored by the facts an answer states.
 - unseen.py: the held-out ships family (a task file).
 - unseen_variants.py: the referent and inside-hop families' unseen variants, in the ships world (task files).
 - mix.py: training mixes of several tasks.
@@ -34,7 +36,8 @@ from lcflow.tasks.facts import (
 from lcflow.tasks.inside_hops import InsideHopFacts
 from lcflow.tasks.jsonl import load_task_file, save_task_file
 from lcflow.tasks.mix import MixedTask
-from lcflow.tasks.prompts import ANSWER_INSTRUCTION, format_question_prompt, question_prompt
+from lcflow.tasks.open_prompts import OpenPromptFacts
+from lcflow.tasks.prompts import ANSWER_INSTRUCTION, OPEN_INSTRUCTION, format_question_prompt, question_prompt
 from lcflow.tasks.referents import ReferentFacts
 
 TASKS = {
@@ -48,6 +51,7 @@ TASKS = {
         ReferentFacts,
         InsideHopFacts,
         LongerCrossContextFacts,
+        OpenPromptFacts,
     )
 }
 # Training variants: named options of a task (`lcflow train --task facts-cross-pseudo`).
@@ -83,6 +87,7 @@ def get_task(name: str, **options) -> Task:
 
 __all__ = [
     "ANSWER_INSTRUCTION",
+    "OPEN_INSTRUCTION",
     "SPLITS",
     "TASKS",
     "TASK_NAMES",

@@ -22,6 +22,9 @@ class QASample:
     answers: list[str]  # accepted answers, the first is canonical; short (1-3 words)
     task: str
     same_context: bool
+    # An open prompt ("Summarize what you know about Ada Brook."): no one answer is right, and
+    # `answers` lists the document's facts a good answer states (lcflow.eval.metrics.facts_stated).
+    open_ended: bool = False
 
     def to_dict(self) -> dict:
         return asdict(self)

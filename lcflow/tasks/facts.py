@@ -209,6 +209,7 @@ class FactsTask:
 
     name: ClassVar[str]
     same_context: ClassVar[bool]
+    open_ended: ClassVar[bool] = False  # an open prompt (see QASample.open_ended)
     facts_per_document: int = 7
     # Share of samples whose attribute values are invented words, new in every sample. For
     # training: with a few hundred real values an adapter can memorise them instead of learning
@@ -239,19 +240,24 @@ class FactsTask:
         receiver_context = (
             sharer_context if self.same_context else render_document(draft.receiver_facts, templates, rng)
         )
-        question = rng.choice(templates.questions[draft.attribute]).format(who=draft.who)
+        question, answers = self.ask(draft, templates, rng)
         return QASample(
             id=f"{self.name}/{split}/{seed}/{index}",
             sharer_context=sharer_context,
             receiver_context=receiver_context,
             question=question,
-            answers=[draft.answer],
+            answers=answers,
             task=self.name,
             same_context=self.same_context,
+            open_ended=self.open_ended,
         )
 
     def draft(self, world: World, templates: Templates) -> Draft:
         raise NotImplementedError
+
+    def ask(self, draft: Draft, templates: Templates, rng: random.Random) -> tuple[str, list[str]]:
+        """The question put to the receiver and its accepted answers."""
+        return rng.choice(templates.questions[draft.attribute]).format(who=draft.who), [draft.answer]
 
     def render_sharer(self, draft: Draft, templates: Templates, rng: random.Random) -> str:
         """The sharer's document: one sentence per fact, in a random order."""

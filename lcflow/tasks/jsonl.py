@@ -5,7 +5,8 @@
 Required: sharer_context (non-empty), receiver_context (may be ""), question (non-empty),
 answers (a non-empty list of non-empty strings, the first canonical). Optional: id (default
 "<file stem>-<line>"), task (default the file stem), same_context (default: whether the two
-contexts are equal). Blank lines are skipped. Every bad line is reported, by line number, in
+contexts are equal), open_ended (default false: true for an open prompt such as "Summarize what
+you know about Ada", whose answers are then the facts a good answer states). Blank lines are skipped. Every bad line is reported, by line number, in
 one error, so a file can be fixed in one pass.
 """
 
@@ -17,7 +18,7 @@ from pathlib import Path
 from lcflow.tasks.base import QASample
 
 REQUIRED_FIELDS = ("sharer_context", "receiver_context", "question", "answers")
-OPTIONAL_FIELDS = ("id", "task", "same_context")
+OPTIONAL_FIELDS = ("id", "task", "same_context", "open_ended")
 MAX_REPORTED_ERRORS = 20
 
 
@@ -43,8 +44,9 @@ def _problems(record: object) -> list[str]:
         or not all(isinstance(a, str) and a.strip() for a in answers)
     ):
         problems.append("'answers' must be a non-empty list of non-empty strings")
-    if "same_context" in record and not isinstance(record["same_context"], bool):
-        problems.append("'same_context' must be true or false")
+    for name in ("same_context", "open_ended"):
+        if name in record and not isinstance(record[name], bool):
+            problems.append(f"{name!r} must be true or false")
     return problems
 
 
@@ -81,6 +83,7 @@ def load_task_file(path: str | Path) -> list[QASample]:
                 same_context=record.get(
                     "same_context", record["receiver_context"] == record["sharer_context"]
                 ),
+                open_ended=record.get("open_ended", False),
             )
         )
     if errors:

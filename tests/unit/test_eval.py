@@ -341,3 +341,29 @@ def test_an_lcfx_adapter_with_a_receiver_lora_is_read_through_it(
     TextReader.for_model(*tiny_pair[1], "forward", rank=4).save_pretrained(adapter / RECEIVER_READER)
     code, stdout, _ = run_cli([*argv, "--methods", "receiver,lcfx", "--out", str(tmp_path / "again")])
     assert code == 0 and "reads forward, not an LCF-X packet" in stdout
+
+
+def test_open_prompts_are_scored_by_the_facts_stated_and_empty_answers(loaded_tiny_pair, tmp_path):
+    """facts-open: longer answers by default, each scored by the share of the document's facts it
+    states, and the share of empty answers in the summary and its table."""
+    from lcflow.eval.metrics import facts_stated
+    from lcflow.tasks import get_task
+
+    out = tmp_path / "out"
+    code, _, stderr = run_cli(
+        ["eval", "--pair", "smollm2-to-gemma3", "--task", "facts-open", "--methods", "receiver,forward"]
+        + ["--n", "2", "--out", str(out)]
+    )
+    assert code == 0, stderr
+    results = json.loads((out / "results.json").read_text())
+    assert results["meta"]["max_new_tokens"] == eval_cmd.OPEN_ANSWER_TOKENS
+    answers = {s.id: s.answers for s in get_task("facts-open").samples("test", 2)}
+    for record in results["samples"]:
+        assert record["facts_stated"] == facts_stated(record["generated"], answers[record["sample_id"]])
+        assert record["empty"] == (not record["generated"].strip())
+    for row in results["summary"]:
+        low, high = row["facts_stated_ci"]
+        assert 0.0 <= low <= row["facts_stated"] <= high <= 1.0
+        mine = [r for r in results["samples"] if r["method"] == row["method"]]
+        assert row["empty_rate"] == sum(r["empty"] for r in mine) / len(mine)
+    assert "| facts stated [95% CI] | empty answers |" in (out / "results.md").read_text()

@@ -100,3 +100,15 @@ def test_contains_answer_reads_whole_words_of_the_first_line_only():
     assert contains_answer(" Goulash.\nAnswer: Falafel.", ["falafel"]) == 0.0  # the second guess
     assert contains_answer("\n\n New York", ["new york"]) == 1.0
     assert contains_answer("", ["x"]) == 0.0
+
+
+def test_facts_stated_counts_each_fact_once_anywhere_in_an_open_answer():
+    from lcflow.eval.metrics import facts_stated
+
+    answer = "Ada Brook lives in Oslo.\nShe plays the harp, and the harp is old."
+    assert facts_stated(answer, ["Oslo", "harp", "Finnish"]) == pytest.approx(2 / 3)
+    assert facts_stated(answer, ["harps"]) == 0.0  # whole words
+    assert facts_stated("", ["Oslo"]) == 0.0
+    assert facts_stated("New York, and nothing else", ["new york"]) == 1.0
+    with pytest.raises(ValueError, match="at least one fact"):
+        facts_stated(answer, [])

@@ -11,6 +11,8 @@ import sys
 import pytest
 
 from lcflow.tasks import (
+    ANSWER_INSTRUCTION,
+    OPEN_INSTRUCTION,
     TASK_NAMES,
     QASample,
     Task,
@@ -21,6 +23,7 @@ from lcflow.tasks import (
     save_task_file,
 )
 from lcflow.tasks.facts import render_fact
+from lcflow.tasks.open_prompts import OPEN_PROMPTS
 from lcflow.tasks.vocab import load_templates, load_vocab
 
 N = 150  # samples per task and split in the consistency checks: enough to hit every attribute
@@ -177,7 +180,8 @@ def test_sample_fields(name):
     assert isinstance(task, Task) and task.name == name
     for sample in task.samples("test", N):
         assert sample.task == name and sample.same_context == task.same_context
-        assert sample.question.endswith("?")
+        assert sample.open_ended == task.open_ended
+        assert sample.question.endswith("?") or sample.open_ended  # "Describe Ada Brook."
         assert len(sample.answers) >= 1 and 1 <= len(sample.answers[0].split()) <= 2
         # the long variants state sharer_facts; facts-referents adds one introduction per pair
         sharer = getattr(task, "sharer_facts", 0) or task.facts_per_document + getattr(task, "pairs", 0)
@@ -264,6 +268,24 @@ def test_prompt_wording():
     assert format_question_prompt(no_context, include_context=True) == question_prompt("Q?")
 
 
+def test_facts_open_asks_for_everything_the_sharer_states_about_one_person():
+    PROMPTS = [re.escape(p).replace(r"\{who\}", "(.+)") for p in OPEN_PROMPTS]
+    for sample in get_task("facts-open").samples("test", N):
+        assert sample.open_ended
+        [person] = [m[1] for m in (re.fullmatch(p, sample.question) for p in PROMPTS) if m]
+        stated = [s for s in sentences(sample.sharer_context) if person in s]
+        # every answer is one of the person's facts in the sharer's document, and each such fact is an answer
+        assert len(sample.answers) == len(stated) >= 1
+        assert all(any(mentions(s, answer) for s in stated) for answer in sample.answers)
+        prompt = format_question_prompt(sample)
+        assert OPEN_INSTRUCTION in prompt and ANSWER_INSTRUCTION not in prompt
+    # the documents are facts-cross's, sample for sample
+    cross = get_task("facts-cross").samples("test", 5)
+    opened = get_task("facts-open").samples("test", 5)
+    assert [s.sharer_context for s in cross] != [s.sharer_context for s in opened]  # own seeds
+    assert {s.task for s in opened} == {"facts-open"}
+
+
 # --- JSONL task files ----------------------------------------------------------------------------
 
 
@@ -288,8 +310,18 @@ def test_task_file_defaults(tmp_path):
         + "\n"
     )
     first, second = load_task_file(path)
-    assert (first.id, first.task, first.same_context) == ("mine-1", "mine", False)
+    assert (first.id, first.task, first.same_context, first.open_ended) == ("mine-1", "mine", False, False)
     assert (second.id, second.same_context) == ("q2", True)
+
+
+def test_task_file_open_prompts(tmp_path):
+    samples = get_task("facts-open").samples("test", 3)
+    path = save_task_file(samples, tmp_path / "open.jsonl")
+    assert load_task_file(path) == samples and all(s.open_ended for s in load_task_file(path))
+    record = {**samples[0].to_dict(), "open_ended": "yes"}
+    path.write_text(json.dumps(record) + "\n")
+    with pytest.raises(ValueError, match="open.jsonl:1: 'open_ended' must be true or false"):
+        load_task_file(path)
 
 
 def test_task_file_errors_name_every_bad_line(tmp_path):
