@@ -52,7 +52,15 @@ from lcflow.eval.report import markdown_table, write_report
 from lcflow.eval.services import evaluate_through_services
 from lcflow.provision import ProvisionError
 from lcflow.serving.security import add_client_security_flags, client_security_from_args
-from lcflow.tasks import SPLITS, TASK_NAMES, QASample, get_task, load_task_file
+from lcflow.tasks import (
+    OPEN_ANSWER_TOKENS,
+    SHORT_ANSWER_TOKENS,
+    SPLITS,
+    TASK_NAMES,
+    QASample,
+    get_task,
+    load_task_file,
+)
 
 if TYPE_CHECKING:  # torch and the harness are imported where used: `lcflow --help` stays fast
     import torch
@@ -81,8 +89,6 @@ READER_ADAPTERS = {"forward+reader": "reader-forward", "forward-selected+reader"
 # calibration samples that choose them.
 KVCOMM_FRACTION = 0.5
 KVCOMM_CALIBRATION = 8
-SHORT_ANSWER_TOKENS = 12  # "Answer with one or two words."
-OPEN_ANSWER_TOKENS = 80  # "Answer in two or three sentences."
 DEFAULT_N = 500  # samples drawn from a built-in task; a task file is used whole unless --n is given
 
 

@@ -37,7 +37,14 @@ from lcflow.tasks.inside_hops import InsideHopFacts
 from lcflow.tasks.jsonl import load_task_file, save_task_file
 from lcflow.tasks.mix import MixedTask
 from lcflow.tasks.open_prompts import OpenPromptFacts
-from lcflow.tasks.prompts import ANSWER_INSTRUCTION, OPEN_INSTRUCTION, format_question_prompt, question_prompt
+from lcflow.tasks.prompts import (
+    ANSWER_INSTRUCTION,
+    OPEN_ANSWER_TOKENS,
+    OPEN_INSTRUCTION,
+    SHORT_ANSWER_TOKENS,
+    format_question_prompt,
+    question_prompt,
+)
 from lcflow.tasks.referents import ReferentFacts
 
 TASKS = {
@@ -62,10 +69,17 @@ VARIANTS = {
     "facts-cross-words": ("facts-cross", {"word_values": 0.8}),
     "facts-twohop-words": ("facts-twohop", {"word_values": 0.8}),
     "facts-referents-words": ("facts-referents", {"word_values": 0.8}),
+    "facts-open-words": ("facts-open", {"word_values": 0.8}),
 }
 # Training mixes (lcflow.tasks.mix): samples drawn from several tasks by weight.
 MIXES = {
     "facts-mix-words": (("facts-cross-words", 0.5), ("facts-twohop-words", 0.5)),
+    # One adapter for questions and open prompts alike (the beyond-text issue's general adapter).
+    "facts-general-words": (
+        ("facts-cross-words", 0.4),
+        ("facts-referents-words", 0.2),
+        ("facts-open-words", 0.4),
+    ),
 }
 TASK_NAMES = tuple(TASKS)
 
@@ -87,7 +101,9 @@ def get_task(name: str, **options) -> Task:
 
 __all__ = [
     "ANSWER_INSTRUCTION",
+    "OPEN_ANSWER_TOKENS",
     "OPEN_INSTRUCTION",
+    "SHORT_ANSWER_TOKENS",
     "SPLITS",
     "TASKS",
     "TASK_NAMES",

@@ -20,6 +20,9 @@ from lcflow.tasks.base import QASample
 
 ANSWER_INSTRUCTION = "Answer with one or two words."
 OPEN_INSTRUCTION = "Answer in two or three sentences."
+# The longest answer generated for each: a word or two, or a few sentences.
+SHORT_ANSWER_TOKENS = 12
+OPEN_ANSWER_TOKENS = 80
 CONTEXT_SEPARATOR = "\n\n"  # as lcflow.core.prompting joins context blocks and the prompt
 
 

@@ -2,6 +2,7 @@
 
 - train.py: the Trainer for LCF and slot LCF-X adapters (answer cross-entropy), checkpointed.
 - config.py: TrainConfig, what one run is asked to do.
+- own_answers.py: open prompts learn the receiver's own answer reading the document.
 - distill.py: task training of span adapters from the alignment (answer CE + KL to the text).
 - lcfx_recipe.py: `lcflow train --mode lcfx`: alignment, head choice, distillation in one command.
 - reader.py: text readers (LoRA on the receiver) trained on LCF-X's budget.

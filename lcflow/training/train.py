@@ -32,6 +32,7 @@ from lcflow.handoff.pair import Latents, PreparedInput, Receiver, Sharer, receiv
 from lcflow.provision import load_model_and_tokenizer
 from lcflow.tasks import format_question_prompt, get_task, load_task_file
 from lcflow.training.config import TrainConfig
+from lcflow.training.own_answers import OWN_ANSWERS, with_own_answers
 
 log = logging.getLogger(__name__)
 
@@ -164,6 +165,8 @@ class Trainer:
         )
         self.adapter = self.build_adapter((ms, ts), (mr, tr))
         self.samples, self.data = training_samples(cfg)
+        if any(sample.open_ended for sample in self.samples):  # open prompts: the receiver's own answers
+            self.samples = with_own_answers(self.samples, Receiver(mr, tr), self.out / OWN_ANSWERS)
         self.optimizer = build_optimizer(self.adapter, cfg, self.extra_parameters())
         warmup_steps = max(1, int(cfg.warmup * cfg.steps))
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(

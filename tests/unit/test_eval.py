@@ -347,7 +347,7 @@ def test_open_prompts_are_scored_by_the_facts_stated_and_empty_answers(loaded_ti
     """facts-open: longer answers by default, each scored by the share of the document's facts it
     states, and the share of empty answers in the summary and its table."""
     from lcflow.eval.metrics import facts_stated
-    from lcflow.tasks import get_task
+    from lcflow.tasks import OPEN_ANSWER_TOKENS, get_task
 
     out = tmp_path / "out"
     code, _, stderr = run_cli(
@@ -356,7 +356,7 @@ def test_open_prompts_are_scored_by_the_facts_stated_and_empty_answers(loaded_ti
     )
     assert code == 0, stderr
     results = json.loads((out / "results.json").read_text())
-    assert results["meta"]["max_new_tokens"] == eval_cmd.OPEN_ANSWER_TOKENS
+    assert results["meta"]["max_new_tokens"] == OPEN_ANSWER_TOKENS
     answers = {s.id: s.answers for s in get_task("facts-open").samples("test", 2)}
     for record in results["samples"]:
         assert record["facts_stated"] == facts_stated(record["generated"], answers[record["sample_id"]])
