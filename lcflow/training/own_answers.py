@@ -4,9 +4,12 @@ An open prompt ("Summarize what you know about Ada Brook.", lcflow.tasks.open_pr
 gold answer. Trained on one-word answers alone, a packet takes the receiver over: asked to
 describe someone, it answers one word or nothing. So before training, each open sample's answer
 becomes the plain receiver's own greedy answer reading [sharer document, own document, prompt]
-as text, the same input the distillation's teacher reads:
+as text, the same input the distillation's teacher reads, up to the end of its first line:
 
-    answer(open sample) = generate(receiver, [sharer document, receiver document], prompt)
+    answer(open sample) = first line of generate(receiver, [sharer document, receiver document], prompt)
+
+(A small base model goes on after its answer with more "Answer: ..." lines of its own making;
+the first line is its answer, as lcflow.eval.metrics reads a short answer's first line.)
 
 and CE and the KL then both ask the packet (or a text reader) to make the receiver say what it
 would say reading the document: the receiver stays itself. Closed questions keep their gold
@@ -19,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import re
 from pathlib import Path
 
 import torch
@@ -31,15 +35,19 @@ from lcflow.tasks import OPEN_ANSWER_TOKENS, QASample, format_question_prompt
 log = logging.getLogger(__name__)
 
 OWN_ANSWERS = "own_answers.jsonl"
+LEAD_IN = re.compile(r"^\s*(?:answer\s*:\s*)+", re.IGNORECASE)  # "Answer: Answer:" alone is no answer
 
 
 @torch.no_grad()
 def own_answer(receiver: Receiver, sample: QASample, max_new_tokens: int = OPEN_ANSWER_TOKENS) -> str:
-    """The plain receiver's greedy answer to the sample's prompt, reading the sharer's document."""
+    """The plain receiver's greedy answer to the sample's prompt, reading the sharer's document:
+    its first non-empty line without an "Answer:" lead-in ("" if nothing is left)."""
     prompt = format_question_prompt(sample, include_context=False)
     contexts = reader_contexts(sample.sharer_context, sample.receiver_context)
     prepared = receiver.prepare_plain(prompt, contexts)
-    return receiver.generate(prepared, GenerationSettings(max_new_tokens=max_new_tokens)).strip()
+    settings = GenerationSettings(max_new_tokens=max_new_tokens, stop=["\n"])
+    generated = receiver.generate(prepared, settings).lstrip()  # a leading newline opens no answer
+    return LEAD_IN.sub("", generated.split("\n", 1)[0]).strip()
 
 
 def with_own_answers(samples: list[QASample], receiver: Receiver, cache: Path) -> list[QASample]:

@@ -44,7 +44,7 @@ def test_an_empty_own_answer_keeps_the_facts(receiver, tmp_path, monkeypatch):
 
 
 def test_own_answer_is_the_receiver_reading_the_document_as_forward_does(receiver):
-    """The generation the eval's `forward` method makes for the same sample (greedy)."""
+    """The first line of the generation the eval's `forward` method makes for the same sample (greedy)."""
     from lcflow.eval.harness import EvalModels, run_sample
     from lcflow.handoff.generation import GenerationSettings
     from lcflow.tasks import OPEN_ANSWER_TOKENS
@@ -53,7 +53,9 @@ def test_own_answer_is_the_receiver_reading_the_document_as_forward_does(receive
     pair = (receiver.model, receiver.tokenizer)
     models = EvalModels(sharer=pair, receiver=pair)
     forward = run_sample("forward", models, sample, GenerationSettings(max_new_tokens=OPEN_ANSWER_TOKENS))
-    assert own_answers.own_answer(receiver, sample) == forward.generated.strip()
+    first_line = forward.generated.lstrip().split("\n", 1)[0]
+    assert own_answers.own_answer(receiver, sample) == own_answers.LEAD_IN.sub("", first_line).strip()
+    assert own_answers.LEAD_IN.sub("", "Answer: answer:Ada lives in Oslo.") == "Ada lives in Oslo."
 
 
 def test_a_trainer_on_the_general_mix_learns_open_prompts_as_the_receiver_answers(tiny_pair, tmp_path):
