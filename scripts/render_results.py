@@ -111,17 +111,30 @@ def _ttft(row: dict) -> str:
     return f"{timing['median']:.0f}"
 
 
+def open_cells(row: dict, paired: dict | None) -> str:
+    """An open-prompt run's cells: facts stated, LCF-X's paired difference in it, empty answers."""
+    difference = ""
+    if paired and "facts_stated_difference" in paired:
+        low, high = paired["facts_stated_difference_ci"]
+        difference = f"{paired['facts_stated_difference']:+.3f} [{low:+.3f}, {high:+.3f}]"
+    return f" {_ci(row['facts_stated'], row['facts_stated_ci'])} | {difference} | {row['empty_rate']:.3f} |"
+
+
 def channel_table(results: dict) -> str:
     """One line per method: EM and contains with 95% CIs, LCF-X's paired EM difference over it,
     bytes sent and median time to first token."""
     paired = {p["baseline"]: p for p in results.get("paired", []) if p["method"] == "lcfx"}
     # Open prompts (facts-open): the share of the document's facts stated, and of empty answers.
     open_prompts = any("facts_stated" in row for row in results["summary"])
-    extra = " facts stated [95% CI] | empty answers |" if open_prompts else ""
+    extra = (
+        " facts stated [95% CI] | LCF-X facts stated minus this, paired | empty answers |"
+        if open_prompts
+        else ""
+    )
     lines = [
         "| channel | method | EM [95% CI] | contains [95% CI] | F1 | LCF-X EM minus this, paired [95% CI] | bytes | TTFT ms |"
         + extra,
-        "| --- | --- | --- | --- | --- | --- | --- | --- |" + " --- |" * (2 if open_prompts else 0),
+        "| --- | --- | --- | --- | --- | --- | --- | --- |" + " --- |" * (3 if open_prompts else 0),
     ]
     for row in results["summary"]:
         method = row["method"]
@@ -134,11 +147,7 @@ def channel_table(results: dict) -> str:
         lines.append(
             f"| {DESCRIBE.get(method, method)} | `{method}` | {_ci(row['em'], row['em_ci'])} | {contains} | "
             f"{row['f1']:.3f} | {difference} | {_bytes(row['bytes_sent_median'])} | {_ttft(row)} |"
-            + (
-                f" {_ci(row['facts_stated'], row['facts_stated_ci'])} | {row['empty_rate']:.3f} |"
-                if open_prompts
-                else ""
-            )
+            + (open_cells(row, paired.get(method)) if open_prompts else "")
         )
     return "\n".join(lines)
 

@@ -50,11 +50,16 @@ def paired_differences(records: list[dict]) -> list[dict]:
     """EM (and `contains`) of a method minus its baseline's on the samples both ran,
     d_i = em_i - em_base_i: the mean of d with its 95% CI (normal approximation over the d_i, which
     is tighter than two separate CIs when both methods get the same samples right) and how many
-    samples only the method (gained) or only the baseline (lost) answered exactly."""
-    scores: dict[str, dict[str, dict[str, float]]] = {"em": defaultdict(dict), "contains": defaultdict(dict)}
+    samples only the method (gained) or only the baseline (lost) answered exactly. On open prompts
+    the share of the document's facts stated is compared the same way (facts_stated_difference)."""
+    scores: dict[str, dict[str, dict[str, float]]] = {
+        "em": defaultdict(dict),
+        "contains": defaultdict(dict),
+        "facts_stated": defaultdict(dict),
+    }
     for record in records:
         for score, by_method in scores.items():
-            if score in record:
+            if record.get(score) is not None:
                 by_method[record["method"]][record["sample_id"]] = record[score]
     em = scores["em"]
     rows = []
@@ -73,30 +78,37 @@ def paired_differences(records: list[dict]) -> list[dict]:
             "gained": sum(d > 0 for d in diffs),
             "lost": sum(d < 0 for d in diffs),
         }
-        contains = scores["contains"]
-        if all(i in contains[method] and i in contains[baseline] for i in shared):
-            mean, low, high = mean_with_ci(
-                [contains[method][i] - contains[baseline][i] for i in shared], bounds=(-1.0, 1.0)
-            )
-            row["contains_difference"], row["contains_difference_ci"] = mean, [low, high]
+        for score in ("contains", "facts_stated"):
+            by_sample = scores[score]
+            if all(i in by_sample[method] and i in by_sample[baseline] for i in shared):
+                mean, low, high = mean_with_ci(
+                    [by_sample[method][i] - by_sample[baseline][i] for i in shared], bounds=(-1.0, 1.0)
+                )
+                row[f"{score}_difference"], row[f"{score}_difference_ci"] = mean, [low, high]
         rows.append(row)
     return rows
 
 
+def _difference(row: dict, score: str) -> str:
+    if f"{score}_difference" not in row:
+        return ""
+    low, high = row[f"{score}_difference_ci"]
+    return f"{row[f'{score}_difference']:+.3f} [{low:+.3f}, {high:+.3f}]"
+
+
 def paired_table(paired: list[dict]) -> str:
+    open_prompts = any("facts_stated_difference" in row for row in paired)  # its column, only then
+    extra = " facts stated difference [95% CI] |" if open_prompts else ""
     lines = [
-        "| method | against | n | EM difference [95% CI] | contains difference [95% CI] | gained | lost |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
+        "| method | against | n | EM difference [95% CI] | contains difference [95% CI] | gained | lost |"
+        + extra,
+        "| --- | --- | --- | --- | --- | --- | --- |" + (" --- |" if open_prompts else ""),
     ]
     for row in paired:
-        low, high = row["em_difference_ci"]
-        contains = ""
-        if "contains_difference" in row:
-            c_low, c_high = row["contains_difference_ci"]
-            contains = f"{row['contains_difference']:+.3f} [{c_low:+.3f}, {c_high:+.3f}]"
         lines.append(
-            f"| {row['method']} | {row['baseline']} | {row['n']} | {row['em_difference']:+.3f} "
-            f"[{low:+.3f}, {high:+.3f}] | {contains} | {row['gained']} | {row['lost']} |"
+            f"| {row['method']} | {row['baseline']} | {row['n']} | {_difference(row, 'em')} | "
+            f"{_difference(row, 'contains')} | {row['gained']} | {row['lost']} |"
+            + (f" {_difference(row, 'facts_stated')} |" if open_prompts else "")
         )
     return "\n".join(lines)
 

@@ -270,3 +270,21 @@ def test_paired_differences_count_what_each_side_alone_answered():
     assert [(r["method"], r["baseline"], r["em_difference"]) for r in rows] == [("forward", "text", 1 / 3)]
     low, high = lcfx_wrong["em_difference_ci"]
     assert -1 <= low < 0.5 < high <= 1
+
+
+def test_open_prompts_pair_the_facts_stated_too():
+    from lcflow.eval.report import paired_differences, paired_table
+
+    records = [
+        {"method": m, "sample_id": i, "em": 0.0, "contains": 0.0, "facts_stated": f}
+        for i, (lcfx, forward) in enumerate([(1.0, 0.5), (0.5, 0.5), (0.0, 0.5)])
+        for m, f in (("lcfx", lcfx), ("forward", forward))
+    ]
+    [row] = paired_differences(records)
+    assert row["facts_stated_difference"] == pytest.approx(0.0)
+    low, high = row["facts_stated_difference_ci"]
+    assert low < 0 < high
+    assert "facts stated difference [95% CI]" in paired_table([row])
+    closed = [{k: v for k, v in r.items() if k != "facts_stated"} for r in records]
+    assert "facts_stated_difference" not in paired_differences(closed)[0]
+    assert "facts stated" not in paired_table(paired_differences(closed))
