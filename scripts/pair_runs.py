@@ -1,0 +1,53 @@
+"""Paired differences across two `lcflow eval` runs on the same samples: one run's LCF-X (an
+adapter under test) against every method of a base run, sample by sample (greedy decoding makes
+each method's answers the same in every run, so two runs pair as one would).
+
+    python scripts/pair_runs.py docs/results/general-adapter/facts-open-general.json \
+        docs/results/channels-gemma3-to-gemma3-open.json
+
+The base run's own lcfx and lcfx-wrong appear as lcfx-base and lcfx-wrong-base. Prints one line
+per base method: n, the EM, contains and (open prompts) facts-stated differences with 95% CIs,
+and how many samples the tested adapter gained and lost in EM.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from lcflow.eval.report import paired_differences  # noqa: E402
+
+
+def _difference(row: dict, score: str) -> str:
+    if f"{score}_difference" not in row:
+        return ""
+    low, high = row[f"{score}_difference_ci"]
+    return f"{score} {row[f'{score}_difference']:+.3f} [{low:+.3f}, {high:+.3f}]"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("tested", type=Path, help="results.json whose lcfx rows are the adapter under test")
+    parser.add_argument("base", type=Path, help="results.json of the methods to compare it with")
+    args = parser.parse_args()
+    tested, base = json.loads(args.tested.read_text()), json.loads(args.base.read_text())
+    records = [r for r in tested["samples"] if r["method"] == "lcfx"]
+    for record in base["samples"]:
+        renamed = (
+            record["method"] + "-base" if record["method"] in ("lcfx", "lcfx-wrong") else record["method"]
+        )
+        records.append({**record, "method": renamed})
+    for row in paired_differences(records):
+        scores = ", ".join(s for s in (_difference(row, k) for k in ("em", "contains", "facts_stated")) if s)
+        print(
+            f"lcfx minus {row['baseline']} (n={row['n']}): {scores}; gained {row['gained']}, lost {row['lost']}"
+        )
+
+
+if __name__ == "__main__":
+    main()
