@@ -18,14 +18,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from lcflow.eval.report import paired_differences  # noqa: E402
-
-
-def _difference(row: dict, score: str) -> str:
-    if f"{score}_difference" not in row:
-        return ""
-    low, high = row[f"{score}_difference_ci"]
-    return f"{score} {row[f'{score}_difference']:+.3f} [{low:+.3f}, {high:+.3f}]"
+from lcflow.eval.report import difference_cell, paired_differences  # noqa: E402
 
 
 def main() -> None:
@@ -43,7 +36,11 @@ def main() -> None:
         )
         records.append({**record, "method": renamed})
     for row in paired_differences(records):
-        scores = ", ".join(s for s in (_difference(row, k) for k in ("em", "contains", "facts_stated")) if s)
+        scores = ", ".join(
+            f"{score} {difference_cell(row, score)}"
+            for score in ("em", "contains", "facts_stated")
+            if difference_cell(row, score)
+        )
         print(
             f"lcfx minus {row['baseline']} (n={row['n']}): {scores}; gained {row['gained']}, lost {row['lost']}"
         )

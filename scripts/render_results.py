@@ -19,6 +19,9 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from lcflow.eval.report import difference_cell  # noqa: E402  (after the path: run as a script)
+
 RESULTS = ROOT / "docs" / "results"
 DOC = ROOT / "docs" / "results.md"
 README = ROOT / "README.md"
@@ -74,7 +77,6 @@ RESCORED = {
 def rescored(results: dict, start: int, stop: int) -> dict:
     """The same results on samples start..stop-1 of the run's order only: summary rows and LCF-X's
     paired differences recomputed from the per-sample records (latency and bytes kept per method)."""
-    sys.path.insert(0, str(ROOT))
     from lcflow.eval.metrics import mean_with_ci
     from lcflow.eval.report import paired_differences
 
@@ -113,10 +115,7 @@ def _ttft(row: dict) -> str:
 
 def open_cells(row: dict, paired: dict | None) -> str:
     """An open-prompt run's cells: facts stated, LCF-X's paired difference in it, empty answers."""
-    difference = ""
-    if paired and "facts_stated_difference" in paired:
-        low, high = paired["facts_stated_difference_ci"]
-        difference = f"{paired['facts_stated_difference']:+.3f} [{low:+.3f}, {high:+.3f}]"
+    difference = difference_cell(paired, "facts_stated")
     return f" {_ci(row['facts_stated'], row['facts_stated_ci'])} | {difference} | {row['empty_rate']:.3f} |"
 
 
@@ -138,11 +137,7 @@ def channel_table(results: dict) -> str:
     ]
     for row in results["summary"]:
         method = row["method"]
-        difference = ""
-        if method in paired:
-            p = paired[method]
-            low, high = p["em_difference_ci"]
-            difference = f"{p['em_difference']:+.3f} [{low:+.3f}, {high:+.3f}]"
+        difference = difference_cell(paired.get(method), "em")
         contains = _ci(row["contains"], row["contains_ci"]) if "contains_ci" in row else ""
         lines.append(
             f"| {DESCRIBE.get(method, method)} | `{method}` | {_ci(row['em'], row['em_ci'])} | {contains} | "
@@ -213,11 +208,7 @@ def pair_table(named: list[tuple[str, dict]]) -> str:
             row, p = by_method.get(method), by_baseline.get(method)
             cells.append(_ci(row["em"], row["em_ci"]) if row else "")
             cells.append(_ci(row["contains"], row["contains_ci"]) if row else "")
-            cells.append(
-                f"{p['em_difference']:+.3f} [{p['em_difference_ci'][0]:+.3f}, {p['em_difference_ci'][1]:+.3f}]"
-                if p
-                else ""
-            )
+            cells.append(difference_cell(p, "em"))
         cells += [_bytes(first["bytes_sent_median"]), _ttft(first)]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)

@@ -89,8 +89,10 @@ def paired_differences(records: list[dict]) -> list[dict]:
     return rows
 
 
-def _difference(row: dict, score: str) -> str:
-    if f"{score}_difference" not in row:
+def difference_cell(row: dict | None, score: str) -> str:
+    """A paired row's difference in `score` (em, contains, facts_stated) with its 95% CI, as
+    "+0.120 [+0.050, +0.190]"; "" where the row does not carry it."""
+    if not row or f"{score}_difference" not in row:
         return ""
     low, high = row[f"{score}_difference_ci"]
     return f"{row[f'{score}_difference']:+.3f} [{low:+.3f}, {high:+.3f}]"
@@ -106,9 +108,9 @@ def paired_table(paired: list[dict]) -> str:
     ]
     for row in paired:
         lines.append(
-            f"| {row['method']} | {row['baseline']} | {row['n']} | {_difference(row, 'em')} | "
-            f"{_difference(row, 'contains')} | {row['gained']} | {row['lost']} |"
-            + (f" {_difference(row, 'facts_stated')} |" if open_prompts else "")
+            f"| {row['method']} | {row['baseline']} | {row['n']} | {difference_cell(row, 'em')} | "
+            f"{difference_cell(row, 'contains')} | {row['gained']} | {row['lost']} |"
+            + (f" {difference_cell(row, 'facts_stated')} |" if open_prompts else "")
         )
     return "\n".join(lines)
 

@@ -55,7 +55,8 @@ def with_own_answers(samples: list[QASample], receiver: Receiver, cache: Path) -
     own answer keeps the sample's facts (rare: said in the log). Reads and extends `cache`."""
     known = {}
     if cache.is_file():
-        known = {r["id"]: r["answer"] for r in map(json.loads, cache.read_text().splitlines()) if r}
+        records = [json.loads(line) for line in cache.read_text().splitlines() if line.strip()]
+        known = {record["id"]: record["answer"] for record in records}
     todo = list({s.id: s for s in samples if s.open_ended and s.id not in known}.values())
     cache.parent.mkdir(parents=True, exist_ok=True)
     with cache.open("a", encoding="utf-8") as file:
