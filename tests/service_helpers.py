@@ -236,19 +236,10 @@ def check_demo_output(out: str, questions: int, same: int = 0) -> None:
 
 
 def console_spans(text: str) -> list[dict]:
-    """The spans the OpenTelemetry console exporter printed into a log (each a JSON object from a
-    line "{" to a line "}"), other lines skipped."""
+    """The spans the OpenTelemetry console exporter printed into a log (each a JSON object on
+    one line, `telemetry.span_as_one_line`), other lines skipped."""
 
-    spans, lines = [], None
-    for line in text.splitlines():
-        if line == "{":
-            lines = []
-        if lines is not None:
-            lines.append(line)
-        if line == "}" and lines is not None:
-            spans.append(json.loads("\n".join(lines)))
-            lines = None
-    return spans
+    return [json.loads(line) for line in text.splitlines() if line.startswith("{") and line.endswith("}")]
 
 
 def latent_messages(pair, codec: CodecConfig | None = None) -> list[pb.LatentMessage]:

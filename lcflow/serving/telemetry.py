@@ -15,10 +15,11 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 
 from opentelemetry import trace
 from opentelemetry.sdk.resources import Resource
-from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import (
     BatchSpanProcessor,
     ConsoleSpanExporter,
@@ -40,7 +41,9 @@ def make_tracer_provider(service_name: str, exporter: SpanExporter | None = None
         return provider
     choice = os.environ.get("OTEL_TRACES_EXPORTER", "none").strip().lower()
     if choice == "console":
-        provider.add_span_processor(SimpleSpanProcessor(ConsoleSpanExporter()))
+        provider.add_span_processor(
+            SimpleSpanProcessor(ConsoleSpanExporter(out=sys.stdout, formatter=span_as_one_line))
+        )
     elif choice == "otlp":
         from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
 
@@ -52,6 +55,13 @@ def make_tracer_provider(service_name: str, exporter: SpanExporter | None = None
             "OTEL_TRACES_EXPORTER=%s is not supported here (use otlp, console or none); tracing off", choice
         )
     return provider
+
+
+def span_as_one_line(span: ReadableSpan) -> str:
+    """A span as one line of JSON. The console exporter's default spreads a span over many lines,
+    and where stdout and stderr share one log (docker logs) a log line can land inside it; one
+    line per span keeps each span whole."""
+    return span.to_json(indent=None) + "\n"
 
 
 def current_trace_id() -> str:

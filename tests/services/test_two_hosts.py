@@ -15,7 +15,6 @@ Run alone with `pytest -m two_hosts`.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import socket
@@ -26,6 +25,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from service_helpers import console_spans
 
 from lcflow.adapter import LatentAdapter
 from lcflow.bench.netns import Host, two_hosts, why_netns_unavailable
@@ -112,13 +112,8 @@ def tcp_connects(address: str, port: int) -> bool:
 
 
 def read_spans(path: Path) -> list[dict]:
-    """The span JSON objects the console exporter wrote (pretty-printed, one after another)."""
-    text, decoder, spans = path.read_text(), json.JSONDecoder(), []
-    for match in re.finditer(r"^\{", text, flags=re.MULTILINE):
-        obj, _ = decoder.raw_decode(text, match.start())
-        if "context" in obj and "resource" in obj:
-            spans.append(obj)
-    return spans
+    """The span JSON objects the console exporter wrote (one per line)."""
+    return [s for s in console_spans(path.read_text()) if "context" in s and "resource" in s]
 
 
 def hex_id(value: str) -> str:
