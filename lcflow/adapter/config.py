@@ -62,6 +62,9 @@ class AdapterConfig:
     # spans: the sharer's (layer, head) pairs whose question attention selects (its retrieval
     # heads, chosen on training samples by `lcflow heads`); empty: every head of every layer.
     selection_heads: list[list[int]] = field(default_factory=list)
+    # spans: 0 normalises the question's attention over the whole context; c > 0 over the sink
+    # and one chunk of c positions at a time (lcflow.packets.selection), for long documents.
+    selection_chunk: int = 0
     # bridge: the receiver -> receiver span adapter's config (its weights are in the decoder file)
     reader: dict = field(default_factory=dict)
     # bridge: "whole" cuts the selected text as the receiver's tokenizer would; "within-sharer"
@@ -92,6 +95,10 @@ class AdapterConfig:
         bad = [h for h in self.selection_heads if len(h) != 2 or min(h) < 0]
         if bad:
             raise ValueError(f"selection_heads must be [layer, head] pairs, not {bad}")
+        if self.selection_chunk < 0:
+            raise ValueError(
+                f"selection_chunk must be 0 (the whole context) or positive, not {self.selection_chunk}"
+            )
         if self.bridge_tokens not in BRIDGE_TOKENS:
             raise ValueError(f"unknown bridge_tokens {self.bridge_tokens!r}; choose one of {BRIDGE_TOKENS}")
         if self.bridge_rows < 0:

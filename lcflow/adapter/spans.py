@@ -67,7 +67,9 @@ class SpanEncoder(nn.Module):
         `text` and `spans` are only read by the sentence selections)."""
         cache = cache_from_captured(model, captured)
         heads = [(layer, head) for layer, head in self.config.selection_heads]
-        scores = question_attention(model, cache, question, captured.num_tokens, heads=heads)
+        scores = question_attention(
+            model, cache, question, captured.num_tokens, heads=heads, chunk=self.config.selection_chunk
+        )
         if self.config.selection == "tokens":
             return top_tokens(scores, self.config.slots)
         per_token = self.config.selection == "sentences-mean"

@@ -7,6 +7,14 @@ observation window. For each layer l, head h, question token i and context posit
     a[l, h, i, j] = softmax_j( scale_l * q[l, h, i] . k[l, h, j] )    over context + question
     score[j]      = mean over l, h, i of a[l, h, i, j]
 
+In a long document one softmax over every position lets a few loud tokens anywhere (names that
+recur in many sentences) drown the sentence that answers. With a chunk size c, each question
+token's softmax runs over one chunk of c consecutive positions (and the sink) at a time, so
+sentences compete with their neighbours, and a chunk that holds nothing relevant gives its
+mass to the sink:
+
+    a_c[l, h, i, j] = softmax over {0} + chunk(j) of the same logits      (`chunk` > 0)
+
 Position 0 (BOS) soaks up most attention in every model (an attention sink) and is never
 selected: the receiver keeps its own sink. Three ways to spend a budget of m positions:
 
@@ -98,10 +106,12 @@ def head_attention(
     context_tokens: int,
     restore: bool = True,
     layers: int | None = None,
+    chunk: int = 0,
 ) -> torch.Tensor:
     """Attention mass each of the first `context_tokens` cached positions gets from the question,
     per layer and head: [layers, heads, context_tokens] (mean over question tokens of the softmax
-    weights; each row is normalised over context + question). A sliding-window layer whose cache
+    weights; each row is normalised over context + question, or with `chunk` over the sink and
+    one chunk of the context at a time, `chunk_softmax`). A sliding-window layer whose cache
     dropped old entries has no full view: its rows are NaN, as are those of layers past `layers`
     (only the first `layers` layers are run: retrieval heads sit early, the rest is not needed).
 
@@ -142,12 +152,31 @@ def head_attention(
         hidden = key_pos > query_pos
         if rope.spec.layer_types[index] == "sliding_attention" and rope.spec.sliding_window:
             hidden |= key_pos <= query_pos - rope.spec.sliding_window
-        weights = logits.masked_fill(hidden, float("-inf")).softmax(dim=-1)
-        scores[index] = weights[0, :, :, :context_tokens].mean(dim=1).cpu()
+        logits = logits.masked_fill(hidden, float("-inf"))
+        if chunk:
+            weights = chunk_softmax(logits[..., :context_tokens], chunk)
+        else:
+            weights = logits.softmax(dim=-1)[..., :context_tokens]
+        scores[index] = weights[0].mean(dim=1).cpu()
     if restore:  # only the layers that ran hold the question's entries
         for entry in cache.layers[:layers]:
             entry.crop(-tokens)
     return scores
+
+
+def chunk_softmax(logits: torch.Tensor, chunk: int) -> torch.Tensor:
+    """[..., T] logits over context positions (0 the sink) -> weights, each chunk of `chunk`
+    positions after the sink normalised together with the sink alone; the sink's own weight is 0.
+    A chunk the query cannot see at all (every logit -inf, sink too) gets weight 0."""
+    tokens = logits.shape[-1]
+    rest = logits[..., 1:]
+    pad = -rest.shape[-1] % chunk
+    rest = torch.nn.functional.pad(rest, (0, pad), value=float("-inf"))
+    chunks = rest.unflatten(-1, (-1, chunk))  # [..., chunks, chunk]
+    sink = logits[..., :1].unsqueeze(-1).expand(*chunks.shape[:-1], 1)
+    weights = torch.cat([sink, chunks], dim=-1).softmax(dim=-1)[..., 1:].nan_to_num(0.0)
+    weights = weights.flatten(-2)[..., : tokens - 1]
+    return torch.cat([torch.zeros_like(logits[..., :1]), weights], dim=-1)
 
 
 def question_attention(
@@ -157,11 +186,12 @@ def question_attention(
     context_tokens: int,
     restore: bool = True,
     heads: list[tuple[int, int]] | None = None,
+    chunk: int = 0,
 ) -> torch.Tensor:
     """[context_tokens] scores: `head_attention` combined over `heads` (see `combine_heads`); with
     heads, the question runs only through the layers up to the deepest of them."""
     layers = max(layer for layer, _ in heads) + 1 if heads else None
-    per_head = head_attention(model, cache, question_ids, context_tokens, restore, layers)
+    per_head = head_attention(model, cache, question_ids, context_tokens, restore, layers, chunk)
     return combine_heads(per_head, heads)
 
 

@@ -67,6 +67,7 @@ VARIANTS = {
     "facts-cross-pseudo": ("facts-cross", {"pseudo_values": 0.5}),
     "facts-same-words": ("facts-same", {"word_values": 0.8}),
     "facts-cross-words": ("facts-cross", {"word_values": 0.8}),
+    "facts-cross-long-words": ("facts-cross-long", {"word_values": 0.8}),
     "facts-twohop-words": ("facts-twohop", {"word_values": 0.8}),
     "facts-referents-words": ("facts-referents", {"word_values": 0.8}),
     "facts-open-words": ("facts-open", {"word_values": 0.8}),

@@ -19,6 +19,7 @@ from lcflow.packets.alignment import KVAlignment, collect_stats, fit_alignment, 
 from lcflow.packets.placement import finish_input, own_document_kv, slot_cache, slot_layout
 from lcflow.packets.selection import (
     chunk_means,
+    chunk_softmax,
     head_attention,
     question_attention,
     sentence_spans,
@@ -70,6 +71,51 @@ def test_question_attention_equals_the_models_own_attention_weights(tiny_dir, fa
     torch.testing.assert_close(first, out.attentions[0][0, 1, t:, :t].mean(dim=0), atol=1e-5, rtol=1e-4)
     for before, entry in zip(keys, cache.layers, strict=True):
         assert torch.equal(before, entry.keys)
+
+
+def test_chunked_question_attention_normalises_each_chunk_with_the_sink(tiny_dir):
+    """With a chunk size, each question token's weights over one chunk (and the sink) sum to one,
+    as a softmax over those logits alone would give; a chunk as long as the document is the whole
+    document's softmax without the question's own positions."""
+    directory = tiny_dir("llama", 400, 2)
+    model = AutoModelForCausalLM.from_pretrained(directory, attn_implementation="eager").eval()
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(directory)
+    ids, _ = tokenize_context(tok, DOC)
+    q_ids = tok("\n\n" + question_prompt(QUESTION), add_special_tokens=False, return_tensors="pt").input_ids
+    cache = prefill(model, ids, full_cache())
+    t, chunk = ids.shape[1], 7
+    with torch.no_grad():
+        out = model(torch.cat([ids, q_ids], dim=1), output_attentions=True)
+    for layer, attention in enumerate(out.attentions):
+        weights = attention[0, :, t:, :t]  # [heads, Q, t]: softmax over context + question
+        logits = weights.log()  # logits up to a per-row constant, which a softmax ignores
+        expected = torch.zeros_like(weights)
+        for start in range(1, t, chunk):
+            idx = [0, *range(start, min(t, start + chunk))]
+            expected[..., idx[1:]] = logits[..., idx].softmax(dim=-1)[..., 1:]
+        per_head = head_attention(model, cache, q_ids, t, chunk=chunk)
+        torch.testing.assert_close(per_head[layer], expected.mean(dim=1), atol=1e-5, rtol=1e-4)
+    whole = head_attention(model, cache, q_ids, t, chunk=t)
+    for layer, attention in enumerate(out.attentions):
+        context = attention[0, :, t:, :t]
+        expected = context / context.sum(dim=-1, keepdim=True)
+        expected[..., 0] = 0
+        torch.testing.assert_close(whole[layer], expected.mean(dim=1), atol=1e-5, rtol=1e-4)
+
+
+def test_chunk_softmax_gives_an_unseen_chunk_no_weight():
+    logits = torch.tensor([[0.0, 1.0, 2.0, float("-inf"), float("-inf"), 3.0]])
+    hidden = logits.clone()
+    hidden[0, 0] = float("-inf")  # the sink hidden too: chunk [3, 4] sees nothing at all
+    weights = chunk_softmax(hidden, 2)
+    assert torch.equal(weights[0, 3:5], torch.zeros(2))
+    assert weights[0, 0] == 0 and torch.isfinite(weights).all()
+    torch.testing.assert_close(weights[0, 1:3].sum(), torch.tensor(1.0))
+    torch.testing.assert_close(
+        chunk_softmax(logits, 2)[0, 5], torch.tensor(3.0).exp() / (1 + torch.tensor(3.0).exp())
+    )
 
 
 def test_top_tokens_skip_the_sink_and_keep_document_order():
@@ -498,6 +544,12 @@ def test_retrieval_heads_are_ranked_on_samples_and_steer_the_span_selection(tiny
     q_ids = tok("\n\n" + prompt, add_special_tokens=False, return_tensors="pt").input_ids
     one_head = head_attention(model, cache, q_ids, context.input_ids.shape[1])[1, 0]
     assert chosen.tolist() == top_sentences(one_head, context.spans, DOC, 8, per_token=True).tolist()
+    # A chunk size in the config: the same head, its attention normalised chunk by chunk.
+    loaded.config.selection_chunk = 5
+    chunked = Sharer(model, tok, loaded.encoder, loaded.config).select(context, question=prompt)
+    by_chunk = head_attention(model, cache, q_ids, context.input_ids.shape[1], chunk=5)[1, 0]
+    assert chunked.tolist() == top_sentences(by_chunk, context.spans, DOC, 8, per_token=True).tolist()
+    assert not torch.allclose(by_chunk, one_head)
 
 
 def test_retrieval_heads_need_samples_whose_answer_is_in_the_document(tiny_pair):
@@ -518,6 +570,10 @@ def test_selection_heads_must_be_layer_head_pairs(tiny_pair):
             model_identity(*receiver),
             packet="spans",
             selection_heads=[[1]],
+        )
+    with pytest.raises(ValueError, match="selection_chunk"):
+        LatentAdapter.for_models(
+            "lcfx", model_identity(*receiver), model_identity(*receiver), packet="spans", selection_chunk=-1
         )
 
 
