@@ -418,6 +418,15 @@ def _load_into(plan: EvalPlan, args, models: EvalModels, ids: tuple, method: str
         "parameter_counts": counts,
         "mb_bf16": counts["total"] * 2 / 1e6,
     }
+    if adapter.config.mode == "lcfx":  # what the packet is: a copy may differ from its card here
+        config = adapter.config
+        info[method]["packet"] = {
+            "packet": config.packet,
+            "slots": config.slots,
+            "selection": config.selection,
+            "selection_heads": config.selection_heads,
+            "selection_chunk": config.selection_chunk,
+        }
     if method in models.packet_readers:
         from lcflow.adapter.reader import RECEIVER_READER  # keeps --help fast
 

@@ -92,6 +92,9 @@ def test_eval_writes_json_markdown_and_plots(cross_run, lcfx_dir):
     assert (meta["task"], meta["split"], meta["n"], meta["seed"]) == ("facts-cross", "test", 3, 0)
     assert meta["adapters"]["lcfx"]["path"] == str(lcfx_dir)
     assert meta["adapters"]["lcfx"]["parameters"] == params
+    config = LatentAdapter.from_pretrained(lcfx_dir).config
+    assert meta["adapters"]["lcfx"]["packet"]["slots"] == config.slots == SLOTS
+    assert meta["adapters"]["lcfx"]["packet"]["selection_chunk"] == config.selection_chunk
 
     # lcfx against every other method, on the same 3 samples, in EM and in contains
     assert [(p["method"], p["baseline"], p["n"]) for p in results["paired"]] == [
