@@ -30,6 +30,7 @@ ADAPTERS = ROOT / "adapters"
 PURPOSE = {
     "gemma3-to-gemma3-lcfx": "the demo's LCF-X adapter: two agents on one base model",
     "gemma3-to-gemma3-lcfx-twohop": "LCF-X refined for two-hop questions",
+    "gemma3-to-gemma3-lcfx-long": "LCF-X for documents of thousands of tokens (128 positions, chunked selection)",
     "gemma3-to-gemma3-lcf": "the demo's same-context part",
     "gemma3-to-gemma3-reader-selected": "the control: a text reader of LCF-X's selected sentences",
     "gemma3-to-gemma3-reader-forward": "the control: a text reader of the forwarded document",

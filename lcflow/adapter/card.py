@@ -293,6 +293,7 @@ def config_view(adapter_dir: Path) -> dict:
         "packet": packet,
         "selection": config.get("selection") if packet in ("spans", "bridge") else None,
         "selection_heads": config.get("selection_heads") or None,
+        "selection_chunk": config.get("selection_chunk") or None,  # 0: one softmax over the context
         # bridge packets: how the text is cut into receiver tokens, and the packet's most rows
         "bridge_tokens": config.get("bridge_tokens", "whole") if bridge else None,
         "bridge_rows": (config.get("bridge_rows") or config["slots"]) if bridge else None,
@@ -323,6 +324,11 @@ def render_markdown(card: dict, adapter_dir: Path | None = None) -> str:
         + (
             f" by the sharer's heads {card['selection_heads']} (layer, head)"
             if card.get("selection_heads")
+            else ""
+        )
+        + (
+            f", their attention normalised in chunks of {card['selection_chunk']} positions"
+            if card.get("selection_chunk")
             else ""
         )
         + (")" if card.get("selection") else "")
