@@ -28,25 +28,14 @@ import time
 import torch
 from tqdm import tqdm
 
-from lcflow.core.kv import full_cache, prefill
-from lcflow.core.prompting import tokenize_context
-from lcflow.packets.selection import answer_selected, head_attention, question_ids, top_sentences
+from lcflow.packets.selection import answer_selected, top_sentences
 from lcflow.provision.loading import load_model_and_tokenizer
-from lcflow.tasks import format_question_prompt, get_task
+from lcflow.tasks import get_task
+from lcflow.training.heads import read_heads
 
 TASK = "facts-cross-longer"
 CHUNKS = (0, 64, 128, 256, 512)
 BUDGETS = (32, 64, 128)
-
-
-@torch.no_grad()
-def read(model, tokenizer, sample, chunks: tuple[int, ...], layers: int) -> tuple[dict, torch.Tensor]:
-    """({chunk: per-head scores [L, H, T]}, token spans [T, 2]) for one document: one prefill,
-    then the question once per chunk size (the cache is restored after each)."""
-    ids, spans = tokenize_context(tokenizer, sample.sharer_context)
-    cache = prefill(model, ids, full_cache())
-    q = question_ids(tokenizer, format_question_prompt(sample, include_context=False))
-    return {c: head_attention(model, cache, q, ids.shape[1], layers=layers, chunk=c) for c in chunks}, spans
 
 
 def recall(readings, heads: list[tuple[int, int]], chunk: int, m: int) -> float:
@@ -80,7 +69,7 @@ def main() -> None:
     for split in ("train", "test"):
         rows = []
         for sample in tqdm(get_task(TASK).samples(split, args.n, seed=0), desc=split):
-            scores, spans = read(model, tokenizer, sample, CHUNKS, args.layers)
+            scores, spans = read_heads(model, tokenizer, sample, layers=args.layers, chunks=CHUNKS)
             if answer_selected(sample, spans, torch.arange(spans.shape[0])) is not None:
                 rows.append((sample, scores, spans))
         readings[split] = rows

@@ -22,28 +22,16 @@ import time
 import torch
 from tqdm import tqdm
 
-from lcflow.core.kv import full_cache, prefill
-from lcflow.core.prompting import tokenize_context
 from lcflow.packets.selection import (
     answer_selected,
-    head_attention,
-    question_ids,
     tokens_by_sentence,
     top_sentences,
 )
 from lcflow.provision.loading import load_model_and_tokenizer
-from lcflow.tasks import format_question_prompt, get_task, load_task_file
+from lcflow.tasks import get_task, load_task_file
+from lcflow.training.heads import read_heads
 
 SHIPS = "lcflow/data/tasks/ships-cross.jsonl"
-
-
-@torch.no_grad()
-def read(model, tokenizer, sample):
-    """(per-head scores [L, H, T], token spans [T, 2]) for the sharer reading its document."""
-    ids, spans = tokenize_context(tokenizer, sample.sharer_context)
-    cache = prefill(model, ids, full_cache())
-    prompt = format_question_prompt(sample, include_context=False)
-    return head_attention(model, cache, question_ids(tokenizer, prompt), ids.shape[1]), spans
 
 
 def fast_recall(scores: torch.Tensor, groups: list[list[int]], answer_group: int, m: int) -> bool:
@@ -82,7 +70,8 @@ def main() -> None:
     hits = None
     counted = 0
     for sample in tqdm(get_task("facts-cross").samples("train", args.train, seed=0), desc="rank heads"):
-        per_head, spans = read(model, tokenizer, sample)
+        by_chunk, spans = read_heads(model, tokenizer, sample)
+        per_head = by_chunk[0]
         groups = tokens_by_sentence(spans, sample.sharer_context)
         target = answer_group(sample, spans, groups)
         if target is None:
@@ -115,7 +104,8 @@ def main() -> None:
     for test, samples in tests.items():
         found: dict[str, list[bool]] = {name: [] for name in sets}
         for sample in tqdm(samples, desc=test):
-            per_head, spans = read(model, tokenizer, sample)
+            by_chunk, spans = read_heads(model, tokenizer, sample)
+            per_head = by_chunk[0]
             seen = ~per_head[:, 0, 0].isnan()
             for name, heads in sets.items():
                 scores = (

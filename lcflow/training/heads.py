@@ -51,13 +51,18 @@ class HeadChoice:
 
 
 @torch.no_grad()
-def read_heads(model, tokenizer, sample: QASample) -> tuple[torch.Tensor, torch.Tensor]:
-    """The sharer reads its document: (per-head question attention [L, H, T], token spans [T, 2]).
-    The question is the receiver's prompt, as a handoff's selection sees it."""
+def read_heads(
+    model, tokenizer, sample: QASample, layers: int | None = None, chunks: tuple[int, ...] = (0,)
+) -> tuple[dict[int, torch.Tensor], torch.Tensor]:
+    """The sharer reads its document: ({chunk: per-head question attention [L, H, T]}, token
+    spans [T, 2]). The question is the receiver's prompt, as a handoff's selection sees it; one
+    prefill, then the question once per chunk size (`head_attention`, which restores the cache),
+    through the first `layers` layers (all by default)."""
     ids, spans = tokenize_context(tokenizer, sample.sharer_context)
     cache = prefill(model, ids, full_cache())
-    prompt = format_question_prompt(sample, include_context=False)
-    return head_attention(model, cache, question_ids(tokenizer, prompt), ids.shape[1]), spans
+    question = question_ids(tokenizer, format_question_prompt(sample, include_context=False))
+    scores = {c: head_attention(model, cache, question, ids.shape[1], layers=layers, chunk=c) for c in chunks}
+    return scores, spans
 
 
 def covers_answer(sample: QASample, spans: torch.Tensor, scores: torch.Tensor, m: int) -> bool | None:
@@ -70,7 +75,8 @@ def choose_heads(model, tokenizer, samples: list[QASample], m: int, tolerance: f
     """Rank every head by its recall on `samples` (training samples), then choose how many to keep."""
     readings = []
     for sample in tqdm(samples, desc="reading", leave=False):
-        per_head, spans = read_heads(model, tokenizer, sample)
+        by_chunk, spans = read_heads(model, tokenizer, sample)
+        per_head = by_chunk[0]
         if answer_selected(sample, spans, torch.arange(spans.shape[0])) is not None:
             readings.append((sample, per_head, spans))
     if not readings:

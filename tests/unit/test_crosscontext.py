@@ -552,6 +552,29 @@ def test_retrieval_heads_are_ranked_on_samples_and_steer_the_span_selection(tiny
     assert not torch.allclose(by_chunk, one_head)
 
 
+def test_read_heads_reads_once_per_chunk_size_through_the_layers_asked(tiny_pair):
+    """`read_heads` (what head choice and the selection probes read): one entry per chunk size,
+    each the question's per-head attention as `head_attention` computes it over the document,
+    layers past `layers` left NaN; the document's tokens and spans as a handoff tokenises them."""
+    from lcflow.training.heads import read_heads
+
+    sharer, _ = tiny_pair
+    model, tok = sharer
+    sample = _fact_samples(1)[0]
+    scores, spans = read_heads(model, tok, sample, layers=1, chunks=(0, 5))
+    ids, expected_spans = tokenize_context(tok, sample.sharer_context)
+    assert set(scores) == {0, 5} and torch.equal(spans, expected_spans)
+    cache = prefill(model, ids, full_cache())
+    q_ids = tok(
+        "\n\n" + question_prompt(sample.question), add_special_tokens=False, return_tensors="pt"
+    ).input_ids
+    for chunk in (0, 5):
+        expected = head_attention(model, cache, q_ids, ids.shape[1], layers=1, chunk=chunk)
+        assert torch.allclose(scores[chunk], expected, equal_nan=True)
+        assert not scores[chunk][0].isnan().any() and scores[chunk][1:].isnan().all()
+    assert not torch.allclose(scores[0][0], scores[5][0])
+
+
 def test_retrieval_heads_need_samples_whose_answer_is_in_the_document(tiny_pair):
     from lcflow.training.heads import choose_heads
 
