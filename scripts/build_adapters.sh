@@ -224,13 +224,7 @@ L.from_pretrained(sys.argv[1]).save_pretrained(sys.argv[2], dtype=torch.bfloat16
 # with the same data, steps, batch and loss, is trained beside it into $RUNS (not shipped).
 build_long() {
   local pair=gemma3-to-gemma3 out="$A/gemma3-to-gemma3-lcfx-long" init="$RUNS/gemma3-to-gemma3-long-init"
-  rm -rf "$init" && cp -r "$A/gemma3-to-gemma3-lcfx" "$init"
-  python - "$init/adapter_config.json" <<'PY'
-import json, sys
-config = json.load(open(sys.argv[1]))
-config["slots"], config["selection_chunk"] = 128, 128
-json.dump(config, open(sys.argv[1], "w"), indent=2)
-PY
+  python scripts/adapter_copy.py "$A/gemma3-to-gemma3-lcfx" "$init" --set slots=128 --set selection_chunk=128
   local common=(--sharer "$GEMMA" --receiver "$GEMMA" --task facts-cross-long-words --steps 30 --batch-size 8
     --lr 2e-4 --kl-weight 0.25 --checkpoint-every 5)
   lcflow train "${common[@]}" --mode lcfx --init-adapter "$init" --out "$RUNS/$pair-long"

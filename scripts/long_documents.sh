@@ -19,15 +19,7 @@ RUNS=${RUNS:-runs/long-documents}
 ADAPTER=$RUNS/gemma3-to-gemma3-lcfx-c$CHUNK-m$SLOTS
 
 mkdir -p "$RUNS"
-rm -rf "$ADAPTER"
-cp -r adapters/gemma3-to-gemma3-lcfx "$ADAPTER"
-python - "$ADAPTER/adapter_config.json" "$SLOTS" "$CHUNK" <<'EOF'
-import json, sys
-path, slots, chunk = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
-config = json.load(open(path))
-config["slots"], config["selection_chunk"] = slots, chunk
-json.dump(config, open(path, "w"), indent=2)
-EOF
+python scripts/adapter_copy.py adapters/gemma3-to-gemma3-lcfx "$ADAPTER" --set slots="$SLOTS" --set selection_chunk="$CHUNK"
 
 # Dev check on the family's train split (the adapter never trained on facts-cross-longer).
 lcflow eval --pair gemma3-to-gemma3 --task facts-cross-longer --split train --n 30 --methods lcfx \
