@@ -5,7 +5,9 @@ each method's answers the same in every run, so two runs pair as one would).
     python scripts/pair_runs.py docs/results/general-adapter/facts-open-general.json \
         docs/results/channels-gemma3-to-gemma3-open.json
 
-The base run's own lcfx and lcfx-wrong appear as lcfx-base and lcfx-wrong-base. Prints one line
+The base run's own lcfx and lcfx-wrong appear as lcfx-base and lcfx-wrong-base. `--method`
+tests another method of the first run the same way (a text reader refined on a new family against
+the shipped one: `--method forward+reader`; the base's own row appears as forward+reader-base). Prints one line
 per base method: n, the EM, contains and (open prompts) facts-stated differences with 95% CIs,
 and how many samples the tested adapter gained and lost in EM.
 """
@@ -27,14 +29,16 @@ def main() -> None:
     )
     parser.add_argument("tested", type=Path, help="results.json whose lcfx rows are the adapter under test")
     parser.add_argument("base", type=Path, help="results.json of the methods to compare it with")
+    parser.add_argument("--method", default="lcfx", help="the first run's method under test")
     args = parser.parse_args()
     tested, base = json.loads(args.tested.read_text()), json.loads(args.base.read_text())
-    records = [r for r in tested["samples"] if r["method"] == "lcfx"]
+    # paired_differences compares lcfx with every other method: the method under test takes its name.
+    records = [{**r, "method": "lcfx"} for r in tested["samples"] if r["method"] == args.method]
+    if not records:
+        sys.exit(f"pair_runs: {args.tested} has no {args.method} samples")
     for record in base["samples"]:
-        renamed = (
-            record["method"] + "-base" if record["method"] in ("lcfx", "lcfx-wrong") else record["method"]
-        )
-        records.append({**record, "method": renamed})
+        clashes = record["method"] in ("lcfx", "lcfx-wrong", args.method)
+        records.append({**record, "method": record["method"] + "-base" if clashes else record["method"]})
     for row in paired_differences(records):
         scores = ", ".join(
             f"{score} {difference_cell(row, score)}"
@@ -42,7 +46,7 @@ def main() -> None:
             if difference_cell(row, score)
         )
         print(
-            f"lcfx minus {row['baseline']} (n={row['n']}): {scores}; gained {row['gained']}, lost {row['lost']}"
+            f"{args.method} minus {row['baseline']} (n={row['n']}): {scores}; gained {row['gained']}, lost {row['lost']}"
         )
 
 
