@@ -237,8 +237,10 @@ L.from_pretrained(sys.argv[1]).save_pretrained(sys.argv[2], dtype=torch.bfloat16
   card gemma3-to-gemma3-lcfx-long "$pair-eval-longer-long" lcfx
   lcflow train "${common[@]}" --mode text-reader --channel forward --rank 16 \
     --init-reader "$A/$pair-reader-forward" --init-adapter "$A/gemma3-to-gemma3-lcfx" --out "$RUNS/$pair-long-reader-forward"
+  # In bf16, as the LCF-X adapter is measured (shipped).
+  python scripts/ship_reader.py "$RUNS/$pair-long-reader-forward" "$RUNS/$pair-long-reader-forward-bf16" "$GEMMA"
   lcflow eval --pair "$pair" --task facts-cross-longer --split test --n 100 --methods forward+reader \
-    --adapter-reader-forward "$RUNS/$pair-long-reader-forward" --out "$RUNS/$pair-eval-longer-long-reader"
+    --adapter-reader-forward "$RUNS/$pair-long-reader-forward-bf16" --out "$RUNS/$pair-eval-longer-long-reader"
 }
 
 # build_bridge_twohop: the SmolLM2 -> Gemma3 bridge with the two-hop Gemma3 reader swapped in. The
