@@ -24,8 +24,8 @@ receiver's hidden size; no token ids and no text cross the wire. `rows` is at mo
 How the text is cut (`config.bridge_tokens`). "whole": as the receiver's tokenizer cuts it. A
 receiver token then often spans several sharer pieces (Gemma3's " kebab" is SmolLM2's " ke" "b"
 "ab"), and the mean of their features is a poor description of a word the translator never saw:
-such rows land on their own token 6% of the time on test documents, against 91% for rows with
-one sharer token (docs/lcfx.md, section 8). "within-sharer": each sharer token's text is cut on
+such rows land on their own token far less often than rows with one sharer token (docs/lcfx.md,
+section 8). "within-sharer": each sharer token's text is cut on
 its own, so every receiver token lies inside one sharer token, which the translator sees in
 training however rare the word is; the pieces of one sharer token differ by their position
 features (first, last, split, fraction), scaled by POSITION_SCALE so that the ridge map's

@@ -1,9 +1,8 @@
 """Experiment: do a few attention heads find the asked fact better than all heads averaged?
 
 LCF-X picks the sentences its packet carries by the question's attention, averaged over every
-head of every layer. For Gemma3-270M that covers the answer in 0.85 of short facts-cross
-documents but 1 in 40 long ones; for SmolLM2-135M (a sharer for Gemma3) about 1 in 6 short ones
-(measured while probing the soft-token bridge). "Retrieval heads" (Wu et al., 2024) are a
+head of every layer. That often misses the answer: in long documents for Gemma3-270M, and in
+short ones too for SmolLM2-135M (docs/lcfx.md, section 5, with this probe's results). "Retrieval heads" (Wu et al., 2024) are a
 few heads that copy from where the asked fact sits. This probe scores every head alone on
 *training* samples (facts-cross, train split): does the sentence selection by that head's
 attention cover the answer? It then averages the best K heads and measures answer recall on

@@ -2,8 +2,8 @@
 
 A span packet carries the sentences the receiver's question attends to most in the sharer's
 document (lcflow.packets.selection). Averaged over every head of every layer, that
-attention is a weak pointer in some models: SmolLM2-135M's covers the answer in 0.41 of
-held-out facts-cross documents. A few heads do much better alone ("retrieval heads", Wu et
+attention is a weak pointer in some models (SmolLM2-135M's: docs/lcfx.md, section 5). A few
+heads do much better alone ("retrieval heads", Wu et
 al. 2024), so they are chosen once per sharer model, on training samples:
 
     recall[l, h] = share of samples whose selection by head (l, h) alone covers the answer
