@@ -1,38 +1,15 @@
 """Segment codec: byte-shuffle, zstd with a frame checksum, and decompression with a hard size bound.
 
-Measured on the 2-core development machine (shared with a training job) over a whole
-2048-token LCF packet of random normal latents (28 x [1, 2048, 128] plus token spans,
-safetensors segments as the writer makes them), best of 7, one-shot zstd decompress, all
-rows in one run (absolute MB/s move by +-40% between runs here; the ratios between rows hold):
+Why these defaults (level 1, `float_params` on, byte-shuffle on), with the measurements per dtype,
+shuffle, level and parameters: docs/results/transport-design.md. In short: after byte-shuffle
+nearly all of zstd's time goes on the exponent plane (few real matches), where level 1 probes a
+large hash table at every position for matches that are rarely there; `float_params` asks for
+long matches through zstd's smallest, cache-resident table, which is faster and compresses
+slightly better. Negative levels with it store the data raw; higher levels gain nothing. Sending
+the near-random mantissa plane raw, or one frame per byte plane, was no faster.
 
-    dtype     shuffle  level  float_params     ratio  compress   decompress
-    bfloat16  no        1     no               1.29   601 MB/s    830 MB/s
-    bfloat16  yes      -1     no               1.23   387 MB/s   1410 MB/s
-    bfloat16  yes      -1     yes              1.00  2249 MB/s   5233 MB/s   (stored raw)
-    bfloat16  yes       1     no               1.46   373 MB/s   1366 MB/s   (the old default)
-    bfloat16  yes       1     hash_log 8       1.49   678 MB/s   1859 MB/s
-    bfloat16  yes       1     yes              1.50   854 MB/s   1878 MB/s   (the default)
-    bfloat16  yes       3     yes              1.45   282 MB/s   1214 MB/s
-    float16   no        1     no               1.09   605 MB/s    907 MB/s
-    float16   yes       1     no               1.18   955 MB/s   1671 MB/s
-    float16   yes       1     yes              1.18   988 MB/s   1665 MB/s
-    float32   yes       1     no               1.19   658 MB/s   1950 MB/s
-    float32   yes       1     yes              1.20  1286 MB/s   2558 MB/s
-
-After byte-shuffle nearly all of zstd's time goes on the exponent plane (bf16: 2.6 bits of
-entropy a byte, few real matches): level 1 probes an 8192-entry hash table at every position
-for matches that are rarely there. `float_params` asks for matches of 7+ bytes through a
-64-entry table (zstd's smallest, cache-resident): 2.3x faster on bf16, 2x on float32, and a
-slightly better ratio, since more of the plane goes to the Huffman-coded literals. Negative
-levels with it give up and store the data raw; without it they are slower than level 1.
-Level 3 gains nothing. Hence the defaults: level 1, float_params on, byte-shuffle on.
-
-zstd already skips the near-random mantissa plane cheaply (~0.05 ms per 256 KiB), so sending
-it raw, or one frame per byte plane, measured no faster on 2048-token packets; separate frames
-did compress small segments better (LCF-X bf16 1.27 -> 1.47), but a segment stays one frame.
-
-Byte-shuffle itself runs at ~13 GB/s (shift and truncating cast per plane, in cache-sized
-blocks), written straight into the segment blob (segments.py).
+Byte-shuffle (shift and truncating cast per plane, in cache-sized blocks) is written straight
+into the segment blob (segments.py).
 """
 
 from __future__ import annotations
@@ -44,7 +21,7 @@ import zstandard
 
 from lcflow.transport.quantize import Quantization
 
-try:  # the same CRC-32 as zlib.crc32, ~13x faster (0.02 vs 0.26 ms/MiB here); zlib where ISA-L is missing
+try:  # the same CRC-32 as zlib.crc32, much faster (docs/results/transport-design.md); zlib where ISA-L is missing
     from isal.isal_zlib import crc32 as crc32  # re-exported for wire.py
 except ImportError:  # pragma: no cover
     from zlib import crc32 as crc32
@@ -102,7 +79,7 @@ class CodecConfig:
 
 
 class SegmentCompressor:
-    """Compresses segment after segment with one reused zstd context (creating one costs ~0.1 ms)."""
+    """Compresses segment after segment with one reused zstd context (creating one is not free)."""
 
     def __init__(self, config: CodecConfig):
         self.config = config

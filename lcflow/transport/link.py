@@ -2,8 +2,8 @@
 and whether zstd goes on top.
 
 Both make the bytes fewer and cost CPU on both ends, so they pay on slow links and can lose on
-fast ones: on this 2-core machine's loopback, quantizing a 2048-token LCF packet to int4 takes
-longer than sending its bf16 bytes. The quantizations offered are the accurate ones of the
+fast ones: on a small machine's loopback, quantizing a long LCF packet to int4 can take longer
+than sending its bf16 bytes. The quantizations offered are the accurate ones of the
 adapter's model card (within 1 EM point of bf16: lcflow.serving.registry.card_codecs), so the
 choice moves time, never answers. Two ways to tell which link this is:
 
@@ -18,8 +18,8 @@ choice moves time, never answers. Two ways to tell which link this is:
   until each has been measured PROBES times; from then on the cheapest, with one of the others
   tried again every EXPLORE_EVERY handoffs so that a changed link shows (which one: the longest
   untried for its cost, LinkMeter._stalest). This is what decides on loopback and on this
-  2-core machine, where "the link" is gRPC's own CPU time and no model of it held: the rule
-  below said zstd pays at 161 MB/s, and none was faster.
+  2-core machine, where "the link" is gRPC's own CPU time and no model of it held (the rule
+  below said zstd pays there, and none was faster).
 
 - **Configured** (`--link-mbit R`): a rule. Sending S serialised bytes takes S/R; compressing
   first at C bytes/s with ratio r, then decompressing at D, takes S/C + S/(r R) + S/D (on small
@@ -27,15 +27,10 @@ choice moves time, never answers. Two ways to tell which link this is:
 
       R < (1 - 1/r) / (1/C + 1/D)
 
-  C, r and D per scheme are priors measured here (`lcflow bench transport --tokens 2048
-  --quantize none int8 int4`, a 2048-token LCF packet of the paper pair's shapes, random normal
-  latents, best of 5 with a training job on the other core; per serialised byte), refined per
-  payload by this sharer's own zstd handoffs:
-
-      scheme  C (MB/s)  D (MB/s)  r      zstd pays below
-      none     722      1114      1.50   ~146 MB/s (1.2 Gbit/s): bf16 latents
-      int8     753       768      1.07   ~25 MB/s  (200 Mbit/s)
-      int4     747       711      1.16   ~50 MB/s  (400 Mbit/s)
+  C, r and D per scheme are priors (PRIORS: `lcflow bench transport --tokens 2048 --quantize none
+  int8 int4`, a 2048-token LCF packet of the paper pair's shapes; the measurements and the link
+  speeds below which zstd pays for each scheme: docs/results/transport-design.md), refined per
+  payload by this sharer's own zstd handoffs.
 
   A configured link is taken to be a network between nodes, so the rule sends the smallest
   quantization offered (the card's choice): the bytes are what the link charges for, and on a
@@ -55,10 +50,9 @@ from dataclasses import dataclass
 SMOOTHING = 0.5  # weight of zstd's newest speed and ratio measurement (record_compression)
 PROBES = 2  # handoffs each codec is measured on before the meter compares them
 WINDOW = 3  # a codec's cost is the least over its last WINDOW handoffs
-# Once every arm is measured, every 32nd handoff re-tries another. Measured (`lcflow bench transport
-# --steady 64`, the links bench's six payloads): re-trying every 16th made auto's mean 1.02-1.10x
-# the best fixed codec's in one run, every 32nd 0.77-1.07x over three; a re-tried arm can cost 3x
-# the best on these links.
+# Once every arm is measured, every EXPLORE_EVERY-th handoff re-tries another: often enough that a
+# changed link shows, rarely enough that re-trying a costly arm does not cost auto its lead over
+# the best fixed codec (docs/results/transport-design.md).
 EXPLORE_EVERY = 32
 
 

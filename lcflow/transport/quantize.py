@@ -33,33 +33,12 @@ NAME with the dtype and shape the receiver gets back, and declares the scales be
 
 Bytes per element, scales included, with float16 scales: int8 1 + 2/n, int4 1/2 + 2/g.
 
-The int4 group size, measured on the shipped adapters' own latents (b = 128): each adapter's
-encoder over the first 16 test samples of its task (LCF: facts-same, 18 / 30 layers x ~1.2k
-context tokens; LCF-X: facts-cross, 16 packets of 32 slots), bf16 as the sharer sends them,
-float16 scales. "err" is the relative RMS error ||x - x^|| / ||x|| over every latent; bytes
-per element include the scales; "x bf16" is raw bf16 bytes over wire bytes of the whole LCF
-packet (safetensors headers and int32 token spans included), without and with zstd (level 1,
-byte-shuffle) on top; bf16 with zstd alone is 1.50x / 1.46x. Deterministic, no timings
-(2-core x86_64, torch 2.13 CPU):
-
-                        err: LCF            err: LCF-X          LCF packet, x bf16
-                bytes   smol->gem gem->smol smol->gem gem->smol  none  zstd (s->g, g->s)
-    int8 row    1.016   0.0046    0.0058    0.0056    0.0072     1.96  2.02  2.05
-    int4 g=16   0.625   0.0679    0.0805    0.0786    0.0928     3.18  3.47  3.44
-    int4 g=32   0.562   0.0741    0.0900    0.0869    0.1075     3.53  3.89  3.88
-    int4 g=64   0.531   0.0789    0.0983    0.0951    0.1196     3.74  4.16  4.21
-    int4 g=128  0.516   0.0832    0.1059    0.1016    0.1289     3.85  4.39  4.48
-
-What an extra bit per element buys when spent on code width: int4 -> int8 (4 bits) cuts
-the error 13-18x, about one halving of the error per bit. Spent on smaller groups it buys
-less, and less with each halving of g (halvings per bit over the four adapters): 128 -> 64
-0.61-0.87 (5-7% less error for 3% more bytes), 64 -> 32 0.36-0.62 (6-10% for 6%), 32 -> 16
-0.25-0.42 (8-14% for 11%). The rule "halve g while it buys at least half of what a code bit
-does" stops at 64 or 32 (64 -> 32 straddles 0.5: two adapters just above, two below);
-DEFAULT_INT4_GROUP = 64 takes the byte side of that tie, keeping an LCF packet 4.2x smaller
-than bf16 with zstd (3.7x without; g = 32: 3.9x / 3.5x). Whether int4's ~10% error costs
-answers is for the accuracy evaluation (issue 12, item 2); if it does, g = 32
-(CodecConfig.group_size) is the cheaper step to try before int8.
+The int4 group size (DEFAULT_INT4_GROUP = 64): an extra bit per element buys much more error
+reduction spent on code width (int4 -> int8) than on smaller groups, and each halving of g buys
+less than the one before. The rule "halve g while it buys at least half of what a code bit does"
+stops at 64 or 32 on the shipped adapters' latents, and 64 takes the byte side of that tie; g = 32
+(CodecConfig.group_size) is the cheaper step to try before int8 where int4 costs answers. The
+measurements: docs/results/transport-design.md; each codec's accuracy: docs/results/codecs/.
 """
 
 from __future__ import annotations

@@ -220,8 +220,8 @@ def coalesce_chunks(
 ) -> Iterator[pb.LatentMessage]:
     """Merge runs of small consecutive chunk messages into ChunkBatch messages of at most `max_bytes` payload.
 
-    gRPC costs ~0.25 ms per message on 2 cores, so 28 small layer segments go ~5x faster in
-    batches. A batch is held back until it is full or a non-chunk message (or the end) comes:
+    gRPC costs a fixed time per message, so many small layer segments go much faster in batches
+    (docs/results/transport-design.md). A batch is held back until it is full or a non-chunk message (or the end) comes:
     use this when the segments are ready faster than the network takes them (throughput), not
     when each layer should leave the moment it is encoded (latency). Chunks of `alone_bytes` or
     more go on their own, as they came: batching them saves little per byte, costs a copy, and
