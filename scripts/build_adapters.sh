@@ -15,9 +15,8 @@
 #   DIRECTIONS=readers bash scripts/build_adapters.sh   # the text readers LCF-X is compared with (needs spans)
 #   DIRECTIONS=recipe bash scripts/build_adapters.sh    # Gemma3 -> Gemma3 span LCF-X in one command (lcflow train --mode lcfx)
 #   DIRECTIONS=task-file bash scripts/build_adapters.sh  # both from a user's JSONL (lcflow train --task-file), measured
-# These are the settings the shipped adapters were built with. On the 2-core CPU development
-# machine, SmolLM2 -> Gemma3 took 13 min (LCF) and 18 min (C2C); the other times are in the
-# model cards and in the comments below.
+# These are the settings the shipped adapters were built with. How long each took on the 2-core
+# CPU development machine is in its model card (adapters/<name>/README.md, "Training").
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RUNS=${RUNS:-runs/build}
@@ -75,11 +74,11 @@ PY
 # build_spans: the span-packet LCF-X adapters of Gemma3 -> Gemma3 (two agents on one base model):
 #   (runs) gemma3-to-gemma3-lcfx-spans  the exact map at full width (b=512), no training (seconds)
 #   gemma3-to-gemma3-lcfx             that map, task-trained: answer CE + 0.25 KL to the receiver
-#                                     reading the document, 120 steps x 16 (~50 min), then used
+#                                     reading the document, 120 steps x 16, then used
 #                                     with selection sentences-mean; the pair's default LCF-X
 #                                     adapter (lcflow eval --pair gemma3-to-gemma3)
-#   (runs) gemma3-to-gemma3-lcfx-spans-b128  b=128: dense alignment on 1200 corpus documents
-#                                     (6 min), then distillation, 40 steps x 16 samples (14 min)
+#   (runs) gemma3-to-gemma3-lcfx-spans-b128  b=128: dense alignment on 1200 corpus documents,
+#                                     then distillation, 40 steps x 16 samples
 # The two (runs) adapters are measured, not shipped (superseded: docs/adapters.md).
 # Evaluated on held-out samples with the wrong-packet control: n=200 on facts-cross, the unseen
 # ships-cross family and facts-twohop, n=100 on facts-cross-long (the text baseline's notes are
@@ -139,7 +138,7 @@ c = C.load(sys.argv[1]); c.selection = 'sentences-mean'; c.save(sys.argv[1])" "$
 # Gemma3. The sharer selects with its retrieval heads and sends the selected sentences as soft tokens
 # in the receiver's input space, cut within the sharer's tokens (a ridge map + an MLP trained on a
 # dense per-token loss: 2000 corpus documents and a sweep of the sharer's vocabulary, 1100 documents
-# of 48 entries; 1000 steps; ~50 min here for SmolLM2 -> Gemma3); the receiver snaps each soft token
+# of 48 entries; 1000 steps); the receiver snaps each soft token
 # to its nearest input embedding and reads them with READER, its own receiver -> receiver span
 # adapter, copied in unchanged (gemma3-to-gemma3-lcfx; smollm2-to-smollm2-lcfx for Gemma3 -> SmolLM2).
 build_bridge() {
@@ -176,9 +175,9 @@ build_same_model() {
 }
 
 # build_smollm2_pair: LCF-X for two SmolLM2 agents (span packet), and the reader a Gemma3 -> SmolLM2
-# bridge would use. SmolLM2-135M cannot read a cut of its own cache untrained (the exact map: 0.000
-# EM, docs/lcfx.md section 10), so its retrieval heads are chosen first (on train samples) and the
-# exact map is task-trained from there: answer CE + 0.25 KL, 60 steps x 16 (~36 min here).
+# bridge would use. SmolLM2-135M cannot read a cut of its own cache untrained (the exact map,
+# docs/lcfx.md section 10), so its retrieval heads are chosen first (on train samples) and the
+# exact map is task-trained from there: answer CE + 0.25 KL, 60 steps x 16.
 build_smollm2_pair() {
   local pair=smollm2-to-smollm2 out="$A/smollm2-to-smollm2-lcfx" init="$RUNS/smollm2-to-smollm2-spans-init"
   lcflow align --pair "$pair" --identity --adapter-out "$init" --slots 32 --selection sentences-mean
@@ -199,7 +198,7 @@ L.from_pretrained(sys.argv[1]).save_pretrained(sys.argv[2], dtype=torch.bfloat16
 # gemma3-to-gemma3-lcfx, on a mix of single-hop and two-hop samples (facts-mix-words), answer CE +
 # 0.25 KL + a hinge asking the right packet to explain the answer by 1 nat better than another
 # sample's (--contrast-weight; without it the mix taught guessing from the receiver's own
-# document, docs/lcfx.md section 6); 64 steps x 16 (~73 min here).
+# document, docs/lcfx.md section 6); 64 steps x 16.
 build_twohop() {
   local pair=gemma3-to-gemma3 out="$A/gemma3-to-gemma3-lcfx-twohop"
   lcflow train --sharer "$GEMMA" --receiver "$GEMMA" --mode lcfx --task facts-mix-words \
@@ -220,7 +219,7 @@ L.from_pretrained(sys.argv[1]).save_pretrained(sys.argv[2], dtype=torch.bfloat16
 # the shipped gemma3-to-gemma3-lcfx that selects 128 positions with the question's attention
 # normalised chunk by chunk (slots 128, selection_chunk 128: chosen on facts-cross-longer's train
 # split, docs/lcfx.md section 14), refined on 1,100-token documents (facts-cross-long-words):
-# answer CE + 0.25 KL, 30 steps x 8 (~21 min here). Its fair control, the document reader refined
+# answer CE + 0.25 KL, 30 steps x 8. Its fair control, the document reader refined
 # with the same data, steps, batch and loss, is trained beside it into $RUNS (not shipped).
 build_long() {
   local pair=gemma3-to-gemma3 out="$A/gemma3-to-gemma3-lcfx-long" init="$RUNS/gemma3-to-gemma3-long-init"
