@@ -417,6 +417,9 @@ def _load_into(plan: EvalPlan, args, models: EvalModels, ids: tuple, method: str
         "parameters": counts["total"],
         "parameter_counts": counts,
         "mb_bf16": counts["total"] * 2 / 1e6,
+        # Two methods compared should read weights of one precision (a run's float32 against a
+        # shipped bf16 adapter is not the same method): recorded so that a reader can check.
+        "stored_dtypes": stored_dtypes(path),
     }
     if adapter.config.mode == "lcfx":  # what the packet is: a copy may differ from its card here
         config = adapter.config
@@ -432,6 +435,18 @@ def _load_into(plan: EvalPlan, args, models: EvalModels, ids: tuple, method: str
 
         info[method]["receiver_lora"] = str(path / RECEIVER_READER)
     return ""
+
+
+def stored_dtypes(directory: Path) -> list[str]:
+    """The dtypes the adapter directory's *.safetensors files store (from their headers: nothing
+    is loaded), e.g. ["BF16"]."""
+    from safetensors import safe_open  # keeps --help fast
+
+    found = set()
+    for weights in Path(directory).glob("*.safetensors"):
+        with safe_open(str(weights), "pt") as handle:
+            found.update(handle.get_slice(key).get_dtype() for key in handle.keys())
+    return sorted(found)
 
 
 def calibrate_kvcomm(plan: EvalPlan, args, models: EvalModels) -> dict:

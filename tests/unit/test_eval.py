@@ -95,6 +95,8 @@ def test_eval_writes_json_markdown_and_plots(cross_run, lcfx_dir):
     config = LatentAdapter.from_pretrained(lcfx_dir).config
     assert meta["adapters"]["lcfx"]["packet"]["slots"] == config.slots == SLOTS
     assert meta["adapters"]["lcfx"]["packet"]["selection_chunk"] == config.selection_chunk
+    # the weights' precision, read from the files' headers (the config records what was saved)
+    assert meta["adapters"]["lcfx"]["stored_dtypes"] == [{"float32": "F32", "bfloat16": "BF16"}[config.dtype]]
 
     # lcfx against every other method, on the same 3 samples, in EM and in contains
     assert [(p["method"], p["baseline"], p["n"]) for p in results["paired"]] == [
