@@ -19,10 +19,8 @@ import shutil
 import sys
 from pathlib import Path
 
-from lcflow.adapter.card import CARD_JSON
+from lcflow.adapter.card import CARD_FILES
 from lcflow.adapter.config import AdapterConfig
-
-CARD_FILES = (CARD_JSON, "README.md")
 
 
 def parse_setting(text: str) -> tuple[str, object]:
@@ -38,10 +36,18 @@ def parse_setting(text: str) -> tuple[str, object]:
 
 def copy_adapter(source: Path, destination: Path, settings: dict[str, object]) -> AdapterConfig:
     """Validate the changed config, then copy `source` to `destination` (replaced) with it."""
+    if destination.resolve() == source.resolve() or source.resolve().is_relative_to(destination.resolve()):
+        raise ValueError(f"{destination} would replace {source} itself: copy to another directory")
     data = AdapterConfig.load(source).to_dict()
     unknown = sorted(set(settings) - set(data))
     if unknown:
         raise ValueError(f"unknown adapter config field(s) {unknown}; see {source}/adapter_config.json")
+    for key, value in settings.items():
+        if not isinstance(value, type(data[key])) and not (
+            isinstance(data[key], float) and isinstance(value, int)
+        ):
+            expected, example = type(data[key]).__name__, json.dumps(data[key])
+            raise ValueError(f"{key}={json.dumps(value)}: {key} expects {expected} (like {example})")
     data.update(settings)
     data["training"] = dict(data["training"], copied_from={"adapter": str(source), "changed": settings})
     config = AdapterConfig.from_dict(data)

@@ -16,7 +16,8 @@
 #   DIRECTIONS=recipe bash scripts/build_adapters.sh    # Gemma3 -> Gemma3 span LCF-X in one command (lcflow train --mode lcfx)
 #   DIRECTIONS=task-file bash scripts/build_adapters.sh  # both from a user's JSONL (lcflow train --task-file), measured
 # These are the settings the shipped adapters were built with. How long each took on the 2-core
-# CPU development machine is in its model card (adapters/<name>/README.md, "Training").
+# CPU development machine is in its model card (adapters/<name>/README.md, "Training"), and for
+# the bridges, whose cards record no training time, in docs/lcfx.md (sections 7, 8 and 12).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RUNS=${RUNS:-runs/build}

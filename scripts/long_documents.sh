@@ -5,6 +5,7 @@
 #
 #   bash scripts/long_documents.sh            # the copy, a dev check on the train split, the test run
 #   CHUNK=128 SLOTS=64 bash scripts/long_documents.sh
+#   bash scripts/long_documents.sh channels   # every other channel beside the shipped lcfx-long
 #
 # The copy differs from adapters/gemma3-to-gemma3-lcfx in two fields of adapter_config.json:
 # `slots` (positions per layer) and `selection_chunk` (the question's attention normalised over
@@ -19,6 +20,16 @@ RUNS=${RUNS:-runs/long-documents}
 ADAPTER=$RUNS/gemma3-to-gemma3-lcfx-c$CHUNK-m$SLOTS
 
 mkdir -p "$RUNS"
+
+if [ "${1:-}" = channels ]; then
+  # Every other channel on the same test documents, in one run: forward-selected sends what
+  # gemma3-to-gemma3-lcfx-long selects; the +reader method reads it with the shipped reader.
+  lcflow eval --pair gemma3-to-gemma3 --task facts-cross-longer --split test --n 100 \
+    --methods receiver,forward,forward-selected,forward-selected+reader,kvcomm,lcfx-wrong,text --text-batch 8 \
+    --adapter-lcfx adapters/gemma3-to-gemma3-lcfx-long --out "$RUNS/channels"
+  python scripts/pair_runs.py docs/results/long-documents/lcfx-long-test.json "$RUNS/channels/results.json"
+  exit 0
+fi
 python scripts/adapter_copy.py adapters/gemma3-to-gemma3-lcfx "$ADAPTER" --set slots="$SLOTS" --set selection_chunk="$CHUNK"
 
 # Dev check on the family's train split (the adapter never trained on facts-cross-longer).

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from lcflow.adapter.card import CARD_FILES
 from lcflow.adapter.reader import READER_CONFIG, TextReader
 from lcflow.provision import load_model_and_tokenizer
 
@@ -33,8 +34,8 @@ def ship_trained(source: Path, target: Path, receiver: str) -> None:
 
 def ship_copy(source: Path, target: Path, selection: str, why: str) -> None:
     target.mkdir(parents=True, exist_ok=True)
-    for path in source.iterdir():  # the card (README.md, model_card.json) is written anew from its eval
-        if path.name not in ("README.md", "model_card.json"):
+    for path in source.iterdir():  # the card is written anew from its eval
+        if path.name not in CARD_FILES:
             shutil.copy(path, target / path.name)
     config = json.loads((source / READER_CONFIG).read_text())
     if config["channel"] == "forward-selected":

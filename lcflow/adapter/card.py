@@ -21,6 +21,8 @@ import json
 from pathlib import Path
 
 CARD_JSON = "model_card.json"
+CARD_README = "README.md"
+CARD_FILES = (CARD_JSON, CARD_README)  # what a copy of an adapter leaves behind: it describes the source
 READER_CONFIG = "reader_config.json"  # lcflow.adapter.reader (not imported: this module stays light)
 # The wire codecs a card may choose, smallest last; "none" is bf16 (lcflow.transport.quantize).
 # int4-hadamard is as small as int4 and costs a rotation at each end, so int4 wins a tie.
@@ -69,7 +71,7 @@ def add_codec(adapter_dir: Path, method: str, evals: dict[str, Path]) -> dict:
         **meta,
     }
     path.write_text(json.dumps(card, indent=2) + "\n")
-    (adapter_dir / "README.md").write_text(render_markdown(card, adapter_dir))
+    (adapter_dir / CARD_README).write_text(render_markdown(card, adapter_dir))
     return card["codec"]
 
 
@@ -375,7 +377,7 @@ def write_card(
     diagnostics = json.loads(diagnostics_path.read_text()) if diagnostics_path else None
     card = build_card(adapter_dir, json.loads(results_path.read_text()), method, command, diagnostics)
     (adapter_dir / CARD_JSON).write_text(json.dumps(card, indent=2) + "\n")
-    (adapter_dir / "README.md").write_text(render_markdown(card, adapter_dir))
+    (adapter_dir / CARD_README).write_text(render_markdown(card, adapter_dir))
     return card
 
 

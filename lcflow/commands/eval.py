@@ -443,7 +443,7 @@ def stored_dtypes(directory: Path) -> list[str]:
     from safetensors import safe_open  # keeps --help fast
 
     found = set()
-    for weights in Path(directory).glob("*.safetensors"):
+    for weights in Path(directory).rglob("*.safetensors"):  # a receiver-side LoRA sits in a subdirectory
         with safe_open(str(weights), "pt") as handle:
             found.update(handle.get_slice(key).get_dtype() for key in handle.keys())
     return sorted(found)

@@ -31,7 +31,7 @@ from tqdm import tqdm
 from lcflow.packets.selection import answer_selected, top_sentences
 from lcflow.provision.loading import load_model_and_tokenizer
 from lcflow.tasks import get_task
-from lcflow.training.heads import read_heads
+from lcflow.training.heads import read_heads_by_chunk
 
 TASK = "facts-cross-longer"
 CHUNKS = (0, 64, 128, 256, 512)
@@ -69,7 +69,7 @@ def main() -> None:
     for split in ("train", "test"):
         rows = []
         for sample in tqdm(get_task(TASK).samples(split, args.n, seed=0), desc=split):
-            scores, spans = read_heads(model, tokenizer, sample, layers=args.layers, chunks=CHUNKS)
+            scores, spans = read_heads_by_chunk(model, tokenizer, sample, CHUNKS, layers=args.layers)
             if answer_selected(sample, spans, torch.arange(spans.shape[0])) is not None:
                 rows.append((sample, scores, spans))
         readings[split] = rows

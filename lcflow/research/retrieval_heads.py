@@ -2,11 +2,12 @@
 
 LCF-X picks the sentences its packet carries by the question's attention, averaged over every
 head of every layer. That often misses the answer: in long documents for Gemma3-270M, and in
-short ones too for SmolLM2-135M (docs/lcfx.md, section 5, with this probe's results). "Retrieval heads" (Wu et al., 2024) are a
-few heads that copy from where the asked fact sits. This probe scores every head alone on
-*training* samples (facts-cross, train split): does the sentence selection by that head's
-attention cover the answer? It then averages the best K heads and measures answer recall on
-held-out samples (facts-cross test, the long variant, and the unseen ships family).
+short ones too for SmolLM2-135M (docs/lcfx.md, section 5, with this probe's results). "Retrieval
+heads" (Wu et al., 2024) are a few heads that copy from where the asked fact sits. This probe
+scores every head alone on *training* samples (facts-cross, train split): does the sentence
+selection by that head's attention cover the answer? It then averages the best K heads and
+measures answer recall on held-out samples (facts-cross test, the long variant, and the unseen
+ships family).
 
     python -m lcflow.research.retrieval_heads --model smollm2-135m-instruct [--train 150] [--n 100]
 """
@@ -69,8 +70,7 @@ def main() -> None:
     hits = None
     counted = 0
     for sample in tqdm(get_task("facts-cross").samples("train", args.train, seed=0), desc="rank heads"):
-        by_chunk, spans = read_heads(model, tokenizer, sample)
-        per_head = by_chunk[0]
+        per_head, spans = read_heads(model, tokenizer, sample)
         groups = tokens_by_sentence(spans, sample.sharer_context)
         target = answer_group(sample, spans, groups)
         if target is None:
@@ -103,8 +103,7 @@ def main() -> None:
     for test, samples in tests.items():
         found: dict[str, list[bool]] = {name: [] for name in sets}
         for sample in tqdm(samples, desc=test):
-            by_chunk, spans = read_heads(model, tokenizer, sample)
-            per_head = by_chunk[0]
+            per_head, spans = read_heads(model, tokenizer, sample)
             seen = ~per_head[:, 0, 0].isnan()
             for name, heads in sets.items():
                 scores = (

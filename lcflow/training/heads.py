@@ -51,8 +51,8 @@ class HeadChoice:
 
 
 @torch.no_grad()
-def read_heads(
-    model, tokenizer, sample: QASample, layers: int | None = None, chunks: tuple[int, ...] = (0,)
+def read_heads_by_chunk(
+    model, tokenizer, sample: QASample, chunks: tuple[int, ...], layers: int | None = None
 ) -> tuple[dict[int, torch.Tensor], torch.Tensor]:
     """The sharer reads its document: ({chunk: per-head question attention [L, H, T]}, token
     spans [T, 2]). The question is the receiver's prompt, as a handoff's selection sees it; one
@@ -65,6 +65,13 @@ def read_heads(
     return scores, spans
 
 
+def read_heads(model, tokenizer, sample: QASample) -> tuple[torch.Tensor, torch.Tensor]:
+    """(per-head question attention [L, H, T], token spans [T, 2]), one softmax over the whole
+    document (`read_heads_by_chunk` with chunk 0)."""
+    scores, spans = read_heads_by_chunk(model, tokenizer, sample, chunks=(0,))
+    return scores[0], spans
+
+
 def covers_answer(sample: QASample, spans: torch.Tensor, scores: torch.Tensor, m: int) -> bool | None:
     """Does the selection by `scores` (sentences by mean attention, m tokens) cover the answer?"""
     chosen = top_sentences(scores, spans, sample.sharer_context, m, per_token=True)
@@ -75,8 +82,7 @@ def choose_heads(model, tokenizer, samples: list[QASample], m: int, tolerance: f
     """Rank every head by its recall on `samples` (training samples), then choose how many to keep."""
     readings = []
     for sample in tqdm(samples, desc="reading", leave=False):
-        by_chunk, spans = read_heads(model, tokenizer, sample)
-        per_head = by_chunk[0]
+        per_head, spans = read_heads(model, tokenizer, sample)
         if answer_selected(sample, spans, torch.arange(spans.shape[0])) is not None:
             readings.append((sample, per_head, spans))
     if not readings:

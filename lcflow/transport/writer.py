@@ -221,11 +221,12 @@ def coalesce_chunks(
     """Merge runs of small consecutive chunk messages into ChunkBatch messages of at most `max_bytes` payload.
 
     gRPC costs a fixed time per message, so many small layer segments go much faster in batches
-    (docs/results/transport-design.md). A batch is held back until it is full or a non-chunk message (or the end) comes:
-    use this when the segments are ready faster than the network takes them (throughput), not
-    when each layer should leave the moment it is encoded (latency). Chunks of `alone_bytes` or
-    more go on their own, as they came: batching them saves little per byte, costs a copy, and
-    holds back data the receiver could already be decoding.
+    (docs/results/transport-design.md). A batch is held back until it is full or a non-chunk
+    message (or the end) comes: use this when the segments are ready faster than the network
+    takes them (throughput), not when each layer should leave the moment it is encoded
+    (latency). Chunks of `alone_bytes` or more go on their own, as they came: batching them
+    saves little per byte, costs a copy, and holds back data the receiver could already be
+    decoding.
     """
     pending: list[pb.LatentMessage] = []
     pending_bytes = 0

@@ -41,7 +41,12 @@ def test_the_copy_changes_only_the_fields_asked_and_leaves_the_card_behind(tmp_p
 
 @pytest.mark.parametrize(
     ("setting", "message"),
-    [("selection_chunk=-1", "selection_chunk must be 0"), ("slot=3", "unknown adapter config field")],
+    [
+        ("selection_chunk=-1", "selection_chunk must be 0"),
+        ("slot=3", "unknown adapter config field"),
+        ("slots=abc", "slots expects int"),
+        ("training=1", "training expects dict"),
+    ],
 )
 def test_a_bad_setting_is_refused_before_anything_is_written(tmp_path, setting, message):
     script = load_script()
@@ -58,3 +63,13 @@ def test_a_value_that_is_not_json_is_a_string_and_a_setting_needs_an_equals_sign
     assert script.parse_setting("selection_heads=[[5, 2]]") == ("selection_heads", [[5, 2]])
     with pytest.raises(ValueError, match="FIELD=VALUE"):
         script.parse_setting("slots")
+
+
+def test_the_copy_never_replaces_its_source(tmp_path):
+    script = load_script()
+    source = tmp_path / "adapter"
+    script.copy_adapter(SHIPPED, source, {})
+    for destination in (source, tmp_path):
+        with pytest.raises(ValueError, match="would replace"):
+            script.copy_adapter(source, destination, {"slots": 64})
+    assert AdapterConfig.load(source).slots == AdapterConfig.load(SHIPPED).slots

@@ -553,15 +553,15 @@ def test_retrieval_heads_are_ranked_on_samples_and_steer_the_span_selection(tiny
 
 
 def test_read_heads_reads_once_per_chunk_size_through_the_layers_asked(tiny_pair):
-    """`read_heads` (what head choice and the selection probes read): one entry per chunk size,
+    """`read_heads_by_chunk` (what head choice and the selection probes read): one entry per chunk size,
     each the question's per-head attention as `head_attention` computes it over the document,
     layers past `layers` left NaN; the document's tokens and spans as a handoff tokenises them."""
-    from lcflow.training.heads import read_heads
+    from lcflow.training.heads import read_heads, read_heads_by_chunk
 
     sharer, _ = tiny_pair
     model, tok = sharer
     sample = _fact_samples(1)[0]
-    scores, spans = read_heads(model, tok, sample, layers=1, chunks=(0, 5))
+    scores, spans = read_heads_by_chunk(model, tok, sample, chunks=(0, 5), layers=1)
     ids, expected_spans = tokenize_context(tok, sample.sharer_context)
     assert set(scores) == {0, 5} and torch.equal(spans, expected_spans)
     cache = prefill(model, ids, full_cache())
@@ -573,6 +573,8 @@ def test_read_heads_reads_once_per_chunk_size_through_the_layers_asked(tiny_pair
         assert torch.allclose(scores[chunk], expected, equal_nan=True)
         assert not scores[chunk][0].isnan().any() and scores[chunk][1:].isnan().all()
     assert not torch.allclose(scores[0][0], scores[5][0])
+    whole, _ = read_heads(model, tok, sample)  # every layer, one softmax
+    assert torch.allclose(whole[:1], scores[0][:1]) and not whole[1].isnan().any()
 
 
 def test_retrieval_heads_need_samples_whose_answer_is_in_the_document(tiny_pair):

@@ -45,3 +45,11 @@ def test_another_method_can_be_tested_and_a_missing_one_is_named(tmp_path):
     assert "gained 2, lost 0" in out.stdout
     missing = pair("--method", "kvcomm", tested, base)
     assert missing.returncode != 0 and "has no kvcomm samples" in missing.stderr
+
+
+def test_an_unreadable_file_is_one_line(tmp_path):
+    tested = results(tmp_path / "a.json", {"lcfx": [1, 0]})
+    out = pair(tested, tmp_path / "missing.json")
+    assert (
+        out.returncode != 0 and "cannot read a results.json" in out.stderr and "Traceback" not in out.stderr
+    )
