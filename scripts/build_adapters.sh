@@ -30,6 +30,12 @@ export OMP_WAIT_POLICY=PASSIVE
 lcflow models pull "$SMOL"
 lcflow models pull "$GEMMA"
 
+# ship_bf16 RUN OUT: a trained LCF-X adapter saved in bf16, as shipped.
+ship_bf16() {
+  python -c "import sys, torch; from lcflow.adapter import LatentAdapter as L; \
+L.from_pretrained(sys.argv[1]).save_pretrained(sys.argv[2], dtype=torch.bfloat16)" "$1" "$2"
+}
+
 # card ADAPTER EVAL_DIR METHOD [--diagnostics FILE]: the model card, naming the command that
 # rebuilds this direction.
 card() {
@@ -92,15 +98,13 @@ build_spans() {
   local tuned="$A/gemma3-to-gemma3-lcfx" ships=lcflow/data/tasks/ships-cross.jsonl
   local methods=receiver,skyline,text,lcfx,lcfx-wrong
   lcflow align --pair "$pair" --identity --adapter-out "$full" --slots 32 --selection sentences
-  python -c "import sys, torch; from lcflow.adapter import LatentAdapter as L; \
-L.from_pretrained(sys.argv[1]).save_pretrained(sys.argv[1], dtype=torch.bfloat16)" "$full"  # exact in bf16
+  ship_bf16 "$full" "$full"  # exact in bf16
   lcflow train --sharer "$GEMMA" --receiver "$GEMMA" --mode lcfx --task facts-cross-words --steps 120 \
     --batch-size 16 --lr 3e-4 --init-adapter "$full" --kl-weight 0.25 --checkpoint-every 10 \
     --out "$RUNS/$pair-spans-tuned"
   mkdir -p "$tuned"
   cp "$RUNS/$pair-spans-tuned"/{adapter_config.json,train_log.json,loss_curve.png} "$tuned/"
-  python -c "import sys, torch; from lcflow.adapter import LatentAdapter as L; \
-L.from_pretrained(sys.argv[1]).save_pretrained(sys.argv[2], dtype=torch.bfloat16)" "$RUNS/$pair-spans-tuned" "$tuned"
+  ship_bf16 "$RUNS/$pair-spans-tuned" "$tuned"
   # Sentences ranked by the question's mean attention per token, not its sum (which favours long
   # sentences): chosen after training, on held-out samples (docs/lcfx.md, section 5).
   python -c "import sys; from lcflow.adapter.config import AdapterConfig as C; \
@@ -148,8 +152,7 @@ build_bridge() {
   lcflow bridge --sharer "$sharer" --reader "$reader" --documents 2000 --steps 1000 \
     --vocabulary-documents 1100 --tokens within-sharer --rows 48 --snap --out "$RUNS/$pair-bridge"
   lcflow heads "$RUNS/$pair-bridge" --task facts-cross --train 150 --write
-  python -c "import sys, torch; from lcflow.adapter import LatentAdapter as L; \
-L.from_pretrained(sys.argv[1]).save_pretrained(sys.argv[2], dtype=torch.bfloat16)" "$RUNS/$pair-bridge" "$out"
+  ship_bf16 "$RUNS/$pair-bridge" "$out"
   lcflow eval --pair "$pair" --task facts-cross --n 60 --methods lcfx,lcfx-wrong --adapter-lcfx "$out" \
     --out "$RUNS/$pair-eval-cross-bridge"
   card "$pair-lcfx-bridge" "$pair-eval-cross-bridge" lcfx
@@ -186,8 +189,7 @@ build_smollm2_pair() {
   lcflow train --sharer "$SMOL" --receiver "$SMOL" --mode lcfx --task facts-cross-words --steps 60 \
     --batch-size 16 --lr 3e-4 --init-adapter "$init" --kl-weight 0.25 --checkpoint-every 10 \
     --out "$RUNS/$pair-spans-tuned"
-  python -c "import sys, torch; from lcflow.adapter import LatentAdapter as L; \
-L.from_pretrained(sys.argv[1]).save_pretrained(sys.argv[2], dtype=torch.bfloat16)" "$RUNS/$pair-spans-tuned" "$out"
+  ship_bf16 "$RUNS/$pair-spans-tuned" "$out"
   cp "$RUNS/$pair-spans-tuned"/{train_log.json,loss_curve.png} "$out/"
   lcflow eval --pair "$pair" --task facts-cross --n 60 --methods lcfx,lcfx-wrong --adapter-lcfx "$out" \
     --out "$RUNS/$pair-eval-cross"
@@ -206,8 +208,7 @@ build_twohop() {
     --init-adapter "$A/gemma3-to-gemma3-lcfx" --steps 64 --batch-size 16 --lr 2e-4 --kl-weight 0.25 \
     --contrast-weight 1.0 --contrast-margin 1.0 --seed 1 --checkpoint-every 8 --out "$RUNS/$pair-twohop"
   mkdir -p "$out"
-  python -c "import sys, torch; from lcflow.adapter import LatentAdapter as L; \
-L.from_pretrained(sys.argv[1]).save_pretrained(sys.argv[2], dtype=torch.bfloat16)" "$RUNS/$pair-twohop" "$out"
+  ship_bf16 "$RUNS/$pair-twohop" "$out"
   cp "$RUNS/$pair-twohop"/{train_log.json,loss_curve.png} "$out/"
   lcflow eval --pair "$pair" --task facts-cross --n 60 --methods lcfx,lcfx-wrong --adapter-lcfx "$out" \
     --out "$RUNS/$pair-eval-cross-twohop"
@@ -229,8 +230,7 @@ build_long() {
     --lr 2e-4 --kl-weight 0.25 --checkpoint-every 5)
   lcflow train "${common[@]}" --mode lcfx --init-adapter "$init" --out "$RUNS/$pair-long"
   mkdir -p "$out"
-  python -c "import sys, torch; from lcflow.adapter import LatentAdapter as L; \
-L.from_pretrained(sys.argv[1]).save_pretrained(sys.argv[2], dtype=torch.bfloat16)" "$RUNS/$pair-long" "$out"
+  ship_bf16 "$RUNS/$pair-long" "$out"
   cp "$RUNS/$pair-long"/{train_log.json,loss_curve.png} "$out/"
   lcflow eval --pair "$pair" --task facts-cross-longer --split test --n 100 --methods lcfx --adapter-lcfx "$out" \
     --out "$RUNS/$pair-eval-longer-long"
