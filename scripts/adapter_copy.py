@@ -43,9 +43,8 @@ def copy_adapter(source: Path, destination: Path, settings: dict[str, object]) -
     if unknown:
         raise ValueError(f"unknown adapter config field(s) {unknown}; see {source}/adapter_config.json")
     for key, value in settings.items():
-        if not isinstance(value, type(data[key])) and not (
-            isinstance(data[key], float) and isinstance(value, int)
-        ):
+        # exact types: JSON's true is not a count of slots (bool is an int to isinstance)
+        if type(value) is not type(data[key]) and not (isinstance(data[key], float) and type(value) is int):
             expected, example = type(data[key]).__name__, json.dumps(data[key])
             raise ValueError(f"{key}={json.dumps(value)}: {key} expects {expected} (like {example})")
     data.update(settings)

@@ -45,6 +45,7 @@ def test_the_copy_changes_only_the_fields_asked_and_leaves_the_card_behind(tmp_p
         ("selection_chunk=-1", "selection_chunk must be 0"),
         ("slot=3", "unknown adapter config field"),
         ("slots=abc", "slots expects int"),
+        ("slots=true", "slots expects int"),
         ("training=1", "training expects dict"),
     ],
 )
