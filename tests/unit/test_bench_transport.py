@@ -152,8 +152,9 @@ def test_the_default_path_record_is_auto_offered_every_codec_the_card_allows(tmp
     steady = auto["steady"]
     assert steady["handoffs"] == 40 and sum(steady["sent"].values()) == 40 and len(steady["sent"]) >= 2
     assert set(steady["sent"]) <= {f"{q}/{c}" for q in auto["offered"] for c in ("zstd", "none")}
-    best = min(records[:-1], key=lambda r: r["end_to_end_ms"])
-    assert steady["best_fixed"] == f"{best['quantization']}/{best['codec']}"
+    # the fastest fixed codec; the records are rounded to a microsecond, so two can tie there
+    fixed_ms = {f"{r['quantization']}/{r['codec']}": r["end_to_end_ms"] for r in records[:-1]}
+    assert fixed_ms[steady["best_fixed"]] <= min(fixed_ms.values()) + 0.001
     assert steady["auto_mean_ms"] > 0 and steady["best_fixed_mean_ms"] > 0
     ratio = steady["auto_mean_ms"] / steady["best_fixed_mean_ms"]
     assert steady["auto_vs_best_fixed"] == pytest.approx(ratio, abs=0.002)
