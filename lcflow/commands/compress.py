@@ -8,7 +8,8 @@
 
 Runs the adapter's sharer half over --samples training samples as a handoff does and keeps, per
 receiver layer, the --bottleneck directions that carry most of the K/V its packets give the
-receiver (keys and values weighted alike; lcflow.packets.narrowing). The sharer then sends b
+receiver (keys and values weighted alike; lcflow.packets.narrowing); with --metric receiver, the
+directions that matter most to the receiver itself (its queries, its output projection). The sharer then sends b
 numbers a row instead of the full width: fewer bytes on the wire before any codec. Selection,
 heads and slots stay the adapter's. No backward pass; prints the variance kept per layer.
 """
@@ -54,6 +55,14 @@ def register(subparsers) -> None:
         help="fit the directions to the raw K/V (keys' outlier channels then dominate) instead of "
         "weighting keys and values alike",
     )
+    p.add_argument(
+        "--metric",
+        choices=("variance", "receiver"),
+        default="variance",
+        help="what a lost direction costs: 'variance' counts every K/V number alike; 'receiver' "
+        "weights keys by the receiver's queries over the samples' prompts and values by its output "
+        "projection (lcflow.packets.narrowing.receiver_metric)",
+    )
     p.set_defaults(func=run)
 
 
@@ -63,7 +72,7 @@ def run(args) -> int:
 
     from lcflow.adapter import LatentAdapter  # keeps --help fast
     from lcflow.provision.loading import load_model_and_tokenizer  # keeps --help fast
-    from lcflow.training.narrow import narrowed_adapter, packet_rows  # keeps --help fast
+    from lcflow.training.narrow import narrowed_adapter, packet_rows, receiver_metrics  # keeps --help fast
 
     if args.samples < 1:
         raise UsageError(f"--samples must be at least 1, not {args.samples}")
@@ -83,12 +92,19 @@ def run(args) -> int:
     sharer = load_model_and_tokenizer(config.sharer.name, "cpu")
     samples = get_task(args.task).samples("train", args.samples, seed=args.seed)
     rows = packet_rows(teacher, sharer, samples)
+    metrics = None
+    if args.metric == "receiver":
+        same = config.receiver.name == config.sharer.name
+        receiver = sharer if same else load_model_and_tokenizer(config.receiver.name, "cpu")
+        metrics = receiver_metrics(receiver, samples)
     for width in args.bottleneck:
         out = Path(args.out) if len(args.bottleneck) == 1 else Path(args.out, f"b{width}")
-        student, kept = narrowed_adapter(teacher, rows, width, not args.no_balance)
+        student, kept = narrowed_adapter(teacher, rows, width, not args.no_balance, metrics)
         student.config.training = {
             "method": f"closed-form narrowing of {args.adapter} to b={width} "
-            f"({'raw K/V' if args.no_balance else 'keys and values weighted alike'}), no task training",
+            f"({'raw K/V' if args.no_balance else 'keys and values weighted alike'}, "
+            f"{args.metric} metric), no task training",
+            "metric": args.metric,
             "narrowed_from": args.adapter,
             "teacher_training": config.training,
             "task": args.task,

@@ -2,19 +2,26 @@
 
 A full-width span adapter sends, per receiver layer, z = (x - mu_x) E (B numbers a row) and the
 receiver rebuilds its keys and values as y = mu_y + z D. Over the rows Z of real packets, those
-K/V vary in fewer directions than B; keep the b that carry most of it. With W a diagonal weight
-that makes the keys' and the values' variance count alike (keys carry outlier channels that
-would otherwise take every direction) while keeping the K/V's overall scale:
+K/V vary in fewer directions than B; keep the b that matter most. "Most" is measured in a metric
+A ([d, d]: an error e in the K/V costs |e A|^2), then the halves are scaled to count alike
+(keys carry outlier channels that would otherwise take every direction) while the K/V keep
+their overall scale:
 
-    Yc        = (Z - zbar) D W                      the packets' K/V, centred and weighted
+    Yc        = (Z - zbar) D A                      the packets' K/V, centred, in the metric
     Yc        = U S V^T,  V_b = V[:, :b]            its b principal directions
-    E'        = E D W V_b                           the new encoder: B -> b inside the sharer
-    D'        = V_b^T W^-1                          the new decoder: b -> K/V
-    mu_y'     = ybar - zbar D W V_b D'              so  mu_y' + z' D' = ybar + (y - ybar) W V_b V_b^T W^-1
+    E'        = E D A V_b                           the new encoder: B -> b inside the sharer
+    D'        = V_b^T A^-1                          the new decoder: b -> K/V
+    mu_y'     = ybar - zbar D A V_b D'              so  mu_y' + z' D' = ybar + (y - ybar) A V_b V_b^T A^-1
 
-i.e. the receiver gets the rank-b least-squares (weighted) reconstruction of the K/V it got at
-full width, and the packet carries z' = (x - mu_x) E' of width b. Task training then refines
-E', D' by distillation from the full-width adapter (`lcflow train --teacher-adapter`).
+i.e. the receiver gets the rank-b least-squares reconstruction (in the metric) of the K/V it got
+at full width, and the packet carries z' = (x - mu_x) E' of width b. Two metrics:
+
+    variance   A = I (then the halves' scaling): every K/V number counts alike
+    receiver   A = blockdiag(A_k, A_v), the receiver's own sensitivity (receiver_metric):
+               keys as its queries see them, values as its output projection sees them
+
+Task training then refines E', D' by distillation from the full-width adapter
+(`lcflow train --teacher-adapter`).
 """
 
 from __future__ import annotations
@@ -55,6 +62,45 @@ def kept_share(yc: torch.Tensor, approx: torch.Tensor) -> float:
     return float(1 - (yc - approx).pow(2).sum() / yc.pow(2).sum().clamp_min(1e-12))
 
 
+def receiver_metric(query_energy: torch.Tensor, out_proj: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """[d, d]: how much an error in one receiver layer's K/V row costs that layer, per kv head.
+
+    query_energy: [kv_heads, head_dim], the mean of q_i^2 (no RoPE) over the receiver's queries
+    of the heads reading each kv head; out_proj: o_proj's weight [hidden, heads * head_dim].
+
+    Keys. An error dk moves a logit by q . R dk, R the RoPE rotation, which turns each plane
+    (i, i + D/2) by an angle that depends on the position. Averaged over that angle,
+
+        E[(q . R dk)^2] = sum_i e_i dk_i^2,    e_i = (E[q_i^2] + E[q_(i+D/2)^2]) / 2
+
+    so A_k = diag(sqrt(e)): key channels the queries do not read may be dropped.
+    Values. An error dv moves head h's output by a W_o,h dv (a its attention weight); summed over
+    the heads that read the kv head (taken as independent), |.|^2 = a^2 dv^T G dv with
+    G = sum_h W_o,h^T W_o,h, so A_v = G^1/2. Both are floored at 1e-6 of their largest value so
+    that A can be inverted.
+    """
+    kv_heads = query_energy.shape[0]
+    heads = out_proj.shape[1] // head_dim
+    group = heads // kv_heads
+    half = head_dim // 2
+    energy = query_energy.double()
+    plane = (energy[:, :half] + energy[:, half:]) / 2
+    e = torch.cat([plane, plane], dim=1).clamp_min(float(energy.max()) * 1e-6)
+    w_o = out_proj.double().reshape(out_proj.shape[0], heads, head_dim)
+    width = kv_heads * head_dim
+    metric = torch.zeros(2 * width, 2 * width, dtype=torch.float64)
+    for g in range(kv_heads):
+        keys = slice(g * head_dim, (g + 1) * head_dim)
+        values = slice(width + g * head_dim, width + (g + 1) * head_dim)
+        metric[keys, keys] = torch.diag(e[g].sqrt())
+        w = w_o[:, g * group : (g + 1) * group].reshape(out_proj.shape[0] * group, head_dim)
+        gram = w.T @ w  # sum over the group's heads of W_o,h^T W_o,h
+        eigenvalues, vectors = torch.linalg.eigh(gram)
+        root = eigenvalues.clamp_min(float(eigenvalues.max()) * 1e-6).sqrt()
+        metric[values, values] = vectors @ torch.diag(root) @ vectors.T
+    return metric
+
+
 def narrow_map(
     rows: torch.Tensor,
     encoder: torch.Tensor,
@@ -62,24 +108,27 @@ def narrow_map(
     mu_y: torch.Tensor,
     bottleneck: int,
     balance: bool = True,
+    metric: torch.Tensor | None = None,
 ) -> NarrowedMap:
-    """Narrow one layer's map: `rows` [N, B] are real packet rows z of this layer (N >= b)."""
+    """Narrow one layer's map: `rows` [N, B] are real packet rows z of this layer (N >= b);
+    `metric` [d, d] is A (receiver_metric), the identity when None."""
     if not 0 < bottleneck <= decoder.shape[1]:
         raise ValueError(f"bottleneck must be in 1..{decoder.shape[1]}, not {bottleneck}")
     if len(rows) < bottleneck:
         raise ValueError(f"{len(rows)} packet rows cannot fix {bottleneck} directions: use more samples")
     z, e, d, mu = (t.double() for t in (rows, encoder, decoder, mu_y))
+    a = torch.eye(d.shape[1], dtype=torch.float64) if metric is None else metric.double()
     zbar = z.mean(0)
     yc = (z - zbar) @ d
     key_width = d.shape[1] // 2
-    w = half_weights(yc, key_width, balance)
-    _, _, vh = torch.linalg.svd(yc * w, full_matrices=False)
+    a = a * half_weights(yc @ a, key_width, balance)  # A diag(w): the halves counted alike
+    _, _, vh = torch.linalg.svd(yc @ a, full_matrices=False)
     v_b = vh[:bottleneck].T  # [d, b]
-    new_decoder = v_b.T / w  # V_b^T W^-1
-    new_encoder = e @ d @ (w[:, None] * v_b)  # E D W V_b
+    new_decoder = v_b.T @ torch.linalg.inv(a)  # V_b^T A^-1
+    new_encoder = e @ d @ a @ v_b  # E D A V_b
     ybar = mu + zbar @ d
-    new_mu = ybar - (zbar @ d @ (w[:, None] * v_b)) @ new_decoder
-    approx = (yc * w) @ v_b @ new_decoder
+    new_mu = ybar - (zbar @ d @ a @ v_b) @ new_decoder
+    approx = yc @ a @ v_b @ new_decoder
     return NarrowedMap(
         encoder=new_encoder.to(encoder.dtype),
         decoder=new_decoder.to(decoder.dtype),

@@ -45,7 +45,7 @@ class _EnoughLayers(Exception):
 
 
 @contextmanager
-def _capture_queries(model, layers: int):
+def capture_queries(model, layers: int):
     """Record the queries of the first `layers` layers (after q_norm where the family has one,
     before RoPE), and stop the forward pass once they have run (_EnoughLayers).
 
@@ -78,7 +78,7 @@ def _capture_queries(model, layers: int):
             handle.remove()
 
 
-def _as_heads(q: torch.Tensor, num_heads: int, head_dim: int) -> torch.Tensor:
+def as_heads(q: torch.Tensor, num_heads: int, head_dim: int) -> torch.Tensor:
     """Queries as [batch, heads, tokens, head_dim], whichever layout the family's hook saw."""
     if q.dim() == 3:  # q_proj output: [batch, tokens, heads * head_dim]
         return q.view(q.shape[0], q.shape[1], num_heads, head_dim).transpose(1, 2)
@@ -123,7 +123,7 @@ def head_attention(
     backbone = decoder_backbone(model)
     layers = min(layers or len(backbone.layers), len(backbone.layers))
     start = cache.get_seq_length()
-    with _capture_queries(model, layers) as queries:
+    with capture_queries(model, layers) as queries:
         try:
             run_backbone(model, question_ids, cache)
         except _EnoughLayers:
@@ -138,7 +138,7 @@ def head_attention(
         cached = keys.shape[2]
         if cached != start + tokens:  # a sliding-window cache dropped old entries: no full view
             continue
-        q = _as_heads(queries[index], attn.config.num_attention_heads, keys.shape[-1])
+        q = as_heads(queries[index], attn.config.num_attention_heads, keys.shape[-1])
         q = rope.rotate(q, positions, index)
         keys = keys.repeat_interleave(q.shape[1] // keys.shape[1], dim=1)
         logits = (q @ keys.transpose(-1, -2)).float() * attn.scaling

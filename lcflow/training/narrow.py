@@ -1,12 +1,15 @@
 """A compressed span adapter from a full-width one, in closed form (lcflow.packets.narrowing).
 
     rows = packet_rows(teacher, sharer_pair, samples)          # once, for any number of widths
-    adapter, kept = narrowed_adapter(teacher, rows, bottleneck=128)
+    metrics = receiver_metrics(receiver_pair, samples)         # optional: the receiver's metric
+    adapter, kept = narrowed_adapter(teacher, rows, bottleneck=128, metrics=metrics)
 
 Runs the teacher's sharer half over training samples exactly as a handoff does (prefill, select
 with the question, encode), keeps every packet row per receiver layer, and replaces each layer's
 E, D and mu_y by their rank-b narrowing. Selection, heads, slots and layer map are the teacher's;
-only the width of a row changes. No backward pass.
+only the width of a row changes. With `metrics`, the directions are those that matter most to
+the receiver (its queries over the samples' prompts, its output projection:
+lcflow.packets.narrowing.receiver_metric). No backward pass.
 """
 
 from __future__ import annotations
@@ -17,8 +20,11 @@ import torch
 from tqdm import tqdm
 
 from lcflow.adapter import LatentAdapter
+from lcflow.core.kv import decoder_backbone, run_backbone
+from lcflow.core.prompting import render_input
 from lcflow.handoff.pair import Sharer, receiver_view
-from lcflow.packets.narrowing import narrow_map
+from lcflow.packets.narrowing import narrow_map, receiver_metric
+from lcflow.packets.selection import as_heads, capture_queries
 from lcflow.tasks import format_question_prompt
 
 
@@ -37,11 +43,46 @@ def packet_rows(teacher: LatentAdapter, sharer_pair: tuple, samples) -> dict[int
     return {t: torch.cat(parts) for t, parts in rows.items()}
 
 
+@torch.no_grad()
+def receiver_metrics(receiver_pair: tuple, samples) -> dict[int, torch.Tensor]:
+    """{receiver layer: A [d, d]}: the receiver's sensitivity to errors in its K/V, from its
+    queries (no RoPE) over each sample's prompt as it renders it, and its output projections."""
+    from transformers import DynamicCache  # the cache run_backbone fills and we drop
+
+    model, tokenizer = receiver_pair
+    layers = decoder_backbone(model).layers
+    energy: dict[int, torch.Tensor] = {}
+    count = 0
+    for sample in tqdm(samples, desc="receiver queries", unit="sample"):
+        prompt = format_question_prompt(sample, include_context=False)
+        ids = render_input(tokenizer, prompt, [sample.receiver_context]).input_ids
+        with capture_queries(model, len(layers)) as queries:
+            run_backbone(model, ids, DynamicCache())
+        for index, layer in enumerate(layers):
+            attn = layer.self_attn
+            kv_heads = attn.config.num_key_value_heads
+            q = as_heads(queries[index], attn.config.num_attention_heads, attn.head_dim)[0, :, 1:]  # no BOS
+            per_kv_head = q.float().pow(2).reshape(kv_heads, -1, q.shape[-1]).sum(1)  # [kv_heads, head_dim]
+            energy[index] = energy.get(index, 0) + per_kv_head
+        count += (ids.shape[1] - 1) * (attn.config.num_attention_heads // kv_heads)
+    return {
+        index: receiver_metric(
+            energy[index] / count, layer.self_attn.o_proj.weight.float(), layer.self_attn.head_dim
+        )
+        for index, layer in enumerate(layers)
+    }
+
+
 def narrowed_adapter(
-    teacher: LatentAdapter, rows: dict[int, torch.Tensor], bottleneck: int, balance: bool = True
+    teacher: LatentAdapter,
+    rows: dict[int, torch.Tensor],
+    bottleneck: int,
+    balance: bool = True,
+    metrics: dict[int, torch.Tensor] | None = None,
 ) -> tuple[LatentAdapter, dict[int, tuple[float, float]]]:
     """(the teacher narrowed to `bottleneck`, {layer: (keys' variance kept, values' kept)});
-    `rows`: the teacher's packet rows per layer (packet_rows)."""
+    `rows`: the teacher's packet rows per layer (packet_rows); `metrics`: receiver_metrics, or
+    None to count every K/V number alike."""
     if teacher.config.mode != "lcfx" or teacher.config.packet != "spans":
         raise ValueError("only a span-packet LCF-X adapter can be narrowed")
     if bottleneck >= teacher.config.bottleneck:
@@ -62,6 +103,7 @@ def narrowed_adapter(
                 teacher.decoder.mu[key].float(),
                 bottleneck,
                 balance,
+                None if metrics is None else metrics[t],
             )
             student.encoder.mu[key].copy_(teacher.encoder.mu[key])
             student.encoder.proj[key].copy_(fitted.encoder)

@@ -8,9 +8,9 @@ import torch
 from helpers import same_model_alignment, span_adapter
 
 from lcflow.handoff.pair import Receiver, Sharer
-from lcflow.packets.narrowing import narrow_map
+from lcflow.packets.narrowing import narrow_map, receiver_metric
 from lcflow.tasks import QASample, question_prompt
-from lcflow.training.narrow import narrowed_adapter, packet_rows
+from lcflow.training.narrow import narrowed_adapter, packet_rows, receiver_metrics
 
 
 def low_rank_map(rank: int, width_in=10, width=12, kv=8, rows=40, seed=0):
@@ -123,6 +123,13 @@ def test_compress_writes_one_adapter_per_width_from_one_pass(tiny_dir, capsys, t
         assert narrowed.config.training["narrowed_from"] == str(tmp_path / "teacher")
         assert narrowed.config.selection == teacher.config.selection
     assert "b=8: mean kept" in capsys.readouterr().out
+    assert narrowed.config.training["metric"] == "variance"
+    # in the receiver's metric: other directions, recorded as such
+    args = ["compress", str(tmp_path / "teacher"), "--bottleneck", "32", "--out", str(tmp_path / "recv")]
+    assert main([*args, "--task", "facts-cross", "--samples", "3", "--metric", "receiver"]) == 0
+    in_metric = LatentAdapter.from_pretrained(tmp_path / "recv")
+    assert in_metric.config.training["metric"] == "receiver"
+    assert not torch.allclose(in_metric.decoder.proj["0"].float(), narrowed.decoder.proj["0"].float())
 
 
 def test_the_narrowed_encoder_keeps_the_teachers_scale():
@@ -136,3 +143,47 @@ def test_the_narrowed_encoder_keeps_the_teachers_scale():
     balanced = narrow_map(x @ e, e, d, mu, 6, balance=True)
     ratio = balanced.encoder.norm() / raw.encoder.norm()
     assert 0.1 < ratio < 10, ratio
+
+
+def test_the_receiver_metric_weighs_keys_by_rope_plane_query_energy_and_values_by_the_output_projection():
+    head_dim, kv_heads, heads, hidden = 4, 2, 4, 6
+    energy = torch.tensor([[4.0, 0.0, 0.0, 0.0], [1.0, 1.0, 9.0, 9.0]])  # planes (0, 2) and (1, 3)
+    g = torch.Generator().manual_seed(0)
+    out_proj = torch.randn(hidden, heads * head_dim, generator=g)
+    a = receiver_metric(energy, out_proj, head_dim)
+    keys = a[: kv_heads * head_dim, : kv_heads * head_dim]
+    # each RoPE plane gets the mean of its two channels' energy; a plane nobody reads, the floor
+    expected = torch.tensor([2.0, 9e-6, 2.0, 9e-6, 5.0, 5.0, 5.0, 5.0]).sqrt().double()
+    torch.testing.assert_close(torch.diagonal(keys), expected)
+    assert torch.count_nonzero(keys - torch.diag(torch.diagonal(keys))) == 0
+    # values of kv head 1: A_v^2 = sum over its two query heads of W_o,h^T W_o,h
+    w = out_proj.double().reshape(hidden, heads, head_dim)[:, 2:].reshape(-1, head_dim)
+    values = a[kv_heads * head_dim + head_dim :, kv_heads * head_dim + head_dim :]
+    torch.testing.assert_close(values @ values, w.T @ w)
+    assert torch.count_nonzero(a[: kv_heads * head_dim, kv_heads * head_dim :]) == 0
+
+
+def test_narrowing_in_the_receiver_metric_keeps_the_logits_the_variance_metric_loses():
+    """Keys that vary most in channels no query reads: the variance narrowing spends its
+    directions there; the receiver's keeps the channels the queries read, so q . k survives."""
+    x, e, d, mu = low_rank_map(rank=10, kv=8)  # one kv head of width 4: keys 0-3, values 4-7
+    d = d.clone()
+    d[:, [0, 2]] *= 20  # RoPE pairs (0, 2) and (1, 3); the loud plane (0, 2) is one no query reads
+    energy = torch.tensor([[0.0, 1.0, 0.0, 1.0]])  # queries read only the plane (1, 3)
+    metric = receiver_metric(energy, torch.eye(4), head_dim=4)
+    full = (x @ e @ d)[:, :4]
+    variance = narrow_map(x @ e, e, d, mu, 3)
+    receiver = narrow_map(x @ e, e, d, mu, 3, metric=metric)
+    read = [1, 3]
+    errors = [((rebuilt(x, f)[:, :4] - mu[:4] - full)[:, read]).pow(2).mean() for f in (variance, receiver)]
+    assert errors[1] < errors[0] / 10, errors
+
+
+def test_receiver_metrics_of_a_model_are_one_invertible_metric_per_layer(tiny_pair):
+    _, receiver = tiny_pair
+    metrics = receiver_metrics(receiver, SAMPLES[:2])
+    model = receiver[0]
+    spec_width = 2 * model.config.num_key_value_heads * model.config.head_dim
+    assert sorted(metrics) == list(range(model.config.num_hidden_layers))
+    for a in metrics.values():
+        assert a.shape == (spec_width, spec_width) and torch.isfinite(torch.linalg.inv(a)).all()
