@@ -187,3 +187,27 @@ def test_receiver_metrics_of_a_model_are_one_invertible_metric_per_layer(tiny_pa
     assert sorted(metrics) == list(range(model.config.num_hidden_layers))
     for a in metrics.values():
         assert a.shape == (spec_width, spec_width) and torch.isfinite(torch.linalg.inv(a)).all()
+
+
+@torch.no_grad()
+def test_the_row_error_script_measures_a_narrower_packet_as_further_off(tiny_pair):
+    """scripts/narrowing_error.py: relative row errors from the teacher's own rows, larger for a
+    narrower packet and zero for a row rebuilt exactly."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "scripts" / "narrowing_error.py"
+    spec = importlib.util.spec_from_file_location("narrowing_error", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    _, receiver = tiny_pair
+    teacher = span_adapter(receiver, receiver, same_model_alignment(receiver, bottleneck=64), slots=12)
+    rows = packet_rows(teacher, receiver, SAMPLES)
+    errors = {}
+    for width in (4, 32):
+        student, _ = narrowed_adapter(teacher, rows, bottleneck=width)
+        errors[width] = script.layer_errors(teacher, student, rows[0], 0)
+    assert errors[4]["values"]["mean"] > errors[32]["values"]["mean"] >= 0
+    assert errors[4]["keys"]["mean"] > errors[32]["keys"]["mean"] >= 0
+    same = torch.randn(6, 8)
+    assert script.relative_errors(same, same) == {"mean": 0.0, "median": 0.0, "p90": 0.0}
