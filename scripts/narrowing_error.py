@@ -84,9 +84,8 @@ def main() -> None:
             "mean_over_layers": mean,
             "per_layer": per_layer,
         }
-        print(
-            f"{path}: mean relative row error over layers: keys {mean['keys']:.3f}, values {mean['values']:.3f}"
-        )
+        keys, values = mean["keys"], mean["values"]
+        print(f"{path}: mean relative row error over layers: keys {keys:.3f}, values {values:.3f}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=1) + "\n")
 

@@ -9,9 +9,10 @@
 Runs the adapter's sharer half over --samples training samples as a handoff does and keeps, per
 receiver layer, the --bottleneck directions that carry most of the K/V its packets give the
 receiver (keys and values weighted alike; lcflow.packets.narrowing); with --metric receiver, the
-directions that matter most to the receiver itself (its queries, its output projection). The sharer then sends b
-numbers a row instead of the full width: fewer bytes on the wire before any codec. Selection,
-heads and slots stay the adapter's. No backward pass; prints the variance kept per layer.
+directions that matter most to the receiver itself (its queries, its output projection). The
+sharer then sends b numbers a row instead of the full width: fewer bytes on the wire before any
+codec. Selection, heads and slots stay the adapter's. No backward pass; prints the share of the
+K/V's variance kept per layer (whichever metric chose the directions).
 """
 
 from __future__ import annotations
@@ -59,9 +60,10 @@ def register(subparsers) -> None:
         "--metric",
         choices=("variance", "receiver"),
         default="variance",
-        help="what a lost direction costs: 'variance' counts every K/V number alike; 'receiver' "
-        "weights keys by the receiver's queries over the samples' prompts and values by its output "
-        "projection (lcflow.packets.narrowing.receiver_metric)",
+        help="what a lost direction costs: 'variance', its share of the K/V's variance (keys and values "
+        "then counted alike unless --no-balance); 'receiver', what it costs the receiver: keys as its "
+        "queries over the samples' prompts read them, values through its output projection "
+        "(lcflow.packets.narrowing.receiver_metric; loads the receiver and runs it over the samples)",
     )
     p.set_defaults(func=run)
 
@@ -76,6 +78,11 @@ def run(args) -> int:
 
     if args.samples < 1:
         raise UsageError(f"--samples must be at least 1, not {args.samples}")
+    if args.no_balance and args.metric == "receiver":
+        raise UsageError(
+            "--no-balance cannot go with --metric receiver: its keys (logits) and values (outputs) are "
+            "in different units until they are counted alike; drop --no-balance"
+        )
     try:
         teacher = LatentAdapter.from_pretrained(args.adapter)
     except (FileNotFoundError, ValueError) as err:
@@ -96,7 +103,7 @@ def run(args) -> int:
     if args.metric == "receiver":
         same = config.receiver.name == config.sharer.name
         receiver = sharer if same else load_model_and_tokenizer(config.receiver.name, "cpu")
-        metrics = receiver_metrics(receiver, samples)
+        metrics = receiver_metrics(receiver, samples, config.slots)
     for width in args.bottleneck:
         out = Path(args.out) if len(args.bottleneck) == 1 else Path(args.out, f"b{width}")
         student, kept = narrowed_adapter(teacher, rows, width, not args.no_balance, metrics)

@@ -20,6 +20,8 @@ at full width, and the packet carries z' = (x - mu_x) E' of width b. Two metrics
     receiver   A = blockdiag(A_k, A_v), the receiver's own sensitivity (receiver_metric):
                keys as its queries see them, values as its output projection sees them
 
+(the code's A includes the halves' weights: A diag(w)).
+
 Task training then refines E', D' by distillation from the full-width adapter
 (`lcflow train --teacher-adapter`).
 """
@@ -62,42 +64,41 @@ def kept_share(yc: torch.Tensor, approx: torch.Tensor) -> float:
     return float(1 - (yc - approx).pow(2).sum() / yc.pow(2).sum().clamp_min(1e-12))
 
 
-def receiver_metric(query_energy: torch.Tensor, out_proj: torch.Tensor, head_dim: int) -> torch.Tensor:
-    """[d, d]: how much an error in one receiver layer's K/V row costs that layer, per kv head.
+def psd_root(matrix: torch.Tensor) -> torch.Tensor:
+    """M^1/2 of a symmetric positive semi-definite M, its eigenvalues floored at 1e-6 of the
+    largest so that the root can be inverted."""
+    eigenvalues, vectors = torch.linalg.eigh(matrix.double())
+    root = eigenvalues.clamp_min(float(eigenvalues.max()) * 1e-6).sqrt()
+    return vectors @ torch.diag(root) @ vectors.T
 
-    query_energy: [kv_heads, head_dim], the mean of q_i^2 (no RoPE) over the receiver's queries
-    of the heads reading each kv head; out_proj: o_proj's weight [hidden, heads * head_dim].
 
-    Keys. An error dk moves a logit by q . R dk, R the RoPE rotation, which turns each plane
-    (i, i + D/2) by an angle that depends on the position. Averaged over that angle,
+def receiver_metric(query_moment: torch.Tensor, out_proj: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """[d, d]: A for one receiver layer, so that |e A|^2 is what an error e in a K/V row costs it.
 
-        E[(q . R dk)^2] = sum_i e_i dk_i^2,    e_i = (E[q_i^2] + E[q_(i+D/2)^2]) / 2
+    query_moment: [kv_heads, head_dim, head_dim], C = E[u u^T] over u = R(t - s) q, the receiver's
+    queries q (no RoPE) of the heads reading each kv head, turned by RoPE through the distance
+    t - s from the query to the packet row it reads (receiver_metrics); out_proj: o_proj's weight
+    [hidden, heads * head_dim].
 
-    so A_k = diag(sqrt(e)): key channels the queries do not read may be dropped.
+    Keys. The logit of query t on row s is R(t) q . R(s) k = R(t - s) q . k, so an error dk
+    moves it by u . dk and costs E[(u . dk)^2] = dk^T C dk: A_k = C^1/2.
     Values. An error dv moves head h's output by a W_o,h dv (a its attention weight); summed over
     the heads that read the kv head (taken as independent), |.|^2 = a^2 dv^T G dv with
-    G = sum_h W_o,h^T W_o,h, so A_v = G^1/2. Both are floored at 1e-6 of their largest value so
-    that A can be inverted.
+    G = sum_h W_o,h^T W_o,h: A_v = G^1/2. Block-diagonal over kv heads; the two halves are in
+    different units until narrow_map counts them alike.
     """
-    kv_heads = query_energy.shape[0]
+    kv_heads = query_moment.shape[0]
     heads = out_proj.shape[1] // head_dim
     group = heads // kv_heads
-    half = head_dim // 2
-    energy = query_energy.double()
-    plane = (energy[:, :half] + energy[:, half:]) / 2
-    e = torch.cat([plane, plane], dim=1).clamp_min(float(energy.max()) * 1e-6)
     w_o = out_proj.double().reshape(out_proj.shape[0], heads, head_dim)
     width = kv_heads * head_dim
     metric = torch.zeros(2 * width, 2 * width, dtype=torch.float64)
     for g in range(kv_heads):
         keys = slice(g * head_dim, (g + 1) * head_dim)
         values = slice(width + g * head_dim, width + (g + 1) * head_dim)
-        metric[keys, keys] = torch.diag(e[g].sqrt())
+        metric[keys, keys] = psd_root(query_moment[g])
         w = w_o[:, g * group : (g + 1) * group].reshape(out_proj.shape[0] * group, head_dim)
-        gram = w.T @ w  # sum over the group's heads of W_o,h^T W_o,h
-        eigenvalues, vectors = torch.linalg.eigh(gram)
-        root = eigenvalues.clamp_min(float(eigenvalues.max()) * 1e-6).sqrt()
-        metric[values, values] = vectors @ torch.diag(root) @ vectors.T
+        metric[values, values] = psd_root(w.T @ w)  # G: sum over the group's heads of W_o,h^T W_o,h
     return metric
 
 
@@ -111,7 +112,8 @@ def narrow_map(
     metric: torch.Tensor | None = None,
 ) -> NarrowedMap:
     """Narrow one layer's map: `rows` [N, B] are real packet rows z of this layer (N >= b);
-    `metric` [d, d] is A (receiver_metric), the identity when None."""
+    `metric` [d, d] is A (receiver_metric), the identity when None. The shares kept are of the
+    plain K/V variance, whichever metric chose the directions."""
     if not 0 < bottleneck <= decoder.shape[1]:
         raise ValueError(f"bottleneck must be in 1..{decoder.shape[1]}, not {bottleneck}")
     if len(rows) < bottleneck:

@@ -1,14 +1,15 @@
 """A compressed span adapter from a full-width one, in closed form (lcflow.packets.narrowing).
 
     rows = packet_rows(teacher, sharer_pair, samples)          # once, for any number of widths
-    metrics = receiver_metrics(receiver_pair, samples)         # optional: the receiver's metric
+    metrics = receiver_metrics(receiver_pair, samples, slots)  # optional: the receiver's metric
     adapter, kept = narrowed_adapter(teacher, rows, bottleneck=128, metrics=metrics)
 
 Runs the teacher's sharer half over training samples exactly as a handoff does (prefill, select
 with the question, encode), keeps every packet row per receiver layer, and replaces each layer's
 E, D and mu_y by their rank-b narrowing. Selection, heads, slots and layer map are the teacher's;
 only the width of a row changes. With `metrics`, the directions are those that matter most to
-the receiver (its queries over the samples' prompts, its output projection:
+the receiver (its queries over the samples' prompts at their distances from the packet's rows,
+its output projection:
 lcflow.packets.narrowing.receiver_metric). No backward pass.
 """
 
@@ -20,10 +21,10 @@ import torch
 from tqdm import tqdm
 
 from lcflow.adapter import LatentAdapter
-from lcflow.core.kv import decoder_backbone, run_backbone
-from lcflow.core.prompting import render_input
+from lcflow.core.kv import RopeCodec, decoder_backbone, run_backbone
 from lcflow.handoff.pair import Sharer, receiver_view
 from lcflow.packets.narrowing import narrow_map, receiver_metric
+from lcflow.packets.placement import slot_layout
 from lcflow.packets.selection import as_heads, capture_queries
 from lcflow.tasks import format_question_prompt
 
@@ -44,31 +45,49 @@ def packet_rows(teacher: LatentAdapter, sharer_pair: tuple, samples) -> dict[int
 
 
 @torch.no_grad()
-def receiver_metrics(receiver_pair: tuple, samples) -> dict[int, torch.Tensor]:
-    """{receiver layer: A [d, d]}: the receiver's sensitivity to errors in its K/V, from its
-    queries (no RoPE) over each sample's prompt as it renders it, and its output projections."""
+def receiver_metrics(receiver_pair: tuple, samples, slots: int) -> dict[int, torch.Tensor]:
+    """{receiver layer: A [d, d]} (lcflow.packets.narrowing.receiver_metric): the receiver's
+    sensitivity to errors in the K/V rows of a `slots`-row packet.
+
+    Per sample, the receiver reads its own input around the packet's slot (slot_layout: the
+    template head, then the packet's rows, then its context and question) without the packet,
+    and its queries q (no RoPE) at the tail's positions are kept. Tail query i sits
+    slots + i - j positions after packet row j, so
+
+        C[g] = sum over the heads h reading kv head g, mean over samples, tail queries i
+               and rows j, of u u^T,   u = R(slots + i - j) q[h, i]
+
+    with the layer's own RoPE (RopeCodec); A's values half comes from the layer's o_proj.
+    """
     from transformers import DynamicCache  # the cache run_backbone fills and we drop
 
     model, tokenizer = receiver_pair
+    rope = RopeCodec(model)
     layers = decoder_backbone(model).layers
-    energy: dict[int, torch.Tensor] = {}
+    attention = layers[0].self_attn
+    heads, kv_heads = attention.config.num_attention_heads, attention.config.num_key_value_heads
+    head_dim, group = attention.head_dim, heads // kv_heads
+    moments: dict[int, torch.Tensor] = {}
     count = 0
     for sample in tqdm(samples, desc="receiver queries", unit="sample"):
-        prompt = format_question_prompt(sample, include_context=False)
-        ids = render_input(tokenizer, prompt, [sample.receiver_context]).input_ids
-        with capture_queries(model, len(layers)) as queries:
-            run_backbone(model, ids, DynamicCache())
-        for index, layer in enumerate(layers):
-            attn = layer.self_attn
-            kv_heads = attn.config.num_key_value_heads
-            q = as_heads(queries[index], attn.config.num_attention_heads, attn.head_dim)[0, :, 1:]  # no BOS
-            per_kv_head = q.float().pow(2).reshape(kv_heads, -1, q.shape[-1]).sum(1)  # [kv_heads, head_dim]
-            energy[index] = energy.get(index, 0) + per_kv_head
-        count += (ids.shape[1] - 1) * (attn.config.num_attention_heads // kv_heads)
-    return {
-        index: receiver_metric(
-            energy[index] / count, layer.self_attn.o_proj.weight.float(), layer.self_attn.head_dim
+        layout = slot_layout(
+            tokenizer, format_question_prompt(sample, include_context=False), sample.receiver_context
         )
+        tail = layout.tail_ids.shape[1]
+        with capture_queries(model, len(layers)) as queries:
+            run_backbone(model, torch.cat([layout.head_ids, layout.tail_ids], dim=1), DynamicCache())
+        # every (query i, row j) pair, row-major: the distance slots + i - j
+        distances = (torch.arange(tail)[:, None] + slots - torch.arange(slots)[None, :]).reshape(1, -1)
+        for index in range(len(layers)):
+            q = as_heads(queries[index], heads, head_dim)[:, :, -tail:].float()
+            u = rope.rotate(
+                q.repeat_interleave(slots, dim=2), distances, index
+            )  # [1, heads, tail * slots, D]
+            u = u[0].reshape(kv_heads, group * tail * slots, head_dim).double()
+            moments[index] = moments.get(index, 0) + u.transpose(1, 2) @ u
+        count += tail * slots
+    return {
+        index: receiver_metric(moments[index] / count, layer.self_attn.o_proj.weight, head_dim)
         for index, layer in enumerate(layers)
     }
 

@@ -145,22 +145,23 @@ def test_the_narrowed_encoder_keeps_the_teachers_scale():
     assert 0.1 < ratio < 10, ratio
 
 
-def test_the_receiver_metric_weighs_keys_by_rope_plane_query_energy_and_values_by_the_output_projection():
+def test_the_receiver_metric_squares_to_the_query_moment_and_the_output_projections_gram():
     head_dim, kv_heads, heads, hidden = 4, 2, 4, 6
-    energy = torch.tensor([[4.0, 0.0, 0.0, 0.0], [1.0, 1.0, 9.0, 9.0]])  # planes (0, 2) and (1, 3)
     g = torch.Generator().manual_seed(0)
+    u = torch.randn(kv_heads, 50, head_dim, generator=g)
+    moment = u.transpose(1, 2) @ u / 50  # E[u u^T] per kv head
     out_proj = torch.randn(hidden, heads * head_dim, generator=g)
-    a = receiver_metric(energy, out_proj, head_dim)
-    keys = a[: kv_heads * head_dim, : kv_heads * head_dim]
-    # each RoPE plane gets the mean of its two channels' energy; a plane nobody reads, the floor
-    expected = torch.tensor([2.0, 9e-6, 2.0, 9e-6, 5.0, 5.0, 5.0, 5.0]).sqrt().double()
-    torch.testing.assert_close(torch.diagonal(keys), expected)
-    assert torch.count_nonzero(keys - torch.diag(torch.diagonal(keys))) == 0
-    # values of kv head 1: A_v^2 = sum over its two query heads of W_o,h^T W_o,h
-    w = out_proj.double().reshape(hidden, heads, head_dim)[:, 2:].reshape(-1, head_dim)
-    values = a[kv_heads * head_dim + head_dim :, kv_heads * head_dim + head_dim :]
-    torch.testing.assert_close(values @ values, w.T @ w)
-    assert torch.count_nonzero(a[: kv_heads * head_dim, kv_heads * head_dim :]) == 0
+    a = receiver_metric(moment, out_proj, head_dim)
+    width = kv_heads * head_dim
+    w_o = out_proj.double().reshape(hidden, heads, head_dim)
+    for kv in range(kv_heads):
+        keys = slice(kv * head_dim, (kv + 1) * head_dim)
+        values = slice(width + kv * head_dim, width + (kv + 1) * head_dim)
+        torch.testing.assert_close(a[keys, keys] @ a[keys, keys], moment[kv].double())
+        reading = w_o[:, 2 * kv : 2 * kv + 2].reshape(-1, head_dim)  # the two query heads of this kv head
+        torch.testing.assert_close(a[values, values] @ a[values, values], reading.T @ reading)
+    block = torch.block_diag(*(a[i : i + head_dim, i : i + head_dim] for i in range(0, 2 * width, head_dim)))
+    torch.testing.assert_close(a, block)  # nothing across kv heads or across keys and values
 
 
 def test_narrowing_in_the_receiver_metric_keeps_the_logits_the_variance_metric_loses():
@@ -168,9 +169,9 @@ def test_narrowing_in_the_receiver_metric_keeps_the_logits_the_variance_metric_l
     directions there; the receiver's keeps the channels the queries read, so q . k survives."""
     x, e, d, mu = low_rank_map(rank=10, kv=8)  # one kv head of width 4: keys 0-3, values 4-7
     d = d.clone()
-    d[:, [0, 2]] *= 20  # RoPE pairs (0, 2) and (1, 3); the loud plane (0, 2) is one no query reads
-    energy = torch.tensor([[0.0, 1.0, 0.0, 1.0]])  # queries read only the plane (1, 3)
-    metric = receiver_metric(energy, torch.eye(4), head_dim=4)
+    d[:, [0, 2]] *= 20  # loud key channels that no query reads
+    moment = torch.diag(torch.tensor([0.0, 1.0, 0.0, 1.0]))[None]  # queries read channels 1 and 3
+    metric = receiver_metric(moment, torch.eye(4), head_dim=4)
     full = (x @ e @ d)[:, :4]
     variance = narrow_map(x @ e, e, d, mu, 3)
     receiver = narrow_map(x @ e, e, d, mu, 3, metric=metric)
@@ -179,14 +180,44 @@ def test_narrowing_in_the_receiver_metric_keeps_the_logits_the_variance_metric_l
     assert errors[1] < errors[0] / 10, errors
 
 
-def test_receiver_metrics_of_a_model_are_one_invertible_metric_per_layer(tiny_pair):
-    _, receiver = tiny_pair
-    metrics = receiver_metrics(receiver, SAMPLES[:2])
-    model = receiver[0]
-    spec_width = 2 * model.config.num_key_value_heads * model.config.head_dim
-    assert sorted(metrics) == list(range(model.config.num_hidden_layers))
-    for a in metrics.values():
-        assert a.shape == (spec_width, spec_width) and torch.isfinite(torch.linalg.inv(a)).all()
+@pytest.mark.parametrize("family", ["gemma3", "llama"])
+@torch.no_grad()
+def test_the_receiver_metric_of_a_model_costs_a_key_error_as_its_logits_move(tiny_dir, family):
+    """dk^T A_k^2 dk equals the squared move of the logits of the receiver's tail queries (its own
+    RoPE at their absolute positions) on packet rows at the slots' positions, summed over the
+    query heads and averaged over queries and rows."""
+    from lcflow.core.kv import RopeCodec
+    from lcflow.packets.placement import slot_layout
+    from lcflow.packets.selection import as_heads, capture_queries
+    from lcflow.tasks import format_question_prompt
+    from lcflow.testing.tiny import load_tiny
+
+    model, tokenizer = load_tiny(tiny_dir(family, 400, 2))
+    slots, samples = 3, SAMPLES[:2]
+    metrics = receiver_metrics((model, tokenizer), samples, slots)
+    config, rope = model.config, RopeCodec(model)
+    heads, kv_heads, head_dim = config.num_attention_heads, config.num_key_value_heads, config.head_dim
+    dk = torch.randn(kv_heads, head_dim, generator=torch.Generator().manual_seed(3))
+    for layer in range(config.num_hidden_layers):
+        keys = metrics[layer][: kv_heads * head_dim, : kv_heads * head_dim]
+        predicted = float(dk.reshape(-1).double() @ keys @ keys @ dk.reshape(-1).double())
+        moves = []
+        for sample in samples:
+            layout = slot_layout(
+                tokenizer, format_question_prompt(sample, include_context=False), sample.receiver_context
+            )
+            ids = torch.cat([layout.head_ids, layout.tail_ids], dim=1)
+            with capture_queries(model, config.num_hidden_layers) as queries:
+                model.model(input_ids=ids)
+            tail, head = layout.tail_ids.shape[1], layout.head_tokens
+            q = as_heads(queries[layer], heads, head_dim)[:, :, -tail:].float()
+            q_rot = rope.rotate(q, torch.arange(head + slots, head + slots + tail)[None], layer)
+            rows = dk[None, :, None, :].expand(1, kv_heads, slots, head_dim)
+            dk_rot = rope.rotate(rows, torch.arange(head, head + slots)[None], layer)  # [1, kv, slots, D]
+            dk_rot = dk_rot.repeat_interleave(heads // kv_heads, dim=1)  # the kv head each query head reads
+            moves.append((q_rot @ dk_rot.transpose(2, 3)).pow(2).reshape(-1))
+        # summed over the query heads, averaged over queries and rows
+        assert predicted == pytest.approx(float(torch.cat(moves).mean()) * heads, rel=1e-3), layer
 
 
 @torch.no_grad()
