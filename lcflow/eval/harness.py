@@ -39,6 +39,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from tqdm import tqdm
 
+from lcflow.core.errors import UsageError
 from lcflow.core.names import LCFX_METHODS, METHODS, NOTE_METHODS, READER_METHODS, SAME_CONTEXT_ONLY
 from lcflow.eval.metrics import (
     contains_answer,
@@ -90,6 +91,13 @@ def through_the_wire(latents, wire: str) -> int:
             latents.layers[layer], sent = rounded.to(z.dtype), sent + rounded.numel() * 2
             continue
         codec = Quantization.named(wire)
+        try:
+            codec.group_of(TensorSpec.of(rounded))
+        except ValueError as err:
+            raise UsageError(
+                f"--wire {wire} cannot carry this adapter's packet rows of {rounded.shape[-1]} numbers ({err}): "
+                f"use --wire int8 or bf16, or an adapter whose bottleneck is a multiple of {codec.group_size}"
+            ) from err
         blob = codec.encode({"z": rounded})
         sent += sum(t.numel() * t.element_size() for t in blob.values())
         decoded = codec.decode(blob, {"z": TensorSpec.of(rounded)}, z.device)["z"]

@@ -372,3 +372,15 @@ def test_open_prompts_are_scored_by_the_facts_stated_and_empty_answers(loaded_ti
         mine = [r for r in results["samples"] if r["method"] == row["method"]]
         assert row["empty_rate"] == sum(r["empty"] for r in mine) / len(mine)
     assert "| facts stated [95% CI] | empty answers |" in (out / "results.md").read_text()
+
+
+def test_a_wire_that_cannot_group_the_packets_rows_is_a_usage_error_naming_both():
+    """int4 quantizes rows in groups of 64: rows of 96 numbers (a narrowed packet's b) are refused
+    as the user's mistake, in one line, before anything is sent; int8 (one scale a row) carries them."""
+    from lcflow.core.errors import UsageError
+    from lcflow.eval.harness import through_the_wire
+
+    latents = SimpleNamespace(layers={0: torch.randn(1, 4, 96)})
+    with pytest.raises(UsageError, match=r"--wire int4 cannot carry .* rows of 96 numbers.*multiple of 64"):
+        through_the_wire(latents, "int4")
+    assert through_the_wire(latents, "int8") > 0 and latents.layers[0].shape == (1, 4, 96)
