@@ -44,10 +44,16 @@ class _EnoughLayers(Exception):
     """Raised after the last layer whose queries are needed: the rest of the pass is skipped."""
 
 
+# model types whose q_norm runs after the heads are moved forward ([batch, heads, tokens, D]);
+# the others (Qwen3) normalise [batch, tokens, heads, D]
+_NORM_AFTER_TRANSPOSE = {"gemma3", "gemma3_text"}
+
+
 @contextmanager
 def capture_queries(model, layers: int):
-    """Record the queries of the first `layers` layers (after q_norm where the family has one,
-    before RoPE), and stop the forward pass once they have run (_EnoughLayers).
+    """Record the queries of the first `layers` layers as [batch, heads, tokens, head_dim] (after
+    q_norm where the family has one, before RoPE), and stop the forward pass once they have run
+    (_EnoughLayers).
 
     Only this thread's forward passes are recorded (or stopped): a service runs handoffs on one
     model from several threads at once, and their passes fire every registered hook."""
@@ -57,13 +63,15 @@ def capture_queries(model, layers: int):
     owner = threading.get_ident()
     for index, layer in enumerate(backbone.layers[:layers]):
         attn = layer.self_attn
-        module = getattr(attn, "q_norm", None) or attn.q_proj
+        norm = getattr(attn, "q_norm", None)
+        heads_first = norm is not None and attn.config.model_type in _NORM_AFTER_TRANSPOSE
+        shape = (attn.config.num_attention_heads, attn.head_dim)
 
-        def hook(_module, _inputs, output, index=index):
+        def hook(_module, _inputs, output, index=index, heads_first=heads_first, shape=shape):
             if threading.get_ident() == owner:
-                queries[index] = output
+                queries[index] = as_heads(output, *shape, heads_first)
 
-        handles.append(module.register_forward_hook(hook))
+        handles.append((norm or attn.q_proj).register_forward_hook(hook))
 
     def stop(_module, _inputs, _output):
         if threading.get_ident() == owner:
@@ -78,13 +86,13 @@ def capture_queries(model, layers: int):
             handle.remove()
 
 
-def as_heads(q: torch.Tensor, num_heads: int, head_dim: int) -> torch.Tensor:
-    """Queries as [batch, heads, tokens, head_dim], whichever layout the family's hook saw."""
-    if q.dim() == 3:  # q_proj output: [batch, tokens, heads * head_dim]
+def as_heads(q: torch.Tensor, num_heads: int, head_dim: int, heads_first: bool) -> torch.Tensor:
+    """Queries as [batch, heads, tokens, head_dim] from what a hook saw: q_proj's output
+    [batch, tokens, heads * head_dim], or q_norm's, [batch, heads, tokens, D] where `heads_first`
+    (Gemma3) and [batch, tokens, heads, D] otherwise (Qwen3)."""
+    if q.dim() == 3:
         return q.view(q.shape[0], q.shape[1], num_heads, head_dim).transpose(1, 2)
-    if q.shape[1] == num_heads and q.shape[2] != num_heads:  # Gemma3 normalises after the transpose
-        return q
-    return q.transpose(1, 2)  # Qwen3: [batch, tokens, heads, head_dim]
+    return q if heads_first else q.transpose(1, 2)
 
 
 def cache_from_captured(model, captured: CapturedKV) -> DynamicCache:
@@ -138,8 +146,7 @@ def head_attention(
         cached = keys.shape[2]
         if cached != start + tokens:  # a sliding-window cache dropped old entries: no full view
             continue
-        q = as_heads(queries[index], attn.config.num_attention_heads, keys.shape[-1])
-        q = rope.rotate(q, positions, index)
+        q = rope.rotate(queries[index], positions, index)
         keys = keys.repeat_interleave(q.shape[1] // keys.shape[1], dim=1)
         logits = (q @ keys.transpose(-1, -2)).float() * attn.scaling
         softcap = getattr(attn, "attn_logit_softcapping", None)

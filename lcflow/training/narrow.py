@@ -25,7 +25,7 @@ from lcflow.core.kv import RopeCodec, decoder_backbone, run_backbone
 from lcflow.handoff.pair import Sharer, receiver_view
 from lcflow.packets.narrowing import narrow_map, receiver_metric
 from lcflow.packets.placement import slot_layout
-from lcflow.packets.selection import as_heads, capture_queries
+from lcflow.packets.selection import capture_queries
 from lcflow.tasks import format_question_prompt
 
 
@@ -79,7 +79,7 @@ def receiver_metrics(receiver_pair: tuple, samples, slots: int) -> dict[int, tor
         # every (query i, row j) pair, row-major: the distance slots + i - j
         distances = (torch.arange(tail)[:, None] + slots - torch.arange(slots)[None, :]).reshape(1, -1)
         for index in range(len(layers)):
-            q = as_heads(queries[index], heads, head_dim)[:, :, -tail:].float()
+            q = queries[index][:, :, -tail:].float()  # [1, heads, tail, D]
             u = rope.rotate(
                 q.repeat_interleave(slots, dim=2), distances, index
             )  # [1, heads, tail * slots, D]

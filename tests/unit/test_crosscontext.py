@@ -640,3 +640,32 @@ def test_a_receiver_side_lora_trains_beside_the_decoder_resumes_and_is_read_by_e
     assert _halves(EvalModels(sharer, receiver, adapters={"lcfx": adapter}), "lcfx")[1].model is receiver[0]
     with pytest.raises(ValueError, match="receiver-side LoRA"):
         load_adapter_half(*receiver, str(out), "decoder", None)
+
+
+@pytest.mark.parametrize("family", ["gemma3", "qwen3", "llama"])
+@torch.no_grad()
+def test_captured_queries_are_heads_first_in_every_family_even_with_as_many_tokens_as_heads(tiny_dir, family):
+    """capture_queries gives [batch, heads, tokens, head_dim] whether the family's hook sees q_proj's
+    output or q_norm's (before or after the transpose); a prompt of exactly `heads` tokens used to
+    be read the wrong way round for Gemma3."""
+    from lcflow.packets.selection import capture_queries
+    from lcflow.testing.tiny import load_tiny
+
+    model, _ = load_tiny(tiny_dir(family, 400, 2))
+    attn = model.model.layers[0].self_attn
+    heads, head_dim = attn.config.num_attention_heads, attn.head_dim
+    projected = {}
+    handle = attn.q_proj.register_forward_hook(lambda _m, _i, out: projected.setdefault("q", out))
+    ids = torch.arange(1, heads + 1)[None]  # as many tokens as heads
+    try:
+        with capture_queries(model, 1) as queries:
+            try:
+                model.model(input_ids=ids)
+            except Exception as stop:  # capture_queries ends the pass after its last layer
+                assert type(stop).__name__ == "_EnoughLayers"
+    finally:
+        handle.remove()
+    expected = projected["q"].view(1, heads, heads, head_dim)  # [batch, tokens, heads, D]
+    if getattr(attn, "q_norm", None) is not None:
+        expected = attn.q_norm(expected)  # per vector: the same before or after the transpose
+    torch.testing.assert_close(queries[0], expected.transpose(1, 2))

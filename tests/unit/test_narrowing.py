@@ -188,7 +188,7 @@ def test_the_receiver_metric_of_a_model_costs_a_key_error_as_its_logits_move(tin
     query heads and averaged over queries and rows."""
     from lcflow.core.kv import RopeCodec
     from lcflow.packets.placement import slot_layout
-    from lcflow.packets.selection import as_heads, capture_queries
+    from lcflow.packets.selection import capture_queries
     from lcflow.tasks import format_question_prompt
     from lcflow.testing.tiny import load_tiny
 
@@ -210,7 +210,7 @@ def test_the_receiver_metric_of_a_model_costs_a_key_error_as_its_logits_move(tin
             with capture_queries(model, config.num_hidden_layers) as queries:
                 model.model(input_ids=ids)
             tail, head = layout.tail_ids.shape[1], layout.head_tokens
-            q = as_heads(queries[layer], heads, head_dim)[:, :, -tail:].float()
+            q = queries[layer][:, :, -tail:].float()
             q_rot = rope.rotate(q, torch.arange(head + slots, head + slots + tail)[None], layer)
             rows = dk[None, :, None, :].expand(1, kv_heads, slots, head_dim)
             dk_rot = rope.rotate(rows, torch.arange(head, head + slots)[None], layer)  # [1, kv, slots, D]
