@@ -84,8 +84,9 @@ def receiver_metric(query_moment: torch.Tensor, out_proj: torch.Tensor, head_dim
     moves it by u . dk and costs E[(u . dk)^2] = dk^T C dk: A_k = C^1/2.
     Values. An error dv moves head h's output by a W_o,h dv (a its attention weight); summed over
     the heads that read the kv head (taken as independent), |.|^2 = a^2 dv^T G dv with
-    G = sum_h W_o,h^T W_o,h: A_v = G^1/2. Block-diagonal over kv heads; the two halves are in
-    different units until narrow_map counts them alike.
+    G = sum_h W_o,h^T W_o,h: A_v = G^1/2 (a norm after o_proj, Gemma3's post-attention one, is
+    left out). Block-diagonal over kv heads; the two halves are in different units until
+    narrow_map counts them alike.
     """
     kv_heads = query_moment.shape[0]
     heads = out_proj.shape[1] // head_dim
