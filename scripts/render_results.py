@@ -178,6 +178,8 @@ def render_doc(files: list[Path]) -> str:
             parts[-2] += " (KVComm's run)"
         if path.stem.endswith("-trained"):  # LCF-X and its text reader refined on the family itself
             parts[-2] += " (LCF-X and its text reader refined on this family, the same budget)"
+        if path.stem.endswith("-64-positions"):  # the shipped adapter copied with slots 64
+            parts[-2] += " (64 positions selected for both LCF-X and the selected text)"
         parts += [caption(results, path), "", channel_table(results)]
         if path.name in RESCORED:
             start, stop = RESCORED[path.name]
