@@ -43,7 +43,7 @@ def run(args) -> int:
 
     from lcflow.handoff.generation import GenerationSettings  # keeps --help fast
     from lcflow.packets.alignment import KVAlignment  # keeps --help fast
-    from lcflow.provision.loading import load_model_and_tokenizer  # keeps --help fast
+    from lcflow.provision.loading import load_pair  # keeps --help fast
     from lcflow.research.oracles import (  # keeps --help fast
         OracleModels,
         markdown_table,
@@ -60,8 +60,7 @@ def run(args) -> int:
         rungs = [r for r in rungs if r not in skipped]
     samples = samples_from_flags(args)
     sharer_name, receiver_name = PAIRS[args.pair]
-    sharer = load_model_and_tokenizer(sharer_name, "cpu")
-    receiver = sharer if receiver_name == sharer_name else load_model_and_tokenizer(receiver_name, "cpu")
+    sharer, receiver = load_pair(sharer_name, receiver_name, "cpu")
     models = OracleModels(sharer, receiver, alignment)
     outcomes = run_ladder(rungs, models, samples, GenerationSettings(max_new_tokens=args.max_new_tokens))
     rows = summarize(outcomes)

@@ -39,7 +39,7 @@ def run(args) -> int:
     from lcflow.adapter.card import diagnostics_markdown as markdown  # keeps --help fast
     from lcflow.core.kv import model_identity  # keeps --help fast
     from lcflow.handoff.pair import Receiver, Sharer  # keeps --help fast
-    from lcflow.provision.loading import load_model_and_tokenizer  # keeps --help fast
+    from lcflow.provision.loading import load_pair  # keeps --help fast
     from lcflow.research.diagnostics import diagnose  # keeps --help fast
 
     try:
@@ -51,9 +51,7 @@ def run(args) -> int:
         print(f"lcflow bench packets: {args.adapter} is not a span-packet LCF-X adapter", file=sys.stderr)
         return 2
     samples = samples_from_flags(args)
-    sharer_pair = load_model_and_tokenizer(config.sharer.name, "cpu")
-    same = config.receiver.name == config.sharer.name
-    receiver_pair = sharer_pair if same else load_model_and_tokenizer(config.receiver.name, "cpu")
+    sharer_pair, receiver_pair = load_pair(config.sharer.name, config.receiver.name, "cpu")
     adapter = LatentAdapter.from_pretrained(
         args.adapter,
         sharer=model_identity(*sharer_pair, name=config.sharer.name),

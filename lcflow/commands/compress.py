@@ -73,7 +73,7 @@ def run(args) -> int:
     import torch
 
     from lcflow.adapter import LatentAdapter  # keeps --help fast
-    from lcflow.provision.loading import load_model_and_tokenizer  # keeps --help fast
+    from lcflow.provision.loading import load_model_and_tokenizer, load_pair  # keeps --help fast
     from lcflow.training.narrow import narrowed_adapter, packet_rows, receiver_metrics  # keeps --help fast
 
     if args.samples < 1:
@@ -96,14 +96,13 @@ def run(args) -> int:
             f"--bottleneck must be between 1 and the adapter's width minus one ({config.bottleneck - 1}), "
             f"not {', '.join(map(str, too_wide))}"
         )
-    sharer = load_model_and_tokenizer(config.sharer.name, "cpu")
+    if args.metric == "receiver":  # the receiver runs only for its metric
+        sharer, receiver = load_pair(config.sharer.name, config.receiver.name, "cpu")
+    else:
+        sharer = load_model_and_tokenizer(config.sharer.name, "cpu")
     samples = get_task(args.task).samples("train", args.samples, seed=args.seed)
     rows = packet_rows(teacher, sharer, samples)
-    metrics = None
-    if args.metric == "receiver":
-        same = config.receiver.name == config.sharer.name
-        receiver = sharer if same else load_model_and_tokenizer(config.receiver.name, "cpu")
-        metrics = receiver_metrics(receiver, samples, config.slots)
+    metrics = receiver_metrics(receiver, samples, config.slots) if args.metric == "receiver" else None
     for width in args.bottleneck:
         out = Path(args.out) if len(args.bottleneck) == 1 else Path(args.out, f"b{width}")
         student, kept = narrowed_adapter(teacher, rows, width, not args.no_balance, metrics)

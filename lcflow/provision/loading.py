@@ -54,3 +54,10 @@ def load_model_and_tokenizer(
     tokenizer = AutoTokenizer.from_pretrained(source)
     log.info("loaded %s from %s on %s in %.1f s", name_or_path, source, target, time.perf_counter() - started)
     return model, tokenizer
+
+
+def load_pair(sharer: str, receiver: str, device: str | torch.device = "auto") -> tuple[tuple, tuple]:
+    """((sharer model, tokenizer), (receiver model, tokenizer)), one model loaded once where both
+    names are the same (a same-model pair reads frozen weights on both sides)."""
+    sharer_pair = load_model_and_tokenizer(sharer, device)
+    return sharer_pair, sharer_pair if receiver == sharer else load_model_and_tokenizer(receiver, device)

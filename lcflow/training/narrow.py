@@ -9,8 +9,7 @@ with the question, encode), keeps every packet row per receiver layer, and repla
 E, D and mu_y by their rank-b narrowing. Selection, heads, slots and layer map are the teacher's;
 only the width of a row changes. With `metrics`, the directions are those that matter most to
 the receiver (its queries over the samples' prompts at their distances from the packet's rows,
-its output projection:
-lcflow.packets.narrowing.receiver_metric). No backward pass.
+its output projection: lcflow.packets.narrowing.receiver_metric). No backward pass.
 """
 
 from __future__ import annotations
@@ -80,9 +79,7 @@ def receiver_metrics(receiver_pair: tuple, samples, slots: int) -> dict[int, tor
         distances = (torch.arange(tail)[:, None] + slots - torch.arange(slots)[None, :]).reshape(1, -1)
         for index in range(len(layers)):
             q = queries[index][:, :, -tail:].float()  # [1, heads, tail, D]
-            u = rope.rotate(
-                q.repeat_interleave(slots, dim=2), distances, index
-            )  # [1, heads, tail * slots, D]
+            u = rope.rotate(q.repeat_interleave(slots, dim=2), distances, index)  # each query once per row
             u = u[0].reshape(kv_heads, group * tail * slots, head_dim).double()
             moments[index] = moments.get(index, 0) + u.transpose(1, 2) @ u
         count += tail * slots
