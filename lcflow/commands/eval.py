@@ -46,7 +46,7 @@ from lcflow.core.names import (
     PAIRS,
     READER_METHODS,
     SAME_CONTEXT_ONLY,
-    WIRE_FORMS,
+    check_wire_form,
 )
 from lcflow.eval.report import markdown_table, write_report
 from lcflow.eval.services import evaluate_through_services
@@ -149,11 +149,12 @@ def register(subparsers) -> None:
     )
     p.add_argument(
         "--wire",
-        choices=WIRE_FORMS,
+        type=check_wire_form,
         default="exact",
         help="in-process: put the latents through the wire's number format before the receiver "
         "decodes them: exact (as encoded, float32), bf16, int8, int4 or int4-hadamard (the sharer's "
-        "--quantize codecs, lcflow.transport.quantize); bytes sent counted accordingly",
+        "--quantize codecs, lcflow.transport.quantize), an int4 one with its group size after -g "
+        "(int4-hadamard-g32: for rows the default group of 64 does not divide); bytes sent counted accordingly",
     )
     adapters = p.add_argument_group(
         "adapters (default: ADAPTERS/<pair>-<method>; for lcfx, else ADAPTERS/<pair>-lcfx-bridge, "

@@ -12,7 +12,7 @@ import argparse
 from dataclasses import fields
 
 from lcflow.core.errors import UsageError
-from lcflow.core.names import WIRE_FORMS
+from lcflow.core.names import check_wire_form
 from lcflow.tasks import load_task_file
 from lcflow.training.config import TrainConfig
 
@@ -156,10 +156,11 @@ def register(subparsers) -> None:
     )
     p.add_argument(
         "--wire",
-        choices=WIRE_FORMS,
+        type=check_wire_form,
         default=d.wire,
         help="the latents' number format on the way to the receiver while training: exact (as "
-        "encoded), or a wire codec (bf16, int8, int4, int4-hadamard) with a straight-through gradient, so the decoder "
+        "encoded), or a wire codec (bf16, int8, int4, int4-hadamard, or an int4 one with its group size: "
+        "int4-hadamard-g32) with a straight-through gradient, so the decoder "
         "learns to read what the services send (e.g. refine a shipped adapter for --quantize int4)",
     )
     p.set_defaults(func=run)

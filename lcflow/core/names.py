@@ -6,6 +6,8 @@ of a second. The modules that implement these names import the tuples from here,
 list is written once.
 """
 
+import argparse
+
 # Span packets: whole sentences by the question's total attention ("sentences"), or by its mean
 # attention per token ("sentences-mean": long sentences not favoured), or the m best tokens.
 SELECTIONS = ("sentences", "sentences-mean", "tokens")
@@ -69,6 +71,30 @@ CODEC_SETTINGS = ("auto", "zstd", "none")
 
 # `lcflow eval --wire`: the latents' number format on the way to the receiver (lcflow.eval.harness)
 WIRE_FORMS = ("exact", "bf16", *QUANTIZATIONS[1:])
+# An int4 quantization may name its group size after GROUP_SUFFIX ("int4-g32", "int4-hadamard-g32"):
+# rows whose width the default group does not divide (a 224-wide compressed packet) still go int4.
+GROUP_SUFFIX = "-g"
+
+
+def split_group(name: str) -> tuple[str, int | None]:
+    """A quantization name and the group size it names: ("int4-hadamard", 32) for
+    "int4-hadamard-g32", (name, None) where it names none (then the scheme's default holds)."""
+    base, sep, group = name.rpartition(GROUP_SUFFIX)
+    if sep and base.startswith("int4") and group.isdigit() and int(group) > 0:
+        return base, int(group)
+    return name, None
+
+
+def check_wire_form(name: str) -> str:
+    """`name` if it is a wire form (WIRE_FORMS, an int4 one with GROUP_SUFFIX and a group size);
+    otherwise argparse's error naming the choices (this is --wire's `type=`)."""
+    if split_group(name)[0] in WIRE_FORMS:
+        return name
+    raise argparse.ArgumentTypeError(
+        f"unknown wire form {name!r}: use one of {', '.join(WIRE_FORMS)}, or an int4 one with its group "
+        f"size, e.g. int4-hadamard{GROUP_SUFFIX}32"
+    )
+
 
 # Handoff modes that carry a latent payload (C2C: the sharer's own KV) ...
 LATENT_MODES = ("lcf", "lcfx", "c2c")

@@ -49,7 +49,7 @@ from dataclasses import dataclass
 
 import torch
 
-from lcflow.core.names import QUANTIZATIONS
+from lcflow.core.names import GROUP_SUFFIX, QUANTIZATIONS, split_group
 from lcflow.transport.segments import DTYPES, TensorSpec
 
 QMAX = {"int8": 127, "int4": 7}
@@ -89,9 +89,17 @@ class Quantization:
     @classmethod
     def named(cls, name: str, group_size: int | None = None, scale_dtype: str = "float16") -> Quantization:
         """A named quantization (QUANTIZATIONS: "int4-hadamard" is int4 with rotated groups) with
+        the group the name gives ("int4-hadamard-g32": names.split_group), else `group_size`, else
         its measured default group: int8 whole rows, int4 DEFAULT_INT4_GROUP."""
+        name, named_group = split_group(name)
         if name not in QUANTIZATIONS:
             raise ValueError(f"unknown quantization {name!r}: use one of {QUANTIZATIONS}")
+        if named_group is not None:
+            if group_size is not None and group_size != named_group:
+                raise ValueError(
+                    f"{name}{GROUP_SUFFIX}{named_group} names group {named_group}, not {group_size}"
+                )
+            group_size = named_group
         rotated = name.endswith(ROTATED_SUFFIX)
         scheme = name.removesuffix(ROTATED_SUFFIX)
         if group_size is None:

@@ -381,6 +381,21 @@ def test_a_wire_that_cannot_group_the_packets_rows_is_a_usage_error_naming_both(
     from lcflow.eval.harness import through_the_wire
 
     latents = SimpleNamespace(layers={0: torch.randn(1, 4, 96)})
-    with pytest.raises(UsageError, match=r"--wire int4 cannot carry .* rows of 96 numbers.*multiple of 64"):
+    with pytest.raises(
+        UsageError, match=r"--wire int4 cannot carry .* rows of 96 numbers.*int4-g32.*multiple of 64"
+    ):
         through_the_wire(latents, "int4")
     assert through_the_wire(latents, "int8") > 0 and latents.layers[0].shape == (1, 4, 96)
+
+
+def test_an_int4_wire_that_names_its_group_carries_rows_the_default_group_cannot():
+    """ "int4-hadamard-g32": 96-number rows in three rotated groups of 32, each with a float16
+    scale: 48 code bytes and 6 scale bytes a row, and the rows come back near what was sent."""
+    from lcflow.eval.harness import through_the_wire
+
+    sent = torch.randn(1, 4, 96)
+    latents = SimpleNamespace(layers={0: sent.clone()})
+    assert through_the_wire(latents, "int4-hadamard-g32") == 4 * (96 // 2 + 3 * 2)
+    received = latents.layers[0]
+    assert received.shape == sent.shape and not torch.equal(received, sent)
+    assert (received - sent).norm() < 0.2 * sent.norm()

@@ -127,6 +127,29 @@ def test_int4_default_group_is_the_measured_one():
     assert Quantization.named("int8").group_size == 0  # one scale per row
 
 
+def test_an_int4_name_may_carry_its_group_size():
+    assert Quantization.named("int4-hadamard-g32") == Quantization("int4", 32, "float16", "hadamard")
+    assert Quantization.named("int4-g128").group_size == 128
+    assert Quantization.named("int4-g32", group_size=32).group_size == 32
+    with pytest.raises(ValueError, match="names group 32, not 64"):
+        Quantization.named("int4-g32", group_size=64)
+    for bad in ["int8-g32", "int4-g0", "int4-gx", "int5-g32"]:  # int8 keeps one scale a row
+        with pytest.raises(ValueError, match="unknown quantization"):
+            Quantization.named(bad)
+
+
+def test_wire_forms_on_the_command_line_take_a_group_and_refuse_the_rest():
+    import argparse
+
+    from lcflow.core.names import check_wire_form
+
+    assert check_wire_form("int4-hadamard-g32") == "int4-hadamard-g32"
+    assert check_wire_form("bf16") == "bf16"
+    for bad in ["bf16-g32", "int4-g", "none"]:  # "none" is a --quantize setting, not a wire form
+        with pytest.raises(argparse.ArgumentTypeError, match="int4-hadamard-g32"):
+            check_wire_form(bad)
+
+
 @pytest.mark.parametrize("bad", [float("inf"), float("nan"), 1e6])
 def test_values_the_scales_cannot_carry_are_refused_by_the_sender(bad):
     x = torch.ones(1, 4, 16)
