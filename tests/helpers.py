@@ -139,7 +139,7 @@ RECEIVER_CONTEXT = "Ada Brook owns a turtle."
 def make_adapter_dir(tiny_pair, tmp_path_factory, mode, **options):
     (ms, ts), (mr, tr) = tiny_pair
     adapter = LatentAdapter.for_models(
-        mode, model_identity(ms, ts), model_identity(mr, tr), bottleneck=16, slots=4, **options
+        mode, model_identity(ms, ts), model_identity(mr, tr), **{"bottleneck": 16, "slots": 4, **options}
     )
     torch.manual_seed(3)
     for name, p in adapter.named_parameters():  # make the latents matter to the answer

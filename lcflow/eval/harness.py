@@ -96,7 +96,7 @@ def through_the_wire(latents, wire: str) -> int:
         except ValueError as err:
             raise UsageError(
                 f"--wire {wire} cannot carry this adapter's packet rows of {rounded.shape[-1]} numbers ({err}): "
-                f"use --wire {codec.name}-g{largest_power_of_two_dividing(rounded.shape[-1], codec.group_size)} "
+                f"use --wire {codec.fitting_name(rounded.shape[-1])} "
                 f"(smaller groups), int8 or bf16, or an adapter whose bottleneck is a multiple of {codec.group_size}"
             ) from err
         blob = codec.encode({"z": rounded})
@@ -104,15 +104,6 @@ def through_the_wire(latents, wire: str) -> int:
         decoded = codec.decode(blob, {"z": TensorSpec.of(rounded)}, z.device)["z"]
         latents.layers[layer] = decoded.to(z.dtype)
     return sent
-
-
-def largest_power_of_two_dividing(width: int, at_most: int) -> int:
-    """The largest power of two that divides `width` and is at most `at_most` (a group size that
-    int4, rotated or not, can use on rows of `width` numbers)."""
-    group = 1
-    while group * 2 <= at_most and width % (group * 2) == 0:
-        group *= 2
-    return group
 
 
 @dataclass

@@ -12,7 +12,7 @@ import os
 import re
 from dataclasses import dataclass, fields
 
-from lcflow.core.names import CODEC_SETTINGS, QUANTIZE_SETTINGS
+from lcflow.core.names import CODEC_SETTINGS, QUANTIZE_SETTINGS, split_group
 from lcflow.serving.security import ClientSecurity, ServerSecurity
 
 ROLES = ("sharer", "receiver")
@@ -79,9 +79,10 @@ class ServiceConfig:
             raise ValueError(f"--max-concurrent must be at least 1, not {self.max_concurrent}")
         if self.max_queue < 0:
             self.max_queue = 2 * self.max_concurrent
-        if self.quantize not in QUANTIZE_SETTINGS:
+        if split_group(self.quantize)[0] not in QUANTIZE_SETTINGS:
             raise ValueError(
-                f"--quantize must be one of {', '.join(QUANTIZE_SETTINGS)}, not {self.quantize!r}"
+                f"--quantize must be one of {', '.join(QUANTIZE_SETTINGS)} (an int4 one may name its "
+                f"group size: int4-hadamard-g32), not {self.quantize!r}"
             )
         if self.codec not in CODEC_SETTINGS:
             raise ValueError(f"--codec must be one of {', '.join(CODEC_SETTINGS)}, not {self.codec!r}")
@@ -239,7 +240,8 @@ HELP = {
     "the other codecs it measured within the point may go instead where they cost less time), none (bf16), int8 (one "
     "scale per row; an LCF packet ~2x smaller), int4 (one scale per 64 elements; ~4.2x smaller) or "
     "int4-hadamard (int4 with each group rotated first: as small, less error where a few channels are "
-    "large); int8 and int4 need receivers that read latent format version 2, int4-hadamard version 3",
+    "large); an int4 one may name its group size (int4-hadamard-g32: for packet rows 64 does not divide); "
+    "int8 and int4 need receivers that read latent format version 2, int4-hadamard version 3",
     "codec": "sharer only: zstd over each latent segment (zstd), never (none), or auto: zstd, and with "
     "--quantize card the quantization among those the model card allows, only where they save time on "
     "the link: judged from --link-mbit by a rule (the smallest quantization, zstd where it pays), or else "

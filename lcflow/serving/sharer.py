@@ -57,8 +57,9 @@ from lcflow.serving.server import (
     status_on_error,
 )
 from lcflow.serving.servicer import ModelService
-from lcflow.transport import CodecConfig
+from lcflow.transport import CodecConfig, TensorSpec
 from lcflow.transport.link import LinkMeter
+from lcflow.transport.quantize import Quantization
 
 log = logging.getLogger(__name__)
 
@@ -312,7 +313,8 @@ class SharerService(ModelService, pb_grpc.SharerServicer):
         if choice is not None:
             stream.adapter_name, stream.adapter_wire_name = choice.name, choice.wire_name
         if choice is not None and mode in LATENT_MODES:
-            stream.codec, stream.codec_reason = self._codec_for(choice, mode)
+            width = engine.adapter.config.packet_width()
+            stream.codec, stream.codec_reason = self._codec_for(choice, mode, width)
         call = self.receiver_stub().Receive(stream.messages(), timeout=context.time_remaining())
         context.add_callback(call.cancel)  # client gone: cancel downstream too
         first_token_at, summary = None, None
@@ -354,8 +356,9 @@ class SharerService(ModelService, pb_grpc.SharerServicer):
         timings["message_generate"] = (time.perf_counter() - begin) * 1000
         return note
 
-    def _codec_for(self, choice: Choice, mode: str) -> tuple[CodecConfig, str]:
-        """The wire codec for a `mode` handoff with this adapter, and why.
+    def _codec_for(self, choice: Choice, mode: str, width: int) -> tuple[CodecConfig, str]:
+        """The wire codec for a `mode` handoff with this adapter (packet rows of `width` numbers),
+        and why.
 
         Quantization: --quantize, or with "card" (the default) one the adapter's model card
         allows (card_codecs: bf16, and each codec it measured within 1 EM point of bf16 up to
@@ -370,7 +373,26 @@ class SharerService(ModelService, pb_grpc.SharerServicer):
             quantization, name, why = picked.quantization, picked.name, why + picked.reason
         else:
             quantization, name, why = allowed[-1], self.config.codec, why + f"--codec {self.config.codec}"
+        self._check_rows_fit(choice.name, quantization, width)
         return dataclasses.replace(self.codec, name=name, quantization=quantization), why
+
+    @staticmethod
+    def _check_rows_fit(adapter: str, quantization: str, width: int) -> None:
+        """FAILED_PRECONDITION before anything is sent where `quantization` cannot group this
+        adapter's packet rows (int4 in groups of 64, rows of 224 numbers): the operator's
+        --quantize and the adapter disagree, and the message names a group that fits."""
+        if quantization == "none":
+            return
+        quantizer = Quantization.named(quantization)
+        try:
+            quantizer.group_of(TensorSpec("bfloat16", (1, 1, width)))
+        except ValueError as err:
+            raise ServiceError(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"adapter {adapter} sends packet rows of {width} numbers, which --quantize "
+                f"{quantization} cannot carry ({err}): start the sharer with --quantize {quantizer.fitting_name(width)}, int8 or "
+                f"card, or name an adapter whose bottleneck is a multiple of {quantizer.group_size}",
+            ) from err
 
     def _measure_link(self, stream: LatentStream, window_ms: float) -> None:
         """Teach the link meter what this handoff's latents cost beyond encoding (the receiver's

@@ -47,6 +47,8 @@ from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from lcflow.core.names import split_group
+
 SMOOTHING = 0.5  # weight of zstd's newest speed and ratio measurement (record_compression)
 PROBES = 2  # handoffs each codec is measured on before the meter compares them
 WINDOW = 3  # a codec's cost is the least over its last WINDOW handoffs
@@ -162,7 +164,8 @@ class LinkMeter:
             return self._by_measurement(schemes, payload)
 
     def _compression(self, payload: str, scheme: str) -> Compression:
-        return self.compression.get((payload, scheme), PRIORS.get(scheme, PRIORS["none"]))
+        prior = PRIORS.get(split_group(scheme)[0], PRIORS["none"])  # int4-g32: int4's bytes, more scales
+        return self.compression.get((payload, scheme), prior)
 
     def _by_rule(self, scheme: str, payload: str) -> CodecChoice:
         """A configured link is a network between nodes: the fewest bytes, so the smallest

@@ -111,6 +111,15 @@ class Quantization:
         """The name `named` takes: the scheme, with ROTATED_SUFFIX when groups are rotated."""
         return self.scheme + (ROTATED_SUFFIX if self.rotation == "hadamard" else "")
 
+    def fitting_name(self, width: int) -> str:
+        """This quantization's name with the largest power-of-two group, at most its own, that
+        divides rows of `width` numbers ("int4-hadamard-g32" for rows of 224): what to suggest
+        where group_of refuses such rows."""
+        group = 1
+        while group * 2 <= (self.group_size or width) and width % (group * 2) == 0:
+            group *= 2
+        return f"{self.name}{GROUP_SUFFIX}{group}" if self.scheme == "int4" else self.name
+
     @property
     def enabled(self) -> bool:
         return self.scheme != "none"

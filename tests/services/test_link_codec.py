@@ -163,6 +163,16 @@ def test_bad_codec_settings_are_refused():
         ServiceConfig("sharer", codec="gzip")
     with pytest.raises(ValueError, match="--link-mbit"):
         ServiceConfig("sharer", link_mbit=-1)
+    assert ServiceConfig("sharer", quantize="int4-hadamard-g32").quantize == "int4-hadamard-g32"
+    for bad in ("int5", "int8-g32", "card-g32"):  # int8 keeps one scale a row; card names its own
+        with pytest.raises(ValueError, match="--quantize must be one of .*int4-hadamard-g32"):
+            ServiceConfig("sharer", quantize=bad)
+
+
+def test_a_grouped_int4_starts_from_int4s_prior():
+    """int4-g32 sends the nibbles int4 does (and more scales): zstd is judged by int4's prior."""
+    meter = LinkMeter(link_mbit=100)
+    assert "ratio 1.16" in meter.choose("int4-g32").reason and PRIORS["int4"].ratio == 1.16
 
 
 @pytest.mark.parametrize(

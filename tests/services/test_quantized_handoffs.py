@@ -67,6 +67,33 @@ def test_quantized_handoff_through_both_services(tiny_pair, adapter_dirs, spans_
     assert spans[("lcflow-receiver", "receiver.unpack")].attributes["lcflow.quantization"] == scheme
 
 
+def test_rows_the_int4_group_cannot_carry_are_refused_before_sending_and_a_named_group_carries_them(
+    tiny_pair, tmp_path_factory, spans_exporter
+):
+    """A packet of 96-number rows (a narrowed adapter's b): --quantize int4 (groups of 64) is
+    FAILED_PRECONDITION naming the group that fits, not an INTERNAL error mid-stream; with that
+    group (int4-hadamard-g32) the answer is the in-process one through the same codec."""
+    import grpc
+
+    directory = services_adapter_dir(tiny_pair, tmp_path_factory, "lcfx", bottleneck=96)
+    answers = {}
+    for quantize in ("int4", "int4-hadamard-g32"):
+        running = Pair(tiny_pair, directory, "lcfx", spans_exporter, quantize=quantize)
+        try:
+            answers[quantize] = running.client.handoff(
+                PROMPT, mode="lcfx", context=CONTEXT, receiver_context=RECEIVER_CONTEXT, max_new_tokens=6
+            ).answer
+        except grpc.RpcError as err:
+            answers[quantize] = err
+        finally:
+            running.stop()
+    refused = answers["int4"]
+    assert isinstance(refused, grpc.RpcError) and refused.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "rows of 96 numbers" in refused.details() and "--quantize int4-g32" in refused.details()
+    expected = in_process_answer(tiny_pair, directory, "lcfx", 6, through_the_wire("int4-hadamard-g32"))
+    assert answers["int4-hadamard-g32"] == expected
+
+
 @pytest.mark.parametrize("quantize, sent", [("card", "int8"), ("none", "none"), ("int4", "int4")])
 def test_by_default_each_adapter_goes_with_the_codec_its_card_chose(
     tiny_pair, tmp_path, tmp_path_factory, spans_exporter, quantize, sent
