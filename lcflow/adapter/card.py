@@ -20,21 +20,43 @@ import argparse
 import json
 from pathlib import Path
 
+from lcflow.core.names import DEFAULT_INT4_GROUP, split_group
+
 CARD_JSON = "model_card.json"
 CARD_README = "README.md"
 CARD_FILES = (CARD_JSON, CARD_README)  # what a copy of an adapter leaves behind: it describes the source
 READER_CONFIG = "reader_config.json"  # lcflow.adapter.reader (not imported: this module stays light)
 # The wire codecs a card may choose, smallest last; "none" is bf16 (lcflow.transport.quantize).
-# int4-hadamard is as small as int4 and costs a rotation at each end, so int4 wins a tie.
+# int4-hadamard is as small as int4 and costs a rotation at each end, so int4 wins a tie. An int4
+# one may also name its group size (int4-hadamard-g32): smaller groups, more scales (by_size).
 CODECS_BY_SIZE = ("none", "int8", "int4-hadamard", "int4")
 CODEC_TOLERANCE = 0.01  # the issue's rule: the smallest codec within 1 EM point of bf16
+
+
+def is_card_codec(name: str) -> bool:
+    """One of CODECS_BY_SIZE, or an int4 one of them with its group size named."""
+    return split_group(name)[0] in CODECS_BY_SIZE
+
+
+def bytes_per_number(name: str) -> float:
+    """What a card codec costs a latent number on the wire, scales included (float16 scales;
+    int8's one scale a row counted as nothing): bf16 2, int8 1, int4 1/2 + 2/g."""
+    base, group = split_group(name)
+    if base in ("none", "int8"):
+        return 2.0 if base == "none" else 1.0
+    return 0.5 + 2 / (group or DEFAULT_INT4_GROUP)
+
+
+def by_size(names) -> list[str]:
+    """Card codecs largest first; of two the same size, the rotated one first (the other wins a tie)."""
+    return sorted(names, key=lambda name: (-bytes_per_number(name), not name.startswith("int4-hadamard")))
 
 
 def accurate_codecs(em: dict[str, float], tolerance: float = CODEC_TOLERANCE) -> list[str]:
     """The measured codecs whose EM is within `tolerance` of bf16's ("none"), smallest last."""
     if "none" not in em:
         raise ValueError("choosing a codec needs the bf16 eval (--codec-eval bf16=...)")
-    return [c for c in CODECS_BY_SIZE if c in em and em[c] >= em["none"] - tolerance - 1e-9]
+    return [c for c in by_size(em) if is_card_codec(c) and em[c] >= em["none"] - tolerance - 1e-9]
 
 
 def choose_codec(em: dict[str, float], tolerance: float = CODEC_TOLERANCE) -> str:
@@ -51,9 +73,10 @@ def add_codec(adapter_dir: Path, method: str, evals: dict[str, Path]) -> dict:
     em, metas = {}, {}
     for codec, results_path in evals.items():
         name = "none" if codec == "bf16" else codec
-        if name not in CODECS_BY_SIZE:
+        if not is_card_codec(name):
             raise ValueError(
-                f"--codec-eval {codec}=...: the codecs are bf16, {', '.join(CODECS_BY_SIZE[1:])}"
+                f"--codec-eval {codec}=...: the codecs are bf16, {', '.join(CODECS_BY_SIZE[1:])} "
+                "(an int4 one may name its group size: int4-hadamard-g32)"
             )
         results = json.loads(Path(results_path).read_text())
         row = next((r for r in results["summary"] if r["method"] == method), None)

@@ -71,6 +71,8 @@ CODEC_SETTINGS = ("auto", "zstd", "none")
 
 # `lcflow eval --wire`: the latents' number format on the way to the receiver (lcflow.eval.harness)
 WIRE_FORMS = ("exact", "bf16", *QUANTIZATIONS[1:])
+# int4's group size where a name gives none (lcflow.transport.quantize says why 64).
+DEFAULT_INT4_GROUP = 64
 # An int4 quantization may name its group size after GROUP_SUFFIX ("int4-g32", "int4-hadamard-g32"):
 # rows whose width the default group does not divide (a 224-wide compressed packet) still go int4.
 GROUP_SUFFIX = "-g"

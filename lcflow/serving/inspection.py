@@ -12,11 +12,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lcflow.adapter.c2c import stored_sharer_rope
-from lcflow.adapter.card import CODECS_BY_SIZE, accurate_codecs
+from lcflow.adapter.card import accurate_codecs, by_size, bytes_per_number, is_card_codec
 from lcflow.adapter.config import CONFIG_NAME, AdapterConfig, AdapterMismatchError, service_half_file
 from lcflow.adapter.reader import READER_CONFIG
 from lcflow.core.kv import ModelIdentity
-from lcflow.core.names import QUANTIZATIONS
 from lcflow.serving.requests import adapter_id
 
 LOADED_BYTES_PER_PARAMETER = 4  # halves are loaded in float32 (LatentAdapter.from_pretrained)
@@ -82,17 +81,16 @@ def card_codecs(directory: Path) -> tuple[str, ...]:
         chosen = codec["default"]
     except (OSError, ValueError, KeyError, TypeError):
         return ("none",)
-    if chosen not in QUANTIZATIONS or chosen not in CODECS_BY_SIZE:
+    if not isinstance(chosen, str) or not is_card_codec(chosen):
         return ("none",)
     try:
         measured = set(accurate_codecs({name: float(em) for name, em in codec["em"].items()}))
     except (ValueError, KeyError, TypeError, AttributeError):  # no EMs: the choice alone
         return (chosen,)
-    larger = CODECS_BY_SIZE[: CODECS_BY_SIZE.index(chosen)]
-    codecs = [c for c in larger if c == "none" or c in measured] + [chosen]
-    if "int4" in codecs and "int4-hadamard" in codecs:
-        codecs.remove("int4-hadamard")
-    return tuple(codecs)
+    ordered = by_size(measured | {"none", chosen})
+    codecs = ordered[: ordered.index(chosen) + 1]
+    sizes = [bytes_per_number(c) for c in codecs]
+    return tuple(c for i, c in enumerate(codecs) if sizes[i] not in sizes[i + 1 :])  # a tie: the later
 
 
 def c2c_rope_problem(config: AdapterConfig) -> str:

@@ -49,7 +49,7 @@ from dataclasses import dataclass
 
 import torch
 
-from lcflow.core.names import GROUP_SUFFIX, QUANTIZATIONS, split_group
+from lcflow.core.names import DEFAULT_INT4_GROUP, GROUP_SUFFIX, QUANTIZATIONS, split_group
 from lcflow.transport.segments import DTYPES, TensorSpec
 
 QMAX = {"int8": 127, "int4": 7}
@@ -58,7 +58,6 @@ ROTATED_SUFFIX = "-hadamard"  # "int4-hadamard": int4 with each group rotated fi
 FLOAT_DTYPES = ("float16", "bfloat16", "float32")
 SCALE_DTYPES = ("float16", "bfloat16", "float32")
 SCALES_SUFFIX = ".scales"
-DEFAULT_INT4_GROUP = 64  # measured: see the module docstring
 INT4_OFFSET = 8  # int4 codes -7..7 travel as 1..15: an unsigned nibble
 
 

@@ -245,6 +245,17 @@ def card_dir(tmp_path, card: object) -> Path:
             },
             ("none", "int8", "int4"),
         ),
+        # a group named (a narrowed packet's rows of 224): int4-g32 has more scales than int4's 64
+        (
+            {
+                "codec": {
+                    "default": "int4-hadamard-g32",
+                    "em": {"none": 0.80, "int8": 0.80, "int4-hadamard-g32": 0.795, "int4-g32": 0.70},
+                }
+            },
+            ("none", "int8", "int4-hadamard-g32"),
+        ),
+        ({"codec": {"default": "int8-g32"}}, ("none",)),  # int8 has no groups: unknown, bf16
         ({"codec": {"default": "int8"}}, ("int8",)),  # no EMs to judge others by: the choice alone
         ({"codec": {"default": "int2"}}, ("none",)),  # an unknown choice: bf16, never lossy
         ({"results": {}}, ("none",)),

@@ -128,6 +128,11 @@ def test_the_card_chooses_the_smallest_codec_within_one_point():
     # as small as int4: chosen over int8 when within the point, and int4 wins a tie with it
     assert choose_codec({"none": 0.82, "int8": 0.81, "int4-hadamard": 0.815, "int4": 0.62}) == "int4-hadamard"
     assert choose_codec({"none": 0.865, "int4-hadamard": 0.865, "int4": 0.865}) == "int4"
+    # a named group: more scales than the default's, so g64 is the smaller where both are accurate
+    assert choose_codec({"none": 0.82, "int4-g32": 0.82, "int4": 0.82}) == "int4"
+    assert choose_codec({"none": 0.82, "int8": 0.82, "int4-hadamard-g32": 0.815, "int4-g32": 0.7}) == (
+        "int4-hadamard-g32"
+    )
 
 
 @pytest.mark.parametrize("scheme, bound", [("int8", 0.01), ("int4", 0.1)])
