@@ -285,12 +285,14 @@ def make_plan(args) -> EvalPlan:
 
 
 def load_models(sharer: str, receiver: str, device: str) -> tuple[tuple, tuple]:
-    """((sharer model, tokenizer), (receiver model, tokenizer)); the seam tests may replace."""
-    from lcflow.provision import load_model_and_tokenizer  # keeps --help fast
+    """((sharer model, tokenizer), (receiver model, tokenizer)), one model where the names match
+    (nothing in an eval changes a model: a receiver LoRA is merged into a copy); the seam tests
+    may replace."""
+    from lcflow.provision.loading import load_pair  # keeps --help fast
 
     check_model(sharer, "--sharer")  # both names first: a typo is one line, not a hub retried for 20 s
     check_model(receiver, "--receiver")
-    return load_model_and_tokenizer(sharer, device=device), load_model_and_tokenizer(receiver, device=device)
+    return load_pair(sharer, receiver, device)
 
 
 def adapter_dir(method: str, args, pair: str | None) -> tuple[Path | None, str]:
