@@ -177,6 +177,8 @@ def build_card(
         **eval_spec(results, method),
         "machine": meta.get("machine"),
         "latency": meta.get("latency", "in-process"),
+        # the latents' number format on the way (lcflow eval --wire): a replay goes through it too
+        "wire": meta.get("wire", "exact"),
         # replayed in part by tests/real_model/test_shipped_adapters.py
         "answers": card_answers(results, method),
     }

@@ -69,12 +69,12 @@ def card_adapters(card: dict, pair) -> dict:
     return adapters
 
 
-def replay(method: str, adapters: dict, pair, samples, max_new_tokens: int):
-    """The card's method on these samples, greedy, as `lcflow eval` ran it."""
+def replay(method: str, adapters: dict, pair, samples, max_new_tokens: int, wire: str = "exact"):
+    """The card's method on these samples, greedy, as `lcflow eval` ran it (through its --wire)."""
     torch.set_num_threads(2)
     return evaluate(
         [method],
-        EvalModels(pair[0], pair[1], adapters),
+        EvalModels(pair[0], pair[1], adapters, wire=wire),
         samples,
         GenerationSettings(max_new_tokens=max_new_tokens),
     )
@@ -95,7 +95,8 @@ def test_shipped_adapter_reproduces_its_card(card_path, real_models):
     adapters = card_adapters(card, pair)
     samples = get_task(spec["task"]).samples(spec["split"], spec["n"], seed=spec["seed"])
     recorded = spec["answers"][:REPLAY_SAMPLES]
-    outcomes = replay(spec["method"], adapters, pair, samples[: len(recorded)], spec["max_new_tokens"])
+    wire = spec.get("wire", "exact")  # cards before the field: measured as encoded
+    outcomes = replay(spec["method"], adapters, pair, samples[: len(recorded)], spec["max_new_tokens"], wire)
     assert [o.sample_id for o in outcomes] == [r["id"] for r in recorded], "the task's samples changed"
     differ = [
         (r["prediction"], o.prediction)
@@ -113,7 +114,9 @@ def test_shipped_adapter_reproduces_its_card(card_path, real_models):
             f"the card answers only {len(right)} samples right: too few to test the packet"
         )
         adapters["lcfx-wrong"] = adapters[spec["method"]]
-        wrong = replay("lcfx-wrong", adapters, pair, [samples[i] for i in right], spec["max_new_tokens"])
+        wrong = replay(
+            "lcfx-wrong", adapters, pair, [samples[i] for i in right], spec["max_new_tokens"], wire
+        )
         kept = sum(o.em for o in wrong)
         assert kept <= len(right) / 2, f"another sample's packet still answers {kept:.0f} of {len(right)}"
 

@@ -190,6 +190,12 @@ def test_a_card_holds_provenance_and_results_and_reads_the_config_it_shows(lcfx_
     card = write_card(adapter, tmp_path / "results.json", "lcfx", "cmd")
     config = json.loads((adapter / "adapter_config.json").read_text())
     assert set(card) & {"bottleneck", "slots", "retained_layers", "training", "selection"} == set()
+    assert card["eval"]["wire"] == "exact"  # an eval without --wire: replayed as encoded
+    meta["wire"] = "int4-hadamard-g32"
+    (tmp_path / "results.json").write_text(json.dumps({"meta": meta, "summary": [row]}))
+    assert (
+        write_card(adapter, tmp_path / "results.json", "lcfx", "cmd")["eval"]["wire"] == "int4-hadamard-g32"
+    )
     assert f"bottleneck b={config['bottleneck']}" in (adapter / "README.md").read_text()
     config["bottleneck"] = 7
     (adapter / "adapter_config.json").write_text(json.dumps(config))
