@@ -11,6 +11,7 @@
 #   DIRECTIONS=smollm2-pair bash scripts/build_adapters.sh  # SmolLM2 -> SmolLM2 span LCF-X (a reader for Gemma3 -> SmolLM2)
 #   DIRECTIONS=twohop bash scripts/build_adapters.sh    # Gemma3 -> Gemma3 LCF-X refined for two hops (needs spans)
 #   DIRECTIONS=long bash scripts/build_adapters.sh      # Gemma3 -> Gemma3 LCF-X for long documents (needs spans)
+#   DIRECTIONS=compressed bash scripts/build_adapters.sh  # Gemma3 -> Gemma3 LCF-X, its packet 8x smaller (needs spans)
 #   DIRECTIONS=bridge-twohop bash scripts/build_adapters.sh  # the SmolLM2 -> Gemma3 bridge reading with that (needs bridge, twohop)
 #   DIRECTIONS=readers bash scripts/build_adapters.sh   # the text readers LCF-X is compared with (needs spans)
 #   DIRECTIONS=recipe bash scripts/build_adapters.sh    # Gemma3 -> Gemma3 span LCF-X in one command (lcflow train --mode lcfx)
@@ -217,6 +218,29 @@ build_twohop() {
     --adapter-lcfx "$out" --out "$RUNS/$pair-eval-twohop-twohop"
 }
 
+# build_compressed: the Gemma3 -> Gemma3 span adapter with a compressed packet. The shipped
+# gemma3-to-gemma3-lcfx narrowed in closed form to b=224 numbers a row (lcflow compress, the
+# K/V's variance), then distilled from it through the wire its card sends it with
+# (int4-hadamard-g32: 126 bytes a row, 8.1x fewer than the full-width bf16 packet): answer CE +
+# KL 1.0 to the receiver reading the full packet, 90 steps x 16, lr 1e-4 (docs/lcfx.md 13.3).
+build_compressed() {
+  local pair=gemma3-to-gemma3 out="$A/gemma3-to-gemma3-lcfx-compressed" wire=int4-hadamard-g32
+  lcflow compress "$A/gemma3-to-gemma3-lcfx" --bottleneck 224 --out "$RUNS/$pair-narrow-b224"
+  lcflow train --sharer "$GEMMA" --receiver "$GEMMA" --mode lcfx --task facts-cross-words --steps 90 \
+    --batch-size 16 --lr 1e-4 --bottleneck 224 --slots 32 --packet spans --receiver-aware --layer-map monotonic \
+    --init-adapter "$RUNS/$pair-narrow-b224" --teacher-adapter "$A/gemma3-to-gemma3-lcfx" --kl-weight 1.0 \
+    --wire "$wire" --checkpoint-every 10 --seed 0 --out "$RUNS/$pair-compressed"
+  mkdir -p "$out"
+  ship_bf16 "$RUNS/$pair-compressed" "$out"
+  cp "$RUNS/$pair-compressed"/{train_log.json,loss_curve.png} "$out/"
+  local eval=(--pair "$pair" --task facts-cross --split test --n 200 --adapter-lcfx "$out")
+  lcflow eval "${eval[@]}" --methods lcfx,lcfx-wrong --wire "$wire" --out "$RUNS/$pair-eval-compressed"
+  lcflow eval "${eval[@]}" --methods lcfx --wire bf16 --out "$RUNS/$pair-eval-compressed-bf16"
+  card gemma3-to-gemma3-lcfx-compressed "$pair-eval-compressed" lcfx
+  python -m lcflow.adapter.card "$out" --method lcfx --codec-eval "bf16=$RUNS/$pair-eval-compressed-bf16/results.json" \
+    --codec-eval "$wire=$RUNS/$pair-eval-compressed/results.json"
+}
+
 # build_long: the Gemma3 -> Gemma3 span adapter for documents of thousands of tokens. A copy of
 # the shipped gemma3-to-gemma3-lcfx that selects 128 positions with the question's attention
 # normalised chunk by chunk (slots 128, selection_chunk 128: chosen on facts-cross-longer's train
@@ -317,6 +341,7 @@ for direction in $DIRECTIONS; do
     forward) build_direction smollm2-to-gemma3 "$SMOL" "$GEMMA" yes ;;
     twohop) build_twohop ;;
     long) build_long ;;
+    compressed) build_compressed ;;
     bridge-twohop) build_bridge_twohop ;;
     reverse) build_direction gemma3-to-smollm2 "$GEMMA" "$SMOL" no ;;
     spans) build_spans ;;
@@ -327,6 +352,6 @@ for direction in $DIRECTIONS; do
     readers) build_readers ;;
     recipe) build_recipe ;;
     task-file) build_task_file ;;
-    *) echo "unknown direction '$direction' (use forward, reverse, spans, bridge, reverse-bridge, same-model, smollm2-pair, twohop, bridge-twohop, readers, recipe and/or task-file)" >&2; exit 2 ;;
+    *) echo "unknown direction '$direction' (use forward, reverse, spans, bridge, reverse-bridge, same-model, smollm2-pair, twohop, long, compressed, bridge-twohop, readers, recipe and/or task-file)" >&2; exit 2 ;;
   esac
 done

@@ -243,6 +243,20 @@ def _training_lines(training: dict) -> list[str]:
         "development machine (2 cores)",
         f"- loss: {training.get('first_loss_mean_first_10')} (first 10 steps) -> "
         f"{training.get('final_loss_mean_last_10')} (last 10)",
+        *_distillation_lines(training),
+    ]
+
+
+def _distillation_lines(training: dict) -> list[str]:
+    """Where the training started and whom it learned from, where it did (`lcflow train
+    --init-adapter --teacher-adapter`, e.g. a narrowed packet distilled from the full one)."""
+    if not training.get("teacher_adapter"):
+        return []
+    wire = training.get("wire", "exact")
+    return [
+        f"- started from `{training.get('init_adapter')}`, distilled from `{training.get('teacher_adapter')}` "
+        f"(KL weight {training.get('kl_weight')})"
+        + ("" if wire == "exact" else f", through {wire} while training")
     ]
 
 
@@ -276,6 +290,12 @@ def _reader_header(card: dict) -> list[str]:
     ]
 
 
+def _through(spec: dict) -> str:
+    """How the eval's latents travelled, where not as encoded (`lcflow eval --wire`)."""
+    wire = spec.get("wire", "exact")
+    return "" if wire == "exact" else f", the latents through {wire} as a sharer sends them"
+
+
 def _evaluation_lines(card: dict) -> list[str]:
     spec = card["eval"]
     lines = [
@@ -283,7 +303,7 @@ def _evaluation_lines(card: dict) -> list[str]:
         "## Evaluation",
         "",
         f"Task {spec['task']}, split {spec['split']}, seed {spec['seed']}, n={spec['n']}, greedy, "
-        f"{spec['max_new_tokens']} new tokens; EM and token F1 with 95% CIs.",
+        f"{spec['max_new_tokens']} new tokens{_through(spec)}; EM and token F1 with 95% CIs.",
         "",
         "| method | n | EM [95% CI] | F1 [95% CI] |",
         "| --- | --- | --- | --- |",

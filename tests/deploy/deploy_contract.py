@@ -47,7 +47,9 @@ DEVICES = {"auto", "cpu", "cuda"}
 DTYPES = {"float32", "bfloat16", "float16"}
 # Two agents on one base model with the task-trained span-packet LCF-X adapter (the demo default).
 DEMO_MODELS = {"sharer": "gemma3-270m", "receiver": "gemma3-270m"}
-DEMO_ADAPTER = "adapters/gemma3-to-gemma3-lcfx"  # in the repository; the image copies adapters/ here:
+DEMO_ADAPTER = (
+    "adapters/gemma3-to-gemma3-lcfx-compressed"  # in the repository; the image copies adapters/ here:
+)
 DEMO_ADAPTER_IN_IMAGE = "/opt/lcflow/" + DEMO_ADAPTER
 ADAPTERS_IN_IMAGE = "/opt/lcflow/adapters"  # the services serve every adapter there (--adapters)
 # Kubernetes versions whose schemas the manifests must satisfy: the oldest we support and the

@@ -158,3 +158,37 @@ def test_real_pair_through_the_services(real_models, name, mode, task):
                 assert result.summary.timings.time_to_first_token > 0
                 if handoff_mode == mode:
                     assert result.summary.adapter == name and result.summary.bytes_wire > 0
+
+
+def test_the_compressed_packet_goes_through_the_services_as_its_card_measured_it(real_models):
+    """The demo's adapter, gemma3-to-gemma3-lcfx-compressed, with the sharer's default --quantize
+    card on a link between nodes (--link-mbit 100; on loopback --codec auto may find bf16 cheaper):
+    its latents go as the card chose (int4-hadamard-g32), in about an eighth of the bytes of the
+    full-width bf16 packet, and the answers are those its card recorded in-process through the
+    same codec, for its eval's first samples."""
+    from service_helpers import running_services
+
+    from lcflow.client import HandoffClient
+    from lcflow.eval.metrics import extract_answer
+    from lcflow.tasks import question_prompt
+
+    name = "gemma3-to-gemma3-lcfx-compressed"
+    card = json.loads((ADAPTERS / name / "model_card.json").read_text())
+    spec, full_width_bf16 = card["eval"], 32 * 18 * 512 * 2  # rows x layers x numbers x bytes
+    assert card["codec"]["default"] == spec["wire"] == "int4-hadamard-g32"
+    samples = get_task(spec["task"]).samples(spec["split"], 3, seed=spec["seed"])
+    pair = real_models[card["sharer"]], real_models[card["receiver"]]
+    with running_services(pair, str(ADAPTERS / name), sharer={"link_mbit": 100}) as services:
+        with HandoffClient(services.sharer, timeout_s=300) as client:
+            for sample, recorded in zip(samples, spec["answers"], strict=False):
+                result = client.handoff(
+                    question_prompt(sample.question),
+                    mode="lcfx",
+                    context=sample.sharer_context,
+                    receiver_context=sample.receiver_context,
+                    max_new_tokens=spec["max_new_tokens"],
+                )
+                assert result.summary.codec.startswith("int4-hadamard"), result.summary.codec
+                # codes and scales 8.1x fewer than the full-width packet's bytes; frames add ~2.7 kB
+                assert 0 < result.summary.bytes_wire < full_width_bf16 / 7.5, result.summary.bytes_wire
+                assert (sample.id, extract_answer(result.answer)) == (recorded["id"], recorded["prediction"])

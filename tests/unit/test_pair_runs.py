@@ -53,3 +53,15 @@ def test_an_unreadable_file_is_one_line(tmp_path):
     assert (
         out.returncode != 0 and "cannot read a results.json" in out.stderr and "Traceback" not in out.stderr
     )
+
+
+def test_runs_of_other_samples_pool_into_one_difference_and_never_pair_across(tmp_path):
+    """Two sample sets whose ids coincide (s0, s1): pooled, each tested sample pairs with its own
+    set's base only, n is the sum, and --json keeps the inputs beside the rows."""
+    first = results(tmp_path / "a.json", {"lcfx": [1, 1]}), results(tmp_path / "b.json", {"lcfx": [0, 1]})
+    second = results(tmp_path / "c.json", {"lcfx": [0, 0]}), results(tmp_path / "d.json", {"lcfx": [0, 1]})
+    out = pair(*first, "--also", *second, "--json", tmp_path / "pooled.json")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith("lcfx minus lcfx-base (n=4): em +0.000") and "gained 1, lost 1" in out.stdout
+    written = json.loads((tmp_path / "pooled.json").read_text())
+    assert written["pairs"][1] == [str(second[0]), str(second[1])] and written["rows"][0]["n"] == 4
