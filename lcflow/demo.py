@@ -43,8 +43,9 @@ log = logging.getLogger(__name__)
 REPO_ADAPTERS = Path(__file__).resolve().parent.parent / "adapters"
 # Two agents on one base model with different contexts (the paper's cross-context setting):
 # the pair whose LCF-X packet the receiver can read (docs/lcfx.md), with its task-trained span
-# adapter whose packet is compressed (224 numbers a row, sent int4 as its card says: docs/lcfx.md
-# section 13.3; gemma3-to-gemma3-lcfx is the full-width packet it was distilled from). SmolLM2 -> Gemma3 runs with --sharer-model smollm2-135m-instruct
+# adapter whose packet is compressed (224 numbers a row; its card's codec, int4 in groups of 32,
+# where the sharer finds quantizing pays on its link: docs/lcfx.md section 13.3);
+# gemma3-to-gemma3-lcfx is the full-width packet it was distilled from. SmolLM2 -> Gemma3 runs with --sharer-model smollm2-135m-instruct
 # --adapter adapters/smollm2-to-gemma3-lcfx-bridge (across families: soft tokens, docs/lcfx.md).
 DEFAULT_SHARER = "gemma3-270m"
 DEFAULT_RECEIVER = "gemma3-270m"
@@ -85,7 +86,7 @@ def find_adapter(requested: str, out=print) -> Path:
     if not candidates:
         raise SystemExit(
             f"no LCF-X adapter found (looked for {shipped} and adapters/*lcfx*); rebuild the shipped "
-            "one with `DIRECTIONS=spans bash scripts/build_adapters.sh` or pass --adapter DIR"
+            'one with `DIRECTIONS="spans compressed" bash scripts/build_adapters.sh` or pass --adapter DIR'
         )
     out(f"note: the shipped adapter {shipped.name} is not there; using {candidates[0]} instead")
     return candidates[0]

@@ -6,6 +6,7 @@ card's codec, each with and without zstd (the writer the sharer service streams 
 """
 
 import json
+import statistics
 import sys
 
 import torch
@@ -53,8 +54,8 @@ def main(out_path: str) -> None:
                 w.trailer()
                 totals.append((w.stats.bytes_raw, w.stats.bytes_wire))
             out[f"{name} {quant}/{codec}"] = {
-                "raw_median": sorted(r for r, _ in totals)[10],
-                "wire_median": sorted(b for _, b in totals)[10],
+                "raw_median": statistics.median(r for r, _ in totals),
+                "wire_median": statistics.median(b for _, b in totals),
                 "wire_mean": sum(b for _, b in totals) / len(totals),
             }
             print(name, quant, codec, out[f"{name} {quant}/{codec}"], flush=True)

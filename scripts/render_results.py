@@ -28,8 +28,9 @@ README = ROOT / "README.md"
 ADAPTERS = ROOT / "adapters"
 # What each shipped adapter is for, in a few words (its numbers come from its model card).
 PURPOSE = {
-    "gemma3-to-gemma3-lcfx": "the full-width span packet (590 kB in bf16) the compressed one is distilled from",
-    "gemma3-to-gemma3-lcfx-compressed": "the demo's LCF-X adapter: its packet 224 numbers a row, sent int4 (73 kB, 8.1x fewer bytes)",
+    "gemma3-to-gemma3-lcfx": "the full-width span packet the compressed one is distilled from",
+    "gemma3-to-gemma3-lcfx-compressed": "the demo's LCF-X adapter: its packet 224 numbers a row, int4 in groups of 32 "
+    "where quantizing pays on the link (docs/lcfx.md 13.3)",
     "gemma3-to-gemma3-lcfx-twohop": "LCF-X refined for two-hop questions",
     "gemma3-to-gemma3-lcfx-long": "LCF-X for documents of thousands of tokens (128 positions, chunked selection)",
     "gemma3-to-gemma3-lcf": "the demo's same-context part",

@@ -20,7 +20,7 @@ import argparse
 import json
 from pathlib import Path
 
-from lcflow.core.names import DEFAULT_INT4_GROUP, split_group
+from lcflow.core.names import DEFAULT_INT4_GROUP, canonical_wire_name, split_group
 
 CARD_JSON = "model_card.json"
 CARD_README = "README.md"
@@ -49,7 +49,9 @@ def bytes_per_number(name: str) -> float:
 
 def by_size(names) -> list[str]:
     """Card codecs largest first; of two the same size, the rotated one first (the other wins a tie)."""
-    return sorted(names, key=lambda name: (-bytes_per_number(name), not name.startswith("int4-hadamard")))
+    return sorted(
+        names, key=lambda name: (-bytes_per_number(name), not name.startswith("int4-hadamard"), name)
+    )
 
 
 def accurate_codecs(em: dict[str, float], tolerance: float = CODEC_TOLERANCE) -> list[str]:
@@ -72,7 +74,7 @@ def add_codec(adapter_dir: Path, method: str, evals: dict[str, Path]) -> dict:
     card = json.loads(path.read_text())
     em, metas = {}, {}
     for codec, results_path in evals.items():
-        name = "none" if codec == "bf16" else codec
+        name = "none" if codec == "bf16" else canonical_wire_name(codec)
         if not is_card_codec(name):
             raise ValueError(
                 f"--codec-eval {codec}=...: the codecs are bf16, {', '.join(CODECS_BY_SIZE[1:])} "
@@ -82,6 +84,9 @@ def add_codec(adapter_dir: Path, method: str, evals: dict[str, Path]) -> dict:
         row = next((r for r in results["summary"] if r["method"] == method), None)
         if row is None:
             raise ValueError(f"{results_path} has no {method!r} row")
+        wire = results["meta"].get("wire")  # runs before the field: trusted as labelled
+        if wire is not None and canonical_wire_name(wire) != ("bf16" if name == "none" else name):
+            raise ValueError(f"--codec-eval {codec}=...: {results_path} ran with --wire {wire}, not {codec}")
         em[name] = row["em"]
         metas[codec] = eval_spec(results, method)
     if len({json.dumps(m, sort_keys=True) for m in metas.values()}) > 1:  # the rule compares like with like

@@ -134,8 +134,9 @@ def machine_info(device: str = "cpu") -> dict:
 
 # The quantizations the shipped adapters' model cards allow a sharer's `--codec auto` to send,
 # largest first, their choice last (lcflow.serving.registry.card_codecs of the LCF card
-# smollm2-to-gemma3-lcf and the LCF-X card gemma3-to-gemma3-lcfx): what the services' default
-# path (--quantize card, --codec auto) is offered. The bench's auto runs are offered these.
+# smollm2-to-gemma3-lcf and the full-width LCF-X card gemma3-to-gemma3-lcfx, whose packet shapes
+# the bench sends): what the services' default path (--quantize card, --codec auto) is offered
+# for those adapters. The bench's auto runs are offered these.
 CARD_CODECS = {"lcf": ("none", "int8", "int4"), "lcfx": ("none", "int8")}
 DEFAULT_CODEC_SETTING = ServiceConfig.codec  # the sharer's --codec default ("auto")
 

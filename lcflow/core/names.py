@@ -7,6 +7,7 @@ list is written once.
 """
 
 import argparse
+import re
 
 # Span packets: whole sentences by the question's total attention ("sentences"), or by its mean
 # attention per token ("sentences-mean": long sentences not favoured), or the m best tokens.
@@ -75,26 +76,41 @@ WIRE_FORMS = ("exact", "bf16", *QUANTIZATIONS[1:])
 DEFAULT_INT4_GROUP = 64
 # An int4 quantization may name its group size after GROUP_SUFFIX ("int4-g32", "int4-hadamard-g32"):
 # rows whose width the default group does not divide (a 224-wide compressed packet) still go int4.
+# Groups below 8 cost more in scales than int8 (a float16 scale a group); above 4096 is no group.
 GROUP_SUFFIX = "-g"
+GROUP_SIZES = range(8, 4097)
 
 
 def split_group(name: str) -> tuple[str, int | None]:
     """A quantization name and the group size it names: ("int4-hadamard", 32) for
-    "int4-hadamard-g32", (name, None) where it names none (then the scheme's default holds)."""
+    "int4-hadamard-g32", (name, None) where it names none (then the scheme's default holds) or
+    names one outside GROUP_SIZES or not written in plain decimal digits."""
     base, sep, group = name.rpartition(GROUP_SUFFIX)
-    if sep and base.startswith("int4") and group.isdigit() and int(group) > 0:
+    if (
+        sep
+        and base.startswith("int4")
+        and re.fullmatch(r"[1-9][0-9]{0,3}", group)
+        and int(group) in GROUP_SIZES
+    ):
         return base, int(group)
     return name, None
+
+
+def canonical_wire_name(name: str) -> str:
+    """One name for one quantization: "int4" for "int4-g64" (the default group named), so cards,
+    link-meter arms and results never hold the same codec under two names."""
+    base, group = split_group(name)
+    return base if group == DEFAULT_INT4_GROUP else name
 
 
 def check_wire_form(name: str) -> str:
     """`name` if it is a wire form (WIRE_FORMS, an int4 one with GROUP_SUFFIX and a group size);
     otherwise argparse's error naming the choices (this is --wire's `type=`)."""
     if split_group(name)[0] in WIRE_FORMS:
-        return name
+        return canonical_wire_name(name)
     raise argparse.ArgumentTypeError(
         f"unknown wire form {name!r}: use one of {', '.join(WIRE_FORMS)}, or an int4 one with its group "
-        f"size, e.g. int4-hadamard{GROUP_SUFFIX}32"
+        f"size ({GROUP_SIZES.start} to {GROUP_SIZES.stop - 1}), e.g. int4-hadamard{GROUP_SUFFIX}32"
     )
 
 

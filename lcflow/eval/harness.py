@@ -96,8 +96,7 @@ def through_the_wire(latents, wire: str) -> int:
         except ValueError as err:
             raise UsageError(
                 f"--wire {wire} cannot carry this adapter's packet rows of {rounded.shape[-1]} numbers ({err}): "
-                f"use --wire {codec.fitting_name(rounded.shape[-1])} "
-                f"(smaller groups), int8 or bf16, or an adapter whose bottleneck is a multiple of {codec.group_size}"
+                f"use --wire {codec.fitting_name(rounded.shape[-1])} or bf16"
             ) from err
         blob = codec.encode({"z": rounded})
         sent += sum(t.numel() * t.element_size() for t in blob.values())

@@ -12,7 +12,7 @@ import os
 import re
 from dataclasses import dataclass, fields
 
-from lcflow.core.names import CODEC_SETTINGS, QUANTIZE_SETTINGS, split_group
+from lcflow.core.names import CODEC_SETTINGS, QUANTIZE_SETTINGS, canonical_wire_name, split_group
 from lcflow.serving.security import ClientSecurity, ServerSecurity
 
 ROLES = ("sharer", "receiver")
@@ -82,8 +82,9 @@ class ServiceConfig:
         if split_group(self.quantize)[0] not in QUANTIZE_SETTINGS:
             raise ValueError(
                 f"--quantize must be one of {', '.join(QUANTIZE_SETTINGS)} (an int4 one may name its "
-                f"group size: int4-hadamard-g32), not {self.quantize!r}"
+                f"group size from 8 to 4096: int4-hadamard-g32), not {self.quantize!r}"
             )
+        self.quantize = canonical_wire_name(self.quantize)  # "int4-g64" is "int4"
         if self.codec not in CODEC_SETTINGS:
             raise ValueError(f"--codec must be one of {', '.join(CODEC_SETTINGS)}, not {self.codec!r}")
         if self.link_mbit < 0:

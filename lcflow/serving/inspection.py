@@ -16,7 +16,10 @@ from lcflow.adapter.card import accurate_codecs, by_size, bytes_per_number, is_c
 from lcflow.adapter.config import CONFIG_NAME, AdapterConfig, AdapterMismatchError, service_half_file
 from lcflow.adapter.reader import READER_CONFIG
 from lcflow.core.kv import ModelIdentity
+from lcflow.core.names import canonical_wire_name
 from lcflow.serving.requests import adapter_id
+from lcflow.transport.quantize import Quantization
+from lcflow.transport.segments import TensorSpec
 
 LOADED_BYTES_PER_PARAMETER = 4  # halves are loaded in float32 (LatentAdapter.from_pretrained)
 MAX_SAFETENSORS_HEADER = 100 << 20
@@ -67,7 +70,7 @@ def card_em(directory: Path, mode: str) -> float | None:
         return None
 
 
-def card_codecs(directory: Path) -> tuple[str, ...]:
+def card_codecs(directory: Path, width: int | None = None) -> tuple[str, ...]:
     """The quantizations a sharer's `--codec auto` may send this adapter's latents with, largest
     first: bf16 ("none"), then each codec up to the card's choice that the card measured within
     1 EM point of bf16, ending with that choice. A codec with a smaller one of the same bytes also
@@ -75,7 +78,8 @@ def card_codecs(directory: Path) -> tuple[str, ...]:
     so it can never cost less). The last is the card's choice (card "codec": {"default": ...}, the
     smallest codec measured within 1 EM point of bf16). ("none",) without a readable card or a
     known choice, so that an unreadable card can only make the packet larger, never lossy; the
-    choice alone where the card has no EMs to judge the others by."""
+    choice alone where the card has no EMs to judge the others by. With the adapter's packet
+    `width`, a codec that cannot group rows of that many numbers is left out (bf16 stays)."""
     try:
         codec = json.loads((directory / CARD_NAME).read_text())["codec"]
         chosen = codec["default"]
@@ -83,14 +87,33 @@ def card_codecs(directory: Path) -> tuple[str, ...]:
         return ("none",)
     if not isinstance(chosen, str) or not is_card_codec(chosen):
         return ("none",)
+    chosen = canonical_wire_name(chosen)
     try:
-        measured = set(accurate_codecs({name: float(em) for name, em in codec["em"].items()}))
+        em = {canonical_wire_name(name): float(value) for name, value in codec["em"].items()}
+        measured = set(accurate_codecs(em))
     except (ValueError, KeyError, TypeError, AttributeError):  # no EMs: the choice alone
-        return (chosen,)
-    ordered = by_size(measured | {"none", chosen})
-    codecs = ordered[: ordered.index(chosen) + 1]
-    sizes = [bytes_per_number(c) for c in codecs]
-    return tuple(c for i, c in enumerate(codecs) if sizes[i] not in sizes[i + 1 :])  # a tie: the later
+        measured = None
+    if measured is None:
+        codecs = [chosen]
+    else:
+        ordered = by_size(measured | {"none", chosen})
+        codecs = ordered[: ordered.index(chosen) + 1]
+        sizes = [bytes_per_number(c) for c in codecs]
+        codecs = [c for i, c in enumerate(codecs) if sizes[i] not in sizes[i + 1 :]]  # a tie: the later
+    if width is not None:
+        codecs = [c for c in codecs if carries(c, width)] or ["none"]
+    return tuple(codecs)
+
+
+def carries(quantization: str, width: int) -> bool:
+    """Whether `quantization` can send packet rows of `width` numbers (its groups divide them)."""
+    if quantization == "none":
+        return True
+    try:
+        Quantization.named(quantization).group_of(TensorSpec("bfloat16", (1, 1, width)))
+    except ValueError:
+        return False
+    return True
 
 
 def c2c_rope_problem(config: AdapterConfig) -> str:
@@ -121,7 +144,7 @@ def inspect_adapter(directory: Path, name: str, role: str, identity: ModelIdenti
     info.mode, info.sharer, info.receiver = config.mode, config.sharer, config.receiver
     info.adapter_id = adapter_id(config.to_dict())
     info.card_em = card_em(directory, config.mode)
-    info.card_codecs = card_codecs(directory)
+    info.card_codecs = card_codecs(directory, config.packet_width())
     try:
         weights = sorted(directory.glob("*.safetensors"))
         counts = {path.name: safetensors_parameters(path) for path in weights}

@@ -390,8 +390,8 @@ class SharerService(ModelService, pb_grpc.SharerServicer):
             raise ServiceError(
                 grpc.StatusCode.FAILED_PRECONDITION,
                 f"adapter {adapter} sends packet rows of {width} numbers, which --quantize "
-                f"{quantization} cannot carry ({err}): start the sharer with --quantize {quantizer.fitting_name(width)}, int8 or "
-                f"card, or name an adapter whose bottleneck is a multiple of {quantizer.group_size}",
+                f"{quantization} cannot carry ({err}): start the sharer with --quantize "
+                f"{quantizer.fitting_name(width)} or card (the codecs the adapter's model card measured)",
             ) from err
 
     def _measure_link(self, stream: LatentStream, window_ms: float) -> None:

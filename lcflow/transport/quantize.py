@@ -49,7 +49,7 @@ from dataclasses import dataclass
 
 import torch
 
-from lcflow.core.names import DEFAULT_INT4_GROUP, GROUP_SUFFIX, QUANTIZATIONS, split_group
+from lcflow.core.names import DEFAULT_INT4_GROUP, GROUP_SIZES, GROUP_SUFFIX, QUANTIZATIONS, split_group
 from lcflow.transport.segments import DTYPES, TensorSpec
 
 QMAX = {"int8": 127, "int4": 7}
@@ -106,18 +106,27 @@ class Quantization:
         return cls(scheme, group_size, scale_dtype, "hadamard" if rotated else "none")
 
     @property
-    def name(self) -> str:
-        """The name `named` takes: the scheme, with ROTATED_SUFFIX when groups are rotated."""
+    def base_name(self) -> str:
+        """The scheme, with ROTATED_SUFFIX when groups are rotated (a QUANTIZATIONS name)."""
         return self.scheme + (ROTATED_SUFFIX if self.rotation == "hadamard" else "")
 
+    @property
+    def name(self) -> str:
+        """The name `named` takes: base_name, with the group size where int4's is not the default."""
+        if self.scheme == "int4" and self.group_size != DEFAULT_INT4_GROUP:
+            return f"{self.base_name}{GROUP_SUFFIX}{self.group_size}"
+        return self.base_name
+
     def fitting_name(self, width: int) -> str:
-        """This quantization's name with the largest power-of-two group, at most its own, that
-        divides rows of `width` numbers ("int4-hadamard-g32" for rows of 224): what to suggest
-        where group_of refuses such rows."""
+        """A quantization that can carry rows of `width` numbers, to suggest where group_of refuses
+        them: for int4 the largest power-of-two group, at most this one's and at least 8, that
+        divides `width` ("int4-hadamard-g32" for rows of 224); else int8 (one scale a row)."""
         group = 1
         while group * 2 <= (self.group_size or width) and width % (group * 2) == 0:
             group *= 2
-        return f"{self.name}{GROUP_SUFFIX}{group}" if self.scheme == "int4" else self.name
+        if self.scheme != "int4" or group < min(GROUP_SIZES):
+            return "int8"
+        return self.base_name if group == DEFAULT_INT4_GROUP else f"{self.base_name}{GROUP_SUFFIX}{group}"
 
     @property
     def enabled(self) -> bool:

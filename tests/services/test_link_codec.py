@@ -268,6 +268,26 @@ def test_a_card_offers_bf16_and_the_codecs_it_measured_within_one_point(tmp_path
     assert card_codecs(card_dir(tmp_path, card)) == allowed
 
 
+def test_a_card_offers_only_codecs_that_can_carry_the_adapters_rows_and_one_name_for_each(tmp_path):
+    """Rows of 224 numbers: int4 in groups of 64 cannot carry them, so a card that measured it does
+    not offer it (bf16 stays); "int4-g64" is "int4", so the two never stand as two codecs."""
+    from lcflow.serving.inspection import card_codecs
+
+    card = {
+        "codec": {"default": "int4", "em": {"none": 0.8, "int8": 0.8, "int4-hadamard-g32": 0.8, "int4": 0.8}}
+    }
+    assert card_codecs(card_dir(tmp_path, card)) == ("none", "int8", "int4-hadamard-g32", "int4")
+    assert card_codecs(tmp_path, width=224) == ("none", "int8", "int4-hadamard-g32")
+    card = {"codec": {"default": "int4-g64", "em": {"none": 0.8, "int4-g64": 0.8, "int4": 0.8}}}
+    assert card_codecs(card_dir(tmp_path, card)) == ("none", "int4")
+
+
+def test_quantize_names_one_codec_one_way():
+    assert ServiceConfig("sharer", quantize="int4-g64").quantize == "int4"
+    with pytest.raises(ValueError, match="--quantize must be one of"):
+        ServiceConfig("sharer", quantize="int4-g4294967296")  # no group a header field can hold
+
+
 def test_a_missing_card_offers_bf16_alone(tmp_path):
     from lcflow.serving.inspection import card_codecs
 

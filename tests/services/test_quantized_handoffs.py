@@ -92,6 +92,8 @@ def test_rows_the_int4_group_cannot_carry_are_refused_before_sending_and_a_named
     assert "rows of 96 numbers" in refused.details() and "--quantize int4-g32" in refused.details()
     expected = in_process_answer(tiny_pair, directory, "lcfx", 6, through_the_wire("int4-hadamard-g32"))
     assert answers["int4-hadamard-g32"] == expected
+    sent = [span for span in spans_exporter.get_finished_spans() if span.name == "receiver.unpack"]
+    assert sent[-1].attributes["lcflow.quantization"] == "int4-hadamard-g32"  # the trace names the group
 
 
 @pytest.mark.parametrize("quantize, sent", [("card", "int8"), ("none", "none"), ("int4", "int4")])
@@ -186,6 +188,24 @@ def test_eval_wire_forms_round_the_latents_as_the_services_would():
     numel = sum(z.numel() for z in original.values())
     assert sent["exact"] == sent["bf16"] == 2 * numel
     assert numel < sent["int8"] < 1.1 * numel and numel / 2 < sent["int4"] < sent["int8"]
+
+
+def test_a_card_refuses_an_eval_that_ran_through_another_wire(tmp_path):
+    """--codec-eval int4-hadamard-g32=X: X must have run with --wire int4-hadamard-g32 (results
+    record it), not the default group's int4-hadamard; bf16 pairs with a --wire bf16 run."""
+    import json
+
+    from lcflow.adapter.card import add_codec
+
+    row = {"method": "lcfx", "n": 2, "em": 0.5}
+    meta = {"task": "facts-cross", "split": "test", "seed": 0, "max_new_tokens": 8}
+    runs = {}
+    for wire in ("bf16", "int4-hadamard"):
+        runs[wire] = tmp_path / f"{wire}.json"
+        runs[wire].write_text(json.dumps({"meta": {**meta, "wire": wire}, "summary": [row]}))
+    (tmp_path / "model_card.json").write_text(json.dumps({"adapter": "x"}))
+    with pytest.raises(ValueError, match="ran with --wire int4-hadamard, not int4-hadamard-g32"):
+        add_codec(tmp_path, "lcfx", {"bf16": runs["bf16"], "int4-hadamard-g32": runs["int4-hadamard"]})
 
 
 def test_a_card_chooses_its_codec_only_from_evals_of_the_same_samples(tmp_path):

@@ -77,7 +77,8 @@ def test_rotated_round_trip_is_within_half_a_step_per_group_in_norm(group, dtype
     """With rotated groups the half-step bound holds for y = H x, coordinate by coordinate, so it
     holds in norm for x: ||x - x^|| = ||y - y^|| <= s / 2 sqrt(g) per group (H is orthonormal)."""
     q = Quantization.named("int4-hadamard", group)
-    assert (q.scheme, q.rotation, q.name) == ("int4", "hadamard", "int4-hadamard")
+    assert (q.scheme, q.rotation, q.base_name) == ("int4", "hadamard", "int4-hadamard")
+    assert q.name == ("int4-hadamard" if group is None else "int4-hadamard-g16")  # the name says its group
     x = hard_latents(dtype)
     spec = TensorSpec.of(x)
     codes, scales = q.quantize(x)
@@ -133,7 +134,19 @@ def test_an_int4_name_may_carry_its_group_size():
     assert Quantization.named("int4-g32", group_size=32).group_size == 32
     with pytest.raises(ValueError, match="names group 32, not 64"):
         Quantization.named("int4-g32", group_size=64)
-    for bad in ["int8-g32", "int4-g0", "int4-gx", "int5-g32"]:  # int8 keeps one scale a row
+    assert Quantization.named("int4-hadamard-g32").name == "int4-hadamard-g32"  # named and name agree
+    assert Quantization.named("int4", 64).name == "int4"  # the default group is not named
+    # int8 keeps one scale a row; groups below 8 or above 4096, or not in plain digits, are no group
+    for bad in [
+        "int8-g32",
+        "int4-g0",
+        "int4-gx",
+        "int5-g32",
+        "int4-g4",
+        "int4-g8192",
+        "int4-g²",
+        "int4-g032",
+    ]:
         with pytest.raises(ValueError, match="unknown quantization"):
             Quantization.named(bad)
 
@@ -145,7 +158,8 @@ def test_wire_forms_on_the_command_line_take_a_group_and_refuse_the_rest():
 
     assert check_wire_form("int4-hadamard-g32") == "int4-hadamard-g32"
     assert check_wire_form("bf16") == "bf16"
-    for bad in ["bf16-g32", "int4-g", "none"]:  # "none" is a --quantize setting, not a wire form
+    assert check_wire_form("int4-g64") == "int4"  # one name for one codec
+    for bad in ["bf16-g32", "int4-g", "none", "int4-g4294967296"]:  # "none" is a --quantize setting
         with pytest.raises(argparse.ArgumentTypeError, match="int4-hadamard-g32"):
             check_wire_form(bad)
 
