@@ -45,8 +45,9 @@ REPO_ADAPTERS = Path(__file__).resolve().parent.parent / "adapters"
 # the pair whose LCF-X packet the receiver can read (docs/lcfx.md), with its task-trained span
 # adapter whose packet is compressed (224 numbers a row; its card's codec, int4 in groups of 32,
 # where the sharer finds quantizing pays on its link: docs/lcfx.md section 13.3);
-# gemma3-to-gemma3-lcfx is the full-width packet it was distilled from. SmolLM2 -> Gemma3 runs with --sharer-model smollm2-135m-instruct
-# --adapter adapters/smollm2-to-gemma3-lcfx-bridge (across families: soft tokens, docs/lcfx.md).
+# gemma3-to-gemma3-lcfx is the full-width packet it was distilled from. SmolLM2 -> Gemma3 runs
+# with --sharer-model smollm2-135m-instruct --adapter adapters/smollm2-to-gemma3-lcfx-bridge
+# (across families: soft tokens, docs/lcfx.md).
 DEFAULT_SHARER = "gemma3-270m"
 DEFAULT_RECEIVER = "gemma3-270m"
 DEFAULT_ADAPTER = "gemma3-to-gemma3-lcfx-compressed"

@@ -15,7 +15,7 @@ from lcflow.adapter import LatentAdapter
 from lcflow.handoff.pair import Sharer, receiver_view
 from lcflow.provision.loading import load_pair
 from lcflow.tasks import get_task, question_prompt
-from lcflow.transport import CodecConfig, PacketWriter, TensorSpec
+from lcflow.transport import CodecConfig, LatentPacket, PacketWriter, packet_messages
 
 
 def main(out_path: str) -> None:
@@ -39,20 +39,12 @@ def main(out_path: str) -> None:
                         receiver_view(s.receiver_context, prompt),
                         question=prompt,
                     )
-                specs = {t: {"latent": TensorSpec("bfloat16", tuple(z.shape))} for t, z in lat.layers.items()}
-                w = PacketWriter(
-                    mode="lcfx",
-                    adapter_id="a",
-                    sharer_id="s",
-                    receiver_id="r",
-                    layer_specs=specs,
-                    codec=CodecConfig(name=codec, quantization=quant),
-                )
-                w.header()
-                for t, z in lat.layers.items():
-                    list(w.layer(t, {"latent": z.to(torch.bfloat16).contiguous()}))
-                w.trailer()
-                totals.append((w.stats.bytes_raw, w.stats.bytes_wire))
+                tensors = {t: {"latent": z.to(torch.bfloat16).contiguous()} for t, z in lat.layers.items()}
+                packet = LatentPacket("lcfx", "a", "s", "r", list(tensors), tensors)
+                writer = PacketWriter.for_packet(packet, CodecConfig(name=codec, quantization=quant))
+                for _ in packet_messages(packet, writer=writer):
+                    pass
+                totals.append((writer.stats.bytes_raw, writer.stats.bytes_wire))
             out[f"{name} {quant}/{codec}"] = {
                 "raw_median": statistics.median(r for r, _ in totals),
                 "wire_median": statistics.median(b for _, b in totals),

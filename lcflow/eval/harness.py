@@ -91,13 +91,12 @@ def through_the_wire(latents, wire: str) -> int:
             latents.layers[layer], sent = rounded.to(z.dtype), sent + rounded.numel() * 2
             continue
         codec = Quantization.named(wire)
-        try:
-            codec.group_of(TensorSpec.of(rounded))
-        except ValueError as err:
+        problem = codec.row_problem(rounded.shape[-1])
+        if problem:
             raise UsageError(
-                f"--wire {wire} cannot carry this adapter's packet rows of {rounded.shape[-1]} numbers ({err}): "
+                f"--wire {wire} cannot carry this adapter's packet rows of {rounded.shape[-1]} numbers ({problem}): "
                 f"use --wire {codec.fitting_name(rounded.shape[-1])} or bf16"
-            ) from err
+            )
         blob = codec.encode({"z": rounded})
         sent += sum(t.numel() * t.element_size() for t in blob.values())
         decoded = codec.decode(blob, {"z": TensorSpec.of(rounded)}, z.device)["z"]

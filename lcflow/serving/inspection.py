@@ -19,7 +19,6 @@ from lcflow.core.kv import ModelIdentity
 from lcflow.core.names import canonical_wire_name
 from lcflow.serving.requests import adapter_id
 from lcflow.transport.quantize import Quantization
-from lcflow.transport.segments import TensorSpec
 
 LOADED_BYTES_PER_PARAMETER = 4  # halves are loaded in float32 (LatentAdapter.from_pretrained)
 MAX_SAFETENSORS_HEADER = 100 << 20
@@ -92,8 +91,6 @@ def card_codecs(directory: Path, width: int | None = None) -> tuple[str, ...]:
         em = {canonical_wire_name(name): float(value) for name, value in codec["em"].items()}
         measured = set(accurate_codecs(em))
     except (ValueError, KeyError, TypeError, AttributeError):  # no EMs: the choice alone
-        measured = None
-    if measured is None:
         codecs = [chosen]
     else:
         ordered = by_size(measured | {"none", chosen})
@@ -107,13 +104,7 @@ def card_codecs(directory: Path, width: int | None = None) -> tuple[str, ...]:
 
 def carries(quantization: str, width: int) -> bool:
     """Whether `quantization` can send packet rows of `width` numbers (its groups divide them)."""
-    if quantization == "none":
-        return True
-    try:
-        Quantization.named(quantization).group_of(TensorSpec("bfloat16", (1, 1, width)))
-    except ValueError:
-        return False
-    return True
+    return quantization == "none" or not Quantization.named(quantization).row_problem(width)
 
 
 def c2c_rope_problem(config: AdapterConfig) -> str:

@@ -57,7 +57,7 @@ from lcflow.serving.server import (
     status_on_error,
 )
 from lcflow.serving.servicer import ModelService
-from lcflow.transport import CodecConfig, TensorSpec
+from lcflow.transport import CodecConfig
 from lcflow.transport.link import LinkMeter
 from lcflow.transport.quantize import Quantization
 
@@ -384,15 +384,14 @@ class SharerService(ModelService, pb_grpc.SharerServicer):
         if quantization == "none":
             return
         quantizer = Quantization.named(quantization)
-        try:
-            quantizer.group_of(TensorSpec("bfloat16", (1, 1, width)))
-        except ValueError as err:
+        problem = quantizer.row_problem(width)
+        if problem:
             raise ServiceError(
                 grpc.StatusCode.FAILED_PRECONDITION,
                 f"adapter {adapter} sends packet rows of {width} numbers, which --quantize "
-                f"{quantization} cannot carry ({err}): start the sharer with --quantize "
+                f"{quantization} cannot carry ({problem}): start the sharer with --quantize "
                 f"{quantizer.fitting_name(width)} or card (the codecs the adapter's model card measured)",
-            ) from err
+            )
 
     def _measure_link(self, stream: LatentStream, window_ms: float) -> None:
         """Teach the link meter what this handoff's latents cost beyond encoding (the receiver's

@@ -117,6 +117,15 @@ class Quantization:
             return f"{self.base_name}{GROUP_SUFFIX}{self.group_size}"
         return self.base_name
 
+    def row_problem(self, width: int) -> str:
+        """Why rows of `width` numbers cannot go through this quantization (group_of's reason), or
+        "" where they can: one check for the eval's --wire, the sharer's --quantize and a card's codecs."""
+        try:
+            self.group_of(TensorSpec("bfloat16", (1, 1, width)))
+        except ValueError as err:
+            return str(err)
+        return ""
+
     def fitting_name(self, width: int) -> str:
         """A quantization that can carry rows of `width` numbers, to suggest where group_of refuses
         them: for int4 the largest power-of-two group, at most this one's and at least 8, that
