@@ -12,6 +12,7 @@
 #   DIRECTIONS=twohop bash scripts/build_adapters.sh    # Gemma3 -> Gemma3 LCF-X refined for two hops (needs spans)
 #   DIRECTIONS=long bash scripts/build_adapters.sh      # Gemma3 -> Gemma3 LCF-X for long documents (needs spans)
 #   DIRECTIONS=compressed bash scripts/build_adapters.sh  # Gemma3 -> Gemma3 LCF-X, its packet 8x smaller (needs spans)
+#   DIRECTIONS=general bash scripts/build_adapters.sh   # Gemma3 -> Gemma3 LCF-X for open prompts too, and its text-reader control (needs spans, readers)
 #   DIRECTIONS=bridge-twohop bash scripts/build_adapters.sh  # the SmolLM2 -> Gemma3 bridge reading with that (needs bridge, twohop)
 #   DIRECTIONS=readers bash scripts/build_adapters.sh   # the text readers LCF-X is compared with (needs spans)
 #   DIRECTIONS=recipe bash scripts/build_adapters.sh    # Gemma3 -> Gemma3 span LCF-X in one command (lcflow train --mode lcfx)
@@ -267,6 +268,34 @@ build_long() {
     --adapter-reader-forward "$RUNS/$pair-long-reader-forward-bf16" --out "$RUNS/$pair-eval-longer-long-reader"
 }
 
+# build_general: one Gemma3 -> Gemma3 LCF-X adapter for closed and open prompts. The shipped
+# gemma3-to-gemma3-lcfx refined on the mix facts-general-words (one-word questions, referents,
+# open prompts whose answer is the receiver's own answer reading the document:
+# lcflow/training/own_answers.py) at its own budget, 120 steps x 16, answer CE + 0.25 KL. Its fair
+# control, the shipped selected-text reader refined with the same samples, own answers, steps,
+# batch, lr and loss, is trained beside it into $RUNS (not shipped; docs/measurements.md).
+build_general() {
+  local pair=gemma3-to-gemma3 out="$A/gemma3-to-gemma3-lcfx-general"
+  local common=(--sharer "$GEMMA" --receiver "$GEMMA" --task facts-general-words --steps 120 --batch-size 16
+    --lr 2e-4 --kl-weight 0.25 --checkpoint-every 5 --seed 0)
+  lcflow train "${common[@]}" --mode lcfx --init-adapter "$A/$pair-lcfx" --out "$RUNS/$pair-general"
+  mkdir -p "$out"
+  ship_bf16 "$RUNS/$pair-general" "$out"
+  cp "$RUNS/$pair-general"/{train_log.json,loss_curve.png} "$out/"
+  local eval=(--pair "$pair" --task facts-cross --split test --n 200 --adapter-lcfx "$out")
+  lcflow eval "${eval[@]}" --methods lcfx,lcfx-wrong --wire bf16 --out "$RUNS/$pair-eval-general"
+  lcflow eval "${eval[@]}" --methods lcfx --wire int8 --out "$RUNS/$pair-eval-general-int8"
+  card gemma3-to-gemma3-lcfx-general "$pair-eval-general" lcfx
+  python -m lcflow.adapter.card "$out" --method lcfx --codec-eval "bf16=$RUNS/$pair-eval-general/results.json" \
+    --codec-eval "int8=$RUNS/$pair-eval-general-int8/results.json"
+  # The control reads the open prompts' own answers the adapter was trained on (the same samples).
+  mkdir -p "$RUNS/$pair-general-reader"
+  cp "$RUNS/$pair-general/own_answers.jsonl" "$RUNS/$pair-general-reader/"
+  lcflow train "${common[@]}" --mode text-reader --channel forward-selected --rank 16 \
+    --init-reader "$A/$pair-reader-selected" --init-adapter "$A/$pair-lcfx" --out "$RUNS/$pair-general-reader"
+  python scripts/ship_reader.py "$RUNS/$pair-general-reader" "$RUNS/$pair-general-reader-bf16" "$GEMMA"
+}
+
 # build_bridge_twohop: the SmolLM2 -> Gemma3 bridge with the two-hop Gemma3 reader swapped in. The
 # translator depends only on the two models, so nothing is refitted (seconds).
 build_bridge_twohop() {
@@ -342,6 +371,7 @@ for direction in $DIRECTIONS; do
     twohop) build_twohop ;;
     long) build_long ;;
     compressed) build_compressed ;;
+    general) build_general ;;
     bridge-twohop) build_bridge_twohop ;;
     reverse) build_direction gemma3-to-smollm2 "$GEMMA" "$SMOL" no ;;
     spans) build_spans ;;
@@ -352,6 +382,6 @@ for direction in $DIRECTIONS; do
     readers) build_readers ;;
     recipe) build_recipe ;;
     task-file) build_task_file ;;
-    *) echo "unknown direction '$direction' (use forward, reverse, spans, bridge, reverse-bridge, same-model, smollm2-pair, twohop, long, compressed, bridge-twohop, readers, recipe and/or task-file)" >&2; exit 2 ;;
+    *) echo "unknown direction '$direction' (use forward, reverse, spans, bridge, reverse-bridge, same-model, smollm2-pair, twohop, long, compressed, general, bridge-twohop, readers, recipe and/or task-file)" >&2; exit 2 ;;
   esac
 done

@@ -198,3 +198,47 @@ def test_the_compressed_packet_goes_through_the_services_as_its_card_measured_it
                 # codes and scales are over 8x fewer bytes (docs/lcfx.md 13.3); the frames add a little
                 assert 0 < result.summary.bytes_wire < full_width_bf16 / 7.5, result.summary.bytes_wire
                 assert (sample.id, extract_answer(result.answer)) == (recorded["id"], recorded["prediction"])
+
+
+def test_the_general_adapter_answers_open_prompts_from_the_packet_through_the_services(real_models):
+    """The new user's session of the beyond-text issue, through the services with the shipped
+    general adapter (gemma3-to-gemma3-lcfx-general) and the issue's document: every open prompt
+    gets an answer (never an empty one) that states a fact of the sharer's document, and a
+    one-word question gets the fact. (Whether the answer is a sentence varies with the prompt:
+    docs/measurements.md, "The general adapter, shipped".)"""
+    from service_helpers import running_services
+
+    from lcflow.client import HandoffClient
+    from lcflow.tasks import OPEN_ANSWER_TOKENS, OPEN_INSTRUCTION, question_prompt
+
+    name = "gemma3-to-gemma3-lcfx-general"
+    if not (ADAPTERS / name / "adapter_config.json").is_file():
+        pytest.skip(f"adapters/{name} is not shipped yet")
+    document = (
+        "Mira Volkov lives in Oslo. She works as a glassblower and keeps two ferrets. "
+        "Her sister Ana runs a bakery in Bergen."
+    )
+    facts = ("oslo", "glassblower", "ferret", "bakery", "bergen")
+    pair = real_models[RECEIVER], real_models[RECEIVER]  # Gemma3 -> Gemma3
+    with running_services(pair, str(ADAPTERS / name)) as services:
+        with HandoffClient(services.sharer, timeout_s=300) as client:
+            for prompt in (
+                "Write two sentences about Mira Volkov.",
+                "Summarize what you know about Mira.",
+                "Describe Mira Volkov.",
+            ):
+                result = client.handoff(
+                    question_prompt(prompt, OPEN_INSTRUCTION),
+                    mode="lcfx",
+                    context=document,
+                    max_new_tokens=OPEN_ANSWER_TOKENS,
+                )
+                assert result.summary.adapter == name
+                assert any(fact in result.answer.lower() for fact in facts), (prompt, result.answer)
+            result = client.handoff(
+                question_prompt("Where does Mira Volkov live?"),
+                mode="lcfx",
+                context=document,
+                max_new_tokens=6,
+            )
+            assert "Oslo" in result.answer, result.answer
