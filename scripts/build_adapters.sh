@@ -38,11 +38,32 @@ ship_bf16() {
 L.from_pretrained(sys.argv[1]).save_pretrained(sys.argv[2], dtype=torch.bfloat16)" "$1" "$2"
 }
 
+# ship_run RUN OUT: a training run shipped: its adapter in bf16, with its training log and loss curve.
+ship_run() {
+  mkdir -p "$2"
+  ship_bf16 "$1" "$2"
+  cp "$1"/{train_log.json,loss_curve.png} "$2/"
+}
+
 # card ADAPTER EVAL_DIR METHOD [--diagnostics FILE]: the model card, naming the command that
 # rebuilds this direction.
 card() {
   python -m lcflow.adapter.card "$A/$1" --eval "$RUNS/$2/results.json" --method "$3" "${@:4}" \
     --command "DIRECTIONS=$direction bash scripts/build_adapters.sh"
+}
+
+# card_with_codec ADAPTER CARD_WIRE OTHER_WIRE: a Gemma3 -> Gemma3 LCF-X adapter measured on
+# facts-cross test (n=200) through two wires: its card from the first (with another sample's
+# packet), and the card's codec chosen between the two (the smallest within 1 EM point of bf16).
+card_with_codec() {
+  local name=$1 card_wire=$2 other_wire=$3
+  local eval=(--pair gemma3-to-gemma3 --task facts-cross --split test --n 200 --adapter-lcfx "$A/$name")
+  lcflow eval "${eval[@]}" --methods lcfx,lcfx-wrong --wire "$card_wire" --out "$RUNS/$name-eval-$card_wire"
+  lcflow eval "${eval[@]}" --methods lcfx --wire "$other_wire" --out "$RUNS/$name-eval-$other_wire"
+  card "$name" "$name-eval-$card_wire" lcfx
+  python -m lcflow.adapter.card "$A/$name" --method lcfx \
+    --codec-eval "$card_wire=$RUNS/$name-eval-$card_wire/results.json" \
+    --codec-eval "$other_wire=$RUNS/$name-eval-$other_wire/results.json"
 }
 
 # build_direction PAIR SHARER RECEIVER WITH_C2C
@@ -191,8 +212,7 @@ build_smollm2_pair() {
   lcflow train --sharer "$SMOL" --receiver "$SMOL" --mode lcfx --task facts-cross-words --steps 60 \
     --batch-size 16 --lr 3e-4 --init-adapter "$init" --kl-weight 0.25 --checkpoint-every 10 \
     --out "$RUNS/$pair-spans-tuned"
-  ship_bf16 "$RUNS/$pair-spans-tuned" "$out"
-  cp "$RUNS/$pair-spans-tuned"/{train_log.json,loss_curve.png} "$out/"
+  ship_run "$RUNS/$pair-spans-tuned" "$out"
   lcflow eval --pair "$pair" --task facts-cross --n 60 --methods lcfx,lcfx-wrong --adapter-lcfx "$out" \
     --out "$RUNS/$pair-eval-cross"
   card smollm2-to-smollm2-lcfx "$pair-eval-cross" lcfx
@@ -209,9 +229,7 @@ build_twohop() {
   lcflow train --sharer "$GEMMA" --receiver "$GEMMA" --mode lcfx --task facts-mix-words \
     --init-adapter "$A/gemma3-to-gemma3-lcfx" --steps 64 --batch-size 16 --lr 2e-4 --kl-weight 0.25 \
     --contrast-weight 1.0 --contrast-margin 1.0 --seed 1 --checkpoint-every 8 --out "$RUNS/$pair-twohop"
-  mkdir -p "$out"
-  ship_bf16 "$RUNS/$pair-twohop" "$out"
-  cp "$RUNS/$pair-twohop"/{train_log.json,loss_curve.png} "$out/"
+  ship_run "$RUNS/$pair-twohop" "$out"
   lcflow eval --pair "$pair" --task facts-cross --n 60 --methods lcfx,lcfx-wrong --adapter-lcfx "$out" \
     --out "$RUNS/$pair-eval-cross-twohop"
   card gemma3-to-gemma3-lcfx-twohop "$pair-eval-cross-twohop" lcfx
@@ -231,15 +249,8 @@ build_compressed() {
     --batch-size 16 --lr 1e-4 --bottleneck 224 --slots 32 --packet spans --receiver-aware --layer-map monotonic \
     --init-adapter "$RUNS/$pair-narrow-b224" --teacher-adapter "$A/gemma3-to-gemma3-lcfx" --kl-weight 1.0 \
     --wire "$wire" --checkpoint-every 10 --seed 0 --out "$RUNS/$pair-compressed"
-  mkdir -p "$out"
-  ship_bf16 "$RUNS/$pair-compressed" "$out"
-  cp "$RUNS/$pair-compressed"/{train_log.json,loss_curve.png} "$out/"
-  local eval=(--pair "$pair" --task facts-cross --split test --n 200 --adapter-lcfx "$out")
-  lcflow eval "${eval[@]}" --methods lcfx,lcfx-wrong --wire "$wire" --out "$RUNS/$pair-eval-compressed"
-  lcflow eval "${eval[@]}" --methods lcfx --wire bf16 --out "$RUNS/$pair-eval-compressed-bf16"
-  card gemma3-to-gemma3-lcfx-compressed "$pair-eval-compressed" lcfx
-  python -m lcflow.adapter.card "$out" --method lcfx --codec-eval "bf16=$RUNS/$pair-eval-compressed-bf16/results.json" \
-    --codec-eval "$wire=$RUNS/$pair-eval-compressed/results.json"
+  ship_run "$RUNS/$pair-compressed" "$out"
+  card_with_codec gemma3-to-gemma3-lcfx-compressed "$wire" bf16
 }
 
 # build_long: the Gemma3 -> Gemma3 span adapter for documents of thousands of tokens. A copy of
@@ -254,9 +265,7 @@ build_long() {
   local common=(--sharer "$GEMMA" --receiver "$GEMMA" --task facts-cross-long-words --steps 30 --batch-size 8
     --lr 2e-4 --kl-weight 0.25 --checkpoint-every 5)
   lcflow train "${common[@]}" --mode lcfx --init-adapter "$init" --out "$RUNS/$pair-long"
-  mkdir -p "$out"
-  ship_bf16 "$RUNS/$pair-long" "$out"
-  cp "$RUNS/$pair-long"/{train_log.json,loss_curve.png} "$out/"
+  ship_run "$RUNS/$pair-long" "$out"
   lcflow eval --pair "$pair" --task facts-cross-longer --split test --n 100 --methods lcfx --adapter-lcfx "$out" \
     --out "$RUNS/$pair-eval-longer-long"
   card gemma3-to-gemma3-lcfx-long "$pair-eval-longer-long" lcfx
@@ -279,15 +288,8 @@ build_general() {
   local common=(--sharer "$GEMMA" --receiver "$GEMMA" --task facts-general-words --steps 120 --batch-size 16
     --lr 2e-4 --kl-weight 0.25 --checkpoint-every 5 --seed 0)
   lcflow train "${common[@]}" --mode lcfx --init-adapter "$A/$pair-lcfx" --out "$RUNS/$pair-general"
-  mkdir -p "$out"
-  ship_bf16 "$RUNS/$pair-general" "$out"
-  cp "$RUNS/$pair-general"/{train_log.json,loss_curve.png} "$out/"
-  local eval=(--pair "$pair" --task facts-cross --split test --n 200 --adapter-lcfx "$out")
-  lcflow eval "${eval[@]}" --methods lcfx,lcfx-wrong --wire bf16 --out "$RUNS/$pair-eval-general"
-  lcflow eval "${eval[@]}" --methods lcfx --wire int8 --out "$RUNS/$pair-eval-general-int8"
-  card gemma3-to-gemma3-lcfx-general "$pair-eval-general" lcfx
-  python -m lcflow.adapter.card "$out" --method lcfx --codec-eval "bf16=$RUNS/$pair-eval-general/results.json" \
-    --codec-eval "int8=$RUNS/$pair-eval-general-int8/results.json"
+  ship_run "$RUNS/$pair-general" "$out"
+  card_with_codec gemma3-to-gemma3-lcfx-general bf16 int8
   # The control reads the open prompts' own answers the adapter was trained on (the same samples).
   mkdir -p "$RUNS/$pair-general-reader"
   cp "$RUNS/$pair-general/own_answers.jsonl" "$RUNS/$pair-general-reader/"

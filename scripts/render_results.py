@@ -31,7 +31,7 @@ PURPOSE = {
     "gemma3-to-gemma3-lcfx": "the full-width span packet the compressed one is distilled from",
     "gemma3-to-gemma3-lcfx-compressed": "the demo's LCF-X adapter: its packet 224 numbers a row, int4 in groups of 32 "
     "where quantizing pays on the link (docs/lcfx.md 13.3)",
-    "gemma3-to-gemma3-lcfx-general": "LCF-X for open prompts too (answers in sentences) and unseen tasks: "
+    "gemma3-to-gemma3-lcfx-general": "LCF-X for open prompts too (never an empty answer; a sentence on most) and unseen tasks: "
     "refined on a mix (docs/measurements.md)",
     "gemma3-to-gemma3-lcfx-twohop": "LCF-X refined for two-hop questions",
     "gemma3-to-gemma3-lcfx-long": "LCF-X for documents of thousands of tokens (128 positions, chunked selection)",
