@@ -39,6 +39,7 @@ class AdapterInfo:
     size_bytes: int = 0  # all weight files, on disk
     memory_bytes: int = 0  # this service's half, loaded (measured once it is)
     card_em: float | None = None
+    card_task: str = ""  # what that EM measured: "task/split" of the card's eval, "" without
     # the wire codecs its model card allows, largest first, its choice last (card_codecs)
     card_codecs: tuple[str, ...] = ("none",)
     reason: str = ""
@@ -67,6 +68,16 @@ def card_em(directory: Path, mode: str) -> float | None:
         return float(row["em"])
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return None
+
+
+def card_task(directory: Path) -> str:
+    """What its model card's EM measured, "task/split" (e.g. "facts-cross/test"); "" without a card
+    or without an eval task: EMs of different tasks are not compared (AdapterRegistry.candidates)."""
+    try:
+        run = json.loads((directory / CARD_NAME).read_text()).get("eval") or {}
+        return f"{run['task']}/{run.get('split') or 'test'}" if run.get("task") else ""
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return ""
 
 
 def card_codecs(directory: Path, width: int | None = None) -> tuple[str, ...]:
@@ -135,6 +146,7 @@ def inspect_adapter(directory: Path, name: str, role: str, identity: ModelIdenti
     info.mode, info.sharer, info.receiver = config.mode, config.sharer, config.receiver
     info.adapter_id = adapter_id(config.to_dict())
     info.card_em = card_em(directory, config.mode)
+    info.card_task = card_task(directory)
     info.card_codecs = card_codecs(directory, config.packet_width())
     try:
         weights = sorted(directory.glob("*.safetensors"))

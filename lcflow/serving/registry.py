@@ -30,6 +30,7 @@ import contextlib
 import itertools
 import logging
 import threading
+from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -253,18 +254,33 @@ class AdapterRegistry:
 
     def candidates(self, mode: str) -> list[_Entry]:
         """The usable adapters of `mode` in the order a request naming none tries them: the
-        default first, then the others by their model card's exact match, best first (an
-        adapter without a card last), then by name. Why the card: a directory such as adapters/
-        holds several adapters of one mode for a pair (a pruned copy, an older design), and a
-        request that names none should get the one that measured best, not the first letter."""
+        default first, then the others by their model card's exact match, best first, then by
+        name. Why the card: a directory such as adapters/ holds several adapters of one mode for a
+        pair (a pruned copy, an older design), and a request that names none should get the one
+        that measured best, not the first letter. EMs are compared only on one task: the task
+        most of these cards measured (facts-cross/test for the shipped LCF-X adapters) ranks
+        first, cards of other tasks (a long-document adapter's EM on long documents) after it,
+        adapters without a card last. An EM on an easier task says nothing about this one."""
         with self._lock:
             self._scan()
             ordered = [self.default] if self.default is not None else []
+            of_mode = [
+                e
+                for e in self._entries.values()
+                if e is not self.default and e.info.usable and e.info.mode == mode
+            ]
+            measured = Counter(e.info.card_task for e in of_mode if e.info.card_em is not None)
+            common = min(measured, key=lambda task: (-measured[task], task)) if measured else ""
             others = sorted(
-                (e for e in self._entries.values() if e is not self.default),
-                key=lambda e: (e.info.card_em is None, -(e.info.card_em or 0.0), e.info.name),
+                of_mode,
+                key=lambda e: (
+                    e.info.card_em is None,
+                    e.info.card_task != common,
+                    -(e.info.card_em or 0.0),
+                    e.info.name,
+                ),
             )
-            return [e for e in ordered + others if e.info.usable and e.info.mode == mode]
+            return [e for e in ordered if e.info.usable and e.info.mode == mode] + others
 
     def pick(self, name: str, mode: str, fits: Callable[[AdapterInfo], bool] | None = None) -> Choice:
         """The adapter for a request of `mode` naming `name` (or none). `fits(info)`: whether it

@@ -371,6 +371,23 @@ def test_naming_none_gets_the_adapter_whose_card_measured_best(tiny_pair, tmp_pa
     assert choice.name == "c-best" and choice.how == "mode"
 
 
+def test_card_ems_of_different_tasks_are_not_compared(tiny_pair, tmp_path):
+    """A long-document adapter's high EM on long documents must not outrank the adapters measured
+    on the task most cards share: the common task's cards come first (by EM), other tasks after."""
+    cards = (
+        ("general", "facts-cross", 0.85),
+        ("long", "facts-cross-longer", 0.87),
+        ("plain", "facts-cross", 0.82),
+    )
+    for name, task, em in cards:
+        tiny_adapter_dir(tiny_pair, tmp_path / name, "lcfx")
+        card = {"eval": {"method": "lcfx", "task": task, "split": "test"}, "results": {"lcfx": {"em": em}}}
+        (tmp_path / name / "model_card.json").write_text(json.dumps(card))
+    registry = receiver_registry(tiny_pair, tmp_path, 512 << 20)
+    assert [e.info.name for e in registry.candidates("lcfx")] == ["general", "plain", "long"]
+    assert registry.pick("", "lcfx").name == "general"
+
+
 def lease_once(registry: AdapterRegistry, name: str) -> None:
     with registry.lease(registry.resolve(name)) as engine:
         assert engine.adapter is not None
