@@ -18,7 +18,7 @@ from lcflow.adapter.reader import READER_CONFIG
 from lcflow.core.kv import ModelIdentity
 from lcflow.core.names import canonical_wire_name
 from lcflow.serving.requests import adapter_id
-from lcflow.transport.quantize import Quantization
+from lcflow.transport.quantize import rows_problem
 
 LOADED_BYTES_PER_PARAMETER = 4  # halves are loaded in float32 (LatentAdapter.from_pretrained)
 MAX_SAFETENSORS_HEADER = 100 << 20
@@ -39,6 +39,7 @@ class AdapterInfo:
     size_bytes: int = 0  # all weight files, on disk
     memory_bytes: int = 0  # this service's half, loaded (measured once it is)
     card_em: float | None = None
+    packet_width: int = 0  # numbers per row of a packet's layer tensor (AdapterConfig.packet_width)
     card_task: str = ""  # what that EM measured: "task/split" of the card's eval, "" without
     # the wire codecs its model card allows, largest first, its choice last (card_codecs)
     card_codecs: tuple[str, ...] = ("none",)
@@ -115,7 +116,7 @@ def card_codecs(directory: Path, width: int | None = None) -> tuple[str, ...]:
 
 def carries(quantization: str, width: int) -> bool:
     """Whether `quantization` can send packet rows of `width` numbers (its groups divide them)."""
-    return quantization == "none" or not Quantization.named(quantization).row_problem(width)
+    return not rows_problem(quantization, width)
 
 
 def c2c_rope_problem(config: AdapterConfig) -> str:
@@ -147,7 +148,8 @@ def inspect_adapter(directory: Path, name: str, role: str, identity: ModelIdenti
     info.adapter_id = adapter_id(config.to_dict())
     info.card_em = card_em(directory, config.mode)
     info.card_task = card_task(directory)
-    info.card_codecs = card_codecs(directory, config.packet_width())
+    info.packet_width = config.packet_width()
+    info.card_codecs = card_codecs(directory, info.packet_width)
     try:
         weights = sorted(directory.glob("*.safetensors"))
         counts = {path.name: safetensors_parameters(path) for path in weights}

@@ -59,7 +59,7 @@ from lcflow.serving.server import (
 from lcflow.serving.servicer import ModelService
 from lcflow.transport import CodecConfig
 from lcflow.transport.link import LinkMeter
-from lcflow.transport.quantize import Quantization
+from lcflow.transport.quantize import Quantization, rows_problem
 
 log = logging.getLogger(__name__)
 
@@ -133,6 +133,25 @@ class SharerService(ModelService, pb_grpc.SharerServicer):
             # (gRPC's default for an ipv4: list is the whole list).
             options.append(("grpc.default_authority", receivers.authority))
         return self.receiver_security.channel(receivers.target, options=options)
+
+    def engine_ready(self) -> None:
+        """ModelService's, then a warning for each adapter whose packet rows an explicit --quantize
+        cannot carry: its handoffs will be refused (_check_rows_fit); better said at start."""
+        super().engine_ready()
+        if self.config.quantize == "card":
+            return
+        for view in self.adapters.list():
+            problem = view.info.packet_width and rows_problem(self.config.quantize, view.info.packet_width)
+            if view.info.usable and problem:
+                log.warning(
+                    "adapter %s: --quantize %s cannot carry its packet rows of %d numbers (%s); its "
+                    "handoffs will be refused until the sharer runs with --quantize %s or card",
+                    view.info.name,
+                    self.config.quantize,
+                    view.info.packet_width,
+                    problem,
+                    Quantization.named(self.config.quantize).fitting_name(view.info.packet_width),
+                )
 
     def _connect(self, channel: grpc.Channel) -> None:
         # The interceptor puts this span's W3C trace context into the call's metadata.
@@ -381,11 +400,9 @@ class SharerService(ModelService, pb_grpc.SharerServicer):
         """FAILED_PRECONDITION before anything is sent where `quantization` cannot group this
         adapter's packet rows (int4 in groups of 64, rows of 224 numbers): the operator's
         --quantize and the adapter disagree, and the message names a group that fits."""
-        if quantization == "none":
-            return
-        quantizer = Quantization.named(quantization)
-        problem = quantizer.row_problem(width)
+        problem = rows_problem(quantization, width)
         if problem:
+            quantizer = Quantization.named(quantization)
             raise ServiceError(
                 grpc.StatusCode.FAILED_PRECONDITION,
                 f"adapter {adapter} sends packet rows of {width} numbers, which --quantize "

@@ -68,17 +68,24 @@ def test_quantized_handoff_through_both_services(tiny_pair, adapter_dirs, spans_
 
 
 def test_rows_the_int4_group_cannot_carry_are_refused_before_sending_and_a_named_group_carries_them(
-    tiny_pair, tmp_path_factory, spans_exporter
+    tiny_pair, tmp_path_factory, spans_exporter, caplog
 ):
     """A packet of 96-number rows (a narrowed adapter's b): --quantize int4 (groups of 64) is
-    FAILED_PRECONDITION naming the group that fits, not an INTERNAL error mid-stream; with that
-    group (int4-hadamard-g32) the answer is the in-process one through the same codec."""
+    FAILED_PRECONDITION naming the group that fits, not an INTERNAL error mid-stream, and the
+    sharer warns at start; with that group (int4-hadamard-g32) the answer is the in-process one
+    through the same codec, and no warning."""
+    import logging
+
     import grpc
 
     directory = services_adapter_dir(tiny_pair, tmp_path_factory, "lcfx", bottleneck=96)
     answers = {}
+    warned = {}
     for quantize in ("int4", "int4-hadamard-g32"):
-        running = Pair(tiny_pair, directory, "lcfx", spans_exporter, quantize=quantize)
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="lcflow.serving.sharer"):
+            running = Pair(tiny_pair, directory, "lcfx", spans_exporter, quantize=quantize)
+        warned[quantize] = [r.getMessage() for r in caplog.records if "cannot carry" in r.getMessage()]
         try:
             answers[quantize] = running.client.handoff(
                 PROMPT, mode="lcfx", context=CONTEXT, receiver_context=RECEIVER_CONTEXT, max_new_tokens=6
@@ -87,6 +94,8 @@ def test_rows_the_int4_group_cannot_carry_are_refused_before_sending_and_a_named
             answers[quantize] = err
         finally:
             running.stop()
+    assert len(warned["int4"]) == 1 and "--quantize int4-g32 or card" in warned["int4"][0]
+    assert warned["int4-hadamard-g32"] == []
     refused = answers["int4"]
     assert isinstance(refused, grpc.RpcError) and refused.code() == grpc.StatusCode.FAILED_PRECONDITION
     assert "rows of 96 numbers" in refused.details() and "--quantize int4-g32" in refused.details()
