@@ -13,6 +13,7 @@
 #   DIRECTIONS=long bash scripts/build_adapters.sh      # Gemma3 -> Gemma3 LCF-X for long documents (needs spans)
 #   DIRECTIONS=compressed bash scripts/build_adapters.sh  # Gemma3 -> Gemma3 LCF-X, its packet 8x smaller (needs spans)
 #   DIRECTIONS=general bash scripts/build_adapters.sh   # Gemma3 -> Gemma3 LCF-X for open prompts too, and its text-reader control (needs spans, readers)
+#   DIRECTIONS=general-long bash scripts/build_adapters.sh  # the general adapter read and refined for long documents (needs general)
 #   DIRECTIONS=bridge-twohop bash scripts/build_adapters.sh  # the SmolLM2 -> Gemma3 bridge reading with that (needs bridge, twohop)
 #   DIRECTIONS=readers bash scripts/build_adapters.sh   # the text readers LCF-X is compared with (needs spans)
 #   DIRECTIONS=recipe bash scripts/build_adapters.sh    # Gemma3 -> Gemma3 span LCF-X in one command (lcflow train --mode lcfx)
@@ -282,7 +283,8 @@ build_long() {
 # open prompts whose answer is the receiver's own answer reading the document:
 # lcflow/training/own_answers.py) at its own budget, 120 steps x 16, answer CE + 0.25 KL. Its fair
 # control, the shipped selected-text reader refined with the same samples, own answers, steps,
-# batch, lr and loss, is trained beside it into $RUNS (not shipped; docs/measurements.md).
+# batch, lr and loss, is trained beside it and ships too (gemma3-to-gemma3-reader-general: the
+# TEXT channel's reader for the same prompts; docs/measurements.md compares the two).
 build_general() {
   local pair=gemma3-to-gemma3 out="$A/gemma3-to-gemma3-lcfx-general"
   local common=(--sharer "$GEMMA" --receiver "$GEMMA" --task facts-general-words --steps 120 --batch-size 16
@@ -295,7 +297,28 @@ build_general() {
   cp "$RUNS/$pair-general/own_answers.jsonl" "$RUNS/$pair-general-reader/"
   lcflow train "${common[@]}" --mode text-reader --channel forward-selected --rank 16 \
     --init-reader "$A/$pair-reader-selected" --init-adapter "$A/$pair-lcfx" --out "$RUNS/$pair-general-reader"
-  python scripts/ship_reader.py "$RUNS/$pair-general-reader" "$RUNS/$pair-general-reader-bf16" "$GEMMA"
+  python scripts/ship_reader.py "$RUNS/$pair-general-reader" "$A/$pair-reader-general" "$GEMMA"
+  lcflow eval --pair "$pair" --task facts-cross --split test --n 200 --methods forward-selected+reader \
+    --adapter-lcfx "$out" --adapter-reader-selected "$A/$pair-reader-general" --out "$RUNS/$pair-eval-cross-reader-general"
+  card gemma3-to-gemma3-reader-general "$pair-eval-cross-reader-general" forward-selected+reader
+}
+
+# build_general_long: the general adapter read as the long adapter is (128 positions, selection in
+# chunks of 128: scripts/adapter_copy.py), then refined as the long adapter was (30 steps x 8, lr
+# 2e-4, CE + 0.25 KL), on half long documents and half the general mix, so it keeps the open prompts.
+# The own answers its open prompts need are those the general adapter trained on (committed).
+build_general_long() {
+  local pair=gemma3-to-gemma3 init="$RUNS/gemma3-to-gemma3-general-long-init" run="$RUNS/gemma3-to-gemma3-general-long"
+  python scripts/adapter_copy.py "$A/$pair-lcfx-general" "$init" --set slots=128 --set selection_chunk=128
+  mkdir -p "$run"
+  cp docs/results/general-adapter/own_answers.jsonl "$run/"
+  lcflow train --sharer "$GEMMA" --receiver "$GEMMA" --mode lcfx --init-adapter "$init" \
+    --task facts-general-long-words --steps 30 --batch-size 8 --lr 2e-4 --kl-weight 0.25 --checkpoint-every 5 \
+    --seed 0 --out "$run"
+  for task in facts-cross-longer:100 facts-cross:200 facts-open:60; do
+    lcflow eval --pair "$pair" --task "${task%:*}" --split test --n "${task#*:}" --methods lcfx \
+      --adapter-lcfx "$run" --out "$RUNS/$pair-eval-${task%:*}-general-long"
+  done
 }
 
 # build_bridge_twohop: the SmolLM2 -> Gemma3 bridge with the two-hop Gemma3 reader swapped in. The
@@ -374,6 +397,7 @@ for direction in $DIRECTIONS; do
     long) build_long ;;
     compressed) build_compressed ;;
     general) build_general ;;
+    general-long) build_general_long ;;
     bridge-twohop) build_bridge_twohop ;;
     reverse) build_direction gemma3-to-smollm2 "$GEMMA" "$SMOL" no ;;
     spans) build_spans ;;
@@ -384,6 +408,6 @@ for direction in $DIRECTIONS; do
     readers) build_readers ;;
     recipe) build_recipe ;;
     task-file) build_task_file ;;
-    *) echo "unknown direction '$direction' (use forward, reverse, spans, bridge, reverse-bridge, same-model, smollm2-pair, twohop, long, compressed, general, bridge-twohop, readers, recipe and/or task-file)" >&2; exit 2 ;;
+    *) echo "unknown direction '$direction' (use forward, reverse, spans, bridge, reverse-bridge, same-model, smollm2-pair, twohop, long, compressed, general, general-long, bridge-twohop, readers, recipe and/or task-file)" >&2; exit 2 ;;
   esac
 done

@@ -38,6 +38,7 @@ PURPOSE = {
     "gemma3-to-gemma3-lcf": "the demo's same-context part",
     "gemma3-to-gemma3-reader-selected": "the control: a text reader of LCF-X's selected sentences",
     "gemma3-to-gemma3-reader-forward": "the control: a text reader of the forwarded document",
+    "gemma3-to-gemma3-reader-general": "the general adapter's control: the selected-sentence reader refined on its mix",
     "smollm2-to-gemma3-reader-selected": "the control, for the bridge: its selected sentences as text",
     "smollm2-to-gemma3-reader-forward": "the control, for the bridge: the forwarded document",
     "smollm2-to-gemma3-lcf": "same context across families",
