@@ -81,6 +81,8 @@ MIXES = {
         ("facts-referents-words", 0.2),
         ("facts-open-words", 0.4),
     ),
+    # The general mix beside documents of ~1,100 tokens (for an adapter with 128 positions).
+    "facts-general-long-words": (("facts-cross-long-words", 0.5), ("facts-general-words", 0.5)),
 }
 TASK_NAMES = tuple(TASKS)
 
