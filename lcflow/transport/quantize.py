@@ -252,13 +252,13 @@ class Quantization:
         return grouped.reshape(spec.shape).to(DTYPES[spec.dtype][0])
 
 
-@functools.cache
 def rows_problem(quantization: str, width: int) -> str:
     """Why packet rows of `width` numbers cannot go through `quantization` (a --quantize name, or
     "none": bf16, which carries any width), "" where they can."""
     return "" if quantization == "none" else Quantization.named(quantization).row_problem(width)
 
 
+@functools.cache
 def hadamard(n: int, device: torch.device | str = "cpu") -> torch.Tensor:
     """The n x n Walsh-Hadamard matrix scaled to be orthonormal (H H = I), n a power of two:
     H_1 = [1], H_2k = [[H_k, H_k], [H_k, -H_k]] / sqrt(2) (Sylvester's construction)."""
