@@ -8,7 +8,7 @@ from lcflow.proto_gen.lcflow.v1 import lcflow_pb2 as pb
 from lcflow.proto_gen.lcflow.v1 import lcflow_pb2_grpc as pb_grpc
 from lcflow.serving.security import add_client_security_flags, client_security_from_args
 
-COLUMNS = ("", "name", "mode", "sharer", "receiver", "params", "size", "card EM", "loaded", "usable")
+COLUMNS = ("", "name", "mode", "sharer", "receiver", "params", "size", "card EM (task)", "loaded", "usable")
 
 
 def register(subparsers) -> None:
@@ -83,7 +83,7 @@ def format_listing(response, target: str) -> str:
             model_text(info.receiver),
             f"{info.parameters:,}",
             size_text(info.size_bytes),
-            f"{info.card_em:.3f}" if info.HasField("card_em") else "-",
+            f"{info.card_em:.3f} ({info.card_task or '?'})" if info.HasField("card_em") else "-",
             "yes" if info.loaded else "no",
             "yes" if info.usable else f"no: {info.reason}",
         )

@@ -41,6 +41,7 @@ def list_adapters_response(registry: AdapterRegistry, identity: ModelIdentity) -
         )
         if info.card_em is not None:
             message.card_em = info.card_em
+            message.card_task = info.card_task
         adapters.append(message)
     return pb.ListAdaptersResponse(
         role=registry.role,

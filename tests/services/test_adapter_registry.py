@@ -71,7 +71,12 @@ def layout(tiny_pair, tmp_path_factory):
     root = base / "adapters"
     tiny_adapter_dir(tiny_pair, root / "a-lcfx", "lcfx")
     (root / "a-lcfx" / "model_card.json").write_text(
-        json.dumps({"eval": {"method": "lcfx"}, "results": {"lcfx": {"em": 0.5}, "text": {"em": 0.1}}})
+        json.dumps(
+            {
+                "eval": {"method": "lcfx", "task": "facts-cross", "split": "test"},
+                "results": {"lcfx": {"em": 0.5}, "text": {"em": 0.1}},
+            }
+        )
     )
     torch.manual_seed(1)
     LatentAdapter.for_models("lcfx", sharer_id, receiver_id, bottleneck=8, slots=4).save_pretrained(
@@ -280,6 +285,7 @@ def test_list_adapters_on_both_services(services, tiny_pair, layout):
         assert default.size_bytes == sum(f.stat().st_size for f in files)
         assert default.parameters == sum(safetensors_parameters(f) for f in files) > 0
         assert default.HasField("card_em") and default.card_em == pytest.approx(0.5)
+        assert default.card_task == "facts-cross/test"  # what that EM measured
         assert not listed["c-lcf"].HasField("card_em") and listed["c-lcf"].mode == "lcf"
         assert "this adapter's" in listed["other-models"].reason and not listed["other-models"].usable
         assert "cannot be used" in listed["broken"].reason and listed["broken"].mode == ""
@@ -311,11 +317,16 @@ def test_lcflow_adapters_prints_both_tables(services, capsys):
             "size",
             "card",
             "EM",
+            "(task)",
             "loaded",
             "usable",
         ]
         default = next(line for line in lines if " a-lcfx " in line)
-        assert default.lstrip().startswith("* a-lcfx") and "0.500" in default and default.endswith("yes")
+        assert (
+            default.lstrip().startswith("* a-lcfx")
+            and "0.500 (facts-cross/test)" in default
+            and default.endswith("yes")
+        )
         assert any(" other-models " in line and "no: this adapter's" in line for line in lines)
     elsewhere = [line for line in out.splitlines() if " aa-lcf-elsewhere " in line]
     assert elsewhere[0].endswith("yes") and "no: this adapter's receiver is" in elsewhere[1]
