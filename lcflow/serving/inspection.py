@@ -60,25 +60,20 @@ def safetensors_parameters(path: Path) -> int:
     return sum(math.prod(t["shape"]) for key, t in header.items() if key != "__metadata__")
 
 
-def card_em(directory: Path, mode: str) -> float | None:
-    """The exact match its model card reports (results[eval method].em), None without a card."""
+def card_result(directory: Path, mode: str) -> tuple[float | None, str]:
+    """The exact match its model card reports (results[eval method].em) and what it measured,
+    "task/split" of the card's eval ("facts-cross/test"); (None, "") without a readable card, ""
+    for the task where the card names none. EMs of different tasks are not compared
+    (AdapterRegistry.candidates)."""
     try:
         card = json.loads((directory / CARD_NAME).read_text())
+        run = card.get("eval") or {}
         results = card.get("results") or {}
-        row = results.get((card.get("eval") or {}).get("method") or mode) or results.get(mode) or {}
-        return float(row["em"])
+        row = results.get(run.get("method") or mode) or results.get(mode) or {}
+        task = f"{run['task']}/{run.get('split') or 'test'}" if run.get("task") else ""
+        return float(row["em"]), task
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
-        return None
-
-
-def card_task(directory: Path) -> str:
-    """What its model card's EM measured, "task/split" (e.g. "facts-cross/test"); "" without a card
-    or without an eval task: EMs of different tasks are not compared (AdapterRegistry.candidates)."""
-    try:
-        run = json.loads((directory / CARD_NAME).read_text()).get("eval") or {}
-        return f"{run['task']}/{run.get('split') or 'test'}" if run.get("task") else ""
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
-        return ""
+        return None, ""
 
 
 def card_codecs(directory: Path, width: int | None = None) -> tuple[str, ...]:
@@ -146,8 +141,7 @@ def inspect_adapter(directory: Path, name: str, role: str, identity: ModelIdenti
         return info
     info.mode, info.sharer, info.receiver = config.mode, config.sharer, config.receiver
     info.adapter_id = adapter_id(config.to_dict())
-    info.card_em = card_em(directory, config.mode)
-    info.card_task = card_task(directory)
+    info.card_em, info.card_task = card_result(directory, config.mode)
     info.packet_width = config.packet_width()
     info.card_codecs = card_codecs(directory, info.packet_width)
     try:

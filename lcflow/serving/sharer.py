@@ -141,17 +141,11 @@ class SharerService(ModelService, pb_grpc.SharerServicer):
         if self.config.quantize == "card":
             return
         for view in self.adapters.list():
-            problem = view.info.packet_width and rows_problem(self.config.quantize, view.info.packet_width)
-            if view.info.usable and problem:
-                log.warning(
-                    "adapter %s: --quantize %s cannot carry its packet rows of %d numbers (%s); its "
-                    "handoffs will be refused until the sharer runs with --quantize %s or card",
-                    view.info.name,
-                    self.config.quantize,
-                    view.info.packet_width,
-                    problem,
-                    Quantization.named(self.config.quantize).fitting_name(view.info.packet_width),
-                )
+            misfit = view.info.packet_width and self._rows_misfit(
+                view.info.name, self.config.quantize, view.info.packet_width
+            )
+            if view.info.usable and misfit:
+                log.warning("%s; its handoffs will be refused until then", misfit)
 
     def _connect(self, channel: grpc.Channel) -> None:
         # The interceptor puts this span's W3C trace context into the call's metadata.
@@ -400,15 +394,23 @@ class SharerService(ModelService, pb_grpc.SharerServicer):
         """FAILED_PRECONDITION before anything is sent where `quantization` cannot group this
         adapter's packet rows (int4 in groups of 64, rows of 224 numbers): the operator's
         --quantize and the adapter disagree, and the message names a group that fits."""
+        misfit = SharerService._rows_misfit(adapter, quantization, width)
+        if misfit:
+            raise ServiceError(grpc.StatusCode.FAILED_PRECONDITION, misfit)
+
+    @staticmethod
+    def _rows_misfit(adapter: str, quantization: str, width: int) -> str:
+        """What to tell the operator where `quantization` cannot carry this adapter's packet rows
+        (the refusal above, and the warning at start), "" where it can."""
         problem = rows_problem(quantization, width)
-        if problem:
-            quantizer = Quantization.named(quantization)
-            raise ServiceError(
-                grpc.StatusCode.FAILED_PRECONDITION,
-                f"adapter {adapter} sends packet rows of {width} numbers, which --quantize "
-                f"{quantization} cannot carry ({problem}): start the sharer with --quantize "
-                f"{quantizer.fitting_name(width)} or card (the codecs the adapter's model card measured)",
-            )
+        if not problem:
+            return ""
+        return (
+            f"adapter {adapter} sends packet rows of {width} numbers, which --quantize "
+            f"{quantization} cannot carry ({problem}): start the sharer with --quantize "
+            f"{Quantization.named(quantization).fitting_name(width)} or card (the codecs the adapter's "
+            "model card measured)"
+        )
 
     def _measure_link(self, stream: LatentStream, window_ms: float) -> None:
         """Teach the link meter what this handoff's latents cost beyond encoding (the receiver's
