@@ -39,6 +39,7 @@ can be set against a text reader refined alike (`lcflow train --mode text-reader
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import logging
 import random
@@ -311,6 +312,7 @@ def main(argv=None) -> None:
         destination = Path(args.out)
         print(json.dumps(result["summary"], indent=1))
     result["meta"]["seconds"] = round(time.perf_counter() - start, 1)
+    result["meta"]["date"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     destination.write_text(json.dumps(result, indent=1) + "\n")
 
 
