@@ -141,9 +141,7 @@ def evaluate(args) -> dict:
         positions = selector.select(context, receiver_view(sample.receiver_context, prompt), prompt)
         forwarded = selector.selected_text(context, prompt, positions)
         text = Receiver(text_reader, tokenizer)
-        plain = Sharer(model, tokenizer, adapter.encoder, adapter.config).encode(
-            context, question=prompt, positions=positions
-        )
+        plain = selector.encode(context, question=prompt, positions=positions)
         packet = Receiver(packet_reader, tokenizer, adapter.decoder, adapter.config)
         prepared = {
             "text": text.prepare_plain(prompt, reader_contexts(forwarded, sample.receiver_context)),
